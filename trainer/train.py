@@ -1,0 +1,485 @@
+"""``clipsearch-train train``: CLIP contrastive training, one CPU to many GPUs (torchrun).
+
+``main(argv)`` takes an argument list (flags as OpenCLIP's trainer where they mean the same) so tests
+can drive it. The loop: a seeded, resumable data order; the symmetric CLIP loss over the global batch
+(features gathered across ranks); optional gradient accumulation that keeps the whole contrastive
+batch; AdamW with warm-up + cosine; NaN/inf steps skipped; atomic checkpoints; a clipsearch model dir
+at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from clipsearch.errors import ClipsearchError
+from clipsearch.loss import ClipLoss
+from trainer import checkpointing
+from trainer.distributed import DistEnv, all_reduce_sum, barrier, init_distributed, shutdown
+from trainer.optim import cosine_lr, make_optimizer, set_lr
+
+PRECISIONS = ("fp32", "amp", "amp_bf16", "bf16", "fp16")
+
+
+class TrainError(ClipsearchError):
+    """Training cannot start with the given options (the message says which to change)."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="clipsearch-train train", description="Train or fine-tune a CLIP model.")
+    a = p.add_argument
+    a("--train-data", required=True, help="CSV/TSV, JSONL, captioned folder, or tar shards (brace lists)")
+    a("--val-data", default=None, help="held-out pairs (same formats) for validation loss and retrieval")
+    a("--dataset-type", default="auto", choices=["auto", "csv", "jsonl", "folder", "webdataset"])
+    a("--csv-img-key", default="filepath")
+    a("--csv-caption-key", default="title")
+    a("--csv-separator", default=None, help="default: ',' for .csv, tab for .tsv")
+    a("--train-num-samples", type=int, default=None, help="samples per epoch of tar shards (else counted)")
+    a("--model", default="tiny-vit", help="a named config or a path to an OpenCLIP-schema JSON file")
+    a("--pretrained", default=None, help="any clipsearch.load source to fine-tune from")
+    a("--batch-size", type=int, default=64, help="per process (per micro-batch with --accum-freq)")
+    a("--epochs", type=int, default=1)
+    a("--lr", type=float, default=5e-4)
+    a("--wd", type=float, default=0.2)
+    a("--warmup", type=int, default=100, help="warm-up steps")
+    a("--beta1", type=float, default=0.9)
+    a("--beta2", type=float, default=0.98)
+    a("--eps", type=float, default=1e-6)
+    a("--grad-clip-norm", type=float, default=None)
+    a("--precision", default="fp32", choices=PRECISIONS)
+    a("--workers", type=int, default=0, help="data loader processes per training process")
+    a("--grad-checkpointing", action="store_true")
+    a("--torchcompile", action="store_true")
+    a("--lock-image", action="store_true", help="freeze the image tower (LiT)")
+    a("--accum-freq", type=int, default=1, help="micro-batches per step; the loss sees all of them")
+    a("--local-loss", action="store_true", help="each rank scores only its rows (n x N memory)")
+    a("--no-gather-with-grad", dest="gather_with_grad", action="store_false")
+    a("--seed", type=int, default=0)
+    a("--zeroshot-data", default=None, help="folder-per-class images for zero-shot evaluation")
+    a("--zeroshot-frequency", type=int, default=1, help="evaluate every N epochs (0: never)")
+    a("--output", default="runs/clip", help="checkpoints, metrics.jsonl, curves.png and model/ go here")
+    a("--resume", default=None, help="'latest' or a checkpoint file")
+    a("--save-every-n-steps", type=int, default=0)
+    a("--log-every-n-steps", type=int, default=1)
+    a("--max-steps", type=int, default=None, help="stop after this global step (schedule unchanged)")
+    a("--train-tokenizer", type=int, default=None, metavar="VOCAB_SIZE", help="learn a BPE on the captions")
+    a("--report-to", default="", help="'tensorboard' to also write TensorBoard events")
+    a("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    return p
+
+
+# ---------------------------------------------------------------------------------------------------
+# Set-up
+
+
+def _autocast(precision: str, device: str):
+    dev_type = "cuda" if device.startswith("cuda") else "cpu"
+    if precision == "amp_bf16":
+        return lambda: torch.autocast(dev_type, dtype=torch.bfloat16)
+    if precision == "amp":
+        return lambda: torch.autocast(dev_type, dtype=torch.float16)
+    return contextlib.nullcontext
+
+
+def _check_precision(precision: str, device: str) -> None:
+    if precision in ("amp", "fp16") and not device.startswith("cuda"):
+        raise TrainError(
+            f"--precision {precision} needs a CUDA GPU (fp16 on a CPU is slow and unstable); "
+            "use --precision amp_bf16 or fp32 on a CPU"
+        )
+
+
+def _build(args, env: DistEnv, train_captions):
+    """``(model, preprocess_cfg, tokenizer)`` from --pretrained or a fresh --model config."""
+    from clipsearch.model import build_model
+    from clipsearch.tokenizer import Tokenizer
+    from clipsearch.transform import PreprocessConfig
+
+    from clipsearch.configs import get_config
+
+    if args.pretrained:
+        from clipsearch.checkpoints import load_bundle
+
+        bundle = load_bundle(args.pretrained)
+        if args.train_tokenizer:
+            raise TrainError("--train-tokenizer needs a model trained from scratch; drop --pretrained")
+        return bundle.model.float(), bundle.preprocess_cfg, bundle.tokenizer, bundle.config
+    cfg = json.loads(json.dumps(get_config(args.model)))  # a private copy
+    context_length = cfg["text_cfg"].get("context_length", 77)
+    if args.train_tokenizer:
+        from clipsearch.tokenizer import train_bpe
+
+        tokenizer = train_bpe(train_captions(), args.train_tokenizer)
+        cfg["text_cfg"]["vocab_size"] = tokenizer.vocab_size
+    else:
+        tokenizer = Tokenizer(context_length=context_length)
+    torch.manual_seed(args.seed)  # the same initial weights on every rank
+    model = build_model(cfg)
+    pp = cfg.get("preprocess_cfg") or {}
+    preprocess_cfg = (
+        PreprocessConfig(image_size=cfg["vision_cfg"]["image_size"], **pp)
+        if not pp.get("image_size")
+        else PreprocessConfig(**pp)
+    )
+    return model, preprocess_cfg, tokenizer, cfg
+
+
+def _captions_reader(args):
+    def read():
+        from trainer.data import detect_type, read_csv, read_folder, read_jsonl
+
+        kind = detect_type(args.train_data) if args.dataset_type == "auto" else args.dataset_type
+        if kind == "csv":
+            pairs = read_csv(args.train_data, args.csv_img_key, args.csv_caption_key, args.csv_separator)
+        elif kind == "jsonl":
+            pairs = read_jsonl(args.train_data, args.csv_img_key, args.csv_caption_key)
+        elif kind == "folder":
+            pairs = read_folder(args.train_data)
+        else:
+            raise TrainError("--train-tokenizer reads captions from csv, jsonl or folder data only")
+        return [c for _, c in pairs]
+
+    return read
+
+
+# ---------------------------------------------------------------------------------------------------
+# One optimisation step
+
+
+class Stepper:
+    """Forward, loss and backward of one optimiser step over ``accum_freq`` micro-batches."""
+
+    def __init__(self, model, loss_fn, env: DistEnv, precision: str, accum_freq: int):
+        self.model, self.loss_fn, self.env = model, loss_fn, env
+        self.autocast = _autocast(precision, env.device)
+        self.accum_freq = accum_freq
+        self.input_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+
+    def _inputs(self, batch):
+        return (
+            batch.images.to(self.env.device, dtype=self.input_dtype, non_blocking=True),
+            batch.texts.to(self.env.device, non_blocking=True),
+        )
+
+    def loss_and_backward(self, batches, backward) -> torch.Tensor:
+        """Returns the loss (detached); calls ``backward(loss)`` for each graph to differentiate.
+
+        With one micro-batch this is the plain step. With k micro-batches (OpenCLIP's --accum-freq):
+        a first pass without gradients caches every micro-batch's features; then each micro-batch is
+        recomputed with gradients and scored against the cached features of the others, so the loss
+        always sees the full batch and the summed gradients equal the full batch's gradient. The
+        temperature is live only in the last pass (detached before) so that its gradient is counted
+        once, not k times.
+        """
+        if len(batches) == 1:
+            images, texts = self._inputs(batches[0])
+            with self.autocast():
+                img, txt, scale = self.model(images, texts)
+                loss = self.loss_fn(img, txt, scale)
+            backward(loss)
+            return loss.detach()
+        inputs = [self._inputs(b) for b in batches]
+        with torch.no_grad(), self.autocast():
+            cached = [self.model(im, tx)[:2] for im, tx in inputs]
+            cached_img = [c[0] for c in cached]
+            cached_txt = [c[1] for c in cached]
+        total = None
+        ddp = isinstance(self.model, torch.nn.parallel.DistributedDataParallel)
+        for j, (im, tx) in enumerate(inputs):
+            last = j == len(inputs) - 1
+            sync = contextlib.nullcontext() if (last or not ddp) else self.model.no_sync()
+            with sync:
+                with self.autocast():
+                    img, txt, scale = self.model(im, tx)
+                    all_img = torch.cat(cached_img[:j] + [img] + cached_img[j + 1 :])
+                    all_txt = torch.cat(cached_txt[:j] + [txt] + cached_txt[j + 1 :])
+                    loss = self.loss_fn(all_img, all_txt, scale if last else scale.detach())
+                backward(loss)
+            total = loss.detach()
+        return total
+
+
+# ---------------------------------------------------------------------------------------------------
+
+
+class NullReporter:
+    """What the loop tells its observer; the CLI passes a rich progress display instead."""
+
+    def start(self, total_steps: int, start_step: int) -> None: ...
+    def step(self, metrics: dict) -> None: ...
+    def eval(self, metrics: dict) -> None: ...
+    def message(self, text: str) -> None: ...
+    def close(self) -> None: ...
+
+
+def run(args, reporter=None) -> Path | None:
+    """Train as ``args`` say; returns the final model directory on rank 0 (None on other ranks)."""
+    from trainer import evaluate, plots
+    from trainer.data import make_loader
+
+    reporter = reporter or NullReporter()
+    if args.accum_freq < 1 or args.batch_size < 1 or args.epochs < 1:
+        raise TrainError("--accum-freq, --batch-size and --epochs must be at least 1")
+    env = init_distributed(args.device)
+    try:
+        _check_precision(args.precision, env.device)
+        out = Path(args.output)
+        ckpt_dir = out / "checkpoints"
+        if env.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "args.json").write_text(json.dumps(vars(args), indent=2, default=str))
+        barrier(env)
+
+        model, preprocess_cfg, tokenizer, model_cfg = _build(args, env, _captions_reader(args))
+        from clipsearch.transform import image_transform
+
+        data = make_loader(
+            args.train_data,
+            dataset_type=args.dataset_type,
+            transform=image_transform(preprocess_cfg, train=True),
+            tokenizer=tokenizer,
+            batch_size=args.batch_size,
+            seed=args.seed,
+            rank=env.rank,
+            world_size=env.world_size,
+            workers=args.workers,
+            img_key=args.csv_img_key,
+            caption_key=args.csv_caption_key,
+            separator=args.csv_separator,
+            num_samples=args.train_num_samples,
+        )
+        steps_per_epoch = data.batches_per_epoch // args.accum_freq
+        if steps_per_epoch == 0:
+            raise TrainError("fewer batches per epoch than --accum-freq; lower --batch-size or --accum-freq")
+        total_steps = steps_per_epoch * args.epochs
+
+        if args.lock_image:
+            model.lock_image_tower()
+        if args.grad_checkpointing:
+            model.set_grad_checkpointing()
+        model.to(env.device)
+        if args.precision == "bf16":
+            model.to(torch.bfloat16)
+        elif args.precision == "fp16":
+            model.to(torch.float16)
+        raw_model = model
+        optimizer = make_optimizer(raw_model, args.lr, args.wd, args.beta1, args.beta2, args.eps)
+        scaler = torch.amp.GradScaler("cuda") if args.precision == "amp" else None
+
+        step, epoch, pos = 0, 0, 0  # global step, epoch, batches of the epoch consumed
+        counts = Counter()
+        if args.resume:
+            stem = checkpointing.resolve(args.resume, ckpt_dir)
+            weights, state = checkpointing.load(stem)
+            raw_model.load_state_dict(weights)
+            optimizer.load_state_dict(state["optimizer"])
+            if scaler is not None and state.get("scaler"):
+                scaler.load_state_dict(state["scaler"])
+            step, epoch, pos = state["step"], state["epoch"], state["batch_in_epoch"]
+            counts.update(state.get("counts", {}))
+            torch.set_rng_state(state["rng_cpu"])
+            if torch.cuda.is_available() and state.get("rng_cuda") is not None and env.device != "cpu":
+                torch.cuda.set_rng_state(state["rng_cuda"])
+            if env.is_main:
+                _truncate_metrics(out / "metrics.jsonl", step)
+                reporter.message(f"resumed from {stem.name}: step {step}, epoch {epoch}, batch {pos}")
+
+        fwd_model = model
+        if env.distributed:
+            ids = [env.local_rank] if env.device.startswith("cuda") else None
+            fwd_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        if args.torchcompile:
+            fwd_model = torch.compile(fwd_model)
+        loss_fn = ClipLoss(args.local_loss, args.gather_with_grad, env.rank, env.world_size)
+        stepper = Stepper(fwd_model, loss_fn, env, args.precision, args.accum_freq)
+        logger = _MetricsLog(out, env.is_main, "tensorboard" in args.report_to)
+
+        def backward(loss):
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+
+        def save_checkpoint():
+            if env.is_main:
+                state = {
+                    "optimizer": optimizer.state_dict(),
+                    "scaler": scaler.state_dict() if scaler is not None else {},
+                    "step": step,
+                    "epoch": epoch,
+                    "batch_in_epoch": pos,
+                    "counts": dict(counts),
+                    "rng_cpu": torch.get_rng_state(),
+                    "rng_cuda": torch.cuda.get_rng_state() if env.device.startswith("cuda") else None,
+                }
+                checkpointing.save(ckpt_dir, step, raw_model.state_dict(), state)
+            barrier(env)
+
+        reporter.start(total_steps, step)
+        stop = args.max_steps if args.max_steps is not None else total_steps
+        fwd_model.train()
+        while epoch < args.epochs and step < stop:
+            data.set_epoch(epoch, pos)
+            it = iter(data.loader)
+            if data.skip_in_loader:
+                for _ in range(pos):
+                    next(it)
+            while pos + args.accum_freq <= data.batches_per_epoch and step < stop:
+                t0 = time.perf_counter()
+                batches = [next(it) for _ in range(args.accum_freq)]
+                pos += args.accum_freq
+                n_samples = sum(len(b) for b in batches)
+                for b in batches:
+                    counts.update({f"skipped_{k}": v for k, v in b.skipped.items()})
+                batches = _equalise(batches, env)
+                lr = cosine_lr(step, args.lr, args.warmup, total_steps)
+                set_lr(optimizer, lr)
+                optimizer.zero_grad(set_to_none=True)
+                if batches is None:  # a micro-batch lost all (or all but one) of its samples
+                    counts["skipped_steps_empty"] += 1
+                    step += 1
+                    continue
+                loss = stepper.loss_and_backward(batches, backward)
+                finite = all_reduce_sum(float(torch.isfinite(loss).item()), env) == env.world_size
+                if not finite:
+                    counts["nan_steps_skipped"] += 1
+                    optimizer.zero_grad(set_to_none=True)
+                    reporter.message(f"step {step}: non-finite loss {loss.item()}, step skipped")
+                else:
+                    if scaler is not None:
+                        scaler.unscale_(optimizer)
+                    if args.grad_clip_norm is not None:
+                        torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip_norm)
+                    if scaler is not None:
+                        scaler.step(optimizer)
+                        scaler.update()
+                    else:
+                        optimizer.step()
+                    with torch.no_grad():
+                        raw_model.logit_scale.clamp_(0, math.log(100))
+                step += 1
+                dt = time.perf_counter() - t0
+                if env.is_main and (step % args.log_every_n_steps == 0 or step == stop):
+                    m = {
+                        "step": step,
+                        "epoch": epoch + pos / data.batches_per_epoch,
+                        "loss": loss.item(),
+                        "lr": lr,
+                        "temperature": raw_model.logit_scale.exp().item(),
+                        "samples_per_s": n_samples * env.world_size / max(dt, 1e-9),
+                        **counts,
+                    }
+                    logger.write(m)
+                    reporter.step({**m, "total_steps": total_steps})
+                if args.save_every_n_steps and step % args.save_every_n_steps == 0:
+                    save_checkpoint()
+            if pos + args.accum_freq > data.batches_per_epoch:  # the epoch is complete
+                epoch, pos = epoch + 1, 0
+                save_checkpoint()
+                freq = args.zeroshot_frequency
+                if env.is_main and freq and (epoch % freq == 0 or epoch == args.epochs):
+                    fwd_model.eval()
+                    m = evaluate.during_training(
+                        raw_model,
+                        tokenizer,
+                        preprocess_cfg,
+                        env.device,
+                        args.zeroshot_data,
+                        args.val_data,
+                        img_key=args.csv_img_key,
+                        caption_key=args.csv_caption_key,
+                        separator=args.csv_separator,
+                    )
+                    fwd_model.train()
+                    if m:
+                        m = {"step": step, "epoch": epoch, **m}
+                        logger.write(m)
+                        reporter.eval(m)
+                barrier(env)
+        if step >= stop and pos:
+            save_checkpoint()  # an interrupted epoch (--max-steps) can be resumed
+        final = None
+        if env.is_main:
+            from clipsearch.checkpoints import save_model
+
+            final = out / "model"
+            save_model(final, raw_model.float(), preprocess_cfg, tokenizer)
+            logger.close()
+            plots.plot_metrics(out / "metrics.jsonl", out / "curves.png")
+        reporter.close()
+        return final
+    finally:
+        shutdown(env)
+
+
+def _equalise(batches, env: DistEnv):
+    """Cut every micro-batch to the smallest size over ranks (skipped samples make sizes differ).
+
+    Features are gathered across ranks, which needs equal shapes. None if a micro-batch has fewer than
+    2 samples left somewhere: a contrastive step needs at least one negative.
+    """
+    from trainer.data import Batch
+
+    sizes = torch.tensor([len(b) for b in batches], dtype=torch.float64)
+    if env.distributed:
+        import torch.distributed as dist
+
+        t = -sizes
+        if env.backend == "nccl":
+            t = t.to(env.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)  # max of the negatives: the min size
+        sizes = -t.cpu()
+    if sizes.min().item() < 2:
+        return None
+    return [
+        Batch(b.images[: int(n)], b.texts[: int(n)], b.skipped)
+        for b, n in zip(batches, sizes.tolist(), strict=True)
+    ]
+
+
+class _MetricsLog:
+    """metrics.jsonl (one JSON object per line) and, optionally, TensorBoard; rank 0 only."""
+
+    def __init__(self, out: Path, active: bool, tensorboard: bool):
+        self.active = active
+        self.path = out / "metrics.jsonl"
+        self.tb = None
+        if active and tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as e:
+                raise TrainError("--report-to tensorboard needs `pip install tensorboard`") from e
+            self.tb = SummaryWriter(str(out / "tensorboard"))
+
+    def write(self, metrics: dict) -> None:
+        if not self.active:
+            return
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(metrics) + "\n")
+        if self.tb is not None:
+            for k, v in metrics.items():
+                if k != "step" and isinstance(v, int | float):
+                    self.tb.add_scalar(k, v, metrics["step"])
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop the metric lines written after the checkpoint being resumed (they will be redone)."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in keep))
+
+
+def main(argv: list[str] | None = None, reporter=None) -> int:
+    """Parse ``argv`` and train; returns the exit code. Errors the user can fix raise ClipsearchError."""
+    args = build_parser().parse_args(argv)
+    run(args, reporter)
+    return 0
