@@ -1,0 +1,116 @@
+"""The registry of released CLIP weights that ``clipsearch.load("ARCH/TAG")`` can fetch. Data only.
+
+Each entry says where the weights live, how to check them, and what the weights alone cannot tell us:
+the activation they were trained with and the image normalisation they expect.
+
+- ``arch``: a named architecture (``clipsearch.configs``); ``quick_gelu`` overrides its activation.
+- ``url`` and ``filename`` (the name in the models directory).
+- ``sha256``: the full hex digest where known. OpenAI publishes it in the URL path. OpenCLIP's GitHub
+  release files carry only the first 8 hex digits in their file names, so the prefix is recorded and
+  checked as a prefix. For Hugging Face hub files no hash is published with open_clip, and we could
+  not find one to verify, so it is ``None`` and the download is not verified (TLS only).
+- ``mean``/``std``/``interpolation``/``resize_mode``: the preprocessing the weights were trained with.
+- ``format``: ``"openai"`` (a TorchScript archive or state dict) or ``"openclip"`` (a state dict).
+"""
+
+from __future__ import annotations
+
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+INCEPTION_MEAN = (0.5, 0.5, 0.5)  # ViT-L-14/laion2b_s32b_b82k was trained with these
+INCEPTION_STD = (0.5, 0.5, 0.5)
+
+_OPENAI_BASE = "https://openaipublic.azureedge.net/clip/models"
+_OPENCLIP_RELEASE = "https://github.com/mlfoundations/open_clip/releases/download/v0.2-weights"
+_HF = "https://huggingface.co"
+
+
+def _openai(arch: str, sha256: str, file: str) -> dict:
+    # OpenAI trained every released model with QuickGELU; the digest is the URL's directory name.
+    return {
+        "arch": arch,
+        "quick_gelu": True,
+        "url": f"{_OPENAI_BASE}/{sha256}/{file}",
+        "filename": f"openai-{file}",
+        "sha256": sha256,
+        "format": "openai",
+    }
+
+
+def _release(arch: str, file: str, quick_gelu: bool) -> dict:
+    # OpenCLIP's v0.2 release files end in the first 8 hex digits of their sha256.
+    return {
+        "arch": arch,
+        "quick_gelu": quick_gelu,
+        "url": f"{_OPENCLIP_RELEASE}/{file}",
+        "filename": file,
+        "sha256": file.rsplit("-", 1)[1].split(".")[0],
+        "format": "openclip",
+    }
+
+
+def _hub(arch: str, repo: str, quick_gelu: bool = False, **preprocess) -> dict:
+    # LAION's hub releases were trained with nn.GELU unless noted; sha256 unknown (see module doc).
+    return {
+        "arch": arch,
+        "quick_gelu": quick_gelu,
+        "url": f"{_HF}/{repo}/resolve/main/open_clip_pytorch_model.bin",
+        "filename": f"{repo.replace('/', '--')}.bin",
+        "sha256": None,
+        "format": "openclip",
+        **preprocess,
+    }
+
+
+PRETRAINED: dict[str, dict] = {
+    # OpenAI's releases (Radford et al. 2021)
+    "RN50/openai": _openai(
+        "RN50", "afeb0e10f9e5a86da6080e35cf09123aca3b358a0c3e3b6c78a7b63bc04b6762", "RN50.pt"
+    ),
+    "RN101/openai": _openai(
+        "RN101", "8fa8567bab74a42d41c5915025a8e4538c3bdbe8804a470a72f30b0d94fab599", "RN101.pt"
+    ),
+    "RN50x4/openai": _openai(
+        "RN50x4", "7e526bd135e493cef0776de27d5f42653e6b4c8bf9e0f653bb11773263205fdd", "RN50x4.pt"
+    ),
+    "RN50x16/openai": _openai(
+        "RN50x16", "52378b407f34354e150460fe41077663dd5b39c54cd0bfd2b27167a4a06ec9aa", "RN50x16.pt"
+    ),
+    "RN50x64/openai": _openai(
+        "RN50x64", "be1cfb55d75a9666199fb2206c106743da0f6468c9d327f3e0d0a543a9919d9c", "RN50x64.pt"
+    ),
+    "ViT-B-32/openai": _openai(
+        "ViT-B-32", "40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af", "ViT-B-32.pt"
+    ),
+    "ViT-B-16/openai": _openai(
+        "ViT-B-16", "5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f", "ViT-B-16.pt"
+    ),
+    "ViT-L-14/openai": _openai(
+        "ViT-L-14", "b8cca3fd41ae0c99ba7e8951adf17d267cdb84cd88be6f7c2e0eca1737a03836", "ViT-L-14.pt"
+    ),
+    "ViT-L-14-336/openai": _openai(
+        "ViT-L-14-336",
+        "3035c92b350959924f9f00213499208652fc7ea050643e8b385c2dac08641f02",
+        "ViT-L-14-336px.pt",
+    ),
+    # OpenCLIP's GitHub releases (QuickGELU where the file name says so)
+    "RN50/yfcc15m": _release("RN50", "rn50-quickgelu-yfcc15m-455df137.pt", quick_gelu=True),
+    "RN50/cc12m": _release("RN50", "rn50-quickgelu-cc12m-f000538c.pt", quick_gelu=True),
+    "RN101/yfcc15m": _release("RN101", "rn101-quickgelu-yfcc15m-3e04b30e.pt", quick_gelu=True),
+    "ViT-B-32/laion400m_e31": _release("ViT-B-32", "vit_b_32-quickgelu-laion400m_e31-d867053b.pt", True),
+    "ViT-B-32/laion400m_e32": _release("ViT-B-32", "vit_b_32-quickgelu-laion400m_e32-46683a32.pt", True),
+    "ViT-B-32/laion2b_e16": _release("ViT-B-32", "vit_b_32-laion2b_e16-af8dbd0c.pth", quick_gelu=False),
+    "ViT-B-16/laion400m_e31": _release("ViT-B-16", "vit_b_16-laion400m_e31-00efa78f.pt", quick_gelu=False),
+    "ViT-B-16/laion400m_e32": _release("ViT-B-16", "vit_b_16-laion400m_e32-55e67d44.pt", quick_gelu=False),
+    "ViT-L-14/laion400m_e31": _release("ViT-L-14", "vit_l_14-laion400m_e31-69988bb6.pt", quick_gelu=False),
+    "ViT-L-14/laion400m_e32": _release("ViT-L-14", "vit_l_14-laion400m_e32-3d133497.pt", quick_gelu=False),
+    # LAION's Hugging Face hub releases
+    "ViT-B-32/laion2b_s34b_b79k": _hub("ViT-B-32", "laion/CLIP-ViT-B-32-laion2B-s34B-b79K"),
+    "ViT-B-32/datacomp_xl_s13b_b90k": _hub("ViT-B-32", "laion/CLIP-ViT-B-32-DataComp.XL-s13B-b90K"),
+    "ViT-B-16/laion2b_s34b_b88k": _hub("ViT-B-16", "laion/CLIP-ViT-B-16-laion2B-s34B-b88K"),
+    "ViT-B-16/datacomp_xl_s13b_b90k": _hub("ViT-B-16", "laion/CLIP-ViT-B-16-DataComp.XL-s13B-b90K"),
+    "ViT-L-14/laion2b_s32b_b82k": _hub(
+        "ViT-L-14", "laion/CLIP-ViT-L-14-laion2B-s32B-b82K", mean=INCEPTION_MEAN, std=INCEPTION_STD
+    ),
+    "ViT-L-14/datacomp_xl_s13b_b90k": _hub("ViT-L-14", "laion/CLIP-ViT-L-14-DataComp.XL-s13B-b90K"),
+}

@@ -1,0 +1,206 @@
+"""download(): against a real HTTP server on 127.0.0.1, including its failures."""
+
+from __future__ import annotations
+
+import hashlib
+import http.server
+import socket
+import threading
+
+import pytest
+
+from clipsearch import checkpoints, paths
+from clipsearch.errors import DownloadError, ModelLoadError
+from clipsearch.pretrained import PRETRAINED
+
+PAYLOAD = bytes(range(256)) * 9000  # 2.3 MB: several 1 MiB chunks
+PAYLOAD_SHA = hashlib.sha256(PAYLOAD).hexdigest()
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):  # noqa: N802 (http.server's naming)
+        self.server.hits.append(self.path)
+        if self.path == "/file.bin":
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(PAYLOAD)))
+            self.end_headers()
+            self.wfile.write(PAYLOAD)
+        elif self.path == "/truncated.bin":
+            # Promise the whole payload, send half, then hang up.
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(PAYLOAD)))
+            self.end_headers()
+            self.wfile.write(PAYLOAD[: len(PAYLOAD) // 2])
+            self.wfile.flush()
+            self.close_connection = True
+        else:
+            self.send_error(404)
+
+    def log_message(self, *args):  # keep test output clean
+        pass
+
+
+@pytest.fixture
+def server():
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    httpd.hits = []
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield httpd
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def _url(server, name):
+    return f"http://127.0.0.1:{server.server_address[1]}/{name}"
+
+
+def _leftovers(directory):
+    return sorted(p.name for p in directory.iterdir()) if directory.exists() else []
+
+
+def test_download_streams_verifies_and_reports_progress(server, tmp_path):
+    dest = tmp_path / "models" / "w.bin"
+    calls = []
+    out = checkpoints.download(
+        _url(server, "file.bin"), dest, sha256=PAYLOAD_SHA, progress=lambda d, t: calls.append((d, t))
+    )
+    assert out == dest
+    assert dest.read_bytes() == PAYLOAD
+    assert calls[0] == (0, len(PAYLOAD))
+    assert calls[-1] == (len(PAYLOAD), len(PAYLOAD))
+    done = [d for d, _ in calls]
+    assert done == sorted(done) and len(calls) >= 3
+    # Only the file and its checksum sidecar remain: no temp files.
+    assert _leftovers(dest.parent) == ["w.bin", "w.bin.sha256"]
+    assert checkpoints.file_sha256(dest) == PAYLOAD_SHA
+
+
+def test_download_accepts_a_digest_prefix(server, tmp_path):
+    dest = tmp_path / "w.bin"
+    checkpoints.download(_url(server, "file.bin"), dest, sha256=PAYLOAD_SHA[:8])
+    assert dest.read_bytes() == PAYLOAD
+
+
+def test_bad_checksum_leaves_nothing_behind(server, tmp_path):
+    dest = tmp_path / "w.bin"
+    wrong = "0" * 64
+    with pytest.raises(DownloadError, match="checksum mismatch") as err:
+        checkpoints.download(_url(server, "file.bin"), dest, sha256=wrong)
+    assert PAYLOAD_SHA in str(err.value)
+    assert _leftovers(tmp_path) == []
+
+
+def test_bad_checksum_does_not_replace_an_existing_file(server, tmp_path):
+    dest = tmp_path / "w.bin"
+    dest.write_bytes(b"old")
+    with pytest.raises(DownloadError):
+        checkpoints.download(_url(server, "file.bin"), dest, sha256="f" * 64)
+    assert dest.read_bytes() == b"old"
+    assert _leftovers(tmp_path) == ["w.bin"]
+
+
+def test_interrupted_transfer_leaves_no_partial_file(server, tmp_path):
+    dest = tmp_path / "w.bin"
+    with pytest.raises(DownloadError) as err:
+        checkpoints.download(_url(server, "truncated.bin"), dest)
+    assert str(dest) in str(err.value)
+    assert _leftovers(tmp_path) == []
+
+
+def test_http_error_is_a_download_error(server, tmp_path):
+    dest = tmp_path / "w.bin"
+    with pytest.raises(DownloadError, match="404"):
+        checkpoints.download(_url(server, "missing.bin"), dest)
+    assert _leftovers(tmp_path) == []
+
+
+def _dead_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # closed on exit: nothing listens there
+
+
+def test_unreachable_server_names_the_url_and_where_to_put_the_file(tmp_path):
+    dest = tmp_path / "models" / "w.bin"
+    url = f"http://127.0.0.1:{_dead_port()}/w.bin"
+    with pytest.raises(DownloadError) as err:
+        checkpoints.download(url, dest, timeout=5)
+    message = str(err.value)
+    assert url in message and str(dest) in message and "offline" in message
+    assert _leftovers(dest.parent) == []
+
+
+@pytest.fixture
+def registered(server, monkeypatch):
+    """A registry entry pointing at the local server."""
+    entry = {
+        "arch": "tiny-vit",
+        "quick_gelu": True,
+        "url": _url(server, "file.bin"),
+        "filename": "test-weights.bin",
+        "sha256": PAYLOAD_SHA,
+        "format": "openai",
+    }
+    monkeypatch.setitem(PRETRAINED, "tiny-vit/test", entry)
+    return entry
+
+
+def test_fetch_pretrained_downloads_once_then_uses_the_cache(server, registered):
+    assert "tiny-vit/test" not in checkpoints.cached_pretrained()
+    path = checkpoints.fetch_pretrained("tiny-vit/test")
+    assert path == paths.models_dir() / "test-weights.bin"
+    assert path.read_bytes() == PAYLOAD
+    assert server.hits == ["/file.bin"]
+    assert "tiny-vit/test" in checkpoints.cached_pretrained()
+
+    assert checkpoints.fetch_pretrained("tiny-vit/test") == path
+    assert server.hits == ["/file.bin"]  # not downloaded again
+
+
+def test_cached_file_is_hashed_once(server, registered, monkeypatch):
+    checkpoints.fetch_pretrained("tiny-vit/test")
+    hashed = []
+    real = checkpoints._hash_file
+    monkeypatch.setattr(checkpoints, "_hash_file", lambda p: hashed.append(p) or real(p))
+    checkpoints.fetch_pretrained("tiny-vit/test")
+    assert hashed == []  # the sidecar written at download time answered
+    path = paths.models_dir() / "test-weights.bin"
+    checkpoints._sidecar(path).unlink()
+    checkpoints.fetch_pretrained("tiny-vit/test")
+    checkpoints.fetch_pretrained("tiny-vit/test")
+    assert hashed == [path]  # re-hashed once, then cached again
+
+
+def test_corrupted_cached_file_is_reported_not_used(server, registered):
+    path = checkpoints.fetch_pretrained("tiny-vit/test")
+    path.write_bytes(PAYLOAD[:-1] + b"\x00")  # new size and mtime invalidate the sidecar
+    with pytest.raises(ModelLoadError, match="delete it") as err:
+        checkpoints.fetch_pretrained("tiny-vit/test")
+    assert str(path) in str(err.value)
+
+
+def test_offline_pretrained_load_says_where_to_put_the_file(monkeypatch):
+    entry = dict(PRETRAINED["ViT-B-32/openai"], url=f"http://127.0.0.1:{_dead_port()}/ViT-B-32.pt")
+    monkeypatch.setitem(PRETRAINED, "ViT-B-32/openai", entry)
+    with pytest.raises(DownloadError) as err:
+        checkpoints.load_bundle("ViT-B-32/openai")
+    assert str(paths.models_dir() / "openai-ViT-B-32.pt") in str(err.value)
+
+
+def test_registry_entries_are_well_formed():
+    names = checkpoints.list_pretrained()
+    for required in ("ViT-B-32/openai", "RN50/openai", "ViT-L-14-336/openai", "ViT-B-32/laion2b_s34b_b79k"):
+        assert required in names
+    filenames = [e["filename"] for e in PRETRAINED.values()]
+    assert len(set(filenames)) == len(filenames)
+    for name, entry in PRETRAINED.items():
+        assert name.split("/")[0] == entry["arch"]
+        assert entry["url"].startswith("https://")
+        sha = entry["sha256"]
+        assert sha is None or (len(sha) in (8, 64) and int(sha, 16) >= 0)
+        if "openaipublic" in entry["url"]:
+            # OpenAI's URLs carry the full digest; every OpenAI release used QuickGELU.
+            assert entry["url"].split("/")[-2] == sha and entry["quick_gelu"]
+    assert PRETRAINED["ViT-B-32/laion2b_s34b_b79k"]["quick_gelu"] is False
+    assert PRETRAINED["ViT-L-14/laion2b_s32b_b82k"]["mean"] == (0.5, 0.5, 0.5)
