@@ -127,7 +127,10 @@ def load_bundle(
     import torch
 
     dtype = getattr(torch, _PRECISIONS[precision])
-    bundle.model.to(device=device)
+    try:
+        bundle.model.to(device=device)
+    except (RuntimeError, AssertionError) as e:  # torch's "not compiled with CUDA" is an assert
+        raise ModelLoadError(f"cannot use device {device!r}: {_first_line(e)}") from e
     if dtype != torch.float32:
         _cast_except_layernorm(bundle.model, dtype)
     bundle.model.eval()
@@ -616,13 +619,11 @@ def _named_config(name: str) -> dict:
 
 
 def _infer_config(state_dict: dict, path: Path) -> dict:
-    try:
-        from clipsearch.configs import config_from_openai_state_dict
-    except ImportError:
-        from clipsearch.model import config_from_openai_state_dict
+    from clipsearch.configs import config_from_openai_state_dict
+
     try:
         return config_from_openai_state_dict(state_dict)
-    except (KeyError, ValueError, IndexError, AttributeError) as e:
+    except (ModelLoadError, KeyError, ValueError, IndexError, AttributeError) as e:
         raise ModelLoadError(
             f"the weights in {path} match no CLIP architecture clipsearch knows ({_first_line(e)}); "
             "pass arch= (--arch) to name it"
@@ -635,7 +636,7 @@ def _build_and_load(cfg: dict, state_dict: dict, origin: str):
 
     try:
         model = build_model(cfg)
-    except (KeyError, ValueError, TypeError) as e:
+    except (ModelLoadError, KeyError, ValueError, TypeError) as e:
         raise ModelLoadError(f"cannot build the architecture of {origin}: {_first_line(e)}") from e
     expected = model.state_dict()
     # Causal masks are derived, not learned; some exporters saved them, our model need not.

@@ -8,19 +8,26 @@ the problem when a file does not fit.
 
 from __future__ import annotations
 
+import hashlib
+import http.server
+import json
 import os
 import pickle
 import shlex
+import shutil
 import subprocess
 import sys
+import threading
 import warnings
 import zipfile
 
+import numpy as np
 import pytest
 import torch
 
 from clipsearch import checkpoints
 from clipsearch.errors import ModelLoadError
+from clipsearch.pretrained import PRETRAINED
 
 open_clip = pytest.importorskip("open_clip")
 
@@ -283,3 +290,287 @@ def test_missing_file_and_unknown_names(tmp_path):
         checkpoints.load_bundle(tmp_path)
     with pytest.raises(ModelLoadError, match="precision"):
         checkpoints.load_bundle(tmp_path, precision="int3")
+
+
+# --------------------------------------------------------------------------------------------------
+# Each source kind gives open_clip's features
+
+
+def test_openai_torchscript_archive_loads_with_inferred_architecture(tmp_path):
+    ref = oc_model(VIT_CFG, quick_gelu=True)
+    traced(ref, VIT_CFG).save(str(tmp_path / "ViT-tiny.pt"))
+    bundle = checkpoints.load_bundle(tmp_path / "ViT-tiny.pt")
+    assert not bundle.model.training
+    assert bundle.config["quick_gelu"] is True
+    assert bundle.config["vision_cfg"]["image_size"] == 32
+    assert bundle.preprocess_cfg.image_size == 32
+    assert bundle.model_id.startswith("file:ViT-tiny.pt:")
+    assert_same_features(bundle.model, ref, 32)
+
+
+def test_openai_plain_state_dict_resnet(tmp_path):
+    ref = oc_model(RN_CFG, quick_gelu=True, seed=5)
+    torch.save(openai_style_state_dict(ref, RN_CFG), tmp_path / "rn.pt")
+    model, preprocess, tokenize = checkpoints.load(tmp_path / "rn.pt")
+    assert not model.training
+    assert tokenize(TEXTS).shape == (3, 77) and tokenize(TEXTS).dtype == torch.long
+    assert torch.equal(tokenize(TEXTS), open_clip.tokenize(TEXTS))
+    assert_same_features(model, ref, 64)
+
+
+@pytest.mark.parametrize("wrap", ["state_dict+module", "safetensors"])
+def test_openclip_weights_file_with_activation_override(tmp_path, vit_gelu, wrap):
+    sd = dict(vit_gelu.state_dict())
+    if wrap == "safetensors":
+        from safetensors.torch import save_file
+
+        path = tmp_path / "w.safetensors"
+        save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
+    else:
+        path = tmp_path / "w.pth"
+        torch.save({"epoch": 2, "state_dict": {f"module.{k}": v for k, v in sd.items()}}, path)
+    # Weights alone cannot say which activation they were trained with: the default is OpenAI's
+    # QuickGELU, visibly wrong for these GELU weights, and quick_gelu=False fixes it.
+    assert features_differ(checkpoints.load_bundle(path).model, vit_gelu, 32)
+    bundle = checkpoints.load_bundle(path, quick_gelu=False)
+    assert_same_features(bundle.model, vit_gelu, 32)
+
+
+def test_arch_override_names_the_architecture(tmp_path, vit_gelu):
+    (tmp_path / "arch.json").write_text(json.dumps(dict(VIT_CFG, quick_gelu=False)))
+    torch.save(vit_gelu.state_dict(), tmp_path / "w.bin")
+    bundle = checkpoints.load_bundle(tmp_path / "w.bin", arch=str(tmp_path / "arch.json"))
+    assert_same_features(bundle.model, vit_gelu, 32)
+    with pytest.raises(ModelLoadError, match="shape mismatch for visual.conv1.weight"):
+        checkpoints.load_bundle(tmp_path / "w.bin", arch="tiny-vit")
+
+
+def _hub_dir(tmp_path, model, cfg, preprocess_cfg, safetensors: bool):
+    directory = tmp_path / "hub-model"
+    directory.mkdir()
+    config = {"model_cfg": cfg, "preprocess_cfg": preprocess_cfg}
+    (directory / "open_clip_config.json").write_text(json.dumps(config))
+    if safetensors:
+        from safetensors.torch import save_file
+
+        save_file(dict(model.state_dict()), str(directory / "open_clip_model.safetensors"))
+    else:
+        torch.save(model.state_dict(), directory / "open_clip_pytorch_model.bin")
+    return directory
+
+
+@pytest.mark.parametrize("safetensors", [False, True], ids=["bin", "safetensors"])
+def test_hub_directory_honours_its_config(tmp_path, safetensors):
+    cfg = {
+        "embed_dim": 32,
+        "vision_cfg": {"image_size": 256, "layers": 1, "width": 64, "patch_size": 32},
+        "text_cfg": dict(TEXT_CFG, context_length=32, layers=1),
+    }  # no quick_gelu: OpenCLIP's default, GELU
+    ref = oc_model(cfg, quick_gelu=False, seed=7)
+    pp = {
+        "mean": [0.5, 0.4, 0.3],
+        "std": [0.2, 0.25, 0.3],
+        "interpolation": "bilinear",
+        "resize_mode": "squash",
+    }
+    bundle = checkpoints.load_bundle(_hub_dir(tmp_path, ref, cfg, pp, safetensors))
+    assert bundle.config["quick_gelu"] is False
+    assert bundle.preprocess_cfg.image_size == 256
+    assert tuple(bundle.preprocess_cfg.mean) == (0.5, 0.4, 0.3)
+    assert tuple(bundle.preprocess_cfg.std) == (0.2, 0.25, 0.3)
+    assert bundle.preprocess_cfg.interpolation == "bilinear"
+    assert bundle.preprocess_cfg.resize_mode == "squash"
+    assert bundle.tokenizer(TEXTS).shape == (3, 32)
+    assert bundle.model_id.startswith("file:hub-model:")
+    assert_same_features(bundle.model, ref, 256, context_length=32)
+
+    # The transform built from it equals open_clip's for the same settings.
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (300, 410, 3), dtype=np.uint8))
+    oc_pp = open_clip.transform.PreprocessCfg(size=256, **pp)
+    oc_transform = open_clip.transform.image_transform_v2(oc_pp, is_train=False)
+    torch.testing.assert_close(bundle.preprocess(image), oc_transform(image), atol=1e-5, rtol=0)
+
+
+def test_hub_directory_errors(tmp_path, vit_gelu):
+    directory = _hub_dir(tmp_path, vit_gelu, VIT_CFG, {}, safetensors=False)
+    (directory / "open_clip_pytorch_model.bin").unlink()
+    with pytest.raises(ModelLoadError, match="neither"):
+        checkpoints.load_bundle(directory)
+    (directory / "open_clip_config.json").write_text("{not json")
+    with pytest.raises(ModelLoadError, match="JSON"):
+        checkpoints.load_bundle(directory)
+    cfg = dict(VIT_CFG, text_cfg=dict(TEXT_CFG, hf_tokenizer_name="bert-base"))
+    (directory / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg}))
+    torch.save(vit_gelu.state_dict(), directory / "open_clip_pytorch_model.bin")
+    with pytest.raises(ModelLoadError, match="hf_tokenizer_name"):
+        checkpoints.load_bundle(directory)
+
+
+def test_weights_that_fit_no_architecture(tmp_path, vit_gelu):
+    torch.save({"encoder.weight": torch.zeros(3, 3)}, tmp_path / "other.pt")
+    with pytest.raises(ModelLoadError, match="match no CLIP architecture"):
+        checkpoints.load_bundle(tmp_path / "other.pt")
+
+    sd = dict(vit_gelu.state_dict())
+    del sd["visual.ln_post.bias"]
+    torch.save(sd, tmp_path / "missing.pt")
+    with pytest.raises(ModelLoadError, match="missing .*visual.ln_post.bias"):
+        checkpoints.load_bundle(tmp_path / "missing.pt")
+
+    sd = dict(vit_gelu.state_dict())
+    sd["visual.ln_post.weight"] = torch.ones(65)
+    torch.save(sd, tmp_path / "shape.pt")
+    with pytest.raises(ModelLoadError, match=r"shape mismatch for visual.ln_post.weight.*\(65,\).*\(64,\)"):
+        checkpoints.load_bundle(tmp_path / "shape.pt")
+
+    sd = dict(vit_gelu.state_dict(), extra_head=torch.zeros(2))
+    torch.save(sd, tmp_path / "extra.pt")
+    with pytest.raises(ModelLoadError, match="unexpected .*extra_head"):
+        checkpoints.load_bundle(tmp_path / "extra.pt")
+
+
+def test_model_id_is_stable_and_follows_the_content(tmp_path, vit_gelu):
+    torch.save(vit_gelu.state_dict(), tmp_path / "w.pt")
+    first = checkpoints.load_bundle(tmp_path / "w.pt").model_id
+    assert checkpoints.load_bundle(tmp_path / "w.pt").model_id == first
+    torch.save(oc_model(VIT_CFG, quick_gelu=False, seed=11).state_dict(), tmp_path / "w.pt")
+    second = checkpoints.load_bundle(tmp_path / "w.pt").model_id
+    assert second != first and second.startswith("file:w.pt:")
+
+
+# --------------------------------------------------------------------------------------------------
+# The clipsearch model file
+
+
+def test_save_and_load_round_trip_is_exact(tmp_path):
+    ref = oc_model(VIT_CFG, quick_gelu=True, seed=13)
+    traced(ref, VIT_CFG).save(str(tmp_path / "src.pt"))
+    bundle = checkpoints.load_bundle(tmp_path / "src.pt")
+    out = checkpoints.save_model(
+        tmp_path / "saved", bundle.model, bundle.preprocess_cfg, bundle.tokenizer, extra={"epochs": 3}
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["saved", "src.pt"]  # no temp dirs left
+    record = json.loads((out / "clipsearch_model.json").read_text())
+    assert record["format"] == "clipsearch-model" and record["version"] == 1
+    assert record["model_cfg"] == bundle.config and record["extra"] == {"epochs": 3}
+    assert record["preprocess_cfg"]["image_size"] == 32
+
+    again = checkpoints.load_bundle(out)
+    assert again.config == bundle.config and again.preprocess_cfg == bundle.preprocess_cfg
+    a, b = bundle.model.state_dict(), again.model.state_dict()
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    images, tokens = torch.randn(2, 3, 32, 32), again.tokenizer(TEXTS)
+    assert torch.equal(tokens, bundle.tokenizer(TEXTS))
+    with torch.no_grad():
+        assert torch.equal(again.model.encode_image(images), bundle.model.encode_image(images))
+        assert torch.equal(again.model.encode_text(tokens), bundle.model.encode_text(tokens))
+    assert again.model_id.startswith("file:saved:")
+    assert checkpoints.load_bundle(out).model_id == again.model_id
+
+    # Saving over it replaces it in place with the new weights.
+    other = checkpoints.load_bundle(tmp_path / "src.pt")
+    with torch.no_grad():
+        other.model.logit_scale.fill_(1.5)
+    checkpoints.save_model(out, other.model, other.preprocess_cfg, other.tokenizer)
+    assert checkpoints.load_bundle(out).model.logit_scale.item() == 1.5
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["saved", "src.pt"]
+
+
+def test_clipsearch_model_file_errors(tmp_path, vit_gelu):
+    bundle_dir = tmp_path / "m"
+    torch.save(vit_gelu.state_dict(), tmp_path / "w.pt")
+    b = checkpoints.load_bundle(tmp_path / "w.pt", quick_gelu=False)
+    checkpoints.save_model(bundle_dir, b.model, b.preprocess_cfg, b.tokenizer)
+    record = json.loads((bundle_dir / "clipsearch_model.json").read_text())
+
+    (bundle_dir / "clipsearch_model.json").write_text(json.dumps(dict(record, version=99)))
+    with pytest.raises(ModelLoadError, match="newer clipsearch"):
+        checkpoints.load_bundle(bundle_dir)
+    (bundle_dir / "clipsearch_model.json").write_text(json.dumps(dict(record, format="other")))
+    with pytest.raises(ModelLoadError, match="not a clipsearch model"):
+        checkpoints.load_bundle(bundle_dir)
+    (bundle_dir / "clipsearch_model.json").write_text(json.dumps(record))
+    (bundle_dir / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{garbage")
+    with pytest.raises(ModelLoadError, match="safetensors"):
+        checkpoints.load_bundle(bundle_dir)
+    (bundle_dir / "model.safetensors").unlink()
+    with pytest.raises(ModelLoadError, match="no model.safetensors"):
+        checkpoints.load_bundle(bundle_dir)
+
+
+# --------------------------------------------------------------------------------------------------
+# Precision and pretrained names
+
+
+def test_reduced_precision_keeps_layernorm_fp32(tmp_path, vit_gelu):
+    torch.save(vit_gelu.state_dict(), tmp_path / "w.pt")
+    full = checkpoints.load_bundle(tmp_path / "w.pt", quick_gelu=False)
+    half = checkpoints.load_bundle(tmp_path / "w.pt", quick_gelu=False, precision="bf16")
+    assert half.model.visual.conv1.weight.dtype == torch.bfloat16
+    assert half.model.text_projection.dtype == torch.bfloat16
+    assert half.model.ln_final.weight.dtype == torch.float32
+    images = torch.randn(2, 3, 32, 32)
+    tokens = full.tokenizer(TEXTS)
+    with torch.no_grad():
+        for a, b in (
+            (full.model.encode_image(images), half.model.encode_image(images.bfloat16())),
+            (full.model.encode_text(tokens), half.model.encode_text(tokens)),
+        ):
+            assert b.dtype == torch.bfloat16
+            assert torch.nn.functional.cosine_similarity(a, b.float(), dim=-1).min() > 0.99
+    fp16 = checkpoints.load_bundle(tmp_path / "w.pt", precision="fp16")
+    assert fp16.model.visual.proj.dtype == torch.float16
+
+
+class _Files(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):  # noqa: N802 (http.server's naming)
+        body = self.server.files.get(self.path)
+        if body is None:
+            self.send_error(404)
+            return
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_registered_name_downloads_verifies_and_loads(tmp_path, monkeypatch):
+    """End to end: a registered OpenAI-style TorchScript file served over HTTP, as for ViT-B-32/openai."""
+    ref = oc_model(VIT_CFG, quick_gelu=True, seed=17)
+    traced(ref, VIT_CFG).save(str(tmp_path / "tiny.pt"))
+    body = (tmp_path / "tiny.pt").read_bytes()
+    (tmp_path / "arch.json").write_text(json.dumps(VIT_CFG))
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Files)
+    httpd.files = {"/tiny.pt": body}
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        entry = {
+            "arch": str(tmp_path / "arch.json"),
+            "quick_gelu": True,
+            "url": f"http://127.0.0.1:{httpd.server_address[1]}/tiny.pt",
+            "filename": "tiny-test.pt",
+            "sha256": hashlib.sha256(body).hexdigest(),
+            "format": "openai",
+            "mean": (0.5, 0.5, 0.5),
+            "std": (0.5, 0.5, 0.5),
+        }
+        monkeypatch.setitem(PRETRAINED, "tiny/test", entry)
+        calls = []
+        bundle = checkpoints.load_bundle("tiny/test", progress=lambda d, t: calls.append((d, t)))
+        assert calls[-1] == (len(body), len(body))
+        assert bundle.model_id == "tiny/test"
+        assert tuple(bundle.preprocess_cfg.mean) == (0.5, 0.5, 0.5)
+        assert_same_features(bundle.model, ref, 32)
+        assert "tiny/test" in checkpoints.cached_pretrained()
+        # A copy put somewhere by hand is recognised by its checksum and gets the registered id.
+        shutil.copy(checkpoints.pretrained_path("tiny/test"), tmp_path / "copy.pt")
+        assert checkpoints.load_bundle(tmp_path / "copy.pt").model_id == "tiny/test"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
