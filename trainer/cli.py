@@ -1,0 +1,166 @@
+"""``clipsearch-train``: train (the default subcommand), eval, synth and demo.
+
+``train`` keeps OpenCLIP's argparse flags (``clipsearch-train --train-data ... --model ...`` works as
+``python -m open_clip_train.main`` does); the other subcommands are click commands. Errors the user can
+fix become one line on stderr and exit code 1.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from clipsearch.errors import ClipsearchError
+
+SUBCOMMANDS = ("train", "eval", "synth", "demo")
+
+
+@click.group(help="Train and evaluate CLIP models for clipsearch. `clipsearch-train [train] --help`.")
+def cli():
+    pass
+
+
+@cli.command(
+    "train",
+    context_settings={"ignore_unknown_options": True, "allow_extra_args": True, "help_option_names": []},
+    add_help_option=False,
+)
+@click.pass_context
+def train_cmd(ctx):
+    """Train or fine-tune a CLIP model (OpenCLIP's flags; see `clipsearch-train train --help`)."""
+    from trainer import train
+
+    reporter = None
+    if _rank() == 0:  # only rank 0 shows progress
+        from trainer.progress import RichReporter
+
+        reporter = RichReporter()
+    model_dir = train.run(train.build_parser().parse_args(ctx.args), reporter)
+    if model_dir is not None:
+        click.echo(f"model saved to {model_dir}  (use: clipsearch index --model {model_dir} PATH)")
+
+
+def _rank() -> int:
+    import os
+
+    return int(os.environ.get("RANK", "0"))
+
+
+@cli.command("synth")
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.option("--n", default=2000, show_default=True, help="captioned images (train + val)")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--image-size", default=64, show_default=True, help="pixels per side")
+@click.option("--zeroshot-per-class", default=10, show_default=True)
+def synth_cmd(out_dir, n, seed, image_size, zeroshot_per_class):
+    """Write a synthetic captioned dataset of coloured shapes (train.csv, val.csv, zeroshot/)."""
+    from trainer.synthetic import generate
+
+    s = generate(out_dir, n=n, seed=seed, image_size=image_size, zeroshot_per_class=zeroshot_per_class)
+    click.echo(f"wrote {n} images: {s.train_csv}, {s.val_csv}; zero-shot set {s.zeroshot_dir}")
+
+
+@cli.command("eval")
+@click.option("--model", "source", required=True, help="a clipsearch model dir or any clipsearch.load source")
+@click.option("--zeroshot-data", default=None, help="folder-per-class images or a CSV with a label column")
+@click.option("--retrieval-data", default=None, help="CSV/JSONL of held-out (image, caption) pairs")
+@click.option("--linear-probe-data", default=None, help="folder-per-class images to fit the probe on")
+@click.option("--linear-probe-test", default=None, help="folder-per-class test images (else 30% held out)")
+@click.option("--csv-img-key", default="filepath")
+@click.option("--csv-caption-key", default="title")
+@click.option("--csv-label-key", default="label")
+@click.option("--device", default="cpu")
+@click.option("--json", "as_json", is_flag=True, help="print the metrics as one JSON object")
+def eval_cmd(
+    source,
+    zeroshot_data,
+    retrieval_data,
+    linear_probe_data,
+    linear_probe_test,
+    csv_img_key,
+    csv_caption_key,
+    csv_label_key,
+    device,
+    as_json,
+):
+    """Zero-shot accuracy, retrieval recall@1/5/10 and linear-probe accuracy of a model."""
+    from clipsearch.checkpoints import load_bundle
+    from trainer import evaluate
+
+    if not (zeroshot_data or retrieval_data or linear_probe_data):
+        raise click.UsageError("give at least one of --zeroshot-data, --retrieval-data, --linear-probe-data")
+    bundle = load_bundle(source)
+    model = bundle.model.to(device).eval()
+    metrics = {}
+    if zeroshot_data:
+        data = evaluate.read_labelled(zeroshot_data, csv_img_key, csv_label_key)
+        metrics.update(evaluate.zeroshot(model, bundle.tokenizer, bundle.preprocess_cfg, data, device))
+    if retrieval_data:
+        from trainer.data import read_csv, read_jsonl
+
+        if retrieval_data.endswith((".jsonl", ".json")):
+            pairs = read_jsonl(retrieval_data, csv_img_key, csv_caption_key)
+        else:
+            pairs = read_csv(retrieval_data, csv_img_key, csv_caption_key)
+        metrics.update(evaluate.retrieval(model, bundle.tokenizer, bundle.preprocess_cfg, pairs, device))
+    if linear_probe_data:
+        train = evaluate.read_labelled(linear_probe_data, csv_img_key, csv_label_key)
+        test = (
+            evaluate.read_labelled(linear_probe_test, csv_img_key, csv_label_key)
+            if linear_probe_test
+            else None
+        )
+        metrics.update(evaluate.linear_probe_images(model, bundle.preprocess_cfg, train, test, device))
+    if as_json:
+        click.echo(json.dumps(metrics))
+    else:
+        for k, v in metrics.items():
+            click.echo(f"{k:24s} {v:.4f}" if isinstance(v, float) else f"{k:24s} {v}")
+
+
+@cli.command("demo")
+@click.option("--out", default="clipsearch-demo", show_default=True, type=click.Path(file_okay=False))
+@click.option("--minutes", default=3.0, show_default=True, help="training time to aim for")
+@click.option("--n", default=2000, show_default=True, help="synthetic captioned images")
+@click.option("--seed", default=0, show_default=True)
+def demo_cmd(out, minutes, n, seed):
+    """Generate shapes, train a small CLIP on the CPU, index and search the held-out images."""
+    from trainer.demo import run_demo
+    from trainer.progress import RichReporter
+
+    result = run_demo(out, minutes=minutes, n=n, seed=seed, reporter=RichReporter(), echo=click.echo)
+    click.echo(
+        f"zero-shot accuracy on {result['zeroshot_n']} held-out images: "
+        f"{result['zeroshot_top1']:.1%} (chance {result['zeroshot_chance']:.1%})"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; ``argv`` without a subcommand means ``train``. Returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] not in SUBCOMMANDS and argv[0] not in ("--help", "-h"):
+        argv = ["train", *argv]
+    if argv[:1] == ["train"] and any(a in ("--help", "-h") for a in argv[1:]):
+        from trainer.train import build_parser
+
+        build_parser().print_help()
+        return 0
+    try:
+        cli.main(args=argv, prog_name="clipsearch-train", standalone_mode=False)
+    except ClipsearchError as e:
+        click.echo(f"error: {e}", err=True)
+        return 1
+    except click.ClickException as e:
+        e.show()
+        return e.exit_code
+    except click.exceptions.Abort:
+        return 130
+    except SystemExit as e:  # argparse's usage errors
+        return int(e.code or 0)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

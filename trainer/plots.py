@@ -1,0 +1,47 @@
+"""A PNG of the training curves (loss, temperature, evaluation metrics) from metrics.jsonl."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+EVAL_KEYS = ("zeroshot_top1", "image_to_text_R@1", "text_to_image_R@1", "val_loss", "linear_probe_top1")
+
+
+def read_metrics(path) -> list[dict]:
+    path = Path(path)
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def plot_metrics(metrics_path, png_path) -> Path | None:
+    """Write the plot; returns its path, or None when there is nothing to plot yet."""
+    rows = read_metrics(metrics_path)
+    train = [r for r in rows if "loss" in r]
+    evals = [r for r in rows if any(k in r for k in EVAL_KEYS)]
+    if not train:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display needed
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    steps = [r["step"] for r in train]
+    axes[0].plot(steps, [r["loss"] for r in train], lw=1)
+    axes[0].set(title="training loss", xlabel="step", ylabel="loss")
+    axes[1].plot(steps, [r["temperature"] for r in train], lw=1, label="exp(t)")
+    axes[1].set(title="logit scale (1 / temperature)", xlabel="step")
+    for key in EVAL_KEYS:
+        pts = [(r["step"], r[key]) for r in evals if key in r]
+        if pts:
+            axes[2].plot(*zip(*pts, strict=True), marker="o", label=key)
+    axes[2].set(title="evaluation", xlabel="step")
+    if evals:
+        axes[2].legend(fontsize=8)
+    fig.tight_layout()
+    png_path = Path(png_path)
+    fig.savefig(png_path, dpi=80)
+    plt.close(fig)
+    return png_path
