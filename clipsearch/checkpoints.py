@@ -517,11 +517,15 @@ class _TensorOnlyUnpickler(pickle.Unpickler):
             raise pickle.UnpicklingError(f"unexpected storage record {pid!r}")
         if key not in self._storages:
             try:
-                raw = self._archive.read(f"{self._root}/data/{key}")
+                info = self._archive.getinfo(f"{self._root}/data/{key}")
             except KeyError as e:
                 raise pickle.UnpicklingError(f"storage data/{key} missing from the archive") from e
+            raw = bytearray(info.file_size)  # read straight into a writable buffer: one copy only
+            with self._archive.open(info) as f:
+                if f.readinto(raw) != info.file_size:
+                    raise pickle.UnpicklingError(f"storage data/{key} is truncated")
             dtype = getattr(torch, storage_type.dtype_name)
-            flat = torch.frombuffer(bytearray(raw), dtype=dtype) if raw else torch.empty(0, dtype=dtype)
+            flat = torch.frombuffer(raw, dtype=dtype) if raw else torch.empty(0, dtype=dtype)
             if flat.numel() != numel:
                 raise pickle.UnpicklingError(f"storage data/{key} has {flat.numel()} elements, not {numel}")
             self._storages[key] = flat
@@ -602,6 +606,15 @@ def read_torchscript_state_dict(path: str | Path) -> dict:
                 state_dict[prefix + attr] = value
 
     walk(tree, "", 0)
+    # Tensors are views into their storage; give the rare ones that share a storage their own copy,
+    # so that assigning them to a model cannot alias two parameters.
+    owners: dict[int, int] = {}
+    for tensor in state_dict.values():
+        ptr = tensor.untyped_storage().data_ptr()
+        owners[ptr] = owners.get(ptr, 0) + 1
+    for key, tensor in state_dict.items():
+        if owners[tensor.untyped_storage().data_ptr()] > 1:
+            state_dict[key] = tensor.clone()
     return state_dict
 
 
@@ -631,11 +644,18 @@ def _infer_config(state_dict: dict, path: Path) -> dict:
 
 
 def _build_and_load(cfg: dict, state_dict: dict, origin: str):
-    """Build ``cfg`` and load ``state_dict`` strictly, naming the first key that does not fit."""
+    """Build ``cfg`` and load ``state_dict`` strictly, naming the first key that does not fit.
+
+    The model is built on the meta device and the loaded tensors are assigned to it: a random
+    initialisation that every weight then overwrites would cost seconds for a ViT-B/32.
+    """
+    import torch
+
     from clipsearch.model import build_model
 
     try:
-        model = build_model(cfg)
+        with torch.device("meta"):
+            model = build_model(cfg)
     except (ModelLoadError, KeyError, ValueError, TypeError) as e:
         raise ModelLoadError(f"cannot build the architecture of {origin}: {_first_line(e)}") from e
     expected = model.state_dict()
@@ -659,6 +679,25 @@ def _build_and_load(cfg: dict, state_dict: dict, origin: str):
                 f"shape mismatch for {key} in {origin}: file has {tuple(tensor.shape)}, "
                 f"architecture expects {tuple(expected[key].shape)}"
             )
+    model.load_state_dict(state_dict, strict=True, assign=True)
+    model.float()  # OpenAI's archives hold fp16 weights; precision is applied by the caller
+    # Buffers left out of state dicts (the causal mask) are still on the meta device: rebuild them.
+    for module in model.modules():
+        for name, buf in list(module.named_buffers(recurse=False)):
+            if not buf.is_meta:
+                continue
+            if name == "attn_mask" and hasattr(module, "build_attention_mask"):
+                module.attn_mask = module.build_attention_mask()
+            else:
+                return _build_and_load_eagerly(cfg, state_dict)
+    return model
+
+
+def _build_and_load_eagerly(cfg: dict, state_dict: dict):
+    """The plain way, for a model with derived buffers we do not know how to rebuild."""
+    from clipsearch.model import build_model
+
+    model = build_model(cfg)
     model.load_state_dict(state_dict, strict=True)
     return model
 

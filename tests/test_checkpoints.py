@@ -306,6 +306,11 @@ def test_openai_torchscript_archive_loads_with_inferred_architecture(tmp_path):
     assert bundle.preprocess_cfg.image_size == 32
     assert bundle.model_id.startswith("file:ViT-tiny.pt:")
     assert_same_features(bundle.model, ref, 32)
+    # Weights were assigned onto a meta-built model: all real, trainable, none sharing memory.
+    params = list(bundle.model.parameters())
+    assert all(isinstance(p, torch.nn.Parameter) and p.requires_grad and not p.is_meta for p in params)
+    assert not any(b.is_meta for b in bundle.model.buffers())
+    assert len({p.data_ptr() for p in params}) == len(params)
 
 
 def test_openai_plain_state_dict_resnet(tmp_path):
@@ -574,3 +579,38 @@ def test_registered_name_downloads_verifies_and_loads(tmp_path, monkeypatch):
     finally:
         httpd.shutdown()
         httpd.server_close()
+
+
+def test_fp16_torchscript_archive_as_openai_ships_them(tmp_path):
+    """OpenAI's released archives hold fp16 weights; loading gives fp32 weights of the same values."""
+    ref = oc_model(VIT_CFG, quick_gelu=True, seed=19)
+    scripted(ref.half()).save(str(tmp_path / "half.pt"))
+    bundle = checkpoints.load_bundle(tmp_path / "half.pt")
+    assert bundle.model.visual.conv1.weight.dtype == torch.float32
+    assert_same_features(bundle.model, ref.float(), 32)
+
+
+def test_registry_architectures_match_open_clip(tmp_path):
+    """Each registered name builds the architecture open_clip uses for the same weights."""
+    from clipsearch.configs import get_config
+
+    for name, entry in PRETRAINED.items():
+        arch = entry["arch"]
+        ours = get_config(arch)
+        theirs = open_clip.get_model_config(arch)
+        assert ours["embed_dim"] == theirs["embed_dim"], name
+        for tower in ("vision_cfg", "text_cfg"):
+            for key, value in theirs[tower].items():
+                if key in ("image_size", "layers", "width", "patch_size", "context_length", "heads"):
+                    assert ours[tower][key] == value, (name, tower, key)
+
+
+@pytest.mark.slow
+def test_full_size_vit_b_32_torchscript(tmp_path):
+    """One full-size archive (ViT-B/32, as OpenAI ships it) through the reader and the inference."""
+    ref = open_clip.create_model("ViT-B-32-quickgelu").eval()
+    scripted(ref).save(str(tmp_path / "ViT-B-32.pt"))
+    bundle = checkpoints.load_bundle(tmp_path / "ViT-B-32.pt")
+    assert bundle.config["vision_cfg"]["patch_size"] == 32 and bundle.config["embed_dim"] == 512
+    assert bundle.preprocess_cfg.image_size == 224
+    assert_same_features(bundle.model, ref, 224)
