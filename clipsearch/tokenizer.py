@@ -1,0 +1,297 @@
+"""CLIP's byte-level BPE tokenizer, on the Rust ``tokenizers`` library.
+
+The vocabulary and merges are OpenAI's (``data/bpe_simple_vocab_16e6.txt.gz``); the text clean-up
+(ftfy, HTML unescape, whitespace collapse, lower case), the pre-tokenisation regex and the ``</w>``
+end-of-word marker follow OpenAI's ``SimpleTokenizer``, so the ids equal OpenAI's and OpenCLIP's.
+The clean-up runs in Python (ftfy has no Rust equivalent); splitting and merging run in Rust.
+
+A model file names its tokenizer with :meth:`Tokenizer.to_config`: ``{"type": "clip-bpe"}`` for
+OpenAI's vocabulary, or ``{"type": "tokenizers-json", "file": "tokenizer.json", ...}`` for a BPE
+learned with :func:`train_bpe` and saved beside the weights.
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import html
+import json
+from collections.abc import Iterable
+from pathlib import Path
+
+SOT_TEXT = "<start_of_text>"
+EOT_TEXT = "<end_of_text>"
+TOKENIZER_FILE = "tokenizer.json"
+
+# OpenAI's pre-tokenisation: the special tokens, English contractions, runs of letters, single
+# digits, runs of anything else that is not whitespace. Whitespace itself is dropped.
+_SPLIT_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+_N_MERGES = 49152 - 256 - 2  # OpenAI keeps the first 48,894 merges: 256 bytes x 2 + merges + 2 = 49,408
+
+
+def clean_text(text: str) -> str:
+    """OpenAI's clean-up: fix mojibake, unescape HTML twice, collapse whitespace, lower case."""
+    import ftfy
+
+    text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+    return " ".join(text.split()).lower()
+
+
+@functools.cache
+def _byte_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible map from the 256 bytes to printable characters (OpenAI's order)."""
+    printable = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
+    table = {b: chr(b) for b in printable}
+    extra = 0
+    for b in range(256):
+        if b not in table:
+            table[b] = chr(256 + extra)  # bytes that are whitespace/control get code points >= 256
+            extra += 1
+    return table
+
+
+def _base_vocab() -> list[str]:
+    """The 512 single-byte symbols, in OpenAI's order: each byte, then each byte ending a word."""
+    chars = list(_byte_to_unicode().values())
+    return chars + [c + "</w>" for c in chars]
+
+
+def _build_backend(merges: list[tuple[str, str]]):
+    """A ``tokenizers.Tokenizer`` with OpenAI's layout: 512 byte symbols, one id per merge, 2 specials.
+
+    The special tokens take the two last ids, so end-of-text is the largest id in every sequence
+    (the model pools the text at the argmax id).
+    """
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+
+    vocab = _base_vocab()
+    seen = set(vocab)
+    for a, b in merges:
+        if a + b not in seen:
+            vocab.append(a + b)
+            seen.add(a + b)
+    ids = {tok: i for i, tok in enumerate(vocab)}
+    bpe = models.BPE(vocab=ids, merges=merges, end_of_word_suffix="</w>", fuse_unk=False)
+    tk = Tokenizer(bpe)
+    tk.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            # keep the regex matches, drop what lies between them (whitespace)
+            pre_tokenizers.Split(Regex(_SPLIT_PATTERN), behavior="removed", invert=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tk.add_special_tokens([SOT_TEXT, EOT_TEXT])
+    return tk
+
+
+@functools.cache
+def _literal_special_splitter():
+    from tokenizers import Regex, pre_tokenizers
+
+    pattern = f"{SOT_TEXT}|{EOT_TEXT}|{_SPLIT_PATTERN}"
+    return pre_tokenizers.Split(Regex(pattern), behavior="removed", invert=True)
+
+
+@functools.cache
+def _clip_backend():
+    """OpenAI's tokenizer, built once per process (about 0.1 s; it is on the query path)."""
+    from importlib.resources import files
+
+    raw = files("clipsearch").joinpath("data", "bpe_simple_vocab_16e6.txt.gz").read_bytes()
+    lines = gzip.decompress(raw).decode("utf-8").split("\n")
+    merges = [tuple(line.split()) for line in lines[1 : _N_MERGES + 1]]  # line 0 is a header
+    return _build_backend(merges)
+
+
+class Tokenizer:
+    """Text -> token ids for CLIP's text tower.
+
+    ``Tokenizer()(["a dog", "a cat"])`` gives a ``LongTensor [2, 77]``: start-of-text, the tokens,
+    end-of-text, zeros. Text longer than the context is cut, keeping end-of-text last.
+    """
+
+    def __init__(self, context_length: int = 77, *, _backend=None, _kind: str = "clip-bpe"):
+        if int(context_length) < 2:
+            raise ValueError(
+                f"context_length must be at least 2 (start and end tokens), got {context_length}"
+            )
+        self.context_length = int(context_length)
+        self._kind = _kind
+        self._tk = _backend if _backend is not None else _clip_backend()
+        self.sot_token_id = self._tk.token_to_id(SOT_TEXT)
+        self.eot_token_id = self._tk.token_to_id(EOT_TEXT)
+        if self.sot_token_id is None or self.eot_token_id is None:
+            raise ValueError(f"the tokenizer has no {SOT_TEXT} / {EOT_TEXT} tokens")
+        self.vocab_size = self._tk.get_vocab_size(with_added_tokens=True)
+
+    def __repr__(self) -> str:
+        return f"Tokenizer({self._kind}, vocab_size={self.vocab_size}, context_length={self.context_length})"
+
+    # -- text to ids -------------------------------------------------------------------------
+    def encode(self, text: str) -> list[int]:
+        """The ids of ``text`` after clean-up, without start/end tokens."""
+        return self._tk.encode(clean_text(text), add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """:meth:`encode` for many texts at once (the splitting and merging run in parallel)."""
+        cleaned = [clean_text(t) for t in texts]
+        out = [e.ids for e in self._tk.encode_batch(cleaned, add_special_tokens=False)]
+        for i, text in enumerate(cleaned):
+            if SOT_TEXT in text or EOT_TEXT in text:
+                out[i] = self._encode_with_literal_specials(text)
+        return out
+
+    def _encode_with_literal_specials(self, text: str) -> list[int]:
+        """Text that spells a special token: split with the specials inside OpenAI's regex.
+
+        ``tokenizers`` cuts added tokens out before splitting, so ``"<<end_of_text>"`` would give
+        ``["<", EOT]``; OpenAI's single regex gives ``["<<", "end", "_", ...]``. Rare, so done here.
+        """
+        pieces = [p for p, _ in _literal_special_splitter().pre_tokenize_str(text)]
+        return [i for enc in self._tk.encode_batch(pieces, add_special_tokens=False) for i in enc.ids]
+
+    def __call__(self, texts: str | list[str], context_length: int | None = None):
+        """``LongTensor [N, L]``: start, tokens, end, zero padding; over-long text keeps end last."""
+        import torch
+
+        if isinstance(texts, str):
+            texts = [texts]
+        length = int(context_length or self.context_length)
+        if length < 2:
+            raise ValueError(f"context_length must be at least 2, got {length}")
+        out = torch.zeros(len(texts), length, dtype=torch.long)  # [N, L]
+        for row, ids in enumerate(self.encode_batch(list(texts))):
+            ids = [self.sot_token_id, *ids[: length - 2], self.eot_token_id]
+            out[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        return out
+
+    # -- ids to text -------------------------------------------------------------------------
+    @functools.cached_property
+    def _decode_tables(self):
+        vocab = self._tk.get_vocab(with_added_tokens=True)
+        id_to_token = [""] * (max(vocab.values()) + 1)
+        for tok, i in vocab.items():
+            id_to_token[i] = tok
+        to_byte = {c: b for b, c in _byte_to_unicode().items()}
+        return id_to_token, to_byte
+
+    def decode(self, ids) -> str:
+        """The text of ``ids`` (a list or a tensor row): words joined by spaces, lower case.
+
+        Start-of-text is skipped and decoding stops at the first end-of-text, so a padded row of
+        :meth:`__call__` decodes to its text. Bytes that do not form UTF-8 become U+FFFD.
+        """
+        if hasattr(ids, "tolist"):
+            ids = ids.tolist()
+        id_to_token, to_byte = self._decode_tables
+        data = bytearray()
+        for i in ids:
+            i = int(i)
+            if i == self.eot_token_id:
+                break
+            if i == self.sot_token_id:
+                continue
+            if not 0 <= i < len(id_to_token):
+                raise ValueError(f"token id {i} is outside the vocabulary of {self.vocab_size}")
+            token = id_to_token[i]
+            word_end = token.endswith("</w>")
+            if word_end:
+                token = token[: -len("</w>")]
+            data += bytes(to_byte[c] for c in token)
+            if word_end:
+                data += b" "
+        return data.decode("utf-8", errors="replace").strip()
+
+    # -- model files -------------------------------------------------------------------------
+    def to_config(self) -> dict:
+        """What a model file records to rebuild this tokenizer (see :meth:`from_config`)."""
+        if self._kind == "clip-bpe":
+            return {"type": "clip-bpe", "context_length": self.context_length}
+        return {
+            "type": "tokenizers-json",
+            "file": TOKENIZER_FILE,
+            "context_length": self.context_length,
+            "sot_token_id": self.sot_token_id,
+            "eot_token_id": self.eot_token_id,
+        }
+
+    def save(self, directory) -> dict:
+        """Write what :meth:`from_config` needs into ``directory``; returns the config to record.
+
+        OpenAI's vocabulary ships with clipsearch, so only a trained BPE writes ``tokenizer.json``.
+        """
+        if self._kind == "tokenizers-json":
+            directory = Path(directory)
+            directory.mkdir(parents=True, exist_ok=True)
+            self._tk.save(str(directory / TOKENIZER_FILE))
+        return self.to_config()
+
+    @classmethod
+    def from_config(cls, cfg: dict, directory=None) -> Tokenizer:
+        """Rebuild from :meth:`to_config`'s dict; ``directory`` holds a trained BPE's file.
+
+        Raises ``ValueError`` for an unknown type, a file name that leaves ``directory``, or ids
+        that do not match the file; ``OSError`` when the file cannot be read.
+        """
+        if not isinstance(cfg, dict):
+            raise ValueError(f"tokenizer config must be a mapping, got {type(cfg).__name__}")
+        kind = cfg.get("type")
+        length = int(cfg.get("context_length", 77))
+        if kind == "clip-bpe":
+            return cls(context_length=length)
+        if kind != "tokenizers-json":
+            raise ValueError(f"unknown tokenizer type {kind!r} (expected 'clip-bpe' or 'tokenizers-json')")
+        if directory is None:
+            raise ValueError("a 'tokenizers-json' tokenizer needs the model directory that holds its file")
+        name = cfg.get("file", TOKENIZER_FILE)
+        if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
+            raise ValueError(
+                f"tokenizer file must be a plain file name inside the model directory, got {name!r}"
+            )
+        path = Path(directory) / name
+        from tokenizers import Tokenizer as _Backend
+
+        try:
+            backend = _Backend.from_file(str(path))
+        except Exception as e:  # the Rust side raises a bare Exception for malformed JSON
+            if not path.is_file():
+                raise OSError(f"{path} does not exist") from e
+            raise ValueError(f"{path} is not a tokenizers JSON file: {e}") from e
+        tok = cls(context_length=length, _backend=backend, _kind="tokenizers-json")
+        for key in ("sot_token_id", "eot_token_id"):
+            if key in cfg and int(cfg[key]) != getattr(tok, key):
+                raise ValueError(f"{path}: {key} is {getattr(tok, key)}, the model file says {cfg[key]}")
+        return tok
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int, context_length: int = 77) -> Tokenizer:
+    """Learn a lower-cased byte-level BPE of at most ``vocab_size`` ids from ``texts``.
+
+    Same clean-up, pre-tokenisation and ``</w>`` marking as CLIP's, all 512 byte symbols kept (so
+    any text can be encoded), and the special tokens on the two last ids.
+    """
+    from tokenizers import trainers
+
+    vocab_size = int(vocab_size)
+    if vocab_size < 512 + 2 + 1:
+        raise ValueError(
+            f"vocab_size must be at least 515 (512 byte symbols, 2 specials, 1 merge), got {vocab_size}"
+        )
+    n_merges = vocab_size - 512 - 2
+    scratch = _build_backend([])
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size + 512,  # the trainer counts its own alphabet; we keep only n_merges merges
+        min_frequency=2,
+        show_progress=False,
+        special_tokens=[],
+        end_of_word_suffix="</w>",
+        initial_alphabet=list(_byte_to_unicode().values()),
+    )
+    scratch.train_from_iterator((clean_text(t) for t in texts), trainer=trainer)
+    learned = json.loads(scratch.to_str())["model"]["merges"]
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in learned][:n_merges]
+    return Tokenizer(context_length, _backend=_build_backend(merges), _kind="tokenizers-json")

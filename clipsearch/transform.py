@@ -1,0 +1,180 @@
+"""Image preprocessing: a PIL image to the normalised tensor CLIP's image tower takes.
+
+The eval transform is OpenAI's: resize the shorter side to ``S`` (bicubic), crop the centre
+``S x S``, RGB, scale to [0, 1], subtract the mean and divide by the std of OpenAI's training set.
+It is written with PIL and torch directly (no torchvision import on the query path) and equals
+torchvision's/OpenCLIP's to the last bit; the tests check that. ``train=True`` gives the random
+square crop of the paper as OpenCLIP trains with it (torchvision, seeded from torch's generator).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)  # per-channel mean of OpenAI's training images
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+INTERPOLATIONS = ("bicubic", "bilinear")
+RESIZE_MODES = ("shortest", "longest", "squash")
+TRAIN_SCALE = (0.9, 1.0)  # RandomResizedCrop's area range, OpenCLIP's default
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """How a model wants its pixels; stored in every model file.
+
+    ``resize_mode``: ``shortest`` (OpenAI: shorter side to ``image_size``, centre crop), ``longest``
+    (longer side to ``image_size``, pad the rest with black) or ``squash`` (stretch to a square).
+    """
+
+    image_size: int  # side of the square input, pixels
+    mean: tuple[float, float, float] = OPENAI_MEAN
+    std: tuple[float, float, float] = OPENAI_STD
+    interpolation: str = "bicubic"
+    resize_mode: str = "shortest"
+
+    def __post_init__(self):
+        if (
+            isinstance(self.image_size, bool)
+            or int(self.image_size) != self.image_size
+            or self.image_size < 1
+        ):
+            raise ValueError(f"image_size must be a positive integer, got {self.image_size!r}")
+        object.__setattr__(self, "image_size", int(self.image_size))
+        for name in ("mean", "std"):
+            value = tuple(float(x) for x in getattr(self, name))
+            if len(value) != 3:
+                raise ValueError(f"{name} must have 3 values (R, G, B), got {len(value)}")
+            object.__setattr__(self, name, value)
+        if any(s <= 0 for s in self.std):
+            raise ValueError(f"std must be positive, got {self.std}")
+        if self.interpolation not in INTERPOLATIONS:
+            raise ValueError(f"interpolation must be one of {INTERPOLATIONS}, got {self.interpolation!r}")
+        if self.resize_mode not in RESIZE_MODES:
+            raise ValueError(f"resize_mode must be one of {RESIZE_MODES}, got {self.resize_mode!r}")
+
+    def to_dict(self) -> dict:
+        """JSON-ready: tuples become lists."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> PreprocessConfig:
+        """Inverse of :meth:`to_dict`; unknown keys are a ``ValueError`` (a newer file format)."""
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown preprocess settings {sorted(unknown)}")
+        if "image_size" not in d:
+            raise ValueError("preprocess settings lack image_size")
+        return cls(**d)
+
+
+def _resample(name: str):
+    from PIL import Image
+
+    return Image.Resampling.BICUBIC if name == "bicubic" else Image.Resampling.BILINEAR
+
+
+def _to_normalised_tensor(img, mean, std):
+    """RGB PIL image -> float Tensor [3, H, W]: /255 then (x - mean) / std, as ToTensor + Normalize."""
+    import numpy as np
+    import torch
+
+    arr = np.asarray(img, dtype=np.uint8)  # [H, W, 3]
+    x = torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div(255)  # [3, H, W]
+    m = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+    return x.sub_(m).div_(s)
+
+
+class EvalTransform:
+    """``PIL.Image -> Tensor [3, S, S]``, deterministic (OpenAI's eval preprocessing by default)."""
+
+    def __init__(self, cfg: PreprocessConfig):
+        self.cfg = cfg
+
+    def __repr__(self) -> str:
+        return f"EvalTransform({self.cfg})"
+
+    def resize_and_crop(self, img):
+        """The geometric part alone: the ``S x S`` RGB PIL image the tensor is made from."""
+        s, resample = self.cfg.image_size, _resample(self.cfg.interpolation)
+        w, h = img.size
+        if self.cfg.resize_mode == "squash":
+            out = img.resize((s, s), resample)
+        elif self.cfg.resize_mode == "shortest":
+            # torchvision's Resize(int): the shorter side becomes s, the longer one is truncated
+            short, long = (w, h) if w <= h else (h, w)
+            new_short, new_long = s, int(s * long / short)
+            size = (new_short, new_long) if w <= h else (new_long, new_short)
+            out = img if size == (w, h) else img.resize(size, resample)
+            out = _center_crop_or_pad(out, s)
+        else:  # longest: timm's ResizeKeepRatio(longest=1) then crop-or-pad, as OpenCLIP
+            ratio = max(w / s, h / s)
+            size = (max(1, round(w / ratio)), max(1, round(h / ratio)))  # OpenCLIP fails on 0
+            out = img.resize(size, resample)
+            out = _center_crop_or_pad(out, s)
+        # RGB after the resize, as OpenAI (a palette image is therefore resized by nearest neighbour)
+        return out if out.mode == "RGB" else out.convert("RGB")
+
+    def __call__(self, img):
+        return _to_normalised_tensor(self.resize_and_crop(img), self.cfg.mean, self.cfg.std)
+
+
+def _center_crop_or_pad(img, s: int):
+    """Centre ``s x s`` crop with torchvision's rounding; black padding where the image is smaller."""
+    from PIL import Image
+
+    w, h = img.size
+    if w < s or h < s:
+        padded = Image.new(img.mode, (max(w, s), max(h, s)))
+        if img.mode == "P":
+            padded.putpalette(img.getpalette())  # fill is palette index 0, as torchvision pads
+        padded.paste(img, ((max(w, s) - w) // 2, (max(h, s) - h) // 2))
+        img, (w, h) = padded, padded.size
+    top = int(round((h - s) / 2.0))
+    left = int(round((w - s) / 2.0))
+    if (left, top, w, h) == (0, 0, s, s):
+        return img
+    return img.crop((left, top, left + s, top + s))
+
+
+class TrainTransform:
+    """The paper's augmentation as OpenCLIP trains: a random crop of 90-100% of the area, any aspect
+    in [3/4, 4/3], resized to ``S x S``. Draws from torch's global generator (seed it per sample)."""
+
+    def __init__(self, cfg: PreprocessConfig, scale=TRAIN_SCALE):
+        from torchvision.transforms import InterpolationMode, RandomResizedCrop
+
+        self.cfg = cfg
+        mode = InterpolationMode.BICUBIC if cfg.interpolation == "bicubic" else InterpolationMode.BILINEAR
+        self.crop = RandomResizedCrop(cfg.image_size, scale=tuple(scale), interpolation=mode)
+
+    def __repr__(self) -> str:
+        return f"TrainTransform({self.cfg}, {self.crop})"
+
+    def __call__(self, img):
+        out = self.crop(img)
+        if out.mode != "RGB":
+            out = out.convert("RGB")
+        return _to_normalised_tensor(out, self.cfg.mean, self.cfg.std)
+
+
+def image_transform(cfg: PreprocessConfig | dict, train: bool = False):
+    """The callable ``PIL.Image -> float Tensor [3, S, S]`` for ``cfg`` (eval, or train augmentation)."""
+    if isinstance(cfg, dict):
+        cfg = PreprocessConfig.from_dict(cfg)
+    return TrainTransform(cfg) if train else EvalTransform(cfg)
+
+
+def preprocess_batch(images, cfg: PreprocessConfig | dict | None = None, transform=None):
+    """Many PIL images -> ``Tensor [B, 3, S, S]`` with the eval transform of ``cfg`` (or ``transform``)."""
+    import torch
+
+    if transform is None:
+        if cfg is None:
+            raise ValueError("preprocess_batch needs cfg or transform")
+        transform = image_transform(cfg)
+    images = list(images)
+    if not images:
+        raise ValueError("preprocess_batch got no images")
+    return torch.stack([transform(im) for im in images])  # [B, 3, S, S]
