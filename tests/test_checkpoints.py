@@ -614,3 +614,35 @@ def test_full_size_vit_b_32_torchscript(tmp_path):
     assert bundle.config["vision_cfg"]["patch_size"] == 32 and bundle.config["embed_dim"] == 512
     assert bundle.preprocess_cfg.image_size == 224
     assert_same_features(bundle.model, ref, 224)
+
+
+def test_round_trip_with_a_trained_tokenizer(tmp_path):
+    """A model with its own BPE (as `--train-tokenizer` makes) keeps it: tokenizer.json beside it."""
+    from clipsearch.model import build_model
+    from clipsearch.tokenizer import train_bpe
+
+    captions = [
+        f"a {c} {s} on the {p}"
+        for c in ("red", "blue", "green")
+        for s in ("circle", "square")
+        for p in ("left", "right")
+    ]
+    tokenizer = train_bpe(captions * 5, vocab_size=600, context_length=16)
+    cfg = dict(VIT_CFG, text_cfg=dict(TEXT_CFG, vocab_size=tokenizer.vocab_size, context_length=16))
+    torch.manual_seed(23)
+    model = build_model(cfg).eval()
+    from clipsearch.transform import PreprocessConfig
+
+    pp = PreprocessConfig(image_size=32, mean=(0.1, 0.2, 0.3), std=(0.3, 0.2, 0.1))
+    out = checkpoints.save_model(tmp_path / "m", model, pp, tokenizer)
+    assert (out / "tokenizer.json").is_file()
+    assert json.loads((out / "clipsearch_model.json").read_text())["tokenizer"]["type"] == "tokenizers-json"
+
+    bundle = checkpoints.load_bundle(out)
+    tokens = bundle.tokenizer(captions)
+    assert tokens.shape == (len(captions), 16) and torch.equal(tokens, tokenizer(captions))
+    assert bundle.preprocess_cfg == pp
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(bundle.model.encode_text(tokens), model.encode_text(tokens))
+        assert torch.equal(bundle.model.encode_image(images), model.encode_image(images))
