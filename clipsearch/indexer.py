@@ -1,0 +1,452 @@
+"""Indexing: bring a library up to date with the photos under some paths.
+
+The job, in order:
+
+1. Take the library's writer lock (a second index run fails at once with a clear message).
+2. Walk the paths (``walk.py``): image files only, hidden and excluded ones skipped, no loops.
+3. Files whose size and mtime match their row, and that have an embedding of this model, are
+   unchanged and never read.
+4. The rest are read and hashed (blake2b, streamed) in a thread pool. A hash that already has an
+   embedding of this model is reused without decoding: a file that vanished from the scan with the
+   same hash was *moved* (its row keeps its id, embeddings and labels); otherwise it is a
+   *duplicate* (a new row with a copy of the embedding). Unknown content is decoded and
+   preprocessed in the same pool while the main thread runs the model on the previous batch; at
+   most ``2 * batch_size + workers`` files are in flight, so memory does not grow with the collection.
+5. Each batch is committed in one transaction with its images and embeddings together, so an
+   interrupted run loses at most one batch and the next run resumes where it stopped.
+6. Rows under the scanned paths whose files are gone are deleted with their embeddings and labels
+   (never under a folder that could not be read this time).
+
+Failures (unreadable, not an image, too many pixels, dead symlinks...) are recorded in the
+library's ``errors`` table with a reason, reported, and cleared once the file indexes or vanishes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from clipsearch.errors import ClipsearchError, ImageDecodeError
+from clipsearch.store import Library
+from clipsearch.walk import walk
+
+HASH_CHUNK = 1 << 20  # 1 MiB reads while hashing
+
+
+class IndexPathError(ClipsearchError):
+    """A path given to ``index`` does not exist."""
+
+
+@dataclass
+class IndexReport:
+    """What an index run did. ``failed`` lists ``(path, reason)`` of every file skipped."""
+
+    new: int = 0  # files embedded for the first time (for this model)
+    updated: int = 0  # files whose content changed, embedded again
+    moved: int = 0  # files found under a new path: row and embeddings kept
+    duplicates: int = 0  # copies of known content: embedding reused
+    removed: int = 0  # rows whose files are gone
+    unchanged: int = 0  # skipped on size + mtime (or same hash)
+    failed: list[tuple[Path, str]] = field(default_factory=list)
+    seconds: float = 0.0
+    model_id: str = ""
+
+    @property
+    def embedded(self) -> int:
+        """Images that went through the model in this run."""
+        return self.new + self.updated
+
+
+@dataclass
+class _Job:
+    path: Path
+    stored: str
+    row: tuple | None  # (id, size, mtime_ns, content_hash) of the row at this path, if any
+
+
+@dataclass
+class _Result:
+    job: _Job
+    size: int = 0
+    mtime_ns: int = 0
+    content_hash: str = ""
+    tensor: Any = None  # preprocessed image [3, H, W], None when the embedding can be reused
+    width: int | None = None
+    height: int | None = None
+    taken_at: str | None = None
+    error: tuple[str, str] | None = None  # (reason, detail)
+
+
+def hash_file(fd: int) -> str:
+    """blake2b-160 of everything readable from ``fd``."""
+    h = hashlib.blake2b(digest_size=20)
+    while True:
+        chunk = os.read(fd, HASH_CHUNK)
+        if not chunk:
+            return h.hexdigest()
+        h.update(chunk)
+
+
+def _image_opener() -> Callable:
+    try:
+        from clipsearch.imageio import open_image
+    except ImportError:  # the imageio module is optional in early builds; PIL alone then
+        return _open_with_pil
+    return open_image
+
+
+def _open_with_pil(path: Path):
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+            im = ImageOps.exif_transpose(im)
+            return im.convert("RGB")
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError, ValueError) as e:
+        raise ImageDecodeError(
+            path, "not-an-image" if isinstance(e, UnidentifiedImageError) else "decode-failed", str(e)
+        ) from e
+
+
+def _metadata(path: Path, image) -> tuple[int | None, int | None, str | None]:
+    """Width and height as shown (after EXIF rotation) and the EXIF date taken, when known."""
+    width, height = image.size
+    taken_at = None
+    try:
+        from clipsearch.imageio import image_metadata
+    except ImportError:
+        return width, height, None
+    try:
+        meta = image_metadata(path)
+    except (ClipsearchError, OSError, ValueError, TypeError):
+        return width, height, None
+    get = meta.get if isinstance(meta, dict) else (lambda k, d=None: getattr(meta, k, d))
+    taken_at = get("taken_at", None)
+    if taken_at is not None and not isinstance(taken_at, str):
+        taken_at = taken_at.isoformat() if hasattr(taken_at, "isoformat") else str(taken_at)
+    return width, height, taken_at
+
+
+def _oserror_reason(e: OSError) -> str:
+    import errno
+
+    if e.errno in (errno.EACCES, errno.EPERM):
+        return "permission-denied"
+    if e.errno == errno.ENOENT:
+        return "vanished"
+    return "unreadable"
+
+
+def index_paths(
+    library: Library,
+    bundle,
+    paths: Sequence[Path | str],
+    *,
+    exclude: Sequence[str] = (),
+    include_hidden: bool = False,
+    batch_size: int = 32,
+    workers: int | None = None,
+    progress: Callable[[dict], None] | None = None,
+    source: str | None = None,
+) -> IndexReport:
+    """Index the images under ``paths`` into ``library`` with ``bundle``'s model.
+
+    ``bundle`` needs ``model`` (with ``encode_image``), ``preprocess`` (PIL image -> Tensor
+    [3, H, W]) and ``model_id``; ``source`` (default ``bundle.source`` if present, else the model id)
+    is recorded as how to load the model again. ``progress`` receives
+    ``{"event": "scan", "found": n}``, ``{"event": "start", "total": n}``, ``{"event": "advance",
+    "n": k}`` and ``{"event": "done"}``. Raises :class:`IndexPathError` for a missing path and
+    ``LibraryError`` when another index run holds the library.
+    """
+    started = time.monotonic()
+    emit = progress or (lambda event: None)
+    missing = [str(p) for p in paths if not os.path.lexists(p)]
+    if missing:
+        raise IndexPathError(f"no such file or folder: {missing[0]}")
+    if batch_size < 1:
+        raise ValueError("batch_size must be at least 1")
+    model_id = bundle.model_id
+    report = IndexReport(model_id=model_id)
+    with library.writer_lock():
+        config = getattr(bundle, "config", None)
+        dim = config.get("embed_dim") if isinstance(config, dict) else None
+        library.register_model(model_id, source or getattr(bundle, "source", None) or model_id, dim, config)
+        found = walk(paths, exclude=exclude, include_hidden=include_hidden)
+        emit({"event": "scan", "found": len(found.files)})
+        run = _Run(library, bundle, report, batch_size, workers or min(4, os.cpu_count() or 1), emit)
+        run.execute(found)
+    report.seconds = time.monotonic() - started
+    emit({"event": "done"})
+    return report
+
+
+class _Run:
+    """One index run's state; ``execute`` does the work described in the module docstring."""
+
+    def __init__(self, library: Library, bundle, report: IndexReport, batch_size: int, workers: int, emit):
+        self.lib = library
+        self.bundle = bundle
+        self.model_id = bundle.model_id
+        self.report = report
+        self.batch_size = batch_size
+        self.workers = max(1, workers)
+        self.emit = emit
+        self.preprocess = bundle.preprocess
+        self.open_image = _image_opener()
+        self.batch: list[_Result] = []
+        self.reuse: list[_Result] = []
+        self.gone_by_hash: dict[str, list[int]] = {}
+
+    # --- planning -----------------------------------------------------------------------------
+
+    def execute(self, found) -> None:
+        lib = self.lib
+        rows = {
+            p: (i, s, m, h)
+            for i, p, s, m, h in lib.conn.execute("SELECT id, path, size, mtime_ns, content_hash FROM images")
+        }
+        embedded = set(lib.embedding_ids(self.model_id).tolist())
+        self.known_hashes = {
+            h
+            for (h,) in lib.conn.execute(
+                "SELECT DISTINCT i.content_hash FROM images i JOIN embeddings e ON e.image_id = i.id "
+                "WHERE e.model_id = ?",
+                (self.model_id,),
+            )
+        }
+        seen: set[str] = set()
+        jobs: list[_Job] = []
+        for f in found.files:
+            stored = lib.stored_path(f.path)
+            seen.add(stored)
+            row = rows.get(stored)
+            if row is not None and row[1] == f.size and row[2] == f.mtime_ns and row[0] in embedded:
+                self.report.unchanged += 1
+                continue
+            jobs.append(_Job(f.path, stored, row))
+        # A file that exists but could not be read keeps its row; a dead symlink is gone.
+        failed_paths = {lib.stored_path(p) for p, reason, _ in found.failed if reason != "dead-symlink"}
+        gone = [
+            row
+            for stored, row in rows.items()
+            if stored not in seen
+            and stored not in failed_paths
+            and _inside_any(lib.abspath(stored), found.roots)
+            and not _inside_any(lib.abspath(stored), found.unreadable_dirs)
+        ]
+        for row in gone:
+            if row[0] in embedded:
+                self.gone_by_hash.setdefault(row[3], []).append(row[0])
+        self.gone_ids = {row[0] for row in gone}
+
+        with lib.transaction() as c:
+            for path, reason, detail in found.failed:
+                lib.record_error(c, path, reason, detail)
+                self.report.failed.append((path, reason))
+        self.emit({"event": "start", "total": len(jobs)})
+        self._pipeline(jobs)
+        self._finish(found)
+
+    # --- the pipeline -------------------------------------------------------------------------
+
+    def _pipeline(self, jobs: list[_Job]) -> None:
+        window = 2 * self.batch_size + self.workers  # bounded: files in flight at most
+        pending: deque[Future] = deque()
+        todo = iter(jobs)
+        with ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="clipsearch-decode") as pool:
+            try:
+                for job in todo:
+                    pending.append(pool.submit(self._prepare, job))
+                    if len(pending) >= window:
+                        self._consume(pending.popleft().result())
+                while pending:
+                    self._consume(pending.popleft().result())
+                self._flush()
+            finally:
+                for f in pending:
+                    f.cancel()
+
+    def _prepare(self, job: _Job) -> _Result:
+        """In a worker thread: read and hash the file, then decode it unless its content is known."""
+        res = _Result(job)
+        try:
+            # O_NONBLOCK: should a FIFO replace the file after the walk, opening it cannot hang.
+            fd = os.open(job.path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        except OSError as e:
+            res.error = (_oserror_reason(e), e.strerror or str(e))
+            return res
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                res.error = ("not-a-file", "no longer a regular file")
+                return res
+            res.size, res.mtime_ns = st.st_size, st.st_mtime_ns
+            if st.st_size == 0:
+                res.error = ("empty", "zero-length file")
+                return res
+            res.content_hash = hash_file(fd)
+        except OSError as e:
+            res.error = (_oserror_reason(e), e.strerror or str(e))
+            return res
+        finally:
+            os.close(fd)
+        if res.content_hash in self.known_hashes:
+            return res
+        try:
+            image = self.open_image(job.path)
+            res.width, res.height, res.taken_at = _metadata(job.path, image)
+            res.tensor = self.preprocess(image)
+        except ImageDecodeError as e:
+            res.error = (e.reason, e.detail)
+        except OSError as e:
+            res.error = (_oserror_reason(e), e.strerror or str(e))
+        except Exception as e:  # a decoder bug on one odd file must not end the run: counted below
+            res.error = ("decode-failed", f"{type(e).__name__}: {e}")
+        return res
+
+    def _consume(self, res: _Result) -> None:
+        if res.error is not None:
+            self._fail(res)
+        elif res.tensor is None:
+            self.reuse.append(res)
+            if len(self.reuse) >= 4 * self.batch_size:
+                self._flush()
+        else:
+            self.batch.append(res)
+            if len(self.batch) >= self.batch_size:
+                self._flush()
+
+    def _fail(self, res: _Result) -> None:
+        job = res.job
+        with self.lib.transaction() as c:
+            if job.row is not None:
+                # The file changed into something unreadable: its old embedding describes nothing.
+                self.lib.remove_images(c, [job.row[0]])
+            self.lib.record_error(c, job.path, res.error[0], res.error[1])
+        self.report.failed.append((job.path, res.error[0]))
+        self.emit({"event": "advance", "n": 1})
+
+    def _embed(self, results: list[_Result]) -> np.ndarray:
+        import torch
+
+        model = self.bundle.model
+        try:
+            param = next(model.parameters())
+            device, dtype = param.device, param.dtype
+        except (AttributeError, StopIteration):  # a parameter-free model (test fakes)
+            device, dtype = torch.device("cpu"), torch.float32
+        with torch.inference_mode():
+            x = torch.stack([r.tensor for r in results]).to(device, dtype)  # [B, 3, H, W]
+            feats = model.encode_image(x).float()  # [B, D]
+            feats = feats / feats.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        return feats.cpu().numpy()
+
+    def _flush(self) -> None:
+        """Embed the batch, then commit it and the pending reuses in one transaction."""
+        if not self.batch and not self.reuse:
+            return
+        vectors = self._embed(self.batch) if self.batch else None
+        lib, report = self.lib, self.report
+        with lib.transaction() as c:
+            if vectors is not None:
+                self._set_dim(c, vectors.shape[1])
+            for res, vector in zip(self.batch, vectors if vectors is not None else [], strict=True):
+                image_id = self._add(c, res)
+                lib.put_embedding(c, image_id, self.model_id, vector)
+                if res.job.row is None or res.job.row[3] == res.content_hash:
+                    report.new += 1  # a new file, or known content's first embedding of this model
+                else:
+                    report.updated += 1
+            for res in self.reuse:
+                self._apply_reuse(c, res)
+        for res in self.batch:
+            self.known_hashes.add(res.content_hash)
+        done = len(self.batch) + len(self.reuse)
+        self.batch, self.reuse = [], []
+        self.emit({"event": "advance", "n": done})
+
+    def _set_dim(self, c, dim: int) -> None:
+        c.execute("UPDATE models SET dim = ? WHERE id = ? AND dim IS NULL", (dim, self.model_id))
+
+    def _add(self, c, res: _Result) -> int:
+        return self.lib.add_image(
+            c,
+            res.job.path,
+            size=res.size,
+            mtime_ns=res.mtime_ns,
+            content_hash=res.content_hash,
+            width=res.width,
+            height=res.height,
+            taken_at=res.taken_at,
+        )
+
+    def _apply_reuse(self, c, res: _Result) -> None:
+        lib, report, job = self.lib, self.report, res.job
+        if job.row is not None and job.row[3] == res.content_hash:
+            has = c.execute(
+                "SELECT 1 FROM embeddings WHERE image_id = ? AND model_id = ?", (job.row[0], self.model_id)
+            ).fetchone()
+            if has:  # same bytes, new mtime (touched or copied over itself)
+                lib.touch_image(c, job.row[0], res.size, res.mtime_ns)
+                lib.clear_errors(c, [job.path])
+                report.unchanged += 1
+                return
+        candidates = self.gone_by_hash.get(res.content_hash)
+        while candidates:
+            old_id = candidates.pop()
+            if c.execute("SELECT 1 FROM images WHERE id = ?", (old_id,)).fetchone():
+                lib.move_image(c, old_id, job.path, res.size, res.mtime_ns)
+                self.gone_ids.discard(old_id)
+                report.moved += 1
+                return
+        source = c.execute(
+            "SELECT i.id, i.width, i.height, i.taken_at FROM images i JOIN embeddings e ON e.image_id = i.id "
+            "WHERE i.content_hash = ? AND e.model_id = ? ORDER BY i.id LIMIT 1",
+            (res.content_hash, self.model_id),
+        ).fetchone()
+        if source is None:
+            # The content's only embedded copy vanished meanwhile: embed it next time round.
+            lib.record_error(c, job.path, "retry", "its known twin disappeared during the run")
+            report.failed.append((job.path, "retry"))
+            return
+        res.width, res.height, res.taken_at = source[1], source[2], source[3]
+        new_id = self._add(c, res)
+        lib.copy_embeddings(c, source[0], new_id)
+        if job.row is None:
+            report.duplicates += 1
+        else:
+            report.updated += 1
+
+    # --- the end ------------------------------------------------------------------------------
+
+    def _finish(self, found) -> None:
+        lib = self.lib
+        with lib.transaction() as c:
+            self.report.removed = lib.remove_images(c, sorted(self.gone_ids))
+            failed_now = {str(p) for p, _ in self.report.failed}
+
+            def keep(path: Path) -> bool:
+                # An error stays while its file is outside what was scanned, or failed again now.
+                if not _inside_any(path, found.roots):
+                    return True
+                return str(path) in failed_now
+
+            lib.clear_errors_where(c, keep)
+
+
+def _inside_any(path: Path, roots: Sequence[Path]) -> bool:
+    for root in roots:
+        if path == root or root in path.parents:
+            return True
+    return False

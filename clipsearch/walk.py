@@ -1,0 +1,144 @@
+"""Finding the photos under a set of paths, without ever opening anything but regular files.
+
+Rules: image files by extension (case-insensitive); hidden files and folders (a name starting with
+``.``) skipped unless asked; ``exclude`` globs matched (fnmatch) against the path relative to the
+scanned root and against the bare name; symlinks followed, but a folder already visited (same
+``(st_dev, st_ino)``) is never entered twice, so loops end; anything that is not a regular file
+(folders, FIFOs, sockets, devices named ``.jpg``) is ignored; dead symlinks and unreadable folders
+are reported as failures with a reason instead of raising.
+"""
+
+from __future__ import annotations
+
+import errno
+import fnmatch
+import os
+import stat
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# Fallback when clipsearch.imageio is not importable; the two lists are meant to agree.
+_DEFAULT_EXTENSIONS = frozenset(
+    {".jpg", ".jpeg", ".jpe", ".png", ".webp", ".gif", ".tif", ".tiff", ".bmp", ".heic", ".heif", ".avif"}
+)
+
+
+def image_extensions() -> frozenset[str]:
+    """Lower-case extensions (with the dot) treated as images."""
+    try:
+        from clipsearch.imageio import IMAGE_EXTENSIONS
+    except ImportError:
+        return _DEFAULT_EXTENSIONS
+    return frozenset(e.lower() if e.startswith(".") else "." + e.lower() for e in IMAGE_EXTENSIONS)
+
+
+@dataclass
+class FoundFile:
+    path: Path  # absolute, symlinks not resolved
+    size: int
+    mtime_ns: int
+
+
+@dataclass
+class WalkResult:
+    files: list[FoundFile] = field(default_factory=list)
+    failed: list[tuple[Path, str, str]] = field(default_factory=list)  # (path, reason, detail)
+    # Folders that could not be listed: what was indexed under them must not be treated as gone.
+    unreadable_dirs: list[Path] = field(default_factory=list)
+    roots: list[Path] = field(default_factory=list)  # the scanned roots that exist
+
+
+def _excluded(rel: str, name: str, exclude: Sequence[str]) -> bool:
+    return any(fnmatch.fnmatchcase(rel, g) or fnmatch.fnmatchcase(name, g) for g in exclude)
+
+
+def _reason(e: OSError) -> str:
+    if e.errno in (errno.EACCES, errno.EPERM):
+        return "permission-denied"
+    if e.errno == errno.ELOOP:
+        return "symlink-loop"
+    if e.errno == errno.ENOENT:
+        return "vanished"
+    return "unreadable"
+
+
+def walk(
+    roots: Iterable[Path | str],
+    *,
+    exclude: Sequence[str] = (),
+    include_hidden: bool = False,
+    extensions: frozenset[str] | None = None,
+) -> WalkResult:
+    """Every image file under ``roots`` (files or folders), in a stable sorted order."""
+    exts = extensions if extensions is not None else image_extensions()
+    result = WalkResult()
+    visited: set[tuple[int, int]] = set()
+    seen_files: set[str] = set()
+
+    def consider(path: Path, rel: str) -> None:
+        name = path.name
+        if os.path.splitext(name)[1].lower() not in exts:
+            return
+        if _excluded(rel, name, exclude):
+            return
+        try:
+            st = os.stat(path)  # follows symlinks: the target's kind matters
+        except OSError as e:
+            if os.path.islink(path):
+                result.failed.append((path, "dead-symlink", f"{os.readlink(path)}: {e.strerror}"))
+            else:
+                result.failed.append((path, _reason(e), e.strerror or str(e)))
+            return
+        if not stat.S_ISREG(st.st_mode):
+            return  # a folder, FIFO, socket or device named like an image: never opened
+        key = str(path)
+        if key not in seen_files:
+            seen_files.add(key)
+            result.files.append(FoundFile(path, st.st_size, st.st_mtime_ns))
+
+    def visit_dir(directory: Path, root: Path) -> None:
+        try:
+            st = os.stat(directory)
+        except OSError as e:
+            result.failed.append((directory, _reason(e), e.strerror or str(e)))
+            result.unreadable_dirs.append(directory)
+            return
+        key = (st.st_dev, st.st_ino)
+        if key in visited:
+            return  # a symlink loop or a second link to a folder already walked
+        visited.add(key)
+        try:
+            with os.scandir(directory) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as e:
+            result.failed.append((directory, _reason(e), e.strerror or str(e)))
+            result.unreadable_dirs.append(directory)
+            return
+        for entry in entries:
+            if not include_hidden and entry.name.startswith("."):
+                continue
+            path = Path(entry.path)
+            rel = path.relative_to(root).as_posix()
+            try:
+                is_dir = entry.is_dir(follow_symlinks=True)
+            except OSError:
+                is_dir = False
+            if is_dir:
+                if _excluded(rel, entry.name, exclude):
+                    continue
+                visit_dir(path, root)
+            else:
+                consider(path, rel)
+
+    for raw in roots:
+        root = Path(os.path.abspath(os.fspath(raw)))
+        if os.path.isdir(root):
+            result.roots.append(root)
+            visit_dir(root, root)
+        elif os.path.lexists(root):
+            result.roots.append(root)
+            consider(root, root.name)
+        else:
+            result.failed.append((root, "missing", "no such file or folder"))
+    return result
