@@ -1,0 +1,285 @@
+"""Reading one photo safely: a path (or binary stream) in, an upright RGB ``PIL.Image`` out.
+
+Every failure a file can cause is an :class:`~clipsearch.errors.ImageDecodeError` whose ``reason``
+is one of :data:`REASONS`, so the indexer can count and report them. The format comes from the
+file's content, never its name; only regular files are opened (a FIFO named ``x.jpg`` would
+block a reader forever); the pixel count is checked from the header before anything is decoded.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import os
+import stat
+from pathlib import Path
+
+from clipsearch.errors import ImageDecodeError
+
+# PIL's own decompression-bomb error threshold (2 x Image.MAX_IMAGE_PIXELS): about 13k x 13k.
+DEFAULT_MAX_PIXELS = 178_956_970
+
+# Names the indexer looks at; the decoder itself goes by content.
+IMAGE_EXTENSIONS = frozenset(
+    {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".gif", ".tif", ".tiff", ".bmp"}
+    | {".heic", ".heif", ".hif", ".avif"}
+)
+
+REASONS = (
+    "not a regular file",  # a directory, FIFO, socket or device
+    "empty file",
+    "unreadable",  # missing, no permission, I/O error
+    "not an image",  # no decoder recognises the content
+    "too many pixels",  # over max_pixels: a possible decompression bomb
+    "truncated",  # the data ends early
+    "corrupt",  # the decoder failed for another reason
+    "unsupported mode",  # decoded, but in a colour mode with no RGB conversion
+)
+
+_WHITE = (255, 255, 255)
+_ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
+
+
+def has_image_extension(path) -> bool:
+    """Whether ``path``'s suffix is one of :data:`IMAGE_EXTENSIONS`, ignoring case."""
+    return Path(path).suffix.lower() in IMAGE_EXTENSIONS
+
+
+@functools.cache
+def _pil():
+    """PIL, set up once: our own pixel limit replaces its bomb warning (the library never prints)."""
+    import warnings
+
+    from PIL import Image
+
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+    return Image
+
+
+@functools.cache
+def _register_heif() -> bool:
+    """Teach PIL HEIC/HEIF (phones' format) on first need; importing pillow-heif costs ~0.1 s."""
+    try:
+        import pillow_heif
+    except ImportError:
+        return False
+    pillow_heif.register_heif_opener()
+    return True
+
+
+def _looks_like_heif(head: bytes) -> bool:
+    # ISO base media file: a box size, then "ftyp", then a brand such as heic, heix, mif1, avif
+    return len(head) >= 12 and head[4:8] == b"ftyp"
+
+
+def _open_regular_file(path):
+    """A binary file object for ``path``, refusing anything but a non-empty regular file."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError as e:
+        raise ImageDecodeError(path, "unreadable", "no such file") from e
+    except OSError as e:
+        raise ImageDecodeError(path, "unreadable", e.strerror or str(e)) from e
+    if not stat.S_ISREG(st.st_mode):
+        raise ImageDecodeError(path, "not a regular file")
+    if st.st_size == 0:
+        raise ImageDecodeError(path, "empty file")
+    try:
+        # O_NONBLOCK: should the path be swapped for a FIFO after the stat, open() still returns
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except OSError as e:
+        raise ImageDecodeError(path, "unreadable", e.strerror or str(e)) from e
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ImageDecodeError(path, "not a regular file")
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _open_stream(source):
+    """``(file object, name for messages, whether we own it)`` for a path or a binary stream."""
+    if hasattr(source, "read"):
+        return source, getattr(source, "name", "<stream>"), False
+    return _open_regular_file(source), source, True
+
+
+def _identify(f, name, max_pixels):
+    """Open (header only) and check the pixel count; nothing is decoded yet."""
+    from PIL import UnidentifiedImageError
+
+    Image = _pil()
+    start = f.tell() if f.seekable() else 0
+    head = f.read(16)
+    if not head:
+        raise ImageDecodeError(name, "empty file")
+    f.seek(start)
+    try:
+        try:
+            im = Image.open(f)
+        except UnidentifiedImageError:
+            if not (_looks_like_heif(head) and _register_heif()):
+                raise
+            f.seek(start)
+            im = Image.open(f)
+    except UnidentifiedImageError as e:
+        raise ImageDecodeError(name, "not an image") from e
+    except Image.DecompressionBombError as e:
+        raise ImageDecodeError(name, "too many pixels", str(e)) from e
+    except (OSError, SyntaxError, ValueError, EOFError) as e:  # a recognised header that is broken
+        raise ImageDecodeError(name, _failure_reason(e), str(e)) from e
+    w, h = im.size
+    if max_pixels is not None and w * h > max_pixels:
+        raise ImageDecodeError(name, "too many pixels", f"{w}x{h} is over the limit of {max_pixels:,}")
+    return im
+
+
+def _failure_reason(e: Exception) -> str:
+    text = str(e).lower()
+    if isinstance(e, EOFError) or "truncat" in text or "premature end" in text or "broken data" in text:
+        return "truncated"
+    return "corrupt"
+
+
+def open_image(source, max_pixels: int | None = DEFAULT_MAX_PIXELS, draft_size: int | None = None):
+    """Decode ``source`` (a path, or a binary stream) to an upright RGB ``PIL.Image``.
+
+    ``max_pixels``: refuse images with more pixels than this (checked before decoding); ``None``
+    leaves only PIL's own limit. ``draft_size``: for JPEGs, let the decoder downscale by 2, 4 or 8
+    while the shorter side stays >= ``draft_size`` (much faster for a model that resizes to that
+    size anyway). Orientation from EXIF is applied; transparency is flattened on white; an
+    animation gives its first frame. Raises :class:`ImageDecodeError` with a ``reason`` in
+    :data:`REASONS`.
+    """
+    f, name, owned = _open_stream(source)
+    try:
+        im = _identify(f, name, max_pixels)
+        if draft_size and im.format == "JPEG":
+            w, h = im.size
+            d = int(draft_size)
+            # PIL keeps each side >= the requested one; ask for the shorter side = d, aspect kept
+            request = (d, -(-h * d // w)) if w <= h else (-(-w * d // h), d)
+            im.draft(None, request)
+        try:
+            im.load()
+        except ImageDecodeError:
+            raise
+        except Exception as e:  # decoders raise OSError, SyntaxError, ValueError, struct.error...
+            raise ImageDecodeError(name, _failure_reason(e), str(e)) from e
+        im = _upright(im)
+        exif = im.info.get("exif")  # orientation now cleared; the capture date is for image_metadata
+        im = _to_rgb(im, name)
+        if exif is not None:
+            im.info["exif"] = exif
+        return im
+    finally:
+        if owned:
+            f.close()
+
+
+def _upright(im):
+    """Apply the EXIF orientation; a malformed EXIF block leaves the image as stored."""
+    from PIL import ImageOps
+
+    try:
+        return ImageOps.exif_transpose(im)
+    except Exception:  # EXIF parsers raise many types; the pixels are still good
+        return im
+
+
+def _to_rgb(im, name):
+    """Any PIL mode -> RGB: alpha over white, 16-bit and float scaled, not clipped."""
+    Image = _pil()
+    mode = im.mode
+    if mode == "RGB":
+        return im
+    if mode in _ALPHA_MODES or (mode in ("P", "L", "RGB", "1") and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        flat = Image.new("RGBA", rgba.size, _WHITE + (255,))
+        return Image.alpha_composite(flat, rgba).convert("RGB")
+    if mode.startswith("I") or mode == "F":
+        return _deep_to_rgb(im)
+    try:
+        return im.convert("RGB")
+    except ValueError as e:
+        raise ImageDecodeError(name, "unsupported mode", mode) from e
+
+
+def _deep_to_rgb(im):
+    """16/32-bit integer or float grey -> 8-bit RGB, scaling the full range (PIL would clip)."""
+    import numpy as np
+
+    Image = _pil()
+    arr = np.asarray(im)
+    if im.mode == "F":
+        top = 1.0 if float(np.nanmax(arr, initial=0.0)) <= 1.0 else 255.0
+        grey = np.nan_to_num(arr, nan=0.0) / top * 255.0
+    else:
+        arr = arr.astype(np.float64)
+        top = 65535.0 if float(arr.max(initial=0)) > 255 or im.mode.startswith("I;16") else 255.0
+        grey = arr / top * 255.0
+    grey = np.clip(np.rint(grey), 0, 255).astype(np.uint8)
+    return Image.fromarray(grey, mode="L").convert("RGB")
+
+
+def _exif_taken_at(exif) -> str | None:
+    """EXIF DateTimeOriginal as ISO 8601 (with the UTC offset when recorded), or None."""
+    from datetime import datetime
+
+    if exif is None:
+        return None
+    sub = exif.get_ifd(0x8769)  # the Exif sub-IFD
+    raw = sub.get(0x9003)  # DateTimeOriginal, "YYYY:MM:DD HH:MM:SS"
+    if isinstance(raw, bytes):
+        raw = raw.decode("ascii", "replace")
+    if not isinstance(raw, str):
+        return None
+    try:
+        taken = datetime.strptime(raw.strip("\x00 ").strip(), "%Y:%m:%d %H:%M:%S")
+    except ValueError:
+        return None  # cameras write "0000:00:00 00:00:00" or blanks when the clock was unset
+    iso = taken.isoformat()
+    offset = sub.get(0x9011)  # OffsetTimeOriginal, "+02:00"
+    if isinstance(offset, str) and len(offset.strip("\x00 ")) == 6 and offset[0] in "+-":
+        iso += offset.strip("\x00 ")
+    return iso
+
+
+def image_metadata(image_or_path) -> dict:
+    """``{"width", "height", "taken_at"}``: the upright size in pixels and the capture time.
+
+    For a path only the header is read (no pixels are decoded). ``taken_at`` is EXIF
+    DateTimeOriginal as an ISO string, or ``None``.
+    """
+    if hasattr(image_or_path, "size") and hasattr(image_or_path, "getexif"):
+        return _metadata_of(image_or_path, oriented=True)
+    f, name, owned = _open_stream(image_or_path)
+    try:
+        im = _identify(f, name, max_pixels=None)
+        return _metadata_of(im, oriented=False)
+    finally:
+        if owned:
+            f.close()
+
+
+def _metadata_of(im, oriented: bool) -> dict:
+    try:
+        exif = im.getexif()
+    except Exception:  # a broken EXIF block means no metadata, not no image
+        exif = None
+    w, h = im.size
+    if not oriented and exif is not None and exif.get(0x0112) in (5, 6, 7, 8):
+        w, h = h, w  # these orientations turn the picture by 90 degrees
+    try:
+        taken = _exif_taken_at(exif)
+    except Exception:
+        taken = None
+    return {"width": w, "height": h, "taken_at": taken}
+
+
+def image_from_bytes(data: bytes, **kwargs):
+    """:func:`open_image` on bytes in memory (e.g. a WebDataset member)."""
+    return open_image(io.BytesIO(data), **kwargs)
