@@ -24,6 +24,7 @@ library's ``errors`` table with a reason, reported, and cleared once the file in
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import stat
 import time
@@ -37,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from clipsearch.errors import ClipsearchError, ImageDecodeError
+from clipsearch.imageio import DEFAULT_MAX_PIXELS, open_image
 from clipsearch.store import Library
 from clipsearch.walk import walk
 
@@ -87,62 +89,32 @@ class _Result:
     error: tuple[str, str] | None = None  # (reason, detail)
 
 
-def hash_file(fd: int) -> str:
-    """blake2b-160 of everything readable from ``fd``."""
+def read_and_hash(fd: int, keep: bool) -> tuple[str, bytes | None]:
+    """blake2b-160 of everything readable from ``fd``, and the bytes themselves if ``keep``."""
     h = hashlib.blake2b(digest_size=20)
+    chunks: list[bytes] = []
     while True:
         chunk = os.read(fd, HASH_CHUNK)
         if not chunk:
-            return h.hexdigest()
+            return h.hexdigest(), (b"".join(chunks) if keep else None)
         h.update(chunk)
+        if keep:
+            chunks.append(chunk)
 
 
-def _image_opener() -> Callable:
-    try:
-        from clipsearch.imageio import open_image
-    except ImportError:  # the imageio module is optional in early builds; PIL alone then
-        return _open_with_pil
-    return open_image
+def _metadata(image) -> tuple[int | None, int | None, str | None]:
+    """Upright width and height and the EXIF date taken (ISO string), when known."""
+    from clipsearch.imageio import image_metadata
 
-
-def _open_with_pil(path: Path):
-    from PIL import Image, ImageOps, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as im:
-            im.load()
-            im = ImageOps.exif_transpose(im)
-            return im.convert("RGB")
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError, ValueError) as e:
-        raise ImageDecodeError(
-            path, "not-an-image" if isinstance(e, UnidentifiedImageError) else "decode-failed", str(e)
-        ) from e
-
-
-def _metadata(path: Path, image) -> tuple[int | None, int | None, str | None]:
-    """Width and height as shown (after EXIF rotation) and the EXIF date taken, when known."""
-    width, height = image.size
-    taken_at = None
-    try:
-        from clipsearch.imageio import image_metadata
-    except ImportError:
-        return width, height, None
-    try:
-        meta = image_metadata(path)
-    except (ClipsearchError, OSError, ValueError, TypeError):
-        return width, height, None
-    get = meta.get if isinstance(meta, dict) else (lambda k, d=None: getattr(meta, k, d))
-    taken_at = get("taken_at", None)
-    if taken_at is not None and not isinstance(taken_at, str):
-        taken_at = taken_at.isoformat() if hasattr(taken_at, "isoformat") else str(taken_at)
-    return width, height, taken_at
+    meta = image_metadata(image)
+    return meta.get("width"), meta.get("height"), meta.get("taken_at")
 
 
 def _oserror_reason(e: OSError) -> str:
     import errno
 
     if e.errno in (errno.EACCES, errno.EPERM):
-        return "permission-denied"
+        return "permission denied"
     if e.errno == errno.ENOENT:
         return "vanished"
     return "unreadable"
@@ -159,12 +131,13 @@ def index_paths(
     workers: int | None = None,
     progress: Callable[[dict], None] | None = None,
     source: str | None = None,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
 ) -> IndexReport:
     """Index the images under ``paths`` into ``library`` with ``bundle``'s model.
 
     ``bundle`` needs ``model`` (with ``encode_image``), ``preprocess`` (PIL image -> Tensor
     [3, H, W]) and ``model_id``; ``source`` (default ``bundle.source`` if present, else the model id)
-    is recorded as how to load the model again. ``progress`` receives
+    is recorded as how to load the model again; images over ``max_pixels`` are refused unread. ``progress`` receives
     ``{"event": "scan", "found": n}``, ``{"event": "start", "total": n}``, ``{"event": "advance",
     "n": k}`` and ``{"event": "done"}``. Raises :class:`IndexPathError` for a missing path and
     ``LibraryError`` when another index run holds the library.
@@ -184,7 +157,8 @@ def index_paths(
         library.register_model(model_id, source or getattr(bundle, "source", None) or model_id, dim, config)
         found = walk(paths, exclude=exclude, include_hidden=include_hidden)
         emit({"event": "scan", "found": len(found.files)})
-        run = _Run(library, bundle, report, batch_size, workers or min(4, os.cpu_count() or 1), emit)
+        n_workers = workers or min(4, os.cpu_count() or 1)
+        run = _Run(library, bundle, report, batch_size, n_workers, emit, max_pixels)
         run.execute(found)
     report.seconds = time.monotonic() - started
     emit({"event": "done"})
@@ -194,7 +168,9 @@ def index_paths(
 class _Run:
     """One index run's state; ``execute`` does the work described in the module docstring."""
 
-    def __init__(self, library: Library, bundle, report: IndexReport, batch_size: int, workers: int, emit):
+    def __init__(
+        self, library: Library, bundle, report: IndexReport, batch_size: int, workers: int, emit, max_pixels
+    ):
         self.lib = library
         self.bundle = bundle
         self.model_id = bundle.model_id
@@ -203,7 +179,7 @@ class _Run:
         self.workers = max(1, workers)
         self.emit = emit
         self.preprocess = bundle.preprocess
-        self.open_image = _image_opener()
+        self.max_pixels = max_pixels
         self.batch: list[_Result] = []
         self.reuse: list[_Result] = []
         self.gone_by_hash: dict[str, list[int]] = {}
@@ -236,7 +212,7 @@ class _Run:
                 continue
             jobs.append(_Job(f.path, stored, row))
         # A file that exists but could not be read keeps its row; a dead symlink is gone.
-        failed_paths = {lib.stored_path(p) for p, reason, _ in found.failed if reason != "dead-symlink"}
+        failed_paths = {lib.stored_path(p) for p, reason, _ in found.failed if reason != "dead symlink"}
         gone = [
             row
             for stored, row in rows.items()
@@ -289,13 +265,15 @@ class _Run:
         try:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
-                res.error = ("not-a-file", "no longer a regular file")
+                res.error = ("not a regular file", "replaced while indexing")
                 return res
             res.size, res.mtime_ns = st.st_size, st.st_mtime_ns
             if st.st_size == 0:
-                res.error = ("empty", "zero-length file")
+                res.error = ("empty file", "zero bytes")
                 return res
-            res.content_hash = hash_file(fd)
+            # The bytes are kept only until decoded: hash and pixels then come from the same read,
+            # even if the file changes meanwhile.
+            res.content_hash, data = read_and_hash(fd, keep=True)
         except OSError as e:
             res.error = (_oserror_reason(e), e.strerror or str(e))
             return res
@@ -304,8 +282,9 @@ class _Run:
         if res.content_hash in self.known_hashes:
             return res
         try:
-            image = self.open_image(job.path)
-            res.width, res.height, res.taken_at = _metadata(job.path, image)
+            image = open_image(io.BytesIO(data), max_pixels=self.max_pixels)
+            del data
+            res.width, res.height, res.taken_at = _metadata(image)
             res.tensor = self.preprocess(image)
         except ImageDecodeError as e:
             res.error = (e.reason, e.detail)

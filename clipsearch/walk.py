@@ -55,9 +55,9 @@ def _excluded(rel: str, name: str, exclude: Sequence[str]) -> bool:
 
 def _reason(e: OSError) -> str:
     if e.errno in (errno.EACCES, errno.EPERM):
-        return "permission-denied"
+        return "permission denied"
     if e.errno == errno.ELOOP:
-        return "symlink-loop"
+        return "symlink loop"
     if e.errno == errno.ENOENT:
         return "vanished"
     return "unreadable"
@@ -86,7 +86,7 @@ def walk(
             st = os.stat(path)  # follows symlinks: the target's kind matters
         except OSError as e:
             if os.path.islink(path):
-                result.failed.append((path, "dead-symlink", f"{os.readlink(path)}: {e.strerror}"))
+                result.failed.append((path, "dead symlink", f"{os.readlink(path)}: {e.strerror}"))
             else:
                 result.failed.append((path, _reason(e), e.strerror or str(e)))
             return
