@@ -712,13 +712,16 @@ def _preprocess_config(
         if len(set(size)) != 1:
             raise ModelLoadError(f"non-square image size {size} is not supported")
         size = size[0]
-    return PreprocessConfig(
-        image_size=int(size),
-        mean=tuple(float(x) for x in mean),
-        std=tuple(float(x) for x in std),
-        interpolation=interpolation,
-        resize_mode=resize_mode,
-    )
+    try:
+        return PreprocessConfig(
+            image_size=int(size),
+            mean=tuple(float(x) for x in mean),
+            std=tuple(float(x) for x in std),
+            interpolation=interpolation,
+            resize_mode=resize_mode,
+        )
+    except (TypeError, ValueError) as e:
+        raise ModelLoadError(f"bad preprocessing config: {_first_line(e)}") from e
 
 
 def _clip_tokenizer(cfg: dict):

@@ -157,6 +157,38 @@ def test_openai_bookkeeping_tensors_are_dropped(tmp_path):
     assert set(sd) == set(model.state_dict())
 
 
+def _handmade_archive(path, size, stride):
+    """A minimal TorchScript-style archive written opcode by opcode: module ``M`` with tensor ``w``
+    viewing a 4-float storage with the given size and stride (no code/, so nothing says which
+    attributes are parameters)."""
+    import struct
+
+    def ints(values):
+        return b"(" + b"".join(b"M" + struct.pack("<H", v) for v in values) + b"t"
+
+    data = (
+        b"\x80\x02c__torch__\nM\n)\x81}(X\x01\x00\x00\x00w"
+        b"ctorch._utils\n_rebuild_tensor_v2\n("
+        b"(X\x07\x00\x00\x00storagectorch\nFloatStorage\nX\x01\x00\x00\x000X\x03\x00\x00\x00cpuK\x04tQ"
+        b"K\x00" + ints(size) + ints(stride) + b"\x89ccollections\nOrderedDict\n)RtRub."
+    )
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("a/data.pkl", data)
+        z.writestr("a/data/0", struct.pack("<4f", 1, 2, 3, 4))
+        z.writestr("a/constants.pkl", pickle.dumps((), protocol=2))
+
+
+def test_handmade_archive_and_out_of_bounds_views(tmp_path):
+    _handmade_archive(tmp_path / "ok.pt", (2, 2), (1, 2))
+    sd = checkpoints.read_torchscript_state_dict(tmp_path / "ok.pt")
+    assert torch.equal(sd["w"], torch.tensor([[1.0, 3.0], [2.0, 4.0]]))
+    # A tensor claiming more memory than its storage holds must not read past it.
+    for size, stride in (((1000,), (1,)), ((2, 2), (1000, 1))):
+        _handmade_archive(tmp_path / "bad.pt", size, stride)
+        with pytest.raises(ModelLoadError, match="out of bounds"):
+            checkpoints.read_torchscript_state_dict(tmp_path / "bad.pt")
+
+
 def _malicious_reduce(marker):
     class Evil:
         def __reduce__(self):
@@ -411,6 +443,10 @@ def test_hub_directory_errors(tmp_path, vit_gelu):
     (directory / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg}))
     torch.save(vit_gelu.state_dict(), directory / "open_clip_pytorch_model.bin")
     with pytest.raises(ModelLoadError, match="hf_tokenizer_name"):
+        checkpoints.load_bundle(directory)
+    config = {"model_cfg": VIT_CFG, "preprocess_cfg": {"mean": [0.5, 0.5]}}
+    (directory / "open_clip_config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelLoadError, match="preprocessing.*mean"):
         checkpoints.load_bundle(directory)
 
 
