@@ -98,11 +98,10 @@ def _check_precision(precision: str, device: str) -> None:
 
 def _build(args, env: DistEnv, train_captions):
     """``(model, preprocess_cfg, tokenizer)`` from --pretrained or a fresh --model config."""
+    from clipsearch.configs import get_config
     from clipsearch.model import build_model
     from clipsearch.tokenizer import Tokenizer
     from clipsearch.transform import PreprocessConfig
-
-    from clipsearch.configs import get_config
 
     if args.pretrained:
         from clipsearch.checkpoints import load_bundle
@@ -116,18 +115,15 @@ def _build(args, env: DistEnv, train_captions):
     if args.train_tokenizer:
         from clipsearch.tokenizer import train_bpe
 
-        tokenizer = train_bpe(train_captions(), args.train_tokenizer)
+        tokenizer = train_bpe(train_captions(), args.train_tokenizer, context_length=context_length)
         cfg["text_cfg"]["vocab_size"] = tokenizer.vocab_size
     else:
         tokenizer = Tokenizer(context_length=context_length)
     torch.manual_seed(args.seed)  # the same initial weights on every rank
     model = build_model(cfg)
-    pp = cfg.get("preprocess_cfg") or {}
-    preprocess_cfg = (
-        PreprocessConfig(image_size=cfg["vision_cfg"]["image_size"], **pp)
-        if not pp.get("image_size")
-        else PreprocessConfig(**pp)
-    )
+    pp = dict(cfg.get("preprocess_cfg") or {})
+    pp.setdefault("image_size", cfg["vision_cfg"]["image_size"])
+    preprocess_cfg = PreprocessConfig.from_dict(pp)
     return model, preprocess_cfg, tokenizer, cfg
 
 

@@ -1,0 +1,242 @@
+"""Training data: the four formats, brace lists, shard splitting, unsafe tar paths, bad samples."""
+
+import io
+import json
+import tarfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from trainer.data import (
+    Batch,
+    DataError,
+    EpochBatchSampler,
+    PairDataset,
+    Skip,
+    WebDatasetShards,
+    collate,
+    count_tar_samples,
+    detect_type,
+    expand_braces,
+    iter_tar_samples,
+    make_loader,
+    read_csv,
+    read_folder,
+    read_jsonl,
+    safe_member_name,
+)
+
+
+def transform(img):
+    # A deterministic stand-in for the training crop that still draws from torch's RNG (as the
+    # real random crop does), so the per-sample seeding is exercised.
+    x = torch.from_numpy(np.asarray(img.resize((8, 8)), dtype="float32")).permute(2, 0, 1)
+    return x / 255 + torch.rand(1) * 1e-3
+
+
+def tokenizer(texts):
+    # Characters as ids, padded to 12: enough to tell captions apart in the tests.
+    out = torch.zeros(len(texts), 12, dtype=torch.long)
+    for i, t in enumerate(texts):
+        ids = [ord(c) % 500 for c in t[:12]]
+        out[i, : len(ids)] = torch.tensor(ids)
+    return out
+
+
+def _png(colour=(200, 0, 0)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), colour).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _images(tmp_path, n=6):
+    d = tmp_path / "imgs"
+    d.mkdir()
+    for i in range(n):
+        (d / f"{i}.png").write_bytes(_png((i * 40, 0, 0)))
+    return d
+
+
+def test_csv_paths_resolve_against_the_csv_folder(tmp_path):
+    _images(tmp_path, 2)
+    (tmp_path / "train.csv").write_text('filepath,title\nimgs/0.png,a red thing\nimgs/1.png,"a, comma"\n')
+    pairs = read_csv(tmp_path / "train.csv")
+    assert pairs == [(tmp_path / "imgs/0.png", "a red thing"), (tmp_path / "imgs/1.png", "a, comma")]
+
+
+def test_tsv_and_custom_keys(tmp_path):
+    (tmp_path / "d.tsv").write_text("img\tcap\n/abs/x.png\thello\n")
+    assert read_csv(tmp_path / "d.tsv", "img", "cap") == [(Path("/abs/x.png"), "hello")]
+    with pytest.raises(DataError, match="no column 'filepath'"):
+        read_csv(tmp_path / "d.tsv")
+
+
+def test_jsonl_and_its_errors(tmp_path):
+    p = tmp_path / "d.jsonl"
+    p.write_text(json.dumps({"filepath": "a.png", "title": "x"}) + "\n\n")
+    assert read_jsonl(p) == [(tmp_path / "a.png", "x")]
+    p.write_text('{"filepath": "a.png"}\n')
+    with pytest.raises(DataError, match="d.jsonl:1"):
+        read_jsonl(p)
+
+
+def test_folder_with_same_named_captions(tmp_path):
+    d = _images(tmp_path, 3)
+    (d / "0.txt").write_text("zero\n")
+    (d / "2.txt").write_text("two")
+    assert read_folder(d) == [(d / "0.png", "zero"), (d / "2.png", "two")]
+    with pytest.raises(DataError):
+        read_folder(tmp_path / "imgs" / "nothing-here")
+
+
+def test_detect_type(tmp_path):
+    assert detect_type("shards/s-{000..009}.tar") == "webdataset"
+    assert detect_type(str(tmp_path)) == "folder"
+    assert detect_type("x.tsv") == "csv" and detect_type("x.jsonl") == "jsonl"
+    with pytest.raises(DataError, match="--dataset-type"):
+        detect_type("x.parquet")
+
+
+def test_brace_expansion():
+    assert expand_braces("s-{000..002}.tar") == ["s-000.tar", "s-001.tar", "s-002.tar"]
+    assert expand_braces("{a,b}-{1..2}.tar") == ["a-1.tar", "a-2.tar", "b-1.tar", "b-2.tar"]
+    assert expand_braces("x.tar::y-{8..10}.tar") == ["x.tar", "y-8.tar", "y-9.tar", "y-10.tar"]
+
+
+def test_epoch_order_is_seeded_split_across_ranks_and_skippable():
+    s0 = EpochBatchSampler(20, 3, seed=5, rank=0, world_size=2)
+    s1 = EpochBatchSampler(20, 3, seed=5, rank=1, world_size=2)
+    assert len(s0) == 3  # 10 per rank -> 3 full batches
+    a, b = [i for batch in s0 for i, _ in batch], [i for batch in s1 for i, _ in batch]
+    assert not set(a) & set(b) and len(a) == len(b) == 9
+    first = list(s0)
+    s0.set_epoch(0, skip=1)
+    assert list(s0) == first[1:]
+    s0.set_epoch(1)
+    assert [i for i, _ in list(s0)[0]] != [i for i, _ in first[0]]  # a new order each epoch
+    assert (
+        EpochBatchSampler(20, 3, seed=5).__iter__().__next__()
+        == EpochBatchSampler(20, 3, seed=5).__iter__().__next__()
+    )
+    with pytest.raises(DataError, match="lower --batch-size"):
+        EpochBatchSampler(5, 4, world_size=2)
+
+
+def test_bad_samples_are_skipped_and_counted(tmp_path):
+    d = _images(tmp_path, 4)
+    (d / "broken.png").write_bytes(b"\x89PNG not really")
+    (d / "empty.jpg").write_bytes(b"")
+    pairs = [
+        (d / "0.png", "a"),
+        (d / "broken.png", "b"),
+        (d / "1.png", "c"),
+        (d / "missing.png", "d"),
+        (d / "empty.jpg", "e"),
+    ]
+    ds = PairDataset(pairs, transform, tokenizer)
+    batch = collate([ds[(i, 0)] for i in range(len(pairs))])
+    assert len(batch) == 2
+    assert sum(batch.skipped.values()) == 3
+    assert collate([Skip("x")]).images.shape[0] == 0
+
+
+def test_augmentation_depends_on_sample_and_epoch_not_on_call_order(tmp_path):
+    d = _images(tmp_path, 2)
+    ds = PairDataset([(d / "0.png", "a"), (d / "1.png", "b")], transform, tokenizer, seed=3)
+    x1 = ds[(1, 0)][0]
+    ds[(0, 0)]
+    torch.rand(5)  # disturbing the global RNG changes nothing
+    assert torch.equal(ds[(1, 0)][0], x1)
+    assert not torch.equal(ds[(1, 1)][0], x1)
+
+
+def test_loader_over_csv_with_workers(tmp_path):
+    _images(tmp_path, 6)
+    rows = "".join(f"imgs/{i}.png,caption {i}\n" for i in range(6)) + "imgs/none.png,gone\n"
+    (tmp_path / "t.csv").write_text("filepath,title\n" + rows)
+    data = make_loader(
+        str(tmp_path / "t.csv"), transform=transform, tokenizer=tokenizer, batch_size=7, workers=1
+    )
+    batches = list(data.loader)
+    assert len(batches) == data.batches_per_epoch == 1
+    assert isinstance(batches[0], Batch) and len(batches[0]) == 6
+    assert sum(batches[0].skipped.values()) == 1
+
+
+def _tar(path, members):
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def test_unsafe_tar_member_paths_are_rejected():
+    for bad in ("../evil.txt", "a/../../x.png", "/etc/passwd", "C:/x.png", "..\\x.txt"):
+        assert not safe_member_name(bad)
+    assert safe_member_name("dir/000.jpg") and safe_member_name("a..b.txt")
+
+
+def test_webdataset_shards_stream_and_count(tmp_path):
+    _tar(
+        tmp_path / "s-0.tar",
+        [
+            ("000.png", _png()),
+            ("000.txt", b"red"),
+            ("../001.png", _png()),
+            ("001.txt", b"escaped"),
+            ("002.png", b"garbage"),
+            ("002.txt", b"bad"),
+        ],
+    )
+    _tar(tmp_path / "s-1.tar", [("sub/003.png", _png()), ("sub/003.txt", b"blue"), ("/abs.txt", b"x")])
+    with open(tmp_path / "s-0.tar", "rb") as f:
+        samples = list(iter_tar_samples(f))
+    # the rejected member is reported as soon as it is met, before the sample still being gathered
+    assert [s["__key__"] if isinstance(s, dict) else s for s in samples] == [
+        Skip("unsafe_path"),
+        "000",
+        "001",
+        "002",
+    ]
+    assert not (tmp_path.parent / "001.png").exists()  # nothing is extracted
+    urls = expand_braces(str(tmp_path / "s-{0..1}.tar"))
+    assert count_tar_samples(urls) == 4
+    ds = WebDatasetShards(urls, transform, tokenizer, seed=0)
+    out = []
+    for s in ds:
+        out.append(s)
+        if len(out) == 6:  # one pass over both shards: 4 + 2 items
+            break
+    reasons = Counter(s.reason for s in out if isinstance(s, Skip))
+    assert reasons["unsafe_path"] == 2
+    assert reasons["incomplete_sample"] == 1  # 001.txt without its (rejected) image
+    assert sum(reasons.values()) == 4  # and the undecodable 002.png
+    assert sum(not isinstance(s, Skip) for s in out) == 2
+
+
+def test_shards_split_across_ranks_and_workers(tmp_path):
+    urls = [str(tmp_path / f"s{i}.tar") for i in range(8)]
+    for u in urls:
+        _tar(u, [("0.txt", b"x")])
+    ranks = [WebDatasetShards(urls, transform, tokenizer, seed=1, rank=r, world_size=2) for r in range(2)]
+    parts = [set(ds.my_shards(w, 2)) for ds in ranks for w in range(2)]
+    assert all(len(p) == 2 for p in parts) and set.union(*parts) == set(urls)
+    assert sum(len(p) for p in parts) == 8
+    with pytest.raises(DataError, match="shard not found"):
+        WebDatasetShards([str(tmp_path / "nope.tar")], transform, tokenizer)
+
+
+def test_webdataset_loader(tmp_path):
+    members = []
+    for i in range(6):
+        members += [(f"{i:03d}.png", _png()), (f"{i:03d}.txt", f"c{i}".encode())]
+    _tar(tmp_path / "a.tar", members)
+    data = make_loader(str(tmp_path / "a.tar"), transform=transform, tokenizer=tokenizer, batch_size=3)
+    assert data.batches_per_epoch == 2 and data.skip_in_loader
+    it = iter(data.loader)
+    assert len(next(it)) == 3
