@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 import torch
 
+import clipsearch
 from clipsearch import checkpoints
 from clipsearch.errors import ModelLoadError
 from clipsearch.pretrained import PRETRAINED
@@ -348,7 +349,7 @@ def test_openai_torchscript_archive_loads_with_inferred_architecture(tmp_path):
 def test_openai_plain_state_dict_resnet(tmp_path):
     ref = oc_model(RN_CFG, quick_gelu=True, seed=5)
     torch.save(openai_style_state_dict(ref, RN_CFG), tmp_path / "rn.pt")
-    model, preprocess, tokenize = checkpoints.load(tmp_path / "rn.pt")
+    model, preprocess, tokenize = clipsearch.load(str(tmp_path / "rn.pt"))
     assert not model.training
     assert tokenize(TEXTS).shape == (3, 77) and tokenize(TEXTS).dtype == torch.long
     assert torch.equal(tokenize(TEXTS), open_clip.tokenize(TEXTS))

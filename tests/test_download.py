@@ -33,6 +33,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.wfile.write(PAYLOAD[: len(PAYLOAD) // 2])
             self.wfile.flush()
             self.close_connection = True
+        elif self.path == "/nolength.bin":
+            # HTTP/1.0 style: no Content-Length, the end of the body is the end of the connection.
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(PAYLOAD)
+            self.close_connection = True
         else:
             self.send_error(404)
 
@@ -80,6 +86,16 @@ def test_download_accepts_a_digest_prefix(server, tmp_path):
     dest = tmp_path / "w.bin"
     checkpoints.download(_url(server, "file.bin"), dest, sha256=PAYLOAD_SHA[:8])
     assert dest.read_bytes() == PAYLOAD
+
+
+def test_download_without_content_length(server, tmp_path):
+    dest = tmp_path / "w.bin"
+    calls = []
+    checkpoints.download(
+        _url(server, "nolength.bin"), dest, sha256=PAYLOAD_SHA, progress=lambda d, t: calls.append((d, t))
+    )
+    assert dest.read_bytes() == PAYLOAD
+    assert calls[-1] == (len(PAYLOAD), None)
 
 
 def test_bad_checksum_leaves_nothing_behind(server, tmp_path):
