@@ -108,6 +108,12 @@ def load_bundle(
         raise ModelLoadError(f"unknown precision {precision!r}; use one of {', '.join(_PRECISIONS)}")
     text = str(source)
     path = Path(text).expanduser()
+    if (arch is not None or quick_gelu is not None) and not path.is_file():
+        # Registered names and model directories carry their architecture; overriding it would
+        # only produce wrong features silently.
+        raise ModelLoadError(
+            f"arch/quick_gelu apply to a bare weights file only; {text} says its own architecture"
+        )
     if text in PRETRAINED and not path.exists():
         bundle = _load_pretrained(text, progress=progress)
     elif path.is_dir():

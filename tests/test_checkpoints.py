@@ -381,6 +381,10 @@ def test_arch_override_names_the_architecture(tmp_path, vit_gelu):
     assert_same_features(bundle.model, vit_gelu, 32)
     with pytest.raises(ModelLoadError, match="shape mismatch for visual.conv1.weight"):
         checkpoints.load_bundle(tmp_path / "w.bin", arch="tiny-vit")
+    with pytest.raises(ModelLoadError, match="weights file only"):
+        checkpoints.load_bundle("ViT-B-32/openai", arch="ViT-B-32")
+    with pytest.raises(ModelLoadError, match="weights file only"):
+        checkpoints.load_bundle(tmp_path, quick_gelu=False)
 
 
 def _hub_dir(tmp_path, model, cfg, preprocess_cfg, safetensors: bool):
