@@ -1,0 +1,794 @@
+"""The ``clipsearch`` command: thin click commands over the library's jobs; rich renders the output.
+
+Each command parses its options, calls one library function and renders the result (a rich table
+for people, ``--json`` for programs). Errors: a :class:`ClipsearchError` becomes one line
+``Error: ...`` on stderr and exit 1; click usage errors exit 2; anything else is a bug, shown as one
+line (the traceback with ``--verbose``) and exit 1; Ctrl-C exits 130.
+
+Start-up stays cheap: torch, faiss and PIL are imported inside the commands that need them, so
+``clipsearch --help`` (and a failing ``clipsearch query`` on a missing library) never load them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import traceback
+from pathlib import Path
+
+import click
+
+from clipsearch import __version__
+from clipsearch.errors import ClipsearchError, LibraryError
+
+DEFAULT_MODEL = "ViT-B-32/openai"
+INDEX_KINDS = ("auto", "flat", "hnsw")
+MAX_FAILURES_SHOWN = 20
+
+
+# --------------------------------------------------------------------------------------------------
+# Output helpers
+
+
+def _console(stderr: bool = False):
+    from rich.console import Console
+
+    return Console(stderr=stderr, highlight=False, soft_wrap=not stderr)
+
+
+def _echo_json(data) -> None:
+    click.echo(json.dumps(data, indent=2, ensure_ascii=False, default=str))
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text
+
+
+class _Group(click.Group):
+    """Turns every failure of a subcommand into one line and an exit code (see the module doc)."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+            raise
+        except ClipsearchError as e:
+            _maybe_trace(ctx)
+            raise click.ClickException(_one_line(e)) from None
+        except KeyboardInterrupt:
+            click.echo("Interrupted.", err=True)
+            raise click.exceptions.Exit(130) from None
+        except BrokenPipeError:
+            # `clipsearch query ... --paths | head`: the reader left; not an error of ours.
+            sys.stderr.close()
+            raise click.exceptions.Exit(0) from None
+        except Exception as e:
+            _maybe_trace(ctx)
+            hint = "" if _verbose(ctx) else " (run again with --verbose to see the traceback)"
+            raise click.ClickException(
+                f"internal error, this is a bug in clipsearch: {type(e).__name__}: {_one_line(e)}{hint}"
+            ) from None
+
+
+def _verbose(ctx: click.Context) -> bool:
+    return bool(ctx.find_root().params.get("verbose"))
+
+
+def _maybe_trace(ctx: click.Context) -> None:
+    if _verbose(ctx):
+        traceback.print_exc(file=sys.stderr)
+
+
+class _State:
+    def __init__(self, db: Path | None, verbose: bool):
+        self.db = db
+        self.verbose = verbose
+
+    def db_path(self) -> Path:
+        if self.db is not None:
+            return self.db
+        from clipsearch.paths import default_library_path
+
+        return default_library_path()
+
+    def open_library(self, create: bool = False):
+        from clipsearch.store import Library
+
+        return Library.open(self.db_path(), create=create)
+
+
+pass_state = click.make_pass_decorator(_State)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--db",
+    type=click.Path(dir_okay=False, path_type=Path),
+    envvar="CLIPSEARCH_DB",
+    help="Library database file (default: library.db in the clipsearch home, $CLIPSEARCH_HOME). "
+    "Keep it inside the photo folder to store paths relative to it.",
+)
+@click.option("--verbose", "-v", is_flag=True, help="Show the full traceback when something fails.")
+@click.version_option(__version__, prog_name="clipsearch")
+@click.pass_context
+def cli(ctx: click.Context, db: Path | None, verbose: bool) -> None:
+    """Semantic search over your photos with CLIP: index a folder, then search it with words or images."""
+    ctx.obj = _State(db, verbose)
+
+
+# --------------------------------------------------------------------------------------------------
+# Models
+
+
+def _load_bundle(source: str, quiet: bool = False):
+    """Load a model, with a download progress bar on stderr when it has to be fetched."""
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+
+    from clipsearch.checkpoints import load_bundle
+
+    progress = Progress(
+        TextColumn(f"downloading {source}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        console=_console(stderr=True),
+        transient=True,
+        disable=quiet,
+    )
+    task = None
+
+    def on_bytes(done: int, total: int | None) -> None:
+        nonlocal task
+        if task is None:
+            progress.start()
+            task = progress.add_task("download", total=total)
+        progress.update(task, completed=done, total=total)
+
+    try:
+        return load_bundle(source, progress=on_bytes)
+    finally:
+        if task is not None:
+            progress.stop()
+
+
+def _source_for_record(source: str) -> str:
+    """How to find the model again later: a path model is recorded as an absolute path."""
+    p = Path(source).expanduser()
+    return str(p.resolve()) if p.exists() else source
+
+
+def _library_bundle(library, model: str | None):
+    """The model to query with: ``--model`` when given, else the one the library was indexed with."""
+    if model is not None:
+        return _load_bundle(model)
+    model_id = library.default_model_id()
+    if model_id is None:
+        raise LibraryError(f"the library {library.path} has no images yet: run `clipsearch index PATH` first")
+    return _load_bundle(library.model_source(model_id))
+
+
+def _open_existing(state: _State):
+    """Open the library for a read command, failing with one line when there is none."""
+    return state.open_library(create=False)
+
+
+# --------------------------------------------------------------------------------------------------
+# index
+
+
+class _IndexProgress:
+    """A rich progress bar (images/s, ETA) fed by the indexer's progress events."""
+
+    def __init__(self, enabled: bool):
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        self.found = 0
+        self.progress = Progress(
+            TextColumn("[bold]indexing"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[rate]}"),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            console=_console(stderr=True),
+            disable=not enabled,
+        )
+        self.task = None
+
+    def __call__(self, event: dict) -> None:
+        kind = event.get("event")
+        if kind == "scan":
+            self.found = int(event.get("found", 0))
+        elif kind == "start":
+            self.progress.start()
+            self.task = self.progress.add_task("index", total=int(event.get("total", 0)), rate="")
+        elif kind == "advance" and self.task is not None:
+            self.progress.advance(self.task, int(event.get("n", 1)))
+            speed = self.progress.tasks[0].speed
+            self.progress.update(self.task, rate=f"{speed:.1f} images/s" if speed else "")
+        elif kind == "done":
+            self.stop()
+
+    def stop(self) -> None:
+        if self.task is not None:
+            self.progress.stop()
+            self.task = None
+
+
+def _report_json(report) -> dict:
+    return {
+        "model_id": report.model_id,
+        "new": report.new,
+        "updated": report.updated,
+        "moved": report.moved,
+        "duplicates": report.duplicates,
+        "removed": report.removed,
+        "unchanged": report.unchanged,
+        "failed": [{"path": str(p), "reason": r} for p, r in report.failed],
+        "seconds": round(report.seconds, 3),
+    }
+
+
+def _render_report(report, library_path: Path) -> None:
+    from rich.table import Table
+
+    out = _console()
+    table = Table(title=f"Indexed with {report.model_id} in {report.seconds:.1f} s", title_justify="left")
+    for name in ("new", "updated", "moved", "duplicates", "removed", "unchanged", "failed"):
+        table.add_column(name, justify="right")
+    table.add_row(
+        *(
+            str(v)
+            for v in (
+                report.new,
+                report.updated,
+                report.moved,
+                report.duplicates,
+                report.removed,
+                report.unchanged,
+                len(report.failed),
+            )
+        )
+    )
+    out.print(table)
+    if report.failed:
+        out.print(f"[yellow]Skipped {len(report.failed)} file(s):[/yellow]")
+        for path, reason in report.failed[:MAX_FAILURES_SHOWN]:
+            out.print(f"  {reason}: {path}", markup=False)
+        if len(report.failed) > MAX_FAILURES_SHOWN:
+            out.print(f"  ... and {len(report.failed) - MAX_FAILURES_SHOWN} more: see `clipsearch status`")
+    out.print(f"Library: {library_path}", markup=False)
+
+
+@cli.command()
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option(
+    "--model",
+    "model",
+    metavar="SOURCE",
+    help=f"Model: a registered name, a weights file or a model folder "
+    f"(default: the library's model, else {DEFAULT_MODEL}).",
+)
+@click.option(
+    "--exclude", multiple=True, metavar="GLOB", help="Skip files and folders matching GLOB (repeatable)."
+)
+@click.option(
+    "--include-hidden", is_flag=True, help="Also index hidden files and folders (names starting with '.')."
+)
+@click.option(
+    "--batch-size", type=click.IntRange(min=1), default=32, show_default=True, help="Images per model call."
+)
+@click.option(
+    "--workers", type=click.IntRange(min=1), help="Threads that read and decode images (default: up to 4)."
+)
+@click.option(
+    "--index-kind",
+    type=click.Choice(INDEX_KINDS),
+    default="auto",
+    show_default=True,
+    help="Vector index: exact 'flat', approximate 'hnsw', or 'auto' (hnsw for large libraries).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@pass_state
+def index(state: _State, paths, model, exclude, include_hidden, batch_size, workers, index_kind, as_json):
+    """Add the photos under PATH... to the library, or bring it up to date.
+
+    Unchanged files are skipped; moved and duplicate files reuse their embeddings; files gone from
+    the scanned folders are removed. Unreadable files are skipped and listed at the end.
+    """
+    from clipsearch.indexer import index_paths
+    from clipsearch.vectors import VectorIndex
+
+    missing = [str(p) for p in paths if not os.path.lexists(p)]
+    if missing:
+        raise ClipsearchError(f"no such file or folder: {missing[0]}")
+    with state.open_library(create=True) as library:
+        if model is None:
+            known = library.default_model_id()
+            model = library.model_source(known) if known is not None else DEFAULT_MODEL
+        bundle = _load_bundle(model, quiet=as_json)
+        progress = _IndexProgress(enabled=not as_json)
+        try:
+            report = index_paths(
+                library,
+                bundle,
+                list(paths),
+                exclude=exclude,
+                include_hidden=include_hidden,
+                batch_size=batch_size,
+                workers=workers,
+                progress=progress,
+                source=_source_for_record(model),
+            )
+        finally:
+            progress.stop()
+        # Bring the FAISS index in step now, so the first query does not pay for it.
+        VectorIndex.for_library(library, bundle.model_id, kind=index_kind)
+        if as_json:
+            _echo_json(_report_json(report))
+        else:
+            _render_report(report, library.path)
+        found = progress.found
+    if found == 0:
+        where = ", ".join(str(p) for p in paths)
+        gone = f" ({report.removed} entries of vanished files removed)" if report.removed else ""
+        raise ClipsearchError(
+            f"no images found under {where}{gone}: looked for JPEG, PNG, WebP, GIF, TIFF, BMP, HEIC "
+            "and AVIF files (hidden ones only with --include-hidden)"
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# query
+
+
+@cli.command()
+@click.argument("text", required=False)
+@click.option("--image", type=click.Path(path_type=Path), help="Query by example: photos like this image.")
+@click.option("--add", multiple=True, metavar="TEXT", help="Add a text to the query (repeatable).")
+@click.option("--minus", multiple=True, metavar="TEXT", help="Subtract a text from the query (repeatable).")
+@click.option(
+    "--add-image", multiple=True, type=click.Path(path_type=Path), help="Add an image (repeatable)."
+)
+@click.option(
+    "--minus-image", multiple=True, type=click.Path(path_type=Path), help="Subtract an image (repeatable)."
+)
+@click.option(
+    "--minus-weight",
+    type=float,
+    default=1.0,
+    show_default=True,
+    help="Weight of each --minus/--minus-image part (try 0.5 for a gentler push away).",
+)
+@click.option("--top", type=click.IntRange(min=1), default=20, show_default=True, help="How many results.")
+@click.option(
+    "--threshold", type=click.FloatRange(-1.0, 1.0), help="Only results with a cosine score at least this."
+)
+@click.option("--in", "under", type=click.Path(path_type=Path), help="Only photos inside this folder.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON array of {path, score, rank, image_id}.")
+@click.option("--paths", "as_paths", is_flag=True, help="Print one path per line (for pipes).")
+@click.option(
+    "--html", "html_out", type=click.Path(dir_okay=False, path_type=Path), help="Write a results page."
+)
+@click.option("--model", metavar="SOURCE", help="Model to query with (default: the library's).")
+@click.option(
+    "--index-kind",
+    type=click.Choice(INDEX_KINDS),
+    default="auto",
+    show_default=True,
+    help="Vector index kind.",
+)
+@pass_state
+def query(
+    state: _State,
+    text,
+    image,
+    add,
+    minus,
+    add_image,
+    minus_image,
+    minus_weight,
+    top,
+    threshold,
+    under,
+    as_json,
+    as_paths,
+    html_out,
+    model,
+    index_kind,
+):
+    """Find the photos that best match TEXT (and/or --image), best first.
+
+    Combine parts: `clipsearch query beach --minus people`, or `--image a.jpg --add "at night"`.
+    Scores are cosine similarities between the query and each photo.
+    """
+    from clipsearch.search import Query, search
+
+    if as_json and as_paths:
+        raise click.UsageError("--json and --paths are alternatives: pick one")
+    if text is None and image is None and not add and not add_image:
+        raise click.UsageError("give a TEXT, --image PATH, --add TEXT or --add-image PATH")
+    for p in [image, *add_image, *minus_image]:
+        if p is not None and not Path(p).is_file():
+            raise ClipsearchError(f"query image not found: {p}")
+    if under is not None and not Path(under).is_dir():
+        raise ClipsearchError(f"--in {under}: no such folder")
+    q = Query.build(text, image, add, minus, add_image, minus_image, minus_weight=minus_weight)
+    with _open_existing(state) as library:
+        bundle = _library_bundle(library, model)
+        hits = search(
+            library,
+            bundle,
+            q,
+            top=top,
+            under=Path(under).resolve() if under is not None else None,
+            threshold=threshold,
+            index_kind=index_kind,
+        )
+    if html_out is not None:
+        from clipsearch.report import write_html
+
+        written = write_html(hits, html_out, title=f"clipsearch: {q.describe()}", query_desc=q.describe())
+        _console(stderr=True).print(f"Wrote {len(hits)} result(s) to {written}", markup=False)
+    if as_json:
+        _echo_json(
+            [
+                {"rank": n, "path": str(h.path), "score": round(h.score, 6), "image_id": h.image_id}
+                for n, h in enumerate(hits, start=1)
+            ]
+        )
+    elif as_paths:
+        for h in hits:
+            click.echo(str(h.path))
+    elif html_out is None or hits:
+        _render_hits(hits, q.describe())
+
+
+def _render_hits(hits, description: str) -> None:
+    from rich.table import Table
+    from rich.text import Text
+
+    out = _console()
+    if not hits:
+        out.print(f"No photos match {description}.", markup=False)
+        return
+    table = Table(title=Text(description), title_justify="left")
+    table.add_column("#", justify="right")
+    table.add_column("score", justify="right")
+    table.add_column("path", overflow="fold")
+    for n, h in enumerate(hits, start=1):
+        table.add_row(str(n), f"{h.score:.4f}", Text(str(h.path)))
+    out.print(table)
+
+
+# --------------------------------------------------------------------------------------------------
+# label
+
+
+def _read_classes(classes: str | None, classes_file: Path | None) -> list[str]:
+    if (classes is None) == (classes_file is None):
+        raise click.UsageError("give exactly one of --classes a,b,c or --classes-file FILE")
+    if classes is not None:
+        return [c.strip() for c in classes.split(",") if c.strip()]
+    try:
+        text = Path(classes_file).read_text(encoding="utf-8")
+    except OSError as e:
+        raise ClipsearchError(f"cannot read --classes-file {classes_file}: {e.strerror}") from e
+    except UnicodeDecodeError as e:
+        raise ClipsearchError(f"--classes-file {classes_file} is not UTF-8 text") from e
+    return [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+
+
+@cli.command()
+@click.option("--classes", metavar="A,B,C", help="Comma-separated class names, e.g. 'dog,cat,beach'.")
+@click.option(
+    "--classes-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="A text file with one class name per line ('#' starts a comment).",
+)
+@click.option(
+    "--template",
+    "templates",
+    multiple=True,
+    metavar="T",
+    help="Prompt template with {} for the class (repeatable; default: the CLIP paper's 80 templates).",
+)
+@click.option(
+    "--top-k",
+    type=click.IntRange(min=1),
+    help="Labels kept per photo (default: 1; with --multi-label, every class that passes).",
+)
+@click.option(
+    "--threshold",
+    type=click.FloatRange(0.0, 1.0),
+    help="Keep labels with probability at least this (multi-label default: 0.5).",
+)
+@click.option(
+    "--multi-label",
+    is_flag=True,
+    help="Decide each class on its own (class vs a generic photo) instead of one softmax over all.",
+)
+@click.option("--in", "under", type=click.Path(path_type=Path), help="Only photos inside this folder.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON array of {path, label, score, labels}.")
+@click.option(
+    "--write-xmp", is_flag=True, help="Write the labels as keywords to XMP sidecars (photo.jpg.xmp)."
+)
+@click.option("--model", metavar="SOURCE", help="Model to label with (default: the library's).")
+@pass_state
+def label(
+    state: _State,
+    classes,
+    classes_file,
+    templates,
+    top_k,
+    threshold,
+    multi_label,
+    under,
+    as_json,
+    write_xmp,
+    model,
+):
+    """Zero-shot label the indexed photos with the given classes, from their stored embeddings.
+
+    Results are stored in the library; labelling again with the same classes replaces them.
+    """
+    from clipsearch.zeroshot import DEFAULT_TEMPLATES, check_classes, check_templates, label_images
+
+    names = check_classes(_read_classes(classes, classes_file))
+    chosen = check_templates(templates) if templates else list(DEFAULT_TEMPLATES)
+    if under is not None and not Path(under).is_dir():
+        raise ClipsearchError(f"--in {under}: no such folder")
+    with _open_existing(state) as library:
+        bundle = _library_bundle(library, model)
+        results = label_images(
+            library,
+            bundle,
+            names,
+            templates=chosen,
+            top_k=top_k if top_k is not None else (None if multi_label else 1),
+            threshold=threshold,
+            multi_label=multi_label,
+            under=Path(under).resolve() if under is not None else None,
+        )
+    xmp_failures = _write_sidecars(results) if write_xmp else []
+    if as_json:
+        _echo_json(
+            [
+                {
+                    "path": str(r.path),
+                    "label": r.label,
+                    "score": None if r.score is None else round(r.score, 6),
+                    "labels": [{"label": lab, "score": round(s, 6)} for lab, s in r.labels],
+                    "image_id": r.image_id,
+                }
+                for r in results
+            ]
+        )
+    else:
+        _render_labels(results)
+    for path, message in xmp_failures:
+        _console(stderr=True).print(f"XMP not written for {path}: {message}", markup=False)
+
+
+def _write_sidecars(results) -> list[tuple[Path, str]]:
+    from clipsearch.xmp import XmpError, write_keywords
+
+    failures = []
+    for r in results:
+        try:
+            write_keywords(r.path, [lab for lab, _ in r.labels])
+        except XmpError as e:
+            failures.append((r.path, _one_line(e)))
+        except OSError as e:
+            failures.append((r.path, e.strerror or str(e)))
+    return failures
+
+
+def _render_labels(results) -> None:
+    from rich.table import Table
+    from rich.text import Text
+
+    out = _console()
+    if not results:
+        out.print("No indexed photos to label.")
+        return
+    table = Table()
+    table.add_column("path", overflow="fold")
+    table.add_column("label")
+    table.add_column("score", justify="right")
+    table.add_column("others")
+    for r in results:
+        others = ", ".join(f"{lab} {s:.2f}" for lab, s in r.labels[1:])
+        table.add_row(
+            Text(str(r.path)),
+            Text(r.label or "-"),
+            "-" if r.score is None else f"{r.score:.3f}",
+            Text(others),
+        )
+    out.print(table)
+
+
+# --------------------------------------------------------------------------------------------------
+# export, status, models, doctor
+
+
+@cli.command()
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--model-id", help="Which of the library's models to export (default: the library's model).")
+@pass_state
+def export(state: _State, file: Path, model_id: str | None):
+    """Write the library's embeddings to FILE.npz: `paths` (absolute), `embeddings` (float32, L2-normalised),
+    `ids` and `model_id`."""
+    import numpy as np
+
+    with _open_existing(state) as library:
+        if model_id is None:
+            model_id = library.default_model_id()
+            if model_id is None:
+                raise LibraryError(
+                    f"the library {library.path} has no images yet: run `clipsearch index PATH` first"
+                )
+        elif model_id not in library.model_ids():
+            raise LibraryError(
+                f"no model {model_id!r} in the library; it has: {', '.join(library.model_ids()) or 'none'}"
+            )
+        ids, paths, vectors = library.embeddings(model_id)
+    target = Path(file).expanduser()
+    if not target.parent.is_dir():
+        raise ClipsearchError(f"cannot write {target}: folder {target.parent} does not exist")
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:  # a file object: numpy would otherwise append .npz to the name
+            np.savez(
+                f,
+                paths=np.array([str(p) for p in paths], dtype=str),
+                embeddings=vectors.astype(np.float32),
+                ids=ids,
+                model_id=np.array(model_id),
+            )
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    _console(stderr=True).print(
+        f"Exported {len(ids)} embeddings of {model_id} ({vectors.shape[1] if vectors.ndim == 2 else 0}-d) to {target}",
+        markup=False,
+    )
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
+@click.option(
+    "--errors", "n_errors", type=click.IntRange(min=0), default=10, show_default=True, help="Errors listed."
+)
+@pass_state
+def status(state: _State, as_json: bool, n_errors: int):
+    """Show the library: where it is, its models, how many photos, and the files that failed."""
+    with _open_existing(state) as library:
+        stats = library.stats()
+        errors = library.errors(limit=n_errors)
+        default = library.default_model_id()
+    if as_json:
+        data = {k: v for k, v in stats.items()}
+        data["default_model"] = default
+        data["recent_errors"] = errors
+        _echo_json(data)
+        return
+    from rich.table import Table
+    from rich.text import Text
+
+    out = _console()
+    out.print(f"Library: {stats['path']}", markup=False)
+    out.print(
+        f"Images: {stats['images']}   Labels: {stats['labels']} in {stats['class_sets']} class set(s)   "
+        f"Errors: {stats['errors']}"
+    )
+    if stats["models"]:
+        table = Table(title="Models", title_justify="left")
+        table.add_column("model")
+        table.add_column("dim", justify="right")
+        table.add_column("embedded", justify="right")
+        table.add_column("last used")
+        table.add_column("source", overflow="fold")
+        for m in stats["models"]:
+            name = m["id"] + (" (default)" if m["id"] == default else "")
+            table.add_row(
+                Text(name), str(m["dim"] or "?"), str(m["embedded"]), m["last_used"], Text(m["source"])
+            )
+        out.print(table)
+    if errors:
+        out.print(f"Files that could not be indexed ({stats['errors']}, newest first):")
+        for e in errors:
+            detail = f" ({e['detail']})" if e["detail"] else ""
+            out.print(f"  {e['reason']}: {e['path']}{detail}", markup=False)
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the models as JSON.")
+def models(as_json: bool):
+    """List the registered pretrained models and which are downloaded already.
+
+    Any weights file, OpenCLIP hub folder or clipsearch model folder works as --model too.
+    """
+    from clipsearch.checkpoints import cached_pretrained, list_pretrained, pretrained_path
+
+    cached = set(cached_pretrained())
+    rows = [
+        {"name": n, "cached": n in cached, "path": str(pretrained_path(n)) if n in cached else None}
+        for n in list_pretrained()
+    ]
+    if as_json:
+        _echo_json(rows)
+        return
+    from rich.table import Table
+
+    table = Table()
+    table.add_column("model")
+    table.add_column("cached")
+    table.add_column("path", overflow="fold")
+    for r in rows:
+        table.add_row(r["name"], "yes" if r["cached"] else "", r["path"] or "")
+    _console().print(table)
+
+
+@cli.command()
+@click.option("--rebuild", is_flag=True, help="Rebuild every FAISS index from SQLite even if it looks fine.")
+@pass_state
+def doctor(state: _State, rebuild: bool):
+    """Check the library (SQLite integrity, FAISS index in step with SQLite) and repair what it can.
+
+    A FAISS index out of step is brought up to date or rebuilt from SQLite, the source of truth.
+    """
+    from clipsearch.vectors import VectorIndex
+
+    out = _console()
+    with state.open_library(create=False) as library:
+        problems = [r[0] for r in library.conn.execute("PRAGMA integrity_check").fetchall()]
+        if problems != ["ok"]:
+            for p in problems[:10]:
+                out.print(f"  {p}", markup=False)
+            raise LibraryError(
+                f"SQLite integrity check of {library.path} failed ({len(problems)} problem(s)); "
+                "restore a backup or move it away and index again"
+            )
+        out.print(f"SQLite: {library.path} passes the integrity check", markup=False)
+        model_ids = library.model_ids()
+        if not model_ids:
+            out.print("FAISS: no models indexed yet, nothing to check")
+        for model_id in model_ids:
+            expected = len(library.embedding_ids(model_id))
+            index = VectorIndex.for_library(library, model_id)
+            if rebuild and not getattr(index, "rebuilt", False):
+                ids, _, vectors = library.embeddings(model_id)
+                fresh = VectorIndex.build(ids, vectors, kind=index.kind)
+                fresh.save(index.path, model_id=model_id, generation=library.generation())
+                index, action = fresh, "rebuilt from SQLite (--rebuild)"
+            elif getattr(index, "rebuilt", False):
+                action = "was missing or out of step: rebuilt from SQLite"
+            elif getattr(index, "updated", False):
+                action = "was behind SQLite: brought up to date"
+            else:
+                action = "in step with SQLite"
+            if len(index) != expected:
+                raise LibraryError(
+                    f"FAISS index of {model_id} holds {len(index)} vectors but SQLite has {expected}; "
+                    "run `clipsearch doctor --rebuild`"
+                )
+            out.print(f"FAISS: {model_id}: {action} ({len(index)} vectors, {index.kind})", markup=False)
+    out.print("OK")
+
+
+def main() -> None:
+    """The console script's entry point."""
+    cli(prog_name="clipsearch")

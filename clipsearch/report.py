@@ -1,0 +1,101 @@
+"""A self-contained HTML page of search results: thumbnails inlined as JPEG data URIs, scores, paths.
+
+Every file name and query string goes through ``html.escape``, so a photo named
+``<script>alert(1)</script>.jpg`` shows as text. An image that cannot be read gets a placeholder
+tile instead of stopping the page.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+THUMB_SIZE = 256  # px, longest side: sharp on a 4-column grid, ~10-20 kB per photo as JPEG
+THUMB_QUALITY = 80
+
+_CSS = """
+:root { color-scheme: light dark; --bg: #f6f6f4; --card: #fff; --ink: #222; --muted: #6b6b6b; }
+@media (prefers-color-scheme: dark) { :root { --bg: #17181a; --card: #232427; --ink: #eee; --muted: #9a9a9a; } }
+* { box-sizing: border-box; }
+body { margin: 0; padding: 24px; font: 14px/1.4 system-ui, sans-serif; background: var(--bg); color: var(--ink); }
+header h1 { font-size: 20px; margin: 0 0 4px; }
+header p { margin: 0 0 20px; color: var(--muted); }
+.grid { display: grid; grid-template-columns: repeat(auto-fill, minmax(220px, 1fr)); gap: 16px; }
+figure { margin: 0; background: var(--card); border-radius: 8px; overflow: hidden;
+         box-shadow: 0 1px 3px rgba(0,0,0,.12); }
+figure a { display: block; aspect-ratio: 1; background: #0001; }
+figure img { width: 100%; height: 100%; object-fit: contain; display: block; }
+.missing { display: flex; align-items: center; justify-content: center; height: 100%;
+           color: var(--muted); font-size: 13px; }
+figcaption { padding: 8px 10px; }
+.score { font-weight: 600; font-variant-numeric: tabular-nums; }
+.rank { color: var(--muted); margin-right: 6px; }
+.path { color: var(--muted); font-size: 12px; word-break: break-all; }
+"""
+
+
+def thumbnail_data_uri(path: Path, size: int = THUMB_SIZE) -> str | None:
+    """A ``data:image/jpeg;base64,...`` thumbnail of ``path``, or None when it cannot be read."""
+    from clipsearch.errors import ImageDecodeError
+    from clipsearch.imageio import open_image
+
+    try:
+        img = open_image(path, draft_size=size)  # JPEGs decode at 1/2..1/8 scale
+        img.thumbnail((size, size))
+        buf = io.BytesIO()
+        img.convert("RGB").save(buf, format="JPEG", quality=THUMB_QUALITY, optimize=True)
+    except (ImageDecodeError, OSError, ValueError):
+        return None  # the page shows a placeholder tile for it
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def render_html(hits: Sequence, title: str, query_desc: str) -> str:
+    """The page as a string. ``hits`` have ``path``, ``score`` (and optionally ``label``)."""
+    e = html.escape
+    tiles = []
+    for rank, hit in enumerate(hits, start=1):
+        path = Path(hit.path)
+        uri = thumbnail_data_uri(path)
+        href = e(path.as_uri()) if path.is_absolute() else e(str(path))
+        if uri is None:
+            picture = '<div class="missing">cannot show this image</div>'
+        else:
+            picture = f'<img src="{uri}" alt="{e(path.name)}" loading="lazy">'
+        tiles.append(
+            f'<figure><a href="{href}">{picture}</a><figcaption>'
+            f'<span class="rank">#{rank}</span><span class="score">{hit.score:.4f}</span>'
+            f'<div class="path" title="{e(str(path))}">{e(str(path))}</div></figcaption></figure>'
+        )
+    count = f"{len(hits)} result{'s' if len(hits) != 1 else ''}"
+    body = "\n".join(tiles) if tiles else "<p>No results.</p>"
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        # Nothing on the page needs the network or scripts: forbid both.
+        '<meta http-equiv="Content-Security-Policy" content="default-src \'none\'; '
+        "img-src data:; style-src 'unsafe-inline'\">"
+        f"<title>{e(title)}</title><style>{_CSS}</style></head>\n<body>"
+        f"<header><h1>{e(title)}</h1><p>{e(query_desc)} &middot; {count}</p></header>\n"
+        f'<main class="grid">\n{body}\n</main></body></html>\n'
+    )
+
+
+def write_html(hits: Sequence, out_path: str | Path, title: str, query_desc: str) -> Path:
+    """Write the results page to ``out_path`` atomically; returns the path written."""
+    out = Path(out_path).expanduser()
+    page = render_html(hits, title, query_desc)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(page)
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out

@@ -1,0 +1,175 @@
+"""Search a library: a query (text, images, or a weighted mix of both) -> the closest photos.
+
+A query is a weighted sum of parts. Each part is encoded by the model (text by the text tower only,
+an image by the image tower after the model's own preprocessing) and L2-normalised; the parts are
+summed with their weights (a negative weight subtracts, e.g. ``"beach" --minus "people"``) and the
+sum is normalised again. Photos are ranked by cosine similarity through the library's FAISS index.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from clipsearch.errors import ClipsearchError, LibraryError
+
+
+class QueryError(ClipsearchError):
+    """A query that cannot be run: empty, an unreadable query image, parts that cancel out."""
+
+
+@dataclass(frozen=True)
+class QueryPart:
+    """One term of a query: ``kind`` is ``"text"`` or ``"image"`` (a file path), with a weight."""
+
+    kind: str
+    value: str
+    weight: float = 1.0
+
+    def describe(self) -> str:
+        sign = "-" if self.weight < 0 else "+"
+        w = abs(self.weight)
+        scale = "" if w == 1.0 else f"{w:g}*"
+        what = repr(self.value) if self.kind == "text" else f"image:{self.value}"
+        return f"{sign} {scale}{what}"
+
+
+@dataclass
+class Query:
+    """A weighted sum of text and image parts."""
+
+    parts: list[QueryPart] = field(default_factory=list)
+
+    @classmethod
+    def build(
+        cls,
+        text: str | None = None,
+        image: str | Path | None = None,
+        add: Sequence[str] = (),
+        minus: Sequence[str] = (),
+        add_image: Sequence[str | Path] = (),
+        minus_image: Sequence[str | Path] = (),
+        minus_weight: float = 1.0,
+    ) -> Query:
+        """The query of ``clipsearch query``: positive parts weigh +1, ``minus`` parts -minus_weight."""
+        parts = []
+        if text is not None:
+            parts.append(QueryPart("text", text, 1.0))
+        if image is not None:
+            parts.append(QueryPart("image", str(image), 1.0))
+        parts += [QueryPart("text", t, 1.0) for t in add]
+        parts += [QueryPart("image", str(p), 1.0) for p in add_image]
+        parts += [QueryPart("text", t, -minus_weight) for t in minus]
+        parts += [QueryPart("image", str(p), -minus_weight) for p in minus_image]
+        return cls(parts)
+
+    def describe(self) -> str:
+        """A human-readable form, e.g. ``'beach' - 'people'``."""
+        text = " ".join(p.describe() for p in self.parts)
+        return text[2:] if text.startswith("+ ") else text
+
+
+@dataclass(frozen=True)
+class Hit:
+    """One result: the photo's absolute path, its cosine similarity to the query, its library id."""
+
+    path: Path
+    score: float
+    image_id: int
+
+
+def encode_query(bundle, query: Query) -> np.ndarray:
+    """The normalised query vector ``float32 [D]``: the weighted sum of normalised part vectors."""
+    import torch
+
+    if not query.parts:
+        raise QueryError("empty query: give a text, --image PATH, --add or --add-image")
+    for p in query.parts:
+        if p.kind not in ("text", "image"):
+            raise QueryError(f"unknown query part kind {p.kind!r}")
+        if p.kind == "text" and not p.value.strip():
+            raise QueryError("empty query text")
+    model = bundle.model
+    device = _device(model)
+    texts = [p for p in query.parts if p.kind == "text"]
+    images = [p for p in query.parts if p.kind == "image"]
+    vectors: dict[int, torch.Tensor] = {}
+    with torch.no_grad():
+        if texts:
+            tokens = bundle.tokenizer([p.value for p in texts]).to(device)
+            feats = model.encode_text(tokens).float()  # [T, D]
+            for p, f in zip(texts, feats, strict=True):
+                vectors[id(p)] = f / f.norm()
+        if images:
+            preprocess = bundle.preprocess
+            pixels = torch.stack([preprocess(_open_query_image(p.value)) for p in images])  # [I, 3, H, W]
+            feats = model.encode_image(pixels.to(device=device, dtype=model.dtype)).float()  # [I, D]
+            for p, f in zip(images, feats, strict=True):
+                vectors[id(p)] = f / f.norm()
+    total = sum(p.weight * vectors[id(p)] for p in query.parts)
+    norm = float(total.norm())
+    if not np.isfinite(norm) or norm < 1e-6:
+        raise QueryError(f"the query parts cancel out ({query.describe()}): change the weights")
+    return (total / norm).cpu().numpy().astype(np.float32)
+
+
+def search(
+    library,
+    bundle,
+    query: Query,
+    top: int = 20,
+    under: Path | str | None = None,
+    threshold: float | None = None,
+    index_kind: str = "auto",
+) -> list[Hit]:
+    """The ``top`` photos closest to ``query`` (cosine similarity, best first).
+
+    ``under`` keeps photos in that folder's subtree (matched literally); ``threshold`` keeps hits
+    scoring at least that much. Uses the library's embeddings of ``bundle.model_id``.
+    """
+    from clipsearch.vectors import VectorIndex
+
+    if top < 1:
+        raise QueryError(f"--top must be at least 1, got {top}")
+    model_id = bundle.model_id
+    if model_id not in library.model_ids():
+        known = ", ".join(library.model_ids()) or "none"
+        raise LibraryError(
+            f"the library has no embeddings of model {model_id!r} (it has: {known}): "
+            "index with that model first or leave out --model"
+        )
+    q = encode_query(bundle, query)
+    allowed = library.image_ids_under(Path(under)) if under is not None else None
+    if allowed is not None and not allowed:
+        return []
+    index = VectorIndex.for_library(library, model_id, kind=index_kind)
+    scores, ids = index.search(q[None, :], top, allowed_ids=allowed)
+    pairs = [(float(s), int(i)) for s, i in zip(scores[0], ids[0], strict=True) if i >= 0]
+    if threshold is not None:
+        pairs = [(s, i) for s, i in pairs if s >= threshold]
+    paths = library.image_paths([i for _, i in pairs])
+    # An id the index still has but SQLite lost meanwhile (a concurrent index run) is skipped.
+    return [Hit(paths[i], s, i) for s, i in pairs if i in paths]
+
+
+def _open_query_image(path: str):
+    from clipsearch.errors import ImageDecodeError
+    from clipsearch.imageio import open_image
+
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise QueryError(f"query image not found: {path}")
+    try:
+        return open_image(p)
+    except ImageDecodeError as e:
+        raise QueryError(f"cannot read the query image {path}: {e.reason}") from e
+
+
+def _device(model):
+    try:
+        return next(model.parameters()).device
+    except (StopIteration, AttributeError):
+        return "cpu"
