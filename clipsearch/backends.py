@@ -1,0 +1,493 @@
+"""Image-tower inference backends built from our own CLIP model, and the automatic choice among them.
+
+Each backend turns a preprocessed batch ``[B, 3, H, W]`` (float32) into unnormalised image features
+``[B, D]`` (float32 numpy). They differ only in speed and numerics:
+
+=============  ===============================================================================
+``torch-fp32``  the model as loaded: the reference every other backend is measured against
+``torch-bf16``  a bf16 copy of the image tower (LayerNorm stays fp32); fast only on CPUs with
+                AVX512-bf16/AMX, so ``auto`` measures it only there (or on a GPU)
+``torch-int8``  dynamic int8 quantisation of the tower's ``nn.Linear`` layers
+``onnx-fp32``   the tower exported to ONNX once per model, run by ONNX Runtime
+``onnx-int8``   that export with ONNX Runtime's dynamic int8 weight quantisation
+=============  ===============================================================================
+
+``auto`` never trades accuracy silently: at first use for a model it runs every candidate on a
+calibration batch of photo-like images, keeps those whose features are at cosine >= 0.995 to
+``torch-fp32`` on every image, and picks the fastest. The verdict is cached beside the exported
+files under ``paths.home()/backends/<model>/`` and measured again when the machine or the library
+versions change. Nothing here imports torch or onnxruntime until it is needed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import json
+import os
+import re
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from clipsearch import paths
+from clipsearch.errors import ClipsearchError
+
+MIN_COSINE = 0.995  # the fidelity every fast path must keep against torch-fp32, on every image
+VERDICT_FILE = "verdict.json"
+_VERDICT_VERSION = 1
+_CALIBRATION_IMAGES = 8  # enough images to see a bad backend, few enough to measure in seconds
+_ONNX_OPSET = 17
+
+
+class BackendError(ClipsearchError):
+    """An inference backend was asked for by an unknown name, or cannot run on this machine."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Where exported models live
+
+
+def cache_dir(model_id: str) -> Path:
+    """The directory for files derived from model ``model_id`` (exports, verdicts); not created here.
+
+    Model ids contain ``/`` and ``:``, so the name is a readable slug plus a hash of the full id.
+    """
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", model_id)[:48].strip("._") or "model"
+    digest = hashlib.sha256(model_id.encode("utf-8")).hexdigest()[:12]
+    return paths.home() / "backends" / f"{slug}-{digest}"
+
+
+@contextlib.contextmanager
+def atomic_path(target: Path):
+    """Yield a temporary path beside ``target``; on success it is renamed onto ``target``.
+
+    A reader never sees a half-written export, and a crash leaves at most a stray temporary file.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def export_onnx(module, example_args: tuple, target: Path, input_names, output_names, dynamic_axes) -> Path:
+    """Export ``module`` with the TorchScript-based exporter to ``target``, atomically.
+
+    The tracing exporter records shapes symbolically, so the axes named in ``dynamic_axes`` (the batch,
+    and the sequence length of the text tower) stay free in the graph.
+    """
+    import torch
+
+    with atomic_path(target) as tmp, warnings.catch_warnings(), torch.inference_mode(False):
+        warnings.simplefilter("ignore")  # tracer and deprecation warnings about shape checks
+        torch.onnx.export(
+            module,
+            example_args,
+            str(tmp),
+            dynamo=False,
+            input_names=list(input_names),
+            output_names=list(output_names),
+            dynamic_axes=dynamic_axes,
+            opset_version=_ONNX_OPSET,
+            do_constant_folding=True,
+        )
+    return target
+
+
+def ort_session(path: Path, threads: int | None = None):
+    """An ONNX Runtime CPU session over ``path`` with ``threads`` intra-op threads (default: all cores)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = int(threads or os.cpu_count() or 1)
+    opts.inter_op_num_threads = 1  # one graph at a time; the parallelism is inside each operator
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.log_severity_level = 3  # errors only: the library never prints
+    return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+
+
+# --------------------------------------------------------------------------------------------------
+# The encoders
+
+
+class ImageEncoder:
+    """``encoder(batch [B, 3, H, W] float32) -> np.ndarray [B, D] float32``, unnormalised features."""
+
+    name: str = "?"
+
+    def __call__(self, batch) -> np.ndarray:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"<ImageEncoder {self.name}>"
+
+
+class TorchImageEncoder(ImageEncoder):
+    """Runs an image tower (``module(x) -> [B, D]``) in PyTorch, casting the input to ``dtype``."""
+
+    def __init__(self, name: str, module, dtype, device, threads: int | None = None):
+        import torch
+
+        if threads:
+            torch.set_num_threads(int(threads))
+        self.name = name
+        self._module = module.eval()
+        self._dtype = dtype
+        self._device = device
+
+    def __call__(self, batch) -> np.ndarray:
+        import torch
+
+        x = torch.as_tensor(batch)
+        with torch.inference_mode():
+            x = x.to(device=self._device, dtype=self._dtype)  # [B, 3, H, W]
+            out = self._module(x)  # [B, D]
+        return out.float().cpu().numpy()
+
+
+class OnnxImageEncoder(ImageEncoder):
+    """Runs an exported image tower in ONNX Runtime."""
+
+    def __init__(self, name: str, path: Path, threads: int | None = None):
+        self.name = name
+        self.path = Path(path)
+        self._session = ort_session(self.path, threads)
+        self._input = self._session.get_inputs()[0].name
+
+    def __call__(self, batch) -> np.ndarray:
+        if hasattr(batch, "detach"):
+            batch = batch.detach().cpu().numpy()
+        x = np.ascontiguousarray(batch, dtype=np.float32)  # [B, 3, H, W]
+        return self._session.run(None, {self._input: x})[0].astype(np.float32, copy=False)
+
+
+def _fp32_visual(model):
+    """The model's image tower in fp32 (a copy only when the model was loaded in lower precision)."""
+    import torch
+
+    if model.dtype == torch.float32:
+        return model.visual
+    return copy.deepcopy(model.visual).float()
+
+
+def _device(model):
+    return next(model.parameters()).device
+
+
+def _make_torch_fp32(bundle, threads, directory):
+    import torch
+
+    return TorchImageEncoder(
+        "torch-fp32", _fp32_visual(bundle.model), torch.float32, _device(bundle.model), threads
+    )
+
+
+def _make_torch_bf16(bundle, threads, directory):
+    import torch
+
+    from clipsearch.model import LayerNorm
+
+    visual = copy.deepcopy(_fp32_visual(bundle.model))
+    visual.to(torch.bfloat16)
+    for module in visual.modules():
+        if isinstance(module, LayerNorm):  # statistics in fp32: bf16 ones visibly shift the features
+            module.float()
+    return TorchImageEncoder("torch-bf16", visual, torch.bfloat16, _device(bundle.model), threads)
+
+
+def _make_torch_int8(bundle, threads, directory):
+    import torch
+    from torch.ao.quantization import quantize_dynamic
+
+    if _device(bundle.model).type != "cpu":
+        raise BackendError("torch-int8 runs on the CPU only; use torch-fp32 or torch-bf16 on a GPU")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao.quantization announces its move to torchao
+        visual = quantize_dynamic(
+            copy.deepcopy(_fp32_visual(bundle.model)), {torch.nn.Linear}, dtype=torch.qint8
+        )
+    return TorchImageEncoder("torch-int8", visual, torch.float32, torch.device("cpu"), threads)
+
+
+def image_onnx_path(bundle, directory: Path | None = None) -> Path:
+    """Export the image tower to ``<cache>/image-fp32.onnx`` unless it is there; returns its path."""
+    import torch
+
+    directory = Path(directory or cache_dir(bundle.model_id))
+    target = directory / "image-fp32.onnx"
+    if not target.is_file():
+        size = bundle.model.visual.input_resolution
+        example = torch.zeros(2, 3, size, size)  # [B, 3, H, W]; B stays free in the graph
+        tower = _fp32_visual(bundle.model)
+        if _device(bundle.model).type != "cpu":
+            tower = copy.deepcopy(tower).cpu()
+        export_onnx(
+            tower,
+            (example,),
+            target,
+            ["image"],
+            ["features"],
+            {"image": {0: "batch"}, "features": {0: "batch"}},
+        )
+    return target
+
+
+def _make_onnx_fp32(bundle, threads, directory):
+    return OnnxImageEncoder("onnx-fp32", image_onnx_path(bundle, directory), threads)
+
+
+def _make_onnx_int8(bundle, threads, directory):
+    directory = Path(directory or cache_dir(bundle.model_id))
+    target = directory / "image-int8.onnx"
+    if not target.is_file():
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        source = image_onnx_path(bundle, directory)
+        with atomic_path(target) as tmp, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            quantize_dynamic(str(source), str(tmp), weight_type=QuantType.QInt8)
+    return OnnxImageEncoder("onnx-int8", target, threads)
+
+
+Factory = Callable[..., ImageEncoder]  # (bundle, threads, directory) -> ImageEncoder
+
+BACKENDS: dict[str, Factory] = {
+    "torch-fp32": _make_torch_fp32,
+    "torch-bf16": _make_torch_bf16,
+    "torch-int8": _make_torch_int8,
+    "onnx-fp32": _make_onnx_fp32,
+    "onnx-int8": _make_onnx_int8,
+}
+
+
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU computes bf16 matrix products natively (AVX512-bf16 or AMX).
+
+    Elsewhere PyTorch emulates bf16 and it is slower than fp32, so ``auto`` does not even try it.
+    """
+    try:
+        import torch
+
+        if torch.backends.cpu.get_cpu_capability() == "AMX":  # reported only on Sapphire Rapids and later
+            return True
+    except (ImportError, AttributeError):
+        pass
+    try:
+        flags = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        return False
+    return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", flags))
+
+
+def default_candidates(bundle) -> list[str]:
+    """The backends ``auto`` measures for ``bundle`` on this machine."""
+    if _device(bundle.model).type != "cpu":
+        return ["torch-fp32", "torch-bf16"]
+    names = ["torch-fp32", "onnx-fp32", "onnx-int8", "torch-int8"]
+    if cpu_has_fast_bf16():
+        names.insert(1, "torch-bf16")
+    return names
+
+
+# --------------------------------------------------------------------------------------------------
+# Measuring and choosing
+
+
+def synthetic_photo(rng: np.random.Generator, width: int, height: int) -> np.ndarray:
+    """A photo-like RGB image ``[height, width, 3]`` uint8: smooth gradients, soft shapes, sensor noise.
+
+    Its statistics are close enough to a photograph's for calibration and for JPEG sizes that look
+    like a camera's (a flat random image would compress badly; a flat colour far too well).
+    """
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    yy /= max(height - 1, 1)
+    xx /= max(width - 1, 1)
+    img = np.empty((height, width, 3), np.float32)
+    for c in range(3):  # a sky-to-ground gradient with a tilt per channel
+        a, b, base = rng.uniform(-120, 120, 3)
+        img[..., c] = 128 + base * 0.5 + a * yy + b * xx
+    for _ in range(int(rng.integers(3, 8))):  # soft-edged discs and bands: objects and horizons
+        cy, cx, r = rng.uniform(0, 1), rng.uniform(0, 1), rng.uniform(0.05, 0.35)
+        colour = rng.uniform(-90, 90, 3)
+        d = np.sqrt((yy - cy) ** 2 + ((xx - cx) * width / height) ** 2)
+        weight = np.clip((r - d) / (0.02 + 0.1 * r), 0, 1)[..., None]
+        img += weight * colour
+    img += rng.normal(0, 6, (height, width, 3)).astype(np.float32)  # sensor noise
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def calibration_batch(bundle, n: int = _CALIBRATION_IMAGES, seed: int = 0):
+    """``n`` photo-like images passed through the bundle's eval transform: ``Tensor [n, 3, H, W]``."""
+    import torch
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    preprocess = bundle.preprocess
+    images = []
+    for _ in range(n):
+        w, h = int(rng.integers(320, 640)), int(rng.integers(240, 480))
+        images.append(preprocess(Image.fromarray(synthetic_photo(rng, w, h))))
+    return torch.stack(images)  # [n, 3, H, W]
+
+
+def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Cosine similarity of each row of ``a`` with the same row of ``b``: ``[B]``."""
+    a = np.asarray(a, np.float64)
+    b = np.asarray(b, np.float64)
+    norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    return (a * b).sum(axis=1) / np.maximum(norms, 1e-30)
+
+
+@dataclass
+class Measurement:
+    """One backend on the calibration batch: worst-image cosine to fp32 and images per second."""
+
+    name: str
+    cosine: float | None = None
+    images_per_s: float | None = None
+    error: str | None = None
+
+    @property
+    def faithful(self) -> bool:
+        return self.error is None and self.cosine is not None and self.cosine >= MIN_COSINE
+
+
+def time_encoder(encoder: ImageEncoder, batch, repeats: int = 2) -> float:
+    """Images per second of ``encoder`` on ``batch``: one warm-up, then the best of ``repeats`` runs."""
+    encoder(batch)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        encoder(batch)
+        best = min(best, time.perf_counter() - start)
+    return len(batch) / best
+
+
+def measure(
+    encoder: ImageEncoder, batch, reference: np.ndarray, repeats: int = 2, name: str | None = None
+) -> Measurement:
+    """Fidelity (the worst row's cosine to ``reference``) and speed of ``encoder`` on ``batch``."""
+    features = encoder(batch)
+    cosine = float(cosine_rows(features, reference).min()) if np.all(np.isfinite(features)) else -1.0
+    return Measurement(
+        name or encoder.name, cosine=cosine, images_per_s=time_encoder(encoder, batch, repeats)
+    )
+
+
+def _environment(threads: int | None) -> dict:
+    """What a cached verdict depends on besides the model: a change means measuring again."""
+    import onnxruntime
+    import torch
+
+    return {
+        "version": _VERDICT_VERSION,
+        "torch": torch.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "cpu": torch.backends.cpu.get_cpu_capability(),
+        "cores": os.cpu_count(),
+        "threads": threads,
+    }
+
+
+def _read_verdict(path: Path, env: dict) -> dict[str, Measurement]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, dict) or data.get("environment") != env:
+        return {}
+    out = {}
+    for name, m in data.get("backends", {}).items():
+        if isinstance(m, dict):
+            out[name] = Measurement(name, m.get("cosine"), m.get("images_per_s"), m.get("error"))
+    return out
+
+
+def _write_verdict(path: Path, env: dict, results: Mapping[str, Measurement], chosen: str) -> None:
+    record = {
+        "environment": env,
+        "min_cosine": MIN_COSINE,
+        "chosen": chosen,
+        "backends": {
+            m.name: {"cosine": m.cosine, "images_per_s": m.images_per_s, "error": m.error}
+            for m in results.values()
+        },
+    }
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(record, indent=2) + "\n")
+
+
+def choose_backend(
+    bundle,
+    *,
+    threads: int | None = None,
+    candidates: Mapping[str, Factory] | None = None,
+    batch=None,
+) -> tuple[str, dict[str, Measurement]]:
+    """Measure the candidates once (cached) and return ``(fastest faithful name, all measurements)``.
+
+    ``candidates`` maps names to factories (default: :func:`default_candidates` from
+    :data:`BACKENDS`); ``torch-fp32`` is always measured, as the reference. A backend whose worst
+    calibration image falls below :data:`MIN_COSINE`, or that fails to build or run, is never chosen.
+    """
+    if candidates is None:
+        candidates = {name: BACKENDS[name] for name in default_candidates(bundle)}
+    candidates = {"torch-fp32": BACKENDS["torch-fp32"], **candidates}
+    directory = cache_dir(bundle.model_id)
+    env = _environment(threads)
+    verdict_path = directory / VERDICT_FILE
+    results = {k: v for k, v in _read_verdict(verdict_path, env).items() if k in candidates}
+    missing = [name for name in candidates if name not in results]
+    if missing:
+        if batch is None:
+            batch = calibration_batch(bundle)
+        reference = candidates["torch-fp32"](bundle, threads, directory)(batch)
+        for name in missing:
+            try:
+                encoder = candidates[name](bundle, threads, directory)
+                results[name] = measure(encoder, batch, reference, name=name)
+            except (RuntimeError, ValueError, OSError, ImportError, BackendError) as e:
+                # the export, quantisation or runtime failed on this machine: recorded, never chosen
+                results[name] = Measurement(name, error=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
+    faithful = [m for m in results.values() if m.faithful and m.images_per_s]
+    chosen = max(faithful, key=lambda m: m.images_per_s).name if faithful else "torch-fp32"
+    if missing:
+        _write_verdict(verdict_path, env, results, chosen)
+    return chosen, results
+
+
+def make_image_encoder(
+    bundle,
+    backend: str = "auto",
+    *,
+    threads: int | None = None,
+    candidates: Mapping[str, Factory] | None = None,
+) -> ImageEncoder:
+    """An image encoder for ``bundle`` (a :class:`clipsearch.checkpoints.ModelBundle`).
+
+    ``backend``: ``auto`` (the fastest backend measured faithful on this machine: cosine >= 0.995 to
+    fp32), or one of :data:`BACKENDS` by name to force it. ``threads``: intra-op threads (default: all
+    cores). The first ``auto`` for a model exports and measures (seconds to a minute for ViT-B/32);
+    later ones read the cached verdict. Raises :class:`BackendError` for an unknown name.
+    """
+    directory = cache_dir(bundle.model_id)
+    if backend == "auto":
+        name, _ = choose_backend(bundle, threads=threads, candidates=candidates)
+        factory = {**BACKENDS, **(candidates or {})}[name]
+        return factory(bundle, threads, directory)
+    table = {**BACKENDS, **(candidates or {})}
+    if backend not in table:
+        raise BackendError(f"unknown inference backend {backend!r}; use auto or one of {', '.join(table)}")
+    return table[backend](bundle, threads, directory)

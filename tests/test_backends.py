@@ -1,0 +1,178 @@
+"""Every inference backend gives the fp32 features of the same weights; auto never picks an unfaithful one."""
+
+import json
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from clipsearch import backends
+from clipsearch.backends import MIN_COSINE, BackendError, ImageEncoder, make_image_encoder
+from clipsearch.checkpoints import ModelBundle
+from clipsearch.configs import get_config
+from clipsearch.model import build_model
+from clipsearch.tokenizer import Tokenizer
+from clipsearch.transform import PreprocessConfig
+
+
+def _bundle(arch: str, model_id: str, seed: int = 0) -> ModelBundle:
+    torch.manual_seed(seed)
+    cfg = get_config(arch)
+    model = build_model(cfg).eval()
+    pp = PreprocessConfig(image_size=cfg["vision_cfg"]["image_size"])
+    return ModelBundle(model=model, preprocess_cfg=pp, tokenizer=Tokenizer(), model_id=model_id, config=cfg)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return _bundle("tiny-vit", "test/tiny-vit")
+
+
+@pytest.fixture(scope="module")
+def images(tiny):
+    return backends.calibration_batch(tiny, n=6, seed=3)
+
+
+def _reference(bundle, batch) -> np.ndarray:
+    # independent of the backends module: the model's own public encode_image, in fp32
+    with torch.no_grad():
+        return bundle.model.encode_image(torch.as_tensor(batch)).numpy()
+
+
+@pytest.mark.parametrize("name", sorted(backends.BACKENDS))
+def test_each_backend_matches_fp32_features(tiny, images, name):
+    encoder = make_image_encoder(tiny, name, threads=2)
+    assert encoder.name == name
+    out = encoder(images)
+    assert out.dtype == np.float32 and out.shape == (6, 32)
+    cos = backends.cosine_rows(out, _reference(tiny, images))
+    assert cos.min() >= MIN_COSINE, (name, cos)
+    if name.endswith("fp32"):
+        np.testing.assert_allclose(out, _reference(tiny, images), rtol=1e-4, atol=1e-5)
+
+
+def test_encoders_accept_numpy_and_any_batch_size(tiny, images):
+    onnx = make_image_encoder(tiny, "onnx-fp32")
+    for b in (1, 3, 6):
+        out = onnx(images[:b].numpy())
+        np.testing.assert_allclose(out, _reference(tiny, images[:b]), rtol=1e-4, atol=1e-5)
+    assert make_image_encoder(tiny, "torch-fp32")(images.numpy()).shape == (6, 32)
+
+
+def test_export_is_cached_by_model_id(tiny):
+    first = backends.image_onnx_path(tiny)
+    assert first.parent == backends.cache_dir("test/tiny-vit")
+    stamp = first.stat().st_mtime_ns
+    assert backends.image_onnx_path(tiny) == first and first.stat().st_mtime_ns == stamp
+    assert backends.cache_dir("test/tiny-vit") != backends.cache_dir(
+        "test/tiny_vit"
+    )  # slug clash, hash differs
+    assert not list(first.parent.glob("*.tmp"))  # the atomic write left nothing behind
+
+
+def test_unknown_backend_is_a_typed_error(tiny):
+    with pytest.raises(BackendError, match="unknown inference backend 'tensorrt'"):
+        make_image_encoder(tiny, "tensorrt")
+
+
+class _Noisy(ImageEncoder):
+    """Deliberately bad and deliberately fast: fp32 features plus noise, instantly."""
+
+    def __init__(self, bundle, scale):
+        self.name = "noisy"
+        self._bundle = bundle
+        self._scale = scale
+        self._seen = {}
+
+    def __call__(self, batch):
+        if id(batch) not in self._seen:  # computed once per batch, so that timing finds it fast
+            self._seen[id(batch)] = _reference(self._bundle, batch)
+        ref = self._seen[id(batch)]
+        rng = np.random.default_rng(0)
+        return ref + self._scale * np.abs(ref).mean() * rng.standard_normal(ref.shape).astype(np.float32)
+
+
+class _Slow(ImageEncoder):
+    def __init__(self, bundle):
+        self.name = "slow-exact"
+        self._bundle = bundle
+
+    def __call__(self, batch):
+        time.sleep(0.05)
+        return _reference(self._bundle, batch)
+
+
+def test_auto_excludes_a_fast_backend_below_the_fidelity_threshold():
+    bundle = _bundle("tiny-vit", "test/auto-bad")
+    candidates = {"noisy": lambda b, t, d: _Noisy(b, 0.5), "slow-exact": lambda b, t, d: _Slow(b)}
+    name, results = backends.choose_backend(bundle, candidates=candidates)
+    assert (
+        results["noisy"].cosine < MIN_COSINE
+        and results["noisy"].images_per_s > results["slow-exact"].images_per_s
+    )
+    assert results["slow-exact"].cosine >= MIN_COSINE
+    assert name == "torch-fp32"  # faster than slow-exact; noisy is the fastest but unfaithful
+    assert make_image_encoder(bundle, "auto", candidates=candidates).name == "torch-fp32"
+
+
+def test_auto_picks_the_fastest_faithful_backend_and_caches_the_verdict():
+    bundle = _bundle("tiny-vit", "test/auto-good")
+    candidates = {"close": lambda b, t, d: _Noisy(b, 1e-4)}
+    name, results = backends.choose_backend(bundle, candidates=candidates)
+    assert results["close"].cosine >= MIN_COSINE and name == "close"
+    verdict = json.loads((backends.cache_dir("test/auto-good") / backends.VERDICT_FILE).read_text())
+    assert verdict["chosen"] == "close" and set(verdict["backends"]) == {"torch-fp32", "close"}
+
+    def boom(*args):
+        raise AssertionError("the cached verdict must be used, not measured again")
+
+    assert backends.choose_backend(bundle, candidates={"close": boom})[0] == "close"
+    # a changed environment (new library versions, another CPU) invalidates the verdict
+    verdict["environment"]["onnxruntime"] = "0.0"
+    (backends.cache_dir("test/auto-good") / backends.VERDICT_FILE).write_text(json.dumps(verdict))
+    with pytest.raises(AssertionError, match="cached verdict"):
+        backends.choose_backend(bundle, candidates={"close": boom})
+
+
+def test_a_backend_that_fails_to_build_is_recorded_and_never_chosen():
+    bundle = _bundle("tiny-vit", "test/auto-broken")
+
+    def broken(*args):
+        raise RuntimeError("no such runtime here")
+
+    name, results = backends.choose_backend(bundle, candidates={"broken": broken})
+    assert name == "torch-fp32"
+    assert "no such runtime" in results["broken"].error and not results["broken"].faithful
+
+
+def test_default_auto_on_tiny_model_is_faithful(tiny, images):
+    encoder = make_image_encoder(tiny, "auto")
+    _, results = backends.choose_backend(tiny)
+    assert results[encoder.name].faithful
+    assert backends.cosine_rows(encoder(images), _reference(tiny, images)).min() >= MIN_COSINE
+
+
+def test_bf16_is_only_tried_by_auto_where_the_cpu_has_it(tiny, monkeypatch):
+    monkeypatch.setattr(backends, "cpu_has_fast_bf16", lambda: False)
+    assert "torch-bf16" not in backends.default_candidates(tiny)
+    monkeypatch.setattr(backends, "cpu_has_fast_bf16", lambda: True)
+    assert "torch-bf16" in backends.default_candidates(tiny)
+
+
+def test_synthetic_photos_are_deterministic_and_photo_like():
+    a = backends.synthetic_photo(np.random.default_rng(5), 96, 64)
+    b = backends.synthetic_photo(np.random.default_rng(5), 96, 64)
+    assert a.shape == (64, 96, 3) and a.dtype == np.uint8 and np.array_equal(a, b)
+    # smooth: neighbouring pixels differ far less than random pixels do
+    assert np.abs(np.diff(a.astype(int), axis=1)).mean() < 0.3 * np.abs(a.astype(int) - a[::-1, ::-1]).mean()
+
+
+@pytest.mark.slow
+def test_vit_b32_sized_onnx_and_int8_stay_faithful():
+    bundle = _bundle("ViT-B-32-quickgelu", "test/vit-b-32")
+    batch = backends.calibration_batch(bundle, n=2)
+    ref = _reference(bundle, batch)
+    for name in ("onnx-fp32", "onnx-int8"):  # the export dominates; torch-int8 is checked on tiny-vit
+        cos = backends.cosine_rows(make_image_encoder(bundle, name)(batch), ref)
+        assert cos.min() >= MIN_COSINE, (name, cos)
