@@ -195,8 +195,14 @@ def download(
     import urllib.request
 
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+    except OSError as e:
+        raise DownloadError(
+            f"cannot write to {dest.parent} ({e.strerror or e}); make it writable or point "
+            f"${paths.ENV_HOME} at a directory that is"
+        ) from e
     tmp = Path(tmp_name)
     digest = hashlib.sha256()
     try:
@@ -338,13 +344,7 @@ def _load_pretrained(name: str, progress=None) -> ModelBundle:
     cfg = _named_config(entry["arch"])
     cfg["quick_gelu"] = entry["quick_gelu"]
     model = _build_and_load(cfg, state_dict, str(path))
-    preprocess_cfg = _preprocess_config(
-        cfg,
-        mean=entry.get("mean", OPENAI_MEAN),
-        std=entry.get("std", OPENAI_STD),
-        interpolation=entry.get("interpolation", "bicubic"),
-        resize_mode=entry.get("resize_mode", "shortest"),
-    )
+    preprocess_cfg = _preprocess_config(cfg, **_entry_preprocess(entry))
     return ModelBundle(model, preprocess_cfg, _clip_tokenizer(cfg), name, cfg)
 
 
@@ -730,6 +730,12 @@ def _preprocess_config(
         raise ModelLoadError(f"bad preprocessing config: {_first_line(e)}") from e
 
 
+def _entry_preprocess(entry: dict) -> dict:
+    """A registry entry's normalisation settings (OpenAI's unless it says otherwise)."""
+    keys = ("mean", "std", "interpolation", "resize_mode")
+    return {k: entry[k] for k in keys if k in entry}
+
+
 def _clip_tokenizer(cfg: dict):
     from clipsearch.tokenizer import Tokenizer
 
@@ -764,13 +770,7 @@ def _load_weights_file(path: Path, arch: str | None, quick_gelu: bool | None) ->
     if quick_gelu is not None:
         cfg["quick_gelu"] = bool(quick_gelu)
     model = _build_and_load(cfg, state_dict, str(path))
-    preprocess_cfg = _preprocess_config(
-        cfg,
-        mean=entry.get("mean", OPENAI_MEAN),
-        std=entry.get("std", OPENAI_STD),
-        interpolation=entry.get("interpolation", "bicubic"),
-        resize_mode=entry.get("resize_mode", "shortest"),
-    )
+    preprocess_cfg = _preprocess_config(cfg, **_entry_preprocess(entry))
     model_id = registered or f"file:{path.name}:{digest[:16]}"
     return ModelBundle(model, preprocess_cfg, _clip_tokenizer(cfg), model_id, cfg)
 

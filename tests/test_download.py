@@ -131,6 +131,12 @@ def test_http_error_is_a_download_error(server, tmp_path):
     assert _leftovers(tmp_path) == []
 
 
+def test_destination_blocked_by_a_file_is_a_download_error(server, tmp_path):
+    (tmp_path / "models").write_text("a file where the models directory should be")
+    with pytest.raises(DownloadError, match="cannot write"):
+        checkpoints.download(_url(server, "file.bin"), tmp_path / "models" / "w.bin")
+
+
 def _dead_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
