@@ -341,7 +341,14 @@ class _Run:
             if vectors is not None:
                 self._set_dim(c, vectors.shape[1])
             for res, vector in zip(self.batch, vectors if vectors is not None else [], strict=True):
-                image_id = self._add(c, res)
+                row = res.job.row
+                if row is not None and row[3] == res.content_hash:
+                    # Same content, first embedding of this model: keep the row and other models' vectors.
+                    image_id = row[0]
+                    lib.touch_image(c, image_id, res.size, res.mtime_ns)
+                    lib.clear_errors(c, [res.job.path])
+                else:
+                    image_id = self._add(c, res)
                 lib.put_embedding(c, image_id, self.model_id, vector)
                 if res.job.row is None or res.job.row[3] == res.content_hash:
                     report.new += 1  # a new file, or known content's first embedding of this model
