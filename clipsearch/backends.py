@@ -255,10 +255,24 @@ def _make_onnx_int8(bundle, threads, directory):
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
         source = image_onnx_path(bundle, directory)
-        with atomic_path(target) as tmp, warnings.catch_warnings():
+        with atomic_path(target) as tmp, warnings.catch_warnings(), _quiet_root_logger():
             warnings.simplefilter("ignore")
             quantize_dynamic(str(source), str(tmp), weight_type=QuantType.QInt8)
     return OnnxImageEncoder("onnx-int8", target, threads)
+
+
+@contextlib.contextmanager
+def _quiet_root_logger():
+    """ONNX Runtime's quantiser logs advice on the root logger; the library never prints."""
+    import logging
+
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
 
 
 Factory = Callable[..., ImageEncoder]  # (bundle, threads, directory) -> ImageEncoder

@@ -169,10 +169,11 @@ def test_synthetic_photos_are_deterministic_and_photo_like():
 
 
 @pytest.mark.slow
-def test_vit_b32_sized_onnx_and_int8_stay_faithful():
+def test_vit_b32_sized_onnx_and_torch_int8_stay_faithful():
     bundle = _bundle("ViT-B-32-quickgelu", "test/vit-b-32")
     batch = backends.calibration_batch(bundle, n=2)
     ref = _reference(bundle, batch)
-    for name in ("onnx-fp32", "onnx-int8"):  # the export dominates; torch-int8 is checked on tiny-vit
+    # onnx-int8 adds ~15 s of quantisation here; it is checked on tiny-vit and in benchmarks/backends.py
+    for name in ("onnx-fp32", "torch-int8"):
         cos = backends.cosine_rows(make_image_encoder(bundle, name)(batch), ref)
         assert cos.min() >= MIN_COSINE, (name, cos)
