@@ -60,13 +60,22 @@ def _base_vocab() -> list[str]:
     return chars + [c + "</w>" for c in chars]
 
 
-def _build_backend(merges: list[tuple[str, str]]):
+def _split_pre_tokenizer():
+    """OpenAI's regex in ``tokenizers``: keep the matches, drop what lies between (whitespace)."""
+    from tokenizers import Regex, pre_tokenizers
+
+    return pre_tokenizers.Split(Regex(_SPLIT_PATTERN), behavior="removed", invert=True)
+
+
+def _build_backend(merges: list[tuple[str, str]], split: bool):
     """A ``tokenizers.Tokenizer`` with OpenAI's layout: 512 byte symbols, one id per merge, 2 specials.
 
     The special tokens take the two last ids, so end-of-text is the largest id in every sequence
-    (the model pools the text at the argmax id).
+    (the model pools the text at the argmax id). ``split=False`` leaves the splitting to Python
+    (:func:`_words`), which is how :class:`Tokenizer` encodes; ``split=True`` puts OpenAI's regex
+    in the pipeline, for training and for a ``tokenizer.json`` that also works on its own.
     """
-    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from tokenizers import Tokenizer, models
 
     vocab = _base_vocab()
     seen = set(vocab)
@@ -77,34 +86,45 @@ def _build_backend(merges: list[tuple[str, str]]):
     ids = {tok: i for i, tok in enumerate(vocab)}
     bpe = models.BPE(vocab=ids, merges=merges, end_of_word_suffix="</w>", fuse_unk=False)
     tk = Tokenizer(bpe)
-    tk.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            # keep the regex matches, drop what lies between them (whitespace)
-            pre_tokenizers.Split(Regex(_SPLIT_PATTERN), behavior="removed", invert=True),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ]
-    )
+    _set_splitting(tk, split)
     tk.add_special_tokens([SOT_TEXT, EOT_TEXT])
     return tk
 
 
-@functools.cache
-def _literal_special_splitter():
-    from tokenizers import Regex, pre_tokenizers
+def _set_splitting(tk, split: bool) -> None:
+    from tokenizers import pre_tokenizers
 
-    pattern = f"{SOT_TEXT}|{EOT_TEXT}|{_SPLIT_PATTERN}"
-    return pre_tokenizers.Split(Regex(pattern), behavior="removed", invert=True)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tk.pre_tokenizer = pre_tokenizers.Sequence([_split_pre_tokenizer(), byte_level]) if split else byte_level
+
+
+@functools.cache
+def _word_pattern():
+    """OpenAI's regex, in the ``regex`` module with OpenAI's flags, the special tokens first.
+
+    The splitting runs in Python because Rust's Oniguruma disagrees with ``regex`` on a few hundred
+    code points (U+0345, which ``regex`` drops under IGNORECASE; letters new in recent Unicode
+    versions), and identical ids for every string is the contract.
+    """
+    import regex
+
+    return regex.compile(f"{SOT_TEXT}|{EOT_TEXT}|{_SPLIT_PATTERN}", regex.IGNORECASE)
+
+
+def _words(text: str) -> list[str]:
+    """Cleaned ``text`` cut into the words BPE merges within (special-token spellings kept whole)."""
+    return _word_pattern().findall(clean_text(text))
 
 
 @functools.cache
 def _clip_backend():
-    """OpenAI's tokenizer, built once per process (about 0.1 s; it is on the query path)."""
+    """OpenAI's tokenizer, built once per process (about 0.3 s; it is on the query path)."""
     from importlib.resources import files
 
     raw = files("clipsearch").joinpath("data", "bpe_simple_vocab_16e6.txt.gz").read_bytes()
     lines = gzip.decompress(raw).decode("utf-8").split("\n")
     merges = [tuple(line.split()) for line in lines[1 : _N_MERGES + 1]]  # line 0 is a header
-    return _build_backend(merges)
+    return _build_backend(merges, split=False)
 
 
 class Tokenizer:
@@ -114,13 +134,15 @@ class Tokenizer:
     end-of-text, zeros. Text longer than the context is cut, keeping end-of-text last.
     """
 
-    def __init__(self, context_length: int = 77, *, _backend=None, _kind: str = "clip-bpe"):
+    def __init__(self, context_length: int = 77, *, _backend=None, _json: str | None = None):
         if int(context_length) < 2:
             raise ValueError(
                 f"context_length must be at least 2 (start and end tokens), got {context_length}"
             )
         self.context_length = int(context_length)
-        self._kind = _kind
+        # a trained BPE keeps its tokenizer.json text (with the regex) to save it unchanged
+        self._json = _json
+        self._kind = "clip-bpe" if _json is None else "tokenizers-json"
         self._tk = _backend if _backend is not None else _clip_backend()
         self.sot_token_id = self._tk.token_to_id(SOT_TEXT)
         self.eot_token_id = self._tk.token_to_id(EOT_TEXT)
@@ -134,25 +156,12 @@ class Tokenizer:
     # -- text to ids -------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
         """The ids of ``text`` after clean-up, without start/end tokens."""
-        return self._tk.encode(clean_text(text), add_special_tokens=False).ids
+        return self.encode_batch([text])[0]
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        """:meth:`encode` for many texts at once (the splitting and merging run in parallel)."""
-        cleaned = [clean_text(t) for t in texts]
-        out = [e.ids for e in self._tk.encode_batch(cleaned, add_special_tokens=False)]
-        for i, text in enumerate(cleaned):
-            if SOT_TEXT in text or EOT_TEXT in text:
-                out[i] = self._encode_with_literal_specials(text)
-        return out
-
-    def _encode_with_literal_specials(self, text: str) -> list[int]:
-        """Text that spells a special token: split with the specials inside OpenAI's regex.
-
-        ``tokenizers`` cuts added tokens out before splitting, so ``"<<end_of_text>"`` would give
-        ``["<", EOT]``; OpenAI's single regex gives ``["<<", "end", "_", ...]``. Rare, so done here.
-        """
-        pieces = [p for p, _ in _literal_special_splitter().pre_tokenize_str(text)]
-        return [i for enc in self._tk.encode_batch(pieces, add_special_tokens=False) for i in enc.ids]
+        """:meth:`encode` for many texts at once (the merging runs in parallel, in Rust)."""
+        words = [_words(t) for t in texts]
+        return [e.ids for e in self._tk.encode_batch(words, is_pretokenized=True, add_special_tokens=False)]
 
     def __call__(self, texts: str | list[str], context_length: int | None = None):
         """``LongTensor [N, L]``: start, tokens, end, zero padding; over-long text keeps end last."""
@@ -227,7 +236,7 @@ class Tokenizer:
         if self._kind == "tokenizers-json":
             directory = Path(directory)
             directory.mkdir(parents=True, exist_ok=True)
-            self._tk.save(str(directory / TOKENIZER_FILE))
+            (directory / TOKENIZER_FILE).write_text(self._json, encoding="utf-8")
         return self.to_config()
 
     @classmethod
@@ -255,13 +264,13 @@ class Tokenizer:
         path = Path(directory) / name
         from tokenizers import Tokenizer as _Backend
 
+        text = path.read_text(encoding="utf-8")  # OSError when missing or unreadable
         try:
-            backend = _Backend.from_file(str(path))
+            backend = _Backend.from_str(text)
         except Exception as e:  # the Rust side raises a bare Exception for malformed JSON
-            if not path.is_file():
-                raise OSError(f"{path} does not exist") from e
             raise ValueError(f"{path} is not a tokenizers JSON file: {e}") from e
-        tok = cls(context_length=length, _backend=backend, _kind="tokenizers-json")
+        _set_splitting(backend, split=False)  # Python splits, as for OpenAI's vocabulary
+        tok = cls(context_length=length, _backend=backend, _json=text)
         for key in ("sot_token_id", "eot_token_id"):
             if key in cfg and int(cfg[key]) != getattr(tok, key):
                 raise ValueError(f"{path}: {key} is {getattr(tok, key)}, the model file says {cfg[key]}")
@@ -282,7 +291,7 @@ def train_bpe(texts: Iterable[str], vocab_size: int, context_length: int = 77) -
             f"vocab_size must be at least 515 (512 byte symbols, 2 specials, 1 merge), got {vocab_size}"
         )
     n_merges = vocab_size - 512 - 2
-    scratch = _build_backend([])
+    scratch = _build_backend([], split=True)
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size + 512,  # the trainer counts its own alphabet; we keep only n_merges merges
         min_frequency=2,
@@ -294,4 +303,5 @@ def train_bpe(texts: Iterable[str], vocab_size: int, context_length: int = 77) -
     scratch.train_from_iterator((clean_text(t) for t in texts), trainer=trainer)
     learned = json.loads(scratch.to_str())["model"]["merges"]
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in learned][:n_merges]
-    return Tokenizer(context_length, _backend=_build_backend(merges), _kind="tokenizers-json")
+    saved = _build_backend(merges, split=True).to_str(pretty=True)
+    return Tokenizer(context_length, _backend=_build_backend(merges, split=False), _json=saved)
