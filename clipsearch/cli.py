@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import tempfile
 import traceback
 from pathlib import Path
 
@@ -35,7 +34,7 @@ MAX_FAILURES_SHOWN = 20
 def _console(stderr: bool = False):
     from rich.console import Console
 
-    return Console(stderr=stderr, highlight=False, soft_wrap=not stderr)
+    return Console(stderr=stderr, highlight=False, soft_wrap=True)
 
 
 def _echo_json(data) -> None:
@@ -647,9 +646,9 @@ def export(state: _State, file: Path, model_id: str | None):
     target = Path(file).expanduser()
     if not target.parent.is_dir():
         raise ClipsearchError(f"cannot write {target}: folder {target.parent} does not exist")
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")  # opened normally: the umask sets its mode
     try:
-        with os.fdopen(fd, "wb") as f:  # a file object: numpy would otherwise append .npz to the name
+        with open(tmp, "wb") as f:  # a file object: numpy would otherwise append .npz to the name
             np.savez(
                 f,
                 paths=np.array([str(p) for p in paths], dtype=str),
@@ -659,8 +658,7 @@ def export(state: _State, file: Path, model_id: str | None):
             )
         os.replace(tmp, target)
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        tmp.unlink(missing_ok=True)
     _console(stderr=True).print(
         f"Exported {len(ids)} embeddings of {model_id} ({vectors.shape[1] if vectors.ndim == 2 else 0}-d) to {target}",
         markup=False,

@@ -11,7 +11,6 @@ import base64
 import html
 import io
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -90,12 +89,10 @@ def write_html(hits: Sequence, out_path: str | Path, title: str, query_desc: str
     out = Path(out_path).expanduser()
     page = render_html(hits, title, query_desc)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")  # opened normally: the umask sets its mode
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(page)
+        tmp.write_text(page, encoding="utf-8")
         os.replace(tmp, out)
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        tmp.unlink(missing_ok=True)
     return out

@@ -13,7 +13,6 @@ sidecar that is not well-formed XML is left untouched and reported.
 from __future__ import annotations
 
 import os
-import tempfile
 import xml.etree.ElementTree as ET
 from collections.abc import Sequence
 from pathlib import Path
@@ -114,12 +113,11 @@ def write_keywords(image: str | Path, keywords: Sequence[str]) -> Path:
             d.remove(old)
     _set_bag(holder, "clipsearch", "keywords", ours_now)
     ET.indent(tree, space=" ")
-    fd, tmp = tempfile.mkstemp(dir=side.parent, prefix=f".{side.name}.", suffix=".tmp")
+    tmp = side.with_name(f".{side.name}.{os.getpid()}.tmp")  # opened normally: the umask sets its mode
     try:
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "wb") as f:
             tree.write(f, encoding="utf-8", xml_declaration=True)  # ElementTree escapes text
         os.replace(tmp, side)
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        tmp.unlink(missing_ok=True)
     return side
