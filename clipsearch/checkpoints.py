@@ -507,7 +507,7 @@ class _TensorOnlyUnpickler(pickle.Unpickler):
             return self._classes[qualname]
         if module == "torch._utils" and name == "_rebuild_tensor_v2":
             return _rebuild_tensor
-        if module == "torch" and name in _STORAGE_DTYPES:
+        if module in ("torch", "torch.cuda") and name in _STORAGE_DTYPES:  # dtype tags only
             return _StorageType(_STORAGE_DTYPES[name])
         if (module, name) in self._SAFE_GLOBALS:
             return self._SAFE_GLOBALS[(module, name)]
