@@ -1,0 +1,125 @@
+"""Search: query vectors against the model computed by hand, rankings against brute force over the
+stored embeddings, literal subtree filters, thresholds and the errors a user can cause."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from e2e_helpers import make_tiny_model, write_photo
+from PIL import Image
+
+from clipsearch.checkpoints import load_bundle
+from clipsearch.errors import LibraryError
+from clipsearch.indexer import index_paths
+from clipsearch.search import Query, QueryError, QueryPart, encode_query, search
+from clipsearch.store import Library
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("search")
+    bundle = load_bundle(make_tiny_model(root / "tiny"))
+    photos = root / "photos"
+    for n in range(6):
+        write_photo(photos / f"p{n}.jpg", 10 + n)
+    # Folder names a LIKE pattern would confuse: '%' and '_' must match literally.
+    write_photo(photos / "50%_off" / "sale.png", 20)
+    write_photo(photos / "50x_off" / "other.png", 21)
+    write_photo(photos / "5000off" / "third.png", 22)
+    lib = Library.open(photos / "lib.db", create=True)
+    index_paths(lib, bundle, [photos], workers=1)
+    yield lib, bundle, photos
+    lib.close()
+
+
+def _text_vec(bundle, text: str) -> torch.Tensor:
+    with torch.no_grad():
+        f = bundle.model.encode_text(bundle.tokenizer([text]))[0]
+    return f / f.norm()
+
+
+def test_text_query_vector_is_the_normalised_text_embedding(setup):
+    _, bundle, _ = setup
+    got = encode_query(bundle, Query([QueryPart("text", "a dog on a beach")]))
+    np.testing.assert_allclose(got, _text_vec(bundle, "a dog on a beach").numpy(), atol=1e-6)
+    assert got.dtype == np.float32
+
+
+def test_combined_query_is_the_normalised_weighted_sum(setup):
+    _, bundle, photos = setup
+    q = Query.build(
+        "beach", add=["sunset"], minus=["people"], minus_image=[photos / "p1.jpg"], minus_weight=0.5
+    )
+    assert q.describe() == "'beach' + 'sunset' - 0.5*'people' - 0.5*image:" + str(photos / "p1.jpg")
+    img = bundle.preprocess(Image.open(photos / "p1.jpg").convert("RGB"))
+    with torch.no_grad():
+        iv = bundle.model.encode_image(img[None])[0]
+    iv = iv / iv.norm()
+    total = (
+        _text_vec(bundle, "beach")
+        + _text_vec(bundle, "sunset")
+        - 0.5 * _text_vec(bundle, "people")
+        - 0.5 * iv
+    )
+    np.testing.assert_allclose(encode_query(bundle, q), (total / total.norm()).numpy(), atol=1e-5)
+
+
+def test_ranking_equals_brute_force_over_stored_embeddings(setup):
+    lib, bundle, _ = setup
+    q = Query.build("a red square", minus=["blue"])
+    hits = search(lib, bundle, q, top=5)
+    ids, paths, vectors = lib.embeddings(bundle.model_id)
+    scores = vectors @ encode_query(bundle, q)
+    order = np.argsort(-scores)[:5]
+    assert [h.image_id for h in hits] == ids[order].tolist()
+    np.testing.assert_allclose([h.score for h in hits], scores[order], atol=1e-5)
+    assert [h.path for h in hits] == [paths[i] for i in order]
+    assert all(h.path.is_absolute() and h.path.exists() for h in hits)
+
+
+def test_query_by_an_indexed_image_finds_itself_first(setup):
+    lib, bundle, photos = setup
+    hits = search(lib, bundle, Query.build(image=photos / "p3.jpg"), top=3)
+    assert hits[0].path == photos / "p3.jpg"
+    assert hits[0].score == pytest.approx(1.0, abs=1e-4)
+    assert hits[1].score < hits[0].score
+
+
+def test_subtree_filter_is_literal(setup):
+    lib, bundle, photos = setup
+    hits = search(lib, bundle, Query.build("sale"), top=20, under=photos / "50%_off")
+    assert [h.path for h in hits] == [photos / "50%_off" / "sale.png"]
+    assert len(search(lib, bundle, Query.build("sale"), top=20, under=photos)) == 9
+    assert search(lib, bundle, Query.build("sale"), under=photos / "nothing-here") == []
+
+
+def test_threshold_and_top(setup):
+    lib, bundle, photos = setup
+    every = search(lib, bundle, Query.build(image=photos / "p0.jpg"), top=100)
+    assert len(every) == 9
+    cut = (every[2].score + every[3].score) / 2
+    kept = search(lib, bundle, Query.build(image=photos / "p0.jpg"), top=100, threshold=cut)
+    assert [h.image_id for h in kept] == [h.image_id for h in every[:3]]
+    assert len(search(lib, bundle, Query.build("x"), top=2)) == 2
+    assert search(lib, bundle, Query.build("x"), threshold=1.01) == []
+
+
+def test_query_errors(setup, tmp_path):
+    lib, bundle, photos = setup
+    with pytest.raises(QueryError, match="empty query"):
+        search(lib, bundle, Query([]))
+    with pytest.raises(QueryError, match="cancel out"):
+        search(lib, bundle, Query.build("beach", minus=["beach"]))
+    with pytest.raises(QueryError, match="not found"):
+        search(lib, bundle, Query.build(image=tmp_path / "missing.jpg"))
+    (tmp_path / "text.jpg").write_text("hello")
+    with pytest.raises(QueryError, match="cannot read the query image"):
+        search(lib, bundle, Query.build(image=tmp_path / "text.jpg"))
+    with pytest.raises(QueryError, match="at least 1"):
+        search(lib, bundle, Query.build("x"), top=0)
+    with pytest.raises(QueryError, match="empty query text"):
+        search(lib, bundle, Query.build("   "))
+    other = load_bundle(make_tiny_model(tmp_path / "other", seed=1))
+    with pytest.raises(LibraryError, match="no embeddings of model"):
+        search(lib, other, Query.build("x"))
