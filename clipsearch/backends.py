@@ -74,6 +74,9 @@ def atomic_path(target: Path):
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; an export is as readable as any file
     try:
         yield Path(tmp)
         os.replace(tmp, target)
@@ -106,15 +109,23 @@ def export_onnx(module, example_args: tuple, target: Path, input_names, output_n
     return target
 
 
-def ort_session(path: Path, threads: int | None = None):
-    """An ONNX Runtime CPU session over ``path`` with ``threads`` intra-op threads (default: all cores)."""
+def ort_session(path: Path, threads: int | None = None, *, quick_start: bool = False):
+    """An ONNX Runtime CPU session over ``path`` with ``threads`` intra-op threads (default: all cores).
+
+    ``quick_start``: for a process that runs the graph once (a query), skip the load-time work that
+    only pays off over many runs (full graph rewriting, pre-packing the weights of every MatMul).
+    """
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = int(threads or os.cpu_count() or 1)
     opts.inter_op_num_threads = 1  # one graph at a time; the parallelism is inside each operator
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.log_severity_level = 3  # errors only: the library never prints
+    if quick_start:
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        opts.add_session_config_entry("session.disable_prepacking", "1")
+    else:
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
 
 

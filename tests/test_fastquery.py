@@ -1,0 +1,177 @@
+"""The torch-free query path gives the torch text tower's features and the same search results."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+from clipsearch import fastquery
+from clipsearch.checkpoints import ModelBundle
+from clipsearch.configs import get_config
+from clipsearch.errors import LibraryError
+from clipsearch.model import build_model
+from clipsearch.search import Query, QueryError, search
+from clipsearch.store import Library
+from clipsearch.tokenizer import Tokenizer, train_bpe
+from clipsearch.transform import PreprocessConfig
+
+TEXTS = [
+    "a dog",
+    "",
+    "A photo of a cat sitting on a red sofa, next to a window at sunset",
+    "café déjà vu &amp; naïve — “quotes”",
+    "the literal <end_of_text> and <<start_of_text>> tokens",
+    " ".join(["word"] * 120),  # longer than the context: cut, end-of-text kept last
+    "12345 ok",
+]
+
+
+def _bundle(model_id: str, tokenizer=None, seed: int = 0) -> ModelBundle:
+    torch.manual_seed(seed)
+    cfg = get_config("tiny-vit")
+    model = build_model(cfg).eval()
+    return ModelBundle(model, PreprocessConfig(image_size=64), tokenizer or Tokenizer(), model_id, cfg)
+
+
+@pytest.fixture
+def tiny():
+    bundle = _bundle("test/tiny-text")
+    fastquery.ensure_text_encoder(bundle)
+    return bundle
+
+
+def _torch_features(bundle, texts, eot_cut=True) -> np.ndarray:
+    model = bundle.model
+    model._eot_cut = eot_cut
+    try:
+        with torch.no_grad():
+            return model.encode_text(bundle.tokenizer(texts)).numpy()
+    finally:
+        model._eot_cut = True
+
+
+@pytest.mark.parametrize("eot_cut", [True, False])
+def test_onnx_text_features_equal_the_torch_text_tower(tiny, eot_cut):
+    for texts in (TEXTS, TEXTS[:1], TEXTS[2:3], TEXTS[5:], ["x"] * 3):  # batches of different cut lengths
+        ours = fastquery.text_features("test/tiny-text", texts, normalize=False, cache=False)
+        ref = _torch_features(tiny, texts, eot_cut)
+        np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_normalised_features_and_the_cache_give_the_same_answer(tiny, monkeypatch):
+    first = fastquery.text_features("test/tiny-text", TEXTS)
+    np.testing.assert_allclose(np.linalg.norm(first, axis=1), 1.0, rtol=1e-5)
+    ref = _torch_features(tiny, TEXTS)
+    np.testing.assert_allclose(first, ref / np.linalg.norm(ref, axis=1, keepdims=True), rtol=1e-4, atol=1e-5)
+
+    def no_model(*args):
+        raise AssertionError("cached texts must not run the model")
+
+    monkeypatch.setattr(fastquery, "_encode", no_model)
+    again = fastquery.text_features("test/tiny-text", list(reversed(TEXTS)))
+    np.testing.assert_array_equal(again, first[::-1])
+    with pytest.raises(AssertionError, match="must not run"):
+        fastquery.text_features("test/tiny-text", ["never seen before"])
+
+
+def test_tokens_equal_the_tokenizer_cut_after_the_last_end_of_text(tiny):
+    ids = fastquery.tokenize("test/tiny-text", TEXTS)
+    full = Tokenizer()(TEXTS).numpy()
+    assert ids.shape == (len(TEXTS), 77)  # the 120-word text fills the context
+    np.testing.assert_array_equal(ids, full)
+    short = fastquery.tokenize("test/tiny-text", ["a dog", "a"])
+    assert short.shape == (2, 4)  # start, a, dog, end
+    np.testing.assert_array_equal(short, Tokenizer()(["a dog", "a"]).numpy()[:, :4])
+
+
+def test_a_trained_tokenizer_is_exported_with_the_model():
+    corpus = [f"photo number {i} of a red bicycle near the sea" for i in range(200)]
+    tok = train_bpe(corpus, vocab_size=600, context_length=16)
+    bundle = _bundle("test/trained-bpe", tokenizer=tok)
+    fastquery.ensure_text_encoder(bundle)
+    texts = ["a red bicycle", "sea", "a very very long text that is longer than sixteen tokens for sure, yes"]
+    np.testing.assert_array_equal(fastquery.tokenize("test/trained-bpe", texts), tok(texts).numpy())
+    ours = fastquery.text_features("test/trained-bpe", texts, normalize=False)
+    np.testing.assert_allclose(ours, _torch_features(bundle, texts), rtol=1e-4, atol=1e-5)
+
+
+def test_an_unexported_model_is_a_typed_error():
+    with pytest.raises(fastquery.TextEncoderMissing, match="no fast text encoder for model 'never/exported'"):
+        fastquery.text_features("never/exported", ["a dog"])
+
+
+def test_export_is_done_once_and_redone_when_incomplete(tiny):
+    path = fastquery.ensure_text_encoder(tiny)
+    stamp = path.stat().st_mtime_ns
+    assert fastquery.ensure_text_encoder(tiny) == path and path.stat().st_mtime_ns == stamp
+    assert path.with_name(path.name + ".data").is_file()  # weights beside the graph, memory-mapped
+    assert not [p for p in path.parent.iterdir() if p.name.startswith(".")]  # no temporary left
+    (path.parent / fastquery.TEXT_META).unlink()  # an export interrupted before its meta file
+    with pytest.raises(fastquery.TextEncoderMissing):
+        fastquery._meta("test/tiny-text")
+    fastquery.ensure_text_encoder(tiny)
+    np.testing.assert_allclose(
+        fastquery.text_features("test/tiny-text", ["a dog"], normalize=False, cache=False),
+        _torch_features(tiny, ["a dog"]),
+        rtol=1e-4,
+        atol=1e-5,
+    )
+
+
+def _library(tmp_path, bundle, n=40) -> Library:
+    lib = Library.open(tmp_path / "lib.db", create=True)
+    lib.register_model(bundle.model_id, "test", dim=32)
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((n, 32)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    (tmp_path / "photos").mkdir()
+    with lib.transaction() as c:
+        for i, v in enumerate(vectors):
+            path = tmp_path / "photos" / f"{i}.jpg"
+            image_id = lib.add_image(c, path, size=1, mtime_ns=1, content_hash=f"h{i}")
+            lib.put_embedding(c, image_id, bundle.model_id, v)
+    return lib
+
+
+def test_search_gives_the_torch_path_results(tiny, tmp_path):
+    lib = _library(tmp_path, tiny)
+    for query in (Query.build("a dog"), Query.build("beach", add=["sunset"], minus=["people"])):
+        fast = fastquery.search(lib, tiny.model_id, query, top=5)
+        slow = search(lib, tiny, query, top=5)
+        assert [h.image_id for h in fast] == [h.image_id for h in slow] and len(fast) == 5
+        np.testing.assert_allclose([h.score for h in fast], [h.score for h in slow], rtol=1e-4, atol=1e-5)
+        assert [h.path for h in fast] == [h.path for h in slow]
+    with pytest.raises(QueryError, match="text only"):
+        fastquery.search(lib, tiny.model_id, Query.build(image="x.jpg"))
+    with pytest.raises(QueryError, match="empty query text"):
+        fastquery.search(lib, tiny.model_id, Query.build("  "))
+    with pytest.raises(QueryError, match="cancel out"):
+        fastquery.search(lib, tiny.model_id, Query.build("dog", minus=["dog"]))
+    with pytest.raises(LibraryError, match="no embeddings of model 'other'"):
+        fastquery.search(lib, "other", Query.build("dog"))
+    lib.close()
+
+
+def test_a_query_process_never_imports_torch(tiny, tmp_path):
+    _library(tmp_path, tiny).close()
+    script = textwrap.dedent(
+        f"""
+        import sys
+        from clipsearch import fastquery
+        from clipsearch.search import Query
+        from clipsearch.store import Library
+        lib = Library.open({str(tmp_path / "lib.db")!r}, readonly=True)
+        hits = fastquery.search(lib, "test/tiny-text", Query.build("a dog on a beach"), top=3)
+        assert len(hits) == 3, hits
+        loaded = sorted(m for m in sys.modules if m == "torch" or m.startswith("torch."))
+        print("TORCH", loaded)
+        """
+    )
+    env = {**os.environ, "CLIPSEARCH_HOME": os.environ["CLIPSEARCH_HOME"]}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "TORCH []" in out.stdout
