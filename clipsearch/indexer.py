@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import sqlite3
 import stat
 import time
 from collections import deque
@@ -37,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from clipsearch.errors import ClipsearchError, ImageDecodeError
+from clipsearch.errors import ClipsearchError, ImageDecodeError, LibraryError
 from clipsearch.imageio import DEFAULT_MAX_PIXELS, open_image
 from clipsearch.store import Library
 from clipsearch.walk import walk
@@ -132,15 +133,18 @@ def index_paths(
     progress: Callable[[dict], None] | None = None,
     source: str | None = None,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    update_vectors: bool = True,
 ) -> IndexReport:
     """Index the images under ``paths`` into ``library`` with ``bundle``'s model.
 
     ``bundle`` needs ``model`` (with ``encode_image``), ``preprocess`` (PIL image -> Tensor
     [3, H, W]) and ``model_id``; ``source`` (default ``bundle.source`` if present, else the model id)
-    is recorded as how to load the model again; images over ``max_pixels`` are refused unread. ``progress`` receives
+    is recorded as how to load the model again; images over ``max_pixels`` are refused unread;
+    ``update_vectors`` brings the model's saved FAISS index in step at the end. ``progress`` receives
     ``{"event": "scan", "found": n}``, ``{"event": "start", "total": n}``, ``{"event": "advance",
     "n": k}`` and ``{"event": "done"}``. Raises :class:`IndexPathError` for a missing path and
-    ``LibraryError`` when another index run holds the library.
+    ``LibraryError`` when another index run holds the library or the database cannot be written
+    (e.g. a full disk; committed batches are kept).
     """
     started = time.monotonic()
     emit = progress or (lambda event: None)
@@ -154,12 +158,26 @@ def index_paths(
     with library.writer_lock():
         config = getattr(bundle, "config", None)
         dim = config.get("embed_dim") if isinstance(config, dict) else None
-        library.register_model(model_id, source or getattr(bundle, "source", None) or model_id, dim, config)
-        found = walk(paths, exclude=exclude, include_hidden=include_hidden)
-        emit({"event": "scan", "found": len(found.files)})
-        n_workers = workers or min(4, os.cpu_count() or 1)
-        run = _Run(library, bundle, report, batch_size, n_workers, emit, max_pixels)
-        run.execute(found)
+        try:
+            library.register_model(
+                model_id, source or getattr(bundle, "source", None) or model_id, dim, config
+            )
+            found = walk(paths, exclude=exclude, include_hidden=include_hidden)
+            emit({"event": "scan", "found": len(found.files)})
+            n_workers = workers or min(4, os.cpu_count() or 1)
+            run = _Run(library, bundle, report, batch_size, n_workers, emit, max_pixels)
+            run.execute(found)
+            if update_vectors:
+                from clipsearch.vectors import VectorIndex
+
+                # Bring the saved FAISS index in step now (by id), so the next query just maps it.
+                VectorIndex.for_library(library, model_id)
+        except sqlite3.OperationalError as e:
+            # Disk full, I/O error, a lock held past the busy timeout: what was committed is kept.
+            raise LibraryError(
+                f"writing to {library.path} failed ({e}); the batches done so far are saved: "
+                "fix the cause and run index again"
+            ) from e
     report.seconds = time.monotonic() - started
     emit({"event": "done"})
     return report
@@ -420,13 +438,13 @@ class _Run:
         lib = self.lib
         with lib.transaction() as c:
             self.report.removed = lib.remove_images(c, sorted(self.gone_ids))
-            failed_now = {str(p) for p, _ in self.report.failed}
+            failed_now = {lib.stored_path(p) for p, _ in self.report.failed}
 
             def keep(path: Path) -> bool:
                 # An error stays while its file is outside what was scanned, or failed again now.
                 if not _inside_any(path, found.roots):
                     return True
-                return str(path) in failed_now
+                return lib.stored_path(path) in failed_now
 
             lib.clear_errors_where(c, keep)
 

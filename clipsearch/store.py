@@ -228,10 +228,13 @@ class Library:
         self.conn.execute("BEGIN IMMEDIATE")
         try:
             yield self.conn
+            self.conn.execute("COMMIT")
         except BaseException:
-            self.conn.execute("ROLLBACK")
+            # SQLite may have rolled back already (e.g. on a full disk); a second ROLLBACK would
+            # replace the real error with "no transaction is active".
+            if self.conn.in_transaction:
+                self.conn.execute("ROLLBACK")
             raise
-        self.conn.execute("COMMIT")
 
     @property
     def lock_path(self) -> Path:
@@ -280,9 +283,11 @@ class Library:
         """How ``path`` is stored: POSIX-relative to :attr:`root` when under it, else absolute."""
         p = _absolute(path)
         try:
-            return p.relative_to(self.root).as_posix()
+            text = p.relative_to(self.root).as_posix()
         except ValueError:
-            return str(p)
+            text = str(p)
+        # Names that are not UTF-8 (possible on Linux) are kept readable rather than failing SQLite.
+        return os.fsencode(text).decode("utf-8", "backslashreplace")
 
     def abspath(self, stored: str) -> Path:
         """A stored path as an absolute path (relative ones are under :attr:`root`)."""

@@ -53,6 +53,14 @@ def _excluded(rel: str, name: str, exclude: Sequence[str]) -> bool:
     return any(fnmatch.fnmatchcase(rel, g) or fnmatch.fnmatchcase(name, g) for g in exclude)
 
 
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _reason(e: OSError) -> str:
     if e.errno in (errno.EACCES, errno.EPERM):
         return "permission denied"
@@ -81,6 +89,10 @@ def walk(
         if os.path.splitext(name)[1].lower() not in exts:
             return
         if _excluded(rel, name, exclude):
+            return
+        if not _utf8(str(path)):
+            # The library stores paths as UTF-8 text; bytes that are not UTF-8 cannot round-trip.
+            result.failed.append((path, "undecodable name", "the file name is not valid UTF-8: rename it"))
             return
         try:
             st = os.stat(path)  # follows symlinks: the target's kind matters

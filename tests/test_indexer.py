@@ -301,9 +301,13 @@ def test_vector_index_follows_index_runs(lib, photos):
     assert len(index) == 6
     (photos / "img0.png").unlink()
     write_image(photos / "n.png", 77)
-    index_paths(lib, bundle, [photos])
+    index_paths(lib, bundle, [photos], update_vectors=False)
     index = VectorIndex.for_library(lib, "fake/v1")
-    assert index.updated and not index.rebuilt
+    assert index.updated and not index.rebuilt  # by id, not rebuilt
+    write_image(photos / "n2.png", 78)
+    index_paths(lib, bundle, [photos])  # the run itself brings the saved index in step
+    index = VectorIndex.for_library(lib, "fake/v1")
+    assert not index.updated and not index.rebuilt
     ids, paths, vecs = lib.embeddings("fake/v1")
     assert index.ids() == set(ids.tolist())
     _, got = index.search(vecs, 1)
@@ -406,3 +410,34 @@ def test_sigkill_mid_run_loses_nothing_and_the_next_run_completes(tmp_path):
         ids, paths, _ = lib.embeddings("slow")
         assert sorted(paths) == sorted(photos.glob("*.png"))  # every image exactly once
         assert lib.stats()["images"] == n
+
+
+def test_odd_unicode_names_index_and_non_utf8_names_are_reported(lib, photos):
+    write_image(photos / "café ☕ 写真.png", 40)
+    write_image(photos / "cafe\u0301.png", 41)  # the same word in decomposed form: another file
+    bad = os.fsdecode(bytes(photos) + b"/bad\xff.png")
+    write_image(Path(bad), 42)
+    report = index_paths(lib, FakeBundle(), [photos])
+    assert report.new == 8
+    names = {Path(p).name for p in stored_paths(lib)}
+    assert {"café ☕ 写真.png", "cafe\u0301.png"} <= names
+    assert [r for _, r in report.failed] == ["undecodable name"]
+    assert [e["reason"] for e in lib.errors()] == ["undecodable name"]
+    assert "\\xff" in str(lib.errors()[0]["path"])
+
+
+def test_full_disk_is_a_library_error_and_keeps_committed_batches(lib, photos):
+    bundle = FakeBundle()
+    index_paths(lib, bundle, [photos])
+    for i in range(40):
+        write_image(photos / "more" / f"{i}.png", 100 + i)
+    pages = lib.conn.execute("PRAGMA page_count").fetchone()[0]
+    lib.conn.execute(f"PRAGMA max_page_count = {pages}")  # the database cannot grow: SQLITE_FULL
+    with pytest.raises(LibraryError, match="failed .*full.*run index again"):
+        index_paths(lib, bundle, [photos], batch_size=4)
+    lib.conn.execute("PRAGMA max_page_count = 1073741823")
+    with Library.open(lib.path) as fresh:
+        before = fresh.stats()["images"]
+        assert before >= 6
+        report = index_paths(fresh, FakeBundle(), [photos])
+        assert report.new == 46 - before and fresh.stats()["images"] == 46
