@@ -81,18 +81,59 @@ def test_nan_steps_are_skipped_and_counted(shapes, tmp_path, monkeypatch):
     assert all(torch.isfinite(v).all() for v in _weights(tmp_path / "one").values())
 
 
-def test_outputs_eval_and_accumulation_flags(shapes, tmp_path):
-    out = tmp_path / "run"
+@pytest.fixture(scope="module")
+def trained(shapes, tmp_path_factory):
+    """One short run through the CLI with most options on: accumulation, bf16 autocast, clipping, eval."""
+    out = tmp_path_factory.mktemp("run")
     args = _args(shapes, out, "--epochs", "1", "--accum-freq", "2", "--batch-size", "4",
                  "--zeroshot-frequency", "1", "--zeroshot-data", str(shapes.zeroshot_dir),
-                 "--val-data", str(shapes.val_csv), "--grad-clip-norm", "1.0", "--precision", "amp_bf16")  # fmt: skip
+                 "--val-data", str(shapes.val_csv), "--grad-clip-norm", "1.0", "--precision", "amp_bf16",
+                 "--train-tokenizer", "600")  # fmt: skip
     assert cli_main(args) == 0
-    assert (out / "curves.png").stat().st_size > 1000
-    assert (out / "model" / "clipsearch_model.json").is_file()
-    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return out
+
+
+def test_outputs_eval_and_trained_tokenizer(trained):
+    assert (trained / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    rows = [json.loads(x) for x in (trained / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in rows if "zeroshot_top1" in r]
     assert len(evals) == 1 and 0 <= evals[0]["zeroshot_top1"] <= 1 and "image_to_text_R@5" in evals[0]
     assert all(r["temperature"] <= 100.0 + 1e-4 for r in rows if "temperature" in r)
+    assert rows[0]["step"] == 1 and max(r["step"] for r in rows) == 5  # 40 pairs / (2 x 4) per step
+
+    from clipsearch.checkpoints import load_bundle
+
+    bundle = load_bundle(str(trained / "model"))
+    vocab = bundle.tokenizer.vocab_size
+    assert vocab <= 600 and bundle.model.token_embedding.weight.shape[0] == vocab
+    assert "circle" in bundle.tokenizer.decode(bundle.tokenizer.encode("a red circle")).lower()
+
+
+def test_eval_command(trained, shapes, capsys):
+    argv = ["eval", "--model", str(trained / "model"), "--zeroshot-data", str(shapes.zeroshot_dir),
+            "--retrieval-data", str(shapes.val_csv), "--linear-probe-data", str(shapes.zeroshot_dir), "--json"]  # fmt: skip
+    assert cli_main(argv) == 0
+    m = json.loads(capsys.readouterr().out)
+    assert m["zeroshot_chance"] == pytest.approx(1 / 12) and m["zeroshot_n"] == 24
+    assert 0 <= m["text_to_image_R@1"] <= m["text_to_image_R@5"] <= m["text_to_image_R@10"] <= 1
+    assert 0 <= m["linear_probe_top1"] <= 1
+    assert cli_main(["eval", "--model", str(trained / "model")]) == 2  # nothing to evaluate on
+
+
+def test_synth_command(tmp_path):
+    assert (
+        cli_main(
+            ["synth", str(tmp_path / "s"), "--n", "8", "--image-size", "24", "--zeroshot-per-class", "1"]
+        )
+        == 0
+    )
+    rows = (tmp_path / "s" / "train.csv").read_text().splitlines()
+    assert rows[0] == "filepath,title" and len(rows) == 1 + 7
+    from PIL import Image
+
+    formats = {Image.open(tmp_path / "s" / r.split(",")[0]).format for r in rows[1:]}
+    assert formats == {"PNG", "JPEG"}
+    assert len(list((tmp_path / "s" / "zeroshot").iterdir())) == 12
 
 
 def test_user_errors_are_one_line(shapes, tmp_path, capsys):

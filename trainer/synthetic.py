@@ -6,7 +6,8 @@ decoders are exercised) and:
 - ``train.csv`` / ``val.csv``: ``filepath,title`` with paths relative to ``out_dir``, e.g.
   ``images/00017.png,a red circle on the left``;
 - ``zeroshot/<colour>_<shape>/*.png``: a folder-per-class set of images not seen in training, whose
-  class names (``red circle``) are what a zero-shot classifier is asked to tell apart.
+  class names (``red circle``) are what a zero-shot classifier is asked to tell apart, and
+  ``zeroshot/templates.txt``, the prompts to build its classifier with.
 
 The output is a deterministic function of the arguments.
 """
@@ -34,6 +35,9 @@ POSITIONS: dict[str, tuple[str, tuple[float, float]]] = {
     "middle": ("in the middle", (0.5, 0.5)),
 }
 CAPTION_FORMS = ("a {c} {s} {p}", "a photo of a {c} {s} {p}", "{p}, a {c} {s}", "a {c} {s}")
+# Zero-shot prompts in the captions' own language (the paper's ImageNet ensemble speaks of photos of
+# objects, which these drawings are not); written to zeroshot/templates.txt for the evaluator.
+TEMPLATES = ("a {}", "a photo of a {}")
 
 
 @dataclass(frozen=True)
@@ -112,6 +116,8 @@ def generate(
             w.writerow(["filepath", "title"])
             w.writerows(part)
     zs = root / "zeroshot"
+    zs.mkdir(parents=True, exist_ok=True)
+    (zs / "templates.txt").write_text("".join(t + "\n" for t in TEMPLATES), encoding="utf-8")
     for name in classnames():
         colour, shape = name.split()
         folder = zs / f"{colour}_{shape}"

@@ -115,7 +115,10 @@ def _build(args, env: DistEnv, train_captions):
     if args.train_tokenizer:
         from clipsearch.tokenizer import train_bpe
 
-        tokenizer = train_bpe(train_captions(), args.train_tokenizer, context_length=context_length)
+        try:
+            tokenizer = train_bpe(train_captions(), args.train_tokenizer, context_length=context_length)
+        except ValueError as e:
+            raise TrainError(f"--train-tokenizer: {e}") from e
         cfg["text_cfg"]["vocab_size"] = tokenizer.vocab_size
     else:
         tokenizer = Tokenizer(context_length=context_length)
