@@ -402,8 +402,10 @@ class CLIP(nn.Module):
         With ``freeze_bn_stats`` the BatchNorm layers of the locked groups stay in eval mode (running
         statistics unchanged) even when the model is put in training mode.
         """
+        if unlocked_groups < 0:
+            raise ValueError(f"unlocked_groups must be >= 0, got {unlocked_groups}")
         groups = self._image_groups()
-        locked = groups[: len(groups) - unlocked_groups] if unlocked_groups > 0 else groups
+        locked = groups[: max(0, len(groups) - unlocked_groups)]
         for p in self.visual.parameters():
             p.requires_grad = True
         self._locked_bn = []
@@ -512,14 +514,23 @@ def build_model(cfg: dict) -> CLIP:
     vocab_size, width, heads, layers}; ``quick_gelu`` selects OpenAI's activation. Options that change
     the architecture away from OpenAI's raise ``ModelLoadError``.
     """
-    try:
-        vision_cfg, text_cfg, embed_dim = cfg["vision_cfg"], cfg["text_cfg"], cfg["embed_dim"]
-        for key in ("image_size", "layers", "width"):
-            vision_cfg[key]
-        for key in ("context_length", "vocab_size", "width", "heads", "layers"):
-            text_cfg[key]
-    except (KeyError, TypeError) as exc:
-        raise ModelLoadError(f"model config is missing {exc}; it needs the OpenCLIP schema") from exc
+    if not isinstance(cfg, dict):
+        raise ModelLoadError(f"model config must be a dict in the OpenCLIP schema, got {type(cfg).__name__}")
+    required = {
+        "": ("embed_dim", "vision_cfg", "text_cfg"),
+        "vision_cfg.": ("image_size", "layers", "width"),
+        "text_cfg.": ("context_length", "vocab_size", "width", "heads", "layers"),
+    }
+    for prefix, keys in required.items():
+        section = cfg.get(prefix.rstrip("."), {}) if prefix else cfg
+        if not isinstance(section, dict):
+            raise ModelLoadError(f"model config {prefix.rstrip('.')} must be an object, got {section!r}")
+        missing = [prefix + key for key in keys if key not in section]
+        if missing:
+            raise ModelLoadError(
+                f"model config is missing {', '.join(missing)}; it needs the OpenCLIP schema"
+            )
+    vision_cfg, text_cfg = cfg["vision_cfg"], cfg["text_cfg"]
     _check_defaults(cfg, _TOP_DEFAULTS, "")
     _check_defaults(vision_cfg, _VISION_DEFAULTS, "vision_cfg.")
     _check_defaults(text_cfg, _TEXT_DEFAULTS, "text_cfg.")
@@ -533,4 +544,6 @@ def build_model(cfg: dict) -> CLIP:
         raise ModelLoadError("a ViT image tower (integer vision_cfg.layers) needs vision_cfg.patch_size")
     if not isinstance(vision_cfg["image_size"], int):
         raise ModelLoadError(f"vision_cfg.image_size must be one integer, got {vision_cfg['image_size']!r}")
-    return CLIP(embed_dim, vision_cfg, text_cfg, quick_gelu=bool(cfg.get("quick_gelu", False)), config=cfg)
+    return CLIP(
+        cfg["embed_dim"], vision_cfg, text_cfg, quick_gelu=bool(cfg.get("quick_gelu", False)), config=cfg
+    )

@@ -380,6 +380,10 @@ def test_lock_resnet_tower():
     ours.lock_image_tower(unlocked_groups=2)
     trainable = {n.split(".")[1] for n, p in ours.visual.named_parameters(prefix="visual") if p.requires_grad}
     assert trainable == {"layer4", "attnpool"}
+    ours.lock_image_tower(unlocked_groups=99)  # more groups than there are: nothing stays locked
+    assert all(p.requires_grad for p in ours.parameters())
+    with pytest.raises(ValueError):
+        ours.lock_image_tower(unlocked_groups=-1)
 
 
 def test_lock_image_tower_can_freeze_batchnorm_stats():
@@ -444,6 +448,7 @@ def test_wrong_input_shapes_are_reported():
     [
         (lambda c: c.pop("text_cfg"), "missing"),
         (lambda c: c["vision_cfg"].pop("width"), "missing"),
+        (lambda c: c.update(vision_cfg=[64]), "must be an object"),
         (lambda c: c["vision_cfg"].update(layers=[1, 1, 1]), "4 stage"),
         (lambda c: c["vision_cfg"].update(patch_size=None), "patch_size"),
         (lambda c: c["vision_cfg"].update(image_size=[64, 64]), "one integer"),
