@@ -25,6 +25,18 @@ NS = {
     "dc": "http://purl.org/dc/elements/1.1/",
     "clipsearch": "urn:clipsearch:xmp:1.0",
 }
+# Prefixes other programs use, so a merged sidecar keeps them (ElementTree would write ns0:, ns1:).
+KNOWN_PREFIXES = {
+    "xmp": "http://ns.adobe.com/xap/1.0/",
+    "xmpMM": "http://ns.adobe.com/xap/1.0/mm/",
+    "stEvt": "http://ns.adobe.com/xap/1.0/sType/ResourceEvent#",
+    "photoshop": "http://ns.adobe.com/photoshop/1.0/",
+    "tiff": "http://ns.adobe.com/tiff/1.0/",
+    "exif": "http://ns.adobe.com/exif/1.0/",
+    "lr": "http://ns.adobe.com/lightroom/1.0/",
+    "darktable": "http://darktable.sf.net/",
+    "digiKam": "http://www.digikam.org/ns/1.0/",
+}
 MAX_SIDECAR_BYTES = 4 << 20  # real sidecars are a few kB; refuse to parse anything huge
 
 
@@ -92,7 +104,7 @@ def write_keywords(image: str | Path, keywords: Sequence[str]) -> Path:
 
     Returns the sidecar path. Raises :class:`XmpError` when an existing sidecar cannot be merged.
     """
-    for prefix, uri in NS.items():
+    for prefix, uri in {**KNOWN_PREFIXES, **NS}.items():
         ET.register_namespace(prefix, uri)
     side = sidecar_path(image)
     tree = _parse(side) if side.exists() else _new_tree()

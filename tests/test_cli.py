@@ -1,0 +1,312 @@
+"""The CLI end to end, as a user drives it: real photo files, a tiny saved model, click's runner and
+real subprocesses. Results are checked against the library's own data and hand computations."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from e2e_helpers import make_photo_folder, make_tiny_model, run_cli, write_photo
+
+from clipsearch.cli import cli
+from clipsearch.store import Library
+
+EVIL = "<script>alert(1)</script>.jpg"
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    return make_tiny_model(tmp_path_factory.mktemp("cli-model") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def indexed(tmp_path_factory, model_dir):
+    """A photo folder with its library inside it, indexed once; tests must not change it."""
+    root = tmp_path_factory.mktemp("cli-lib")
+    photos = make_photo_folder(root / "photos")
+    db = root / "photos" / "library.db"
+    result = invoke("--db", db, "index", root / "photos", "--model", model_dir, "--json")
+    assert result.exit_code == 0, result.output
+    return db, root / "photos", photos, json.loads(result.stdout)
+
+
+def invoke(*args, input=None):
+    # A wide terminal, so rich tables do not fold the paths the tests look for.
+    return CliRunner(env={"COLUMNS": "250"}).invoke(
+        cli, [str(a) for a in args], input=input, catch_exceptions=False
+    )
+
+
+def ok(*args):
+    result = invoke(*args)
+    assert result.exit_code == 0, result.output
+    assert "Traceback" not in result.output
+    return result
+
+
+def test_index_reports_every_photo(indexed):
+    db, folder, photos, report = indexed
+    assert report["new"] == len(photos) and report["failed"] == []
+    assert report["model_id"].startswith("file:tiny:")
+    with Library.open(db) as lib:
+        ids, paths, vectors = lib.embeddings(report["model_id"])
+    assert sorted(paths) == sorted(p.resolve() for p in photos.values())
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+
+
+def test_human_index_output_has_a_summary_table(tmp_path, model_dir):
+    write_photo(tmp_path / "p" / "a.jpg", 1)
+    (tmp_path / "p" / "bad.jpg").write_bytes(b"this is text, not a photo")
+    result = ok("--db", tmp_path / "lib.db", "index", tmp_path / "p", "--model", model_dir)
+    for word in ("new", "updated", "moved", "removed", "failed", "Skipped 1 file", "bad.jpg"):
+        assert word in result.stdout
+
+
+def test_reindex_after_adding_moving_and_deleting(tmp_path, model_dir):
+    folder = tmp_path / "photos"
+    for n in range(4):
+        write_photo(folder / f"p{n}.jpg", 30 + n)
+    db = tmp_path / "lib.db"
+    first = json.loads(ok("--db", db, "index", folder, "--model", model_dir, "--json").stdout)
+    assert first["new"] == 4
+    again = json.loads(ok("--db", db, "index", folder, "--json").stdout)  # the library's model by default
+    assert (again["new"], again["unchanged"]) == (0, 4)
+
+    write_photo(folder / "new.png", 40)
+    (folder / "sub").mkdir()
+    shutil.move(folder / "p1.jpg", folder / "sub" / "renamed.jpg")
+    (folder / "p2.jpg").unlink()
+    third = json.loads(ok("--db", db, "index", folder, "--json").stdout)
+    assert (third["new"], third["moved"], third["removed"], third["unchanged"]) == (1, 1, 1, 2)
+    paths = json.loads(ok("--db", db, "query", "x", "--json", "--top", "50").stdout)
+    assert sorted(Path(h["path"]).name for h in paths) == ["new.png", "p0.jpg", "p3.jpg", "renamed.jpg"]
+
+
+def test_query_json_schema_and_image_query(indexed):
+    db, folder, photos, _ = indexed
+    hits = json.loads(ok("--db", db, "query", "--image", photos["beach.jpg"], "--json").stdout)
+    assert len(hits) == len(photos)
+    for n, h in enumerate(hits, start=1):
+        assert set(h) >= {"path", "score", "rank", "image_id"}
+        assert Path(h["path"]).is_absolute() and h["rank"] == n
+    assert Path(hits[0]["path"]) == photos["beach.jpg"].resolve()
+    assert hits[0]["score"] == pytest.approx(1.0, abs=1e-4)
+    assert [h["score"] for h in hits] == sorted((h["score"] for h in hits), reverse=True)
+
+
+def test_combined_query_scores_match_exported_embeddings(indexed, tmp_path):
+    """`a --minus b` ranks by cosine with normalise(t(a) - t(b)): checked with the exported vectors."""
+    import torch
+
+    from clipsearch.checkpoints import load_bundle
+
+    db, folder, photos, report = indexed
+    ok("--db", db, "export", tmp_path / "e.npz")
+    data = np.load(tmp_path / "e.npz")
+    bundle = load_bundle(_model_of(db))
+    with torch.no_grad():
+        t = bundle.model.encode_text(bundle.tokenizer(["mountain", "snow"]))
+    t = t / t.norm(dim=-1, keepdim=True)
+    q = (t[0] - t[1]) / (t[0] - t[1]).norm()
+    expected = data["embeddings"] @ q.numpy()
+    hits = json.loads(ok("--db", db, "query", "mountain", "--minus", "snow", "--json", "--top", "3").stdout)
+    best = np.argsort(-expected)[:3]
+    assert [h["path"] for h in hits] == [str(data["paths"][i]) for i in best]
+    np.testing.assert_allclose([h["score"] for h in hits], expected[best], atol=1e-4)
+
+
+def _model_of(db: Path) -> str:
+    with Library.open(db) as lib:
+        return lib.model_source(lib.default_model_id())
+
+
+def test_add_image_query_and_paths_output(indexed):
+    db, folder, photos, _ = indexed
+    result = ok("--db", db, "query", "--add-image", photos["city.webp"], "--paths", "--top", "2")
+    lines = result.stdout.splitlines()
+    assert len(lines) == 2 and Path(lines[0]) == photos["city.webp"].resolve()
+
+
+def test_in_threshold_and_human_table(indexed):
+    db, folder, photos, _ = indexed
+    hits = json.loads(ok("--db", db, "query", "x", "--in", folder / "trips", "--json").stdout)
+    assert {Path(h["path"]).parent.name for h in hits} == {"trips"}
+    assert len(hits) == sum(1 for p in photos.values() if p.parent.name == "trips")
+    none = json.loads(ok("--db", db, "query", "x", "--threshold", "0.9999", "--json").stdout)
+    assert none == []
+    table = ok("--db", db, "query", "--image", photos["forest.png"], "--top", "2").stdout
+    assert "score" in table and "forest.png" in table
+
+
+def test_in_with_percent_and_underscore_folders(tmp_path, model_dir):
+    write_photo(tmp_path / "p" / "50%_off" / "a.jpg", 1)
+    write_photo(tmp_path / "p" / "50x_off" / "b.jpg", 2)
+    write_photo(tmp_path / "p" / "50%_offset" / "c.jpg", 3)
+    db = tmp_path / "lib.db"
+    ok("--db", db, "index", tmp_path / "p", "--model", model_dir)
+    hits = json.loads(ok("--db", db, "query", "sale", "--in", tmp_path / "p" / "50%_off", "--json").stdout)
+    assert [Path(h["path"]).name for h in hits] == ["a.jpg"]
+
+
+def test_html_page_escapes_file_names(tmp_path, model_dir):
+    write_photo(tmp_path / "p" / EVIL, 1)
+    write_photo(tmp_path / "p" / "fine.png", 2)
+    db = tmp_path / "lib.db"
+    ok("--db", db, "index", tmp_path / "p", "--model", model_dir)
+    out = tmp_path / "results.html"
+    ok("--db", db, "query", "<script>alert(2)</script>", "--html", out)
+    page = out.read_text(encoding="utf-8")
+    assert "<script>" not in page
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;.jpg" in page
+    assert "&lt;script&gt;alert(2)&lt;/script&gt;" in page
+    assert page.count("data:image/jpeg;base64,") == 2
+
+
+def test_label_json_relabel_and_multi_label(indexed, tmp_path):
+    db, folder, photos, _ = indexed
+    classes_file = tmp_path / "classes.txt"
+    classes_file.write_text("# what we look for\nbeach\nforest\n\ncity\n")
+    first = json.loads(
+        ok("--db", db, "label", "--classes-file", classes_file, "--top-k", "2", "--json").stdout
+    )
+    assert len(first) == len(photos)
+    for row in first:
+        assert set(row) >= {"path", "label", "score", "labels"}
+        assert row["label"] in {"beach", "forest", "city"} and row["label"] == row["labels"][0]["label"]
+        assert len(row["labels"]) == 2 and row["labels"][0]["score"] >= row["labels"][1]["score"]
+        assert Path(row["path"]).is_absolute()
+
+    def stored_labels():
+        return json.loads(ok("--db", db, "status", "--json").stdout)["labels"]
+
+    assert stored_labels() == 2 * len(photos)
+    # The same classes in another order and another template: replaced, not added.
+    ok("--db", db, "label", "--classes", "city,beach,forest", "--template", "a photo of {}.")
+    assert stored_labels() == len(photos)
+    # Multi-label: each class alone; every label kept is at least the threshold.
+    multi = json.loads(
+        ok(
+            "--db", db, "label", "--classes", "beach,forest", "--multi-label", "--threshold", "0.2", "--json"
+        ).stdout
+    )
+    for row in multi:
+        assert all(lab["score"] >= 0.2 for lab in row["labels"])
+    human = ok("--db", db, "label", "--classes", "beach,forest").stdout
+    assert "label" in human and "beach.jpg" in human
+
+
+def test_label_writes_and_merges_xmp_sidecars(tmp_path, model_dir):
+    from clipsearch.xmp import read_keywords, sidecar_path
+
+    a = write_photo(tmp_path / "p" / "a.jpg", 1)
+    b = write_photo(tmp_path / "p" / "b.jpg", 2)
+    db = tmp_path / "lib.db"
+    ok("--db", db, "index", tmp_path / "p", "--model", model_dir)
+    # b already has a sidecar from another program: its keywords and other fields must survive.
+    sidecar_path(b).write_text(
+        '<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+        '<rdf:Description xmlns:dc="http://purl.org/dc/elements/1.1/" xmlns:xmp="http://ns.adobe.com/xap/1.0/">'
+        "<xmp:Rating>4</xmp:Rating><dc:subject><rdf:Bag><rdf:li>holiday &amp; friends</rdf:li></rdf:Bag>"
+        "</dc:subject></rdf:Description></rdf:RDF></x:xmpmeta>"
+    )
+    rows = json.loads(ok("--db", db, "label", "--classes", "cat,dog", "--json", "--write-xmp").stdout)
+    by_name = {Path(r["path"]).name: r["label"] for r in rows}
+    assert read_keywords(a) == [by_name["a.jpg"]]
+    assert read_keywords(b) == ["holiday & friends", by_name["b.jpg"]]
+    rating = ET.parse(sidecar_path(b)).find(".//{http://ns.adobe.com/xap/1.0/}Rating")
+    assert rating is not None and rating.text == "4"
+    assert "<xmp:Rating>4</xmp:Rating>" in sidecar_path(b).read_text()  # its prefix kept too
+    # Relabel: our old keyword goes, the user's stays.
+    ok("--db", db, "label", "--classes", "<tree>", "--write-xmp")
+    assert read_keywords(a) == ["<tree>"]
+    assert read_keywords(b) == ["holiday & friends", "<tree>"]
+    assert "&lt;tree&gt;" in sidecar_path(a).read_text()
+    # A sidecar that is not XML is never clobbered.
+    sidecar_path(a).write_text("not xml <")
+    result = ok("--db", db, "label", "--classes", "cat", "--write-xmp")
+    assert "XMP not written" in result.stderr
+    assert sidecar_path(a).read_text() == "not xml <"
+
+
+def test_export_npz_equals_the_stored_embeddings(indexed, tmp_path):
+    db, folder, photos, report = indexed
+    out = tmp_path / "vectors.npz"
+    ok("--db", db, "export", out)
+    data = np.load(out)
+    with Library.open(db) as lib:
+        ids, paths, vectors = lib.embeddings(report["model_id"])
+    assert data["embeddings"].dtype == np.float32
+    np.testing.assert_array_equal(data["embeddings"], vectors)
+    assert data["paths"].tolist() == [str(p) for p in paths]
+    assert all(Path(p).is_absolute() for p in data["paths"])
+    assert str(data["model_id"]) == report["model_id"]
+    np.testing.assert_allclose(np.linalg.norm(data["embeddings"], axis=1), 1.0, atol=1e-5)
+    assert [p.name for p in tmp_path.iterdir()] == ["vectors.npz"]  # exact name, no temp left
+
+
+def test_status_models_and_doctor(indexed, tmp_path):
+    db, folder, photos, report = indexed
+    status = json.loads(ok("--db", db, "status", "--json").stdout)
+    assert status["images"] == len(photos) and status["default_model"] == report["model_id"]
+    assert status["models"][0]["embedded"] == len(photos)
+    assert "Images:" in ok("--db", db, "status").stdout
+
+    models = json.loads(ok("models", "--json").stdout)
+    assert {"name": "ViT-B-32/openai", "cached": False, "path": None} in models
+    assert "ViT-B-32/openai" in ok("models").stdout
+
+    assert "in step with SQLite" in ok("--db", db, "doctor").stdout
+    # A damaged FAISS file is detected and rebuilt from SQLite.
+    faiss_dir = db.with_name(db.name + ".faiss")
+    for f in faiss_dir.glob("*.index"):
+        f.write_bytes(b"garbage")
+    repaired = ok("--db", db, "doctor").stdout
+    assert "rebuilt from SQLite" in repaired and f"{len(photos)} vectors" in repaired
+    assert "in step with SQLite" in ok("--db", db, "doctor").stdout
+    assert "--rebuild" in ok("--db", db, "doctor", "--rebuild").stdout
+
+
+def test_every_command_has_help():
+    for name, command in cli.commands.items():
+        assert command.help and len(command.help.strip()) > 20, name
+        result = ok(name, "--help")
+        assert "Usage:" in result.stdout
+        for param in command.params:
+            if param.param_type_name == "option" and "--help" not in param.opts:
+                assert param.help, f"{name} {param.opts}"
+    assert ok("--version").stdout.strip().endswith("0.1.0")
+
+
+@pytest.mark.parametrize(
+    "args", [["--help"], ["query", "--help"], ["--db", "/nonexistent/lib.db", "query", "x"]], ids=str
+)
+def test_start_up_does_not_import_torch(args):
+    """Help, and a query that fails before it needs the model, never pay for torch or faiss."""
+    code = (
+        "import sys\nfrom clipsearch.cli import cli\n"
+        f"try:\n    cli({args!r}, standalone_mode=False)\nexcept BaseException:\n    pass\n"
+        "heavy = [m for m in ('torch', 'faiss', 'PIL') if m in sys.modules]\n"
+        "print('HEAVY=' + ','.join(heavy))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "HEAVY="
+
+
+def test_real_subprocess_index_then_query(tmp_path, model_dir):
+    photos = make_photo_folder(tmp_path / "p")
+    db = tmp_path / "lib.db"
+    first = run_cli("--db", str(db), "index", str(tmp_path / "p"), "--model", str(model_dir), "--json")
+    assert first.returncode == 0, first.stderr
+    assert json.loads(first.stdout)["new"] == len(photos)
+    second = run_cli("--db", str(db), "query", "--image", str(photos["rotated.jpg"]), "--json", "--top", "1")
+    assert second.returncode == 0, second.stderr
+    [hit] = json.loads(second.stdout)
+    assert Path(hit["path"]) == photos["rotated.jpg"].resolve() and hit["score"] > 0.999
