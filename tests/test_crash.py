@@ -20,19 +20,26 @@ from test_reliability import assert_complete, db_rows, invoke, make_photos, tiny
 
 N_PHOTOS = 14
 
-# The real CLI, with the model's image tower slowed down so a kill lands mid-run, and optionally
-# a cap on the size of any file the process writes (RLIMIT_FSIZE: a disk that fills up; SIGXFSZ
-# ignored so a write past it fails with EFBIG, as a full disk fails with ENOSPC).
+# The real CLI, with two test hooks set from the environment: TEST_HOLD_AFTER=N makes the model's
+# image tower stop before its (N+1)-th batch until the file TEST_RELEASE exists (so exactly N batches
+# are committed while the run is held: a kill or a concurrent command lands at a known moment), and
+# TEST_FILE_SIZE_CAP caps the size of any file the process writes (RLIMIT_FSIZE: a disk that fills
+# up; SIGXFSZ ignored so a write past it fails, as a full disk fails with ENOSPC).
 CLI_UNDER_TEST = """
 import os, resource, runpy, signal, sys, time
-slow = float(os.environ.get("TEST_SLOW_BATCH", "0"))
-if slow:
+hold = int(os.environ.get("TEST_HOLD_AFTER", "-1"))
+if hold >= 0:
     from clipsearch import model
     encode = model.CLIP.encode_image
-    def slowed(self, x):
-        time.sleep(slow)
+    calls = [0]
+    def held(self, x):
+        if calls[0] >= hold:
+            release = os.environ.get("TEST_RELEASE", "")
+            while not (release and os.path.exists(release)):
+                time.sleep(0.02)
+        calls[0] += 1
         return encode(self, x)
-    model.CLIP.encode_image = slowed
+    model.CLIP.encode_image = held
 cap = int(os.environ.get("TEST_FILE_SIZE_CAP", "0"))
 if cap:
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
@@ -42,8 +49,10 @@ runpy.run_module("clipsearch", run_name="__main__", alter_sys=True)
 """
 
 
-def _spawn(args, slow: float = 0.0, cap: int = 0, plain: bool = False) -> subprocess.Popen:
-    env = dict(os.environ, TEST_SLOW_BATCH=str(slow), TEST_FILE_SIZE_CAP=str(cap))
+def spawn_cli(args, hold_after: int = -1, release: Path | None = None, cap: int = 0, plain: bool = False):
+    """Start ``clipsearch ARGS`` in a real process (see CLI_UNDER_TEST for the hooks)."""
+    env = dict(os.environ, TEST_HOLD_AFTER=str(hold_after), TEST_FILE_SIZE_CAP=str(cap))
+    env["TEST_RELEASE"] = str(release or "")
     cmd = [sys.executable, "-m", "clipsearch"] if plain else [sys.executable, "-c", CLI_UNDER_TEST]
     return subprocess.Popen(
         [*cmd, *map(str, args)],
@@ -55,7 +64,7 @@ def _spawn(args, slow: float = 0.0, cap: int = 0, plain: bool = False) -> subpro
     )
 
 
-def _committed(db: Path) -> int:
+def committed(db: Path) -> int:
     """Embeddings committed so far, read without clipsearch (0 while the schema does not exist)."""
     if not db.exists():
         return 0
@@ -85,7 +94,7 @@ def _kill_when(proc: subprocess.Popen, ready, timeout: float = 120) -> None:
     assert proc.returncode == -signal.SIGKILL
 
 
-@pytest.mark.parametrize("moment", ["early", "after 1 batch", "after 3 batches"])
+@pytest.mark.parametrize("moment", ["early", "after 3 batches"])
 def test_sigkill_during_index_loses_nothing_and_the_next_run_completes(tmp_path, tmp_path_factory, moment):
     model = tiny_model_dir(tmp_path_factory)
     photos = make_photos(tmp_path / "photos", N_PHOTOS)
@@ -94,14 +103,16 @@ def test_sigkill_during_index_loses_nothing_and_the_next_run_completes(tmp_path,
     if moment == "early":
         # The untouched CLI, killed as soon as the library file appears (opening, migrating, or
         # loading the model).
-        proc = _spawn(args, plain=True)
+        proc = spawn_cli(args, plain=True)
         _kill_when(proc, db.exists)
     else:
         batches = int(moment.split()[1])
-        proc = _spawn(args, slow=0.4)
-        _kill_when(proc, lambda: _committed(db) >= 2 * batches)
+        proc = spawn_cli(args, hold_after=batches)  # never released: held until killed
+        _kill_when(proc, lambda: committed(db) >= 2 * batches)
+        time.sleep(0.2)  # held now: nothing more can be committed
+        assert committed(db) == 2 * batches
 
-    done = _committed(db)
+    done = committed(db)
     assert done < N_PHOTOS, "the run finished before the kill: nothing was tested"
     if db.exists() and db.stat().st_size:
         rows = db_rows(db)
@@ -137,7 +148,9 @@ def test_full_disk_while_indexing_is_a_clear_error_and_loses_nothing(tmp_path, t
 
     # No file may grow past the library's current size: the WAL fills up a few batches in.
     cap = db.stat().st_size
-    proc = _spawn(["--db", db, "index", tmp_path / "photos", "--batch-size", "1", "--workers", "1"], cap=cap)
+    proc = spawn_cli(
+        ["--db", db, "index", tmp_path / "photos", "--batch-size", "1", "--workers", "1"], cap=cap
+    )
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 1, (out, err)
     # One error line (besides the progress bar's last frame) naming the library, and not a "bug".
