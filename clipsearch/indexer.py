@@ -450,7 +450,10 @@ class _Run:
 
 
 def _inside_any(path: Path, roots: Sequence[Path]) -> bool:
+    """Whether ``path`` is one of ``roots`` or below one (string prefixes: fast on big libraries)."""
+    text = str(path)
     for root in roots:
-        if path == root or root in path.parents:
+        r = str(root)
+        if text == r or text.startswith(r.rstrip("/") + "/"):
             return True
     return False

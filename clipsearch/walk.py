@@ -146,6 +146,9 @@ def walk(
     for raw in roots:
         root = Path(os.path.abspath(os.fspath(raw)))
         if os.path.isdir(root):
+            # The root is resolved once (like the library's own folder), so a photo folder reached
+            # through a symlink is stored relative to a library kept inside it.
+            root = Path(os.path.realpath(root))
             result.roots.append(root)
             visit_dir(root, root)
         elif os.path.lexists(root):

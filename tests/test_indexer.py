@@ -441,3 +441,12 @@ def test_full_disk_is_a_library_error_and_keeps_committed_batches(lib, photos):
         assert before >= 6
         report = index_paths(fresh, FakeBundle(), [photos])
         assert report.new == 46 - before and fresh.stats()["images"] == 46
+
+
+def test_photo_folder_reached_through_a_symlink_is_still_relative(tmp_path, photos):
+    link = tmp_path / "link-to-photos"
+    os.symlink(photos, link)
+    with Library.open(link / "library.db", create=True) as lib:
+        report = index_paths(lib, FakeBundle(), [link])
+        assert report.new == 6 and all(not p.startswith("/") for p in stored_paths(lib))
+        assert index_paths(lib, FakeBundle(), [photos]).unchanged == 6  # same files, either way in
