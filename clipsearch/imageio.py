@@ -165,8 +165,8 @@ def open_image(source, max_pixels: int | None = DEFAULT_MAX_PIXELS, draft_size: 
             im.draft(None, request)
         try:
             im.load()
-        except ImageDecodeError:
-            raise
+        except _pil().DecompressionBombError as e:  # a frame or tile larger than the header said
+            raise ImageDecodeError(name, "too many pixels", str(e)) from e
         except Exception as e:  # decoders raise OSError, SyntaxError, ValueError, struct.error...
             raise ImageDecodeError(name, _failure_reason(e), str(e)) from e
         im = _upright(im)
@@ -251,28 +251,28 @@ def _exif_taken_at(exif) -> str | None:
 def image_metadata(image_or_path) -> dict:
     """``{"width", "height", "taken_at"}``: the upright size in pixels and the capture time.
 
-    For a path only the header is read (no pixels are decoded). ``taken_at`` is EXIF
-    DateTimeOriginal as an ISO string, or ``None``.
+    For a path only the header is read (no pixels are decoded); an image may be :func:`open_image`'s
+    result or one still carrying its EXIF orientation. ``taken_at`` is EXIF DateTimeOriginal as an
+    ISO string (with the UTC offset when the camera recorded one), or ``None``.
     """
     if hasattr(image_or_path, "size") and hasattr(image_or_path, "getexif"):
-        return _metadata_of(image_or_path, oriented=True)
+        return _metadata_of(image_or_path)
     f, name, owned = _open_stream(image_or_path)
     try:
-        im = _identify(f, name, max_pixels=None)
-        return _metadata_of(im, oriented=False)
+        return _metadata_of(_identify(f, name, max_pixels=None))
     finally:
         if owned:
             f.close()
 
 
-def _metadata_of(im, oriented: bool) -> dict:
+def _metadata_of(im) -> dict:
     try:
         exif = im.getexif()
     except Exception:  # a broken EXIF block means no metadata, not no image
         exif = None
     w, h = im.size
-    if not oriented and exif is not None and exif.get(0x0112) in (5, 6, 7, 8):
-        w, h = h, w  # these orientations turn the picture by 90 degrees
+    if exif is not None and exif.get(0x0112) in (5, 6, 7, 8):
+        w, h = h, w  # still to be turned by 90 degrees (open_image's result has the tag cleared)
     try:
         taken = _exif_taken_at(exif)
     except Exception:

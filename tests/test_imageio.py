@@ -227,6 +227,50 @@ def test_very_wide_image(tmp_path):
     assert image_transform(PreprocessConfig(32))(im).shape == (3, 32, 32)
 
 
+def test_one_pixel_image(tmp_path):
+    Image.new("RGB", (1, 1), (1, 2, 3)).save(tmp_path / "dot.png")
+    im = open_image(tmp_path / "dot.png")
+    assert im.size == (1, 1) and im.getpixel((0, 0)) == (1, 2, 3)
+    assert image_transform(PreprocessConfig(32))(im).shape == (3, 32, 32)
+
+
+def test_odd_file_names(tmp_path):
+    names = ["фото 東京 😀.png", "<script>alert(1)<script>.png", "100% _x_ \\ 'q'.png", " lead.png"]
+    if os.name == "posix":
+        names.append(os.fsdecode(b"caf\xe9-latin1.png"))  # not UTF-8: a surrogate-escaped str
+    for name in names:
+        path = tmp_path / name
+        Image.new("RGB", (3, 2), (9, 8, 7)).save(path, format="PNG")
+        assert open_image(path).size == (3, 2)
+        assert open_image(str(path)).size == (3, 2)
+        assert image_metadata(path)["width"] == 3
+    assert open_image(os.fsencode(tmp_path / names[0])).size == (3, 2)  # a bytes path
+
+
+@pytest.mark.skipif(not hasattr(os, "symlink"), reason="no symlinks")
+def test_symlinks(tmp_path):
+    Image.new("RGB", (4, 4)).save(tmp_path / "real.png")
+    (tmp_path / "link.png").symlink_to(tmp_path / "real.png")
+    assert open_image(tmp_path / "link.png").size == (4, 4)
+    (tmp_path / "dead.png").symlink_to(tmp_path / "gone.png")
+    assert _reason(tmp_path / "dead.png") == "unreadable"
+    (tmp_path / "loop.png").symlink_to(tmp_path / "loop.png")
+    assert _reason(tmp_path / "loop.png") == "unreadable"
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "to_folder.jpg").symlink_to(tmp_path / "folder")
+    assert _reason(tmp_path / "to_folder.jpg") == "not a regular file"
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root reads files whatever their mode")
+def test_unreadable_file(tmp_path):
+    Image.new("RGB", (4, 4)).save(tmp_path / "private.png")
+    os.chmod(tmp_path / "private.png", 0)
+    try:
+        assert _reason(tmp_path / "private.png") == "unreadable"
+    finally:
+        os.chmod(tmp_path / "private.png", 0o644)
+
+
 # --- files that are not images ----------------------------------------------------------------
 
 
@@ -376,6 +420,12 @@ def test_metadata_from_path_and_from_image(tmp_path):
     expected = {"width": 40, "height": 60, "taken_at": "2021-05-06T07:08:09+02:00"}
     assert image_metadata(path) == expected
     assert image_metadata(open_image(path)) == expected
+
+
+def test_metadata_of_an_image_that_still_has_its_orientation(tmp_path):
+    Image.fromarray(_pattern(60, 40)).save(tmp_path / "r.jpg", exif=_exif(orientation=8))
+    with Image.open(tmp_path / "r.jpg") as raw:  # not turned upright yet: the sizes swap
+        assert image_metadata(raw) == {"width": 40, "height": 60, "taken_at": None}
 
 
 def test_metadata_without_or_with_bad_dates(tmp_path):
