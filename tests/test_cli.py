@@ -310,3 +310,57 @@ def test_real_subprocess_index_then_query(tmp_path, model_dir):
     assert second.returncode == 0, second.stderr
     [hit] = json.loads(second.stdout)
     assert Path(hit["path"]) == photos["rotated.jpg"].resolve() and hit["score"] > 0.999
+
+
+def test_embeddings_agree_with_open_clip_on_the_same_weights_and_photos(tmp_path):
+    """Index real photos through the CLI with open_clip-made random weights (a hub folder), then
+    embed the same files with open_clip's model and its own preprocessing: cosine >= 0.995 median."""
+    import torch
+    from PIL import Image, ImageOps
+    from safetensors.torch import save_file
+
+    open_clip = pytest.importorskip("open_clip")
+    cfg = {
+        "embed_dim": 32,
+        "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "patch_size": 16},
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 4, "layers": 2},
+    }
+    torch.manual_seed(11)
+    ref = open_clip.model.CLIP(**cfg)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    ref.eval()
+    hub = tmp_path / "oc-hub"
+    hub.mkdir()
+    (hub / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg, "preprocess_cfg": {}}))
+    save_file(dict(ref.state_dict()), str(hub / "open_clip_model.safetensors"))
+
+    photos = make_photo_folder(tmp_path / "p")
+    for n in range(3):  # a few larger, non-square ones so resizing and cropping matter
+        photos[f"big{n}.jpg"] = write_photo(tmp_path / "p" / f"big{n}.jpg", 50 + n, size=(320 + 40 * n, 200))
+    db = tmp_path / "lib.db"
+    report = json.loads(ok("--db", db, "index", tmp_path / "p", "--model", hub, "--json").stdout)
+    assert report["new"] == len(photos)
+    with Library.open(db) as lib:
+        _, paths, ours = lib.embeddings(report["model_id"])
+
+    preprocess = open_clip.image_transform(64, is_train=False)  # OpenAI's eval transform, as open_clip has it
+    try:
+        import pillow_heif
+
+        pillow_heif.register_heif_opener()
+    except ImportError:
+        pass
+    with torch.no_grad():
+        pixels = torch.stack(
+            [preprocess(ImageOps.exif_transpose(Image.open(p)).convert("RGB")) for p in paths]
+        )
+        theirs = ref.encode_image(pixels)
+    theirs = (theirs / theirs.norm(dim=-1, keepdim=True)).numpy()
+    cosines = np.sum(ours * theirs, axis=1)
+    print(
+        f"cosine vs open_clip over {len(cosines)} photos: median {np.median(cosines):.6f}, min {cosines.min():.6f}"
+    )
+    assert np.median(cosines) >= 0.995, cosines
+    assert cosines.min() >= 0.99, dict(zip(map(str, paths), cosines.tolist(), strict=True))
