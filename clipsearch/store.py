@@ -573,7 +573,8 @@ class Library:
         self, model_id: str, classes: Sequence[str], rows: Iterable[tuple[int, str, float, int]]
     ) -> int:
         """Replace every label of this class set and model by ``rows`` ``(image_id, label, score,
-        rank)``, in one transaction, so stale labels never linger. Returns the rows written."""
+        rank)``, in one transaction, so stale labels never linger. Rows of images no longer in the
+        library are skipped. Returns the rows written."""
         key = self.class_set_key(classes)
         now = _now()
         with self.transaction() as c:

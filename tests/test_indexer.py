@@ -350,7 +350,7 @@ KILLED_RUN = textwrap.dedent(
 
     class Slow(torch.nn.Module):
         def encode_image(self, x):
-            time.sleep(0.15)  # a slow model, so the kill lands mid-run
+            time.sleep(0.25)  # a slow model, so the kill lands mid-run
             return x.flatten(1)[:, :8] + 1.0
 
     class Bundle:
