@@ -74,7 +74,7 @@ def run_demo(
     echo(f"training {DEMO_MODEL} for {epochs} epochs of {steps_per_epoch} steps (batch {batch_size})")
     argv = [
         "--train-data", str(data.train_csv), "--val-data", str(data.val_csv),
-        "--zeroshot-data", str(data.zeroshot_dir), "--zeroshot-frequency", str(max(1, epochs // 4)),
+        "--zeroshot-data", str(data.zeroshot_dir), "--zeroshot-frequency", str(math.ceil(epochs / 4)),
         "--model", DEMO_MODEL, "--batch-size", str(batch_size), "--epochs", str(epochs),
         "--lr", str(LR), "--wd", "0.1", "--warmup", str(min(50, steps_per_epoch * epochs // 10)),
         "--seed", str(seed), "--output", str(out / "run"), "--device", "cpu",
