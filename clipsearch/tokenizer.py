@@ -3,7 +3,9 @@
 The vocabulary and merges are OpenAI's (``data/bpe_simple_vocab_16e6.txt.gz``); the text clean-up
 (ftfy, HTML unescape, whitespace collapse, lower case), the pre-tokenisation regex and the ``</w>``
 end-of-word marker follow OpenAI's ``SimpleTokenizer``, so the ids equal OpenAI's and OpenCLIP's.
-The clean-up runs in Python (ftfy has no Rust equivalent); splitting and merging run in Rust.
+The clean-up (ftfy has no Rust equivalent) and the split into words (OpenAI's regex, in the
+``regex`` module: Rust's regex engine disagrees on a few hundred code points) run in Python; the
+byte mapping and the merges run in Rust.
 
 A model file names its tokenizer with :meth:`Tokenizer.to_config`: ``{"type": "clip-bpe"}`` for
 OpenAI's vocabulary, or ``{"type": "tokenizers-json", "file": "tokenizer.json", ...}`` for a BPE
@@ -23,8 +25,9 @@ SOT_TEXT = "<start_of_text>"
 EOT_TEXT = "<end_of_text>"
 TOKENIZER_FILE = "tokenizer.json"
 
-# OpenAI's pre-tokenisation: the special tokens, English contractions, runs of letters, single
-# digits, runs of anything else that is not whitespace. Whitespace itself is dropped.
+# OpenAI's pre-tokenisation (the special tokens are put in front where it is compiled): English
+# contractions, runs of letters, single digits, runs of anything else that is not whitespace.
+# Whitespace itself is dropped.
 _SPLIT_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 _N_MERGES = 49152 - 256 - 2  # OpenAI keeps the first 48,894 merges: 256 bytes x 2 + merges + 2 = 49,408
 
@@ -143,7 +146,11 @@ class Tokenizer:
         # a trained BPE keeps its tokenizer.json text (with the regex) to save it unchanged
         self._json = _json
         self._kind = "clip-bpe" if _json is None else "tokenizers-json"
-        self._tk = _backend if _backend is not None else _clip_backend()
+        if _backend is None:
+            _backend = _clip_backend()
+        else:  # a backend from a file (fastquery caches ours): Python does the splitting, always
+            _set_splitting(_backend, split=False)
+        self._tk = _backend
         self.sot_token_id = self._tk.token_to_id(SOT_TEXT)
         self.eot_token_id = self._tk.token_to_id(EOT_TEXT)
         if self.sot_token_id is None or self.eot_token_id is None:

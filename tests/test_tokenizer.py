@@ -244,3 +244,19 @@ def test_from_config_errors(trained, tmp_path):
         Tokenizer.from_config({**cfg, "file": "bad.json"}, tmp_path)
     with pytest.raises(ValueError, match="eot_token_id"):
         Tokenizer.from_config({**cfg, "eot_token_id": 49407}, tmp_path)
+
+
+def test_a_backend_read_back_from_a_file_splits_as_openai(trained, tmp_path):
+    # fastquery caches the in-memory backend as JSON and hands it back; a trained tokenizer.json
+    # carries Rust's regex, which splits U+0345 differently: the Python split must win either way
+    from tokenizers import Tokenizer as RawTokenizer
+
+    texts = ["\u0461\u0345f iota", "a\u088fb", *CAPTIONS[:5]]
+    for source in (Tokenizer(), trained):
+        path = tmp_path / "backend.json"
+        source._tk.save(str(path))
+        again = Tokenizer(source.context_length, _backend=RawTokenizer.from_file(str(path)))
+        assert again.encode_batch(texts) == source.encode_batch(texts)
+    trained.save(tmp_path)
+    again = Tokenizer(77, _backend=RawTokenizer.from_file(str(tmp_path / "tokenizer.json")))
+    assert again.encode_batch(texts) == trained.encode_batch(texts)
