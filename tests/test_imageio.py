@@ -83,6 +83,11 @@ def test_heic_via_pillow_heif(tmp_path):
     im = open_image(path)  # registers the HEIF opener on first need
     assert im.mode == "RGB" and im.size == (64, 48)
     assert _mad(im, arr) < 8
+    dated = tmp_path / "dated.heic"
+    pillow_heif.from_pillow(Image.fromarray(arr)).save(
+        dated, quality=95, exif=_exif(taken="2020:01:02 03:04:05")
+    )
+    assert image_metadata(dated) == {"width": 64, "height": 48, "taken_at": "2020-01-02T03:04:05"}
 
 
 def test_format_comes_from_content_not_name(tmp_path):
@@ -153,6 +158,8 @@ def test_palette_with_transparency(tmp_path):
     out = np.asarray(open_image(tmp_path / "p.png"))
     assert (out[:, :4] == 255).all()
     assert (out[:, 4:] == (255, 0, 0)).all()
+    p.save(tmp_path / "t.gif", transparency=0)
+    assert (np.asarray(open_image(tmp_path / "t.gif"))[:, :4] == 255).all()
     p.save(tmp_path / "opaque.gif")  # no transparency: the palette colours themselves
     assert (np.asarray(open_image(tmp_path / "opaque.gif"))[:, :4] == (0, 255, 0)).all()
 
