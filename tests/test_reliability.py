@@ -47,12 +47,13 @@ def make_photos(root: Path, n: int, start: int = 0) -> list[Path]:
 def db_rows(db: Path) -> dict:
     """What the library holds, read with plain sqlite3 (not through clipsearch).
 
-    ``paths``: every images.path (duplicates kept, so a double insert shows), ``embeddings``:
+    ``paths``: every images.path, absolute (duplicates kept, so a double insert shows), ``embeddings``:
     count per model, ``orphans``: embeddings without an image row.
     """
     conn = sqlite3.connect(f"{db.as_uri()}?mode=ro", uri=True)
     try:
-        paths = [r[0] for r in conn.execute("SELECT path FROM images ORDER BY id")]
+        # Stored relative to the database's folder when under it: made absolute here.
+        paths = [str(db.parent / r[0]) for r in conn.execute("SELECT path FROM images ORDER BY id")]
         per_model = dict(conn.execute("SELECT model_id, count(*) FROM embeddings GROUP BY model_id"))
         orphans = conn.execute(
             "SELECT count(*) FROM embeddings e LEFT JOIN images i ON i.id = e.image_id WHERE i.id IS NULL"
