@@ -481,3 +481,20 @@ def test_build_model_accepts_openclip_defaults_spelled_out():
     cfg["vision_cfg"].update(pool_type="tok", patch_dropout=0.0, timm_model_name=None)
     cfg["text_cfg"].update(pool_type="argmax", proj_type="linear", hf_tokenizer_name=None)
     assert isinstance(build_model(cfg), CLIP)
+
+
+@pytest.mark.parametrize("name", ["tiny-vit", "tiny-rn"])
+def test_initialisation_statistics_match_open_clip(name):
+    """Fresh models: every parameter has open_clip's init scale (std within 15% where there are enough
+    values to tell) and constant-initialised ones (biases, norms, bn3) the same constants."""
+    torch.manual_seed(9)
+    ref = open_clip.create_model(name, pretrained=None)
+    ours = build_model(get_config(name))
+    theirs = dict(ref.named_parameters())
+    for n, p in ours.named_parameters():
+        q = theirs[n].detach()
+        if q.numel() == 1 or q.min() == q.max():
+            assert torch.equal(p.detach(), q), n
+        elif q.numel() >= 256:
+            assert p.std().item() == pytest.approx(q.std().item(), rel=0.15), n
+            assert abs(p.mean().item()) < 3 * q.std().item() / q.numel() ** 0.5 + 1e-3, n
