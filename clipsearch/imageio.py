@@ -112,11 +112,14 @@ def _identify(f, name, max_pixels):
     from PIL import UnidentifiedImageError
 
     Image = _pil()
-    start = f.tell() if f.seekable() else 0
-    head = f.read(16)
+    try:
+        start = f.tell() if f.seekable() else 0
+        head = f.read(16)
+        f.seek(start)
+    except OSError as e:  # an I/O error on a failing disk, or a file that vanished underneath
+        raise ImageDecodeError(name, "unreadable", e.strerror or str(e)) from e
     if not head:
         raise ImageDecodeError(name, "empty file")
-    f.seek(start)
     try:
         try:
             im = Image.open(f)
@@ -138,6 +141,8 @@ def _identify(f, name, max_pixels):
 
 
 def _failure_reason(e: Exception) -> str:
+    if isinstance(e, OSError) and e.errno is not None:
+        return "unreadable"  # the system's I/O error (EIO...), not the decoder's complaint
     text = str(e).lower()
     if isinstance(e, EOFError) or "truncat" in text or "premature end" in text or "broken data" in text:
         return "truncated"

@@ -459,3 +459,24 @@ def test_extensions():
     assert all(e == e.lower() and e.startswith(".") for e in IMAGE_EXTENSIONS)
     assert has_image_extension("IMG_0001.JPG") and has_image_extension("a/b.HeIc")
     assert not has_image_extension("notes.txt") and not has_image_extension("jpg")
+
+
+class _FailingDisk(io.BytesIO):
+    """A stream whose reads fail with EIO after ``ok`` bytes, like a dying external drive."""
+
+    def __init__(self, data, ok):
+        super().__init__(data)
+        self.ok = ok
+
+    def read(self, n=-1):
+        if self.tell() >= self.ok:
+            raise OSError(5, "Input/output error")
+        return super().read(n if n is not None and 0 <= n <= self.ok - self.tell() else self.ok - self.tell())
+
+
+def test_io_errors_are_unreadable_not_corrupt():
+    buf = io.BytesIO()
+    Image.fromarray(_pattern(300, 200)).save(buf, format="PNG")
+    assert _reason(_FailingDisk(buf.getvalue(), ok=0)) == "unreadable"
+    assert _reason(_FailingDisk(buf.getvalue(), ok=200)) == "unreadable"
+    assert open_image(_FailingDisk(buf.getvalue(), ok=len(buf.getvalue()) + 1)).size == (300, 200)
