@@ -694,7 +694,7 @@ def status(state: _State, as_json: bool, n_errors: int):
     )
     if stats["models"]:
         table = Table(title="Models", title_justify="left")
-        table.add_column("model")
+        table.add_column("model", overflow="fold")
         table.add_column("dim", justify="right")
         table.add_column("embedded", justify="right")
         table.add_column("last used")
