@@ -73,6 +73,11 @@ class AttentionPool2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x.shape
+        if H * W + 1 != self.positional_embedding.shape[0]:
+            raise ValueError(
+                f"image gives a {H}x{W} feature grid but the model expects "
+                f"{self.positional_embedding.shape[0] - 1} cells; resize images to the model's size"
+            )
         x = x.flatten(2).transpose(1, 2)  # [B, HW, C]
         x = torch.cat([x.mean(dim=1, keepdim=True), x], dim=1)  # [B, HW+1, C]
         x = x + self.positional_embedding.to(x.dtype)  # [B, HW+1, C]

@@ -451,6 +451,9 @@ def test_wrong_input_shapes_are_reported():
         model.encode_image(torch.randn(1, 3, 96, 96))
     with pytest.raises(ValueError, match="L <= 77"):
         model.encode_text(torch.zeros(1, 78, dtype=torch.long))
+    resnet = build_model(get_config("tiny-rn")).eval()
+    with pytest.raises(ValueError, match="feature grid"):
+        resnet.encode_image(torch.randn(1, 3, 96, 96))
 
 
 @pytest.mark.parametrize(
