@@ -222,6 +222,17 @@ def test_trained_bpe_save_and_from_config_round_trip(trained, tmp_path):
         assert raw.encode(clean_text(text), add_special_tokens=False).ids == trained.encode(text)
 
 
+def test_train_bpe_reaches_the_requested_size_on_a_rich_corpus():
+    tok = train_bpe(corpus(), vocab_size=800)
+    assert tok.vocab_size == 800 and tok.eot_token_id == 799
+    assert tok.encode("a photo of a") == [
+        320,
+        *tok.encode("photo"),
+        *tok.encode("of"),
+        320,
+    ]  # 'a</w>' = 256 + 64
+
+
 def test_train_bpe_rejects_tiny_vocabularies():
     with pytest.raises(ValueError, match="at least"):
         train_bpe(["a dog"], vocab_size=100)
