@@ -209,7 +209,7 @@ class _IndexProgress:
         kind = event.get("event")
         if kind == "scan":
             self.found = int(event.get("found", 0))
-        elif kind == "start":
+        elif kind == "start" and event.get("total"):
             self.progress.start()
             self.task = self.progress.add_task("index", total=int(event.get("total", 0)), rate="")
         elif kind == "advance" and self.task is not None:
@@ -332,14 +332,14 @@ def index(state: _State, paths, model, exclude, include_hidden, batch_size, work
             )
         finally:
             progress.stop()
-        # Bring the FAISS index in step now, so the first query does not pay for it.
-        VectorIndex.for_library(library, bundle.model_id, kind=index_kind)
-        if as_json:
-            _echo_json(_report_json(report))
-        else:
-            _render_report(report, library.path)
-        found = progress.found
-    if found == 0:
+        if progress.found:
+            # Bring the FAISS index in step now, so the first query does not pay for it.
+            VectorIndex.for_library(library, bundle.model_id, kind=index_kind)
+            if as_json:
+                _echo_json(_report_json(report))
+            else:
+                _render_report(report, library.path)
+    if progress.found == 0:
         where = ", ".join(str(p) for p in paths)
         gone = f" ({report.removed} entries of vanished files removed)" if report.removed else ""
         raise ClipsearchError(
