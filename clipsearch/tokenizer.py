@@ -145,7 +145,6 @@ class Tokenizer:
         self.context_length = int(context_length)
         # a trained BPE keeps its tokenizer.json text (with the regex) to save it unchanged
         self._json = _json
-        self._kind = "clip-bpe" if _json is None else "tokenizers-json"
         if _backend is None:
             _backend = _clip_backend()
         else:  # a backend from a file (fastquery caches ours): Python does the splitting, always
@@ -158,7 +157,25 @@ class Tokenizer:
         self.vocab_size = self._tk.get_vocab_size(with_added_tokens=True)
 
     def __repr__(self) -> str:
-        return f"Tokenizer({self._kind}, vocab_size={self.vocab_size}, context_length={self.context_length})"
+        return f"Tokenizer(vocab_size={self.vocab_size}, context_length={self.context_length})"
+
+    @functools.cached_property
+    def _kind(self) -> str:
+        """``clip-bpe`` for OpenAI's vocabulary, else ``tokenizers-json`` (then ``_json`` is set)."""
+        if self._json is not None:
+            return "tokenizers-json"
+        clip = _clip_backend()
+        if self._tk is clip or self._tk.get_vocab(with_added_tokens=True) == clip.get_vocab(
+            with_added_tokens=True
+        ):
+            return "clip-bpe"
+        # a trained backend handed in without its file: write it out with the regex, to work standalone
+        from tokenizers import Tokenizer as _Backend
+
+        copy = _Backend.from_str(self._tk.to_str())
+        _set_splitting(copy, split=True)
+        self._json = copy.to_str(pretty=True)
+        return "tokenizers-json"
 
     # -- text to ids -------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:

@@ -271,3 +271,17 @@ def test_a_backend_read_back_from_a_file_splits_as_openai(trained, tmp_path):
     trained.save(tmp_path)
     again = Tokenizer(77, _backend=RawTokenizer.from_file(str(tmp_path / "tokenizer.json")))
     assert again.encode_batch(texts) == trained.encode_batch(texts)
+
+
+def test_a_backend_handed_in_saves_as_what_it_is(trained, tmp_path):
+    from tokenizers import Tokenizer as RawTokenizer
+
+    trained._tk.save(str(tmp_path / "trained_backend.json"))
+    loose = Tokenizer(77, _backend=RawTokenizer.from_file(str(tmp_path / "trained_backend.json")))
+    out = tmp_path / "model"
+    cfg = loose.save(out)
+    assert cfg["type"] == "tokenizers-json" and (out / "tokenizer.json").is_file()
+    assert Tokenizer.from_config(cfg, out).encode_batch(CAPTIONS[:10]) == trained.encode_batch(CAPTIONS[:10])
+    Tokenizer()._tk.save(str(tmp_path / "clip_backend.json"))
+    clip = Tokenizer(77, _backend=RawTokenizer.from_file(str(tmp_path / "clip_backend.json")))
+    assert clip.to_config() == {"type": "clip-bpe", "context_length": 77}
