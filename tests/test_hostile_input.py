@@ -231,3 +231,83 @@ def _image_rows(db: Path) -> dict[str, tuple]:
         }
     finally:
         conn.close()
+
+
+# The CLI as an unprivileged user: root reads everything, so permissions are only tested after
+# dropping to nobody. Python lives under /root (closed to nobody), so everything is imported by
+# one warm-up run as root first, then the process drops its privileges for good.
+AS_NOBODY = """
+import json, os, sys
+from click.testing import CliRunner
+from clipsearch.cli import cli
+
+pub = sys.argv[1]
+def run(*args):
+    r = CliRunner().invoke(cli, [str(a) for a in args])
+    return {"code": r.exit_code, "stdout": r.stdout, "stderr": r.stderr}
+warm = run("--db", f"{pub}/warm.db", "index", "--model", f"{pub}/model", f"{pub}/warm", "--json")
+assert warm["code"] == 0, warm
+run("--db", f"{pub}/warm.db", "status")
+os.setgroups([])
+os.setgid(65534)
+os.setuid(65534)
+index = run("--db", f"{pub}/db/lib.db", "index", "--model", f"{pub}/model", f"{pub}/photos", "--json")
+status = run("--db", f"{pub}/db/lib.db", "status", "--json", "--errors", "50")
+closed_model = run("--db", f"{pub}/db/lib.db", "query", "x", "--model", f"{pub}/closed_model")
+print(json.dumps({"index": index, "status": status, "closed_model": closed_model, "uid": os.getuid()}))
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the indexer's own test covers this as a normal user")
+def test_unreadable_files_folders_and_model_as_an_unprivileged_user(tmp_path_factory):
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+
+    from e2e_helpers import REPO
+
+    pub = Path(tempfile.mkdtemp(prefix="clipsearch-nobody-"))  # /tmp: reachable by nobody
+    try:
+        pub.chmod(0o755)
+        shutil.copytree(tiny_model_dir(tmp_path_factory), pub / "model")
+        shutil.copytree(pub / "model", pub / "closed_model")
+        (pub / "model").chmod(0o755)
+        for f in (pub / "model").iterdir():
+            f.chmod(0o644)
+        for f in (pub / "closed_model").iterdir():
+            f.chmod(0o600)  # root's alone: nobody cannot read this model
+        (pub / "db").mkdir(mode=0o777)
+        (pub / "db").chmod(0o777)
+        write_photo(pub / "warm" / "w.png", 1)
+        good = write_photo(pub / "photos" / "good.png", 2)
+        locked = write_photo(pub / "photos" / "locked.png", 3)
+        write_photo(pub / "photos" / "closed" / "inside.png", 4)
+        locked.chmod(0)
+        (pub / "photos" / "closed").chmod(0)
+        proc = subprocess.run(
+            [sys.executable, "-c", AS_NOBODY, str(pub)], capture_output=True, text=True, timeout=300, cwd=REPO
+        )
+        if proc.returncode != 0 and "Operation not permitted" in proc.stderr:
+            pytest.skip("cannot drop privileges here (no CAP_SETUID)")
+        assert proc.returncode == 0, proc.stderr
+        out = json.loads(proc.stdout.strip().splitlines()[-1])
+        assert out["uid"] == 65534
+        assert out["index"]["code"] == 0, out["index"]
+        report = json.loads(out["index"]["stdout"])
+        assert report["new"] == 1
+        assert {Path(f["path"]).name: f["reason"] for f in report["failed"]} == {
+            "locked.png": "permission denied",
+            "closed": "permission denied",
+        }
+        status = json.loads(out["status"]["stdout"])
+        assert status["images"] == 1 and status["errors"] == 2
+        assert {Path(e["path"]).name for e in status["recent_errors"]} == {"locked.png", "closed"}
+        assert good.exists()
+        # A model the user may not read is a clear one-line error, not a crash.
+        closed = out["closed_model"]
+        assert closed["code"] == 1 and closed["stderr"].count("\n") == 1, closed
+        assert "bug" not in closed["stderr"] and "closed_model" in closed["stderr"], closed
+    finally:
+        (pub / "photos" / "closed").chmod(0o755)
+        shutil.rmtree(pub, ignore_errors=True)
