@@ -267,11 +267,14 @@ class VectorIndex:
         kk = min(int(k), n)
         if kk <= 0:
             return np.zeros((len(q), 0), np.float32), np.zeros((len(q), 0), np.int64)
-        if allowed is not None and (self.kind == "flat" or n <= EXACT_SUBSET):
+        if allowed is not None and n <= EXACT_SUBSET:
             return _exact_subset(self.index, q, kk, allowed)
         params = None
         excluded = None
-        if allowed is not None:
+        if allowed is not None and self.kind == "flat":
+            sel = faiss.IDSelectorBatch(allowed)
+            params = faiss.SearchParameters(sel=sel)  # a flat scan with a filter is still exact
+        elif allowed is not None:
             sel = faiss.IDSelectorBatch(allowed)
             # A selective filter starves the graph walk; widen the beam as the filter narrows.
             ef = max(HNSW_EF_SEARCH, kk, int(HNSW_EF_SEARCH * len(self) / max(1, n)))
