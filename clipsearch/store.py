@@ -394,9 +394,13 @@ class Library:
             rows = self.conn.execute(sql + " ORDER BY i.id", params).fetchall()
         dim = self.model_dim(model_id) or (len(rows[0][2]) // 4 if rows else 0)
         out_ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
-        vectors = np.empty((len(rows), dim), dtype=np.float32)
-        for n, r in enumerate(rows):
-            vectors[n] = np.frombuffer(r[2], dtype=np.float32)
+        blob = b"".join(r[2] for r in rows)
+        if len(blob) != len(rows) * dim * 4 or any(len(r[2]) != dim * 4 for r in rows):
+            raise LibraryError(
+                f"{self.path} holds embeddings of {model_id!r} of the wrong size: "
+                "run `clipsearch doctor` or index again with --model"
+            )
+        vectors = np.frombuffer(blob, dtype=np.float32).reshape(len(rows), dim).copy()  # [N, D]
         return out_ids, [self.abspath(r[1]) for r in rows], vectors
 
     def embedding_ids(self, model_id: str) -> np.ndarray:

@@ -251,3 +251,10 @@ def test_second_writer_lock_is_refused_with_a_clear_message(tmp_path, lib):
                 other.acquire_writer_lock()
         other.acquire_writer_lock()  # free again once released
         other.release_writer_lock()
+
+
+def test_embeddings_of_the_wrong_size_are_a_library_error(tmp_path, lib):
+    _add(lib, tmp_path / "a.jpg", [1, 0])
+    _add(lib, tmp_path / "b.jpg", [1, 0, 0])  # a damaged or foreign row: 3 values for a 2-d model
+    with pytest.raises(LibraryError, match="wrong size"):
+        lib.embeddings("m")
