@@ -99,14 +99,17 @@ def _parse(side: Path) -> ET.ElementTree:
         raise XmpError(f"{side}: cannot read it ({e.strerror})") from e
 
 
-def write_keywords(image: str | Path, keywords: Sequence[str]) -> Path:
+def write_keywords(image: str | Path, keywords: Sequence[str]) -> Path | None:
     """Make ``keywords`` the clipsearch keywords of ``image``'s sidecar, merging with what is there.
 
-    Returns the sidecar path. Raises :class:`XmpError` when an existing sidecar cannot be merged.
+    Returns the sidecar path, or None when there was no sidecar and there are no keywords (no empty
+    file is created). Raises :class:`XmpError` when an existing sidecar cannot be merged.
     """
     for prefix, uri in {**KNOWN_PREFIXES, **NS}.items():
         ET.register_namespace(prefix, uri)
     side = sidecar_path(image)
+    if not side.exists() and not any(k.strip() for k in keywords):
+        return None
     tree = _parse(side) if side.exists() else _new_tree()
     descriptions = list(tree.iter(_q("rdf", "Description")))
     if not descriptions:

@@ -203,7 +203,7 @@ def test_label_json_relabel_and_multi_label(indexed, tmp_path):
 
 
 def test_label_writes_and_merges_xmp_sidecars(tmp_path, model_dir):
-    from clipsearch.xmp import read_keywords, sidecar_path
+    from clipsearch.xmp import read_keywords, sidecar_path, write_keywords
 
     a = write_photo(tmp_path / "p" / "a.jpg", 1)
     b = write_photo(tmp_path / "p" / "b.jpg", 2)
@@ -228,6 +228,11 @@ def test_label_writes_and_merges_xmp_sidecars(tmp_path, model_dir):
     assert read_keywords(a) == ["<tree>"]
     assert read_keywords(b) == ["holiday & friends", "<tree>"]
     assert "&lt;tree&gt;" in sidecar_path(a).read_text()
+    # No keywords and no sidecar: nothing is created; no keywords left for an existing one: ours go.
+    c = write_photo(tmp_path / "p" / "c.jpg", 3)
+    assert write_keywords(c, []) is None and not sidecar_path(c).exists()
+    write_keywords(b, [])
+    assert read_keywords(b) == ["holiday & friends"]
     # A sidecar that is not XML is never clobbered.
     sidecar_path(a).write_text("not xml <")
     result = ok("--db", db, "label", "--classes", "cat", "--write-xmp")
