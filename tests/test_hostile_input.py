@@ -276,7 +276,8 @@ def test_unreadable_files_folders_and_model_as_an_unprivileged_user(tmp_path_fac
         for f in (pub / "model").iterdir():
             f.chmod(0o644)
         for f in (pub / "closed_model").iterdir():
-            f.chmod(0o600)  # root's alone: nobody cannot read this model
+            f.chmod(0o600)  # root's alone: nobody can read neither the folder nor its files
+        (pub / "closed_model").chmod(0o700)
         (pub / "db").mkdir(mode=0o777)
         (pub / "db").chmod(0o777)
         write_photo(pub / "warm" / "w.png", 1)
