@@ -369,3 +369,9 @@ def test_embeddings_agree_with_open_clip_on_the_same_weights_and_photos(tmp_path
     )
     assert np.median(cosines) >= 0.995, cosines
     assert cosines.min() >= 0.99, dict(zip(map(str, paths), cosines.tolist(), strict=True))
+
+
+def test_every_command_is_documented():
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "cli.md").read_text(encoding="utf-8")
+    for name in cli.commands:
+        assert f"## `{name}" in doc, name
