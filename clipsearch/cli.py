@@ -20,7 +20,7 @@ from pathlib import Path
 import click
 
 from clipsearch import __version__
-from clipsearch.errors import ClipsearchError, LibraryError
+from clipsearch.errors import ClipsearchError, LibraryError, ModelLoadError
 
 DEFAULT_MODEL = "ViT-B-32/openai"
 INDEX_KINDS = ("auto", "flat", "hnsw")
@@ -31,19 +31,45 @@ MAX_FAILURES_SHOWN = 20
 # Output helpers
 
 
+def printable(text: str) -> str:
+    """``text`` safe to print: a file name that is not valid UTF-8 (its bytes kept by Python as
+    lone surrogates) shows U+FFFD where the bad bytes are, instead of failing to encode."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+class _PrintableStream:
+    """Wraps stdout/stderr for rich: every string written goes through :func:`printable`."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        return self._stream.write(printable(text))
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
 def _console(stderr: bool = False):
     from rich.console import Console
 
-    return Console(stderr=stderr, highlight=False, soft_wrap=True)
+    stream = _PrintableStream(sys.stderr if stderr else sys.stdout)
+    return Console(file=stream, stderr=stderr, highlight=False, soft_wrap=True)
 
 
 def _echo_json(data) -> None:
-    click.echo(json.dumps(data, indent=2, ensure_ascii=False, default=str))
+    text = json.dumps(data, indent=2, ensure_ascii=False, default=str)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        # A non-UTF-8 file name: \udcXX escapes keep it exact (json.loads + os.fsencode give its bytes).
+        text = json.dumps(data, indent=2, ensure_ascii=True, default=str)
+    click.echo(text)
 
 
 def _one_line(e: BaseException) -> str:
     text = " ".join(str(e).split()) or type(e).__name__
-    return text
+    return printable(text)
 
 
 class _Group(click.Group):
@@ -64,6 +90,11 @@ class _Group(click.Group):
             # `clipsearch query ... --paths | head`: the reader left; not an error of ours.
             sys.stderr.close()
             raise click.exceptions.Exit(0) from None
+        except OSError as e:
+            # The environment, not clipsearch: a full disk, a permission, a vanished file.
+            _maybe_trace(ctx)
+            where = f": {printable(str(e.filename))}" if e.filename else ""
+            raise click.ClickException(printable(e.strerror or _one_line(e)) + where) from None
         except Exception as e:
             _maybe_trace(ctx)
             hint = "" if _verbose(ctx) else " (run again with --verbose to see the traceback)"
@@ -148,6 +179,9 @@ def _load_bundle(source: str, quiet: bool = False):
 
     try:
         return load_bundle(source, progress=on_bytes)
+    except OSError as e:
+        where = f" ({printable(str(e.filename))})" if e.filename else ""
+        raise ModelLoadError(f"cannot read the model {source}: {e.strerror or e}{where}") from e
     finally:
         if task is not None:
             progress.stop()
@@ -449,7 +483,7 @@ def query(
         )
     elif as_paths:
         for h in hits:
-            click.echo(str(h.path))
+            click.echo(os.fsencode(h.path) + b"\n", nl=False)  # the exact bytes, for xargs and friends
     elif html_out is None or hits:
         _render_hits(hits, q.describe())
 

@@ -55,7 +55,11 @@ def thumbnail_data_uri(path: Path, size: int = THUMB_SIZE) -> str | None:
 
 def render_html(hits: Sequence, title: str, query_desc: str) -> str:
     """The page as a string. ``hits`` have ``path``, ``score`` (and optionally ``label``)."""
-    e = html.escape
+
+    def e(text: str, quote: bool = True) -> str:
+        # Non-UTF-8 file names (lone surrogates in Python) show U+FFFD instead of failing to encode.
+        return html.escape(text.encode("utf-8", "surrogateescape").decode("utf-8", "replace"), quote)
+
     tiles = []
     for rank, hit in enumerate(hits, start=1):
         path = Path(hit.path)

@@ -375,3 +375,21 @@ def test_every_command_is_documented():
     doc = (Path(__file__).resolve().parents[1] / "docs" / "cli.md").read_text(encoding="utf-8")
     for name in cli.commands:
         assert f"## `{name}" in doc, name
+
+
+def test_non_utf8_file_names_are_printable_and_exact(tmp_path, model_dir):
+    """The store keeps UTF-8 text, so the indexer skips a name that is not UTF-8 with a reason:
+    people see U+FFFD where the bad byte is, --json keeps the exact name (``\\udcXX`` escapes)."""
+    import os
+
+    folder = tmp_path / "p"
+    raw = os.fsencode(folder) + b"/caf\xe9.jpg"
+    write_photo(Path(os.fsdecode(raw)), 1)
+    write_photo(folder / "plain.png", 2)
+    human = ok("--db", tmp_path / "lib.db", "index", folder, "--model", model_dir).stdout
+    assert "caf\ufffd.jpg" in human
+    report = json.loads(
+        ok("--db", tmp_path / "lib2.db", "index", folder, "--model", model_dir, "--json").stdout
+    )
+    assert [os.fsencode(f["path"]) for f in report["failed"]] == [raw]
+    assert report["new"] == 1

@@ -198,3 +198,12 @@ def test_subprocess_errors_are_one_line(tmp_path):
     assert r.stderr.strip().count("\n") == 0 and r.stderr.startswith("Error: no library at")
     r = run_cli("query", "--top", "zero")
     assert r.returncode == 2 and "Traceback" not in r.stderr
+
+
+def test_environment_errors_are_one_line_not_bugs(library, monkeypatch):
+    def full(*a, **k):
+        raise OSError(28, "No space left on device", "/photos/library.db")
+
+    monkeypatch.setattr("clipsearch.store.Library.stats", full)
+    line = assert_one_line_error(run(["--db", library, "status"]))
+    assert line == "Error: No space left on device: /photos/library.db"

@@ -104,3 +104,13 @@ def test_odd_names_round_trip_as_text(tmp_path, name):
     photo = write_photo(tmp_path / name, 5)
     parsed = _parse(render_html([Hit(Path(photo), 1.0, 1)], "t", "q"))
     assert str(photo) in "".join(parsed.text)
+
+
+def test_non_utf8_names_render(tmp_path):
+    name = os.fsdecode(b"caf\xe9.jpg")
+    photo = write_photo(tmp_path / name, 6)
+    out = write_html([Hit(photo, 0.5, 1)], tmp_path / "r.html", "t", "q")
+    page = out.read_text(encoding="utf-8")
+    assert "caf\ufffd.jpg" in page
+    assert "caf%E9.jpg" in page  # the link keeps the exact bytes
+    assert page.count("data:image/jpeg;base64,") == 1
