@@ -40,11 +40,11 @@ def _data():
     return torch.randn(N, 3, 2, 2, generator=g), torch.randint(0, 30, (N, 5), generator=g)
 
 
-def _grads(model, batches, env, accum):
+def _grads(model, batches, env, accum, local_loss=False):
     model_fwd = model
     if env.distributed:
         model_fwd = nn.parallel.DistributedDataParallel(model)
-    loss_fn = ClipLoss(rank=env.rank, world_size=env.world_size)
+    loss_fn = ClipLoss(local_loss=local_loss, rank=env.rank, world_size=env.world_size)
     loss = Stepper(model_fwd, loss_fn, env, "fp32", accum).loss_and_backward(batches, lambda t: t.backward())
     return loss.item(), {k: p.grad.clone() for k, p in model.named_parameters()}
 
@@ -54,7 +54,7 @@ def _split(images, texts, parts):
     return [Batch(images[i * n : (i + 1) * n], texts[i * n : (i + 1) * n]) for i in range(parts)]
 
 
-def _worker(rank, port, accum, results):
+def _worker(rank, port, accum, local_loss, results):
     import os
 
     from trainer.distributed import init_distributed, shutdown
@@ -64,7 +64,7 @@ def _worker(rank, port, accum, results):
     images, texts = _data()
     n = N // WORLD
     mine = _split(images[rank * n : (rank + 1) * n], texts[rank * n : (rank + 1) * n], accum)
-    loss, grads = _grads(TwoTowers(), mine, env, accum)
+    loss, grads = _grads(TwoTowers(), mine, env, accum, local_loss)
     results[rank] = (loss, grads)
     shutdown(env)
 
@@ -80,18 +80,21 @@ def _reference():
     return _grads(TwoTowers(), _split(images, texts, 1), DistEnv(), 1)
 
 
-@pytest.mark.parametrize("accum", [1, 2])
-def test_two_processes_equal_one_process_on_the_global_batch(accum):
+@pytest.mark.parametrize("accum,local_loss", [(1, False), (2, False), (1, True)])
+def test_two_processes_equal_one_process_on_the_global_batch(accum, local_loss):
     ref_loss, ref_grads = _reference()
     with mp.Manager() as manager:
         results = manager.dict()
-        mp.spawn(_worker, args=(_free_port(), accum, results), nprocs=WORLD, join=True)
+        mp.spawn(_worker, args=(_free_port(), accum, local_loss, results), nprocs=WORLD, join=True)
         results = dict(results)
     for rank in range(WORLD):
         loss, grads = results[rank]
-        assert loss == pytest.approx(ref_loss, rel=1e-5)
+        if not local_loss:  # a local loss is this rank's rows only; their mean over ranks is the loss
+            assert loss == pytest.approx(ref_loss, rel=1e-5)
         for name, g in ref_grads.items():
             torch.testing.assert_close(grads[name], g, rtol=1e-5, atol=1e-6, msg=f"rank {rank} {name}")
+    mean_loss = sum(results[r][0] for r in range(WORLD)) / WORLD
+    assert mean_loss == pytest.approx(ref_loss, rel=1e-5)
 
 
 @pytest.mark.parametrize("accum", [2, 4])
