@@ -128,9 +128,10 @@ class LabelError(ClipsearchError):
     """Bad classes or templates given to zero-shot labelling."""
 
 
-def check_templates(templates: Sequence[str]) -> list[str]:
-    """Templates as a list; each must contain ``{}`` exactly once (where the class name goes)."""
-    out = list(templates)
+def check_templates(templates: Sequence[str] | None) -> list[str]:
+    """Templates as a list (None: :data:`DEFAULT_TEMPLATES`); each must contain ``{}`` exactly once
+    (where the class name goes)."""
+    out = list(DEFAULT_TEMPLATES if templates is None else templates)
     if not out:
         raise LabelError("no prompt templates given")
     for t in out:

@@ -32,6 +32,7 @@ def test_default_templates_are_the_papers():
     assert list(zeroshot.DEFAULT_TEMPLATES) == [t("{}") for t in OPENAI_IMAGENET_TEMPLATES]
     assert list(zeroshot.SHORT_TEMPLATES) == [t("{}") for t in SIMPLE_IMAGENET_TEMPLATES]
     assert len(set(zeroshot.DEFAULT_TEMPLATES)) == 80
+    assert zeroshot.check_templates(None) == list(zeroshot.DEFAULT_TEMPLATES)  # None means the default
 
 
 def test_build_classifier_equals_a_manual_template_loop(bundle):
