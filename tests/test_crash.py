@@ -16,14 +16,14 @@ from pathlib import Path
 
 import pytest
 from e2e_helpers import REPO
-from test_reliability import assert_complete, db_rows, invoke, make_photos, tiny_model_dir
+from test_reliability import assert_complete, db_rows, faiss_files, invoke, make_photos, tiny_model_dir
 
 N_PHOTOS = 14
 
 # The real CLI, with two test hooks set from the environment: TEST_HOLD_AFTER=N makes the model's
 # image tower stop before its (N+1)-th batch until the file TEST_RELEASE exists (so exactly N batches
 # are committed while the run is held: a kill or a concurrent command lands at a known moment), and
-# TEST_FILE_SIZE_CAP caps the size of any file the process writes (RLIMIT_FSIZE: a disk that fills
+# TEST_HOLD_IN_FAISS_SAVE leaves half a FAISS temp file and stops there; TEST_FILE_SIZE_CAP caps the size of any file the process writes (RLIMIT_FSIZE: a disk that fills
 # up; SIGXFSZ ignored so a write past it fails, as a full disk fails with ENOSPC).
 CLI_UNDER_TEST = """
 import os, resource, runpy, signal, sys, time
@@ -40,6 +40,16 @@ if hold >= 0:
         calls[0] += 1
         return encode(self, x)
     model.CLIP.encode_image = held
+if os.environ.get("TEST_HOLD_IN_FAISS_SAVE"):
+    import faiss
+    write = faiss.write_index
+    def half_written(index, path):
+        write(index, path)
+        with open(path, "r+b") as f:
+            f.truncate(os.path.getsize(path) // 2)
+        while True:  # killed here, with half a temporary file on disk
+            time.sleep(0.05)
+    faiss.write_index = half_written
 cap = int(os.environ.get("TEST_FILE_SIZE_CAP", "0"))
 if cap:
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
@@ -49,9 +59,17 @@ runpy.run_module("clipsearch", run_name="__main__", alter_sys=True)
 """
 
 
-def spawn_cli(args, hold_after: int = -1, release: Path | None = None, cap: int = 0, plain: bool = False):
+def spawn_cli(
+    args,
+    hold_after: int = -1,
+    release: Path | None = None,
+    cap: int = 0,
+    plain: bool = False,
+    hold_in_faiss_save: bool = False,
+):
     """Start ``clipsearch ARGS`` in a real process (see CLI_UNDER_TEST for the hooks)."""
     env = dict(os.environ, TEST_HOLD_AFTER=str(hold_after), TEST_FILE_SIZE_CAP=str(cap))
+    env["TEST_HOLD_IN_FAISS_SAVE"] = "1" if hold_in_faiss_save else ""
     env["TEST_RELEASE"] = str(release or "")
     cmd = [sys.executable, "-m", "clipsearch"] if plain else [sys.executable, "-c", CLI_UNDER_TEST]
     return subprocess.Popen(
@@ -136,6 +154,34 @@ def test_sigkill_during_index_loses_nothing_and_the_next_run_completes(tmp_path,
     assert_complete(db, photos)
     hits = invoke("query", "a photo", "--json", "--top", "100", db=db)
     assert sorted(Path(h["path"]) for h in json.loads(hits.stdout)) == sorted(photos)
+
+
+def test_sigkill_while_saving_the_faiss_index(tmp_path, tmp_path_factory):
+    """Every batch is committed, the FAISS file of the previous run is still in place and half of
+    the new one is written to its temporary name when the process dies."""
+    model = tiny_model_dir(tmp_path_factory)
+    db = tmp_path / "lib.db"
+    photos = make_photos(tmp_path / "photos", 3)
+    assert invoke("index", "--model", model, tmp_path / "photos", "--json", db=db).exit_code == 0
+    (index_file,) = faiss_files(db)
+    before = index_file.read_bytes()
+    photos += make_photos(tmp_path / "photos", 4, start=3)
+    proc = spawn_cli(["--db", db, "index", tmp_path / "photos"], hold_in_faiss_save=True)
+    temps = lambda: [p for p in index_file.parent.iterdir() if p.name.endswith(".tmp")]  # noqa: E731
+    _kill_when(proc, lambda: bool(temps()) and committed(db) == len(photos))
+    time.sleep(0.1)
+    assert index_file.read_bytes() == before  # the rename never happened: the old index stands
+
+    hits = invoke("query", "a photo", "--json", "--top", "100", db=db)
+    assert hits.exit_code == 0, hits.output
+    assert sorted(Path(h["path"]) for h in json.loads(hits.stdout)) == sorted(photos)
+    result = invoke("index", tmp_path / "photos", "--json", db=db)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert (report["new"], report["unchanged"], report["failed"]) == (0, len(photos), [])
+    assert_complete(db, photos)
+    doctor = invoke("doctor", db=db)
+    assert doctor.exit_code == 0 and "in step with SQLite (7 vectors" in doctor.stdout, doctor.output
 
 
 def test_full_disk_while_indexing_is_a_clear_error_and_loses_nothing(tmp_path, tmp_path_factory):
