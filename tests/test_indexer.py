@@ -450,3 +450,28 @@ def test_photo_folder_reached_through_a_symlink_is_still_relative(tmp_path, phot
         report = index_paths(lib, FakeBundle(), [link])
         assert report.new == 6 and all(not p.startswith("/") for p in stored_paths(lib))
         assert index_paths(lib, FakeBundle(), [photos]).unchanged == 6  # same files, either way in
+
+
+def test_files_deleted_or_replaced_by_a_fifo_after_the_walk(lib, photos, monkeypatch):
+    from clipsearch import indexer
+
+    real_walk = indexer.walk
+
+    def walk_then_meddle(*args, **kwargs):
+        found = real_walk(*args, **kwargs)
+        (photos / "img0.png").unlink()
+        (photos / "img2.png").unlink()
+        os.mkfifo(photos / "img2.png")  # opening it for reading without O_NONBLOCK would hang
+        return found
+
+    monkeypatch.setattr(indexer, "walk", walk_then_meddle)
+    report = index_paths(lib, FakeBundle(), [photos])
+    assert report.new == 4
+    assert sorted((p.name, r) for p, r in report.failed) == [
+        ("img0.png", "vanished"),
+        ("img2.png", "not a regular file"),
+    ]
+    monkeypatch.setattr(indexer, "walk", real_walk)
+    (photos / "img2.png").unlink()
+    report = index_paths(lib, FakeBundle(), [photos])
+    assert report.failed == [] and lib.errors() == [] and report.unchanged == 4
