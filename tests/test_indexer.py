@@ -475,3 +475,34 @@ def test_files_deleted_or_replaced_by_a_fifo_after_the_walk(lib, photos, monkeyp
     (photos / "img2.png").unlink()
     report = index_paths(lib, FakeBundle(), [photos])
     assert report.failed == [] and lib.errors() == [] and report.unchanged == 4
+
+
+def test_permission_errors_are_reasons_even_when_running_as_root(lib, photos, monkeypatch):
+    """Root reads everything, so the EACCES paths are driven by making the calls fail."""
+    import errno
+
+    from clipsearch import indexer, walk
+
+    index_paths(lib, FakeBundle(), [photos])
+    locked = write_image(photos / "locked.png", 30)
+    real_open, real_scandir = os.open, os.scandir
+
+    def deny_open(path, *args, **kwargs):
+        if os.fspath(path) == str(locked):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
+
+    def deny_scandir(path):
+        if os.fspath(path) == str(photos / "sub"):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(indexer.os, "open", deny_open)
+    monkeypatch.setattr(walk.os, "scandir", deny_scandir)
+    report = index_paths(lib, FakeBundle(), [photos])
+    assert dict((p.name, r) for p, r in report.failed) == {
+        "locked.png": "permission denied",
+        "sub": "permission denied",
+    }
+    assert report.removed == 0 and lib.stats()["images"] == 6  # rows under the unreadable folder kept
+    assert {e["path"].name for e in lib.errors()} == {"locked.png", "sub"}
