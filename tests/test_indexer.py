@@ -506,3 +506,23 @@ def test_permission_errors_are_reasons_even_when_running_as_root(lib, photos, mo
     }
     assert report.removed == 0 and lib.stats()["images"] == 6  # rows under the unreadable folder kept
     assert {e["path"].name for e in lib.errors()} == {"locked.png", "sub"}
+
+
+def test_image_rows_record_upright_size_and_exif_date(lib, tmp_path):
+    folder = tmp_path / "exif"
+    folder.mkdir()
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees to show upright
+    exif.get_ifd(0x8769)[0x9003] = "2021:07:04 18:30:00"  # DateTimeOriginal
+    Image.new("RGB", (40, 20), (200, 10, 10)).save(folder / "rotated.jpg", exif=exif)
+    write_image(folder / "plain.png", 3)
+    index_paths(lib, FakeBundle(), [folder])
+    rows = {r["path"].name: r for r in lib.images()}
+    assert (rows["rotated.jpg"]["width"], rows["rotated.jpg"]["height"]) == (20, 40)
+    assert rows["rotated.jpg"]["taken_at"].startswith("2021-07-04T18:30:00")
+    assert (rows["plain.png"]["width"], rows["plain.png"]["height"], rows["plain.png"]["taken_at"]) == (
+        16,
+        16,
+        None,
+    )
+    assert len(rows["plain.png"]["content_hash"]) == 40 and rows["plain.png"]["size"] > 0
