@@ -220,16 +220,43 @@ def tokenize(model_id: str, texts: Sequence[str]) -> np.ndarray:
     """
     tok = _tokenizer(model_id)
     length = tok.context_length
-    rows = [[tok.sot_token_id, *ids[: length - 2], tok.eot_token_id] for ids in tok.encode_batch(list(texts))]
+    rows = [
+        [tok.sot_token_id, *ids[: length - 2], tok.eot_token_id] for ids in _encode_texts(tok, list(texts))
+    ]
     out = np.zeros((len(rows), max((len(r) for r in rows), default=2)), np.int64)  # [N, n]
     for i, row in enumerate(rows):
         out[i, : len(row)] = row
     return out
 
 
+# printable ASCII and the whitespace split() removes, without "&" (no HTML entity possible)
+_PLAIN = frozenset(map(chr, range(0x20, 0x7F))) - {"&"} | {"\t", "\n", "\r"}
+
+
+def _encode_texts(tok, texts: list[str]) -> list[list[int]]:
+    """``tok.encode_batch(texts)``, skipping ftfy (0.1 s to import) where it cannot change anything.
+
+    On printable ASCII without ``&`` (most typed queries), ftfy's fixes (mojibake, curly quotes,
+    ligatures, control characters) and HTML unescaping are the identity, so the clean-up is the
+    whitespace collapse and lower-casing alone; the split into words and the merges are the
+    Tokenizer's own. Tests check the ids equal ``Tokenizer``'s on such texts and on others.
+    """
+    from clipsearch.tokenizer import _word_pattern
+
+    if not all(set(t) <= _PLAIN for t in texts):
+        return tok.encode_batch(texts)
+    words = [_word_pattern().findall(" ".join(t.split()).lower()) for t in texts]
+    return [e.ids for e in tok._tk.encode_batch(words, is_pretokenized=True, add_special_tokens=False)]
+
+
 def _encode(model_id: str, texts: list[str]) -> np.ndarray:
-    tokens = tokenize(model_id, texts)  # [N, n]
-    return _session(model_id).run(None, {"tokens": tokens})[0].astype(np.float32, copy=False)  # [N, D]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1) as pool:  # parse the tokenizer while ONNX Runtime maps the model
+        session = pool.submit(_session, model_id)
+        tokens = tokenize(model_id, texts)  # [N, n]
+        session = session.result()
+    return session.run(None, {"tokens": tokens})[0].astype(np.float32, copy=False)  # [N, D]
 
 
 class _TextCache:
@@ -344,11 +371,15 @@ def search(
             f"the library has no embeddings of model {model_id!r} (it has: {known}): "
             "index with that model first or leave out --model"
         )
-    q = encode_query(model_id, query)
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1) as pool:  # open (or bring in step) the FAISS index while encoding the text
+        pending = pool.submit(VectorIndex.for_library, library, model_id, kind=index_kind)
+        q = encode_query(model_id, query)  # a query error wins; leaving the block waits for the index
+        index = pending.result()
     allowed = library.image_ids_under(Path(under)) if under is not None else None
     if allowed is not None and not allowed:
         return []
-    index = VectorIndex.for_library(library, model_id, kind=index_kind)
     scores, ids = index.search(q[None, :], top, allowed_ids=allowed)
     pairs = [(float(s), int(i)) for s, i in zip(scores[0], ids[0], strict=True) if i >= 0]
     if threshold is not None:

@@ -27,6 +27,10 @@ TEXTS = [
     "the literal <end_of_text> and <<start_of_text>> tokens",
     " ".join(["word"] * 120),  # longer than the context: cut, end-of-text kept last
     "12345 ok",
+    "  Tabs\tand\nnew lines\r\n, UPPER case!? (yes) 'it's' \"double\" #hash @at ~tilde^ {}[]|\\ ",
+    "fish &amp; chips &lt;b&gt; &amp;amp;",  # HTML entities: the full clean-up, not the ASCII shortcut
+    "x\x00y\x1bz",  # control characters ftfy removes
+    "ﬁsh ｆｕｌｌ width",  # ligature and full-width letters ftfy folds
 ]
 
 
@@ -169,9 +173,11 @@ def test_a_query_process_never_imports_torch(tiny, tmp_path):
         assert len(hits) == 3, hits
         loaded = sorted(m for m in sys.modules if m == "torch" or m.startswith("torch."))
         print("TORCH", loaded)
+        print("FTFY", "ftfy" in sys.modules)  # a plain ASCII query skips it (0.1 s to import)
         """
     )
     env = {**os.environ, "CLIPSEARCH_HOME": os.environ["CLIPSEARCH_HOME"]}
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "TORCH []" in out.stdout
+    assert "FTFY False" in out.stdout
