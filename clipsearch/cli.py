@@ -155,12 +155,13 @@ def cli(ctx: click.Context, db: Path | None, verbose: bool) -> None:
 
 def _load_bundle(source: str, quiet: bool = False):
     """Load a model, with a download progress bar on stderr when it has to be fetched."""
+    from rich.markup import escape
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
     from clipsearch.checkpoints import load_bundle
 
     progress = Progress(
-        TextColumn(f"downloading {source}"),
+        TextColumn(f"downloading {escape(printable(str(source)))}"),
         BarColumn(),
         DownloadColumn(),
         TransferSpeedColumn(),
@@ -330,7 +331,7 @@ def _render_report(report, library_path: Path) -> None:
     type=click.Choice(INDEX_KINDS),
     default="auto",
     show_default=True,
-    help="Vector index: exact 'flat', approximate 'hnsw', or 'auto' (hnsw for large libraries).",
+    help="Vector index to build now: exact 'flat', approximate 'hnsw', or 'auto' (hnsw from 50,000 photos).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @pass_state

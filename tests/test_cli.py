@@ -393,3 +393,22 @@ def test_non_utf8_file_names_are_printable_and_exact(tmp_path, model_dir):
     )
     assert [os.fsencode(f["path"]) for f in report["failed"]] == [raw]
     assert report["new"] == 1
+
+
+def test_download_progress_reaches_the_bar(tmp_path, model_dir, monkeypatch):
+    """A model that has to be fetched reports bytes through the progress callback to a rich bar."""
+    import clipsearch.checkpoints as checkpoints
+
+    real = checkpoints.load_bundle
+    seen = []
+
+    def fetching(source, progress=None, **kwargs):
+        for done in (0, 512, 1024):
+            progress(done, 1024)
+            seen.append(done)
+        return real(model_dir)
+
+    monkeypatch.setattr(checkpoints, "load_bundle", fetching)
+    write_photo(tmp_path / "p" / "a.jpg", 1)
+    ok("--db", tmp_path / "lib.db", "index", tmp_path / "p", "--model", "[bold]ViT-B-32/openai")
+    assert seen == [0, 512, 1024]
