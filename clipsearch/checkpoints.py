@@ -114,22 +114,25 @@ def load_bundle(
         raise ModelLoadError(
             f"arch/quick_gelu apply to a bare weights file only; {text} says its own architecture"
         )
-    if text in PRETRAINED and not path.exists():
-        bundle = _load_pretrained(text, progress=progress)
-    elif path.is_dir():
-        if (path / MODEL_JSON).is_file():
-            bundle = _load_clipsearch_dir(path)
-        elif (path / HUB_CONFIG).is_file():
-            bundle = _load_hub_dir(path)
+    try:
+        if text in PRETRAINED and not path.exists():
+            bundle = _load_pretrained(text, progress=progress)
+        elif path.is_dir():
+            if (path / MODEL_JSON).is_file():
+                bundle = _load_clipsearch_dir(path)
+            elif (path / HUB_CONFIG).is_file():
+                bundle = _load_hub_dir(path)
+            else:
+                raise ModelLoadError(
+                    f"{path} is a directory but holds neither {MODEL_JSON} (a clipsearch model) "
+                    f"nor {HUB_CONFIG} (an OpenCLIP hub model)"
+                )
+        elif path.is_file():
+            bundle = _load_weights_file(path, arch=arch, quick_gelu=quick_gelu)
         else:
-            raise ModelLoadError(
-                f"{path} is a directory but holds neither {MODEL_JSON} (a clipsearch model) "
-                f"nor {HUB_CONFIG} (an OpenCLIP hub model)"
-            )
-    elif path.is_file():
-        bundle = _load_weights_file(path, arch=arch, quick_gelu=quick_gelu)
-    else:
-        raise ModelLoadError(_not_found_message(text))
+            raise ModelLoadError(_not_found_message(text))
+    except OSError as e:  # e.g. a model folder the user may not open: is_dir()/is_file() raise
+        raise ModelLoadError(f"cannot read model {text}: {e.strerror or e}") from e
     import torch
 
     dtype = getattr(torch, _PRECISIONS[precision])

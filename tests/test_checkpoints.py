@@ -687,3 +687,19 @@ def test_round_trip_with_a_trained_tokenizer(tmp_path):
     with torch.no_grad():
         assert torch.equal(bundle.model.encode_text(tokens), model.encode_text(tokens))
         assert torch.equal(bundle.model.encode_image(images), model.encode_image(images))
+
+
+def test_unreadable_model_folder_is_a_model_load_error(tmp_path, monkeypatch):
+    # As root a chmod 000 folder stays readable, so make the stat itself fail as it does for users.
+    from pathlib import Path
+
+    real_is_dir = Path.is_dir
+
+    def denied(self):
+        if self == tmp_path / "private":
+            raise PermissionError(13, "Permission denied")
+        return real_is_dir(self)
+
+    monkeypatch.setattr(Path, "is_dir", denied)
+    with pytest.raises(ModelLoadError, match="cannot read model .*Permission denied"):
+        checkpoints.load_bundle(tmp_path / "private")
