@@ -80,8 +80,8 @@ class _Job:
 @dataclass
 class _Result:
     job: _Job
-    size: int = 0
-    mtime_ns: int = 0
+    size: int | None = None  # set once the open file was examined
+    mtime_ns: int | None = None
     content_hash: str = ""
     tensor: Any = None  # preprocessed image [3, H, W], None when the embedding can be reused
     width: int | None = None
@@ -109,6 +109,18 @@ def _metadata(image) -> tuple[int | None, int | None, str | None]:
 
     meta = image_metadata(image)
     return meta.get("width"), meta.get("height"), meta.get("taken_at")
+
+
+def _decoder_settings(max_pixels: int | None) -> str:
+    """What a decode verdict depends on besides the file: a change retries every recorded failure."""
+    import importlib.util
+
+    import PIL
+
+    from clipsearch import __version__
+
+    heif = importlib.util.find_spec("pillow_heif") is not None  # HEIC/AVIF decodable or not
+    return f"clipsearch {__version__}; pillow {PIL.__version__}; heif {heif}; max_pixels {max_pixels}"
 
 
 def _oserror_reason(e: OSError) -> str:
@@ -198,6 +210,7 @@ class _Run:
         self.emit = emit
         self.preprocess = bundle.preprocess
         self.max_pixels = max_pixels
+        self.settings = _decoder_settings(max_pixels)
         self.batch: list[_Result] = []
         self.reuse: list[_Result] = []
         self.gone_by_hash: dict[str, list[int]] = {}
@@ -219,6 +232,7 @@ class _Run:
                 (self.model_id,),
             )
         }
+        failures = lib.known_failures()
         seen: set[str] = set()
         jobs: list[_Job] = []
         for f in found.files:
@@ -227,6 +241,10 @@ class _Run:
             row = rows.get(stored)
             if row is not None and row[1] == f.size and row[2] == f.mtime_ns and row[0] in embedded:
                 self.report.unchanged += 1
+                continue
+            failure = failures.get(stored) if row is None else None
+            if failure is not None and failure[:3] == (f.size, f.mtime_ns, self.settings):
+                self.report.failed.append((f.path, failure[3]))  # the same bad file: not read again
                 continue
             jobs.append(_Job(f.path, stored, row))
         # A file that exists but could not be read keeps its row; a dead symlink is gone.
@@ -330,7 +348,15 @@ class _Run:
             if job.row is not None:
                 # The file changed into something unreadable: its old embedding describes nothing.
                 self.lib.remove_images(c, [job.row[0]])
-            self.lib.record_error(c, job.path, res.error[0], res.error[1])
+            self.lib.record_error(
+                c,
+                job.path,
+                res.error[0],
+                res.error[1],
+                size=res.size,
+                mtime_ns=res.mtime_ns,
+                settings=self.settings,
+            )
         self.report.failed.append((job.path, res.error[0]))
         self.emit({"event": "advance", "n": 1})
 

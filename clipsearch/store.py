@@ -89,9 +89,18 @@ CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 INSERT INTO meta (key, value) VALUES ('generation', '0');
 """
 
+# What a file looked like when it failed, and under which decoder settings: an unchanged bad file
+# is then not read again on every run, while an edited file or a new decoder retries it.
+_M002 = """
+ALTER TABLE errors ADD COLUMN size INTEGER;
+ALTER TABLE errors ADD COLUMN mtime_ns INTEGER;
+ALTER TABLE errors ADD COLUMN settings TEXT;
+"""
+
 # Named and ordered; a migration never changes once released, new ones are appended.
 MIGRATIONS: list[tuple[str, str]] = [
     ("001_initial", _M001),
+    ("002_error_file_state", _M002),
 ]
 
 
@@ -536,12 +545,35 @@ class Library:
 
     # --- errors -------------------------------------------------------------------------------
 
-    def record_error(self, c: sqlite3.Connection, path: Path | str, reason: str, detail: str = "") -> None:
-        """Remember that ``path`` could not be indexed (replaces an older error for it)."""
+    def record_error(
+        self,
+        c: sqlite3.Connection,
+        path: Path | str,
+        reason: str,
+        detail: str = "",
+        *,
+        size: int | None = None,
+        mtime_ns: int | None = None,
+        settings: str | None = None,
+    ) -> None:
+        """Remember that ``path`` could not be indexed (replaces an older error for it).
+
+        ``size``/``mtime_ns``/``settings`` (when the file could be examined) let the next run skip
+        it unread while nothing about it has changed (see :meth:`known_failures`)."""
         c.execute(
-            "INSERT OR REPLACE INTO errors (path, reason, detail, seen_at) VALUES (?, ?, ?, ?)",
-            (self.stored_path(path), reason, detail, _now()),
+            "INSERT OR REPLACE INTO errors (path, reason, detail, seen_at, size, mtime_ns, settings) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (self.stored_path(path), reason, detail, _now(), size, mtime_ns, settings),
         )
+
+    def known_failures(self) -> dict[str, tuple[int, int, str, str]]:
+        """``{stored path: (size, mtime_ns, settings, reason)}`` of failures recorded with file state."""
+        return {
+            p: (s, m, st, r)
+            for p, s, m, st, r in self.conn.execute(
+                "SELECT path, size, mtime_ns, settings, reason FROM errors WHERE size IS NOT NULL"
+            )
+        }
 
     def clear_errors(self, c: sqlite3.Connection, paths: Iterable[Path | str]) -> None:
         for p in paths:

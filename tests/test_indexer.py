@@ -526,3 +526,31 @@ def test_image_rows_record_upright_size_and_exif_date(lib, tmp_path):
         None,
     )
     assert len(rows["plain.png"]["content_hash"]) == 40 and rows["plain.png"]["size"] > 0
+
+
+def test_unchanged_bad_files_are_not_read_again_until_something_changes(lib, photos, monkeypatch):
+    from clipsearch import indexer
+
+    (photos / "text.jpg").write_text("just some text")
+    Image.new("RGB", (300, 300)).save(photos / "big.png")
+    reads = []
+    real = indexer.read_and_hash
+
+    def counting(fd, keep):
+        reads.append(os.readlink(f"/proc/self/fd/{fd}").rsplit("/", 1)[-1])
+        return real(fd, keep)
+
+    monkeypatch.setattr(indexer, "read_and_hash", counting)
+    first = index_paths(lib, FakeBundle(), [photos], max_pixels=200 * 200)
+    assert sorted(reads) == sorted(["text.jpg", "big.png"] + [p.name for p in photos.rglob("img*.png")])
+    reads.clear()
+    again = index_paths(lib, FakeBundle(), [photos], max_pixels=200 * 200)
+    assert reads == [] and sorted(again.failed) == sorted(first.failed)  # still reported, not re-read
+    assert len(lib.errors()) == 2
+    os.utime(photos / "text.jpg", ns=(7, 7))  # edited: tried again
+    index_paths(lib, FakeBundle(), [photos], max_pixels=200 * 200)
+    assert reads == ["text.jpg"]
+    reads.clear()
+    report = index_paths(lib, FakeBundle(), [photos])  # other decoder settings: every failure retried
+    assert sorted(reads) == ["big.png", "text.jpg"] and report.new == 1
+    assert [e["path"].name for e in lib.errors()] == ["text.jpg"]

@@ -258,3 +258,24 @@ def test_embeddings_of_the_wrong_size_are_a_library_error(tmp_path, lib):
     _add(lib, tmp_path / "b.jpg", [1, 0, 0])  # a damaged or foreign row: 3 values for a 2-d model
     with pytest.raises(LibraryError, match="wrong size"):
         lib.embeddings("m")
+
+
+def test_an_older_library_is_migrated_on_open(tmp_path):
+    """A library written before 002 existed: 002 is applied on open and old rows survive."""
+    path = tmp_path / "old.db"
+    conn = sqlite3.connect(path)
+    conn.execute(
+        "CREATE TABLE migrations (id INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT UNIQUE, applied_at TEXT)"
+    )
+    conn.executescript(MIGRATIONS[0][1])
+    conn.execute("INSERT INTO migrations (name, applied_at) VALUES ('001_initial', 'then')")
+    conn.execute("INSERT INTO errors (path, reason, detail, seen_at) VALUES ('a.jpg', 'corrupt', '', 'then')")
+    conn.commit()
+    conn.close()
+    with pytest.raises(LibraryError, match="needs a schema upgrade"):
+        Library.open(path, readonly=True)
+    with Library.open(path) as lib:
+        names = [r[0] for r in lib.conn.execute("SELECT name FROM migrations ORDER BY id")]
+        assert names == ["001_initial", "002_error_file_state"]
+        assert [e["reason"] for e in lib.errors()] == ["corrupt"]
+        assert lib.known_failures() == {}  # no file state recorded then: such files are retried
