@@ -15,6 +15,7 @@ import json
 import os
 import sys
 import traceback
+from collections import Counter
 from pathlib import Path
 
 import click
@@ -25,6 +26,7 @@ from clipsearch.errors import ClipsearchError, LibraryError, ModelLoadError
 DEFAULT_MODEL = "ViT-B-32/openai"
 INDEX_KINDS = ("auto", "flat", "hnsw")
 MAX_FAILURES_SHOWN = 20
+MAX_LABEL_ROWS = 200  # a table longer than this helps nobody; the summary counts and --json do
 
 
 # --------------------------------------------------------------------------------------------------
@@ -642,7 +644,7 @@ def _render_labels(results) -> None:
     table.add_column("label")
     table.add_column("score", justify="right")
     table.add_column("others")
-    for r in results:
+    for r in results[:MAX_LABEL_ROWS]:
         others = ", ".join(f"{lab} {s:.2f}" for lab, s in r.labels[1:])
         table.add_row(
             Text(str(r.path)),
@@ -651,6 +653,11 @@ def _render_labels(results) -> None:
             Text(others),
         )
     out.print(table)
+    if len(results) > MAX_LABEL_ROWS:
+        out.print(f"... and {len(results) - MAX_LABEL_ROWS} more photos: --json lists them all")
+    counts = Counter(r.label or "(no label)" for r in results)
+    summary = ", ".join(f"{label} {n}" for label, n in counts.most_common())
+    out.print(f"Labelled {len(results)} photos (top label): {summary}", markup=False)
 
 
 # --------------------------------------------------------------------------------------------------

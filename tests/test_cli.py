@@ -200,6 +200,10 @@ def test_label_json_relabel_and_multi_label(indexed, tmp_path):
         assert all(lab["score"] >= 0.2 for lab in row["labels"])
     human = ok("--db", db, "label", "--classes", "beach,forest").stdout
     assert "label" in human and "beach.jpg" in human
+    counts = json.loads(ok("--db", db, "label", "--classes", "beach,forest", "--json").stdout)
+    n_beach = sum(r["label"] == "beach" for r in counts)
+    assert f"Labelled {len(photos)} photos (top label)" in human
+    assert (f"beach {n_beach}" in human) == (n_beach > 0)
 
 
 def test_label_writes_and_merges_xmp_sidecars(tmp_path, model_dir):
@@ -412,3 +416,13 @@ def test_download_progress_reaches_the_bar(tmp_path, model_dir, monkeypatch):
     write_photo(tmp_path / "p" / "a.jpg", 1)
     ok("--db", tmp_path / "lib.db", "index", tmp_path / "p", "--model", "[bold]ViT-B-32/openai")
     assert seen == [0, 512, 1024]
+
+
+def test_long_label_tables_are_cut_with_a_pointer_to_json(indexed, monkeypatch):
+    import clipsearch.cli as cli_module
+
+    db, folder, photos, _ = indexed
+    monkeypatch.setattr(cli_module, "MAX_LABEL_ROWS", 2)
+    human = ok("--db", db, "label", "--classes", "beach,forest").stdout
+    assert f"... and {len(photos) - 2} more photos: --json lists them all" in human
+    assert sum(1 for p in photos.values() if str(p.resolve()) in human) == 2
