@@ -372,6 +372,7 @@ def index(state: _State, paths, model, exclude, include_hidden, batch_size, work
         if progress.found:
             # Bring the FAISS index in step now, so the first query does not pay for it.
             VectorIndex.for_library(library, bundle.model_id, kind=index_kind)
+            _export_text_encoder(bundle)  # and the first text query need not load torch
             if as_json:
                 _echo_json(_report_json(report))
             else:
@@ -461,17 +462,18 @@ def query(
     if under is not None and not Path(under).is_dir():
         raise ClipsearchError(f"--in {under}: no such folder")
     q = Query.build(text, image, add, minus, add_image, minus_image, minus_weight=minus_weight)
+    options = {
+        "top": top,
+        "under": Path(under).resolve() if under is not None else None,
+        "threshold": threshold,
+        "index_kind": index_kind,
+    }
     with _open_existing(state) as library:
-        bundle = _library_bundle(library, model)
-        hits = search(
-            library,
-            bundle,
-            q,
-            top=top,
-            under=Path(under).resolve() if under is not None else None,
-            threshold=threshold,
-            index_kind=index_kind,
-        )
+        hits = _fast_text_search(library, q, model, options)
+        if hits is None:
+            bundle = _library_bundle(library, model)
+            hits = search(library, bundle, q, **options)
+            _export_text_encoder(bundle)  # so the next text query can skip torch
     if html_out is not None:
         from clipsearch.report import write_html
 
@@ -489,6 +491,38 @@ def query(
             click.echo(os.fsencode(h.path) + b"\n", nl=False)  # the exact bytes, for xargs and friends
     elif html_out is None or hits:
         _render_hits(hits, q.describe())
+
+
+def _fast_text_search(library, q, model: str | None, options: dict):
+    """A text-only query with the library's own model, through the torch-free path
+    (:mod:`clipsearch.fastquery`: ONNX text tower + FAISS). None when that path cannot answer
+    (an image part, another model, no export yet, onnxruntime missing): then the model is loaded."""
+    if model is not None or any(p.kind != "text" for p in q.parts):
+        return None
+    model_id = library.default_model_id()
+    if model_id is None:
+        raise LibraryError(f"the library {library.path} has no images yet: run `clipsearch index PATH` first")
+    from clipsearch import fastquery
+
+    try:
+        return fastquery.search(library, model_id, q, **options)
+    except fastquery.TextEncoderMissing:
+        return None
+    except ImportError:  # onnxruntime is optional: without it every query loads the model
+        return None
+
+
+def _export_text_encoder(bundle) -> None:
+    """Export the model's text tower for torch-free queries (a few seconds once per model).
+
+    Only speed depends on it, so a failure is not the user's problem: queries keep loading the model.
+    """
+    from clipsearch import fastquery
+
+    try:
+        fastquery.ensure_text_encoder(bundle)
+    except (ImportError, ClipsearchError, OSError, RuntimeError, ValueError):
+        return
 
 
 def _render_hits(hits, description: str) -> None:

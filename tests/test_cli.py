@@ -426,3 +426,29 @@ def test_long_label_tables_are_cut_with_a_pointer_to_json(indexed, monkeypatch):
     human = ok("--db", db, "label", "--classes", "beach,forest").stdout
     assert f"... and {len(photos) - 2} more photos: --json lists them all" in human
     assert sum(1 for p in photos.values() if str(p.resolve()) in human) == 2
+
+
+def test_text_queries_after_index_skip_torch_and_agree(tmp_path, model_dir):
+    """index exports the text tower; a text query process then never imports torch, and its
+    results equal the regular path's (forced here with --model)."""
+    import os
+
+    for n in range(5):
+        write_photo(tmp_path / "p" / f"{n}.jpg", 60 + n)
+    db = tmp_path / "lib.db"
+    ok("--db", db, "index", tmp_path / "p", "--model", model_dir)
+    args = ["--db", str(db), "query", "a red boat", "--minus", "sea", "--json", "--top", "4"]
+    code = (
+        "import sys\nfrom clipsearch.cli import cli\n"
+        f"try:\n    cli({args!r}, standalone_mode=False)\nexcept SystemExit:\n    pass\n"
+        "print('TORCH', 'torch' in sys.modules)"
+    )
+    env = {**os.environ, "CLIPSEARCH_HOME": os.environ["CLIPSEARCH_HOME"]}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 0, out.stderr
+    body, torch_line = out.stdout.rsplit("TORCH", 1)
+    assert torch_line.strip() == "False"
+    fast = json.loads(body)
+    slow = json.loads(ok(*args[:2], *args[2:], "--model", model_dir).stdout)
+    assert [h["path"] for h in fast] == [h["path"] for h in slow]
+    np.testing.assert_allclose([h["score"] for h in fast], [h["score"] for h in slow], atol=1e-5)

@@ -180,7 +180,7 @@ def test_ctrl_c_exits_130(library, monkeypatch):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(cli_module, "_load_bundle", interrupted)
-    r = run(["--db", library, "query", "x"])
+    r = run(["--db", library, "label", "--classes", "a,b"])  # always loads the model
     assert r.exit_code == 130
     assert "Traceback" not in r.output
 
