@@ -166,6 +166,9 @@ def main(argv=None) -> int:
         draft_cos = backends.cosine_rows(
             bundle.model.encode_image(draft_px).numpy(), bundle.model.encode_image(full_px).numpy()
         )
+    # model-free check too (random weights can be insensitive): the model's input pixels themselves
+    pixel_cos = backends.cosine_rows(draft_px.flatten(1).numpy(), full_px.flatten(1).numpy())
+    pixel_rms = float((draft_px - full_px).pow(2).mean().sqrt())  # in normalised units (std = 1)
 
     times = {"baseline": [], "fast": []}
     results = {}
@@ -197,6 +200,10 @@ def main(argv=None) -> int:
     )
     print(
         f"fidelity: draft vs full decode (fp32 model) worst cosine {draft_cos.min():.5f}, mean {draft_cos.mean():.5f}"
+    )
+    print(
+        f"input pixels: draft vs full decode worst cosine {pixel_cos.min():.5f}, RMS difference "
+        f"{pixel_rms:.4f} (normalised units; 1/255 of a channel is ~0.015)"
     )
     print(f"fidelity: fast pipeline vs baseline embeddings worst cosine {e2e_cos.min():.5f}")
     return 0
