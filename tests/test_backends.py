@@ -112,8 +112,10 @@ def test_auto_excludes_a_fast_backend_below_the_fidelity_threshold():
         and results["noisy"].images_per_s > results["slow-exact"].images_per_s
     )
     assert results["slow-exact"].cosine >= MIN_COSINE
-    assert name == "torch-fp32"  # faster than slow-exact; noisy is the fastest but unfaithful
-    assert make_image_encoder(bundle, "auto", candidates=candidates).name == "torch-fp32"
+    # noisy is the fastest but unfaithful: the choice is the fastest of the faithful ones
+    faithful = [m for m in results.values() if m.cosine >= MIN_COSINE]
+    assert name != "noisy" and name == max(faithful, key=lambda m: m.images_per_s).name
+    assert make_image_encoder(bundle, "auto", candidates=candidates).name == name
 
 
 def test_auto_picks_the_fastest_faithful_backend_and_caches_the_verdict():
