@@ -149,6 +149,9 @@ def _failure_reason(e: Exception) -> str:
     return "corrupt"
 
 
+FULL_SIZE_KEY = "clipsearch.full_size"  # im.info entry: (width, height) upright, at full scale
+
+
 def open_image(source, max_pixels: int | None = DEFAULT_MAX_PIXELS, draft_size: int | None = None):
     """Decode ``source`` (a path, or a binary stream) to an upright RGB ``PIL.Image``.
 
@@ -162,6 +165,7 @@ def open_image(source, max_pixels: int | None = DEFAULT_MAX_PIXELS, draft_size: 
     f, name, owned = _open_stream(source)
     try:
         im = _identify(f, name, max_pixels)
+        full_size = im.size  # as stored, before any draft scaling
         if draft_size and im.format == "JPEG":
             w, h = im.size
             d = int(draft_size)
@@ -174,11 +178,15 @@ def open_image(source, max_pixels: int | None = DEFAULT_MAX_PIXELS, draft_size: 
             raise ImageDecodeError(name, "too many pixels", str(e)) from e
         except Exception as e:  # decoders raise OSError, SyntaxError, ValueError, struct.error...
             raise ImageDecodeError(name, _failure_reason(e), str(e)) from e
+        stored_size = im.size
         im = _upright(im)
+        turned = im.size != stored_size  # a 90-degree orientation was applied
         exif = im.info.get("exif")  # orientation now cleared; the capture date is for image_metadata
         im = _to_rgb(im, name)
         if exif is not None:
             im.info["exif"] = exif
+        # image_metadata reports the photo's upright size, not the draft's
+        im.info[FULL_SIZE_KEY] = full_size[::-1] if turned else full_size
         return im
     finally:
         if owned:
@@ -275,9 +283,12 @@ def _metadata_of(im) -> dict:
         exif = im.getexif()
     except Exception:  # a broken EXIF block means no metadata, not no image
         exif = None
-    w, h = im.size
-    if exif is not None and exif.get(0x0112) in (5, 6, 7, 8):
-        w, h = h, w  # still to be turned by 90 degrees (open_image's result has the tag cleared)
+    if FULL_SIZE_KEY in im.info:  # open_image's result: upright, maybe decoded at a reduced scale
+        w, h = im.info[FULL_SIZE_KEY]
+    else:
+        w, h = im.size
+        if exif is not None and exif.get(0x0112) in (5, 6, 7, 8):
+            w, h = h, w  # still to be turned by 90 degrees
     try:
         taken = _exif_taken_at(exif)
     except Exception:
