@@ -20,16 +20,19 @@ hold an exclusive lock file ``<db>.lock``; readers never take it.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import sqlite3
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from clipsearch.errors import LibraryError
+
+if TYPE_CHECKING:  # numpy is imported where vectors are read or written: a query client needs none
+    import numpy as np
 
 BUSY_TIMEOUT_MS = 30_000  # long enough to wait out one indexer batch commit
 
@@ -112,18 +115,40 @@ def _absolute(path: Path | str) -> Path:
     return Path(os.path.abspath(os.fspath(path)))
 
 
+def resolve_path(path: Path | str | None = None) -> Path:
+    """The library file ``path`` names, as :meth:`Library.open` opens it (absolute, its folder resolved).
+
+    ``None`` is :func:`clipsearch.paths.default_library_path`. Two spellings of one library give the
+    same result, so it can key things kept per library (the query daemon's socket).
+    """
+    if path is None:
+        from clipsearch.paths import default_library_path
+
+        path = default_library_path()
+    path = _absolute(Path(path).expanduser())
+    # The folder is resolved once so stored relative paths and scanned paths agree.
+    return path.parent.resolve() / path.name if path.parent.exists() else path
+
+
 class Library:
     """A photo library database. Open with :meth:`Library.open`; use as a context manager."""
 
     def __init__(self, path: Path, conn: sqlite3.Connection, readonly: bool):
-        import sqlite_utils
-
         self.path = path
         self.root = path.parent
         self.readonly = readonly
         self.conn = conn
-        self.db = sqlite_utils.Database(conn)
         self._lock_fd: int | None = None
+
+    @functools.cached_property
+    def db(self):
+        """The connection as a ``sqlite_utils.Database``, for ad-hoc inspection.
+
+        Made on first use: importing sqlite-utils costs ~0.07 s, a seventh of a query's budget.
+        """
+        import sqlite_utils
+
+        return sqlite_utils.Database(self.conn)
 
     # --- opening ------------------------------------------------------------------------------
 
@@ -135,13 +160,7 @@ class Library:
         and refuses writes. Raises :class:`LibraryError` with one line when the file is missing,
         not a SQLite database, corrupt, or written by a newer clipsearch.
         """
-        if path is None:
-            from clipsearch.paths import default_library_path
-
-            path = default_library_path()
-        path = _absolute(Path(path).expanduser())
-        # The folder is resolved once so stored relative paths and scanned paths agree.
-        path = path.parent.resolve() / path.name if path.parent.exists() else path
+        path = resolve_path(path)
         if path.is_dir():
             raise LibraryError(f"{path} is a folder, not a library database: pass a file path")
         if not path.exists():
@@ -382,6 +401,8 @@ class Library:
 
         ``under`` keeps a subtree (matched literally); ``ids`` keeps those image ids. Ordered by id.
         """
+        import numpy as np
+
         sql = (
             "SELECT i.id, i.path, e.vector FROM embeddings e JOIN images i ON i.id = e.image_id "
             "WHERE e.model_id = ?"
@@ -414,6 +435,8 @@ class Library:
 
     def embedding_ids(self, model_id: str) -> np.ndarray:
         """Image ids (int64, sorted) that have an embedding of ``model_id``."""
+        import numpy as np
+
         rows = self.conn.execute(
             "SELECT image_id FROM embeddings WHERE model_id = ? ORDER BY image_id", (model_id,)
         ).fetchall()
@@ -483,6 +506,8 @@ class Library:
 
     def put_embedding(self, c: sqlite3.Connection, image_id: int, model_id: str, vector: np.ndarray) -> None:
         """Store one vector (float32, L2-normalised by the caller) inside a transaction."""
+        import numpy as np
+
         blob = np.ascontiguousarray(vector, dtype=np.float32).tobytes()
         c.execute(
             "INSERT OR REPLACE INTO embeddings (image_id, model_id, vector) VALUES (?, ?, ?)",
