@@ -10,7 +10,14 @@ Each backend turns a preprocessed batch ``[B, 3, H, W]`` (float32) into unnormal
 ``torch-int8``  dynamic int8 quantisation of the tower's ``nn.Linear`` layers
 ``onnx-fp32``   the tower exported to ONNX once per model, run by ONNX Runtime
 ``onnx-int8``   that export with ONNX Runtime's dynamic int8 weight quantisation
+``torch-fp16``  an fp16 copy of the image tower (LayerNorm computes in fp32): for GPUs only, so
+                it is in :data:`GPU_BACKENDS`, not :data:`BACKENDS` (CPUs emulate fp16 slowly)
 =============  ===============================================================================
+
+Which backends ``auto`` measures is :func:`plan_backends`, a pure function of the model's device and
+dtype and of the hardware's bf16 support: on the CPU, the fp32 reference, ONNX and int8 (and bf16 where
+the CPU has it); on a GPU with an fp32 model, fp32, fp16 and (where supported) bf16 copies; a model
+already loaded in reduced precision on a GPU runs as it is.
 
 ``auto`` never trades accuracy silently: at first use for a model it runs every candidate on a
 calibration batch of photo-like images, keeps those whose features are at cosine >= 0.995 to
@@ -41,7 +48,7 @@ from clipsearch.errors import ClipsearchError
 
 MIN_COSINE = 0.995  # the fidelity every fast path must keep against torch-fp32, on every image
 VERDICT_FILE = "verdict.json"
-_VERDICT_VERSION = 1
+_VERDICT_VERSION = 2  # 2: the device is part of the environment
 _CALIBRATION_IMAGES = 8  # enough images to see a bad backend, few enough to measure in seconds
 _ONNX_OPSET = 17
 
@@ -205,17 +212,30 @@ def _make_torch_fp32(bundle, threads, directory):
     )
 
 
+def _half_visual(model, dtype):
+    """A copy of the image tower in ``dtype`` (bf16 or fp16), with the LayerNorm weights kept in fp32."""
+    from clipsearch.model import LayerNorm
+
+    visual = copy.deepcopy(_fp32_visual(model))
+    visual.to(dtype)
+    for module in visual.modules():
+        if isinstance(module, LayerNorm):  # statistics in fp32: half-precision ones visibly shift features
+            module.float()
+    return visual
+
+
 def _make_torch_bf16(bundle, threads, directory):
     import torch
 
-    from clipsearch.model import LayerNorm
-
-    visual = copy.deepcopy(_fp32_visual(bundle.model))
-    visual.to(torch.bfloat16)
-    for module in visual.modules():
-        if isinstance(module, LayerNorm):  # statistics in fp32: bf16 ones visibly shift the features
-            module.float()
+    visual = _half_visual(bundle.model, torch.bfloat16)
     return TorchImageEncoder("torch-bf16", visual, torch.bfloat16, _device(bundle.model), threads)
+
+
+def _make_torch_fp16(bundle, threads, directory):
+    import torch
+
+    visual = _half_visual(bundle.model, torch.float16)
+    return TorchImageEncoder("torch-fp16", visual, torch.float16, _device(bundle.model), threads)
 
 
 def _make_torch_int8(bundle, threads, directory):
@@ -288,6 +308,7 @@ def _quiet_root_logger():
 
 Factory = Callable[..., ImageEncoder]  # (bundle, threads, directory) -> ImageEncoder
 
+# The backends a user can force by name on any machine (``clipsearch index --backend``).
 BACKENDS: dict[str, Factory] = {
     "torch-fp32": _make_torch_fp32,
     "torch-bf16": _make_torch_bf16,
@@ -295,6 +316,11 @@ BACKENDS: dict[str, Factory] = {
     "onnx-fp32": _make_onnx_fp32,
     "onnx-int8": _make_onnx_int8,
 }
+# Backends that only pay off on a GPU: ``auto`` measures them there; the library can force them by name.
+GPU_BACKENDS: dict[str, Factory] = {
+    "torch-fp16": _make_torch_fp16,
+}
+_ALL_BACKENDS: dict[str, Factory] = {**BACKENDS, **GPU_BACKENDS}
 
 
 def cpu_has_fast_bf16() -> bool:
@@ -316,14 +342,54 @@ def cpu_has_fast_bf16() -> bool:
     return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", flags))
 
 
-def default_candidates(bundle) -> list[str]:
-    """The backends ``auto`` measures for ``bundle`` on this machine."""
-    if _device(bundle.model).type != "cpu":
-        return ["torch-fp32", "torch-bf16"]
-    names = ["torch-fp32", "onnx-fp32", "onnx-int8", "torch-int8"]
-    if cpu_has_fast_bf16():
-        names.insert(1, "torch-bf16")
+def cuda_has_bf16() -> bool:
+    """Whether the current CUDA device computes bf16 natively (Ampere and later)."""
+    try:
+        import torch
+
+        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    except (ImportError, AttributeError, RuntimeError):
+        return False
+
+
+def plan_backends(
+    device_type: str, dtype_name: str, *, cpu_fast_bf16: bool, cuda_bf16: bool
+) -> list[str] | None:
+    """The backends ``auto`` measures for a model on ``device_type`` loaded in ``dtype_name``.
+
+    A pure function of its arguments (so every branch is tested without a GPU): ``device_type`` is
+    ``torch.device.type`` (``cpu``, ``cuda``, ``mps``...), ``dtype_name`` the parameters' dtype
+    (``float32``, ``float16``, ``bfloat16``). ``None`` means "run the model as it is": it is on an
+    accelerator in the reduced precision its user loaded it in.
+    """
+    if device_type == "cpu":
+        names = ["torch-fp32", "onnx-fp32", "onnx-int8", "torch-int8"]
+        if cpu_fast_bf16:
+            names.insert(1, "torch-bf16")
+        return names
+    if dtype_name != "float32":
+        return None
+    names = ["torch-fp32", "torch-fp16"]  # ONNX Runtime here is CPU-only; int8 kernels are CPU-only
+    if device_type == "cuda" and cuda_bf16:
+        names.append("torch-bf16")
     return names
+
+
+def auto_plan(bundle) -> list[str] | None:
+    """:func:`plan_backends` for ``bundle``'s model on this machine."""
+    param = next(bundle.model.parameters())
+    device_type = param.device.type
+    return plan_backends(
+        device_type,
+        str(param.dtype).removeprefix("torch."),
+        cpu_fast_bf16=device_type == "cpu" and cpu_has_fast_bf16(),
+        cuda_bf16=device_type == "cuda" and cuda_has_bf16(),
+    )
+
+
+def default_candidates(bundle) -> list[str]:
+    """The backends ``auto`` measures for ``bundle`` on this machine (the fp32 reference at least)."""
+    return auto_plan(bundle) or ["torch-fp32"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -411,19 +477,31 @@ def measure(
     )
 
 
-def _environment(threads: int | None) -> dict:
+def _environment(threads: int | None, device=None) -> dict:
     """What a cached verdict depends on besides the model: a change means measuring again."""
-    import onnxruntime
+    import importlib.metadata
+
     import torch
 
-    return {
+    try:
+        ort_version = importlib.metadata.version("onnxruntime")  # without importing it (~0.3 s)
+    except importlib.metadata.PackageNotFoundError:
+        ort_version = None  # the ONNX backends then fail to build: recorded, never chosen
+    env = {
         "version": _VERDICT_VERSION,
         "torch": torch.__version__,
-        "onnxruntime": onnxruntime.__version__,
+        "onnxruntime": ort_version,
         "cpu": torch.backends.cpu.get_cpu_capability(),
         "cores": os.cpu_count(),
         "threads": threads,
+        "device": "cpu",
     }
+    if device is not None and device.type != "cpu":
+        # a verdict measured on the CPU (or another GPU) says nothing about this one
+        env["device"] = str(device)
+        if device.type == "cuda":
+            env["gpu"] = torch.cuda.get_device_name(device)
+    return env
 
 
 def _read_verdict(path: Path, env: dict) -> dict[str, Measurement]:
@@ -468,10 +546,10 @@ def choose_backend(
     calibration image falls below :data:`MIN_COSINE`, or that fails to build or run, is never chosen.
     """
     if candidates is None:
-        candidates = {name: BACKENDS[name] for name in default_candidates(bundle)}
+        candidates = {name: _ALL_BACKENDS[name] for name in default_candidates(bundle)}
     candidates = {"torch-fp32": BACKENDS["torch-fp32"], **candidates}
     directory = cache_dir(bundle.model_id)
-    env = _environment(threads)
+    env = _environment(threads, _device(bundle.model))
     verdict_path = directory / VERDICT_FILE
     results = {k: v for k, v in _read_verdict(verdict_path, env).items() if k in candidates}
     missing = [name for name in candidates if name not in results]
@@ -483,9 +561,9 @@ def choose_backend(
             try:
                 encoder = candidates[name](bundle, threads, directory)
                 results[name] = measure(encoder, batch, reference, name=name)
-            except (RuntimeError, ValueError, OSError, ImportError, BackendError) as e:
+            except build_failures() as e:
                 # the export, quantisation or runtime failed on this machine: recorded, never chosen
-                results[name] = Measurement(name, error=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
+                results[name] = Measurement(name, error=describe_error(e))
     faithful = [m for m in results.values() if m.faithful and m.images_per_s]
     chosen = max(faithful, key=lambda m: m.images_per_s).name if faithful else "torch-fp32"
     if missing:
@@ -503,16 +581,80 @@ def make_image_encoder(
     """An image encoder for ``bundle`` (a :class:`clipsearch.checkpoints.ModelBundle`).
 
     ``backend``: ``auto`` (the fastest backend measured faithful on this machine: cosine >= 0.995 to
-    fp32), or one of :data:`BACKENDS` by name to force it. ``threads``: intra-op threads (default: all
-    cores). The first ``auto`` for a model exports and measures (seconds to a minute for ViT-B/32);
-    later ones read the cached verdict. Raises :class:`BackendError` for an unknown name.
+    fp32), or one of :data:`BACKENDS` (or :data:`GPU_BACKENDS`) by name to force it. ``threads``:
+    intra-op threads (default: all cores). The first ``auto`` for a model exports and measures
+    (seconds to a minute for ViT-B/32); later ones read the cached verdict, and should the chosen
+    backend fail to build now, the next faithful one (at worst ``torch-fp32``) is used. Raises
+    :class:`BackendError` for an unknown name, or a forced backend that cannot run here.
     """
     directory = cache_dir(bundle.model_id)
+    table = {**_ALL_BACKENDS, **(candidates or {})}
     if backend == "auto":
-        name, _ = choose_backend(bundle, threads=threads, candidates=candidates)
-        factory = {**BACKENDS, **(candidates or {})}[name]
-        return factory(bundle, threads, directory)
-    table = {**BACKENDS, **(candidates or {})}
+        name, results = choose_backend(bundle, threads=threads, candidates=candidates)
+        # The chosen one first, then the other faithful ones by speed: a cached verdict can outlive
+        # what it measured (an export deleted, a runtime broken since), and auto must still give one.
+        faithful = sorted(
+            (m for m in results.values() if m.faithful and m.images_per_s and m.name != name),
+            key=lambda m: -m.images_per_s,
+        )
+        order = [name, *(m.name for m in faithful if m.name != "torch-fp32")]
+        for candidate in order:
+            try:
+                return table[candidate](bundle, threads, directory)
+            except build_failures():
+                continue  # the next faithful backend, torch-fp32 at the end
+        return table["torch-fp32"](bundle, threads, directory)
     if backend not in table:
         raise BackendError(f"unknown inference backend {backend!r}; use auto or one of {', '.join(table)}")
-    return table[backend](bundle, threads, directory)
+    try:
+        return table[backend](bundle, threads, directory)
+    except BackendError:
+        raise
+    except build_failures() as e:
+        raise BackendError(
+            f"the {backend} backend cannot run on this machine ({describe_error(e)}); use auto or another backend"
+        ) from e
+
+
+def build_failures() -> tuple[type[BaseException], ...]:
+    """The exceptions that mean "this backend cannot export, build or run here", not a bug in clipsearch.
+
+    ONNX Runtime's own errors (``Fail``, ``InvalidGraph``...) derive from ``Exception`` only, so they
+    are named here; ``AssertionError`` and the like are not, and still surface.
+    """
+    found: list[type[BaseException]] = [
+        RuntimeError,  # torch (export, quantisation, kernels), also torch.onnx's errors
+        ValueError,
+        TypeError,
+        OSError,
+        ImportError,
+        MemoryError,
+        BackendError,
+    ]
+    try:
+        from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
+    except ImportError:
+        return tuple(found)
+    for name in dir(ort_state):
+        obj = getattr(ort_state, name)
+        if isinstance(obj, type) and issubclass(obj, Exception) and obj.__module__ == ort_state.__name__:
+            found.append(obj)
+    return tuple(found)
+
+
+def backend_names() -> tuple[str, ...]:
+    """Every name :func:`make_image_encoder` accepts besides ``auto``."""
+    return tuple(_ALL_BACKENDS)
+
+
+def needs_measuring(bundle, *, threads: int | None = None) -> bool:
+    """Whether ``make_image_encoder(bundle, "auto")`` will measure (seconds to a minute) first."""
+    env = _environment(threads, _device(bundle.model))
+    known = _read_verdict(cache_dir(bundle.model_id) / VERDICT_FILE, env)
+    return any(name not in known for name in ["torch-fp32", *default_candidates(bundle)])
+
+
+def describe_error(e: Exception) -> str:
+    """``Type: first line of the message``, short enough for a report."""
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0][:200] if lines else ''}".rstrip(": ")

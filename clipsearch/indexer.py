@@ -44,6 +44,7 @@ from clipsearch.store import Library
 from clipsearch.walk import walk
 
 HASH_CHUNK = 1 << 20  # 1 MiB reads while hashing
+_PHOTO_GONE_REASONS = ("dead symlink", "not a regular file")  # walk failures that delete the path's row
 
 
 class IndexPathError(ClipsearchError):
@@ -63,6 +64,10 @@ class IndexReport:
     failed: list[tuple[Path, str]] = field(default_factory=list)
     seconds: float = 0.0
     model_id: str = ""
+    # The image inference backend that embedded this run's images (clipsearch.backends), "model" for
+    # the model as it was loaded, "" when nothing needed embedding; the note says why auto fell back.
+    backend: str = ""
+    backend_note: str = ""
 
     @property
     def embedded(self) -> int:
@@ -154,12 +159,20 @@ def index_paths(
     [3, H, W]) and ``model_id``; ``source`` (default ``bundle.source`` if present, else the model id)
     is recorded as how to load the model again; images over ``max_pixels`` are refused unread;
     ``update_vectors`` brings the model's saved FAISS index in step at the end. ``backend`` picks the
-    image inference backend (:func:`clipsearch.backends.make_image_encoder`: ``auto`` is the fastest
-    one measured faithful on this machine for a model on the CPU, the model itself on a GPU). ``progress`` receives
-    ``{"event": "scan", "found": n}``, ``{"event": "start", "total": n}``, ``{"event": "advance",
-    "n": k}`` and ``{"event": "done"}``. Raises :class:`IndexPathError` for a missing path and
-    ``LibraryError`` when another index run holds the library or the database cannot be written
-    (e.g. a full disk; committed batches are kept).
+    image inference backend (:func:`clipsearch.backends.make_image_encoder`): ``auto`` is the fastest
+    one measured faithful (cosine >= 0.995 to fp32) on this machine, chosen only when some file needs
+    the model; should it fail to build or run, the run goes on with the model as loaded
+    (``report.backend_note`` says why). A model already in fp16/bf16 on a GPU, or a bundle without a
+    ``preprocess_cfg`` (test fakes), runs as given. A named backend is forced: one that cannot run
+    here raises ``BackendError``. ``workers`` decode threads default to :func:`default_workers`.
+
+    ``progress`` receives ``{"event": "scan", "found": n}``, ``{"event": "backend", "status":
+    "measuring"}`` (only before a first ``auto`` for this model and machine, which takes seconds to a
+    minute), ``{"event": "backend", "name": str}``, ``{"event": "start", "total": n}``,
+    ``{"event": "advance", "n": k}`` and ``{"event": "done"}``; a consumer should ignore events it
+    does not know. Raises :class:`IndexPathError` for a missing path and ``LibraryError`` when
+    another index run holds the library or the database cannot be written (e.g. a full disk;
+    committed batches are kept).
     """
     started = time.monotonic()
     emit = progress or (lambda event: None)
@@ -168,6 +181,13 @@ def index_paths(
         raise IndexPathError(f"no such file or folder: {missing[0]}")
     if batch_size < 1:
         raise ValueError("batch_size must be at least 1")
+    if backend != "auto":
+        from clipsearch.backends import BackendError, backend_names
+
+        if backend not in backend_names():
+            raise BackendError(
+                f"unknown inference backend {backend!r}; use auto or one of {', '.join(backend_names())}"
+            )
     model_id = bundle.model_id
     report = IndexReport(model_id=model_id)
     with library.writer_lock():
@@ -179,9 +199,8 @@ def index_paths(
             )
             found = walk(paths, exclude=exclude, include_hidden=include_hidden)
             emit({"event": "scan", "found": len(found.files)})
-            n_workers = workers or min(4, os.cpu_count() or 1)
-            encoder = _image_encoder(bundle, backend)
-            run = _Run(library, bundle, report, batch_size, n_workers, emit, max_pixels, encoder)
+            n_workers = workers or default_workers(_device_type(bundle.model), os.cpu_count() or 1)
+            run = _Run(library, bundle, report, batch_size, n_workers, emit, max_pixels, backend)
             run.execute(found)
             if update_vectors:
                 from clipsearch.vectors import VectorIndex
@@ -199,23 +218,46 @@ def index_paths(
     return report
 
 
-def _image_encoder(bundle, backend: str):
-    """The fast image encoder for ``bundle`` (numpy out), or None to run ``bundle.model`` as it is.
+def default_workers(device_type: str, cores: int) -> int:
+    """Decode threads for a model on ``device_type`` with ``cores`` CPU cores.
 
-    ``auto`` measures the backends only for a full model bundle on the CPU: a model on a GPU (already
-    in the precision it was loaded in) or a bare test model runs as given.
+    On the CPU the model needs the cores too, and 4 threads keep it fed; a GPU embeds large photos
+    faster than a few cores decode them, so decoding gets every core (up to 16).
     """
-    if backend == "auto":
-        cfg = getattr(bundle, "preprocess_cfg", None)
-        try:
-            on_cpu = next(bundle.model.parameters()).device.type == "cpu"
-        except (AttributeError, StopIteration):
-            on_cpu = False
-        if cfg is None or not on_cpu:
-            return None
-    from clipsearch.backends import make_image_encoder
+    cap = 4 if device_type == "cpu" else 16
+    return max(1, min(cap, cores))
 
-    return make_image_encoder(bundle, backend)
+
+def _device_type(model) -> str:
+    try:
+        return next(model.parameters()).device.type
+    except (AttributeError, StopIteration):  # a parameter-free model (test fakes)
+        return "cpu"
+
+
+def _image_encoder(bundle, backend: str, emit, report: IndexReport):
+    """The image encoder for this run (numpy out), or None to run ``bundle.model`` as it is."""
+    from clipsearch import backends
+
+    if backend != "auto":
+        return backends.make_image_encoder(bundle, backend)  # forced: its BackendError reaches the user
+    if getattr(bundle, "preprocess_cfg", None) is None:
+        return None  # a bare model (no pixel settings to calibrate with)
+    try:
+        plan = backends.auto_plan(bundle)
+    except (AttributeError, StopIteration, TypeError):  # not a CLIP module with parameters
+        return None
+    if plan is None:
+        return None  # already in reduced precision on an accelerator: as its user loaded it
+    try:
+        if backends.needs_measuring(bundle):
+            emit({"event": "backend", "status": "measuring"})
+        return backends.make_image_encoder(bundle, "auto")
+    except backends.build_failures() as e:  # a fast path that fails must never end the index run
+        report.backend_note = (
+            f"auto backend unavailable ({backends.describe_error(e)}); ran the model as loaded"
+        )
+        return None
 
 
 class _Run:
@@ -230,7 +272,7 @@ class _Run:
         workers: int,
         emit,
         max_pixels,
-        encoder=None,
+        backend: str = "auto",
     ):
         self.lib = library
         self.bundle = bundle
@@ -240,7 +282,8 @@ class _Run:
         self.workers = max(1, workers)
         self.emit = emit
         self.preprocess = bundle.preprocess
-        self.encoder = encoder
+        self.backend = backend
+        self.encoder = None  # chosen in execute(), once some file needs the model
         cfg = getattr(bundle, "preprocess_cfg", None)
         # JPEGs decode at a reduced scale that still covers the model's input (see open_image).
         self.draft_size = getattr(cfg, "image_size", None)
@@ -282,8 +325,11 @@ class _Run:
                 self.report.failed.append((f.path, failure[3]))  # the same bad file: not read again
                 continue
             jobs.append(_Job(f.path, stored, row))
-        # A file that exists but could not be read keeps its row; a dead symlink is gone.
-        failed_paths = {lib.stored_path(p) for p, reason, _ in found.failed if reason != "dead symlink"}
+        # A file that exists but could not be read keeps its row; a dead symlink, or a FIFO/socket/device
+        # now where the photo was, means the photo is gone.
+        failed_paths = {
+            lib.stored_path(p) for p, reason, _ in found.failed if reason not in _PHOTO_GONE_REASONS
+        }
         gone = [
             row
             for stored, row in rows.items()
@@ -301,6 +347,13 @@ class _Run:
             for path, reason, detail in found.failed:
                 lib.record_error(c, path, reason, detail)
                 self.report.failed.append((path, reason))
+        if jobs:  # measuring backends costs seconds: not for a run with nothing to read
+            self.encoder = _image_encoder(self.bundle, self.backend, self.emit, self.report)
+            if self.encoder is not None:
+                from clipsearch.backends import build_failures
+
+                self.encoder_failures = build_failures()
+            self.emit({"event": "backend", "name": self.encoder.name if self.encoder else "model"})
         self.emit({"event": "start", "total": len(jobs)})
         self._pipeline(jobs)
         self._finish(found)
@@ -399,8 +452,24 @@ class _Run:
         import torch
 
         if self.encoder is not None:
-            feats = self.encoder(torch.stack([r.tensor for r in results]))  # [B, D] numpy
-            return feats / np.maximum(np.linalg.norm(feats, axis=1, keepdims=True), 1e-12)
+            try:
+                feats = self.encoder(torch.stack([r.tensor for r in results]))  # [B, D] numpy
+            except self.encoder_failures as e:
+                from clipsearch.backends import BackendError, describe_error
+
+                if self.backend != "auto":
+                    raise BackendError(
+                        f"the {self.backend} backend failed ({describe_error(e)}); the batches done so far "
+                        "are saved: run index again with --backend auto"
+                    ) from e
+                self.report.backend_note = (
+                    f"{self.encoder.name} failed ({describe_error(e)}); ran the model as loaded"
+                )
+                self.encoder = None
+            else:
+                self.report.backend = self.encoder.name
+                return feats / np.maximum(np.linalg.norm(feats, axis=1, keepdims=True), 1e-12)
+        self.report.backend = "model"
         model = self.bundle.model
         try:
             param = next(model.parameters())

@@ -4,8 +4,9 @@ Rules: image files by extension (case-insensitive); hidden files and folders (a 
 ``.``) skipped unless asked; ``exclude`` globs matched (fnmatch) against the path relative to the
 scanned root and against the bare name; symlinks followed, but a folder already visited (same
 ``(st_dev, st_ino)``) is never entered twice, so loops end; anything that is not a regular file
-(folders, FIFOs, sockets, devices named ``.jpg``) is ignored; dead symlinks and unreadable folders
-are reported as failures with a reason instead of raising.
+is never opened: a FIFO, socket or device named like a photo (``photo.jpg``) is reported as a failure
+with the reason ``not a regular file`` (a folder named like one is walked like any folder); dead
+symlinks and unreadable folders are reported as failures with a reason too, instead of raising.
 """
 
 from __future__ import annotations
@@ -71,6 +72,20 @@ def _reason(e: OSError) -> str:
     return "unreadable"
 
 
+def _kind(mode: int) -> str:
+    """What a non-regular file is, in words."""
+    for test, name in (
+        (stat.S_ISFIFO, "a FIFO (named pipe)"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISDIR, "a folder"),
+    ):
+        if test(mode):
+            return f"{name}, not a photo file"
+    return "not a photo file"
+
+
 def walk(
     roots: Iterable[Path | str],
     *,
@@ -103,7 +118,9 @@ def walk(
                 result.failed.append((path, _reason(e), e.strerror or str(e)))
             return
         if not stat.S_ISREG(st.st_mode):
-            return  # a folder, FIFO, socket or device named like an image: never opened
+            # Never opened (a FIFO would block a reader forever), but reported: the user named it a photo.
+            result.failed.append((path, "not a regular file", _kind(st.st_mode)))
+            return
         key = str(path)
         if key not in seen_files:
             seen_files.add(key)

@@ -82,7 +82,9 @@ def test_first_run_indexes_everything_and_records_the_model(lib, photos):
     assert (report.new, report.unchanged, report.failed, report.model_id) == (6, 0, [], "fake/v1")
     assert bundle.model.images_seen == 6
     assert events[0] == {"event": "scan", "found": 6}
-    assert events[1] == {"event": "start", "total": 6}
+    assert events[1] == {"event": "backend", "name": "model"}  # a bare model runs as given
+    assert events[2] == {"event": "start", "total": 6}
+    assert report.backend == "model" and report.backend_note == ""
     assert sum(e["n"] for e in events if e["event"] == "advance") == 6
     assert events[-1] == {"event": "done"}
     ids, paths, vecs = lib.embeddings("fake/v1")
@@ -189,11 +191,28 @@ def test_symlink_loop_fifo_directory_and_dead_link(lib, photos):
     os.symlink(photos / "nowhere.png", photos / "dead.png")
     report = index_paths(lib, FakeBundle(), [photos])
     assert report.new == 6
-    assert report.failed == [(photos / "dead.png", "dead symlink")]
-    assert [(e["path"].name, e["reason"]) for e in lib.errors()] == [("dead.png", "dead symlink")]
+    # the FIFO is never opened, but it is named like a photo: reported; the folder is just a folder
+    assert sorted(report.failed) == [
+        (photos / "dead.png", "dead symlink"),
+        (photos / "pipe.jpg", "not a regular file"),
+    ]
+    assert sorted((e["path"].name, e["reason"]) for e in lib.errors()) == [
+        ("dead.png", "dead symlink"),
+        ("pipe.jpg", "not a regular file"),
+    ]
     (photos / "dead.png").unlink()
+    (photos / "pipe.jpg").unlink()
     index_paths(lib, FakeBundle(), [photos])
     assert lib.errors() == []
+
+
+def test_a_photo_replaced_by_a_fifo_loses_its_row_and_is_reported(lib, photos):
+    index_paths(lib, FakeBundle(), [photos])
+    (photos / "img0.png").unlink()
+    os.mkfifo(photos / "img0.png")
+    report = index_paths(lib, FakeBundle(), [photos])
+    assert report.failed == [(photos / "img0.png", "not a regular file")] and report.removed == 1
+    assert "img0.png" not in {Path(p).name for p in stored_paths(lib)}
 
 
 def test_bad_files_are_recorded_and_the_run_succeeds(lib, photos):
