@@ -285,3 +285,78 @@ def test_a_backend_handed_in_saves_as_what_it_is(trained, tmp_path):
     Tokenizer()._tk.save(str(tmp_path / "clip_backend.json"))
     clip = Tokenizer(77, _backend=RawTokenizer.from_file(str(tmp_path / "clip_backend.json")))
     assert clip.to_config() == {"type": "clip-bpe", "context_length": 77}
+
+
+# -- the ASCII shortcut of the clean-up, and the SQLite table the query path reads -------------------
+
+
+def test_ascii_shortcut_of_the_clean_up_equals_the_full_clean_up():
+    from clipsearch.tokenizer import _fix_text
+
+    rng = random.Random(1)
+    alphabet = [chr(c) for c in range(0x20, 0x7F)] + ["\t", "\n", "\r"]
+    texts = ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 40))) for _ in range(2000)]
+    texts += ["\"quoted\" it's ``tex'' -- --- ... <b>bold</b> \\x41 \\u00e9 =?utf-8?q?x?=", "A\r\nB\rC\n"]
+    for text in texts:
+        full = " ".join(_fix_text(text).split()).lower()
+        assert clean_text(text) == full, text
+    for text in texts[:300]:
+        assert clean_text(text) == oc_tokenizer._clean_lower(text), text
+
+
+def test_table_tokenizer_ids_equal_open_clip(tmp_path, tok):
+    from clipsearch.tokenizer import TableTokenizer
+
+    tok.save_table(tmp_path / "clip.sqlite")
+    table = TableTokenizer(tmp_path / "clip.sqlite")
+    assert (table.sot_token_id, table.eot_token_id, table.vocab_size) == (49406, 49407, 49408)
+    texts = corpus()
+    ref = oc_tokenizer.tokenize(texts)
+    for text, row, want in zip(texts, table.rows(texts), ref, strict=True):
+        assert row == want[: len(row)].tolist() and want[len(row) :].eq(0).all(), text
+    assert table.encode_batch(texts) == tok.encode_batch(texts)
+    assert table.encode("a photo of a dog") == [320, 1125, 539, 320, 1929]  # hand-checked with OpenAI's
+    word = oc_tokenizer.SimpleTokenizer().encode("word")
+    assert table.rows(["word " * 100], context_length=5) == [[49406, *word * 3, 49407]] and len(word) == 1
+    assert table.rows([""]) == [[49406, 49407]]
+
+
+def test_table_tokenizer_of_a_trained_bpe(trained, tmp_path):
+    from clipsearch.tokenizer import TableTokenizer
+
+    trained.save_table(tmp_path / "trained.sqlite")
+    table = TableTokenizer(tmp_path / "trained.sqlite", context_length=16)
+    texts = CAPTIONS + ODD + _random_strings(200, seed=3)
+    assert table.encode_batch(texts) == trained.encode_batch(texts)
+    assert table.rows(texts, 16) == trained.rows(texts, 16)
+    for rows in (table.rows(texts, 16), trained.rows(texts, 16)):
+        assert all(
+            r[0] == trained.sot_token_id and r[-1] == trained.eot_token_id and len(r) <= 16 for r in rows
+        )
+
+
+def test_table_file_is_replaced_atomically_and_bad_files_are_refused(tmp_path, tok):
+    from tokenizers import Tokenizer as RawTokenizer
+    from tokenizers import models
+
+    from clipsearch.tokenizer import TableTokenizer
+
+    path = tmp_path / "t.sqlite"
+    tok.save_table(path)
+    tok.save_table(path)  # over an existing file: no temporary is left beside it
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.sqlite"]
+    (tmp_path / "junk.sqlite").write_bytes(b"not a database at all" * 100)
+    with pytest.raises(ValueError, match="not a tokenizer table"):
+        TableTokenizer(tmp_path / "junk.sqlite")
+    with pytest.raises(ValueError, match="not a tokenizer table"):
+        TableTokenizer(tmp_path / "missing.sqlite")
+    with pytest.raises(ValueError, match="context_length"):
+        TableTokenizer(path, context_length=1)
+    with pytest.raises(ValueError, match="context_length"):
+        TableTokenizer(path).rows(["x"], context_length=1)
+    # a BPE with dropout would give other ids: refused, not approximated
+    raw = RawTokenizer(models.BPE(vocab={"a": 0, "b": 1, "ab": 2}, merges=[("a", "b")], dropout=0.5))
+    raw.add_special_tokens(["<start_of_text>", "<end_of_text>"])
+    with pytest.raises(ValueError, match="plain byte-level BPE"):
+        Tokenizer(77, _backend=raw).save_table(tmp_path / "dropout.sqlite")
+    assert not (tmp_path / "dropout.sqlite").exists()
