@@ -59,12 +59,23 @@ class Bottleneck(nn.Module):
         return self.relu3(out + identity)
 
 
+def _randn(*shape: int, scale: float = 1.0, divisor: float = 1.0) -> torch.Tensor:
+    """``torch.randn(*shape) * scale / divisor``; on the meta device (a model about to receive loaded
+    weights) just an empty tensor, because arithmetic on meta tensors first imports torch._dynamo
+    (seconds)."""
+    if torch.empty(0).is_meta:
+        return torch.empty(*shape)
+    return torch.randn(*shape) * scale / divisor
+
+
 class AttentionPool2d(nn.Module):
     """One multi-head attention step over the spatial grid, with the mean of the grid as the only query."""
 
     def __init__(self, spacial_dim: int, embed_dim: int, num_heads: int, output_dim: int | None = None):
         super().__init__()
-        self.positional_embedding = nn.Parameter(torch.randn(spacial_dim**2 + 1, embed_dim) / embed_dim**0.5)
+        self.positional_embedding = nn.Parameter(
+            _randn(spacial_dim**2 + 1, embed_dim, divisor=embed_dim**0.5)
+        )
         self.k_proj = nn.Linear(embed_dim, embed_dim)
         self.q_proj = nn.Linear(embed_dim, embed_dim)
         self.v_proj = nn.Linear(embed_dim, embed_dim)
@@ -257,12 +268,12 @@ class VisionTransformer(nn.Module):
         self.conv1 = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size, bias=False)
         scale = width**-0.5
         grid = input_resolution // patch_size
-        self.class_embedding = nn.Parameter(scale * torch.randn(width))
-        self.positional_embedding = nn.Parameter(scale * torch.randn(grid**2 + 1, width))
+        self.class_embedding = nn.Parameter(_randn(width, scale=scale))
+        self.positional_embedding = nn.Parameter(_randn(grid**2 + 1, width, scale=scale))
         self.ln_pre = LayerNorm(width)
         self.transformer = Transformer(width, layers, heads, mlp_ratio, act_layer)
         self.ln_post = LayerNorm(width)
-        self.proj = nn.Parameter(scale * torch.randn(width, output_dim))
+        self.proj = nn.Parameter(_randn(width, output_dim, scale=scale))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.conv1(x)  # [B, W, g, g]
@@ -329,11 +340,12 @@ class CLIP(nn.Module):
         self.transformer = Transformer(
             width, text_cfg["layers"], text_cfg["heads"], text_cfg.get("mlp_ratio", 4.0), act_layer
         )
-        self.token_embedding = nn.Embedding(self.vocab_size, width)
+        # nn.Embedding's own N(0, 1) draw, made through _randn so that a meta build stays cheap
+        self.token_embedding = nn.Embedding(self.vocab_size, width, _weight=_randn(self.vocab_size, width))
         self.positional_embedding = nn.Parameter(torch.empty(self.context_length, width))
         self.ln_final = LayerNorm(width)
         self.text_projection = nn.Parameter(torch.empty(width, embed_dim))
-        self.logit_scale = nn.Parameter(torch.ones([]) * math.log(1 / 0.07))
+        self.logit_scale = nn.Parameter(torch.full([], math.log(1 / 0.07)))
         # Derived from context_length, so not saved: OpenAI's and OpenCLIP's state dicts omit it too.
         self.register_buffer("attn_mask", self.build_attention_mask(), persistent=False)
         self._locked_bn: list[nn.BatchNorm2d] = []  # kept in eval mode by train(); see lock_image_tower
@@ -341,11 +353,15 @@ class CLIP(nn.Module):
 
     def build_attention_mask(self) -> torch.Tensor:
         """Additive causal mask [L, L]: 0 on and below the diagonal, -inf above it."""
+        if torch.empty(0).is_meta:  # rebuilt on the real device once weights are loaded
+            return torch.empty(self.context_length, self.context_length)
         return torch.full((self.context_length, self.context_length), float("-inf")).triu_(1)
 
     def initialize_parameters(self) -> None:
         """OpenAI's initialisation: scaled normals for the text tower and the attention pool, and the
         last BatchNorm of each ResNet block at zero so every block starts as the identity."""
+        if self.positional_embedding.is_meta:  # built to receive loaded weights: nothing to draw
+            return
         nn.init.normal_(self.token_embedding.weight, std=0.02)
         nn.init.normal_(self.positional_embedding, std=0.01)
         if isinstance(self.visual, ModifiedResNet):

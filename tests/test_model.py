@@ -501,3 +501,35 @@ def test_initialisation_statistics_match_open_clip(name):
         elif q.numel() >= 256:
             assert p.std().item() == pytest.approx(q.std().item(), rel=0.15), n
             assert abs(p.mean().item()) < 3 * q.std().item() / q.numel() ** 0.5 + 1e-3, n
+
+
+def test_loading_builds_on_meta_without_importing_dynamo(tmp_path):
+    """Loading a model folder builds the architecture on the meta device; arithmetic on meta tensors
+    would import torch._dynamo first (seconds at every `clipsearch index`). Guarded in a fresh process,
+    and the loaded model must still hold exactly the saved weights and a real causal mask."""
+    import subprocess
+    import sys
+
+    from clipsearch.checkpoints import save_model
+    from clipsearch.configs import get_config
+    from clipsearch.model import build_model
+    from clipsearch.tokenizer import Tokenizer
+    from clipsearch.transform import PreprocessConfig
+
+    torch.manual_seed(0)
+    model = build_model(get_config("tiny-rn"))
+    save_model(tmp_path / "m", model, PreprocessConfig(64), Tokenizer())
+    torch.save(model.state_dict(), tmp_path / "expected.pt")
+    code = (
+        "import sys, torch\n"
+        "from clipsearch.checkpoints import load_bundle\n"
+        f"m = load_bundle({str(tmp_path / 'm')!r}).model\n"
+        "assert 'torch._dynamo' not in sys.modules, 'meta build imported torch._dynamo'\n"
+        f"want = torch.load({str(tmp_path / 'expected.pt')!r}, weights_only=True)\n"
+        "got = m.state_dict()\n"
+        "assert all(torch.equal(got[k], want[k]) for k in want) and got.keys() == want.keys()\n"
+        "L = m.context_length\n"
+        "assert torch.equal(m.attn_mask, torch.full((L, L), float('-inf')).triu_(1))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
