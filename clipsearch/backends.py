@@ -320,7 +320,10 @@ BACKENDS: dict[str, Factory] = {
 GPU_BACKENDS: dict[str, Factory] = {
     "torch-fp16": _make_torch_fp16,
 }
-_ALL_BACKENDS: dict[str, Factory] = {**BACKENDS, **GPU_BACKENDS}
+
+
+def _all_backends() -> dict[str, Factory]:
+    return {**BACKENDS, **GPU_BACKENDS}
 
 
 def cpu_has_fast_bf16() -> bool:
@@ -546,7 +549,7 @@ def choose_backend(
     calibration image falls below :data:`MIN_COSINE`, or that fails to build or run, is never chosen.
     """
     if candidates is None:
-        candidates = {name: _ALL_BACKENDS[name] for name in default_candidates(bundle)}
+        candidates = {name: _all_backends()[name] for name in default_candidates(bundle)}
     candidates = {"torch-fp32": BACKENDS["torch-fp32"], **candidates}
     directory = cache_dir(bundle.model_id)
     env = _environment(threads, _device(bundle.model))
@@ -588,7 +591,7 @@ def make_image_encoder(
     :class:`BackendError` for an unknown name, or a forced backend that cannot run here.
     """
     directory = cache_dir(bundle.model_id)
-    table = {**_ALL_BACKENDS, **(candidates or {})}
+    table = {**_all_backends(), **(candidates or {})}
     if backend == "auto":
         name, results = choose_backend(bundle, threads=threads, candidates=candidates)
         # The chosen one first, then the other faithful ones by speed: a cached verdict can outlive
@@ -644,7 +647,7 @@ def build_failures() -> tuple[type[BaseException], ...]:
 
 def backend_names() -> tuple[str, ...]:
     """Every name :func:`make_image_encoder` accepts besides ``auto``."""
-    return tuple(_ALL_BACKENDS)
+    return tuple(_all_backends())
 
 
 def needs_measuring(bundle, *, threads: int | None = None) -> bool:
