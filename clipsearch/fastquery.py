@@ -2,14 +2,16 @@
 
 ``import torch`` alone costs 1.5-1.8 s on a small CPU, three times the whole budget of a query. So the
 text tower is exported to ONNX once per model (:func:`ensure_text_encoder`, at index time or the first
-query that has the model loaded anyway), and a query process then needs only ``tokenizers``,
+query that has the model loaded anyway), and a query process then needs only ``regex``,
 ``onnxruntime``, ``faiss`` and ``sqlite3``:
 
-1. tokenise with the model's own BPE (saved beside the export as ``tokenizer.json``, the same ids
-   as :class:`clipsearch.tokenizer.Tokenizer`) into an int64 array cut after the batch's last
+1. tokenise with the model's own BPE (saved beside the export as a SQLite table that
+   :class:`clipsearch.tokenizer.TableTokenizer` opens in ~1 ms; the same ids as
+   :class:`clipsearch.tokenizer.Tokenizer`) into an int64 array cut after the batch's last
    end-of-text token: the graph has a free sequence length, so a 3-word query runs 5 positions, not 77;
 2. run the exported tower in ONNX Runtime and L2-normalise;
-3. search the memory-mapped FAISS index (:class:`clipsearch.vectors.VectorIndex`).
+3. search the memory-mapped FAISS index (:func:`clipsearch.search.search` with this module's encoder,
+   which opens the index on another thread meanwhile).
 
 Repeated queries skip steps 1-2: features are cached per (model, exact text) in a small SQLite file
 beside the export, so they do not even load the ONNX model. Nothing here imports torch, and
@@ -18,6 +20,7 @@ onnxruntime/faiss are imported only when needed.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -29,14 +32,14 @@ from pathlib import Path
 import numpy as np
 
 from clipsearch.backends import atomic_path, cache_dir
-from clipsearch.errors import ClipsearchError, LibraryError
+from clipsearch.errors import ClipsearchError
 
 TEXT_ONNX = "text-fp32.onnx"
 TEXT_META = "text.json"  # written last: its presence means the export is complete
-TEXT_TOKENIZER = "tokenizer.json"
+TEXT_TOKENIZER = "tokenizer.sqlite"  # clipsearch.tokenizer.TableTokenizer: opens in ~1 ms
 TEXT_CACHE = "text-cache.sqlite"
 _FORMAT = "clipsearch-text-onnx"
-_VERSION = 1
+_VERSION = 2  # 2: the tokenizer as a SQLite table (1 had tokenizer.json: 0.15 s to load)
 
 
 class TextEncoderMissing(ClipsearchError):
@@ -50,7 +53,7 @@ class TextEncoderMissing(ClipsearchError):
 def ensure_text_encoder(bundle) -> Path:
     """Export ``bundle``'s text tower and tokenizer for torch-free queries, unless already done.
 
-    Writes ``text-fp32.onnx``, ``tokenizer.json`` and ``text.json`` under
+    Writes ``text-fp32.onnx`` (+ ``.data``), ``tokenizer.sqlite`` and ``text.json`` under
     :func:`clipsearch.backends.cache_dir` of ``bundle.model_id``, each atomically, the JSON last.
     Returns the ONNX file's path. Takes a few seconds for ViT-B/32; later calls only check a file.
     """
@@ -72,6 +75,7 @@ def ensure_text_encoder(bundle) -> Path:
     example = torch.tensor([[tok.sot_token_id, 320, 1929, tok.eot_token_id]] * 2)  # [B, n]
     (directory / TEXT_META).unlink(missing_ok=True)  # incomplete until the new one is written
     (directory / TEXT_CACHE).unlink(missing_ok=True)  # features of an older export must not be served
+    (directory / "tokenizer.json").unlink(missing_ok=True)  # what version 1 exports had instead
     directory.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=directory, prefix=".export-") as work:
         single = Path(work) / "single.onnx"  # the exporter writes graph and weights in one file
@@ -84,8 +88,7 @@ def ensure_text_encoder(bundle) -> Path:
             {"tokens": {0: "batch", 1: "length"}, "features": {0: "batch"}},
         )
         _split_weights(single, onnx_path)
-    with atomic_path(directory / TEXT_TOKENIZER) as tmp:
-        tok._tk.save(str(tmp))  # the BPE as built in memory: OpenAI's or a trained one, same ids
+    tok.save_table(directory / TEXT_TOKENIZER)  # the BPE as built in memory: OpenAI's or a trained one
     meta = {
         "format": _FORMAT,
         "version": _VERSION,
@@ -97,8 +100,7 @@ def ensure_text_encoder(bundle) -> Path:
     }
     with atomic_path(directory / TEXT_META) as tmp:
         tmp.write_text(json.dumps(meta, indent=2) + "\n")
-    _session_at.cache_clear()  # a re-export in this process replaces the files under a loaded session
-    _tokenizer_at.cache_clear()
+    _ENCODERS.clear()  # a re-export in this process replaces the files under a loaded session
     return onnx_path
 
 
@@ -169,94 +171,104 @@ def _read_meta(directory: Path, model_id: str) -> dict | None:
     return meta
 
 
+def _missing(model_id: str) -> TextEncoderMissing:
+    return TextEncoderMissing(
+        f"no fast text encoder for model {model_id!r} yet; it is exported when the model is loaded "
+        "(index with it, or run one query with the model loaded)"
+    )
+
+
 def _meta(model_id: str) -> dict:
     meta = _read_meta(cache_dir(model_id), model_id)
     if meta is None:
-        raise TextEncoderMissing(
-            f"no fast text encoder for model {model_id!r} yet; it is exported when the model is loaded "
-            "(index with it, or run one query with the model loaded)"
-        )
+        raise _missing(model_id)
     return meta
 
 
-def _tokenizer(model_id: str):
-    return _tokenizer_at(model_id, str(cache_dir(model_id)))
+def _stamp(directory: Path) -> tuple[int, int, int] | None:
+    """Identity of an export: ``text.json`` is written last and replaced by every new export."""
+    try:
+        st = (directory / TEXT_META).stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
 
 
-def _session(model_id: str):
-    return _session_at(model_id, str(cache_dir(model_id)))
+class TextEncoder:
+    """A model's exported text tower and tokenizer: texts -> unnormalised features ``float32 [N, D]``.
+
+    ``warm=False`` (a query process, which runs the graph once) loads the session for a quick start
+    with one thread: on a small CPU both the load and a run of a short text are fastest that way, and
+    the other core opens the FAISS index meanwhile. ``warm=True`` (the query daemon) optimises the
+    graph fully and uses every core. :attr:`stamp` tells a holder when the export was replaced.
+    """
+
+    def __init__(self, model_id: str, *, warm: bool = False):
+        from clipsearch.tokenizer import TableTokenizer
+
+        self.model_id = model_id
+        self.directory = cache_dir(model_id)
+        self.stamp = _stamp(self.directory)
+        self.meta = _meta(model_id)
+        self.warm = warm
+        try:
+            self.tokenizer = TableTokenizer(self.directory / TEXT_TOKENIZER, self.meta["context_length"])
+        except ValueError as e:
+            raise TextEncoderMissing(
+                f"the export of {model_id!r} is damaged ({e}); delete {self.directory}"
+            ) from e
+        ids = (self.tokenizer.sot_token_id, self.tokenizer.eot_token_id)
+        if ids != (self.meta["sot_token_id"], self.meta["eot_token_id"]):
+            raise TextEncoderMissing(
+                f"the saved tokenizer of {model_id!r} does not match its export; delete {self.directory}"
+            )
+        self._session = None
+
+    @property
+    def session(self):
+        """The ONNX Runtime session, loaded on first use (a cached text never needs it)."""
+        if self._session is None:
+            from clipsearch.backends import ort_session
+
+            path = self.directory / TEXT_ONNX
+            if self.warm:
+                self._session = ort_session(path)
+            else:
+                self._session = ort_session(path, threads=1, quick_start=True)
+        return self._session
+
+    def tokenize(self, texts: Sequence[str]) -> np.ndarray:
+        """Token ids ``int64 [N, n]``: start, tokens, end, zeros; ``n`` is the longest row (<= context).
+
+        Rows equal :class:`clipsearch.tokenizer.Tokenizer`'s cut after the batch's last end-of-text:
+        the graph's sequence length is free, so a 3-word query runs 5 positions, not 77.
+        """
+        rows = self.tokenizer.rows(list(texts))
+        out = np.zeros((len(rows), max((len(r) for r in rows), default=2)), np.int64)  # [N, n]
+        for i, row in enumerate(rows):
+            out[i, : len(row)] = row
+        return out
+
+    def __call__(self, texts: Sequence[str]) -> np.ndarray:
+        tokens = self.tokenize(texts)  # [N, n]
+        return self.session.run(None, {"tokens": tokens})[0].astype(np.float32, copy=False)  # [N, D]
 
 
-@functools.cache  # per directory too: a test, or a changed $CLIPSEARCH_HOME, must not reuse another's
-def _tokenizer_at(model_id: str, directory: str):
-    """The model's tokenizer from its saved ``tokenizer.json`` (clean-up and special-token handling
-    are :class:`clipsearch.tokenizer.Tokenizer`'s; that module imports no torch)."""
-    from tokenizers import Tokenizer as Backend
-
-    from clipsearch.tokenizer import Tokenizer
-
-    meta = _meta(model_id)
-    backend = Backend.from_file(str(Path(directory) / TEXT_TOKENIZER))
-    tok = Tokenizer(meta["context_length"], _backend=backend)
-    if (tok.sot_token_id, tok.eot_token_id) != (meta["sot_token_id"], meta["eot_token_id"]):
-        raise TextEncoderMissing(
-            f"the saved tokenizer of {model_id!r} does not match its export; delete {cache_dir(model_id)}"
-        )
-    return tok
+_ENCODERS: dict[tuple[str, Path], TextEncoder] = {}
 
 
-@functools.cache
-def _session_at(model_id: str, directory: str):
-    from clipsearch.backends import ort_session
-
-    _meta(model_id)
-    return ort_session(Path(directory) / TEXT_ONNX, quick_start=True)
+def encoder(model_id: str) -> TextEncoder:
+    """This process's :class:`TextEncoder` of ``model_id`` (kept while its export is unchanged)."""
+    directory = cache_dir(model_id)  # per directory too: a changed $CLIPSEARCH_HOME is another export
+    held = _ENCODERS.get((model_id, directory))
+    if held is None or held.stamp != _stamp(directory):
+        held = _ENCODERS[(model_id, directory)] = TextEncoder(model_id)
+    return held
 
 
 def tokenize(model_id: str, texts: Sequence[str]) -> np.ndarray:
-    """Token ids ``int64 [N, n]``: start, tokens, end, zeros; ``n`` is the longest row (<= context).
-
-    Rows equal :class:`clipsearch.tokenizer.Tokenizer`'s output cut after the batch's last end-of-text.
-    """
-    tok = _tokenizer(model_id)
-    length = tok.context_length
-    rows = [
-        [tok.sot_token_id, *ids[: length - 2], tok.eot_token_id] for ids in _encode_texts(tok, list(texts))
-    ]
-    out = np.zeros((len(rows), max((len(r) for r in rows), default=2)), np.int64)  # [N, n]
-    for i, row in enumerate(rows):
-        out[i, : len(row)] = row
-    return out
-
-
-# printable ASCII and the whitespace split() removes, without "&" (no HTML entity possible)
-_PLAIN = frozenset(map(chr, range(0x20, 0x7F))) - {"&"} | {"\t", "\n", "\r"}
-
-
-def _encode_texts(tok, texts: list[str]) -> list[list[int]]:
-    """``tok.encode_batch(texts)``, skipping ftfy (0.1 s to import) where it cannot change anything.
-
-    On printable ASCII without ``&`` (most typed queries), ftfy's fixes (mojibake, curly quotes,
-    ligatures, control characters) and HTML unescaping are the identity, so the clean-up is the
-    whitespace collapse and lower-casing alone; the split into words and the merges are the
-    Tokenizer's own. Tests check the ids equal ``Tokenizer``'s on such texts and on others.
-    """
-    from clipsearch.tokenizer import _word_pattern
-
-    if not all(set(t) <= _PLAIN for t in texts):
-        return tok.encode_batch(texts)
-    words = [_word_pattern().findall(" ".join(t.split()).lower()) for t in texts]
-    return [e.ids for e in tok._tk.encode_batch(words, is_pretokenized=True, add_special_tokens=False)]
-
-
-def _encode(model_id: str, texts: list[str]) -> np.ndarray:
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(1) as pool:  # parse the tokenizer while ONNX Runtime maps the model
-        session = pool.submit(_session, model_id)
-        tokens = tokenize(model_id, texts)  # [N, n]
-        session = session.result()
-    return session.run(None, {"tokens": tokens})[0].astype(np.float32, copy=False)  # [N, D]
+    """:meth:`TextEncoder.tokenize` of ``model_id``'s encoder."""
+    return encoder(model_id).tokenize(texts)
 
 
 class _TextCache:
@@ -274,7 +286,7 @@ class _TextCache:
         if not self.path.is_file():
             return {}
         found = {}
-        with self._connect() as conn:
+        with contextlib.closing(self._connect()) as conn:
             for text in set(texts):
                 row = conn.execute("SELECT vector FROM features WHERE text = ?", (text,)).fetchone()
                 if row is not None:
@@ -283,21 +295,27 @@ class _TextCache:
 
     def put(self, items: dict[str, np.ndarray]) -> None:
         rows = [(t, np.ascontiguousarray(v, np.float32).tobytes()) for t, v in items.items()]
-        with self._connect() as conn:
+        with contextlib.closing(self._connect()) as conn, conn:
             conn.executemany("INSERT OR REPLACE INTO features (text, vector) VALUES (?, ?)", rows)
 
 
 def text_features(
-    model_id: str, texts: Sequence[str], *, normalize: bool = True, cache: bool = True
+    model_id: str,
+    texts: Sequence[str],
+    *,
+    normalize: bool = True,
+    cache: bool = True,
+    encode: TextEncoder | None = None,
 ) -> np.ndarray:
     """Text features ``float32 [N, D]`` of ``texts`` for ``model_id``, without importing torch.
 
     L2-normalised unless ``normalize=False`` (then equal to ``model.encode_text``). Needs a prior
     :func:`ensure_text_encoder` for the model (else :class:`TextEncoderMissing`). With ``cache``, texts
-    seen before are read from the on-disk cache and new ones are added to it.
+    seen before are read from the on-disk cache and new ones are added to it. ``encode``: the
+    :class:`TextEncoder` to use (default: this process's, from :func:`encoder`).
     """
     texts = [str(t) for t in ([texts] if isinstance(texts, str) else texts)]
-    meta = _meta(model_id)
+    meta = encode.meta if encode is not None else _meta(model_id)
     if not texts:
         return np.zeros((0, meta["dim"]), np.float32)
     store = _TextCache(model_id) if cache else None
@@ -309,7 +327,7 @@ def text_features(
             known = {}  # an unreadable cache only costs speed: compute everything, rewrite below
     todo = list(dict.fromkeys(t for t in texts if t not in known))
     if todo:
-        fresh = dict(zip(todo, _encode(model_id, todo), strict=True))
+        fresh = dict(zip(todo, (encode or encoder(model_id))(todo), strict=True))
         known.update(fresh)
         if store is not None:
             try:
@@ -322,27 +340,17 @@ def text_features(
     return out
 
 
-def encode_query(model_id: str, query) -> np.ndarray:
+def encode_query(model_id: str, query, *, encode: TextEncoder | None = None) -> np.ndarray:
     """The normalised vector ``float32 [D]`` of a text-only :class:`clipsearch.search.Query`.
 
     The same weighted sum of normalised part vectors as :func:`clipsearch.search.encode_query`.
     """
     from clipsearch.search import QueryError
 
-    parts = list(query.parts)
-    if not parts:
-        raise QueryError("empty query: give a text, --image PATH, --add or --add-image")
-    for p in parts:
-        if p.kind != "text":
-            raise QueryError("the fast query path takes text only; image parts need the model loaded")
-        if not p.value.strip():
-            raise QueryError("empty query text")
-    feats = text_features(model_id, [p.value for p in parts])  # [P, D], normalised
-    total = sum(p.weight * f for p, f in zip(parts, feats.astype(np.float64), strict=True))
-    norm = float(np.linalg.norm(total))
-    if not np.isfinite(norm) or norm < 1e-6:
-        raise QueryError(f"the query parts cancel out ({query.describe()}): change the weights")
-    return (total / norm).astype(np.float32)
+    query.check()
+    if any(p.kind != "text" for p in query.parts):
+        raise QueryError("the fast query path takes text only; image parts need the model loaded")
+    return query.combine(text_features(model_id, [p.value for p in query.parts], encode=encode))
 
 
 def search(
@@ -353,36 +361,29 @@ def search(
     under: Path | str | None = None,
     threshold: float | None = None,
     index_kind: str = "auto",
+    *,
+    encode: TextEncoder | None = None,
+    index=None,
 ):
     """:func:`clipsearch.search.search` for text-only queries, given a model id instead of a bundle.
 
     Returns ``list[clipsearch.search.Hit]``, best first. Raises :class:`TextEncoderMissing` when the
     model has not been exported yet (the caller then loads it, calls :func:`ensure_text_encoder`, and
-    may fall back to the regular path).
+    may fall back to the regular path). ``encode`` and ``index``: loaded parts to reuse (the daemon's).
     """
-    from clipsearch.search import Hit, QueryError
-    from clipsearch.vectors import VectorIndex
+    from clipsearch import search as searching
 
-    if top < 1:
-        raise QueryError(f"--top must be at least 1, got {top}")
-    if model_id not in library.model_ids():
-        known = ", ".join(library.model_ids()) or "none"
-        raise LibraryError(
-            f"the library has no embeddings of model {model_id!r} (it has: {known}): "
-            "index with that model first or leave out --model"
-        )
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(1) as pool:  # open (or bring in step) the FAISS index while encoding the text
-        pending = pool.submit(VectorIndex.for_library, library, model_id, kind=index_kind)
-        q = encode_query(model_id, query)  # a query error wins; leaving the block waits for the index
-        index = pending.result()
-    allowed = library.image_ids_under(Path(under)) if under is not None else None
-    if allowed is not None and not allowed:
-        return []
-    scores, ids = index.search(q[None, :], top, allowed_ids=allowed)
-    pairs = [(float(s), int(i)) for s, i in zip(scores[0], ids[0], strict=True) if i >= 0]
-    if threshold is not None:
-        pairs = [(s, i) for s, i in pairs if s >= threshold]
-    paths = library.image_paths([i for _, i in pairs])
-    return [Hit(paths[i], s, i) for s, i in pairs if i in paths]
+    if encode is None and model_id in library.model_ids():
+        encoder(model_id)  # a missing export fails before the FAISS index is opened for nothing
+    return searching.search(
+        library,
+        None,
+        query,
+        top,
+        under,
+        threshold,
+        index_kind,
+        model_id=model_id,
+        encode=functools.partial(encode_query, model_id, encode=encode),
+        index=index,
+    )

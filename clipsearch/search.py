@@ -8,13 +8,16 @@ sum is normalised again. Photos are ranked by cosine similarity through the libr
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from clipsearch.errors import ClipsearchError, LibraryError
+
+if TYPE_CHECKING:  # numpy is imported where vectors are made: a client of `clipsearch serve` needs none
+    import numpy as np
 
 
 class QueryError(ClipsearchError):
@@ -71,6 +74,26 @@ class Query:
         text = " ".join(p.describe() for p in self.parts)
         return text[2:] if text.startswith("+ ") else text
 
+    def check(self) -> None:
+        """Raise :class:`QueryError` for a query no encoder can run (no parts, an empty text)."""
+        if not self.parts:
+            raise QueryError("empty query: give a text, --image PATH, --add or --add-image")
+        for p in self.parts:
+            if p.kind not in ("text", "image"):
+                raise QueryError(f"unknown query part kind {p.kind!r}")
+            if p.kind == "text" and not p.value.strip():
+                raise QueryError("empty query text")
+
+    def combine(self, vectors: Sequence) -> np.ndarray:
+        """The normalised weighted sum ``float32 [D]`` of the parts' normalised vectors (in order)."""
+        import numpy as np
+
+        total = sum(p.weight * np.asarray(v, np.float64) for p, v in zip(self.parts, vectors, strict=True))
+        norm = float(np.linalg.norm(total))
+        if not np.isfinite(norm) or norm < 1e-6:
+            raise QueryError(f"the query parts cancel out ({self.describe()}): change the weights")
+        return (total / norm).astype(np.float32)
+
 
 @dataclass(frozen=True)
 class Hit:
@@ -85,13 +108,7 @@ def encode_query(bundle, query: Query) -> np.ndarray:
     """The normalised query vector ``float32 [D]``: the weighted sum of normalised part vectors."""
     import torch
 
-    if not query.parts:
-        raise QueryError("empty query: give a text, --image PATH, --add or --add-image")
-    for p in query.parts:
-        if p.kind not in ("text", "image"):
-            raise QueryError(f"unknown query part kind {p.kind!r}")
-        if p.kind == "text" and not p.value.strip():
-            raise QueryError("empty query text")
+    query.check()
     model = bundle.model
     device = _device(model)
     texts = [p for p in query.parts if p.kind == "text"]
@@ -109,11 +126,7 @@ def encode_query(bundle, query: Query) -> np.ndarray:
             feats = model.encode_image(pixels.to(device=device, dtype=model.dtype)).float()  # [I, D]
             for p, f in zip(images, feats, strict=True):
                 vectors[id(p)] = f / f.norm()
-    total = sum(p.weight * vectors[id(p)] for p in query.parts)
-    norm = float(total.norm())
-    if not np.isfinite(norm) or norm < 1e-6:
-        raise QueryError(f"the query parts cancel out ({query.describe()}): change the weights")
-    return (total / norm).cpu().numpy().astype(np.float32)
+    return query.combine([vectors[id(p)].cpu().numpy() for p in query.parts])
 
 
 def search(
@@ -124,28 +137,47 @@ def search(
     under: Path | str | None = None,
     threshold: float | None = None,
     index_kind: str = "auto",
+    *,
+    model_id: str | None = None,
+    encode: Callable[[Query], np.ndarray] | None = None,
+    index=None,
 ) -> list[Hit]:
     """The ``top`` photos closest to ``query`` (cosine similarity, best first).
 
     ``under`` keeps photos in that folder's subtree (matched literally); ``threshold`` keeps hits
     scoring at least that much. Uses the library's embeddings of ``bundle.model_id``.
+
+    ``encode(query) -> float32 [D]`` (normalised) replaces :func:`encode_query` on ``bundle``, e.g.
+    :func:`clipsearch.fastquery.encode_query` without torch; ``model_id`` then names the embeddings
+    (``bundle`` may be None). ``index``: an open :class:`clipsearch.vectors.VectorIndex` of them in
+    step with the library (the query daemon keeps one); by default it is opened here, while the
+    query is encoded.
     """
+    from concurrent.futures import ThreadPoolExecutor
+
     from clipsearch.vectors import VectorIndex
 
     if top < 1:
         raise QueryError(f"--top must be at least 1, got {top}")
-    model_id = bundle.model_id
+    model_id = model_id or bundle.model_id
+    if encode is None:
+        encode = functools.partial(encode_query, bundle)
     if model_id not in library.model_ids():
         known = ", ".join(library.model_ids()) or "none"
         raise LibraryError(
             f"the library has no embeddings of model {model_id!r} (it has: {known}): "
             "index with that model first or leave out --model"
         )
-    q = encode_query(bundle, query)
+    if index is None:
+        with ThreadPoolExecutor(1) as pool:  # open (or bring in step) the FAISS index meanwhile
+            pending = pool.submit(VectorIndex.for_library, library, model_id, kind=index_kind)
+            q = encode(query)  # a query error wins; leaving the block waits for the index anyway
+            index = pending.result()
+    else:
+        q = encode(query)
     allowed = library.image_ids_under(Path(under)) if under is not None else None
     if allowed is not None and not allowed:
         return []
-    index = VectorIndex.for_library(library, model_id, kind=index_kind)
     scores, ids = index.search(q[None, :], top, allowed_ids=allowed)
     pairs = [(float(s), int(i)) for s, i in zip(scores[0], ids[0], strict=True) if i >= 0]
     if threshold is not None:

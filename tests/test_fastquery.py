@@ -75,7 +75,7 @@ def test_normalised_features_and_the_cache_give_the_same_answer(tiny, monkeypatc
     def no_model(*args):
         raise AssertionError("cached texts must not run the model")
 
-    monkeypatch.setattr(fastquery, "_encode", no_model)
+    monkeypatch.setattr(fastquery.TextEncoder, "__call__", no_model)
     again = fastquery.text_features("test/tiny-text", list(reversed(TEXTS)))
     np.testing.assert_array_equal(again, first[::-1])
     with pytest.raises(AssertionError, match="must not run"):
