@@ -463,6 +463,9 @@ def query(
     Combine parts: `clipsearch query beach --minus people`, or `--image a.jpg --add "at night"`.
     Scores are cosine similarities between the query and each photo.
     """
+    # numpy's OpenBLAS starts a thread per core when imported (~0.05 s of a 0.5 s query); a query's
+    # numpy work is a few 512-d vectors. An explicit setting of the user's wins.
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     from clipsearch.search import Query, search
 
     if as_json and as_paths:
@@ -481,12 +484,18 @@ def query(
         "threshold": threshold,
         "index_kind": index_kind,
     }
-    with _open_existing(state) as library:
-        hits = _fast_text_search(library, q, model, options)
-        if hits is None:
-            bundle = _library_bundle(library, model)
-            hits = search(library, bundle, q, **options)
-            _export_text_encoder(bundle)  # so the next text query can skip torch
+    hits = None
+    if model is None:  # `clipsearch serve` answers text queries with the library's model in ms
+        from clipsearch import serve
+
+        hits = serve.ask(state.db_path(), q, options)
+    if hits is None:
+        with _open_existing(state) as library:
+            hits = _fast_text_search(library, q, model, options)
+            if hits is None:
+                bundle = _library_bundle(library, model)
+                hits = search(library, bundle, q, **options)
+                _export_text_encoder(bundle)  # so the next text query can skip torch
     if html_out is not None:
         from clipsearch.report import write_html
 
@@ -553,6 +562,54 @@ def _render_hits(hits, description: str) -> None:
     for n, h in enumerate(hits, start=1):
         table.add_row(str(n), f"{h.score:.4f}", Text(str(h.path)))
     out.print(table)
+
+
+# --------------------------------------------------------------------------------------------------
+# serve
+
+
+@cli.command()
+@pass_state
+def serve(state: _State):
+    """Keep the library's text queries warm: a local daemon `clipsearch query` uses while it runs.
+
+    It loads the text model and the vector index once and answers text queries with the library's
+    model in milliseconds, over a private unix socket in the clipsearch home (no network port).
+    Queries run by themselves, as before, when it is not running. It notices a re-index. Stop it
+    with Ctrl-C.
+    """
+    import signal
+
+    from clipsearch import fastquery
+    from clipsearch.serve import QueryServer
+
+    err = _console(stderr=True)
+    with _open_existing(state) as library:
+        model_id = library.default_model_id()
+        if model_id is None:
+            raise LibraryError(
+                f"the library {library.path} has no images yet: run `clipsearch index PATH` first"
+            )
+        try:
+            fastquery.encoder(model_id)
+        except fastquery.TextEncoderMissing:  # export the text tower once (loads the model: seconds)
+            err.print(f"Exporting the text model of {model_id} for fast queries...", markup=False)
+            fastquery.ensure_text_encoder(_load_bundle(library.model_source(model_id)))
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    server = QueryServer(state.db_path(), log=lambda line: err.print(printable(line), markup=False))
+    previous = signal.signal(signal.SIGTERM, stop)  # `kill` stops it as cleanly as Ctrl-C
+    err.print(f"Serving {server.library_path} on {server.socket_path} (Ctrl-C to stop)", markup=False)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.close()
+        signal.signal(signal.SIGTERM, previous)
+    err.print(f"Stopped after {server.answered} queries.", markup=False)
 
 
 # --------------------------------------------------------------------------------------------------

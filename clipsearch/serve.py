@@ -1,0 +1,346 @@
+"""``clipsearch serve``: a local daemon that keeps one library's text queries warm.
+
+A text query process spends most of its time starting: importing numpy, ONNX Runtime and FAISS,
+loading the text tower, opening the vector index (~0.3-0.5 s on a small CPU). The daemon does that
+once and then answers text queries in a few milliseconds; ``clipsearch query`` asks it first (see
+:func:`ask`) and, when no daemon answers for its library, silently does the work itself.
+
+- One daemon per library, on a unix socket ``home()/serve/<hash of the library path>.sock``. The
+  folder is made private (0700) and the socket 0600: only the same user can connect. No network port.
+- It answers text-only queries with the library's own model, exactly as the in-process path does
+  (:func:`clipsearch.fastquery.search`, with the same text-feature cache); anything else is the
+  client's to run.
+- Before each query it checks the library's generation (bumped by every index run), the database
+  file's identity and the text export's stamp, and reloads what changed, so a re-index is noticed.
+- A socket left behind by a killed daemon is stale: clients fail to connect and fall back; the next
+  daemon replaces it.
+
+The protocol is one JSON line each way per connection: a request ``{"version", "library", "parts":
+[[kind, value, weight], ...], "top", "under", "threshold", "index_kind"}`` and a reply ``{"ok":
+true, "hits": [[path, score, image_id], ...]}`` or ``{"ok": false, "error": message}``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import stat
+from collections.abc import Callable
+from pathlib import Path
+
+from clipsearch.errors import ClipsearchError
+
+PROTOCOL = 1
+MAX_REQUEST = 1 << 20  # a query is a few hundred bytes; anything near this is not a client of ours
+CONNECT_TIMEOUT_S = 1.0  # a live daemon accepts at once; a hung one must not hold a query up long
+REPLY_TIMEOUT_S = 30.0  # a reload after a large re-index can take seconds; then the client gives up
+_MAX_SOCKET_PATH = 107  # sun_path holds 108 bytes with the final NUL
+
+
+class ServeError(ClipsearchError):
+    """The daemon cannot start: one is already serving the library, or the socket cannot be made."""
+
+
+def socket_path(library_path: Path | str | None = None) -> Path:
+    """Where the daemon of the library at ``library_path`` (default: the default library) listens."""
+    from clipsearch import paths
+    from clipsearch.store import resolve_path
+
+    key = hashlib.sha256(os.fsencode(resolve_path(library_path))).hexdigest()[:16]
+    return paths.home() / "serve" / f"{key}.sock"
+
+
+# --------------------------------------------------------------------------------------------------
+# The client side (``clipsearch query``): no numpy, no torch, nothing heavy
+
+
+def ask(library_path: Path | str | None, query, options: dict, timeout: float = REPLY_TIMEOUT_S):
+    """The hits of a text-only ``query`` from the daemon serving this library, or None.
+
+    ``options``: ``top``, ``under``, ``threshold``, ``index_kind`` as for
+    :func:`clipsearch.search.search`. None when no daemon is running, its socket is stale, it does
+    not answer in time, or it cannot answer this query (an error, which the caller then meets
+    itself): the caller runs the query in-process. Returns ``list[clipsearch.search.Hit]``.
+    """
+    from clipsearch.search import Hit
+    from clipsearch.store import resolve_path
+
+    if any(p.kind != "text" for p in query.parts):
+        return None
+    library = resolve_path(library_path)
+    path = socket_path(library)
+    under = options.get("under")
+    request = {
+        "version": PROTOCOL,
+        "library": os.fsdecode(library),
+        "parts": [[p.kind, p.value, p.weight] for p in query.parts],
+        "top": options.get("top", 20),
+        "under": None if under is None else os.fsdecode(under),
+        "threshold": options.get("threshold"),
+        "index_kind": options.get("index_kind", "auto"),
+    }
+    try:
+        if len(os.fsencode(path)) > _MAX_SOCKET_PATH or not stat.S_ISSOCK(os.stat(path).st_mode):
+            return None
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(CONNECT_TIMEOUT_S)
+            sock.connect(os.fspath(path))
+            sock.settimeout(timeout)
+            sock.sendall(json.dumps(request).encode() + b"\n")
+            reply = json.loads(_read_line(sock))
+        if not reply.get("ok"):
+            return None
+        return [Hit(Path(p), float(s), int(i)) for p, s, i in reply["hits"]]
+    except (OSError, ValueError, TypeError, KeyError):  # no daemon, a stale socket, a timeout, garbage
+        return None
+
+
+def _read_line(sock) -> bytes:
+    chunks = []
+    size = 0
+    while True:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+        if chunk.endswith(b"\n"):
+            break
+        if size > 64 * MAX_REQUEST:
+            raise ValueError("reply too long")
+    return b"".join(chunks)
+
+
+# --------------------------------------------------------------------------------------------------
+# The daemon
+
+
+class QueryServer:
+    """Serves text queries on one library over its unix socket; see the module doc.
+
+    ``QueryServer(library_path).serve_forever()`` until :meth:`shutdown` (from another thread) or
+    Ctrl-C; :meth:`close` removes the socket. Everything the queries need is loaded before the
+    socket is bound, so a client that can connect gets an answer at once.
+    """
+
+    def __init__(
+        self,
+        library_path: Path | str | None = None,
+        *,
+        socket: Path | str | None = None,
+        log: Callable[[str], None] | None = None,
+    ):
+        from clipsearch.store import resolve_path
+
+        self.library_path = resolve_path(library_path)
+        self.socket_path = Path(socket) if socket is not None else socket_path(self.library_path)
+        self.answered = 0  # queries answered
+        self.refused = 0  # requests answered with an error (the client then runs the query itself)
+        self.reloads = 0  # times the library, the index or the encoder were reloaded after a change
+        self.log = log or (lambda message: None)  # one line per refused request, with the reason
+        self._library = None
+        self._identity = None
+        self._encoders: dict = {}
+        self._indexes: dict = {}
+        self._server = None
+        self._load()
+        self._bind()
+
+    # --- state ----------------------------------------------------------------------------------
+
+    def _load(self) -> None:
+        """Open the library, the default model's encoder and index (raises what a query would)."""
+        from clipsearch.errors import LibraryError
+        from clipsearch.store import Library
+
+        if self._library is not None:
+            self._library.close()
+        self._library = Library.open(self.library_path)
+        self._identity = _identity(self.library_path)
+        self._indexes.clear()
+        model_id = self._library.default_model_id()
+        if model_id is None:
+            raise LibraryError(
+                f"the library {self.library_path} has no images yet: run `clipsearch index PATH` first"
+            )
+        self._index(model_id, "auto")
+        self._encoder(model_id).session  # noqa: B018  (loaded now, not on the first query)
+
+    def _encoder(self, model_id: str):
+        from clipsearch import fastquery
+
+        held = self._encoders.get(model_id)
+        if held is None or held.stamp != fastquery._stamp(held.directory):
+            if held is not None:
+                self.reloads += 1
+            held = self._encoders[model_id] = fastquery.TextEncoder(model_id, warm=True)
+        return held
+
+    def _index(self, model_id: str, kind: str):
+        from clipsearch.vectors import VectorIndex
+
+        generation = self._library.generation()
+        held = self._indexes.get((model_id, kind))
+        if held is None or held[1] != generation:
+            if held is not None:
+                self.reloads += 1
+            index = VectorIndex.for_library(self._library, model_id, kind=kind)
+            held = self._indexes[(model_id, kind)] = (index, generation)
+        return held[0]
+
+    def answer(self, request: dict) -> list:
+        """The hits of one request, as :func:`clipsearch.fastquery.search` gives them in-process."""
+        from clipsearch import fastquery
+        from clipsearch.search import Query, QueryPart
+
+        if request.get("version") != PROTOCOL:
+            raise ValueError(f"protocol version {request.get('version')!r}, this daemon speaks {PROTOCOL}")
+        if request.get("library") != os.fsdecode(self.library_path):
+            raise ValueError(f"this daemon serves {self.library_path}, not {request.get('library')!r}")
+        parts = [QueryPart(str(k), str(v), float(w)) for k, v, w in request["parts"]]
+        if _identity(self.library_path) != self._identity:  # the file was replaced (or removed)
+            self.reloads += 1
+            self._load()
+        model_id = self._library.default_model_id()
+        under = request.get("under")
+        threshold = request.get("threshold")
+        kind = str(request.get("index_kind", "auto"))
+        return fastquery.search(
+            self._library,
+            model_id,
+            Query(parts),
+            int(request.get("top", 20)),
+            None if under is None else Path(under),
+            None if threshold is None else float(threshold),
+            kind,
+            encode=self._encoder(model_id),
+            index=self._index(model_id, kind),
+        )
+
+    # --- the socket -----------------------------------------------------------------------------
+
+    def _bind(self) -> None:
+        import socketserver
+
+        path = self.socket_path
+        if len(os.fsencode(path)) > _MAX_SOCKET_PATH:
+            raise ServeError(
+                f"the socket path {path} is longer than unix sockets allow: set CLIPSEARCH_HOME to a shorter folder"
+            )
+        _private_folder(path.parent)
+        if os.path.lexists(path):
+            if _answers(path):
+                raise ServeError(f"a clipsearch daemon is already serving {self.library_path} ({path})")
+            path.unlink()  # stale: left by a daemon that was killed
+        owner = self
+
+        class Server(socketserver.UnixStreamServer):
+            def handle_error(self, request, client_address):  # a bug of ours: counted and logged
+                import sys
+
+                owner.refused += 1
+                kind, error = sys.exc_info()[:2]
+                owner.log(f"request failed: {kind.__name__}: {error}")
+
+        umask = os.umask(0o177)  # the socket is born 0600: no moment where others could connect
+        try:
+            self._server = Server(os.fspath(path), _handler(self))
+        except OSError as e:
+            raise ServeError(f"cannot listen on {path}: {e.strerror or e}") from e
+        finally:
+            os.umask(umask)
+        os.chmod(path, 0o600)
+        self._inode = os.stat(path).st_ino
+
+    def serve_forever(self) -> None:
+        self._server.serve_forever(poll_interval=0.2)
+
+    def shutdown(self) -> None:
+        """Stop :meth:`serve_forever` (call from another thread)."""
+        self._server.shutdown()
+
+    def close(self) -> None:
+        """Close the socket and remove it if it is still ours; close the library."""
+        if self._server is not None:
+            self._server.server_close()
+            try:
+                if os.stat(self.socket_path).st_ino == self._inode:
+                    self.socket_path.unlink()
+            except OSError:
+                pass  # already gone
+            self._server = None
+        if self._library is not None:
+            self._library.close()
+            self._library = None
+
+    def __enter__(self) -> QueryServer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _handler(server: QueryServer):
+    import socketserver
+
+    class Handler(socketserver.StreamRequestHandler):
+        timeout = 10  # a client that connects and says nothing must not block the others
+
+        def handle(self):
+            try:
+                line = self.rfile.readline(MAX_REQUEST)
+            except OSError:
+                return  # the client went away or said nothing in time
+            if not line.strip():
+                return  # a probe (another daemon checking this one is alive) or a client that left
+            try:
+                hits = server.answer(json.loads(line))
+                reply = {"ok": True, "hits": [[os.fspath(h.path), h.score, h.image_id] for h in hits]}
+                server.answered += 1
+            except ClipsearchError as e:  # the client runs the query itself and meets the error there
+                reply = {"ok": False, "error": str(e)}
+            except (ValueError, TypeError, KeyError) as e:
+                reply = {"ok": False, "error": f"bad request: {e}"}
+            if not reply["ok"]:
+                server.refused += 1
+                server.log(f"query refused: {reply['error']}")
+            try:
+                # ensure_ascii keeps file names that are not UTF-8 (lone surrogates) exact
+                self.wfile.write(json.dumps(reply).encode() + b"\n")
+            except OSError:
+                pass  # the client gave up waiting: it runs the query itself
+
+    return Handler
+
+
+def _identity(path: Path):
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _answers(path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(CONNECT_TIMEOUT_S)
+        try:
+            sock.connect(os.fspath(path))
+        except OSError:
+            return False
+    return True
+
+
+def _private_folder(folder: Path) -> None:
+    """Make ``folder`` (0700, ours) or refuse one that others could write to or read."""
+    try:
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        st = os.stat(folder)
+        if st.st_uid != os.getuid():
+            raise ServeError(f"{folder} belongs to another user: set CLIPSEARCH_HOME to a folder of yours")
+        if stat.S_IMODE(st.st_mode) != 0o700:
+            os.chmod(folder, 0o700)
+    except OSError as e:
+        raise ServeError(f"cannot make the socket folder {folder}: {e.strerror or e}") from e
