@@ -35,7 +35,7 @@ from clipsearch.errors import ClipsearchError
 PROTOCOL = 1
 MAX_REQUEST = 1 << 20  # a query is a few hundred bytes; anything near this is not a client of ours
 CONNECT_TIMEOUT_S = 1.0  # a live daemon accepts at once; a hung one must not hold a query up long
-REPLY_TIMEOUT_S = 30.0  # a reload after a large re-index can take seconds; then the client gives up
+REPLY_TIMEOUT_S = 10.0  # a reload after a large re-index takes seconds; a stuck daemon is given up on
 _MAX_SOCKET_PATH = 107  # sun_path holds 108 bytes with the final NUL
 
 
@@ -258,8 +258,9 @@ class QueryServer:
         self._server.serve_forever(poll_interval=0.2)
 
     def shutdown(self) -> None:
-        """Stop :meth:`serve_forever` (call from another thread)."""
-        self._server.shutdown()
+        """Stop :meth:`serve_forever` (call from another thread); then :meth:`close`."""
+        if self._server is not None:
+            self._server.shutdown()
 
     def close(self) -> None:
         """Close the socket and remove it if it is still ours; close the library."""
