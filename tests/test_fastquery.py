@@ -1,5 +1,6 @@
 """The torch-free query path gives the torch text tower's features and the same search results."""
 
+import json
 import os
 import subprocess
 import sys
@@ -174,6 +175,8 @@ def test_a_query_process_never_imports_torch(tiny, tmp_path):
         loaded = sorted(m for m in sys.modules if m == "torch" or m.startswith("torch."))
         print("TORCH", loaded)
         print("FTFY", "ftfy" in sys.modules)  # a plain ASCII query skips it (0.1 s to import)
+        print("TOKENIZERS", "tokenizers" in sys.modules)  # the BPE table needs no Rust BPE (0.15 s)
+        print("SQLITE_UTILS", "sqlite_utils" in sys.modules)  # 0.07 s; plain sqlite3 is enough
         """
     )
     env = {**os.environ, "CLIPSEARCH_HOME": os.environ["CLIPSEARCH_HOME"]}
@@ -181,3 +184,55 @@ def test_a_query_process_never_imports_torch(tiny, tmp_path):
     assert out.returncode == 0, out.stderr
     assert "TORCH []" in out.stdout
     assert "FTFY False" in out.stdout
+    assert "TOKENIZERS False" in out.stdout
+    assert "SQLITE_UTILS False" in out.stdout
+
+
+def test_the_query_command_imports_only_what_a_text_query_needs(tiny, tmp_path):
+    lib = _library(tmp_path, tiny)
+    lib.close()
+    command = [sys.executable, "-X", "importtime", "-m", "clipsearch", "--db", str(lib.path), "query"]
+    out = subprocess.run(
+        [*command, "a dog on a beach", "--top", "3", "--paths"], capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert len(out.stdout.splitlines()) == 3
+    imported = {
+        line.split("|")[-1].strip() for line in out.stderr.splitlines() if line.startswith("import time:")
+    }
+    assert {"numpy", "onnxruntime", "faiss"} <= imported  # the work itself
+    unneeded = {"torch", "tokenizers", "sqlite_utils", "ftfy", "rich", "PIL", "matplotlib", "onnx"}
+    assert not (unneeded & imported), unneeded & imported
+
+
+def test_an_export_of_version_1_or_with_a_damaged_tokenizer_is_exported_again(tiny):
+    directory = fastquery.cache_dir(tiny.model_id)
+    meta = json.loads((directory / fastquery.TEXT_META).read_text())
+    (directory / fastquery.TEXT_META).write_text(json.dumps({**meta, "version": 1}))
+    (directory / "tokenizer.json").write_text("{}")  # what version 1 had
+    with pytest.raises(fastquery.TextEncoderMissing):
+        fastquery.text_features(tiny.model_id, ["a dog"])
+    fastquery.ensure_text_encoder(tiny)
+    assert not (directory / "tokenizer.json").exists()
+    assert fastquery.tokenize(tiny.model_id, ["a dog"]).tolist() == [[49406, 320, 1929, 49407]]
+    (directory / fastquery.TEXT_TOKENIZER).write_bytes(b"garbage" * 100)
+    fastquery._ENCODERS.clear()
+    with pytest.raises(fastquery.TextEncoderMissing, match="damaged"):
+        fastquery.text_features(tiny.model_id, ["a cat"])
+
+
+def test_a_new_export_replaces_the_encoder_this_process_holds(tiny):
+    first = fastquery.encoder(tiny.model_id)
+    assert fastquery.encoder(tiny.model_id) is first  # kept while the export is unchanged
+    other = _bundle(tiny.model_id, seed=1)  # same id, other weights: e.g. a model file replaced
+    (fastquery.cache_dir(tiny.model_id) / fastquery.TEXT_META).unlink()
+    fastquery.ensure_text_encoder(other)
+    # as if another process (an `index` run) had exported: this one still holds the old encoder
+    fastquery._ENCODERS[(tiny.model_id, fastquery.cache_dir(tiny.model_id))] = first
+    assert fastquery.encoder(tiny.model_id) is not first
+    np.testing.assert_allclose(
+        fastquery.text_features(tiny.model_id, ["a dog"], normalize=False),  # the cache was dropped too
+        _torch_features(other, ["a dog"]),
+        rtol=1e-4,
+        atol=1e-5,
+    )
