@@ -1,20 +1,24 @@
-"""How search scales: flat (exact) vs HNSW as built by ``clipsearch.vectors``, on synthetic vectors.
+"""How search scales: flat (exact), IVF and HNSW as built by ``clipsearch.vectors``, on synthetic vectors.
 
-Data: L2-normalised 512-d vectors drawn around 1,000 random centres (CLIP embeddings of a photo
-collection are clustered, and uniform data would flatter neither index). Queries are fresh draws
-from the same mixture. Recall@10 is measured against the flat index's exact answer.
+Data: L2-normalised 512-d vectors. ``clustered`` (default) draws them around 1,000 random centres
+(CLIP embeddings of a photo collection are clustered; a point's nearest centre sits at cosine
+~0.85); ``uniform`` draws them uniformly on the sphere, the hard case for any partitioning index
+(no structure: a query's neighbours are spread over many cells). Queries are fresh draws from the
+same distribution. Recall@10 is measured against the exact (flat) answer for every query; latency is
+per query, issued one at a time (p50/p99; flat is timed on fewer queries, it is slow and exact).
 
-    python benchmarks/search_scale.py --sizes 100000 1000000 --threads 2
+    python benchmarks/search_scale.py --sizes 100000 1000000 --kinds flat ivf --threads 2
 
 Prints a Markdown table (results are recorded in ``benchmarks/search_scale.md``). 1M vectors need
-~2 GB for the data plus as much again for each index: run it once, not in a loop.
+~2 GB for the data plus as much again for each index held at once (flat is freed before IVF).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
+import os
+import tempfile
 import time
 
 import numpy as np
@@ -22,13 +26,24 @@ import numpy as np
 from clipsearch import vectors
 from clipsearch.vectors import VectorIndex
 
+# One query at a time gains nothing from OpenMP, and on a loaded 2-core box two threads cost
+# ~20 ms of barrier waiting per query (measured): single queries are timed on one thread.
+SEARCH_THREADS = 1
 
-def clustered(n: int, d: int, rng: np.random.Generator, centres: np.ndarray, spread: float) -> np.ndarray:
-    """``n`` normalised vectors around ``centres``, built in chunks to bound temporary memory."""
+
+def make_data(
+    n: int, d: int, rng: np.random.Generator, centres: np.ndarray | None, spread: float, basis=None
+) -> np.ndarray:
+    """``n`` normalised vectors (around ``centres``, on a low-rank ``basis``, or uniform), in chunks."""
     out = np.empty((n, d), dtype=np.float32)
     for start in range(0, n, 100_000):
         m = min(100_000, n - start)
-        x = centres[rng.integers(0, len(centres), m)] + spread * rng.standard_normal((m, d), dtype=np.float32)
+        x = rng.standard_normal((m, d), dtype=np.float32)
+        if centres is not None:
+            x = centres[rng.integers(0, len(centres), m)] + spread * x
+        elif basis is not None:
+            z = rng.standard_normal((m, len(basis)), dtype=np.float32)
+            x = z @ basis + spread * x
         x /= np.linalg.norm(x, axis=1, keepdims=True)
         out[start : start + m] = x
     return out
@@ -36,9 +51,6 @@ def clustered(n: int, d: int, rng: np.random.Generator, centres: np.ndarray, spr
 
 def index_bytes(index: VectorIndex) -> int:
     """Size of the saved index file (what is memory-mapped on load)."""
-    import os
-    import tempfile
-
     import faiss
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -48,11 +60,16 @@ def index_bytes(index: VectorIndex) -> int:
 
 
 def latencies_ms(index: VectorIndex, queries: np.ndarray, k: int) -> list[float]:
+    import faiss
+
+    build_threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(SEARCH_THREADS)
     times = []
     for q in queries:
         t = time.perf_counter()
         index.search(q[None], k)
         times.append((time.perf_counter() - t) * 1000)
+    faiss.omp_set_num_threads(build_threads)
     return times
 
 
@@ -61,86 +78,147 @@ def recall_at(got: np.ndarray, want: np.ndarray) -> float:
     return float(np.mean([len(set(g) & set(w)) / k for g, w in zip(got, want, strict=True)]))
 
 
-def run(n: int, d: int, n_queries: int, k: int, ef_values: list[int], seed: int, hnsw: bool) -> list[dict]:
-    rng = np.random.default_rng(seed)
-    centres = rng.standard_normal((1000, d), dtype=np.float32) / np.sqrt(d)
-    spread = 0.6 / np.sqrt(d)  # puts a point's nearest centre at cosine ~0.85, like CLIP photo clusters
-    data = clustered(n, d, rng, centres, spread)
-    queries = clustered(n_queries, d, rng, centres, spread)
+def row(n, data, name, build, nbytes, lat, recall, **extra) -> dict:
+    return {
+        "n": n,
+        "data": data,
+        "index": name,
+        "build_s": build,
+        "bytes_per_vector": nbytes / n,
+        "p50_ms": float(np.percentile(lat, 50)),
+        "p99_ms": float(np.percentile(lat, 99)),
+        "recall@10": recall,
+        **extra,
+    }
+
+
+def run(n: int, args) -> list[dict]:
+    d, k = args.dim, args.k
+    rng = np.random.default_rng(args.seed)
+    centres = basis = None
+    spread = args.spread / np.sqrt(d)
+    if args.data == "clustered":
+        centres = rng.standard_normal((1000, d), dtype=np.float32) / np.sqrt(d)
+    elif args.data == "lowrank":
+        # A continuous low-dimensional manifold (CLIP embeddings have an intrinsic dimension of
+        # a few dozen) without clusters to fall into: harder for IVF than the mixture.
+        basis = rng.standard_normal((args.rank, d), dtype=np.float32) / np.sqrt(d)
+    data = make_data(n, d, rng, centres, spread, basis)
+    queries = make_data(args.queries, d, rng, centres, spread, basis)
     ids = np.arange(1, n + 1, dtype=np.int64)
     rows = []
 
     t = time.perf_counter()
     flat = VectorIndex.build(ids, data, kind="flat")
     build = time.perf_counter() - t
-    _, exact = flat.search(queries, k)
-    lat = latencies_ms(flat, queries, k)
-    rows.append(
-        {
-            "n": n,
-            "index": "flat",
-            "build_s": build,
-            "bytes_per_vector": index_bytes(flat) / n,
-            "median_ms": statistics.median(lat),
-            "p95_ms": float(np.percentile(lat, 95)),
-            "recall@10": 1.0,
-        }
-    )
+    _, exact = flat.search(queries, k)  # batched: the ground truth for every query
+    if "flat" in args.kinds:
+        lat = latencies_ms(flat, queries[: args.flat_queries], k)
+        rows.append(row(n, args.data, "flat", build, index_bytes(flat), lat, 1.0))
+        print(f"# n={n} flat done", flush=True)
     del flat
-    if not hnsw:
-        return rows
 
-    t = time.perf_counter()
-    hnsw = VectorIndex.build(ids, data, kind="hnsw")
-    build = time.perf_counter() - t
-    per_vector = index_bytes(hnsw) / n
-    for ef in ef_values:
-        vectors.HNSW_EF_SEARCH = ef  # the search-time beam; the graph is unchanged
-        _, got = hnsw.search(queries, k)
-        lat = latencies_ms(hnsw, queries, k)
-        rows.append(
-            {
-                "n": n,
-                "index": f"hnsw M={vectors.HNSW_M} ef={ef}",
-                "build_s": build,
-                "bytes_per_vector": per_vector,
-                "median_ms": statistics.median(lat),
-                "p95_ms": float(np.percentile(lat, 95)),
-                "recall@10": recall_at(got, exact),
-            }
-        )
+    if "ivf" in args.kinds:
+        t = time.perf_counter()
+        ivf = VectorIndex.build(ids, data, kind="ivf")
+        build = time.perf_counter() - t
+        nbytes = index_bytes(ivf)
+        nlist, default = ivf.index.nlist, ivf.index.nprobe
+        for nprobe in sorted(set(args.nprobe) | {default}):
+            if nprobe > nlist:
+                continue
+            ivf.index.nprobe = nprobe
+            _, got = ivf.search(queries, k)
+            lat = latencies_ms(ivf, queries, k)
+            mark = " (default)" if nprobe == default else ""
+            rows.append(
+                row(
+                    n,
+                    args.data,
+                    f"ivf nlist={nlist} nprobe={nprobe}{mark}",
+                    build,
+                    nbytes,
+                    lat,
+                    recall_at(got, exact),
+                )
+            )
+        print(f"# n={n} ivf done (build {build:.0f} s)", flush=True)
+        del ivf
+
+    if "hnsw" in args.kinds and n <= args.hnsw_max:
+        t = time.perf_counter()
+        hnsw = VectorIndex.build(ids, data, kind="hnsw")
+        build = time.perf_counter() - t
+        nbytes = index_bytes(hnsw)
+        for ef in args.ef:
+            vectors.HNSW_EF_SEARCH = ef  # the search-time beam; the graph is unchanged
+            _, got = hnsw.search(queries, k)
+            lat = latencies_ms(hnsw, queries, k)
+            rows.append(
+                row(
+                    n,
+                    args.data,
+                    f"hnsw M={vectors.HNSW_M} ef={ef}",
+                    build,
+                    nbytes,
+                    lat,
+                    recall_at(got, exact),
+                )
+            )
+        print(f"# n={n} hnsw done (build {build:.0f} s)", flush=True)
     return rows
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
+    ap.add_argument("--kinds", nargs="+", default=["flat", "ivf"], choices=["flat", "ivf", "hnsw"])
+    ap.add_argument("--data", default="clustered", choices=["clustered", "lowrank", "uniform"])
+    ap.add_argument("--rank", type=int, default=32, help="intrinsic dimension of --data lowrank")
+    ap.add_argument(
+        "--spread", type=float, default=0.6, help="cluster spread: nearest-centre cosine ~1/sqrt(1+spread²)"
+    )
     ap.add_argument("--dim", type=int, default=512)
     ap.add_argument("--queries", type=int, default=200)
+    ap.add_argument(
+        "--flat-queries", type=int, default=30, help="queries timed on the (slow, exact) flat index"
+    )
     ap.add_argument("--k", type=int, default=10)
-    ap.add_argument("--ef", type=int, nargs="+", default=[32, 64, 128, 256])
-    ap.add_argument("--threads", type=int, default=0, help="FAISS OpenMP threads (0: FAISS default)")
+    ap.add_argument("--nprobe", type=int, nargs="+", default=[8, 16, 64], help="IVF nprobe values to sweep")
+    ap.add_argument("--ef", type=int, nargs="+", default=[64, 128])
+    ap.add_argument(
+        "--threads", type=int, default=0, help="FAISS OpenMP threads for builds (0: FAISS default)"
+    )
+    ap.add_argument(
+        "--search-threads", type=int, default=1, help="FAISS OpenMP threads while timing single queries"
+    )
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--hnsw-max", type=int, default=10**9, help="skip the HNSW build above this many vectors")
+    ap.add_argument(
+        "--hnsw-max", type=int, default=100_000, help="skip the HNSW build above this many vectors"
+    )
     ap.add_argument("--json", help="also write the rows to this JSON file")
     args = ap.parse_args()
     import faiss
 
+    global SEARCH_THREADS
+    SEARCH_THREADS = args.search_threads
     if args.threads:
         faiss.omp_set_num_threads(args.threads)
+    load_before = os.getloadavg()
     rows = []
     for n in args.sizes:
-        rows += run(n, args.dim, args.queries, args.k, args.ef, args.seed, n <= args.hnsw_max)
-        print(f"# done n={n}", flush=True)
+        rows += run(n, args)
+    load_after = os.getloadavg()
     print(
-        f"\nd={args.dim}, {args.queries} queries one at a time, k={args.k}, threads={faiss.omp_get_max_threads()}\n"
+        f"\nd={args.dim}, {args.data} data (spread {args.spread}), {args.queries} queries one at a time (flat: {args.flat_queries}), "
+        f"k={args.k}, build threads={faiss.omp_get_max_threads()}, search threads={SEARCH_THREADS}, load average {load_before[0]:.1f} -> {load_after[0]:.1f}\n"
     )
-    print("| vectors | index | build (s) | bytes/vector | median query (ms) | p95 (ms) | recall@10 |")
-    print("|---:|---|---:|---:|---:|---:|---:|")
+    print("| vectors | data | index | build (s) | bytes/vector | p50 (ms) | p99 (ms) | recall@10 |")
+    print("|---:|---|---|---:|---:|---:|---:|---:|")
     for r in rows:
         print(
-            f"| {r['n']:,} | {r['index']} | {r['build_s']:.1f} | {r['bytes_per_vector']:.0f} | "
-            f"{r['median_ms']:.2f} | {r['p95_ms']:.2f} | {r['recall@10']:.3f} |"
+            f"| {r['n']:,} | {r['data']} | {r['index']} | {r['build_s']:.1f} | {r['bytes_per_vector']:.0f} | "
+            f"{r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['recall@10']:.3f} |"
         )
     if args.json:
         with open(args.json, "w") as f:

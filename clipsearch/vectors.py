@@ -1,27 +1,47 @@
 """The FAISS index: derived from the library, keyed by image ids, rebuildable at any time.
 
 One index per model lives in ``<db>.faiss/<model-slug>.index`` with a JSON sidecar recording the
-SQLite state it reflects (the library's ``generation``, the vector count and a checksum of the ids).
+SQLite state it reflects (the library's ``generation``, the lowest and highest embedded id, the
+vector count and a checksum of the ids).
 
-- ``kind="flat"``: exact inner product (vectors are L2-normalised, so it is cosine similarity).
-- ``kind="hnsw"``: HNSW graph (M=32), for large libraries; ``auto`` picks it from
-  ``HNSW_THRESHOLD`` vectors up. HNSW cannot delete, so removed ids become *tombstones* kept in the
-  sidecar and filtered out at search time; when tombstones pass ``REBUILD_FRACTION`` of the index,
-  it is rebuilt from SQLite.
-- On open, an index in step with SQLite is memory-mapped read-only. One out of step is brought up to
-  date by adding and removing the ids that differ (image ids are never reused, and a changed file
-  gets a new id, so the id sets say everything); an index that cannot be trusted (unreadable, of
-  another kind or dimension, sidecar mismatching the file) is rebuilt from SQLite.
-- Saving writes a temporary file and renames it over the old one, then the sidecar likewise; a
-  crash between the two leaves a sidecar that mismatches the file, which is detected and rebuilt.
+Kinds (vectors are L2-normalised, so inner product is cosine similarity):
+
+- ``flat``: exact search, O(N) per query: ~0.7 µs per vector on a loaded 2-core box.
+- ``ivf``: IVF-flat: spherical k-means cells (``2·sqrt(N)`` of them, trained on a sample), a query
+  scans the ``nprobe`` nearest cells with exact scores; ``nprobe`` is tuned at build time until a
+  sample of the vectors finds its true top 10 (recall@10 >= ``IVF_TARGET_RECALL``). Builds in
+  minutes at 1M, answers in a few ms on clustered (CLIP-like) data; removes for real.
+- ``hnsw``: HNSW graph (M=32): the fastest queries (< 1 ms) but a slow build (~3 ms per vector
+  here: 5 min at 100k, ~1 h at 1M), so only on request. It cannot delete: removed ids become
+  *tombstones* kept in the sidecar and filtered at search time; past ``REBUILD_FRACTION`` of the
+  index it is rebuilt from SQLite.
+
+``auto`` (see :func:`resolve_kind`): flat below ``SCALABLE_THRESHOLD`` vectors, IVF from there
+(benchmarks/search_scale.md). An existing index keeps its kind under ``auto`` unless it is out of
+policy by a wide margin (a flat index past ``FLAT_KEEP_MAX``), and an IVF index whose library grew
+or shrank so much that its ideal cell count is twice or half what it has is retrained. These
+changes happen when the index is brought in step (after an index run), never on an in-step open.
+
+Opening: a sidecar whose generation and id range match SQLite (three indexed lookups, O(log N)) is
+memory-mapped read-only, without reading the vectors. One out of step is brought up to date by
+adding and removing the ids that differ (image ids are never reused, and a changed file gets a new
+id, so the id sets say everything); one that cannot be trusted (unreadable, of another kind or
+dimension, sidecar mismatching the file) is rebuilt from SQLite.
+
+Saving writes a temporary file (flock-ed while it is written) and renames it over the old one, then
+the sidecar likewise; a crash between the two leaves a sidecar that mismatches the file, which is
+detected and rebuilt. Temporary files left by a killed save are removed on the next open.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
+import time
+import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -32,13 +52,29 @@ from clipsearch.errors import LibraryError
 if TYPE_CHECKING:
     from clipsearch.store import Library
 
-HNSW_THRESHOLD = 50_000  # below this an exact flat search takes a few ms; above, HNSW pays off
+KINDS = ("flat", "ivf", "hnsw")
+SCALABLE_THRESHOLD = 50_000  # below, an exact flat search takes <= ~35 ms here; above, IVF pays off
+FLAT_KEEP_MAX = 2 * SCALABLE_THRESHOLD  # under auto, an existing flat index is kept up to here
 HNSW_M = 32  # graph degree: recall@10 >= 0.95 on 512-d CLIP-like vectors (benchmarks/search_scale.md)
 HNSW_EF_CONSTRUCTION = 80
-HNSW_EF_SEARCH = 128  # tuned in benchmarks/search_scale.py for recall@10 >= 0.95 at 1M
+HNSW_EF_SEARCH = 128  # tuned in benchmarks/search_scale.py for recall@10 >= 0.95
+IVF_LISTS_PER_SQRT = (
+    2  # nlist = 2·sqrt(N): 2,000 cells of ~500 at 1M; training costs nlist², so not 4·sqrt(N)
+)
+IVF_TRAIN_PER_LIST = 32  # k-means sample: 32 vectors per cell (training costs sample × nlist)
+IVF_TRAIN_ITERS = 10  # k-means iterations; more changes recall by < 0.01 and costs linearly
+IVF_TARGET_RECALL = (
+    0.97  # nprobe is tuned at build to this recall@10 on sampled vectors (margin for text queries)
+)
+IVF_TUNE_QUERIES = 200  # sampled vectors the tuning searches for (exact answers cost 200 × N dot products)
+IVF_NPROBES = (8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)  # tried in order; else every cell
 REBUILD_FRACTION = 0.2  # rebuild an HNSW index once a fifth of it is tombstones
 EXACT_SUBSET = 20_000  # a subtree filter with at most this many ids is searched exactly
-SIDECAR_VERSION = 1
+GPU_MAX_K = 2048  # faiss-gpu's limit on k and nprobe
+TEMP_MIN_AGE_S = 60  # a temp file younger than this may be one a writer has just created
+SIDECAR_VERSION = 2  # 2: IndexIDMap (not IDMap2) around flat/HNSW, ivf kind, id range
+
+_TEMP_NAME = re.compile(r"^\..+\.(index|json)\.\d+(\.[0-9a-f]+)?\.tmp$")  # what _atomic_write names
 
 
 def model_slug(model_id: str) -> str:
@@ -52,12 +88,74 @@ def ids_checksum(ids: np.ndarray) -> str:
     return hashlib.blake2b(np.sort(np.asarray(ids, dtype=np.int64)).tobytes(), digest_size=16).hexdigest()
 
 
+def _check_kind(kind: str) -> None:
+    if kind != "auto" and kind not in KINDS:
+        raise LibraryError(f"unknown index kind {kind!r}: use auto, {', '.join(KINDS)}")
+
+
 def choose_kind(kind: str, n: int) -> str:
+    """The kind a fresh index of ``n`` vectors gets: ``kind`` itself unless it is ``auto``."""
+    _check_kind(kind)
     if kind == "auto":
-        return "hnsw" if n >= HNSW_THRESHOLD else "flat"
-    if kind not in ("flat", "hnsw"):
-        raise LibraryError(f"unknown index kind {kind!r}: use flat, hnsw or auto")
+        return "ivf" if n >= SCALABLE_THRESHOLD else "flat"
     return kind
+
+
+def resolve_kind(requested: str, n: int, existing: str | None = None) -> str:
+    """The kind the index of ``n`` vectors should have, given the kind it has (``existing``).
+
+    An explicit request wins. Under ``auto`` an existing index keeps its kind unless it is out of
+    policy by a wide margin: HNSW and IVF serve any size well (HNSW on 10 vectors is fine), a flat
+    index is kept up to ``FLAT_KEEP_MAX`` vectors (twice the threshold, so a library hovering around
+    it is not rebuilt back and forth) and replaced by IVF beyond. Without an index, the policy of
+    :func:`choose_kind`: flat below ``SCALABLE_THRESHOLD`` (exact, free to build, <= ~35 ms here),
+    IVF above (100k: built in ~10 s, ~1-2 ms a query; 1M: built in minutes, a few ms). HNSW answers
+    faster still but builds ~50x slower (5 min at 100k here, ~1 h at 1M), which an index run should
+    not pay unasked.
+    """
+    _check_kind(requested)
+    if requested != "auto":
+        return requested
+    if existing == "flat":
+        return "flat" if n < FLAT_KEEP_MAX else choose_kind("auto", n)
+    if existing in ("ivf", "hnsw"):
+        return existing
+    return choose_kind("auto", n)
+
+
+def ivf_lists(n: int) -> int:
+    """IVF cells for ``n`` vectors: ``2·sqrt(n)``, but at least ``IVF_TRAIN_PER_LIST`` vectors each."""
+    return max(1, min(int(IVF_LISTS_PER_SQRT * math.sqrt(n)), n // IVF_TRAIN_PER_LIST))
+
+
+def tune_nprobe(ivf, ids: np.ndarray, vectors: np.ndarray, k: int = 10, seed: int = 0) -> float:
+    """Set ``ivf.nprobe`` to the fewest cells that reach ``IVF_TARGET_RECALL``; returns that recall.
+
+    Measured, not assumed: ``IVF_TUNE_QUERIES`` of the indexed ``vectors`` (float32 [N, D] under
+    ``ids`` int64 [N]) search for their ``k`` nearest *other* vectors, checked against the exact
+    answer. Clustered data stops at a few cells; data without structure scans many (up to all).
+    """
+    import faiss
+
+    n = len(ids)
+    if ivf.nlist == 1 or n <= k + 1:
+        ivf.nprobe = 1
+        return 1.0
+    picks = np.sort(np.random.default_rng(seed).choice(n, min(IVF_TUNE_QUERIES, n), replace=False))
+    queries = np.ascontiguousarray(vectors[picks])  # [T, D]
+    _, rows = faiss.knn(queries, vectors, k + 1, metric=faiss.METRIC_INNER_PRODUCT)  # [T, k+1]
+    want = [set(ids[r[r != p]][:k].tolist()) for r, p in zip(rows, picks, strict=True)]
+    recall = 0.0
+    for nprobe in [*(p for p in IVF_NPROBES if p < ivf.nlist), ivf.nlist]:
+        ivf.nprobe = nprobe
+        _, got = ivf.search(queries, k + 1)  # [T, k+1], each query finds itself too
+        hits = sum(
+            len(w & set(g[g != own][:k].tolist())) for w, g, own in zip(want, got, ids[picks], strict=True)
+        )
+        recall = hits / (k * len(picks))
+        if recall >= IVF_TARGET_RECALL:
+            break
+    return recall
 
 
 def _new_index(kind: str, dim: int):
@@ -69,8 +167,55 @@ def _new_index(kind: str, dim: int):
         base = faiss.IndexHNSWFlat(dim, HNSW_M, faiss.METRIC_INNER_PRODUCT)
         base.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
         base.hnsw.efSearch = HNSW_EF_SEARCH
-    # IDMap2 keeps id -> slot so vectors can be reconstructed by id (exact subset search).
-    return faiss.IndexIDMap2(base)
+    # IndexIDMap keeps slot -> id; no id -> slot table (IDMap2's costs O(N) on every open).
+    return faiss.IndexIDMap(base)
+
+
+def _new_ivf(vectors: np.ndarray, seed: int = 0):
+    """An IVF-flat index trained on a sample of ``vectors`` (float32 [N, D]), still empty."""
+    import faiss
+
+    n, dim = vectors.shape
+    nlist = ivf_lists(n)
+    ivf = faiss.index_factory(dim, f"IVF{nlist},Flat", faiss.METRIC_INNER_PRODUCT)
+    if nlist == 1:
+        # Too few vectors to train: one cell with any centroid is an exact scan.
+        faiss.downcast_index(ivf.quantizer).add(np.zeros((1, dim), dtype=np.float32))
+        ivf.is_trained = True
+    else:
+        ivf.cp.niter = IVF_TRAIN_ITERS
+        ivf.cp.spherical = True  # centroids on the sphere, like the vectors: cells by cosine
+        ivf.cp.min_points_per_centroid = 1  # we choose the sample size; no warning below 39
+        ivf.cp.seed = seed
+        take = min(n, nlist * IVF_TRAIN_PER_LIST)
+        sample = (
+            vectors if take == n else vectors[np.sort(np.random.default_rng(seed).choice(n, take, False))]
+        )
+        ivf.train(np.ascontiguousarray(sample))
+    return ivf
+
+
+def _read_flags(kind: str) -> int:
+    """faiss read flags that map the file instead of reading it (flat codes / inverted lists)."""
+    import faiss
+
+    if kind == "ivf":
+        return faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY  # inverted lists as OnDiskInvertedLists
+    # IO_FLAG_MMAP alone still copies a flat index's vectors (0.25 s at 100k here); MMAP_IFC maps them.
+    return getattr(faiss, "IO_FLAG_MMAP_IFC", faiss.IO_FLAG_MMAP) | faiss.IO_FLAG_READ_ONLY
+
+
+def _id_range(library: Library, model_id: str) -> list[int] | None:
+    """``[lowest, highest]`` embedded image id of ``model_id``: two probes of ``embeddings_model``.
+
+    (Two queries: SQLite answers a lone min() or max() from the index, both together by a scan.)
+    """
+    conn = library.conn
+    lo = conn.execute("SELECT min(image_id) FROM embeddings WHERE model_id = ?", (model_id,)).fetchone()[0]
+    if lo is None:
+        return None
+    hi = conn.execute("SELECT max(image_id) FROM embeddings WHERE model_id = ?", (model_id,)).fetchone()[0]
+    return [int(lo), int(hi)]
 
 
 class VectorIndex:
@@ -84,6 +229,7 @@ class VectorIndex:
         self.path: Path | None = None
         self.rebuilt = False  # set by for_library when it had to build from SQLite
         self.updated = False  # set by for_library when it applied an incremental update
+        self.mapped = False  # memory-mapped read-only: the first update reads the file into memory
         self._gpu = None
 
     # --- building -----------------------------------------------------------------------------
@@ -96,69 +242,97 @@ class VectorIndex:
         if vectors.ndim != 2 or len(ids) != len(vectors):
             raise ValueError(f"ids {ids.shape} and vectors {vectors.shape} disagree")
         kind = choose_kind(kind, len(ids))
-        index = _new_index(kind, vectors.shape[1])
+        index = _new_ivf(vectors) if kind == "ivf" else _new_index(kind, vectors.shape[1])
         if len(ids):
             index.add_with_ids(vectors, ids)
+        if kind == "ivf":
+            tune_nprobe(index, ids, vectors)
         return cls(index, kind, vectors.shape[1])
 
     @classmethod
     def for_library(
-        cls, library: Library, model_id: str, *, kind: str = "auto", save: bool = True
+        cls,
+        library: Library,
+        model_id: str,
+        *,
+        kind: str = "auto",
+        save: bool = True,
+        rebuild: bool = False,
     ) -> VectorIndex:
         """The index of ``model_id`` in ``library``, in step with SQLite.
 
-        Loads ``<db>.faiss/<slug>.index`` memory-mapped when its sidecar matches the library's
-        generation; otherwise updates it by id (or rebuilds it) and, with ``save`` and a writable
-        library, saves it atomically.
+        Memory-maps ``<db>.faiss/<slug>.index`` when its sidecar matches the library's generation
+        and id range; otherwise updates it by id (or rebuilds it, also with ``rebuild``) and, with
+        ``save`` and a writable library, saves it atomically. ``kind``: ``auto`` keeps the saved
+        index's kind within policy (:func:`resolve_kind`); an explicit kind rebuilds another.
         """
         import faiss
 
+        _check_kind(kind)
         directory = library.path.with_name(library.path.name + ".faiss")
         path = directory / f"{model_slug(model_id)}.index"
-        sidecar = _read_sidecar(path)
+        if not library.readonly:
+            remove_stale_temps(directory)
+        # The generation is read before any content, so an index is never labelled newer than
+        # what it holds (a commit in between only makes the next open sync again).
         generation = library.generation()
+        sidecar = _read_sidecar(path)
         dim = library.model_dim(model_id)
         index = None
-        if sidecar is not None and sidecar.get("model_id") == model_id and _file_matches(path, sidecar):
-            wanted = choose_kind(kind, int(sidecar["count"]))
-            if sidecar.get("kind") == wanted and (dim is None or sidecar.get("dim") == dim):
-                fresh = (
-                    sidecar.get("generation") == generation
-                    and library.embedding_count(model_id) == sidecar["count"]
+        existing = None  # the saved index's kind: kept by a rebuild under auto
+        if (
+            sidecar is not None
+            and sidecar.get("model_id") == model_id
+            and sidecar.get("kind") in KINDS
+            and (dim is None or sidecar.get("dim") == dim)
+        ):
+            existing = sidecar["kind"]
+            if not rebuild and kind in ("auto", existing) and _file_matches(path, sidecar):
+                fresh = sidecar.get("generation") == generation and sidecar.get("id_range") == _id_range(
+                    library, model_id
                 )
                 try:
-                    flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if fresh else 0
-                    raw = faiss.read_index(str(path), flags)
+                    raw = faiss.read_index(str(path), _read_flags(existing) if fresh else 0)
                 except RuntimeError:
                     raw = None  # unreadable: rebuilt below
-                if raw is not None and raw.ntotal == sidecar["ntotal"]:
-                    index = cls(raw, wanted, raw.d, set(sidecar.get("tombstones", [])))
+                if raw is not None and raw.ntotal == sidecar["ntotal"] and raw.d == sidecar["dim"]:
+                    index = cls(raw, existing, raw.d, set(sidecar.get("tombstones", [])))
                     if fresh:
                         index.path = path
+                        index.mapped = True
                         return index
-        sql_ids = library.embedding_ids(model_id)
         if index is not None:
+            sql_ids = library.embedding_ids(model_id)
             index._sync(library, model_id, sql_ids)
-            if (
-                choose_kind(kind, len(sql_ids)) != index.kind
-                or index._tombstone_fraction() > REBUILD_FRACTION
-            ):
+            if index._out_of_policy(kind, len(sql_ids)):
                 index = None
         if index is None:
             ids, _, vectors = library.embeddings(model_id, ids=None)
-            if dim is None and not len(ids):
-                dim = 0
             if not len(ids):
                 vectors = np.zeros((0, dim or 0), dtype=np.float32)
-            index = cls.build(ids, vectors, kind=kind)
+            index = cls.build(ids, vectors, kind=resolve_kind(kind, len(ids), existing))
             index.rebuilt = True
         index.path = path
         if save and not library.readonly:
             try:
-                index.save(path, model_id=model_id, generation=generation)
+                index.save(
+                    path, model_id=model_id, generation=generation, id_range=_id_range(library, model_id)
+                )
             except OSError:
                 pass  # a read-only folder: the index still works from memory
         return index
+
+    def _out_of_policy(self, requested: str, n: int) -> bool:
+        """Whether an index just brought in step with ``n`` vectors should be rebuilt."""
+        if resolve_kind(requested, n, self.kind) != self.kind:
+            return True
+        if self.kind == "hnsw":
+            return self._tombstone_fraction() > REBUILD_FRACTION
+        if self.kind == "ivf":
+            # Trained for another size: cells grew too full (slow) or too sparse (poor recall).
+            have, ideal = self.index.nlist, ivf_lists(n)
+            return ideal >= 2 * have or 2 * ideal <= have
+        return False
 
     def _sync(self, library: Library, model_id: str, sql_ids: np.ndarray) -> None:
         """Add the ids SQLite has and the index lacks; remove those it no longer has."""
@@ -175,11 +349,31 @@ class VectorIndex:
 
     # --- updates ------------------------------------------------------------------------------
 
-    def ids(self) -> set[int]:
-        """The ids searchable now (tombstones excluded)."""
+    def _all_ids(self) -> np.ndarray:
+        """Every id stored in the index, tombstones included (int64, index order)."""
         import faiss
 
-        return set(faiss.vector_to_array(self.index.id_map).tolist()) - self.tombstones
+        if self.kind != "ivf":
+            return faiss.vector_to_array(self.index.id_map)
+        invlists = self.index.invlists
+        parts = [np.zeros(0, dtype=np.int64)]
+        for cell in range(self.index.nlist):
+            size = invlists.list_size(cell)
+            if size:
+                parts.append(faiss.rev_swig_ptr(invlists.get_ids(cell), size).copy())
+        return np.concatenate(parts)
+
+    def ids(self) -> set[int]:
+        """The ids searchable now (tombstones excluded)."""
+        return set(self._all_ids().tolist()) - self.tombstones
+
+    def _writable(self) -> None:
+        """A memory-mapped index is read-only: read the file into memory before changing it."""
+        import faiss
+
+        if self.mapped:
+            self.index = faiss.read_index(str(self.path))
+            self.mapped = False
 
     def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
         ids = np.ascontiguousarray(ids, dtype=np.int64)
@@ -188,42 +382,50 @@ class VectorIndex:
         revived = self.tombstones.intersection(ids.tolist())
         if revived:  # cannot happen with SQLite's never-reused ids; be safe anyway
             raise ValueError(f"ids {sorted(revived)[:5]} were removed from this HNSW index; rebuild it")
+        self._writable()
         self.index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), ids)
         self._gpu = None
 
     def remove(self, ids: np.ndarray) -> int:
-        """Remove ``ids``: really for flat, as tombstones for HNSW. Returns how many were present."""
+        """Remove ``ids``: really for flat and IVF, as tombstones for HNSW. Returns how many were present."""
         import faiss
 
         ids = np.ascontiguousarray(ids, dtype=np.int64)
         present = set(ids.tolist()) & self.ids()
-        if self.kind == "flat":
-            self.index.remove_ids(faiss.IDSelectorBatch(ids))
-        else:
+        if not present:
+            return 0
+        if self.kind == "hnsw":
             self.tombstones |= present
+        else:
+            self._writable()
+            self.index.remove_ids(faiss.IDSelectorBatch(np.array(sorted(present), dtype=np.int64)))
         self._gpu = None
         return len(present)
 
     def _tombstone_fraction(self) -> float:
         return len(self.tombstones) / max(1, self.index.ntotal)
 
-    def save(self, path: Path, *, model_id: str, generation: int) -> None:
-        """Write the index to a temp file and rename it into place, then the sidecar likewise."""
+    def save(self, path: Path, *, model_id: str, generation: int, id_range: list[int] | None = None) -> None:
+        """Write the index to a temp file and rename it into place, then the sidecar likewise.
+
+        ``generation`` and ``id_range`` (``[lowest, highest]`` id in SQLite) describe the SQLite
+        state the index reflects; ``id_range`` defaults to the index's own ids.
+        """
         import faiss
 
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        faiss.write_index(self.index, str(tmp))
-        _fsync_file(tmp)
-        os.replace(tmp, path)
+        _atomic_write(path, lambda tmp: faiss.write_index(self.index, str(tmp)))
         st = path.stat()
-        ids = np.array(sorted(self.ids()), dtype=np.int64)
+        ids = np.sort(np.fromiter(self.ids(), dtype=np.int64))
+        if id_range is None and len(ids):
+            id_range = [int(ids[0]), int(ids[-1])]
         meta = {
             "version": SIDECAR_VERSION,
             "model_id": model_id,
             "kind": self.kind,
             "dim": self.dim,
             "generation": generation,
+            "id_range": id_range,
             "count": len(ids),
             "ntotal": int(self.index.ntotal),
             "ids_checksum": ids_checksum(ids),
@@ -231,11 +433,7 @@ class VectorIndex:
             "file_size": st.st_size,
             "file_mtime_ns": st.st_mtime_ns,
         }
-        side = _sidecar_path(path)
-        tmp = side.with_name(f".{side.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(meta))
-        _fsync_file(tmp)
-        os.replace(tmp, side)
+        _atomic_write(_sidecar_path(path), lambda tmp: tmp.write_text(json.dumps(meta)))
         self.path = path
 
     # --- search -------------------------------------------------------------------------------
@@ -259,7 +457,7 @@ class VectorIndex:
             raise ValueError(f"queries have dimension {q.shape[1]}, the index {self.dim}")
         if allowed_ids is not None:
             allowed = np.array(sorted(set(allowed_ids) - self.tombstones), dtype=np.int64)
-            allowed = allowed[np.isin(allowed, faiss.vector_to_array(self.index.id_map))]
+            allowed = allowed[np.isin(allowed, self._all_ids())]
             n = len(allowed)
         else:
             allowed = None
@@ -267,11 +465,18 @@ class VectorIndex:
         kk = min(int(k), n)
         if kk <= 0:
             return np.zeros((len(q), 0), np.float32), np.zeros((len(q), 0), np.int64)
-        if allowed is not None and n <= EXACT_SUBSET:
-            return _exact_subset(self.index, q, kk, allowed)
         params = None
         excluded = None
-        if allowed is not None and self.kind == "flat":
+        if allowed is not None and self.kind == "ivf":
+            sel = faiss.IDSelectorBatch(allowed)
+            nlist = self.index.nlist
+            # Every cell for a small subset is an exact scan of it; a wide filter widens nprobe.
+            widened = math.ceil(self.index.nprobe * len(self) / max(1, n))
+            nprobe = nlist if n <= EXACT_SUBSET else min(nlist, max(self.index.nprobe, widened))
+            params = faiss.SearchParametersIVF(sel=sel, nprobe=nprobe)
+        elif allowed is not None and n <= EXACT_SUBSET:
+            return self._exact_subset(q, kk, allowed)
+        elif allowed is not None and self.kind == "flat":
             sel = faiss.IDSelectorBatch(allowed)
             params = faiss.SearchParameters(sel=sel)  # a flat scan with a filter is still exact
         elif allowed is not None:
@@ -285,28 +490,106 @@ class VectorIndex:
             params = faiss.SearchParametersHNSW(sel=sel, efSearch=max(HNSW_EF_SEARCH, kk))
         elif self.kind == "hnsw":
             params = faiss.SearchParametersHNSW(efSearch=max(HNSW_EF_SEARCH, kk))
-        index = self.index if params is not None else self._searcher()
-        scores, ids = index.search(q, kk, params=params) if params is not None else index.search(q, kk)
+        if params is not None:
+            scores, ids = self.index.search(q, kk, params=params)
+        else:
+            scores, ids = self._searcher(kk).search(q, kk)
         del excluded  # kept alive until the search is done (the selector points into it)
         scores = np.where(ids < 0, -np.inf, scores).astype(np.float32)
         return scores, ids.astype(np.int64)
 
-    def _searcher(self):
-        """The index to search: a GPU copy of a flat index when faiss has GPUs, else the index."""
+    def _exact_subset(self, q: np.ndarray, k: int, allowed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Brute force over the stored vectors of ``allowed`` (flat and HNSW keep them in a flat array)."""
         import faiss
 
-        if self.kind != "flat" or not hasattr(faiss, "get_num_gpus") or faiss.get_num_gpus() == 0:
+        base = faiss.downcast_index(self.index.index)
+        storage = base if self.kind == "flat" else faiss.downcast_index(base.storage)
+        all_ids = self._all_ids()  # [N], slot order
+        slots = np.flatnonzero(np.isin(all_ids, allowed))  # [n]
+        xb = faiss.rev_swig_ptr(storage.get_xb(), storage.ntotal * self.dim).reshape(-1, self.dim)  # [N, D]
+        sims = q @ xb[slots].T  # [Q, n]
+        top = np.argsort(-sims, axis=1, kind="stable")[:, :k]  # [Q, k]
+        return np.take_along_axis(sims, top, axis=1).astype(np.float32), all_ids[slots][top]
+
+    def _searcher(self, k: int):
+        """The index for an unfiltered search: a GPU copy of a flat or IVF index when faiss has GPUs.
+
+        (Unverified on GPU hardware; faiss-gpu takes k and nprobe up to 2048.)
+        """
+        import faiss
+
+        if (
+            self.kind == "hnsw"
+            or k > GPU_MAX_K
+            or (self.kind == "ivf" and self.index.nprobe > GPU_MAX_K)
+            or not hasattr(faiss, "get_num_gpus")
+            or faiss.get_num_gpus() == 0
+        ):
             return self.index
         if self._gpu is None:
             self._gpu = faiss.index_cpu_to_all_gpus(self.index)
         return self._gpu
 
 
-def _exact_subset(index, q: np.ndarray, k: int, allowed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    vectors = np.vstack([index.reconstruct(int(i)) for i in allowed])  # [n, D]
-    sims = q @ vectors.T  # [Q, n]
-    top = np.argsort(-sims, axis=1, kind="stable")[:, :k]  # [Q, k]
-    return np.take_along_axis(sims, top, axis=1).astype(np.float32), allowed[top]
+def remove_stale_temps(directory: Path, min_age_s: float | None = None) -> list[Path]:
+    """Delete temp files a killed save left in ``directory``; returns those removed.
+
+    Only names :func:`_atomic_write` gives are touched, only when no writer holds their flock (a
+    live save holds it until the rename) and only when older than ``min_age_s`` (a writer that
+    has created its file but not yet locked it; default ``TEMP_MIN_AGE_S``).
+    """
+    import fcntl
+
+    min_age_s = TEMP_MIN_AGE_S if min_age_s is None else min_age_s
+    removed = []
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return removed
+    now = time.time()
+    for entry in entries:
+        if not _TEMP_NAME.match(entry.name):
+            continue
+        try:
+            if now - entry.stat(follow_symlinks=False).st_mtime < min_age_s or not entry.is_file(
+                follow_symlinks=False
+            ):
+                continue
+            fd = os.open(entry.path, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError:
+            continue  # gone meanwhile, or not ours to open
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.unlink(entry.path)
+            removed.append(Path(entry.path))
+        except BlockingIOError:
+            pass  # a live save holds it
+        except OSError:
+            pass  # removed by another cleaner, or a folder we may not write: harmless
+        finally:
+            os.close(fd)
+    return removed
+
+
+def _atomic_write(path: Path, write) -> None:
+    """``write(tmp)`` then fsync and rename over ``path``, holding a flock on ``tmp`` throughout."""
+    import fcntl
+
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # tells remove_stale_temps this file is live
+        write(tmp)
+        os.fsync(fd)  # same inode as the writer's: flushes what it wrote
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    finally:
+        os.close(fd)
 
 
 def _sidecar_path(path: Path) -> Path:
@@ -329,11 +612,3 @@ def _file_matches(path: Path, meta: dict) -> bool:
     except OSError:
         return False
     return st.st_size == meta.get("file_size") and st.st_mtime_ns == meta.get("file_mtime_ns")
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
