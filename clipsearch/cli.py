@@ -24,7 +24,7 @@ from clipsearch import __version__
 from clipsearch.errors import ClipsearchError, LibraryError, ModelLoadError
 
 DEFAULT_MODEL = "ViT-B-32/openai"
-INDEX_KINDS = ("auto", "flat", "hnsw")
+INDEX_KINDS = ("auto", "flat", "ivf", "hnsw")  # clipsearch.vectors.KINDS and auto (a test checks they agree)
 # clipsearch.backends.BACKENDS, named here so that --help does not import onnxruntime (a test checks)
 IMAGE_BACKENDS = ("auto", "torch-fp32", "torch-bf16", "torch-int8", "onnx-fp32", "onnx-int8")
 MAX_FAILURES_SHOWN = 20
@@ -335,7 +335,8 @@ def _render_report(report, library_path: Path) -> None:
     type=click.Choice(INDEX_KINDS),
     default="auto",
     show_default=True,
-    help="Vector index to build now: exact 'flat', approximate 'hnsw', or 'auto' (hnsw from 50,000 photos).",
+    help="Vector index to build now: exact 'flat', approximate 'ivf' (fast to build) or 'hnsw' (fastest "
+    "to search, slow to build), or 'auto' (flat below 50,000 photos, else ivf; an existing index keeps its kind).",
 )
 @click.option(
     "--backend",

@@ -282,6 +282,21 @@ def test_status_models_and_doctor(indexed, tmp_path):
     assert "--rebuild" in ok("--db", db, "doctor", "--rebuild").stdout
 
 
+def test_index_kinds_offered_are_the_vector_index_kinds(indexed, model_dir, tmp_path):
+    from clipsearch import vectors
+    from clipsearch.cli import INDEX_KINDS
+
+    assert set(INDEX_KINDS) == {"auto", *vectors.KINDS}
+    db, folder, photos, report = indexed
+    copy = tmp_path / "photos"
+    shutil.copytree(folder, copy, ignore=shutil.ignore_patterns("library.db*"))
+    ok("--db", copy / "lib.db", "index", copy, "--model", model_dir, "--index-kind", "ivf", "--json")
+    assert f"({len(photos)} vectors, ivf)" in ok("--db", copy / "lib.db", "doctor").stdout
+    fast = json.loads(ok("--db", copy / "lib.db", "query", "a dog", "--json", "--top", "3").stdout)
+    exact = json.loads(ok("--db", db, "query", "a dog", "--json", "--top", "3").stdout)
+    assert [Path(h["path"]).name for h in fast] == [Path(h["path"]).name for h in exact]  # one cell: exact
+
+
 def test_every_command_has_help():
     for name, command in cli.commands.items():
         assert command.help and len(command.help.strip()) > 20, name

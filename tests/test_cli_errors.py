@@ -140,7 +140,7 @@ def test_bad_input_on_an_indexed_library(library, tmp_path, monkeypatch, args, m
         ["nosuchcommand"],
         ["index"],
         ["index", ".", "--batch-size", "0"],
-        ["index", ".", "--index-kind", "ivf"],
+        ["index", ".", "--index-kind", "pq"],
         ["query"],
         ["query", "x", "--top", "0"],
         ["query", "x", "--top", "many"],
