@@ -67,6 +67,35 @@ def test_onnx_text_features_equal_the_torch_text_tower(tiny, eot_cut):
         np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("quick_gelu", [False, True])
+def test_numpy_tower_and_onnx_runtime_both_give_the_torch_features(quick_gelu):
+    torch.manual_seed(3)
+    cfg = {**get_config("tiny-vit"), "quick_gelu": quick_gelu}
+    bundle = ModelBundle(
+        build_model(cfg).eval(), PreprocessConfig(image_size=64), Tokenizer(), "test/act", cfg
+    )
+    fastquery.ensure_text_encoder(bundle)
+    quick, warm = fastquery.TextEncoder("test/act"), fastquery.TextEncoder("test/act", warm=True)
+    assert quick.meta["numpy"]["act"] == ("QuickGELU" if quick_gelu else "GELU")
+    assert isinstance(quick.tower, fastquery.NumpyTextTower) and warm.tower is None  # the daemon: ORT
+    for texts in (TEXTS, TEXTS[:1], TEXTS[5:6], ["x"] * 3):
+        ref = _torch_features(bundle, texts)
+        np.testing.assert_allclose(quick(texts), ref, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(warm(texts), ref, rtol=1e-4, atol=1e-5)
+        cos = (quick(texts) * ref).sum(1) / np.linalg.norm(quick(texts), axis=1) / np.linalg.norm(ref, axis=1)
+        assert cos.min() >= 0.9999
+
+
+def test_without_a_numpy_layout_queries_run_in_onnx_runtime(tiny):
+    path = fastquery.cache_dir(tiny.model_id) / fastquery.TEXT_META
+    meta = json.loads(path.read_text())
+    assert meta["numpy"]["tensors"]["token_embedding"][1] == [49408, 64]
+    path.write_text(json.dumps({**meta, "numpy": None}))  # e.g. a weight the exporter stored fused
+    encoder = fastquery.encoder(tiny.model_id)
+    assert encoder.tower is None
+    np.testing.assert_allclose(encoder(TEXTS), _torch_features(tiny, TEXTS), rtol=1e-4, atol=1e-5)
+
+
 def test_normalised_features_and_the_cache_give_the_same_answer(tiny, monkeypatch):
     first = fastquery.text_features("test/tiny-text", TEXTS)
     np.testing.assert_allclose(np.linalg.norm(first, axis=1), 1.0, rtol=1e-5)
@@ -200,8 +229,18 @@ def test_the_query_command_imports_only_what_a_text_query_needs(tiny, tmp_path):
     imported = {
         line.split("|")[-1].strip() for line in out.stderr.splitlines() if line.startswith("import time:")
     }
-    assert {"numpy", "onnxruntime", "faiss"} <= imported  # the work itself
-    unneeded = {"torch", "tokenizers", "sqlite_utils", "ftfy", "rich", "PIL", "matplotlib", "onnx"}
+    assert {"numpy", "faiss"} <= imported  # the work itself: the text tower runs in numpy
+    unneeded = {
+        "torch",
+        "onnxruntime",
+        "tokenizers",
+        "sqlite_utils",
+        "ftfy",
+        "rich",
+        "PIL",
+        "matplotlib",
+        "onnx",
+    }
     assert not (unneeded & imported), unneeded & imported
 
 
