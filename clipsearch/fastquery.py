@@ -2,19 +2,22 @@
 
 ``import torch`` alone costs 1.5-1.8 s on a small CPU, three times the whole budget of a query. So the
 text tower is exported to ONNX once per model (:func:`ensure_text_encoder`, at index time or the first
-query that has the model loaded anyway), and a query process then needs only ``regex``,
-``onnxruntime``, ``faiss`` and ``sqlite3``:
+query that has the model loaded anyway), and a query process then needs only ``numpy``, ``regex``,
+``faiss`` and ``sqlite3``:
 
 1. tokenise with the model's own BPE (saved beside the export as a SQLite table that
    :class:`clipsearch.tokenizer.TableTokenizer` opens in ~1 ms; the same ids as
    :class:`clipsearch.tokenizer.Tokenizer`) into an int64 array cut after the batch's last
    end-of-text token: the graph has a free sequence length, so a 3-word query runs 5 positions, not 77;
-2. run the exported tower in ONNX Runtime and L2-normalise;
+2. run the exported tower and L2-normalise: a query process computes it in numpy on the export's
+   memory-mapped weights (:class:`NumpyTextTower`: no onnxruntime import or session load, ~0.1 s
+   of CPU saved); the daemon (:mod:`clipsearch.serve`) keeps an ONNX Runtime session, which also
+   runs any model the numpy tower was not verified for at export;
 3. search the memory-mapped FAISS index (:func:`clipsearch.search.search` with this module's encoder,
    which opens the index on another thread meanwhile).
 
 Repeated queries skip steps 1-2: features are cached per (model, exact text) in a small SQLite file
-beside the export, so they do not even load the ONNX model. Nothing here imports torch, and
+beside the export, so they do not even load the text tower. Nothing here imports torch, and
 onnxruntime/faiss are imported only when needed.
 """
 
