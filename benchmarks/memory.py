@@ -1,13 +1,20 @@
 """Peak resident memory while indexing: does it stay flat as the collection grows?
 
-    python benchmarks/memory.py [--sizes 48,192] [--megapixels 2] [--work DIR]
+    python benchmarks/memory.py [--sizes 250,500,1000,2000] [--megapixels 12] [--backends auto]
+                                [--work DIR] [--keep]
 
-For each size, one fresh process indexes that many photo-like JPEGs and reports its peak RSS
-(``ru_maxrss``) and the RSS after loading the model, twice: with the library's indexer
-(``clipsearch.indexer.index_paths``, torch fp32, into a new library), and with the fast pipeline of
-``benchmarks/index_speed.py`` (draft decoding in threads + the ``auto`` backend). The photos are
-distinct files (different bytes, so nothing is deduplicated) made from a few generated bases.
-Streaming means the peak is the same for 48 photos and for 4x as many.
+For each size N, one fresh process loads ViT-B/32 (random weights: no downloads here) and indexes N
+large photo-like JPEGs with the real indexer (``clipsearch.indexer.index_paths``, into a new
+library: walk, read and hash, draft decode in the thread pool, the backend, SQLite, FAISS). Its peak
+RSS is the child's own ``ru_maxrss`` as the kernel reports it to the parent (``os.wait4``).
+
+The photos: a few distinct generated 12 MP bases; every file is a base's bytes with its own JPEG
+comment segment (COM) after the start-of-image marker, so every file has a distinct hash and is read,
+hashed *and decoded* (nothing is reused as a duplicate) while the pixels cost nothing to make. The
+sizes are nested (the N=500 run indexes the 250 of the first run and 250 more), so the largest size
+sets the disk use (~1.5 MB a photo: ~3 GB for 2000); the photos are deleted at the end unless
+``--keep``. The ``auto`` backend is measured once before the children start (it is cached per model),
+so the children measure the steady state of an index run.
 """
 
 from __future__ import annotations
@@ -15,8 +22,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -25,93 +35,165 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from backends import machine, random_model_dir, set_home  # noqa: E402  (the sibling benchmark)
 
 CHILD = """
-import json, resource, sys, time
-sys.path.insert(0, sys.argv[4])
+import json, sys, tempfile, time
 from pathlib import Path
-mode, folder, model_dir = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
-n = int(sys.argv[5])
+model_dir, backend, out = sys.argv[1], sys.argv[2], sys.argv[3]
+folders = [Path(p) for p in sys.argv[4:]]
 from clipsearch.checkpoints import load_bundle
-bundle = load_bundle(model_dir)
+from clipsearch.indexer import index_paths
+from clipsearch.store import Library
+
 def rss_mb():
     for line in open("/proc/self/status"):
         if line.startswith("VmRSS"):
             return int(line.split()[1]) / 1024
+
+bundle = load_bundle(model_dir)
 loaded = rss_mb()
-paths = sorted(folder.glob("*.jpg"))[:n]
 start = time.perf_counter()
-if mode == "indexer":
-    import tempfile
-    from clipsearch.indexer import index_paths
-    from clipsearch.store import Library
-    work = Path(tempfile.mkdtemp())
-    with Library.open(work / "lib.db", create=True) as lib:
-        report = index_paths(lib, bundle, paths)
-    done = report.embedded
-else:
-    from clipsearch.backends import make_image_encoder
-    from index_speed import fast
-    done = len(fast(bundle, make_image_encoder(bundle, "auto"), paths))
+with tempfile.TemporaryDirectory() as tmp, Library.open(Path(tmp) / "lib.db", create=True) as lib:
+    report = index_paths(lib, bundle, folders, backend=backend)
 elapsed = time.perf_counter() - start
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-print(json.dumps({"loaded_mb": loaded, "peak_mb": peak, "images": done, "seconds": elapsed}))
+hwm = next(int(l.split()[1]) / 1024 for l in open("/proc/self/status") if l.startswith("VmHWM"))
+Path(out).write_text(json.dumps({
+    "loaded_mb": loaded, "hwm_mb": hwm, "images": report.embedded, "failed": len(report.failed),
+    "duplicates": report.duplicates, "seconds": elapsed, "backend": report.backend,
+}))
 """
 
 
-def make_distinct_photos(directory: Path, n: int, megapixels: float, bases: int = 6) -> None:
-    """``n`` JPEGs: a few generated bases, each copy with its own noise patch (distinct bytes)."""
+def _with_comment(jpeg: bytes, text: str) -> bytes:
+    """``jpeg`` with a COM segment right after SOI: other bytes, same pixels."""
+    assert jpeg[:2] == b"\xff\xd8", "not a JPEG"
+    body = text.encode("ascii")
+    return jpeg[:2] + b"\xff\xfe" + (len(body) + 2).to_bytes(2, "big") + body + jpeg[2:]
+
+
+def make_unique_photos(root: Path, sizes: list[int], megapixels: float, bases: int = 8) -> list[Path]:
+    """Nested folders ``part-K`` whose union up to K holds ``sizes[K]`` distinct JPEG files."""
+    import io
+
     from PIL import Image
 
     from clipsearch.backends import synthetic_photo
 
-    directory.mkdir(parents=True, exist_ok=True)
     width = int(round((megapixels * 1e6 * 4 / 3) ** 0.5))
     height = width * 3 // 4
-    base_images = None
-    for i in range(n):
-        path = directory / f"IMG_{i:05d}.jpg"
-        if path.exists():
-            continue
-        if base_images is None:
-            base_images = [synthetic_photo(np.random.default_rng(b), width, height) for b in range(bases)]
-        rng = np.random.default_rng(1000 + i)
-        pixels = base_images[i % bases].copy()
-        y, x = int(rng.integers(0, height - 64)), int(rng.integers(0, width - 64))
-        pixels[y : y + 64, x : x + 64] = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
-        tmp = path.with_suffix(".tmp")
-        Image.fromarray(pixels).save(tmp, "JPEG", quality=90)
-        os.replace(tmp, path)
+    base_bytes = []
+    for b in range(bases):
+        rng = np.random.default_rng(b)
+        small = Image.fromarray(synthetic_photo(rng, width // 4, height // 4)).resize(
+            (width, height), Image.BICUBIC
+        )
+        grain = rng.integers(-4, 5, (height, width, 3), dtype=np.int16)
+        pixels = np.clip(np.asarray(small, dtype=np.int16) + grain, 0, 255).astype(np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(pixels).save(buf, "JPEG", quality=85)
+        base_bytes.append(buf.getvalue())
+    folders, made = [], 0
+    for k, n in enumerate(sizes):
+        folder = root / f"part-{k}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(made, n):
+            (folder / f"IMG_{i:05d}.jpg").write_bytes(_with_comment(base_bytes[i % bases], f"copy {i}"))
+        made = max(made, n)
+        folders.append(folder)
+    return folders
+
+
+def peak_of_child(cmd: list[str]) -> tuple[float, int]:
+    """Run ``cmd``; return (its peak RSS in MB from the kernel's rusage for it, exit status)."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    err = proc.stderr.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise SystemExit(f"child failed ({proc.returncode}):\n{err.decode(errors='replace')[-3000:]}")
+    return usage.ru_maxrss / 1024, proc.returncode  # Linux reports kilobytes
+
+
+def prepare(args, sizes: list[int]) -> dict:
+    """In a process of its own (see main): the model file, the cached auto verdict, the photos."""
+    from clipsearch import backends
+    from clipsearch.checkpoints import load_bundle
+
+    model_dir = random_model_dir(args.work)
+    bundle = load_bundle(model_dir)
+    for name in args.backends.split(","):
+        if name == "auto" and backends.needs_measuring(bundle):
+            backends.make_image_encoder(bundle, "auto")  # once per model: cached for the children
+    photo_root = args.work / f"photos-unique-{args.megapixels:g}mp"
+    folders = make_unique_photos(photo_root, sizes, args.megapixels)
+    return {
+        "model_dir": str(model_dir),
+        "photo_root": str(photo_root),
+        "folders": [str(f) for f in folders],
+        "disk_gb": sum(p.stat().st_size for p in photo_root.rglob("*.jpg")) / 1e9,
+        "machine": machine(),
+    }
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sizes", default="48,192")
-    ap.add_argument("--megapixels", type=float, default=2.0)
-    ap.add_argument("--modes", default="indexer,fast")
+    ap.add_argument("--sizes", default="250,500,1000,2000")
+    ap.add_argument("--megapixels", type=float, default=12.0)
+    ap.add_argument("--backends", default="auto", help="comma-separated: a row per size for each")
     ap.add_argument("--work", type=Path, default=Path("/tmp/clipsearch-bench"))
+    ap.add_argument("--keep", action="store_true", help="keep the generated photos for the next run")
+    ap.add_argument("--prepare", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     set_home(args.work)
+    sizes = sorted(int(s) for s in args.sizes.split(","))
+    if args.prepare:
+        print(json.dumps(prepare(args, sizes)))
+        return 0
 
-    sizes = [int(s) for s in args.sizes.split(",")]
-    folder = args.work / f"photos-distinct-{args.megapixels:g}mp"
-    make_distinct_photos(folder, max(sizes), args.megapixels)
-    model_dir = random_model_dir(args.work)
-    here = str(Path(__file__).resolve().parent)
+    # This process stays small (no torch, no pixels): on Linux a child's ru_maxrss starts from its
+    # parent's peak at fork, so a big parent would hide the children's own peaks.
+    started = time.perf_counter()
+    load_start = os.getloadavg()[0]
+    prep_cmd = [
+        sys.executable,
+        __file__,
+        "--prepare",
+        "--sizes",
+        args.sizes,
+        "--megapixels",
+        str(args.megapixels),
+    ]
+    prep_cmd += ["--backends", args.backends, "--work", str(args.work)]
+    prep = json.loads(subprocess.run(prep_cmd, check=True, capture_output=True, text=True).stdout)
     rows = []
-    for mode in args.modes.split(","):
-        for n in sizes:
-            cmd = [sys.executable, "-c", CHILD, mode, str(folder), str(model_dir), here, str(n)]
-            out = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, env=os.environ.copy())
-            if out.returncode != 0:
-                raise SystemExit(f"{mode} {n} failed:\n{out.stderr[-2000:]}")
-            rows.append((mode, n, json.loads(out.stdout.strip().splitlines()[-1])))
+    try:
+        for name in args.backends.split(","):
+            for k, n in enumerate(sizes):
+                with tempfile.NamedTemporaryFile(suffix=".json") as out:
+                    cmd = [sys.executable, "-c", CHILD, prep["model_dir"], name, out.name]
+                    cmd += prep["folders"][: k + 1]
+                    peak, _ = peak_of_child(cmd)
+                    result = json.loads(Path(out.name).read_text())
+                if result["images"] != n or result["duplicates"]:
+                    raise SystemExit(f"expected {n} photos embedded, got {result}")
+                rows.append((name, n, peak, result))
+    finally:
+        if not args.keep:
+            shutil.rmtree(prep["photo_root"], ignore_errors=True)
+    load_end = os.getloadavg()[0]
 
-    print(f"# peak RSS while indexing {args.megapixels:g} MP JPEGs, ViT-B/32 (random weights), batch 32")
-    print(f"# {machine()}")
-    print("| pipeline | photos | RSS after model load MB | peak RSS MB | images/s |")
-    print("|---|---:|---:|---:|---:|")
-    for mode, n, r in rows:
+    print(
+        f"# peak RSS while indexing {args.megapixels:g} MP JPEGs (distinct files, each decoded), ViT-B/32 "
+        f"(random weights), batch 32; photos on disk {prep['disk_gb']:.1f} GB"
+    )
+    print(f"# {prep['machine']}; load average {load_start:.1f} before, {load_end:.1f} after")
+    print(
+        "| backend | photos | RSS after model load MB | peak RSS MB (rusage) | peak (VmHWM) MB | images/s |"
+    )
+    print("|---|---:|---:|---:|---:|---:|")
+    for name, n, peak, r in rows:
         ips = r["images"] / r["seconds"] if r["seconds"] else float("nan")
-        print(f"| {mode} | {n} | {r['loaded_mb']:.0f} | {r['peak_mb']:.0f} | {ips:.1f} |")
+        label = name if name == r["backend"] else f"{name} ({r['backend']})"
+        print(f"| {label} | {n} | {r['loaded_mb']:.0f} | {peak:.0f} | {r['hwm_mb']:.0f} | {ips:.1f} |")
+    print(f"\n({time.perf_counter() - started:.0f} s in all, photos made and deleted included)")
     return 0
 
 

@@ -148,6 +148,23 @@ def test_a_backend_that_fails_to_build_is_recorded_and_never_chosen():
     assert "no such runtime" in results["broken"].error and not results["broken"].faithful
 
 
+def test_onnx_runtime_errors_count_as_build_failures_but_bugs_do_not():
+    # ONNX Runtime's exceptions derive from Exception only, not RuntimeError
+    from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidGraph
+
+    assert not issubclass(Fail, RuntimeError)
+    bundle = _bundle("tiny-vit", "test/auto-ort-broken")
+
+    def ort_broken(*args):
+        raise InvalidGraph("[ONNXRuntimeError] : 10 : INVALID_GRAPH : made to fail by the test")
+
+    name, results = backends.choose_backend(bundle, candidates={"ort": ort_broken})
+    assert name == "torch-fp32" and results["ort"].error.startswith("InvalidGraph: [ONNXRuntimeError]")
+    assert Fail in backends.build_failures() and AssertionError not in backends.build_failures()
+    with pytest.raises(BackendError, match="cannot run on this machine"):
+        make_image_encoder(bundle, "ort", candidates={"ort": ort_broken})
+
+
 def test_default_auto_on_tiny_model_is_faithful(tiny, images):
     encoder = make_image_encoder(tiny, "auto")
     _, results = backends.choose_backend(tiny)
