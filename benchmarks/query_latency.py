@@ -1,30 +1,35 @@
-"""Whole-process text query latency: the torch-free fast path vs today's ``clipsearch query``.
+"""Whole-process text query latency: ``clipsearch query`` as a user types it, with and without ``serve``.
 
-    python benchmarks/query_latency.py [--sizes 1000,100000] [--runs 5] [--work DIR]
+    python benchmarks/query_latency.py [--sizes 1000,100000] [--runs 5] [--work DIR] [--cli]
 
 For each size a library of that many images with synthetic, L2-normalised 512-d vectors is built once
 through the store API (``Library.add_image`` / ``put_embedding``) and its FAISS index saved by
-``VectorIndex.for_library`` (flat below 50k vectors, HNSW above), all under ``--work``. The model is
-a ViT-B/32 with random weights (see ``benchmarks/backends.py``): its speed is a trained one's.
+``VectorIndex.for_library``, all under ``--work`` (default ``/tmp/clipsearch-bench``; later runs
+reuse them: building the 100k library takes minutes). The model is a ViT-B/32 with random weights
+(see ``benchmarks/backends.py``): its speed is a trained one's.
 
-Each measurement is one fresh process, timed from the parent (interpreter start included), wall
-and CPU (user+sys, from ``RUSAGE_CHILDREN``; on a shared machine the CPU time is the better guide
-to an idle machine's wall time):
+Each measurement is one fresh ``python -m clipsearch --db DB query TEXT --paths`` process, timed from
+the parent (interpreter start included), wall and CPU (user+sys of the child, from
+``RUSAGE_CHILDREN``; on a shared machine the CPU time is the better guide to an idle machine's wall
+time, and the minimum wall the better guide to what the code can do):
 
-- ``clipsearch query, new text``: the command, which takes the torch-free path of
-  ``clipsearch.fastquery`` for text queries with the library's model; every run a text never seen,
-  so the text-feature cache cannot help;
-- ``clipsearch query, repeated text``: a text whose features are in the on-disk cache;
-- ``fastquery alone``: the same work as a bare script (no click/rich), new text;
-- ``clipsearch query --model DIR`` (with ``--cli``): naming the model forces loading it in torch.
+- ``new text``: every run a text never queried before, so the text-feature cache cannot help: the
+  tokenizer, ONNX Runtime and the text tower run;
+- ``repeated text``: a text whose features are in the on-disk cache;
+- ``... (serve)``: the same, while ``clipsearch serve`` runs for the library (started before, its
+  start-up not timed): the query process only asks it;
+- ``--model DIR (loads torch)`` (with ``--cli``): naming the model forces loading it in torch;
+- ``the interpreter alone``: ``python -c`` printing one line, the floor under every query process.
 
-Runs go round-robin over the variants so machine noise hits them alike; the table shows the median.
+Runs go round-robin over the variants so machine noise hits them alike. The load average at the
+start and the end is printed with the table.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -33,17 +38,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from backends import machine, random_model_dir, set_home  # noqa: E402  (the sibling benchmark)
-
-FAST = """
-import sys
-from clipsearch import fastquery
-from clipsearch.search import Query
-from clipsearch.store import Library
-lib = Library.open(sys.argv[1], readonly=True)
-hits = fastquery.search(lib, lib.default_model_id(), Query.build(sys.argv[2]), top=20)
-sys.stdout.write("".join(f"{h.path}\\n" for h in hits))
-assert "torch" not in sys.modules
-"""
 
 
 def build_library(db: Path, n: int, model_id: str, source: str, dim: int = 512) -> None:
@@ -99,12 +93,35 @@ def timed(cmd: list[str], env: dict) -> tuple[float, float]:
     return elapsed, cpu
 
 
+class Daemon:
+    """``clipsearch serve`` for one library, in the background while the ``serve`` variants run."""
+
+    def __init__(self, db: Path, env: dict):
+        from clipsearch import serve
+        from clipsearch.search import Query
+
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "clipsearch", "--db", str(db), "serve"],
+            env=env,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 300
+        while serve.ask(db, Query.build("warm up"), {"top": 1}) is None:
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"clipsearch serve for {db} did not start")
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(timeout=60)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="1000,100000")
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument(
-        "--cli", action="store_true", help="also time the current `clipsearch query` (loads torch)"
+        "--cli", action="store_true", help="also time `clipsearch query --model DIR` (loads torch)"
     )
     ap.add_argument("--work", type=Path, default=Path("/tmp/clipsearch-bench"))
     args = ap.parse_args(argv)
@@ -116,8 +133,9 @@ def main(argv=None) -> int:
     model_dir = random_model_dir(args.work)
     bundle = load_bundle(model_dir)
     fastquery.ensure_text_encoder(bundle)
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(os.cpu_count()))}
+    env = dict(os.environ)
     sizes = [int(s) for s in args.sizes.split(",")]
+    load_before = os.getloadavg()
     rows = []
     for n in sizes:
         db = args.work / f"query-{n}.db"
@@ -125,46 +143,58 @@ def main(argv=None) -> int:
         build_library(db, n, bundle.model_id, str(model_dir))
         built = time.perf_counter() - start
         cli = [sys.executable, "-m", "clipsearch", "--db", str(db), "query", "--paths"]
+
+        def new_text(i, n=n, cli=cli):
+            return [*cli, f"a photo number {n} {i} {time.time_ns()}"]
+
+        def repeated_text(i, cli=cli):
+            return [*cli, "a dog on a beach"]
+
         variants = {
-            "clipsearch query, new text": lambda i, n=n, cli=cli: [
-                *cli,
-                f"a photo number {n} {i} {time.time_ns()}",
-            ],
-            "clipsearch query, repeated text": lambda i, cli=cli: [*cli, "a dog on a beach"],
-            "fastquery alone (python -c), new text": lambda i, n=n, db=db: [
-                sys.executable,
-                "-c",
-                FAST,
-                str(db),
-                f"a picture number {n} {i} {time.time_ns()}",
-            ],
+            "new text": new_text,
+            "repeated text": repeated_text,
+            "(the interpreter alone: python -c)": lambda i: [sys.executable, "-c", "print(1)"],
         }
         if args.cli:
-            variants["clipsearch query --model DIR (loads torch)"] = lambda i, cli=cli: [
-                *cli,
-                "a dog on a beach",
+            variants["--model DIR (loads torch)"] = lambda i, cli=cli: [
+                *repeated_text(i),
                 "--model",
                 str(model_dir),
             ]
-        timed(variants["clipsearch query, repeated text"](0), env)  # fills the cache, warms the page cache
+        timed(repeated_text(0), env)  # fills the cache, warms the page cache
         times: dict[str, list[tuple[float, float]]] = {k: [] for k in variants}
         for i in range(args.runs):
             for name, make in variants.items():
                 times[name].append(timed(make(i), env))
+        daemon = Daemon(db, env)
+        try:
+            served = {"new text (serve)": new_text, "repeated text (serve)": repeated_text}
+            times.update({k: [] for k in served})
+            for i in range(args.runs):
+                for name, make in served.items():
+                    times[name].append(timed(make(args.runs + i), env))
+        finally:
+            daemon.stop()
         for name, ts in times.items():
             walls = [w for w, _ in ts]
-            rows.append((n, name, statistics.median(walls), min(walls), statistics.median(c for _, c in ts)))
-        rows.append((n, "(library + index built in)", built, built, built))
+            cpus = [c for _, c in ts]
+            rows.append((n, name, statistics.median(walls), min(walls), statistics.median(cpus), min(cpus)))
+        rows.append((n, "(library + index built in)", built, built, built, built))
 
-    print(f"# whole-process query latency, median of {args.runs} (ViT-B/32 text tower, top 20)")
+    print(f"# whole-process `clipsearch query TEXT --paths`, {args.runs} runs (ViT-B/32 text tower, top 20)")
     print(f"# {machine()}")
-    print("| images | variant | wall median s | wall min s | CPU median s |")
-    print("|---:|---|---:|---:|---:|")
-    for n, name, med, lo, cpu in rows:
-        if name.startswith("("):
-            print(f"| {n:,} | {name} | {med:.1f} (once) | | |")
+    load_after = os.getloadavg()
+    print(
+        f"# load average (1/5/15 min): start {load_before[0]:.2f}/{load_before[1]:.2f}/{load_before[2]:.2f}, "
+        f"end {load_after[0]:.2f}/{load_after[1]:.2f}/{load_after[2]:.2f}"
+    )
+    print("| images | query | wall median s | wall min s | CPU median s | CPU min s |")
+    print("|---:|---|---:|---:|---:|---:|")
+    for n, name, med, lo, cpu, cpu_lo in rows:
+        if name.startswith("(library"):
+            print(f"| {n:,} | {name} | {med:.1f} (once) | | | |")
         else:
-            print(f"| {n:,} | {name} | {med:.3f} | {lo:.3f} | {cpu:.3f} |")
+            print(f"| {n:,} | {name} | {med:.3f} | {lo:.3f} | {cpu:.3f} | {cpu_lo:.3f} |")
     return 0
 
 
