@@ -67,7 +67,7 @@ def ask(library_path: Path | str | None, query, options: dict, timeout: float = 
     from clipsearch.search import Hit
     from clipsearch.store import resolve_path
 
-    if any(p.kind != "text" for p in query.parts):
+    if any(p.kind != "text" for p in query.parts) or not hasattr(socket, "AF_UNIX"):
         return None
     library = resolve_path(library_path)
     path = socket_path(library)
@@ -225,6 +225,8 @@ class QueryServer:
         import socketserver
 
         path = self.socket_path
+        if not hasattr(socket, "AF_UNIX") or not hasattr(os, "getuid"):
+            raise ServeError("clipsearch serve needs unix sockets, which this system does not have")
         if len(os.fsencode(path)) > _MAX_SOCKET_PATH:
             raise ServeError(
                 f"the socket path {path} is longer than unix sockets allow: set CLIPSEARCH_HOME to a shorter folder"
