@@ -429,6 +429,22 @@ def test_metadata_from_path_and_from_image(tmp_path):
     assert image_metadata(open_image(path)) == expected
 
 
+@pytest.mark.parametrize("orientation, upright", [(None, (1600, 1200)), (6, (1200, 1600)), (3, (1600, 1200))])
+def test_metadata_of_a_draft_decoded_jpeg_is_the_full_upright_size(tmp_path, orientation, upright):
+    path = tmp_path / "big.jpg"
+    Image.fromarray(_pattern(1600, 1200)).save(
+        path, exif=_exif(orientation=orientation, taken="2020:01:02 03:04:05")
+    )
+    im = open_image(path, draft_size=100)
+    assert sorted(im.size) == [150, 200]  # decoded at 1/8 scale
+    assert image_metadata(im) == {
+        "width": upright[0],
+        "height": upright[1],
+        "taken_at": "2020-01-02T03:04:05",
+    }
+    assert image_metadata(path) == image_metadata(im)  # the header-only path agrees
+
+
 def test_metadata_of_an_image_that_still_has_its_orientation(tmp_path):
     Image.fromarray(_pattern(60, 40)).save(tmp_path / "r.jpg", exif=_exif(orientation=8))
     with Image.open(tmp_path / "r.jpg") as raw:  # not turned upright yet: the sizes swap
