@@ -181,8 +181,12 @@ def _numpy_layout(model, onnx_path: Path, example) -> dict | None:
         }
     data_path = onnx_path.with_name(onnx_path.name + ".data")
     graph = onnx.load(str(onnx_path), load_external_data=False)
-    with open(data_path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
-        stored = {}
+    stored = {}
+    with (
+        open(data_path, "rb") as f,
+        mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data,
+        memoryview(data) as view,  # slices hashed in place: no copy of the 100 MB embedding
+    ):
         for t in graph.graph.initializer:
             ext = {e.key: e.value for e in t.external_data}
             if t.data_type != onnx.TensorProto.FLOAT or ext.get("location") != data_path.name:
@@ -190,12 +194,12 @@ def _numpy_layout(model, onnx_path: Path, example) -> dict | None:
             offset, length = int(ext.get("offset", 0)), int(ext["length"])
             if offset % 4:
                 continue
-            stored[(tuple(t.dims), hashlib.sha256(data[offset : offset + length]).digest())] = offset
+            stored[(tuple(t.dims), hashlib.sha256(view[offset : offset + length]).digest())] = offset
     tensors = {}
     for name, param in wanted.items():
         array = param.detach().float().cpu().numpy()
         for transposed, form in ((False, array), (True, array.T)):
-            key = (form.shape, hashlib.sha256(np.ascontiguousarray(form).tobytes()).digest())
+            key = (form.shape, hashlib.sha256(np.ascontiguousarray(form)).digest())
             if key in stored:
                 tensors[name] = [stored[key], list(form.shape), transposed]
                 break
