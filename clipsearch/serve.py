@@ -193,6 +193,7 @@ class QueryServer:
     def answer(self, request: dict) -> list:
         """The hits of one request, as :func:`clipsearch.fastquery.search` gives them in-process."""
         from clipsearch import fastquery
+        from clipsearch.errors import LibraryError
         from clipsearch.search import Query, QueryPart
 
         if request.get("version") != PROTOCOL:
@@ -204,6 +205,8 @@ class QueryServer:
             self.reloads += 1
             self._load()
         model_id = self._library.default_model_id()
+        if model_id is None:  # every photo removed since the start
+            raise LibraryError(f"the library {self.library_path} has no images any more")
         under = request.get("under")
         threshold = request.get("threshold")
         kind = str(request.get("index_kind", "auto"))

@@ -131,6 +131,24 @@ def test_a_reindex_is_noticed_while_serving(library, daemon):
     _same(serve.ask(lib.path, query, {"top": 5}), before)
 
 
+def test_a_library_deleted_and_made_again_is_reopened(library, daemon):
+    import shutil
+
+    lib, bundle, tmp_path = library
+    query = Query.build("a dog")
+    before = serve.ask(lib.path, query, {"top": 5})
+    lib.close()
+    for p in tmp_path.glob("lib.db*"):  # the database, its WAL files and the FAISS index folder
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+    with Library.open(tmp_path / "lib.db", create=True) as again:
+        again.register_model(MODEL, "test", dim=32)
+        _add(again, tmp_path / "photos" / "c", _unit(12, 7))
+        after = serve.ask(again.path, query, {"top": 5})
+        assert after is not None and {h.path.parent.name for h in after} == {"c"}
+        _same(after, fastquery.search(again, MODEL, query, top=5))
+    assert [h.image_id for h in before] != [h.image_id for h in after] and daemon.reloads >= 1
+
+
 def test_what_the_daemon_cannot_answer_is_refused_and_it_keeps_serving(library, daemon, tmp_path):
     lib = library[0]
     assert serve.ask(lib.path, Query.build("   "), {"top": 3}) is None  # empty text: the caller's error
