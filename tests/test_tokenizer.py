@@ -360,3 +360,19 @@ def test_table_file_is_replaced_atomically_and_bad_files_are_refused(tmp_path, t
     with pytest.raises(ValueError, match="plain byte-level BPE"):
         Tokenizer(77, _backend=raw).save_table(tmp_path / "dropout.sqlite")
     assert not (tmp_path / "dropout.sqlite").exists()
+
+
+def test_ascii_split_in_re_equals_openais_regex():
+    from clipsearch.tokenizer import _ascii_word_pattern, _word_pattern
+
+    rng = random.Random(2)
+    alphabet = [chr(c) for c in range(128)]
+    texts = ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 40))) for _ in range(3000)]
+    texts += corpus() + ["IT'S <START_OF_TEXT> o'neil's 'LL 'd's x<end_of_text>y A1b2 __init__ k\u212a"]
+    checked = 0
+    for text in texts:
+        cleaned = clean_text(text)
+        if cleaned.isascii():
+            assert _ascii_word_pattern().findall(cleaned) == _word_pattern().findall(cleaned), text
+            checked += 1
+    assert checked > 2500
