@@ -234,6 +234,7 @@ def test_the_query_command_imports_only_what_a_text_query_needs(tiny, tmp_path):
         "torch",
         "onnxruntime",
         "tokenizers",
+        "regex",
         "sqlite_utils",
         "ftfy",
         "rich",
