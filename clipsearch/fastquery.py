@@ -2,8 +2,8 @@
 
 ``import torch`` alone costs 1.5-1.8 s on a small CPU, three times the whole budget of a query. So the
 text tower is exported to ONNX once per model (:func:`ensure_text_encoder`, at index time or the first
-query that has the model loaded anyway), and a query process then needs only ``numpy``, ``regex``,
-``faiss`` and ``sqlite3``:
+query that has the model loaded anyway), and a query process then needs only ``numpy``,
+``faiss`` and ``sqlite3`` (and ``regex`` to split non-ASCII text):
 
 1. tokenise with the model's own BPE (saved beside the export as a SQLite table that
    :class:`clipsearch.tokenizer.TableTokenizer` opens in ~1 ms; the same ids as
