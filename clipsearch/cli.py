@@ -610,7 +610,8 @@ def serve(state: _State):
     finally:
         server.close()
         signal.signal(signal.SIGTERM, previous)
-    err.print(f"Stopped after {server.answered} queries.", markup=False)
+    n = server.answered
+    err.print(f"Stopped after {n} {'query' if n == 1 else 'queries'}.", markup=False)
 
 
 # --------------------------------------------------------------------------------------------------
