@@ -181,6 +181,32 @@ def test_bogus_backend_is_a_clear_cli_error(tmp_path, jpegs):
     assert not (tmp_path / "lib.db").exists()  # refused before anything was created
 
 
+def test_forced_backend_that_cannot_run_is_one_cli_line(tmp_path, jpegs, monkeypatch):
+    from e2e_helpers import make_tiny_model
+
+    from clipsearch import cli
+
+    root, _ = jpegs
+    model = make_tiny_model(tmp_path / "model")
+    monkeypatch.setitem(backends.BACKENDS, "onnx-int8", _fails_to_build)
+    args = [
+        "--db",
+        str(tmp_path / "lib.db"),
+        "index",
+        str(root),
+        "--model",
+        str(model),
+        "--backend",
+        "onnx-int8",
+    ]
+    result = CliRunner().invoke(cli.cli, args)
+    assert result.exit_code == 1, result.output
+    assert "onnx-int8 backend cannot run on this machine" in result.output
+    assert "Traceback" not in result.output
+    ok = CliRunner().invoke(cli.cli, [*args[:-1], "torch-int8", "--json"])  # another one runs
+    assert ok.exit_code == 0, ok.output
+
+
 def test_bogus_backend_is_a_typed_library_error(lib, tiny, jpegs):
     root, _ = jpegs
     with pytest.raises(BackendError, match="unknown inference backend 'bogus'"):
