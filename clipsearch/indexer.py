@@ -9,9 +9,11 @@ The job, in order:
 4. The rest are read and hashed (blake2b, streamed) in a thread pool. A hash that already has an
    embedding of this model is reused without decoding: a file that vanished from the scan with the
    same hash was *moved* (its row keeps its id, embeddings and labels); otherwise it is a
-   *duplicate* (a new row with a copy of the embedding). Unknown content is decoded and
-   preprocessed in the same pool while the main thread runs the model on the previous batch; at
-   most ``2 * batch_size + workers`` files are in flight, so memory does not grow with the collection.
+   *duplicate* (a new row with a copy of the embedding). Unknown content is decoded (JPEGs at a
+   reduced draft scale that still covers the model's input) and preprocessed in the same pool while
+   the main thread runs the image backend (``clipsearch.backends``; ``auto``: the fastest one
+   measured faithful) on the previous batch; at most ``2 * batch_size + workers`` files are in
+   flight, so memory does not grow with the collection.
 5. Each batch is committed in one transaction with its images and embeddings together, so an
    interrupted run loses at most one batch and the next run resumes where it stopped.
 6. Rows under the scanned paths whose files are gone are deleted with their embeddings and labels
@@ -284,6 +286,7 @@ class _Run:
         self.preprocess = bundle.preprocess
         self.backend = backend
         self.encoder = None  # chosen in execute(), once some file needs the model
+        self.encoder_failures: tuple[type[BaseException], ...] = ()  # what means "the backend broke"
         cfg = getattr(bundle, "preprocess_cfg", None)
         # JPEGs decode at a reduced scale that still covers the model's input (see open_image).
         self.draft_size = getattr(cfg, "image_size", None)
