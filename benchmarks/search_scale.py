@@ -49,14 +49,16 @@ def make_data(
     return out
 
 
-def index_bytes(index: VectorIndex) -> int:
-    """Size of the saved index file (what is memory-mapped on load)."""
+def saved_size_and_open_ms(index: VectorIndex) -> tuple[int, float]:
+    """Size of the saved index file, and the time to open it as an in-step open does (mapped)."""
     import faiss
 
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "x.index")
         faiss.write_index(index.index, path)
-        return os.path.getsize(path)
+        t = time.perf_counter()
+        faiss.read_index(path, vectors._read_flags(index.kind))
+        return os.path.getsize(path), (time.perf_counter() - t) * 1000
 
 
 def latencies_ms(index: VectorIndex, queries: np.ndarray, k: int) -> list[float]:
@@ -78,13 +80,14 @@ def recall_at(got: np.ndarray, want: np.ndarray) -> float:
     return float(np.mean([len(set(g) & set(w)) / k for g, w in zip(got, want, strict=True)]))
 
 
-def row(n, data, name, build, nbytes, lat, recall, **extra) -> dict:
+def row(n, data, name, build, saved, lat, recall, **extra) -> dict:
     return {
         "n": n,
         "data": data,
         "index": name,
         "build_s": build,
-        "bytes_per_vector": nbytes / n,
+        "bytes_per_vector": saved[0] / n,
+        "open_ms": saved[1],
         "p50_ms": float(np.percentile(lat, 50)),
         "p99_ms": float(np.percentile(lat, 99)),
         "recall@10": recall,
@@ -114,7 +117,7 @@ def run(n: int, args) -> list[dict]:
     _, exact = flat.search(queries, k)  # batched: the ground truth for every query
     if "flat" in args.kinds:
         lat = latencies_ms(flat, queries[: args.flat_queries], k)
-        rows.append(row(n, args.data, "flat", build, index_bytes(flat), lat, 1.0))
+        rows.append(row(n, args.data, "flat", build, saved_size_and_open_ms(flat), lat, 1.0))
         print(f"# n={n} flat done", flush=True)
     del flat
 
@@ -122,7 +125,7 @@ def run(n: int, args) -> list[dict]:
         t = time.perf_counter()
         ivf = VectorIndex.build(ids, data, kind="ivf")
         build = time.perf_counter() - t
-        nbytes = index_bytes(ivf)
+        saved = saved_size_and_open_ms(ivf)
         nlist, default = ivf.index.nlist, ivf.index.nprobe
         for nprobe in sorted(set(args.nprobe) | {default}):
             if nprobe > nlist:
@@ -137,7 +140,7 @@ def run(n: int, args) -> list[dict]:
                     args.data,
                     f"ivf nlist={nlist} nprobe={nprobe}{mark}",
                     build,
-                    nbytes,
+                    saved,
                     lat,
                     recall_at(got, exact),
                 )
@@ -149,7 +152,7 @@ def run(n: int, args) -> list[dict]:
         t = time.perf_counter()
         hnsw = VectorIndex.build(ids, data, kind="hnsw")
         build = time.perf_counter() - t
-        nbytes = index_bytes(hnsw)
+        saved = saved_size_and_open_ms(hnsw)
         for ef in args.ef:
             vectors.HNSW_EF_SEARCH = ef  # the search-time beam; the graph is unchanged
             _, got = hnsw.search(queries, k)
@@ -160,7 +163,7 @@ def run(n: int, args) -> list[dict]:
                     args.data,
                     f"hnsw M={vectors.HNSW_M} ef={ef}",
                     build,
-                    nbytes,
+                    saved,
                     lat,
                     recall_at(got, exact),
                 )
@@ -213,11 +216,13 @@ def main() -> None:
         f"\nd={args.dim}, {args.data} data (spread {args.spread}), {args.queries} queries one at a time (flat: {args.flat_queries}), "
         f"k={args.k}, build threads={faiss.omp_get_max_threads()}, search threads={SEARCH_THREADS}, load average {load_before[0]:.1f} -> {load_after[0]:.1f}\n"
     )
-    print("| vectors | data | index | build (s) | bytes/vector | p50 (ms) | p99 (ms) | recall@10 |")
-    print("|---:|---|---|---:|---:|---:|---:|---:|")
+    print(
+        "| vectors | data | index | build (s) | bytes/vector | open (ms) | p50 (ms) | p99 (ms) | recall@10 |"
+    )
+    print("|---:|---|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(
-            f"| {r['n']:,} | {r['data']} | {r['index']} | {r['build_s']:.1f} | {r['bytes_per_vector']:.0f} | "
+            f"| {r['n']:,} | {r['data']} | {r['index']} | {r['build_s']:.1f} | {r['bytes_per_vector']:.0f} | {r['open_ms']:.1f} | "
             f"{r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['recall@10']:.3f} |"
         )
     if args.json:

@@ -279,7 +279,10 @@ class VectorIndex:
         sidecar = _read_sidecar(path)
         dim = library.model_dim(model_id)
         index = None
-        existing = None  # the saved index's kind: kept by a rebuild under auto
+        existing = None  # the saved index's kind, kept by a rebuild under auto
+        if sidecar is None:  # an older format's sidecar still tells it
+            hint = (_read_sidecar(path, any_version=True) or {}).get("kind")
+            existing = hint if hint in KINDS else None
         if (
             sidecar is not None
             and sidecar.get("model_id") == model_id
@@ -596,12 +599,12 @@ def _sidecar_path(path: Path) -> Path:
     return path.with_suffix(".json")
 
 
-def _read_sidecar(path: Path) -> dict | None:
+def _read_sidecar(path: Path, any_version: bool = False) -> dict | None:
     try:
         meta = json.loads(_sidecar_path(path).read_text())
     except (OSError, ValueError):
         return None
-    if not isinstance(meta, dict) or meta.get("version") != SIDECAR_VERSION:
+    if not isinstance(meta, dict) or (meta.get("version") != SIDECAR_VERSION and not any_version):
         return None
     return meta
 

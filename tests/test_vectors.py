@@ -391,12 +391,25 @@ def test_in_step_open_maps_the_file_and_reads_no_embeddings(tmp_path, monkeypatc
     q = clustered(5, 8, seed=11)
     _, got = index.search(q, 1)
     assert got[:, 0].tolist() == brute(q, x, ids, 1)[1][:, 0].tolist()
+    sub = ids[::3]
+    _, got = index.search(q, 4, allowed_ids=set(sub.tolist()))  # exact within a subtree, mapped too
+    np.testing.assert_array_equal(got, brute(q, x[::3], sub, 4)[1])
     # A mapped index is read-only: changing it first reads the file into memory.
     index.remove(ids[:2])
     index.add(np.array([10**6]), x[:1])
     assert not index.mapped and 10**6 in index.ids() and ids[0] not in index.ids()
     # The file on disk is untouched by that in-memory change.
     assert VectorIndex.for_library(lib, "m/1").ids() == set(ids.tolist())
+
+
+def test_an_index_saved_by_the_previous_format_is_rebuilt_keeping_its_kind(tmp_path):
+    lib, ids, x = _library(tmp_path, 30)
+    index = VectorIndex.for_library(lib, "m/1", kind="hnsw")
+    side = index.path.with_suffix(".json")
+    meta = json.loads(side.read_text())
+    side.write_text(json.dumps({**meta, "version": 1}))  # IndexIDMap2 files, no id range
+    again = VectorIndex.for_library(lib, "m/1")
+    assert again.rebuilt and again.kind == "hnsw" and again.ids() == set(ids.tolist())
 
 
 def test_same_generation_but_other_highest_id_is_not_served(tmp_path):
