@@ -110,6 +110,28 @@ def test_large_filter_uses_the_selector(monkeypatch, kind):
     assert recall >= (1.0 if kind == "flat" else 0.95), recall
 
 
+def test_a_flat_search_of_few_queries_runs_on_one_thread_and_restores_the_setting(monkeypatch):
+    import faiss
+
+    seen = []
+    index = VectorIndex.build(np.arange(300), clustered(300, 8))
+    search = index.index.search
+    monkeypatch.setattr(
+        index.index, "search", lambda *a, **k: (seen.append(faiss.omp_get_max_threads()), search(*a, **k))[1]
+    )
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(2)
+    try:
+        q = clustered(30, 8, seed=1)
+        np.testing.assert_array_equal(
+            index.search(q[:1], 3)[1], brute(q[:1], clustered(300, 8), np.arange(300), 3)[1]
+        )
+        index.search(q, 3)  # 20 or more: FAISS's BLAS path, which uses the threads
+        assert seen == [1, 2] and faiss.omp_get_max_threads() == 2
+    finally:
+        faiss.omp_set_num_threads(before)
+
+
 def test_wrong_query_dimension():
     index = VectorIndex.build(np.arange(3), clustered(3, 8))
     with pytest.raises(ValueError, match="dimension 4"):
