@@ -20,8 +20,8 @@ from test_reliability import assert_complete, db_rows, faiss_files, invoke, make
 
 N_PHOTOS = 14
 
-# The real CLI, with two test hooks set from the environment: TEST_HOLD_AFTER=N makes the model's
-# image tower stop before its (N+1)-th batch until the file TEST_RELEASE exists (so exactly N batches
+# The real CLI, with two test hooks set from the environment: TEST_HOLD_AFTER=N makes the indexer
+# stop before its (N+1)-th batch until the file TEST_RELEASE exists (so exactly N batches
 # are committed while the run is held: a kill or a concurrent command lands at a known moment), and
 # TEST_HOLD_IN_FAISS_SAVE leaves half a FAISS temp file and stops there; TEST_FILE_SIZE_CAP caps the size of any file the process writes (RLIMIT_FSIZE: a disk that fills
 # up; SIGXFSZ ignored so a write past it fails, as a full disk fails with ENOSPC).
@@ -29,17 +29,17 @@ CLI_UNDER_TEST = """
 import os, resource, runpy, signal, sys, time
 hold = int(os.environ.get("TEST_HOLD_AFTER", "-1"))
 if hold >= 0:
-    from clipsearch import model
-    encode = model.CLIP.encode_image
+    from clipsearch import indexer
+    embed = indexer._Run._embed  # whatever inference backend runs the batch
     calls = [0]
-    def held(self, x):
+    def held(self, results):
         if calls[0] >= hold:
             release = os.environ.get("TEST_RELEASE", "")
             while not (release and os.path.exists(release)):
                 time.sleep(0.02)
         calls[0] += 1
-        return encode(self, x)
-    model.CLIP.encode_image = held
+        return embed(self, results)
+    indexer._Run._embed = held
 if os.environ.get("TEST_HOLD_IN_FAISS_SAVE"):
     import faiss
     write = faiss.write_index

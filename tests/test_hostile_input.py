@@ -93,6 +93,7 @@ def build_folder(root: Path) -> dict:
         "text.jpg": "not an image",
         "bomb.png": "too many pixels",
         "dead.jpg": "dead symlink",
+        "pipe.jpg": "not a regular file",
         "vanishing.png": "vanished",
     }
     full = write_photo(root / "truncated.jpg", next(seed), size=(200, 150)).read_bytes()

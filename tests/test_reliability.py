@@ -206,7 +206,7 @@ def _bad_clipsearch_calls(db: Path, tmp: Path, photos_dir: Path):
         (("index",), "Missing argument"),
         (("index", missing), "no such file or folder"),
         (("index", "--batch-size", "0", photos_dir), "--batch-size"),
-        (("index", "--index-kind", "ivf", photos_dir), "--index-kind"),
+        (("index", "--index-kind", "pq", photos_dir), "--index-kind"),
         (("index", "--model", missing / "model", photos_dir), "nope"),
         (("query",), "give a TEXT"),
         (("query", "x", "--top", "0"), "--top"),
