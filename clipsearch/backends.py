@@ -30,11 +30,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
 import json
 import os
 import re
-import tempfile
 import time
 import warnings
 from collections.abc import Callable, Mapping
@@ -43,8 +41,8 @@ from pathlib import Path
 
 import numpy as np
 
-from clipsearch import paths
 from clipsearch.errors import ClipsearchError
+from clipsearch.paths import atomic_path, cache_dir  # noqa: F401  (re-exported: part of this API)
 
 MIN_COSINE = 0.995  # the fidelity every fast path must keep against torch-fp32, on every image
 VERDICT_FILE = "verdict.json"
@@ -59,37 +57,6 @@ class BackendError(ClipsearchError):
 
 # --------------------------------------------------------------------------------------------------
 # Where exported models live
-
-
-def cache_dir(model_id: str) -> Path:
-    """The directory for files derived from model ``model_id`` (exports, verdicts); not created here.
-
-    Model ids contain ``/`` and ``:``, so the name is a readable slug plus a hash of the full id.
-    """
-    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", model_id)[:48].strip("._") or "model"
-    digest = hashlib.sha256(model_id.encode("utf-8")).hexdigest()[:12]
-    return paths.home() / "backends" / f"{slug}-{digest}"
-
-
-@contextlib.contextmanager
-def atomic_path(target: Path):
-    """Yield a temporary path beside ``target``; on success it is renamed onto ``target``.
-
-    A reader never sees a half-written export, and a crash leaves at most a stray temporary file.
-    """
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; an export is as readable as any file
-    try:
-        yield Path(tmp)
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def export_onnx(module, example_args: tuple, target: Path, input_names, output_names, dynamic_axes) -> Path:

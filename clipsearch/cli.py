@@ -231,6 +231,7 @@ class _IndexProgress:
         )
 
         self.found = 0
+        self.enabled = enabled
         self.progress = Progress(
             TextColumn("[bold]indexing"),
             BarColumn(),
@@ -248,6 +249,10 @@ class _IndexProgress:
         kind = event.get("event")
         if kind == "scan":
             self.found = int(event.get("found", 0))
+        elif kind == "backend" and event.get("status") == "measuring" and self.enabled:
+            _console(stderr=True).print(
+                "Measuring the inference backends for this model (once; up to a minute)...", style="dim"
+            )
         elif kind == "start" and event.get("total"):
             self.progress.start()
             self.task = self.progress.add_task("index", total=int(event.get("total", 0)), rate="")
@@ -275,6 +280,8 @@ def _report_json(report) -> dict:
         "unchanged": report.unchanged,
         "failed": [{"path": str(p), "reason": r} for p, r in report.failed],
         "seconds": round(report.seconds, 3),
+        "backend": report.backend or None,
+        "backend_note": report.backend_note or None,
     }
 
 
@@ -300,6 +307,10 @@ def _render_report(report, library_path: Path) -> None:
         )
     )
     out.print(table)
+    if report.backend:
+        out.print(f"Image backend: {report.backend}", markup=False, style="dim")
+    if report.backend_note:
+        out.print(f"[yellow]Note:[/yellow] {report.backend_note}")
     if report.failed:
         out.print(f"[yellow]Skipped {len(report.failed)} file(s):[/yellow]")
         for path, reason in report.failed[:MAX_FAILURES_SHOWN]:

@@ -34,8 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
-from clipsearch.backends import atomic_path, cache_dir
 from clipsearch.errors import ClipsearchError
+from clipsearch.paths import atomic_path, cache_dir
 
 TEXT_ONNX = "text-fp32.onnx"
 TEXT_META = "text.json"  # written last: its presence means the export is complete
@@ -57,7 +57,7 @@ def ensure_text_encoder(bundle) -> Path:
     """Export ``bundle``'s text tower and tokenizer for torch-free queries, unless already done.
 
     Writes ``text-fp32.onnx`` (+ ``.data``), ``tokenizer.sqlite`` and ``text.json`` under
-    :func:`clipsearch.backends.cache_dir` of ``bundle.model_id``, each atomically, the JSON last.
+    :func:`clipsearch.paths.cache_dir` of ``bundle.model_id``, each atomically, the JSON last.
     Returns the ONNX file's path. Takes a few seconds for ViT-B/32; later calls only check a file.
     """
     directory = cache_dir(bundle.model_id)

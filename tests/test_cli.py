@@ -55,6 +55,9 @@ def test_index_reports_every_photo(indexed):
     db, folder, photos, report = indexed
     assert report["new"] == len(photos) and report["failed"] == []
     assert report["model_id"].startswith("file:tiny:")
+    from clipsearch.backends import BACKENDS
+
+    assert report["backend"] in BACKENDS and report["backend_note"] is None  # auto chose a measured one
     with Library.open(db) as lib:
         ids, paths, vectors = lib.embeddings(report["model_id"])
     assert sorted(paths) == sorted(p.resolve() for p in photos.values())
@@ -65,8 +68,12 @@ def test_human_index_output_has_a_summary_table(tmp_path, model_dir):
     write_photo(tmp_path / "p" / "a.jpg", 1)
     (tmp_path / "p" / "bad.jpg").write_bytes(b"this is text, not a photo")
     result = ok("--db", tmp_path / "lib.db", "index", tmp_path / "p", "--model", model_dir)
-    for word in ("new", "updated", "moved", "removed", "failed", "Skipped 1 file", "bad.jpg"):
+    for word in ("new", "updated", "moved", "removed", "failed", "Skipped 1 file", "bad.jpg", "Image backend:"):
         assert word in result.stdout
+    # a fresh home: auto measured the backends for this model first, and said so (on stderr)
+    assert "Measuring the inference backends" in result.stderr
+    again = ok("--db", tmp_path / "lib.db", "index", tmp_path / "p")
+    assert "Measuring" not in again.stderr and "Image backend:" not in again.stdout  # nothing to embed
 
 
 def test_reindex_after_adding_moving_and_deleting(tmp_path, model_dir):
