@@ -925,12 +925,10 @@ def doctor(state: _State, rebuild: bool):
             out.print("FAISS: no models indexed yet, nothing to check")
         for model_id in model_ids:
             expected = len(library.embedding_ids(model_id))
-            index = VectorIndex.for_library(library, model_id)
-            if rebuild and not getattr(index, "rebuilt", False):
-                ids, _, vectors = library.embeddings(model_id)
-                fresh = VectorIndex.build(ids, vectors, kind=index.kind)
-                fresh.save(index.path, model_id=model_id, generation=library.generation())
-                index, action = fresh, "rebuilt from SQLite (--rebuild)"
+            # --rebuild goes through for_library, which reads the generation before the vectors
+            index = VectorIndex.for_library(library, model_id, rebuild=rebuild)
+            if rebuild:
+                action = "rebuilt from SQLite (--rebuild)"
             elif getattr(index, "rebuilt", False):
                 action = "was missing or out of step: rebuilt from SQLite"
             elif getattr(index, "updated", False):

@@ -68,7 +68,16 @@ def test_human_index_output_has_a_summary_table(tmp_path, model_dir):
     write_photo(tmp_path / "p" / "a.jpg", 1)
     (tmp_path / "p" / "bad.jpg").write_bytes(b"this is text, not a photo")
     result = ok("--db", tmp_path / "lib.db", "index", tmp_path / "p", "--model", model_dir)
-    for word in ("new", "updated", "moved", "removed", "failed", "Skipped 1 file", "bad.jpg", "Image backend:"):
+    for word in (
+        "new",
+        "updated",
+        "moved",
+        "removed",
+        "failed",
+        "Skipped 1 file",
+        "bad.jpg",
+        "Image backend:",
+    ):
         assert word in result.stdout
     # a fresh home: auto measured the backends for this model first, and said so (on stderr)
     assert "Measuring the inference backends" in result.stderr
@@ -299,6 +308,13 @@ def test_index_kinds_offered_are_the_vector_index_kinds(indexed, model_dir, tmp_
     shutil.copytree(folder, copy, ignore=shutil.ignore_patterns("library.db*"))
     ok("--db", copy / "lib.db", "index", copy, "--model", model_dir, "--index-kind", "ivf", "--json")
     assert f"({len(photos)} vectors, ivf)" in ok("--db", copy / "lib.db", "doctor").stdout
+    # --rebuild rebuilds the same kind, and the rebuilt file is what the next open maps
+    index_file = next((copy / "lib.db.faiss").glob("*.index"))
+    before = index_file.stat().st_mtime_ns
+    rebuilt = ok("--db", copy / "lib.db", "doctor", "--rebuild").stdout
+    assert f"rebuilt from SQLite (--rebuild) ({len(photos)} vectors, ivf)" in rebuilt
+    assert index_file.stat().st_mtime_ns != before
+    assert "in step with SQLite" in ok("--db", copy / "lib.db", "doctor").stdout
     fast = json.loads(ok("--db", copy / "lib.db", "query", "a dog", "--json", "--top", "3").stdout)
     exact = json.loads(ok("--db", db, "query", "a dog", "--json", "--top", "3").stdout)
     assert [Path(h["path"]).name for h in fast] == [Path(h["path"]).name for h in exact]  # one cell: exact
