@@ -555,8 +555,13 @@ def _export_text_encoder(bundle) -> None:
 
     try:
         fastquery.ensure_text_encoder(bundle)
-    except (ImportError, ClipsearchError, OSError, RuntimeError, ValueError):
-        return
+    except Exception as e:  # speed only: the photos are indexed, queries load the model instead
+        _console(stderr=True).print(
+            f"Note: no fast text encoder for this model ({type(e).__name__}: {str(e).splitlines()[0][:160]}); "
+            "text queries will load the model (slower).",
+            markup=False,
+            style="dim",
+        )
 
 
 def _render_hits(hits, description: str) -> None:

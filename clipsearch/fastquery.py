@@ -75,7 +75,9 @@ def ensure_text_encoder(bundle) -> Path:
         model = copy.deepcopy(model).float().cpu()
     tower = _text_tower_class()(model).eval()
     tok = bundle.tokenizer
-    example = torch.tensor([[tok.sot_token_id, 320, 1929, tok.eot_token_id]] * 2)  # [B, n]
+    # ids the tokenizer itself makes, so they exist in a model trained with a small vocabulary
+    words = (tok.encode("a photo of a dog") + [tok.eot_token_id] * 2)[:2]
+    example = torch.tensor([[tok.sot_token_id, *words, tok.eot_token_id]] * 2)  # [B, n]
     (directory / TEXT_META).unlink(missing_ok=True)  # incomplete until the new one is written
     (directory / TEXT_CACHE).unlink(missing_ok=True)  # features of an older export must not be served
     (directory / "tokenizer.json").unlink(missing_ok=True)  # what version 1 exports had instead

@@ -38,6 +38,8 @@ TEXTS = [
 def _bundle(model_id: str, tokenizer=None, seed: int = 0) -> ModelBundle:
     torch.manual_seed(seed)
     cfg = get_config("tiny-vit")
+    if tokenizer is not None:  # as the trainer builds it: the text tower sized to its own tokenizer
+        cfg["text_cfg"].update(vocab_size=tokenizer.vocab_size, context_length=tokenizer.context_length)
     model = build_model(cfg).eval()
     return ModelBundle(model, PreprocessConfig(image_size=64), tokenizer or Tokenizer(), model_id, cfg)
 
