@@ -82,7 +82,7 @@ def ask(library_path: Path | str | None, query, options: dict, timeout: float = 
         "index_kind": options.get("index_kind", "auto"),
     }
     try:
-        if len(os.fsencode(path)) > _MAX_SOCKET_PATH or not stat.S_ISSOCK(os.stat(path).st_mode):
+        if len(os.fsencode(path)) > _MAX_SOCKET_PATH or not _ours(path):
             return None
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.settimeout(CONNECT_TIMEOUT_S)
@@ -95,6 +95,19 @@ def ask(library_path: Path | str | None, query, options: dict, timeout: float = 
         return [Hit(Path(p), float(s), int(i)) for p, s, i in reply["hits"]]
     except (OSError, ValueError, TypeError, KeyError):  # no daemon, a stale socket, a timeout, garbage
         return None
+
+
+def _ours(path: Path) -> bool:
+    """Whether ``path`` is a socket of this user in a folder only this user can open: anything else
+    (another user's daemon on a shared home, a planted socket) is never asked."""
+    folder, sock = os.stat(path.parent), os.stat(path)
+    uid = os.getuid()
+    return (
+        stat.S_ISSOCK(sock.st_mode)
+        and sock.st_uid == uid
+        and folder.st_uid == uid
+        and stat.S_IMODE(folder.st_mode) & 0o077 == 0
+    )
 
 
 def _read_line(sock) -> bytes:

@@ -207,13 +207,33 @@ def test_an_unsafe_socket_folder_is_made_private_and_a_too_long_path_refused(lib
 def test_a_daemon_that_never_replies_is_given_up_on(library):
     lib = library[0]
     path = serve.socket_path(lib.path)
-    path.parent.mkdir(parents=True)
+    path.parent.mkdir(parents=True, mode=0o700)
     with socket.socket(socket.AF_UNIX) as hung:
         hung.bind(str(path))
         hung.listen()  # accepts connections (the kernel does), never answers
         start = time.perf_counter()
         assert serve.ask(lib.path, Query.build("a dog"), {"top": 3}, timeout=0.5) is None
         assert 0.4 < time.perf_counter() - start < 5
+
+
+def test_a_socket_in_a_folder_others_can_open_is_never_asked(library):
+    """On a shared home another user could plant a listener: the client asks only a socket of its
+    own user in a folder nobody else can open (the daemon makes it so; see the test above)."""
+    lib = library[0]
+    path = serve.socket_path(lib.path)
+    path.parent.mkdir(parents=True, mode=0o700)
+    os.chmod(path.parent, 0o755)
+    with socket.socket(socket.AF_UNIX) as planted:
+        planted.bind(str(path))
+        planted.listen()
+        planted.settimeout(0.2)
+        assert serve.ask(lib.path, Query.build("a dog"), {"top": 3}) is None
+        with pytest.raises(TimeoutError):
+            planted.accept()  # no connection was even made
+        os.chmod(path.parent, 0o700)  # the same socket in a private folder is asked
+        assert serve.ask(lib.path, Query.build("a dog"), {"top": 3}, timeout=0.3) is None
+        conn, _ = planted.accept()
+        conn.close()
 
 
 def _run(args):
