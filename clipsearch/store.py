@@ -100,10 +100,17 @@ ALTER TABLE errors ADD COLUMN mtime_ns INTEGER;
 ALTER TABLE errors ADD COLUMN settings TEXT;
 """
 
+# A random identity: files derived from a library (its FAISS indexes) name it, so a database deleted
+# and made again at the same path (same generation and ids, other vectors) never adopts them.
+_M003 = """
+INSERT INTO meta (key, value) VALUES ('library_id', lower(hex(randomblob(16))));
+"""
+
 # Named and ordered; a migration never changes once released, new ones are appended.
 MIGRATIONS: list[tuple[str, str]] = [
     ("001_initial", _M001),
     ("002_error_file_state", _M002),
+    ("003_library_id", _M003),
 ]
 
 
@@ -350,6 +357,10 @@ class Library:
         return "(" + " OR ".join(parts) + ")", params
 
     # --- generation ---------------------------------------------------------------------------
+
+    def library_id(self) -> str:
+        """This library's random identity (made once, when it was created or first upgraded)."""
+        return self.conn.execute("SELECT value FROM meta WHERE key = 'library_id'").fetchone()[0]
 
     def generation(self) -> int:
         """A counter bumped by every committed change to images or embeddings."""

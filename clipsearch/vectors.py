@@ -287,8 +287,11 @@ class VectorIndex:
         if sidecar is None:  # an older format's sidecar still tells it
             hint = (_read_sidecar(path, any_version=True) or {}).get("kind")
             existing = hint if hint in KINDS else None
+        if sidecar is not None and sidecar.get("library_id") is None and sidecar.get("kind") in KINDS:
+            existing = sidecar["kind"]  # saved before libraries had an identity: rebuilt, kind kept
         if (
             sidecar is not None
+            and sidecar.get("library_id") == library.library_id()  # never a recreated database's
             and sidecar.get("model_id") == model_id
             and sidecar.get("kind") in KINDS
             and (dim is None or sidecar.get("dim") == dim)
@@ -323,7 +326,11 @@ class VectorIndex:
         if save and not library.readonly:
             try:
                 index.save(
-                    path, model_id=model_id, generation=generation, id_range=_id_range(library, model_id)
+                    path,
+                    model_id=model_id,
+                    generation=generation,
+                    id_range=_id_range(library, model_id),
+                    library_id=library.library_id(),
                 )
             except OSError:
                 pass  # a read-only folder: the index still works from memory
@@ -412,11 +419,20 @@ class VectorIndex:
     def _tombstone_fraction(self) -> float:
         return len(self.tombstones) / max(1, self.index.ntotal)
 
-    def save(self, path: Path, *, model_id: str, generation: int, id_range: list[int] | None = None) -> None:
+    def save(
+        self,
+        path: Path,
+        *,
+        model_id: str,
+        generation: int,
+        id_range: list[int] | None = None,
+        library_id: str | None = None,
+    ) -> None:
         """Write the index to a temp file and rename it into place, then the sidecar likewise.
 
         ``generation`` and ``id_range`` (``[lowest, highest]`` id in SQLite) describe the SQLite
-        state the index reflects; ``id_range`` defaults to the index's own ids.
+        state the index reflects; ``id_range`` defaults to the index's own ids. ``library_id``
+        (:meth:`Library.library_id`) names the database: an index is only ever reused by its own.
         """
         import faiss
 
@@ -429,6 +445,7 @@ class VectorIndex:
         meta = {
             "version": SIDECAR_VERSION,
             "model_id": model_id,
+            "library_id": library_id,
             "kind": self.kind,
             "dim": self.dim,
             "generation": generation,

@@ -276,6 +276,13 @@ def test_an_older_library_is_migrated_on_open(tmp_path):
         Library.open(path, readonly=True)
     with Library.open(path) as lib:
         names = [r[0] for r in lib.conn.execute("SELECT name FROM migrations ORDER BY id")]
-        assert names == ["001_initial", "002_error_file_state"]
+        assert names == ["001_initial", "002_error_file_state", "003_library_id"]
         assert [e["reason"] for e in lib.errors()] == ["corrupt"]
+        identity = lib.library_id()
+        assert len(identity) == 32 and int(identity, 16) >= 0  # 128 random bits, made once
+    with Library.open(path) as lib:
+        assert lib.library_id() == identity
+    other = tmp_path / "other.db"
+    with Library.open(other, create=True) as lib:
+        assert lib.library_id() != identity
         assert lib.known_failures() == {}  # no file state recorded then: such files are retried

@@ -2,6 +2,7 @@
 an on-disk index that must follow SQLite (detected and repaired when out of step)."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -199,10 +200,34 @@ def test_index_from_another_sqlite_state_is_detected(tmp_path):
     meta = json.loads(side.read_text())
     # Same generation, but the index holds different ids than SQLite (count differs).
     index.remove(ids[:3])
-    index.save(index.path, model_id="m/1", generation=lib.generation())
+    index.save(index.path, model_id="m/1", generation=lib.generation(), library_id=lib.library_id())
     reloaded = VectorIndex.for_library(lib, "m/1")
     assert reloaded.updated and reloaded.ids() == set(ids.tolist())
     assert meta["count"] == 30
+
+
+def test_a_database_made_again_at_the_same_path_never_adopts_the_old_index(tmp_path):
+    """Delete library.db but not library.db.faiss/, index other photos under the same names: the new
+    database reaches the same generation and the same ids, with other vectors. Its index must be
+    rebuilt from its own vectors, not mapped (nor 'synced' by ids) from the old file."""
+    lib, ids, x = _library(tmp_path, 30, seed=1)
+    old = VectorIndex.for_library(lib, "m/1")
+    generation = lib.generation()
+    lib.close()
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{tmp_path / 'lib.db'}{suffix}").unlink(missing_ok=True)
+    assert old.path.is_file()  # the derived folder was left behind
+    lib, ids2, x2 = _library(tmp_path, 30, seed=2)
+    assert (
+        lib.generation() == generation and ids2.tolist() == ids.tolist()
+    )  # indistinguishable but for the id
+    index = VectorIndex.for_library(lib, "m/1")
+    assert index.rebuilt and not getattr(index, "mapped", False)
+    scores, found = index.search(x2[:5].astype(np.float32), 1)
+    assert found[:, 0].tolist() == ids2[:5].tolist()
+    np.testing.assert_allclose(scores[:, 0], 1.0, atol=1e-5)  # each new vector finds itself exactly
+    again = VectorIndex.for_library(lib, "m/1")
+    assert getattr(again, "mapped", False) and not again.rebuilt  # saved under the new identity
 
 
 @pytest.mark.parametrize("damage", ["garbage", "truncate", "sidecar", "no-sidecar"])
@@ -438,7 +463,7 @@ def test_same_generation_but_other_highest_id_is_not_served(tmp_path):
     lib, ids, x = _library(tmp_path, 30)
     index = VectorIndex.for_library(lib, "m/1")
     index.remove(ids[-2:])  # labelled with the library's generation, but missing the newest ids
-    index.save(index.path, model_id="m/1", generation=lib.generation())
+    index.save(index.path, model_id="m/1", generation=lib.generation(), library_id=lib.library_id())
     reloaded = VectorIndex.for_library(lib, "m/1")
     assert reloaded.updated and reloaded.ids() == set(ids.tolist())
 
