@@ -542,7 +542,7 @@ def _fast_text_search(library, q, model: str | None, options: dict):
         return fastquery.search(library, model_id, q, **options)
     except fastquery.TextEncoderMissing:
         return None
-    except ImportError:  # onnxruntime is optional: without it every query loads the model
+    except ImportError:  # a broken onnxruntime/faiss install: the query loads the model instead
         return None
 
 
