@@ -353,9 +353,7 @@ _TABLE_VERSION = 1
 
 def _write_table(backend, path: Path) -> None:
     """The BPE of a ``tokenizers`` backend as SQLite: vocab (token -> id), merges ((a, b) -> rank)."""
-    import os
     import sqlite3
-    import tempfile
 
     state = json.loads(backend.to_str())
     model = state["model"]
@@ -383,10 +381,9 @@ def _write_table(backend, path: Path) -> None:
         "eot_token_id": specials[EOT_TEXT],
         "vocab_size": backend.get_vocab_size(with_added_tokens=True),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    from clipsearch.paths import atomic_path
+
+    with atomic_path(path) as tmp:
         conn = sqlite3.connect(tmp)
         with conn:
             conn.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
@@ -403,13 +400,6 @@ def _write_table(backend, path: Path) -> None:
                 ((a, b, r) for r, (a, b) in enumerate(merges)),
             )
         conn.close()
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 class TableTokenizer:
