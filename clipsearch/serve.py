@@ -159,7 +159,11 @@ class QueryServer:
         self._indexes: dict = {}
         self._server = None
         self._load()
-        self._bind()
+        try:
+            self._bind()
+        except BaseException:  # e.g. another daemon already serves this library
+            self.close()
+            raise
 
     # --- state ----------------------------------------------------------------------------------
 
