@@ -74,33 +74,21 @@ def rclip_models(work: Path, model_dir: Path) -> Path:
 
     from clipsearch.backends import export_onnx
     from clipsearch.checkpoints import load_bundle
+    from clipsearch.fastquery import _text_tower_class
 
     model = load_bundle(str(model_dir)).model.float().eval()
-    # rclip feeds all 77 positions; the end-of-text cut would freeze the traced length to the example's
-    model._eot_cut = False
-
-    class Visual(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.m = model
-
-        def forward(self, x):  # [B, 3, 256, 256] -> [B, 512]
-            return self.m.encode_image(x)
-
-    class Textual(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.m = model
-
-        def forward(self, tokens):  # [B, 77] int64 -> [B, 512]
-            return self.m.encode_text(tokens)
+    # the towers clipsearch itself exports: the image tower as is, and the text tower without the
+    # end-of-text cut (rclip feeds all 77 positions; a traced cut would freeze the example's length)
+    text_tower = _text_tower_class()(model).eval()
 
     sub.mkdir(parents=True, exist_ok=True)
     axes = {"input": {0: "batch"}, "output": {0: "batch"}}
-    export_onnx(Visual(), (torch.zeros(1, 3, 256, 256),), sub / "visual.onnx", ["input"], ["output"], axes)
+    export_onnx(
+        model.visual, (torch.zeros(1, 3, 256, 256),), sub / "visual.onnx", ["input"], ["output"], axes
+    )
     tokens = torch.zeros(1, 77, dtype=torch.long)
     tokens[0, :3] = torch.tensor([49406, 320, 49407])
-    export_onnx(Textual(), (tokens,), sub / "textual.onnx", ["input"], ["output"], axes)
+    export_onnx(text_tower, (tokens,), sub / "textual.onnx", ["input"], ["output"], axes)
     (root / "tokenizer").mkdir(exist_ok=True)
     vocab = Path(__file__).resolve().parents[1] / "clipsearch" / "data" / "bpe_simple_vocab_16e6.txt.gz"
     with gzip.open(vocab) as f:  # a readable gzip, not a truncated copy
