@@ -41,8 +41,9 @@ from pathlib import Path
 
 import numpy as np
 
+from clipsearch.atomic import atomic_path
 from clipsearch.errors import ClipsearchError
-from clipsearch.paths import atomic_path, cache_dir  # noqa: F401  (re-exported: part of this API)
+from clipsearch.paths import cache_dir  # noqa: F401  (re-exported: part of this API)
 
 MIN_COSINE = 0.995  # the fidelity every fast path must keep against torch-fp32, on every image
 VERDICT_FILE = "verdict.json"

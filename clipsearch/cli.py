@@ -810,19 +810,16 @@ def export(state: _State, file: Path, model_id: str | None):
     target = Path(file).expanduser()
     if not target.parent.is_dir():
         raise ClipsearchError(f"cannot write {target}: folder {target.parent} does not exist")
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")  # opened normally: the umask sets its mode
-    try:
-        with open(tmp, "wb") as f:  # a file object: numpy would otherwise append .npz to the name
-            np.savez(
-                f,
-                paths=np.array([str(p) for p in paths], dtype=str),
-                embeddings=vectors.astype(np.float32),
-                ids=ids,
-                model_id=np.array(model_id),
-            )
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
+    from clipsearch.atomic import atomic_path
+
+    with atomic_path(target) as tmp, open(tmp, "wb") as f:  # a file object: numpy would append .npz
+        np.savez(
+            f,
+            paths=np.array([str(p) for p in paths], dtype=str),
+            embeddings=vectors.astype(np.float32),
+            ids=ids,
+            model_id=np.array(model_id),
+        )
     _console(stderr=True).print(
         f"Exported {len(ids)} embeddings of {model_id} ({vectors.shape[1] if vectors.ndim == 2 else 0}-d) to {target}",
         markup=False,

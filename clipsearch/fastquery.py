@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
-import os
 import sqlite3
 import tempfile
 from collections.abc import Sequence
@@ -34,8 +33,9 @@ from pathlib import Path
 
 import numpy as np
 
+from clipsearch.atomic import atomic_path, commit
 from clipsearch.errors import ClipsearchError
-from clipsearch.paths import atomic_path, cache_dir
+from clipsearch.paths import cache_dir
 
 TEXT_ONNX = "text-fp32.onnx"
 TEXT_META = "text.json"  # written last: its presence means the export is complete
@@ -129,11 +129,8 @@ def _split_weights(source: Path, target: Path) -> None:
             location=data_name,
             size_threshold=0,  # every weight in the .data file, where the numpy tower finds it too
         )
-        umask = os.umask(0)
-        os.umask(umask)
         for name in (data_name, target.name):  # the weights first, then the graph that names them
-            os.chmod(Path(work) / name, 0o666 & ~umask)
-            os.replace(Path(work) / name, target.parent / name)
+            commit(Path(work) / name, target.parent / name)
 
 
 def _numpy_layout(model, onnx_path: Path, example) -> dict | None:

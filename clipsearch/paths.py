@@ -6,12 +6,12 @@ platform's user data directory (e.g. ``~/.local/share/clipsearch`` on Linux).
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import re
-import tempfile
 from pathlib import Path
+
+from clipsearch.atomic import atomic_path  # noqa: F401  (the one atomic write; imported from here too)
 
 ENV_HOME = "CLIPSEARCH_HOME"
 
@@ -44,24 +44,3 @@ def cache_dir(model_id: str) -> Path:
     slug = re.sub(r"[^A-Za-z0-9._-]+", "_", model_id)[:48].strip("._") or "model"
     digest = hashlib.sha256(model_id.encode("utf-8")).hexdigest()[:12]
     return home() / "backends" / f"{slug}-{digest}"
-
-
-@contextlib.contextmanager
-def atomic_path(target: Path):
-    """Yield a temporary path beside ``target``; on success it is renamed onto ``target``.
-
-    A reader never sees a half-written export, and a crash leaves at most a stray temporary file.
-    """
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; an export is as readable as any file
-    try:
-        yield Path(tmp)
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)

@@ -10,9 +10,10 @@ from __future__ import annotations
 import base64
 import html
 import io
-import os
 from collections.abc import Sequence
 from pathlib import Path
+
+from clipsearch.atomic import write_text
 
 THUMB_SIZE = 256  # px, longest side: sharp on a 4-column grid, ~10-20 kB per photo as JPEG
 THUMB_QUALITY = 80
@@ -92,11 +93,5 @@ def write_html(hits: Sequence, out_path: str | Path, title: str, query_desc: str
     """Write the results page to ``out_path`` atomically; returns the path written."""
     out = Path(out_path).expanduser()
     page = render_html(hits, title, query_desc)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")  # opened normally: the umask sets its mode
-    try:
-        tmp.write_text(page, encoding="utf-8")
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_text(out, page)
     return out

@@ -284,7 +284,14 @@ class Library:
 
         if self._lock_fd is not None:
             return
-        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        from clipsearch.atomic import SymlinkLockError, open_lock
+
+        try:
+            fd = open_lock(self.lock_path)
+        except SymlinkLockError as e:
+            raise LibraryError(f"{self.lock_path}: {e.strerror}, then run again") from None
+        except OSError as e:
+            raise self._write_error(e) from e
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -292,9 +299,18 @@ class Library:
             raise LibraryError(
                 f"another clipsearch index is running on {self.path}: wait for it to finish"
             ) from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        self._lock_fd = fd
+        self._lock_fd = fd  # the lock file stays empty: it is never written, so never clobbers
+
+    def _write_error(self, e: OSError) -> LibraryError:
+        """The one-line error for a write the library's folder refuses (read-only media, no permission)."""
+        import errno
+
+        if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+            return LibraryError(
+                f"the library {self.path} is read-only here ({e.strerror}): queries, status and export "
+                "work; to index, copy it to a writable folder or pass --db"
+            )
+        return LibraryError(f"cannot write beside the library {self.path}: {e.strerror or e}")
 
     def release_writer_lock(self) -> None:
         if self._lock_fd is not None:

@@ -381,7 +381,7 @@ def _write_table(backend, path: Path) -> None:
         "eot_token_id": specials[EOT_TEXT],
         "vocab_size": backend.get_vocab_size(with_added_tokens=True),
     }
-    from clipsearch.paths import atomic_path
+    from clipsearch.atomic import atomic_path
 
     with atomic_path(path) as tmp:
         conn = sqlite3.connect(tmp)

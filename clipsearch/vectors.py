@@ -39,15 +39,13 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import re
-import time
-import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from clipsearch.atomic import atomic_path, remove_stale_temps, write_text
 from clipsearch.errors import LibraryError
 
 if TYPE_CHECKING:
@@ -72,10 +70,7 @@ IVF_NPROBES = (8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)  # tried 
 REBUILD_FRACTION = 0.2  # rebuild an HNSW index once a fifth of it is tombstones
 EXACT_SUBSET = 20_000  # a subtree filter with at most this many ids is searched exactly
 GPU_MAX_K = 2048  # faiss-gpu's limit on k and nprobe
-TEMP_MIN_AGE_S = 60  # a temp file younger than this may be one a writer has just created
 SIDECAR_VERSION = 2  # 2: IndexIDMap (not IDMap2) around flat/HNSW, ivf kind, id range
-
-_TEMP_NAME = re.compile(r"^\..+\.(index|json)\.\d+(\.[0-9a-f]+)?\.tmp$")  # what _atomic_write names
 
 
 def model_slug(model_id: str) -> str:
@@ -437,7 +432,8 @@ class VectorIndex:
         import faiss
 
         path.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write(path, lambda tmp: faiss.write_index(self.index, str(tmp)))
+        with atomic_path(path) as tmp:
+            faiss.write_index(self.index, str(tmp))
         st = path.stat()
         ids = np.sort(np.fromiter(self.ids(), dtype=np.int64))
         if id_range is None and len(ids):
@@ -457,7 +453,7 @@ class VectorIndex:
             "file_size": st.st_size,
             "file_mtime_ns": st.st_mtime_ns,
         }
-        _atomic_write(_sidecar_path(path), lambda tmp: tmp.write_text(json.dumps(meta)))
+        write_text(_sidecar_path(path), json.dumps(meta))
         self.path = path
 
     # --- search -------------------------------------------------------------------------------
@@ -564,67 +560,6 @@ class VectorIndex:
         if self._gpu is None:
             self._gpu = faiss.index_cpu_to_all_gpus(self.index)
         return self._gpu
-
-
-def remove_stale_temps(directory: Path, min_age_s: float | None = None) -> list[Path]:
-    """Delete temp files a killed save left in ``directory``; returns those removed.
-
-    Only names :func:`_atomic_write` gives are touched, only when no writer holds their flock (a
-    live save holds it until the rename) and only when older than ``min_age_s`` (a writer that
-    has created its file but not yet locked it; default ``TEMP_MIN_AGE_S``).
-    """
-    import fcntl
-
-    min_age_s = TEMP_MIN_AGE_S if min_age_s is None else min_age_s
-    removed = []
-    try:
-        entries = list(os.scandir(directory))
-    except OSError:
-        return removed
-    now = time.time()
-    for entry in entries:
-        if not _TEMP_NAME.match(entry.name):
-            continue
-        try:
-            if now - entry.stat(follow_symlinks=False).st_mtime < min_age_s or not entry.is_file(
-                follow_symlinks=False
-            ):
-                continue
-            fd = os.open(entry.path, os.O_RDONLY | os.O_NOFOLLOW)
-        except OSError:
-            continue  # gone meanwhile, or not ours to open
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            os.unlink(entry.path)
-            removed.append(Path(entry.path))
-        except BlockingIOError:
-            pass  # a live save holds it
-        except OSError:
-            pass  # removed by another cleaner, or a folder we may not write: harmless
-        finally:
-            os.close(fd)
-    return removed
-
-
-def _atomic_write(path: Path, write) -> None:
-    """``write(tmp)`` then fsync and rename over ``path``, holding a flock on ``tmp`` throughout."""
-    import fcntl
-
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)  # tells remove_stale_temps this file is live
-        write(tmp)
-        os.fsync(fd)  # same inode as the writer's: flushes what it wrote
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    finally:
-        os.close(fd)
 
 
 def _sidecar_path(path: Path) -> Path:

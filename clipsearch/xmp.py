@@ -12,11 +12,12 @@ sidecar that is not well-formed XML is left untouched and reported.
 
 from __future__ import annotations
 
-import os
+import io
 import xml.etree.ElementTree as ET
 from collections.abc import Sequence
 from pathlib import Path
 
+from clipsearch.atomic import write_bytes
 from clipsearch.errors import ClipsearchError
 
 NS = {
@@ -128,11 +129,7 @@ def write_keywords(image: str | Path, keywords: Sequence[str]) -> Path | None:
             d.remove(old)
     _set_bag(holder, "clipsearch", "keywords", ours_now)
     ET.indent(tree, space=" ")
-    tmp = side.with_name(f".{side.name}.{os.getpid()}.tmp")  # opened normally: the umask sets its mode
-    try:
-        with open(tmp, "wb") as f:
-            tree.write(f, encoding="utf-8", xml_declaration=True)  # ElementTree escapes text
-        os.replace(tmp, side)
-    finally:
-        tmp.unlink(missing_ok=True)
+    buf = io.BytesIO()
+    tree.write(buf, encoding="utf-8", xml_declaration=True)  # ElementTree escapes text
+    write_bytes(side, buf.getvalue())
     return side
