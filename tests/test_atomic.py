@@ -169,7 +169,9 @@ def test_open_lock_never_truncates(tmp_path):
     assert lock.read_text() == "something someone put here"
 
 
-def test_a_planted_library_lock_symlink_is_refused_in_one_line_and_its_target_kept(tmp_path, tmp_path_factory):
+def test_a_planted_library_lock_symlink_is_refused_in_one_line_and_its_target_kept(
+    tmp_path, tmp_path_factory
+):
     from e2e_helpers import run_cli, write_photo
     from test_reliability import tiny_model_dir
 
