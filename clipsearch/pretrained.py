@@ -15,6 +15,14 @@ the activation they were trained with and the image normalisation they expect.
 
 from __future__ import annotations
 
+import difflib
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from clipsearch import paths
+from clipsearch.errors import ModelLoadError
+
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 INCEPTION_MEAN = (0.5, 0.5, 0.5)  # ViT-L-14/laion2b_s32b_b82k was trained with these
@@ -31,6 +39,7 @@ def _openai(arch: str, sha256: str, file: str) -> dict:
         "arch": arch,
         "quick_gelu": True,
         "url": f"{_OPENAI_BASE}/{sha256}/{file}",
+        "revision": sha256,  # the URL's path is the content's digest: the file cannot change
         "filename": f"openai-{file}",
         "sha256": sha256,
         "format": "openai",
@@ -114,3 +123,82 @@ PRETRAINED: dict[str, dict] = {
     ),
     "ViT-L-14/datacomp_xl_s13b_b90k": _hub("ViT-L-14", "laion/CLIP-ViT-L-14-DataComp.XL-s13B-b90K"),
 }
+
+
+# --------------------------------------------------------------------------------------------------
+# Looking up and fetching registered weights
+
+
+def list_pretrained() -> list[str]:
+    """Every registered pretrained name, ``ARCH/TAG``."""
+    return list(PRETRAINED)
+
+
+def cached_pretrained() -> list[str]:
+    """The registered names whose weights are already in the models directory."""
+    directory = paths.models_dir()
+    return [name for name, entry in PRETRAINED.items() if (directory / entry["filename"]).is_file()]
+
+
+def pretrained_path(name: str) -> Path:
+    """Where the weights of a registered name live (or will, once downloaded)."""
+    return paths.models_dir() / PRETRAINED[name]["filename"]
+
+
+def is_pinned(entry: dict) -> bool:
+    """Whether a registry entry names an immutable file: a revision and the file's full sha256."""
+    sha = entry.get("sha256")
+    return (
+        isinstance(sha, str)
+        and len(sha) == 64
+        and all(c in "0123456789abcdef" for c in sha)
+        and bool(entry.get("revision"))
+    )
+
+
+def registered_match(digest: str) -> str | None:
+    """The registered name whose pinned sha256 this file has, if any."""
+    for name, entry in PRETRAINED.items():
+        if entry["sha256"] == digest:
+            return name
+    return None
+
+
+def fetch_pretrained(name: str, progress: Callable[[int, int | None], None] | None = None) -> Path:
+    """The local path of a registered checkpoint, downloading and verifying it on first use."""
+    from clipsearch.download import download
+    from clipsearch.hashing import file_sha256
+
+    if name not in PRETRAINED:
+        raise ModelLoadError(not_found_message(name))
+    entry = PRETRAINED[name]
+    if not is_pinned(entry):
+        raise ModelLoadError(
+            f"{name} is registered without a pinned revision and full sha256, so clipsearch will not "
+            "download it: its file could change under the same URL. Download it yourself and pass the "
+            "file (or its OpenCLIP hub folder) as the model"
+        )
+    dest = pretrained_path(name)
+    if not dest.is_file():
+        return download(entry["url"], dest, sha256=entry["sha256"], progress=progress)
+    got = file_sha256(dest)
+    if got != entry["sha256"]:
+        raise ModelLoadError(
+            f"{dest} does not match the pinned checksum of {name} (expected sha256 "
+            f"{entry['sha256']}, got {got}); delete it and load {name} again to re-download it"
+        )
+    return dest
+
+
+def not_found_message(text: str) -> str:
+    """Why ``text`` names no model: a missing file, or an unknown name with the closest ones."""
+    looks_like_path = any(sep in text for sep in ("\\", os.sep)) and text.count("/") != 1
+    looks_like_path = looks_like_path or Path(text).suffix in (".pt", ".pth", ".bin", ".safetensors")
+    if looks_like_path:
+        return f"model file not found: {text}"
+    close = difflib.get_close_matches(text, list(PRETRAINED), n=5, cutoff=0.5)
+    hint = f" Did you mean: {', '.join(close)}?" if close else ""
+    return (
+        f"unknown model {text!r}: not a registered name and no such file or directory.{hint} "
+        "See `clipsearch models` for the registered names."
+    )

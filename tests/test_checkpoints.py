@@ -29,6 +29,7 @@ import clipsearch
 from clipsearch import checkpoints
 from clipsearch.errors import ModelLoadError
 from clipsearch.pretrained import PRETRAINED
+from clipsearch.torchscript import read_torchscript_state_dict
 
 open_clip = pytest.importorskip("open_clip")
 
@@ -133,7 +134,7 @@ def test_torchscript_reader_gives_the_exact_state_dict(tmp_path, make):
     model = oc_model(VIT_CFG, quick_gelu=True)
     archive = traced(model, VIT_CFG) if make == "trace" else scripted(model)
     archive.save(str(tmp_path / "m.pt"))
-    sd = checkpoints.read_torchscript_state_dict(tmp_path / "m.pt")
+    sd = read_torchscript_state_dict(tmp_path / "m.pt")
     ref = model.state_dict()
     # open_clip registers its causal mask as a (non-persistent) buffer, which TorchScript keeps.
     assert set(sd) - {"attn_mask"} == set(ref)
@@ -144,7 +145,7 @@ def test_torchscript_reader_gives_the_exact_state_dict(tmp_path, make):
 def test_torchscript_reader_keeps_parameters_and_buffers_only(tmp_path):
     module = _WithPlainTensor()
     scripted(module).save(str(tmp_path / "s.pt"))
-    sd = checkpoints.read_torchscript_state_dict(tmp_path / "s.pt")
+    sd = read_torchscript_state_dict(tmp_path / "s.pt")
     assert set(sd) == {"lin.weight", "lin.bias", "counts", "scale"}
     for key, value in module.state_dict().items():
         assert torch.equal(sd[key], value)
@@ -158,10 +159,10 @@ def test_openai_bookkeeping_tensors_are_dropped(tmp_path):
     assert set(sd) == set(model.state_dict())
 
 
-def _handmade_archive(path, size, stride):
+def _handmade_archive(path, size, stride, numel=4, record=None, compression=zipfile.ZIP_STORED):
     """A minimal TorchScript-style archive written opcode by opcode: module ``M`` with tensor ``w``
-    viewing a 4-float storage with the given size and stride (no code/, so nothing says which
-    attributes are parameters)."""
+    viewing a ``numel``-float storage with the given size and stride (no code/, so nothing says which
+    attributes are parameters). ``record`` replaces the storage's bytes (4 floats)."""
     import struct
 
     def ints(values):
@@ -170,24 +171,70 @@ def _handmade_archive(path, size, stride):
     data = (
         b"\x80\x02c__torch__\nM\n)\x81}(X\x01\x00\x00\x00w"
         b"ctorch._utils\n_rebuild_tensor_v2\n("
-        b"(X\x07\x00\x00\x00storagectorch\nFloatStorage\nX\x01\x00\x00\x000X\x03\x00\x00\x00cpuK\x04tQ"
+        b"(X\x07\x00\x00\x00storagectorch\nFloatStorage\nX\x01\x00\x00\x000X\x03\x00\x00\x00cpu"
+        b"J" + struct.pack("<i", numel) + b"tQ"
         b"K\x00" + ints(size) + ints(stride) + b"\x89ccollections\nOrderedDict\n)RtRub."
     )
     with zipfile.ZipFile(path, "w") as z:
         z.writestr("a/data.pkl", data)
-        z.writestr("a/data/0", struct.pack("<4f", 1, 2, 3, 4))
+        z.writestr("a/data/0", struct.pack("<4f", 1, 2, 3, 4) if record is None else record, compression)
         z.writestr("a/constants.pkl", pickle.dumps((), protocol=2))
 
 
 def test_handmade_archive_and_out_of_bounds_views(tmp_path):
     _handmade_archive(tmp_path / "ok.pt", (2, 2), (1, 2))
-    sd = checkpoints.read_torchscript_state_dict(tmp_path / "ok.pt")
+    sd = read_torchscript_state_dict(tmp_path / "ok.pt")
     assert torch.equal(sd["w"], torch.tensor([[1.0, 3.0], [2.0, 4.0]]))
     # A tensor claiming more memory than its storage holds must not read past it.
     for size, stride in (((1000,), (1,)), ((2, 2), (1000, 1))):
         _handmade_archive(tmp_path / "bad.pt", size, stride)
         with pytest.raises(ModelLoadError, match="out of bounds"):
-            checkpoints.read_torchscript_state_dict(tmp_path / "bad.pt")
+            read_torchscript_state_dict(tmp_path / "bad.pt")
+
+
+def _declare_record_size(path, member: str, size: int) -> None:
+    """Rewrite the uncompressed size the zip's central directory declares for ``member``."""
+    import struct
+
+    data = bytearray(path.read_bytes())
+    at = data.index(b"PK\x01\x02")  # the first central directory entry
+    while True:  # walk the central directory to the member's entry
+        name_len, extra_len, comment_len = struct.unpack_from("<HHH", data, at + 28)
+        if data[at + 46 : at + 46 + name_len].decode() == member:
+            struct.pack_into("<I", data, at + 24, size)
+            break
+        at += 46 + name_len + extra_len + comment_len
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("compression", [zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED])
+def test_oversize_torchscript_record_is_refused_before_allocating(tmp_path, monkeypatch, compression):
+    """An archive that declares a record far larger than its bytes is refused without allocating it."""
+    from clipsearch import torchscript
+
+    allocated = []
+    monkeypatch.setattr(
+        torchscript, "bytearray", lambda n: allocated.append(n) or bytearray(n), raising=False
+    )
+    path = tmp_path / "huge.pt"
+    numel = 0x3FFF_FFF0  # 4 GiB of float32, declared consistently in the pickle and the zip directory
+    _handmade_archive(path, (2, 2), (1, 2), numel=numel, compression=compression)
+    _declare_record_size(path, "a/data/0", numel * 4)
+    with pytest.raises(ModelLoadError, match=r"declares \d+ bytes, more than its \d+ stored bytes"):
+        read_torchscript_state_dict(path)
+    assert allocated == []
+
+
+def test_record_size_must_match_its_tensor(tmp_path):
+    """A storage whose record holds more (or fewer) bytes than numel x itemsize is refused."""
+    import struct
+
+    _handmade_archive(tmp_path / "a.pt", (2, 2), (1, 2), record=struct.pack("<8f", *range(8)))
+    with pytest.raises(ModelLoadError, match="holds 32 bytes but its tensor needs 4 x 4 bytes"):
+        read_torchscript_state_dict(tmp_path / "a.pt")
+    _handmade_archive(tmp_path / "b.pt", (2, 2), (1, 2), numel=-1)
+    with pytest.raises(ModelLoadError, match="declares -1 elements"):
+        read_torchscript_state_dict(tmp_path / "b.pt")
 
 
 def _malicious_reduce(marker):
@@ -304,6 +351,44 @@ def test_truncated_safetensors_and_torchscript_are_model_load_errors(tmp_path, v
         (tmp_path / name).write_bytes(data[: len(data) // 2])
         with pytest.raises(ModelLoadError):
             checkpoints.load_bundle(tmp_path / name)
+
+
+@pytest.mark.parametrize(
+    "content, what",
+    [
+        (b"\xff\xd8\xff\xe0\x00\x10JFIF\x00", "a JPEG image"),
+        (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", "a PNG image"),
+        (b"SQLite format 3\x00" + bytes(100), "an SQLite database"),
+        (b"these are my notes\n", "text"),
+        (b"", "an empty file"),
+    ],
+)
+def test_a_file_that_is_not_a_model_says_so_in_one_line(tmp_path, content, what):
+    path = tmp_path / "holiday.pt"
+    path.write_bytes(content)
+    with pytest.raises(ModelLoadError) as err:
+        checkpoints.load_bundle(path)
+    message = str(err.value)
+    assert f"{path} is not a model file" in message and what in message
+    assert "\n" not in message and "weights_only" not in message
+
+
+def test_a_zip_of_photos_is_not_a_model(tmp_path):
+    with zipfile.ZipFile(tmp_path / "photos.zip", "w") as z:
+        z.writestr("a.jpg", b"\xff\xd8\xff")
+    with pytest.raises(ModelLoadError, match="not a model file .a zip archive without a PyTorch checkpoint"):
+        checkpoints.load_bundle(tmp_path / "photos.zip")
+
+
+def test_a_pickle_of_objects_is_refused_in_one_line(tmp_path):
+    import fractions
+
+    torch.save({"w": torch.ones(1), "extra": fractions.Fraction(1, 3)}, tmp_path / "obj.pt")
+    with pytest.raises(ModelLoadError) as err:
+        checkpoints.load_bundle(tmp_path / "obj.pt")
+    assert "refused to load" in str(err.value) and "\n" not in str(err.value)
+    assert "fractions.Fraction" in str(err.value)
+    assert "weights_only" not in str(err.value)
 
 
 def test_file_without_tensors_is_rejected(tmp_path):
@@ -600,6 +685,7 @@ def test_registered_name_downloads_verifies_and_loads(tmp_path, monkeypatch):
             "arch": str(tmp_path / "arch.json"),
             "quick_gelu": True,
             "url": f"http://127.0.0.1:{httpd.server_address[1]}/tiny.pt",
+            "revision": "test",
             "filename": "tiny-test.pt",
             "sha256": hashlib.sha256(body).hexdigest(),
             "format": "openai",

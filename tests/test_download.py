@@ -9,7 +9,8 @@ import threading
 
 import pytest
 
-from clipsearch import checkpoints, paths
+from clipsearch import checkpoints, hashing, paths, pretrained
+from clipsearch.download import download
 from clipsearch.errors import DownloadError, ModelLoadError
 from clipsearch.pretrained import PRETRAINED
 
@@ -68,7 +69,7 @@ def _leftovers(directory):
 def test_download_streams_verifies_and_reports_progress(server, tmp_path):
     dest = tmp_path / "models" / "w.bin"
     calls = []
-    out = checkpoints.download(
+    out = download(
         _url(server, "file.bin"), dest, sha256=PAYLOAD_SHA, progress=lambda d, t: calls.append((d, t))
     )
     assert out == dest
@@ -79,19 +80,21 @@ def test_download_streams_verifies_and_reports_progress(server, tmp_path):
     assert done == sorted(done) and len(calls) >= 3
     # Only the file and its checksum sidecar remain: no temp files.
     assert _leftovers(dest.parent) == ["w.bin", "w.bin.sha256"]
-    assert checkpoints.file_sha256(dest) == PAYLOAD_SHA
+    assert hashing.file_sha256(dest) == PAYLOAD_SHA
 
 
-def test_download_accepts_a_digest_prefix(server, tmp_path):
-    dest = tmp_path / "w.bin"
-    checkpoints.download(_url(server, "file.bin"), dest, sha256=PAYLOAD_SHA[:8])
-    assert dest.read_bytes() == PAYLOAD
+@pytest.mark.parametrize("digest", [None, PAYLOAD_SHA[:8], PAYLOAD_SHA.upper(), PAYLOAD_SHA + "0"])
+def test_download_refuses_anything_but_a_full_digest(server, tmp_path, digest):
+    # A prefix, or no digest, would let a changed file through: refused before connecting.
+    with pytest.raises(ValueError, match="full 64-digit sha256"):
+        download(_url(server, "file.bin"), tmp_path / "w.bin", sha256=digest)
+    assert server.hits == [] and _leftovers(tmp_path) == []
 
 
 def test_download_without_content_length(server, tmp_path):
     dest = tmp_path / "w.bin"
     calls = []
-    checkpoints.download(
+    download(
         _url(server, "nolength.bin"), dest, sha256=PAYLOAD_SHA, progress=lambda d, t: calls.append((d, t))
     )
     assert dest.read_bytes() == PAYLOAD
@@ -102,7 +105,7 @@ def test_bad_checksum_leaves_nothing_behind(server, tmp_path):
     dest = tmp_path / "w.bin"
     wrong = "0" * 64
     with pytest.raises(DownloadError, match="checksum mismatch") as err:
-        checkpoints.download(_url(server, "file.bin"), dest, sha256=wrong)
+        download(_url(server, "file.bin"), dest, sha256=wrong)
     assert PAYLOAD_SHA in str(err.value)
     assert _leftovers(tmp_path) == []
 
@@ -111,7 +114,7 @@ def test_bad_checksum_does_not_replace_an_existing_file(server, tmp_path):
     dest = tmp_path / "w.bin"
     dest.write_bytes(b"old")
     with pytest.raises(DownloadError):
-        checkpoints.download(_url(server, "file.bin"), dest, sha256="f" * 64)
+        download(_url(server, "file.bin"), dest, sha256="f" * 64)
     assert dest.read_bytes() == b"old"
     assert _leftovers(tmp_path) == ["w.bin"]
 
@@ -119,7 +122,7 @@ def test_bad_checksum_does_not_replace_an_existing_file(server, tmp_path):
 def test_interrupted_transfer_leaves_no_partial_file(server, tmp_path):
     dest = tmp_path / "w.bin"
     with pytest.raises(DownloadError) as err:
-        checkpoints.download(_url(server, "truncated.bin"), dest)
+        download(_url(server, "truncated.bin"), dest, sha256=PAYLOAD_SHA)
     assert str(dest) in str(err.value)
     assert _leftovers(tmp_path) == []
 
@@ -127,14 +130,14 @@ def test_interrupted_transfer_leaves_no_partial_file(server, tmp_path):
 def test_http_error_is_a_download_error(server, tmp_path):
     dest = tmp_path / "w.bin"
     with pytest.raises(DownloadError, match="404"):
-        checkpoints.download(_url(server, "missing.bin"), dest)
+        download(_url(server, "missing.bin"), dest, sha256=PAYLOAD_SHA)
     assert _leftovers(tmp_path) == []
 
 
 def test_destination_blocked_by_a_file_is_a_download_error(server, tmp_path):
     (tmp_path / "models").write_text("a file where the models directory should be")
     with pytest.raises(DownloadError, match="cannot write"):
-        checkpoints.download(_url(server, "file.bin"), tmp_path / "models" / "w.bin")
+        download(_url(server, "file.bin"), tmp_path / "models" / "w.bin", sha256=PAYLOAD_SHA)
 
 
 def _dead_port() -> int:
@@ -147,7 +150,7 @@ def test_unreachable_server_names_the_url_and_where_to_put_the_file(tmp_path):
     dest = tmp_path / "models" / "w.bin"
     url = f"http://127.0.0.1:{_dead_port()}/w.bin"
     with pytest.raises(DownloadError) as err:
-        checkpoints.download(url, dest, timeout=5)
+        download(url, dest, sha256=PAYLOAD_SHA, timeout=5)
     message = str(err.value)
     assert url in message and str(dest) in message and "offline" in message
     assert _leftovers(dest.parent) == []
@@ -160,6 +163,7 @@ def registered(server, monkeypatch):
         "arch": "tiny-vit",
         "quick_gelu": True,
         "url": _url(server, "file.bin"),
+        "revision": "test",
         "filename": "test-weights.bin",
         "sha256": PAYLOAD_SHA,
         "format": "openai",
@@ -169,36 +173,36 @@ def registered(server, monkeypatch):
 
 
 def test_fetch_pretrained_downloads_once_then_uses_the_cache(server, registered):
-    assert "tiny-vit/test" not in checkpoints.cached_pretrained()
-    path = checkpoints.fetch_pretrained("tiny-vit/test")
+    assert "tiny-vit/test" not in pretrained.cached_pretrained()
+    path = pretrained.fetch_pretrained("tiny-vit/test")
     assert path == paths.models_dir() / "test-weights.bin"
     assert path.read_bytes() == PAYLOAD
     assert server.hits == ["/file.bin"]
-    assert "tiny-vit/test" in checkpoints.cached_pretrained()
+    assert "tiny-vit/test" in pretrained.cached_pretrained()
 
-    assert checkpoints.fetch_pretrained("tiny-vit/test") == path
+    assert pretrained.fetch_pretrained("tiny-vit/test") == path
     assert server.hits == ["/file.bin"]  # not downloaded again
 
 
 def test_cached_file_is_hashed_once(server, registered, monkeypatch):
-    checkpoints.fetch_pretrained("tiny-vit/test")
+    pretrained.fetch_pretrained("tiny-vit/test")
     hashed = []
-    real = checkpoints._hash_file
-    monkeypatch.setattr(checkpoints, "_hash_file", lambda p: hashed.append(p) or real(p))
-    checkpoints.fetch_pretrained("tiny-vit/test")
+    real = hashing.sha256_file
+    monkeypatch.setattr(hashing, "sha256_file", lambda p: hashed.append(p) or real(p))
+    pretrained.fetch_pretrained("tiny-vit/test")
     assert hashed == []  # the sidecar written at download time answered
     path = paths.models_dir() / "test-weights.bin"
-    checkpoints._sidecar(path).unlink()
-    checkpoints.fetch_pretrained("tiny-vit/test")
-    checkpoints.fetch_pretrained("tiny-vit/test")
+    hashing.sidecar(path).unlink()
+    pretrained.fetch_pretrained("tiny-vit/test")
+    pretrained.fetch_pretrained("tiny-vit/test")
     assert hashed == [path]  # re-hashed once, then cached again
 
 
 def test_corrupted_cached_file_is_reported_not_used(server, registered):
-    path = checkpoints.fetch_pretrained("tiny-vit/test")
+    path = pretrained.fetch_pretrained("tiny-vit/test")
     path.write_bytes(PAYLOAD[:-1] + b"\x00")  # new size and mtime invalidate the sidecar
     with pytest.raises(ModelLoadError, match="delete it") as err:
-        checkpoints.fetch_pretrained("tiny-vit/test")
+        pretrained.fetch_pretrained("tiny-vit/test")
     assert str(path) in str(err.value)
 
 
@@ -211,7 +215,7 @@ def test_offline_pretrained_load_says_where_to_put_the_file(monkeypatch):
 
 
 def test_registry_entries_are_well_formed():
-    names = checkpoints.list_pretrained()
+    names = pretrained.list_pretrained()
     for required in ("ViT-B-32/openai", "RN50/openai", "ViT-L-14-336/openai", "ViT-B-32/laion2b_s34b_b79k"):
         assert required in names
     filenames = [e["filename"] for e in PRETRAINED.values()]
@@ -221,8 +225,25 @@ def test_registry_entries_are_well_formed():
         assert entry["url"].startswith("https://")
         sha = entry["sha256"]
         assert sha is None or (len(sha) in (8, 64) and int(sha, 16) >= 0)
+        assert pretrained.is_pinned(entry) == (sha is not None and len(sha) == 64 and "revision" in entry)
         if "openaipublic" in entry["url"]:
             # OpenAI's URLs carry the full digest; every OpenAI release used QuickGELU.
             assert entry["url"].split("/")[-2] == sha and entry["quick_gelu"]
     assert PRETRAINED["ViT-B-32/laion2b_s34b_b79k"]["quick_gelu"] is False
     assert PRETRAINED["ViT-L-14/laion2b_s32b_b82k"]["mean"] == (0.5, 0.5, 0.5)
+
+
+@pytest.mark.parametrize("sha256", [None, PAYLOAD_SHA[:8]])
+def test_unpinned_registry_entry_is_refused_before_any_download(server, registered, sha256):
+    registered["sha256"] = sha256
+    with pytest.raises(ModelLoadError, match="without a pinned revision and full sha256"):
+        checkpoints.load_bundle("tiny-vit/test")
+    assert server.hits == []
+    assert not (paths.models_dir() / "test-weights.bin").exists()
+
+
+def test_registry_entry_without_a_revision_is_refused(server, registered):
+    del registered["revision"]
+    with pytest.raises(ModelLoadError, match="pinned revision"):
+        pretrained.fetch_pretrained("tiny-vit/test")
+    assert server.hits == []
