@@ -61,12 +61,12 @@ def build_library(db: Path, n: int, model_id: str, source: str, dim: int = 512) 
     for start in range(0, n, step):
         vectors = rng.standard_normal((min(step, n - start), dim)).astype(np.float32)
         vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-        with lib.transaction() as c:
+        with lib.transaction():
             for i, v in enumerate(vectors, start):
                 image_id = lib.add_image(
-                    c, f"/photos/{i // 1000:03d}/IMG_{i:06d}.jpg", size=1, mtime_ns=1, content_hash=f"{i:x}"
+                    f"/photos/{i // 1000:03d}/IMG_{i:06d}.jpg", size=1, mtime_ns=1, content_hash=f"{i:x}"
                 )
-                lib.put_embedding(c, image_id, model_id, v)
+                lib.put_embedding(image_id, model_id, v)
     lib.close()
     os.replace(tmp, db)  # the FAISS index is keyed by the database's name: build it under the final one
     lib = Library.open(db)

@@ -11,6 +11,7 @@ Start-up stays cheap: torch, faiss and PIL are imported inside the commands that
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -839,38 +840,36 @@ def status(state: _State, as_json: bool, n_errors: int):
         errors = library.errors(limit=n_errors)
         default = library.default_model_id()
     if as_json:
-        data = {k: v for k, v in stats.items()}
+        data = dataclasses.asdict(stats)
         data["default_model"] = default
-        data["recent_errors"] = errors
+        data["recent_errors"] = [dataclasses.asdict(e) for e in errors]
         _echo_json(data)
         return
     from rich.table import Table
     from rich.text import Text
 
     out = _console()
-    out.print(f"Library: {stats['path']}", markup=False)
+    out.print(f"Library: {stats.path}", markup=False)
     out.print(
-        f"Images: {stats['images']}   Labels: {stats['labels']} in {stats['class_sets']} class set(s)   "
-        f"Errors: {stats['errors']}"
+        f"Images: {stats.images}   Labels: {stats.labels} in {stats.class_sets} class set(s)   "
+        f"Errors: {stats.errors}"
     )
-    if stats["models"]:
+    if stats.models:
         table = Table(title="Models", title_justify="left")
         table.add_column("model", overflow="fold")
         table.add_column("dim", justify="right")
         table.add_column("embedded", justify="right")
         table.add_column("last used")
         table.add_column("source", overflow="fold")
-        for m in stats["models"]:
-            name = m["id"] + (" (default)" if m["id"] == default else "")
-            table.add_row(
-                Text(name), str(m["dim"] or "?"), str(m["embedded"]), m["last_used"], Text(m["source"])
-            )
+        for m in stats.models:
+            name = m.id + (" (default)" if m.id == default else "")
+            table.add_row(Text(name), str(m.dim or "?"), str(m.embedded), m.last_used, Text(m.source))
         out.print(table)
     if errors:
-        out.print(f"Files that could not be indexed ({stats['errors']}, newest first):")
+        out.print(f"Files that could not be indexed ({stats.errors}, newest first):")
         for e in errors:
-            detail = f" ({e['detail']})" if e["detail"] else ""
-            out.print(f"  {e['reason']}: {e['path']}{detail}", markup=False)
+            detail = f" ({e.detail})" if e.detail else ""
+            out.print(f"  {e.reason}: {e.path}{detail}", markup=False)
 
 
 @cli.command()
@@ -913,8 +912,8 @@ def doctor(state: _State, rebuild: bool):
 
     out = _console()
     with state.open_library(create=False) as library:
-        problems = [r[0] for r in library.conn.execute("PRAGMA integrity_check").fetchall()]
-        if problems != ["ok"]:
+        problems = library.integrity_problems()
+        if problems:
             for p in problems[:10]:
                 out.print(f"  {p}", markup=False)
             raise LibraryError(

@@ -23,10 +23,8 @@ onnxruntime/faiss are imported only when needed.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
-import sqlite3
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -36,6 +34,7 @@ import numpy as np
 from clipsearch.atomic import atomic_path, commit
 from clipsearch.errors import ClipsearchError
 from clipsearch.paths import cache_dir
+from clipsearch.store import TextFeatureCache
 
 TEXT_ONNX = "text-fp32.onnx"
 TEXT_META = "text.json"  # written last: its presence means the export is complete
@@ -435,34 +434,6 @@ def tokenize(model_id: str, texts: Sequence[str]) -> np.ndarray:
     return encoder(model_id).tokenize(texts)
 
 
-class _TextCache:
-    """Unnormalised text features by exact text, in ``text-cache.sqlite`` beside the export."""
-
-    def __init__(self, model_id: str):
-        self.path = cache_dir(model_id) / TEXT_CACHE
-
-    def _connect(self):
-        conn = sqlite3.connect(self.path, timeout=2)
-        conn.execute("CREATE TABLE IF NOT EXISTS features (text TEXT PRIMARY KEY, vector BLOB NOT NULL)")
-        return conn
-
-    def get(self, texts: list[str]) -> dict[str, np.ndarray]:
-        if not self.path.is_file():
-            return {}
-        found = {}
-        with contextlib.closing(self._connect()) as conn:
-            for text in set(texts):
-                row = conn.execute("SELECT vector FROM features WHERE text = ?", (text,)).fetchone()
-                if row is not None:
-                    found[text] = np.frombuffer(row[0], dtype=np.float32)
-        return found
-
-    def put(self, items: dict[str, np.ndarray]) -> None:
-        rows = [(t, np.ascontiguousarray(v, np.float32).tobytes()) for t, v in items.items()]
-        with contextlib.closing(self._connect()) as conn, conn:
-            conn.executemany("INSERT OR REPLACE INTO features (text, vector) VALUES (?, ?)", rows)
-
-
 def text_features(
     model_id: str,
     texts: Sequence[str],
@@ -482,22 +453,16 @@ def text_features(
     meta = encode.meta if encode is not None else _meta(model_id)
     if not texts:
         return np.zeros((0, meta["dim"]), np.float32)
-    store = _TextCache(model_id) if cache else None
+    store = TextFeatureCache(cache_dir(model_id) / TEXT_CACHE) if cache else None
     known: dict[str, np.ndarray] = {}
     if store is not None:
-        try:
-            known = store.get(texts)
-        except sqlite3.Error:
-            known = {}  # an unreadable cache only costs speed: compute everything, rewrite below
+        known = {t: np.frombuffer(v, dtype=np.float32) for t, v in store.get(texts).items()}
     todo = list(dict.fromkeys(t for t in texts if t not in known))
     if todo:
         fresh = dict(zip(todo, (encode or encoder(model_id))(todo), strict=True))
         known.update(fresh)
         if store is not None:
-            try:
-                store.put(fresh)
-            except sqlite3.Error:
-                pass  # a read-only or busy cache only costs speed next time; the features are right
+            store.put({t: np.ascontiguousarray(v, np.float32).tobytes() for t, v in fresh.items()})
     out = np.stack([known[t] for t in texts]).astype(np.float32)  # [N, D]
     if normalize:
         out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)

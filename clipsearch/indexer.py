@@ -28,7 +28,6 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import sqlite3
 import stat
 import time
 from collections import deque
@@ -42,7 +41,7 @@ import numpy as np
 
 from clipsearch.errors import ClipsearchError, ImageDecodeError, LibraryError
 from clipsearch.imageio import DEFAULT_MAX_PIXELS, open_image
-from clipsearch.store import Library
+from clipsearch.store import ImageRow, Library, LibraryWriteError
 from clipsearch.walk import walk
 
 HASH_CHUNK = 1 << 20  # 1 MiB reads while hashing
@@ -81,7 +80,7 @@ class IndexReport:
 class _Job:
     path: Path
     stored: str
-    row: tuple | None  # (id, size, mtime_ns, content_hash) of the row at this path, if any
+    row: ImageRow | None  # the row at this path, if any
 
 
 @dataclass
@@ -209,11 +208,10 @@ def index_paths(
 
                 # Bring the saved FAISS index in step now (by id), so the next query just maps it.
                 VectorIndex.for_library(library, model_id)
-        except sqlite3.OperationalError as e:
+        except LibraryWriteError as e:
             # Disk full, I/O error, a lock held past the busy timeout: what was committed is kept.
             raise LibraryError(
-                f"writing to {library.path} failed ({e}); the batches done so far are saved: "
-                "fix the cause and run index again"
+                f"{e}; the batches done so far are saved: fix the cause and run index again"
             ) from e
     report.seconds = time.monotonic() - started
     emit({"event": "done"})
@@ -300,19 +298,9 @@ class _Run:
 
     def execute(self, found) -> None:
         lib = self.lib
-        rows = {
-            p: (i, s, m, h)
-            for i, p, s, m, h in lib.conn.execute("SELECT id, path, size, mtime_ns, content_hash FROM images")
-        }
+        rows = {row.stored: row for row in lib.images()}
         embedded = set(lib.embedding_ids(self.model_id).tolist())
-        self.known_hashes = {
-            h
-            for (h,) in lib.conn.execute(
-                "SELECT DISTINCT i.content_hash FROM images i JOIN embeddings e ON e.image_id = i.id "
-                "WHERE e.model_id = ?",
-                (self.model_id,),
-            )
-        }
+        self.known_hashes = lib.embedded_hashes(self.model_id)
         failures = lib.known_failures()
         seen: set[str] = set()
         jobs: list[_Job] = []
@@ -320,12 +308,16 @@ class _Run:
             stored = lib.stored_path(f.path)
             seen.add(stored)
             row = rows.get(stored)
-            if row is not None and row[1] == f.size and row[2] == f.mtime_ns and row[0] in embedded:
+            if row is not None and row.size == f.size and row.mtime_ns == f.mtime_ns and row.id in embedded:
                 self.report.unchanged += 1
                 continue
             failure = failures.get(stored) if row is None else None
-            if failure is not None and failure[:3] == (f.size, f.mtime_ns, self.settings):
-                self.report.failed.append((f.path, failure[3]))  # the same bad file: not read again
+            if failure is not None and (failure.size, failure.mtime_ns, failure.settings) == (
+                f.size,
+                f.mtime_ns,
+                self.settings,
+            ):
+                self.report.failed.append((f.path, failure.reason))  # the same bad file: not read again
                 continue
             jobs.append(_Job(f.path, stored, row))
         # A file that exists but could not be read keeps its row; a dead symlink, or a FIFO/socket/device
@@ -338,17 +330,17 @@ class _Run:
             for stored, row in rows.items()
             if stored not in seen
             and stored not in failed_paths
-            and _inside_any(lib.abspath(stored), found.roots)
-            and not _inside_any(lib.abspath(stored), found.unreadable_dirs)
+            and _inside_any(row.path, found.roots)
+            and not _inside_any(row.path, found.unreadable_dirs)
         ]
         for row in gone:
-            if row[0] in embedded:
-                self.gone_by_hash.setdefault(row[3], []).append(row[0])
-        self.gone_ids = {row[0] for row in gone}
+            if row.id in embedded:
+                self.gone_by_hash.setdefault(row.content_hash, []).append(row.id)
+        self.gone_ids = {row.id for row in gone}
 
-        with lib.transaction() as c:
+        with lib.transaction():
             for path, reason, detail in found.failed:
-                lib.record_error(c, path, reason, detail)
+                lib.record_error(path, reason, detail)
                 self.report.failed.append((path, reason))
         if jobs:  # measuring backends costs seconds: not for a run with nothing to read
             self.encoder = _image_encoder(self.bundle, self.backend, self.emit, self.report)
@@ -435,12 +427,11 @@ class _Run:
 
     def _fail(self, res: _Result) -> None:
         job = res.job
-        with self.lib.transaction() as c:
+        with self.lib.transaction():
             if job.row is not None:
                 # The file changed into something unreadable: its old embedding describes nothing.
-                self.lib.remove_images(c, [job.row[0]])
+                self.lib.remove_images([job.row.id])
             self.lib.record_error(
-                c,
                 job.path,
                 res.error[0],
                 res.error[1],
@@ -491,37 +482,33 @@ class _Run:
             return
         vectors = self._embed(self.batch) if self.batch else None
         lib, report = self.lib, self.report
-        with lib.transaction() as c:
+        with lib.transaction():
             if vectors is not None:
-                self._set_dim(c, vectors.shape[1])
+                lib.set_model_dim(self.model_id, vectors.shape[1])
             for res, vector in zip(self.batch, vectors if vectors is not None else [], strict=True):
                 row = res.job.row
-                if row is not None and row[3] == res.content_hash:
+                if row is not None and row.content_hash == res.content_hash:
                     # Same content, first embedding of this model: keep the row and other models' vectors.
-                    image_id = row[0]
-                    lib.touch_image(c, image_id, res.size, res.mtime_ns)
-                    lib.clear_errors(c, [res.job.path])
+                    image_id = row.id
+                    lib.touch_image(image_id, res.size, res.mtime_ns)
+                    lib.clear_errors([res.job.path])
                 else:
-                    image_id = self._add(c, res)
-                lib.put_embedding(c, image_id, self.model_id, vector)
-                if res.job.row is None or res.job.row[3] == res.content_hash:
+                    image_id = self._add(res)
+                lib.put_embedding(image_id, self.model_id, vector)
+                if row is None or row.content_hash == res.content_hash:
                     report.new += 1  # a new file, or known content's first embedding of this model
                 else:
                     report.updated += 1
             for res in self.reuse:
-                self._apply_reuse(c, res)
+                self._apply_reuse(res)
         for res in self.batch:
             self.known_hashes.add(res.content_hash)
         done = len(self.batch) + len(self.reuse)
         self.batch, self.reuse = [], []
         self.emit({"event": "advance", "n": done})
 
-    def _set_dim(self, c, dim: int) -> None:
-        c.execute("UPDATE models SET dim = ? WHERE id = ? AND dim IS NULL", (dim, self.model_id))
-
-    def _add(self, c, res: _Result) -> int:
+    def _add(self, res: _Result) -> int:
         return self.lib.add_image(
-            c,
             res.job.path,
             size=res.size,
             mtime_ns=res.mtime_ns,
@@ -531,38 +518,31 @@ class _Run:
             taken_at=res.taken_at,
         )
 
-    def _apply_reuse(self, c, res: _Result) -> None:
+    def _apply_reuse(self, res: _Result) -> None:
         lib, report, job = self.lib, self.report, res.job
-        if job.row is not None and job.row[3] == res.content_hash:
-            has = c.execute(
-                "SELECT 1 FROM embeddings WHERE image_id = ? AND model_id = ?", (job.row[0], self.model_id)
-            ).fetchone()
-            if has:  # same bytes, new mtime (touched or copied over itself)
-                lib.touch_image(c, job.row[0], res.size, res.mtime_ns)
-                lib.clear_errors(c, [job.path])
+        if job.row is not None and job.row.content_hash == res.content_hash:
+            if lib.has_embedding(job.row.id, self.model_id):  # same bytes, new mtime (touched or copied)
+                lib.touch_image(job.row.id, res.size, res.mtime_ns)
+                lib.clear_errors([job.path])
                 report.unchanged += 1
                 return
         candidates = self.gone_by_hash.get(res.content_hash)
         while candidates:
             old_id = candidates.pop()
-            if c.execute("SELECT 1 FROM images WHERE id = ?", (old_id,)).fetchone():
-                lib.move_image(c, old_id, job.path, res.size, res.mtime_ns)
+            if lib.has_image(old_id):
+                lib.move_image(old_id, job.path, res.size, res.mtime_ns)
                 self.gone_ids.discard(old_id)
                 report.moved += 1
                 return
-        source = c.execute(
-            "SELECT i.id, i.width, i.height, i.taken_at FROM images i JOIN embeddings e ON e.image_id = i.id "
-            "WHERE i.content_hash = ? AND e.model_id = ? ORDER BY i.id LIMIT 1",
-            (res.content_hash, self.model_id),
-        ).fetchone()
+        source = lib.embedded_twin(res.content_hash, self.model_id)
         if source is None:
             # The content's only embedded copy vanished meanwhile: embed it next time round.
-            lib.record_error(c, job.path, "retry", "its known twin disappeared during the run")
+            lib.record_error(job.path, "retry", "its known twin disappeared during the run")
             report.failed.append((job.path, "retry"))
             return
-        res.width, res.height, res.taken_at = source[1], source[2], source[3]
-        new_id = self._add(c, res)
-        lib.copy_embeddings(c, source[0], new_id)
+        res.width, res.height, res.taken_at = source.width, source.height, source.taken_at
+        new_id = self._add(res)
+        lib.copy_embeddings(source.id, new_id)
         if job.row is None:
             report.duplicates += 1
         else:
@@ -572,8 +552,8 @@ class _Run:
 
     def _finish(self, found) -> None:
         lib = self.lib
-        with lib.transaction() as c:
-            self.report.removed = lib.remove_images(c, sorted(self.gone_ids))
+        with lib.transaction():
+            self.report.removed = lib.remove_images(sorted(self.gone_ids))
             failed_now = {lib.stored_path(p) for p, _ in self.report.failed}
 
             def keep(path: Path) -> bool:
@@ -582,7 +562,7 @@ class _Run:
                     return True
                 return lib.stored_path(path) in failed_now
 
-            lib.clear_errors_where(c, keep)
+            lib.clear_errors_where(keep)
 
 
 def _inside_any(path: Path, roots: Sequence[Path]) -> bool:

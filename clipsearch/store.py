@@ -20,19 +20,27 @@ hold an exclusive lock file ``<db>.lock``; readers never take it.
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
+import logging
 import os
 import sqlite3
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from clipsearch.errors import LibraryError
 
 if TYPE_CHECKING:  # numpy is imported where vectors are read or written: a query client needs none
     import numpy as np
+
+
+class LibraryWriteError(LibraryError):
+    """SQLite refused a write (a full disk, an I/O error, a lock held past the busy timeout)."""
+
+
+log = logging.getLogger(__name__)
 
 BUSY_TIMEOUT_MS = 30_000  # long enough to wait out one indexer batch commit
 
@@ -137,25 +145,123 @@ def resolve_path(path: Path | str | None = None) -> Path:
     return path.parent.resolve() / path.name if path.parent.exists() else path
 
 
+# --- rows -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ImageRow:
+    """One indexed file. ``path`` is absolute; ``stored`` is how the database keeps it (relative to
+    the library's folder when under it), the key the indexer matches scanned files on."""
+
+    id: int
+    path: Path
+    stored: str
+    size: int
+    mtime_ns: int
+    content_hash: str
+    width: int | None
+    height: int | None
+    taken_at: str | None  # EXIF date taken, ISO 8601, when the file has one
+    indexed_at: str
+
+
+@dataclass(frozen=True, slots=True)
+class ModelRow:
+    """A model the library was indexed with, and how many images it has embedded."""
+
+    id: str
+    source: str  # what to pass to ``load_bundle`` to get the model again
+    dim: int | None
+    first_used: str
+    last_used: str
+    embedded: int
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorRow:
+    """A file the last runs could not index (``path`` absolute)."""
+
+    path: Path
+    reason: str
+    detail: str
+    seen_at: str
+
+
+class KnownFailure(NamedTuple):
+    """The state of a file when it failed: unchanged, it is not read again (see the indexer)."""
+
+    size: int
+    mtime_ns: int
+    settings: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class LabelRow:
+    """One stored zero-shot label of an image (``path`` absolute)."""
+
+    image_id: int
+    path: Path
+    model_id: str
+    classes: list[str]
+    label: str
+    score: float
+    rank: int
+    created_at: str
+
+
+@dataclass(frozen=True, slots=True)
+class LibraryStats:
+    """What ``clipsearch status`` shows: counts, models, where the library is."""
+
+    path: Path
+    root: Path
+    images: int
+    models: list[ModelRow]
+    embedded: dict[str, int]  # model id -> images embedded with it
+    errors: int
+    labels: int
+    class_sets: int
+    generation: int
+
+
+class Embeddings(NamedTuple):
+    """A model's stored vectors, ordered by image id."""
+
+    ids: np.ndarray  # int64 [N]
+    paths: list[Path]  # absolute
+    vectors: np.ndarray  # float32 [N, D], L2-normalised
+
+
+_IMAGE_COLUMNS = "id, path, size, mtime_ns, content_hash, width, height, taken_at, indexed_at"
+_CHUNK = 900  # ids per IN (...): under SQLite's default limit of 999 parameters
+
+
+def _chunks(ids: Iterable[int]) -> Iterator[list[int]]:
+    ids = [int(i) for i in ids]
+    for start in range(0, len(ids), _CHUNK):
+        yield ids[start : start + _CHUNK]
+
+
+def _marks(values: Sequence) -> str:
+    return ",".join("?" * len(values))
+
+
 class Library:
-    """A photo library database. Open with :meth:`Library.open`; use as a context manager."""
+    """A photo library database. Open with :meth:`Library.open`; use as a context manager.
+
+    Every read and write is a named method returning typed rows; nothing outside this module sees
+    SQL or the connection. A write method joins the :meth:`transaction` in progress, or runs in its
+    own when called outside one.
+    """
 
     def __init__(self, path: Path, conn: sqlite3.Connection, readonly: bool):
         self.path = path
         self.root = path.parent
         self.readonly = readonly
-        self.conn = conn
+        self._conn = conn
+        self._depth = 0  # nesting of transaction(): only the outermost begins and commits
         self._lock_fd: int | None = None
-
-    @functools.cached_property
-    def db(self):
-        """The connection as a ``sqlite_utils.Database``, for ad-hoc inspection.
-
-        Made on first use: importing sqlite-utils costs ~0.07 s, a seventh of a query's budget.
-        """
-        import sqlite_utils
-
-        return sqlite_utils.Database(self.conn)
 
     # --- opening ------------------------------------------------------------------------------
 
@@ -199,7 +305,7 @@ class Library:
         return lib
 
     def _configure(self) -> None:
-        c = self.conn
+        c = self._conn
         c.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
         # Reading the schema is the first access: a non-database file fails here.
         c.execute("SELECT count(*) FROM sqlite_master").fetchone()
@@ -213,13 +319,11 @@ class Library:
         c.execute("PRAGMA foreign_keys = ON")
 
     def _migrate(self) -> None:
-        c = self.conn
+        c = self._conn
         tables = {r[0] for r in c.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         if tables and "migrations" not in tables:
             raise LibraryError(f"{self.path} is a SQLite database but not a clipsearch library")
-        applied: list[str] = []
-        if "migrations" in tables:
-            applied = [r[0] for r in c.execute("SELECT name FROM migrations ORDER BY id")]
+        applied = self.applied_migrations() if "migrations" in tables else []
         known = [name for name, _ in MIGRATIONS]
         unknown = [name for name in applied if name not in known]
         if unknown:
@@ -242,10 +346,22 @@ class Library:
                         c.execute(statement)
                 c.execute("INSERT INTO migrations (name, applied_at) VALUES (?, ?)", (name, _now()))
 
+    def applied_migrations(self) -> list[str]:
+        """Names of the migrations this database has run, in order."""
+        return [r[0] for r in self._conn.execute("SELECT name FROM migrations ORDER BY id")]
+
+    def integrity_problems(self) -> list[str]:
+        """What SQLite's integrity check finds wrong (empty when the file is sound)."""
+        found = [r[0] for r in self._conn.execute("PRAGMA integrity_check")]
+        return [] if found == ["ok"] else found
+
+    def journal_mode(self) -> str:
+        return str(self._conn.execute("PRAGMA journal_mode").fetchone()[0]).lower()
+
     def close(self) -> None:
         """Release the writer lock if held and close the connection."""
         self.release_writer_lock()
-        self.conn.close()
+        self._conn.close()
 
     def __enter__(self) -> Library:
         return self
@@ -256,20 +372,40 @@ class Library:
     # --- transactions and the writer lock -----------------------------------------------------
 
     @contextlib.contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction (``BEGIN IMMEDIATE``): committed on success, rolled back on error."""
+    def transaction(self) -> Iterator[None]:
+        """``with library.transaction():`` the writes inside commit together or not at all.
+
+        The outermost one runs ``BEGIN IMMEDIATE`` and commits on success, rolls back on error;
+        nested ones join it. A write that SQLite refuses (a full disk, an I/O error, a lock held
+        past the busy timeout) raises :class:`LibraryWriteError`; what was committed before stays.
+        """
         if self.readonly:
             raise LibraryError(f"{self.path} was opened read-only")
-        self.conn.execute("BEGIN IMMEDIATE")
+        if self._depth:
+            self._depth += 1
+            try:
+                yield
+            finally:
+                self._depth -= 1
+            return
         try:
-            yield self.conn
-            self.conn.execute("COMMIT")
-        except BaseException:
+            self._conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as e:
+            raise LibraryWriteError(f"writing to {self.path} failed ({e})") from e
+        self._depth = 1
+        try:
+            yield
+            self._conn.execute("COMMIT")
+        except BaseException as e:
             # SQLite may have rolled back already (e.g. on a full disk); a second ROLLBACK would
             # replace the real error with "no transaction is active".
-            if self.conn.in_transaction:
-                self.conn.execute("ROLLBACK")
+            if self._conn.in_transaction:
+                self._conn.execute("ROLLBACK")
+            if isinstance(e, sqlite3.OperationalError):
+                raise LibraryWriteError(f"writing to {self.path} failed ({e})") from e
             raise
+        finally:
+            self._depth = 0
 
     @property
     def lock_path(self) -> Path:
@@ -376,54 +512,138 @@ class Library:
 
     def library_id(self) -> str:
         """This library's random identity (made once, when it was created or first upgraded)."""
-        return self.conn.execute("SELECT value FROM meta WHERE key = 'library_id'").fetchone()[0]
+        return self._conn.execute("SELECT value FROM meta WHERE key = 'library_id'").fetchone()[0]
 
     def generation(self) -> int:
         """A counter bumped by every committed change to images or embeddings."""
-        return int(self.conn.execute("SELECT value FROM meta WHERE key = 'generation'").fetchone()[0])
+        return int(self._conn.execute("SELECT value FROM meta WHERE key = 'generation'").fetchone()[0])
 
     def _bump(self) -> None:
-        self.conn.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'generation'")
+        self._conn.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'generation'")
 
     # --- models -------------------------------------------------------------------------------
 
     def register_model(self, model_id: str, source: str, dim: int | None = None, config: dict | None = None):
         """Record that ``model_id`` (loadable again from ``source``) is used now."""
         now = _now()
-        with self.transaction() as c:
-            c.execute(
+        with self.transaction():
+            self._conn.execute(
                 "INSERT INTO models (id, source, dim, config, first_used, last_used) VALUES (?, ?, ?, ?, ?, ?) "
                 "ON CONFLICT(id) DO UPDATE SET source = excluded.source, last_used = excluded.last_used, "
                 "dim = coalesce(excluded.dim, models.dim), config = coalesce(excluded.config, models.config)",
                 (model_id, source, dim, json.dumps(config) if config is not None else None, now, now),
             )
 
+    def set_model_dim(self, model_id: str, dim: int) -> None:
+        """Record the embedding size of ``model_id`` if it was not known when it was registered."""
+        with self.transaction():
+            self._conn.execute("UPDATE models SET dim = ? WHERE id = ? AND dim IS NULL", (int(dim), model_id))
+
     def default_model_id(self) -> str | None:
         """The model the library was last indexed with (None for an empty library)."""
-        row = self.conn.execute(
+        row = self._conn.execute(
             "SELECT id FROM models ORDER BY last_used DESC, rowid DESC LIMIT 1"
         ).fetchone()
         return row[0] if row else None
 
     def model_ids(self) -> list[str]:
-        return [r[0] for r in self.conn.execute("SELECT id FROM models ORDER BY first_used, rowid")]
+        return [r[0] for r in self._conn.execute("SELECT id FROM models ORDER BY first_used, rowid")]
 
     def model_source(self, model_id: str) -> str:
         """What to pass to ``load_bundle`` to get ``model_id`` again."""
-        row = self.conn.execute("SELECT source FROM models WHERE id = ?", (model_id,)).fetchone()
+        row = self._conn.execute("SELECT source FROM models WHERE id = ?", (model_id,)).fetchone()
         if row is None:
             raise LibraryError(f"the library has no embeddings of model {model_id!r}: index with it first")
         return row[0]
 
     def model_dim(self, model_id: str) -> int | None:
-        row = self.conn.execute("SELECT dim FROM models WHERE id = ?", (model_id,)).fetchone()
+        row = self._conn.execute("SELECT dim FROM models WHERE id = ?", (model_id,)).fetchone()
         return row[0] if row else None
 
-    # --- images and embeddings (read) ---------------------------------------------------------
+    def models(self) -> list[ModelRow]:
+        """Every model the library was indexed with, oldest first."""
+        return [
+            ModelRow(m, s, d, f, last, n)
+            for m, s, d, f, last, n in self._conn.execute(
+                "SELECT m.id, m.source, m.dim, m.first_used, m.last_used, "
+                "(SELECT count(*) FROM embeddings e WHERE e.model_id = m.id) "
+                "FROM models m ORDER BY m.first_used, m.rowid"
+            )
+        ]
+
+    # --- images (read) ------------------------------------------------------------------------
+
+    def _image_row(self, r: tuple) -> ImageRow:
+        return ImageRow(r[0], self.abspath(r[1]), *r[1:])
+
+    def images(self, under: Path | str | None = None) -> list[ImageRow]:
+        """Every image, ordered by id; with ``under``, only those in that subtree (matched literally)."""
+        sql = f"SELECT {_IMAGE_COLUMNS} FROM images"
+        params: list = []
+        if under is not None:
+            clause, params = self._under_clause(under)
+            sql += " WHERE " + clause
+        return [self._image_row(r) for r in self._conn.execute(sql + " ORDER BY id", params)]
+
+    def image(self, image_id: int) -> ImageRow | None:
+        row = self._conn.execute(f"SELECT {_IMAGE_COLUMNS} FROM images WHERE id = ?", (int(image_id),))
+        found = row.fetchone()
+        return None if found is None else self._image_row(found)
+
+    def image_at(self, path: Path | str) -> ImageRow | None:
+        """The row of the file at ``path`` (any spelling that resolves to it), if indexed."""
+        cur = self._conn.execute(
+            f"SELECT {_IMAGE_COLUMNS} FROM images WHERE path = ?", (self.stored_path(path),)
+        )
+        found = cur.fetchone()
+        return None if found is None else self._image_row(found)
+
+    def image_paths(self, ids: Sequence[int]) -> dict[int, Path]:
+        """Absolute paths of the given image ids (unknown ids are left out)."""
+        out: dict[int, Path] = {}
+        for chunk in _chunks(ids):
+            for i, p in self._conn.execute(
+                f"SELECT id, path FROM images WHERE id IN ({_marks(chunk)})", chunk
+            ):
+                out[i] = self.abspath(p)
+        return out
+
+    def image_ids_under(self, under: Path | str) -> set[int]:
+        """Ids of the images in the subtree ``under`` (literal match: ``%`` and ``_`` are plain)."""
+        clause, params = self._under_clause(under)
+        return {r[0] for r in self._conn.execute(f"SELECT id FROM images WHERE {clause}", params)}
+
+    def has_image(self, image_id: int) -> bool:
+        return (
+            self._conn.execute("SELECT 1 FROM images WHERE id = ?", (int(image_id),)).fetchone() is not None
+        )
+
+    def embedded_hashes(self, model_id: str) -> set[str]:
+        """Content hashes that have an embedding of ``model_id`` (their files need no model run)."""
+        return {
+            h
+            for (h,) in self._conn.execute(
+                "SELECT DISTINCT i.content_hash FROM images i JOIN embeddings e ON e.image_id = i.id "
+                "WHERE e.model_id = ?",
+                (model_id,),
+            )
+        }
+
+    def embedded_twin(self, content_hash: str, model_id: str) -> ImageRow | None:
+        """The oldest image of this content that has an embedding of ``model_id``, if any."""
+        found = self._conn.execute(
+            f"SELECT {', '.join('i.' + c for c in _IMAGE_COLUMNS.split(', '))} FROM images i "
+            "JOIN embeddings e ON e.image_id = i.id "
+            "WHERE i.content_hash = ? AND e.model_id = ? ORDER BY i.id LIMIT 1",
+            (content_hash, model_id),
+        ).fetchone()
+        return None if found is None else self._image_row(found)
+
+    # --- embeddings (read) --------------------------------------------------------------------
 
     def embeddings(
         self, model_id: str, under: Path | str | None = None, ids: Sequence[int] | None = None
-    ) -> tuple[np.ndarray, list[Path], np.ndarray]:
+    ) -> Embeddings:
         """``(ids int64 [N], absolute paths, L2-normalised float32 [N, D])`` of ``model_id``.
 
         ``under`` keeps a subtree (matched literally); ``ids`` keeps those image ids. Ordered by id.
@@ -441,14 +661,11 @@ class Library:
             params += p
         rows: list = []
         if ids is not None:
-            ids = [int(i) for i in ids]
-            for start in range(0, len(ids), 900):  # stay under SQLite's parameter limit
-                chunk = ids[start : start + 900]
-                marks = ",".join("?" * len(chunk))
-                rows += self.conn.execute(sql + f" AND i.id IN ({marks})", params + chunk).fetchall()
+            for chunk in _chunks(ids):
+                rows += self._conn.execute(sql + f" AND i.id IN ({_marks(chunk)})", params + chunk).fetchall()
             rows.sort(key=lambda r: r[0])
         else:
-            rows = self.conn.execute(sql + " ORDER BY i.id", params).fetchall()
+            rows = self._conn.execute(sql + " ORDER BY i.id", params).fetchall()
         dim = self.model_dim(model_id) or (len(rows[0][2]) // 4 if rows else 0)
         out_ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
         blob = b"".join(r[2] for r in rows)
@@ -458,57 +675,56 @@ class Library:
                 "run `clipsearch doctor` or index again with --model"
             )
         vectors = np.frombuffer(blob, dtype=np.float32).reshape(len(rows), dim).copy()  # [N, D]
-        return out_ids, [self.abspath(r[1]) for r in rows], vectors
+        return Embeddings(out_ids, [self.abspath(r[1]) for r in rows], vectors)
+
+    def embedding(self, image_id: int, model_id: str) -> np.ndarray | None:
+        """The stored vector ``float32 [D]`` (L2-normalised) of one image, or None when it has none."""
+        import numpy as np
+
+        row = self._conn.execute(
+            "SELECT vector FROM embeddings WHERE image_id = ? AND model_id = ?", (int(image_id), model_id)
+        ).fetchone()
+        return None if row is None else np.frombuffer(row[0], dtype=np.float32).copy()
+
+    def has_embedding(self, image_id: int, model_id: str) -> bool:
+        return (
+            self._conn.execute(
+                "SELECT 1 FROM embeddings WHERE image_id = ? AND model_id = ?", (int(image_id), model_id)
+            ).fetchone()
+            is not None
+        )
 
     def embedding_ids(self, model_id: str) -> np.ndarray:
         """Image ids (int64, sorted) that have an embedding of ``model_id``."""
         import numpy as np
 
-        rows = self.conn.execute(
+        rows = self._conn.execute(
             "SELECT image_id FROM embeddings WHERE model_id = ? ORDER BY image_id", (model_id,)
         ).fetchall()
         return np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
 
     def embedding_count(self, model_id: str) -> int:
-        return self.conn.execute(
+        return self._conn.execute(
             "SELECT count(*) FROM embeddings WHERE model_id = ?", (model_id,)
         ).fetchone()[0]
 
-    def image_paths(self, ids: Sequence[int]) -> dict[int, Path]:
-        """Absolute paths of the given image ids (unknown ids are left out)."""
-        out: dict[int, Path] = {}
-        ids = [int(i) for i in ids]
-        for start in range(0, len(ids), 900):
-            chunk = ids[start : start + 900]
-            marks = ",".join("?" * len(chunk))
-            for i, p in self.conn.execute(f"SELECT id, path FROM images WHERE id IN ({marks})", chunk):
-                out[i] = self.abspath(p)
-        return out
+    def embedding_id_range(self, model_id: str) -> tuple[int, int] | None:
+        """``(lowest, highest)`` embedded image id of ``model_id``, None when it has none.
 
-    def image_ids_under(self, under: Path | str) -> set[int]:
-        """Ids of the images in the subtree ``under`` (literal match: ``%`` and ``_`` are plain)."""
-        clause, params = self._under_clause(under)
-        return {r[0] for r in self.conn.execute(f"SELECT id FROM images WHERE {clause}", params)}
-
-    def images(self, under: Path | str | None = None) -> list[dict]:
-        """Every image row (absolute ``path``), optionally only those in a subtree."""
-        sql = "SELECT id, path, size, mtime_ns, content_hash, width, height, taken_at, indexed_at FROM images"
-        params: list = []
-        if under is not None:
-            clause, params = self._under_clause(under)
-            sql += " WHERE " + clause
-        cur = self.conn.execute(sql + " ORDER BY id", params)
-        cols = [d[0] for d in cur.description]
-        rows = [dict(zip(cols, r, strict=True)) for r in cur]
-        for r in rows:
-            r["path"] = self.abspath(r["path"])
-        return rows
+        Two probes of the ``embeddings_model`` index: SQLite answers a lone min() or max() from
+        the index, both in one statement by a scan.
+        """
+        q = "SELECT {}(image_id) FROM embeddings WHERE model_id = ?"
+        lo = self._conn.execute(q.format("min"), (model_id,)).fetchone()[0]
+        if lo is None:
+            return None
+        hi = self._conn.execute(q.format("max"), (model_id,)).fetchone()[0]
+        return int(lo), int(hi)
 
     # --- images and embeddings (write; used by the indexer) -----------------------------------
 
     def add_image(
         self,
-        c: sqlite3.Connection,
         path: Path | str,
         *,
         size: int,
@@ -518,80 +734,80 @@ class Library:
         height: int | None = None,
         taken_at: str | None = None,
     ) -> int:
-        """Insert (or replace, dropping its old embeddings and labels) the row for ``path``; inside
-        a :meth:`transaction` (pass its connection ``c``). Returns the new image id."""
+        """Insert (or replace, dropping its old embeddings and labels) the row for ``path``; clears
+        its recorded error. Returns the new image id."""
         stored = self.stored_path(path)
-        self._delete_where(c, "path = ?", [stored])
-        cur = c.execute(
-            "INSERT INTO images (path, size, mtime_ns, content_hash, width, height, taken_at, indexed_at) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (stored, size, mtime_ns, content_hash, width, height, taken_at, _now()),
-        )
-        c.execute("DELETE FROM errors WHERE path = ?", (stored,))
-        self._bump()
+        with self.transaction():
+            self._delete_where("path = ?", [stored])
+            cur = self._conn.execute(
+                "INSERT INTO images (path, size, mtime_ns, content_hash, width, height, taken_at, indexed_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (stored, size, mtime_ns, content_hash, width, height, taken_at, _now()),
+            )
+            self._conn.execute("DELETE FROM errors WHERE path = ?", (stored,))
+            self._bump()
         return int(cur.lastrowid)
 
-    def put_embedding(self, c: sqlite3.Connection, image_id: int, model_id: str, vector: np.ndarray) -> None:
-        """Store one vector (float32, L2-normalised by the caller) inside a transaction."""
+    def put_embedding(self, image_id: int, model_id: str, vector: np.ndarray) -> None:
+        """Store one vector (float32, L2-normalised by the caller)."""
         import numpy as np
 
         blob = np.ascontiguousarray(vector, dtype=np.float32).tobytes()
-        c.execute(
-            "INSERT OR REPLACE INTO embeddings (image_id, model_id, vector) VALUES (?, ?, ?)",
-            (int(image_id), model_id, blob),
-        )
-        self._bump()
+        with self.transaction():
+            self._conn.execute(
+                "INSERT OR REPLACE INTO embeddings (image_id, model_id, vector) VALUES (?, ?, ?)",
+                (int(image_id), model_id, blob),
+            )
+            self._bump()
 
-    def embedding_blob(self, image_id: int, model_id: str) -> bytes | None:
-        row = self.conn.execute(
-            "SELECT vector FROM embeddings WHERE image_id = ? AND model_id = ?", (int(image_id), model_id)
-        ).fetchone()
-        return row[0] if row else None
-
-    def copy_embeddings(self, c: sqlite3.Connection, from_id: int, to_id: int) -> int:
+    def copy_embeddings(self, from_id: int, to_id: int) -> int:
         """Give image ``to_id`` every embedding of ``from_id`` (a duplicate file); returns how many."""
-        cur = c.execute(
-            "INSERT OR REPLACE INTO embeddings (image_id, model_id, vector) "
-            "SELECT ?, model_id, vector FROM embeddings WHERE image_id = ?",
-            (int(to_id), int(from_id)),
-        )
-        self._bump()
+        with self.transaction():
+            cur = self._conn.execute(
+                "INSERT OR REPLACE INTO embeddings (image_id, model_id, vector) "
+                "SELECT ?, model_id, vector FROM embeddings WHERE image_id = ?",
+                (int(to_id), int(from_id)),
+            )
+            self._bump()
         return cur.rowcount
 
-    def move_image(
-        self, c: sqlite3.Connection, image_id: int, new_path: Path | str, size: int, mtime_ns: int
-    ):
+    def move_image(self, image_id: int, new_path: Path | str, size: int, mtime_ns: int) -> None:
         """A file was moved or renamed: keep its id, embeddings and labels, change its path."""
         stored = self.stored_path(new_path)
-        self._delete_where(c, "path = ? AND id != ?", [stored, int(image_id)])
-        c.execute(
-            "UPDATE images SET path = ?, size = ?, mtime_ns = ? WHERE id = ?",
-            (stored, size, mtime_ns, int(image_id)),
-        )
-        c.execute("DELETE FROM errors WHERE path = ?", (stored,))
-        self._bump()
+        with self.transaction():
+            self._delete_where("path = ? AND id != ?", [stored, int(image_id)])
+            self._conn.execute(
+                "UPDATE images SET path = ?, size = ?, mtime_ns = ? WHERE id = ?",
+                (stored, size, mtime_ns, int(image_id)),
+            )
+            self._conn.execute("DELETE FROM errors WHERE path = ?", (stored,))
+            self._bump()
 
-    def touch_image(self, c: sqlite3.Connection, image_id: int, size: int, mtime_ns: int) -> None:
+    def touch_image(self, image_id: int, size: int, mtime_ns: int) -> None:
         """Same content, new size/mtime record (e.g. the file was copied over itself)."""
-        c.execute("UPDATE images SET size = ?, mtime_ns = ? WHERE id = ?", (size, mtime_ns, int(image_id)))
+        with self.transaction():
+            self._conn.execute(
+                "UPDATE images SET size = ?, mtime_ns = ? WHERE id = ?", (size, mtime_ns, int(image_id))
+            )
 
-    def remove_images(self, c: sqlite3.Connection, ids: Iterable[int]) -> int:
+    def remove_images(self, ids: Iterable[int]) -> int:
         """Delete images with their embeddings and labels; returns how many rows went."""
-        ids = [int(i) for i in ids]
         n = 0
-        for start in range(0, len(ids), 900):
-            chunk = ids[start : start + 900]
-            n += self._delete_where(c, f"id IN ({','.join('?' * len(chunk))})", chunk)
+        with self.transaction():
+            for chunk in _chunks(ids):
+                n += self._delete_where(f"id IN ({_marks(chunk)})", chunk)
         return n
 
-    def _delete_where(self, c: sqlite3.Connection, where: str, params: list) -> int:
+    def _delete_where(self, where: str, params: list) -> int:
+        c = self._conn
         ids = [r[0] for r in c.execute(f"SELECT id FROM images WHERE {where}", params)]
         if not ids:
             return 0
-        marks = ",".join("?" * len(ids))
-        c.execute(f"DELETE FROM labels WHERE image_id IN ({marks})", ids)
-        c.execute(f"DELETE FROM embeddings WHERE image_id IN ({marks})", ids)
-        c.execute(f"DELETE FROM images WHERE id IN ({marks})", ids)
+        for chunk in _chunks(ids):
+            marks = _marks(chunk)
+            c.execute(f"DELETE FROM labels WHERE image_id IN ({marks})", chunk)
+            c.execute(f"DELETE FROM embeddings WHERE image_id IN ({marks})", chunk)
+            c.execute(f"DELETE FROM images WHERE id IN ({marks})", chunk)
         self._bump()
         return len(ids)
 
@@ -599,7 +815,6 @@ class Library:
 
     def record_error(
         self,
-        c: sqlite3.Connection,
         path: Path | str,
         reason: str,
         detail: str = "",
@@ -612,43 +827,43 @@ class Library:
 
         ``size``/``mtime_ns``/``settings`` (when the file could be examined) let the next run skip
         it unread while nothing about it has changed (see :meth:`known_failures`)."""
-        c.execute(
-            "INSERT OR REPLACE INTO errors (path, reason, detail, seen_at, size, mtime_ns, settings) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (self.stored_path(path), reason, detail, _now(), size, mtime_ns, settings),
-        )
+        with self.transaction():
+            self._conn.execute(
+                "INSERT OR REPLACE INTO errors (path, reason, detail, seen_at, size, mtime_ns, settings) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (self.stored_path(path), reason, detail, _now(), size, mtime_ns, settings),
+            )
 
-    def known_failures(self) -> dict[str, tuple[int, int, str, str]]:
-        """``{stored path: (size, mtime_ns, settings, reason)}`` of failures recorded with file state."""
+    def known_failures(self) -> dict[str, KnownFailure]:
+        """``{stored path: KnownFailure}`` of the failures recorded with their file's state."""
         return {
-            p: (s, m, st, r)
-            for p, s, m, st, r in self.conn.execute(
+            p: KnownFailure(s, m, st, r)
+            for p, s, m, st, r in self._conn.execute(
                 "SELECT path, size, mtime_ns, settings, reason FROM errors WHERE size IS NOT NULL"
             )
         }
 
-    def clear_errors(self, c: sqlite3.Connection, paths: Iterable[Path | str]) -> None:
-        for p in paths:
-            c.execute("DELETE FROM errors WHERE path = ?", (self.stored_path(p),))
+    def clear_errors(self, paths: Iterable[Path | str]) -> None:
+        with self.transaction():
+            for p in paths:
+                self._conn.execute("DELETE FROM errors WHERE path = ?", (self.stored_path(p),))
 
-    def clear_errors_where(self, c: sqlite3.Connection, keep: Callable[[Path], bool]) -> int:
+    def clear_errors_where(self, keep: Callable[[Path], bool]) -> int:
         """Delete errors whose absolute path fails ``keep`` (e.g. files gone from a scanned tree)."""
-        gone = [p for (p,) in c.execute("SELECT path FROM errors") if not keep(self.abspath(p))]
-        for p in gone:
-            c.execute("DELETE FROM errors WHERE path = ?", (p,))
+        with self.transaction():
+            gone = [p for (p,) in self._conn.execute("SELECT path FROM errors") if not keep(self.abspath(p))]
+            for p in gone:
+                self._conn.execute("DELETE FROM errors WHERE path = ?", (p,))
         return len(gone)
 
-    def errors(self, limit: int | None = None) -> list[dict]:
-        """Files that could not be indexed, newest first: ``{path, reason, detail, seen_at}``."""
+    def errors(self, limit: int | None = None) -> list[ErrorRow]:
+        """Files that could not be indexed, newest first."""
         sql = "SELECT path, reason, detail, seen_at FROM errors ORDER BY seen_at DESC, path"
         params: list = []
         if limit is not None:
             sql += " LIMIT ?"
             params.append(int(limit))
-        return [
-            {"path": self.abspath(p), "reason": r, "detail": d, "seen_at": s}
-            for p, r, d, s in self.conn.execute(sql, params)
-        ]
+        return [ErrorRow(self.abspath(p), r, d, s) for p, r, d, s in self._conn.execute(sql, params)]
 
     # --- labels -------------------------------------------------------------------------------
 
@@ -665,9 +880,9 @@ class Library:
         library are skipped. Returns the rows written."""
         key = self.class_set_key(classes)
         now = _now()
-        with self.transaction() as c:
-            c.execute("DELETE FROM labels WHERE model_id = ? AND class_set = ?", (model_id, key))
-            cur = c.executemany(
+        with self.transaction():
+            self._conn.execute("DELETE FROM labels WHERE model_id = ? AND class_set = ?", (model_id, key))
+            cur = self._conn.executemany(
                 "INSERT INTO labels (image_id, model_id, class_set, label, score, rank, created_at) "
                 "SELECT ?, ?, ?, ?, ?, ?, ? WHERE EXISTS (SELECT 1 FROM images WHERE id = ?)",
                 (
@@ -675,10 +890,10 @@ class Library:
                     for i, label, score, rank in rows
                 ),
             )
-            return cur.rowcount
+        return cur.rowcount
 
-    def labels(self, model_id: str | None = None, classes: Sequence[str] | None = None) -> list[dict]:
-        """Stored labels: ``{image_id, path, model_id, classes, label, score, rank, created_at}``."""
+    def labels(self, model_id: str | None = None, classes: Sequence[str] | None = None) -> list[LabelRow]:
+        """Stored labels, by image then rank; optionally of one model and one class set."""
         sql = (
             "SELECT l.image_id, i.path, l.model_id, l.class_set, l.label, l.score, l.rank, l.created_at "
             "FROM labels l JOIN images i ON i.id = l.image_id WHERE 1 = 1"
@@ -692,41 +907,116 @@ class Library:
             params.append(self.class_set_key(classes))
         sql += " ORDER BY l.image_id, l.rank"
         return [
-            {
-                "image_id": i,
-                "path": self.abspath(p),
-                "model_id": m,
-                "classes": json.loads(cs),
-                "label": lab,
-                "score": s,
-                "rank": r,
-                "created_at": t,
-            }
-            for i, p, m, cs, lab, s, r, t in self.conn.execute(sql, params)
+            LabelRow(i, self.abspath(p), m, json.loads(cs), lab, s, r, t)
+            for i, p, m, cs, lab, s, r, t in self._conn.execute(sql, params)
         ]
 
     # --- summary ------------------------------------------------------------------------------
 
-    def stats(self) -> dict:
-        """``{path, root, images, models: [{id, source, dim, embedded, first_used, last_used}],
-        errors, labels, generation}``."""
-        q = self.conn.execute
-        models = [
-            {"id": m, "source": s, "dim": d, "embedded": n, "first_used": f, "last_used": last}
-            for m, s, d, f, last, n in q(
-                "SELECT m.id, m.source, m.dim, m.first_used, m.last_used, "
-                "(SELECT count(*) FROM embeddings e WHERE e.model_id = m.id) "
-                "FROM models m ORDER BY m.first_used, m.rowid"
+    def stats(self) -> LibraryStats:
+        """Counts of images, errors, labels and class sets, and the models with their counts."""
+        q = self._conn.execute
+        models = self.models()
+        return LibraryStats(
+            path=self.path,
+            root=self.root,
+            images=q("SELECT count(*) FROM images").fetchone()[0],
+            models=models,
+            embedded={m.id: m.embedded for m in models},
+            errors=q("SELECT count(*) FROM errors").fetchone()[0],
+            labels=q("SELECT count(*) FROM labels").fetchone()[0],
+            class_sets=q("SELECT count(DISTINCT class_set) FROM labels").fetchone()[0],
+            generation=self.generation(),
+        )
+
+
+# --- small SQLite files beside a model's text export ------------------------------------------
+
+
+class TextFeatureCache:
+    """Text features by exact text, in a small SQLite file of their own (one per text export).
+
+    Only speed depends on it: a cache that cannot be read or written is logged and ignored.
+    """
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, timeout=2)
+        conn.execute("CREATE TABLE IF NOT EXISTS features (text TEXT PRIMARY KEY, vector BLOB NOT NULL)")
+        return conn
+
+    def get(self, texts: Iterable[str]) -> dict[str, bytes]:
+        """``{text: float32 bytes}`` of the texts found."""
+        if not self.path.is_file():
+            return {}
+        found = {}
+        try:
+            with contextlib.closing(self._connect()) as conn:
+                for text in set(texts):
+                    row = conn.execute("SELECT vector FROM features WHERE text = ?", (text,)).fetchone()
+                    if row is not None:
+                        found[text] = row[0]
+        except sqlite3.Error as e:
+            log.info("text cache %s unreadable (%s): encoding every text", self.path, e)
+            return {}
+        return found
+
+    def put(self, items: dict[str, bytes]) -> None:
+        try:
+            with contextlib.closing(self._connect()) as conn, conn:
+                conn.executemany(
+                    "INSERT OR REPLACE INTO features (text, vector) VALUES (?, ?)", list(items.items())
+                )
+        except sqlite3.Error as e:  # read-only or busy: only the next query's speed suffers
+            log.info("text cache %s not written (%s)", self.path, e)
+
+
+class BpeTable:
+    """A BPE's vocabulary and merge ranks as a SQLite file, read a row at a time (see
+    :class:`clipsearch.tokenizer.TableTokenizer`). Raises ``ValueError`` for a file that is not one."""
+
+    def __init__(self, path: Path):
+        try:
+            # immutable: the file is replaced, never changed in place, so SQLite need not lock it
+            self._conn = sqlite3.connect(
+                f"{Path(path).resolve().as_uri()}?immutable=1", uri=True, check_same_thread=False
             )
-        ]
-        return {
-            "path": self.path,
-            "root": self.root,
-            "images": q("SELECT count(*) FROM images").fetchone()[0],
-            "models": models,
-            "embedded": {m["id"]: m["embedded"] for m in models},
-            "errors": q("SELECT count(*) FROM errors").fetchone()[0],
-            "labels": q("SELECT count(*) FROM labels").fetchone()[0],
-            "class_sets": q("SELECT count(DISTINCT class_set) FROM labels").fetchone()[0],
-            "generation": self.generation(),
-        }
+            self.meta = {k: json.loads(v) for k, v in self._conn.execute("SELECT key, value FROM meta")}
+        except sqlite3.Error as e:
+            raise ValueError(f"{path} is not a tokenizer table: {e}") from e
+
+    @staticmethod
+    def write(
+        path: Path, meta: dict, vocab: Iterable[tuple[str, int]], merges: Iterable[tuple[str, str]]
+    ) -> None:
+        """Write a new table at ``path`` (a fresh file: the caller renames it into place)."""
+        conn = sqlite3.connect(path)
+        with conn:
+            conn.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+            conn.execute("CREATE TABLE vocab (token TEXT PRIMARY KEY, id INTEGER NOT NULL) WITHOUT ROWID")
+            conn.execute(
+                "CREATE TABLE merges (a TEXT NOT NULL, b TEXT NOT NULL, rank INTEGER NOT NULL, "
+                "PRIMARY KEY (a, b)) WITHOUT ROWID"
+            )
+            conn.executemany("INSERT INTO meta VALUES (?, ?)", [(k, json.dumps(v)) for k, v in meta.items()])
+            conn.executemany("INSERT INTO vocab VALUES (?, ?)", vocab)
+            # a pair listed twice keeps its first (lowest) rank, as the Rust BPE does
+            conn.executemany(
+                "INSERT OR IGNORE INTO merges VALUES (?, ?, ?)",
+                ((a, b, r) for r, (a, b) in enumerate(merges)),
+            )
+        conn.close()
+
+    def rank(self, a: str, b: str) -> int | None:
+        """The merge rank of the pair ``(a, b)``, None when they never merge."""
+        row = self._conn.execute("SELECT rank FROM merges WHERE a = ? AND b = ?", (a, b)).fetchone()
+        return None if row is None else row[0]
+
+    def token_id(self, token: str) -> int | None:
+        row = self._conn.execute("SELECT id FROM vocab WHERE token = ?", (token,)).fetchone()
+        return None if row is None else row[0]
+
+    def close(self) -> None:
+        self._conn.close()

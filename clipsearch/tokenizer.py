@@ -353,8 +353,6 @@ _TABLE_VERSION = 1
 
 def _write_table(backend, path: Path) -> None:
     """The BPE of a ``tokenizers`` backend as SQLite: vocab (token -> id), merges ((a, b) -> rank)."""
-    import sqlite3
-
     state = json.loads(backend.to_str())
     model = state["model"]
     # TableTokenizer reproduces this kind of BPE only (the kind this module builds); anything else
@@ -382,24 +380,10 @@ def _write_table(backend, path: Path) -> None:
         "vocab_size": backend.get_vocab_size(with_added_tokens=True),
     }
     from clipsearch.atomic import atomic_path
+    from clipsearch.store import BpeTable
 
     with atomic_path(path) as tmp:
-        conn = sqlite3.connect(tmp)
-        with conn:
-            conn.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
-            conn.execute("CREATE TABLE vocab (token TEXT PRIMARY KEY, id INTEGER NOT NULL) WITHOUT ROWID")
-            conn.execute(
-                "CREATE TABLE merges (a TEXT NOT NULL, b TEXT NOT NULL, rank INTEGER NOT NULL, "
-                "PRIMARY KEY (a, b)) WITHOUT ROWID"
-            )
-            conn.executemany("INSERT INTO meta VALUES (?, ?)", [(k, json.dumps(v)) for k, v in meta.items()])
-            conn.executemany("INSERT INTO vocab VALUES (?, ?)", model["vocab"].items())
-            # a pair listed twice keeps its first (lowest) rank, as the Rust BPE does
-            conn.executemany(
-                "INSERT OR IGNORE INTO merges VALUES (?, ?, ?)",
-                ((a, b, r) for r, (a, b) in enumerate(merges)),
-            )
-        conn.close()
+        BpeTable.write(tmp, meta, model["vocab"].items(), merges)
 
 
 class TableTokenizer:
@@ -413,22 +397,16 @@ class TableTokenizer:
     """
 
     def __init__(self, path, context_length: int = 77):
-        import sqlite3
-
         path = Path(path)
         if int(context_length) < 2:
             raise ValueError(
                 f"context_length must be at least 2 (start and end tokens), got {context_length}"
             )
         self.context_length = int(context_length)
-        try:
-            # immutable: the file is replaced, never changed in place, so SQLite need not lock it
-            self._conn = sqlite3.connect(
-                f"{path.resolve().as_uri()}?immutable=1", uri=True, check_same_thread=False
-            )
-            meta = {k: json.loads(v) for k, v in self._conn.execute("SELECT key, value FROM meta")}
-        except sqlite3.Error as e:
-            raise ValueError(f"{path} is not a tokenizer table: {e}") from e
+        from clipsearch.store import BpeTable
+
+        self._table = BpeTable(path)
+        meta = self._table.meta
         if meta.get("format") != _TABLE_FORMAT or meta.get("version") != _TABLE_VERSION:
             raise ValueError(f"{path} is not a tokenizer table of version {_TABLE_VERSION}")
         self.sot_token_id = int(meta["sot_token_id"])
@@ -444,7 +422,7 @@ class TableTokenizer:
         return f"TableTokenizer(vocab_size={self.vocab_size}, context_length={self.context_length})"
 
     def close(self) -> None:
-        self._conn.close()
+        self._table.close()
 
     def encode(self, text: str) -> list[int]:
         """The ids of ``text`` after clean-up, without start/end tokens."""
@@ -461,8 +439,7 @@ class TableTokenizer:
     def _rank(self, a: str, b: str) -> int | None:
         key = (a, b)
         if key not in self._ranks:
-            row = self._conn.execute("SELECT rank FROM merges WHERE a = ? AND b = ?", key).fetchone()
-            self._ranks[key] = None if row is None else row[0]
+            self._ranks[key] = self._table.rank(a, b)
         return self._ranks[key]
 
     def _word_ids(self, word: str) -> list[int]:
@@ -486,10 +463,10 @@ class TableTokenizer:
             symbols[at : at + 2] = [symbols[at] + symbols[at + 1]]
         ids = []
         for sym in symbols:
-            row = self._conn.execute("SELECT id FROM vocab WHERE token = ?", (sym,)).fetchone()
-            if row is None:  # every byte symbol and merge result is in the vocabulary we write
+            token_id = self._table.token_id(sym)
+            if token_id is None:  # every byte symbol and merge result is in the vocabulary we write
                 raise ValueError(f"tokenizer table has no token {sym!r}: export it again")
-            ids.append(row[0])
+            ids.append(token_id)
         self._cache[word] = ids
         return ids
 

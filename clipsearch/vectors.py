@@ -205,16 +205,9 @@ def _read_flags(kind: str) -> int:
 
 
 def _id_range(library: Library, model_id: str) -> list[int] | None:
-    """``[lowest, highest]`` embedded image id of ``model_id``: two probes of ``embeddings_model``.
-
-    (Two queries: SQLite answers a lone min() or max() from the index, both together by a scan.)
-    """
-    conn = library.conn
-    lo = conn.execute("SELECT min(image_id) FROM embeddings WHERE model_id = ?", (model_id,)).fetchone()[0]
-    if lo is None:
-        return None
-    hi = conn.execute("SELECT max(image_id) FROM embeddings WHERE model_id = ?", (model_id,)).fetchone()[0]
-    return [int(lo), int(hi)]
+    """``[lowest, highest]`` embedded image id of ``model_id``, as the sidecar records it (JSON)."""
+    found = library.embedding_id_range(model_id)
+    return None if found is None else list(found)
 
 
 class VectorIndex:

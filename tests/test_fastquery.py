@@ -165,11 +165,11 @@ def _library(tmp_path, bundle, n=40) -> Library:
     vectors = rng.standard_normal((n, 32)).astype(np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     (tmp_path / "photos").mkdir()
-    with lib.transaction() as c:
+    with lib.transaction():
         for i, v in enumerate(vectors):
             path = tmp_path / "photos" / f"{i}.jpg"
-            image_id = lib.add_image(c, path, size=1, mtime_ns=1, content_hash=f"h{i}")
-            lib.put_embedding(c, image_id, bundle.model_id, v)
+            image_id = lib.add_image(path, size=1, mtime_ns=1, content_hash=f"h{i}")
+            lib.put_embedding(image_id, bundle.model_id, v)
     return lib
 
 
@@ -207,7 +207,6 @@ def test_a_query_process_never_imports_torch(tiny, tmp_path):
         print("TORCH", loaded)
         print("FTFY", "ftfy" in sys.modules)  # a plain ASCII query skips it (0.1 s to import)
         print("TOKENIZERS", "tokenizers" in sys.modules)  # the BPE table needs no Rust BPE (0.15 s)
-        print("SQLITE_UTILS", "sqlite_utils" in sys.modules)  # 0.07 s; plain sqlite3 is enough
         """
     )
     env = {**os.environ, "CLIPSEARCH_HOME": os.environ["CLIPSEARCH_HOME"]}
@@ -216,7 +215,6 @@ def test_a_query_process_never_imports_torch(tiny, tmp_path):
     assert "TORCH []" in out.stdout
     assert "FTFY False" in out.stdout
     assert "TOKENIZERS False" in out.stdout
-    assert "SQLITE_UTILS False" in out.stdout
 
 
 def test_the_query_command_imports_only_what_a_text_query_needs(tiny, tmp_path):
@@ -237,7 +235,6 @@ def test_the_query_command_imports_only_what_a_text_query_needs(tiny, tmp_path):
         "onnxruntime",
         "tokenizers",
         "regex",
-        "sqlite_utils",
         "ftfy",
         "rich",
         "PIL",

@@ -150,7 +150,7 @@ def test_jpegs_are_draft_decoded_and_rows_keep_the_full_upright_size(lib, tiny, 
     index_paths(lib, tiny, [root], backend="torch-fp32")
     # every JPEG went through draft, at 1/8 scale: 720x540 -> 90x68, still >= 64 on the short side
     assert sorted(drafted) == [((720, 540), (90, 68))] * len(paths)
-    rows = {r["path"].name: (r["width"], r["height"]) for r in lib.images()}
+    rows = {r.path.name: (r.width, r.height) for r in lib.images()}
     assert rows.pop("portrait.jpg") == (540, 720)  # EXIF orientation 6: turned upright, full size
     assert set(rows.values()) == {(720, 540)}
     # what the model saw is the draft: the stored embedding is the draft's fp32 embedding exactly
@@ -211,7 +211,7 @@ def test_bogus_backend_is_a_typed_library_error(lib, tiny, jpegs):
     root, _ = jpegs
     with pytest.raises(BackendError, match="unknown inference backend 'bogus'"):
         index_paths(lib, tiny, [root], backend="bogus")
-    assert lib.stats()["images"] == 0
+    assert lib.stats().images == 0
 
 
 # --- fallbacks ------------------------------------------------------------------------------------
@@ -281,7 +281,7 @@ def test_forced_backend_that_cannot_run_is_a_typed_error(lib, tiny, jpegs, monke
     monkeypatch.setattr(backends, "make_image_encoder", lambda *a, **k: _BreaksAfter())
     with pytest.raises(BackendError, match="backend failed .*batches done so far are saved"):
         index_paths(lib, tiny, [root], batch_size=2, backend="torch-fp32")
-    assert lib.stats()["images"] == 2  # the first batch was committed
+    assert lib.stats().images == 2  # the first batch was committed
 
 
 # --- GPU and bare models: the choice, tested without a GPU ----------------------------------------

@@ -57,7 +57,7 @@ def write_image(path: Path, seed: int, fmt=None) -> Path:
 
 
 def stored_paths(lib):
-    return sorted(r[0] for r in lib.conn.execute("SELECT path FROM images"))
+    return sorted(r.stored for r in lib.images())
 
 
 @pytest.fixture
@@ -103,7 +103,7 @@ def test_incremental_runs_reuse_embeddings_without_the_model(lib, photos):
     bundle = FakeBundle()
     index_paths(lib, bundle, [photos])
     before = {p.name: v for _, p, v in zip(*lib.embeddings("fake/v1"), strict=True)}
-    ids_before = dict(lib.conn.execute("SELECT path, id FROM images"))
+    ids_before = {r.stored: r.id for r in lib.images()}
     seen = bundle.model.images_seen
 
     again = index_paths(lib, bundle, [photos])
@@ -128,7 +128,7 @@ def test_incremental_runs_reuse_embeddings_without_the_model(lib, photos):
     np.testing.assert_array_equal(after["copy_of_2.png"], before["img2.png"])
     assert not np.allclose(after["img4.png"], before["img4.png"])
     # A moved file keeps its id (so its labels follow it); a modified one gets a new id.
-    now = dict(lib.conn.execute("SELECT path, id FROM images"))
+    now = {r.stored: r.id for r in lib.images()}
     rel = {k.split("photos/", 1)[-1]: v for k, v in now.items()}
     rel_before = {k.split("photos/", 1)[-1]: v for k, v in ids_before.items()}
     assert rel["sub/renamed.png"] == rel_before["img0.png"]
@@ -141,8 +141,7 @@ def test_touched_file_with_same_content_is_unchanged(lib, photos):
     os.utime(photos / "img0.png", ns=(5, 5))
     report = index_paths(lib, bundle, [photos])
     assert report.unchanged == 6 and report.updated == 0 and bundle.model.images_seen == 6
-    row = lib.conn.execute("SELECT mtime_ns FROM images WHERE path LIKE '%img0.png'").fetchone()
-    assert row[0] == 5
+    assert [r.mtime_ns for r in lib.images() if r.path.name == "img0.png"] == [5]
 
 
 def test_only_the_scanned_tree_loses_rows(lib, tmp_path, photos):
@@ -164,7 +163,7 @@ def test_a_second_model_embeds_the_same_images(lib, photos):
     second.model_id = "fake/v2"
     report = index_paths(lib, second, [photos])
     assert report.new == 6 and second.model.images_seen == 6
-    assert lib.stats()["images"] == 6 and lib.stats()["embedded"] == {"fake/v1": 6, "fake/v2": 6}
+    assert lib.stats().images == 6 and lib.stats().embedded == {"fake/v1": 6, "fake/v2": 6}
     assert lib.default_model_id() == "fake/v2"
 
 
@@ -196,7 +195,7 @@ def test_symlink_loop_fifo_directory_and_dead_link(lib, photos):
         (photos / "dead.png", "dead symlink"),
         (photos / "pipe.jpg", "not a regular file"),
     ]
-    assert sorted((e["path"].name, e["reason"]) for e in lib.errors()) == [
+    assert sorted((e.path.name, e.reason) for e in lib.errors()) == [
         ("dead.png", "dead symlink"),
         ("pipe.jpg", "not a regular file"),
     ]
@@ -230,13 +229,13 @@ def test_bad_files_are_recorded_and_the_run_succeeds(lib, photos):
         "cut.jpg": "truncated",
         "bomb.png": "too many pixels",
     }
-    assert {e["path"].name: e["reason"] for e in lib.errors()} == reasons
+    assert {e.path.name: e.reason for e in lib.errors()} == reasons
     # Fixed and deleted files clear their errors.
     write_image(photos / "text.jpg", 8, fmt="JPEG")
     (photos / "empty.png").unlink()
     report = index_paths(lib, FakeBundle(), [photos], max_pixels=200 * 200)
     assert report.new == 1
-    assert {e["path"].name for e in lib.errors()} == {"cut.jpg", "bomb.png"}
+    assert {e.path.name for e in lib.errors()} == {"cut.jpg", "bomb.png"}
 
 
 def test_a_file_that_turns_bad_loses_its_old_embedding(lib, photos):
@@ -244,7 +243,7 @@ def test_a_file_that_turns_bad_loses_its_old_embedding(lib, photos):
     (photos / "img0.png").write_bytes(b"garbage now")
     report = index_paths(lib, FakeBundle(), [photos])
     assert report.failed == [(photos / "img0.png", "not an image")]
-    assert lib.stats()["images"] == 5
+    assert lib.stats().images == 5
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root reads everything")
@@ -263,7 +262,7 @@ def test_unreadable_file_and_folder(lib, photos):
         "sub": "permission denied",
     }
     assert report.removed == 0  # what was indexed under the unreadable folder is kept
-    assert lib.stats()["images"] == 6
+    assert lib.stats().images == 6
 
 
 def test_missing_path_is_a_clear_error(lib, tmp_path):
@@ -428,7 +427,7 @@ def test_sigkill_mid_run_loses_nothing_and_the_next_run_completes(tmp_path):
         assert report.new == n - done and report.unchanged == done and report.failed == []
         ids, paths, _ = lib.embeddings("slow")
         assert sorted(paths) == sorted(photos.glob("*.png"))  # every image exactly once
-        assert lib.stats()["images"] == n
+        assert lib.stats().images == n
 
 
 def test_odd_unicode_names_index_and_non_utf8_names_are_reported(lib, photos):
@@ -441,8 +440,8 @@ def test_odd_unicode_names_index_and_non_utf8_names_are_reported(lib, photos):
     names = {Path(p).name for p in stored_paths(lib)}
     assert {"café ☕ 写真.png", "cafe\u0301.png"} <= names
     assert [r for _, r in report.failed] == ["undecodable name"]
-    assert [e["reason"] for e in lib.errors()] == ["undecodable name"]
-    assert "\\xff" in str(lib.errors()[0]["path"])
+    assert [e.reason for e in lib.errors()] == ["undecodable name"]
+    assert "\\xff" in str(lib.errors()[0].path)
 
 
 def test_full_disk_is_a_library_error_and_keeps_committed_batches(lib, photos):
@@ -450,16 +449,17 @@ def test_full_disk_is_a_library_error_and_keeps_committed_batches(lib, photos):
     index_paths(lib, bundle, [photos])
     for i in range(40):
         write_image(photos / "more" / f"{i}.png", 100 + i)
-    pages = lib.conn.execute("PRAGMA page_count").fetchone()[0]
-    lib.conn.execute(f"PRAGMA max_page_count = {pages}")  # the database cannot grow: SQLITE_FULL
+    conn = lib._conn  # fault injection: only the test reaches past the store's methods
+    pages = conn.execute("PRAGMA page_count").fetchone()[0]
+    conn.execute(f"PRAGMA max_page_count = {pages}")  # the database cannot grow: SQLITE_FULL
     with pytest.raises(LibraryError, match="failed .*full.*run index again"):
         index_paths(lib, bundle, [photos], batch_size=4)
-    lib.conn.execute("PRAGMA max_page_count = 1073741823")
+    conn.execute("PRAGMA max_page_count = 1073741823")
     with Library.open(lib.path) as fresh:
-        before = fresh.stats()["images"]
+        before = fresh.stats().images
         assert before >= 6
         report = index_paths(fresh, FakeBundle(), [photos])
-        assert report.new == 46 - before and fresh.stats()["images"] == 46
+        assert report.new == 46 - before and fresh.stats().images == 46
 
 
 def test_photo_folder_reached_through_a_symlink_is_still_relative(tmp_path, photos):
@@ -523,8 +523,8 @@ def test_permission_errors_are_reasons_even_when_running_as_root(lib, photos, mo
         "locked.png": "permission denied",
         "sub": "permission denied",
     }
-    assert report.removed == 0 and lib.stats()["images"] == 6  # rows under the unreadable folder kept
-    assert {e["path"].name for e in lib.errors()} == {"locked.png", "sub"}
+    assert report.removed == 0 and lib.stats().images == 6  # rows under the unreadable folder kept
+    assert {e.path.name for e in lib.errors()} == {"locked.png", "sub"}
 
 
 def test_image_rows_record_upright_size_and_exif_date(lib, tmp_path):
@@ -536,15 +536,15 @@ def test_image_rows_record_upright_size_and_exif_date(lib, tmp_path):
     Image.new("RGB", (40, 20), (200, 10, 10)).save(folder / "rotated.jpg", exif=exif)
     write_image(folder / "plain.png", 3)
     index_paths(lib, FakeBundle(), [folder])
-    rows = {r["path"].name: r for r in lib.images()}
-    assert (rows["rotated.jpg"]["width"], rows["rotated.jpg"]["height"]) == (20, 40)
-    assert rows["rotated.jpg"]["taken_at"].startswith("2021-07-04T18:30:00")
-    assert (rows["plain.png"]["width"], rows["plain.png"]["height"], rows["plain.png"]["taken_at"]) == (
+    rows = {r.path.name: r for r in lib.images()}
+    assert (rows["rotated.jpg"].width, rows["rotated.jpg"].height) == (20, 40)
+    assert rows["rotated.jpg"].taken_at.startswith("2021-07-04T18:30:00")
+    assert (rows["plain.png"].width, rows["plain.png"].height, rows["plain.png"].taken_at) == (
         16,
         16,
         None,
     )
-    assert len(rows["plain.png"]["content_hash"]) == 40 and rows["plain.png"]["size"] > 0
+    assert len(rows["plain.png"].content_hash) == 40 and rows["plain.png"].size > 0
 
 
 def test_unchanged_bad_files_are_not_read_again_until_something_changes(lib, photos, monkeypatch):
@@ -572,4 +572,4 @@ def test_unchanged_bad_files_are_not_read_again_until_something_changes(lib, pho
     reads.clear()
     report = index_paths(lib, FakeBundle(), [photos])  # other decoder settings: every failure retried
     assert sorted(reads) == ["big.png", "text.jpg"] and report.new == 1
-    assert [e["path"].name for e in lib.errors()] == ["text.jpg"]
+    assert [e.path.name for e in lib.errors()] == ["text.jpg"]

@@ -43,10 +43,10 @@ def _bundle() -> ModelBundle:
 
 def _add(lib, folder, vectors, start=0):
     folder.mkdir(parents=True, exist_ok=True)
-    with lib.transaction() as c:
+    with lib.transaction():
         for i, v in enumerate(vectors, start):
-            image_id = lib.add_image(c, folder / f"{i}.jpg", size=1, mtime_ns=1, content_hash=f"h{i}")
-            lib.put_embedding(c, image_id, MODEL, v)
+            image_id = lib.add_image(folder / f"{i}.jpg", size=1, mtime_ns=1, content_hash=f"h{i}")
+            lib.put_embedding(image_id, MODEL, v)
 
 
 def _unit(n, seed):
@@ -126,8 +126,8 @@ def test_a_reindex_is_noticed_while_serving(library, daemon):
     assert [h.image_id for h in after] != [h.image_id for h in before]
     _same(after, fastquery.search(lib, MODEL, query, top=5))
     assert daemon.reloads >= 1
-    with lib.transaction() as c:  # photos removed: they leave the served results too
-        lib.remove_images(c, [h.image_id for h in after[:3]])
+    with lib.transaction():  # photos removed: they leave the served results too
+        lib.remove_images([h.image_id for h in after[:3]])
     _same(serve.ask(lib.path, query, {"top": 5}), before)
 
 
@@ -284,7 +284,7 @@ def test_a_served_query_process_imports_neither_numpy_nor_the_model(library, dae
     imported = {
         line.split("|")[-1].strip() for line in out.stderr.splitlines() if line.startswith("import time:")
     }
-    heavy = {"numpy", "torch", "faiss", "onnxruntime", "rich", "sqlite_utils", "tokenizers"}
+    heavy = {"numpy", "torch", "faiss", "onnxruntime", "rich", "tokenizers"}
     assert imported and not (heavy & imported), heavy & imported
 
 

@@ -11,10 +11,10 @@ from clipsearch.store import MIGRATIONS, Library
 
 
 def _add(lib, path, vector=None, model="m", h=None):
-    with lib.transaction() as c:
-        image_id = lib.add_image(c, path, size=1, mtime_ns=1, content_hash=h or str(path))
+    with lib.transaction():
+        image_id = lib.add_image(path, size=1, mtime_ns=1, content_hash=h or str(path))
         if vector is not None:
-            lib.put_embedding(c, image_id, model, np.asarray(vector, np.float32))
+            lib.put_embedding(image_id, model, np.asarray(vector, np.float32))
     return image_id
 
 
@@ -39,12 +39,14 @@ def test_default_path_is_under_clipsearch_home(_isolated_home):
 
 def test_new_library_is_wal_with_recorded_migrations(tmp_path):
     with Library.open(tmp_path / "lib.db", create=True) as lib:
-        assert lib.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        names = [r[0] for r in lib.conn.execute("SELECT name FROM migrations ORDER BY id")]
-        assert names == [name for name, _ in MIGRATIONS]
+        assert lib.journal_mode() == "wal"
+        assert lib.applied_migrations() == [name for name, _ in MIGRATIONS]
     # Reopening applies nothing twice.
     with Library.open(tmp_path / "lib.db") as lib:
-        assert lib.conn.execute("SELECT count(*) FROM migrations").fetchone()[0] == len(MIGRATIONS)
+        assert lib.applied_migrations() == [name for name, _ in MIGRATIONS]
+    conn = sqlite3.connect(tmp_path / "lib.db")
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"  # as another program sees it
+    conn.close()
 
 
 @pytest.mark.parametrize(
@@ -71,8 +73,10 @@ def test_other_sqlite_database_is_refused(tmp_path):
 
 def test_newer_schema_is_refused(tmp_path):
     path = tmp_path / "lib.db"
-    with Library.open(path, create=True) as lib, lib.transaction() as c:
-        c.execute("INSERT INTO migrations (name, applied_at) VALUES ('999_future', 'x')")
+    Library.open(path, create=True).close()
+    with sqlite3.connect(path) as conn:
+        conn.execute("INSERT INTO migrations (name, applied_at) VALUES ('999_future', 'x')")
+    conn.close()
     with pytest.raises(LibraryError, match="newer clipsearch.*999_future"):
         Library.open(path)
 
@@ -164,9 +168,9 @@ def test_replace_labels_replaces_only_the_same_class_set(tmp_path, lib):
     # Same set in another order: the old rows of that set go, the other set stays.
     lib.replace_labels("m", ["dog", "cat"], [(a, "dog", 0.7, 1), (99999, "cat", 0.5, 1)])
     rows = lib.labels("m", ["cat", "dog"])
-    assert [(r["image_id"], r["label"], r["score"]) for r in rows] == [(a, "dog", 0.7)]
-    assert rows[0]["path"] == tmp_path / "a.jpg" and rows[0]["classes"] == ["cat", "dog"]
-    assert [r["label"] for r in lib.labels("m", ["outdoor", "indoor"])] == ["indoor"]
+    assert [(r.image_id, r.label, r.score) for r in rows] == [(a, "dog", 0.7)]
+    assert rows[0].path == tmp_path / "a.jpg" and rows[0].classes == ["cat", "dog"]
+    assert [r.label for r in lib.labels("m", ["outdoor", "indoor"])] == ["indoor"]
     assert len(lib.labels()) == 2 and lib.labels("nobody") == []
 
 
@@ -180,15 +184,15 @@ def test_replace_labels_is_one_transaction(tmp_path, lib):
 
     with pytest.raises(RuntimeError):
         lib.replace_labels("m", ["x", "y"], rows())
-    assert [r["label"] for r in lib.labels("m", ["x", "y"])] == ["x"]
+    assert [r.label for r in lib.labels("m", ["x", "y"])] == ["x"]
 
 
 def test_removing_an_image_removes_its_embeddings_and_labels(tmp_path, lib):
     a = _add(lib, tmp_path / "a.jpg", [1, 0])
     lib.replace_labels("m", ["x"], [(a, "x", 1.0, 1)])
     g = lib.generation()
-    with lib.transaction() as c:
-        assert lib.remove_images(c, [a]) == 1
+    with lib.transaction():
+        assert lib.remove_images([a]) == 1
     assert lib.generation() > g
     assert lib.embedding_count("m") == 0 and lib.labels() == []
     # Ids are never reused, so a derived index keyed on them cannot confuse two images.
@@ -196,20 +200,20 @@ def test_removing_an_image_removes_its_embeddings_and_labels(tmp_path, lib):
 
 
 def test_errors_listed_newest_first_with_limit(tmp_path, lib):
-    with lib.transaction() as c:
-        lib.record_error(c, tmp_path / "a.jpg", "truncated", "image file is truncated")
-        lib.record_error(c, tmp_path / "b.jpg", "not an image", "")
-        lib.record_error(c, tmp_path / "a.jpg", "corrupt", "again")  # replaces, not duplicates
+    with lib.transaction():
+        lib.record_error(tmp_path / "a.jpg", "truncated", "image file is truncated")
+        lib.record_error(tmp_path / "b.jpg", "not an image", "")
+        lib.record_error(tmp_path / "a.jpg", "corrupt", "again")  # replaces, not duplicates
     errs = lib.errors()
-    assert {(e["path"], e["reason"]) for e in errs} == {
+    assert {(e.path, e.reason) for e in errs} == {
         (tmp_path / "a.jpg", "corrupt"),
         (tmp_path / "b.jpg", "not an image"),
     }
     assert len(lib.errors(limit=1)) == 1
     # A file that indexes later clears its error.
     _add(lib, tmp_path / "a.jpg", [1, 0])
-    assert [e["path"] for e in lib.errors()] == [tmp_path / "b.jpg"]
-    assert lib.stats()["errors"] == 1
+    assert [e.path for e in lib.errors()] == [tmp_path / "b.jpg"]
+    assert lib.stats().errors == 1
 
 
 def test_stats_counts(tmp_path, lib):
@@ -217,8 +221,8 @@ def test_stats_counts(tmp_path, lib):
     _add(lib, tmp_path / "b.jpg")
     lib.replace_labels("m", ["x"], [(a, "x", 1.0, 1)])
     s = lib.stats()
-    assert s["images"] == 2 and s["embedded"] == {"m": 1} and s["labels"] == 1 and s["class_sets"] == 1
-    assert s["models"][0]["source"] == "source-of-m" and s["models"][0]["dim"] == 2
+    assert s.images == 2 and s.embedded == {"m": 1} and s.labels == 1 and s.class_sets == 1
+    assert s.models[0].source == "source-of-m" and s.models[0].dim == 2
 
 
 def test_reader_sees_committed_state_during_a_write_transaction(tmp_path, lib):
@@ -226,8 +230,8 @@ def test_reader_sees_committed_state_during_a_write_transaction(tmp_path, lib):
     entered, release = threading.Event(), threading.Event()
 
     def writer():
-        with Library.open(lib.path) as w, w.transaction() as c:
-            w.add_image(c, tmp_path / "b.jpg", size=1, mtime_ns=1, content_hash="b")
+        with Library.open(lib.path) as w, w.transaction():
+            w.add_image(tmp_path / "b.jpg", size=1, mtime_ns=1, content_hash="b")
             entered.set()
             release.wait(10)
 
@@ -237,11 +241,11 @@ def test_reader_sees_committed_state_during_a_write_transaction(tmp_path, lib):
         assert entered.wait(10)
         with Library.open(lib.path, readonly=True) as reader:
             assert reader.embeddings("m")[0].tolist() == [a]  # no 'database is locked'
-            assert reader.stats()["images"] == 1  # the uncommitted row is invisible
+            assert reader.stats().images == 1  # the uncommitted row is invisible
     finally:
         release.set()
         t.join()
-    assert lib.stats()["images"] == 2
+    assert lib.stats().images == 2
 
 
 def test_second_writer_lock_is_refused_with_a_clear_message(tmp_path, lib):
@@ -275,9 +279,8 @@ def test_an_older_library_is_migrated_on_open(tmp_path):
     with pytest.raises(LibraryError, match="needs a schema upgrade"):
         Library.open(path, readonly=True)
     with Library.open(path) as lib:
-        names = [r[0] for r in lib.conn.execute("SELECT name FROM migrations ORDER BY id")]
-        assert names == ["001_initial", "002_error_file_state", "003_library_id"]
-        assert [e["reason"] for e in lib.errors()] == ["corrupt"]
+        assert lib.applied_migrations()[:3] == ["001_initial", "002_error_file_state", "003_library_id"]
+        assert [e.reason for e in lib.errors()] == ["corrupt"]
         identity = lib.library_id()
         assert len(identity) == 32 and int(identity, 16) >= 0  # 128 random bits, made once
     with Library.open(path) as lib:

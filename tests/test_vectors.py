@@ -147,20 +147,20 @@ def _library(tmp_path, n, d=8, seed=0):
     lib.register_model("m/1", "src", d)
     x = clustered(n, d, seed=seed)
     ids = []
-    with lib.transaction() as c:
+    with lib.transaction():
         for i, v in enumerate(x):
-            image_id = lib.add_image(c, tmp_path / f"{i}.jpg", size=1, mtime_ns=1, content_hash=f"h{i}")
-            lib.put_embedding(c, image_id, "m/1", v)
+            image_id = lib.add_image(tmp_path / f"{i}.jpg", size=1, mtime_ns=1, content_hash=f"h{i}")
+            lib.put_embedding(image_id, "m/1", v)
             ids.append(image_id)
     return lib, np.array(ids), x
 
 
 def _add_more(lib, tmp_path, x, start):
     new = []
-    with lib.transaction() as c:
+    with lib.transaction():
         for i, v in enumerate(x, start):
-            image_id = lib.add_image(c, tmp_path / f"{i}.jpg", size=1, mtime_ns=1, content_hash=f"h{i}")
-            lib.put_embedding(c, image_id, "m/1", v)
+            image_id = lib.add_image(tmp_path / f"{i}.jpg", size=1, mtime_ns=1, content_hash=f"h{i}")
+            lib.put_embedding(image_id, "m/1", v)
             new.append(image_id)
     return new
 
@@ -180,8 +180,8 @@ def test_index_out_of_step_is_updated_by_id(tmp_path):
     VectorIndex.for_library(lib, "m/1")
     more = clustered(5, 8, seed=9)
     new_ids = _add_more(lib, tmp_path, more, 50)
-    with lib.transaction() as c:
-        lib.remove_images(c, ids[:4])
+    with lib.transaction():
+        lib.remove_images(ids[:4])
     index = VectorIndex.for_library(lib, "m/1")
     assert index.updated and not index.rebuilt
     assert index.ids() == set(ids[4:].tolist()) | set(new_ids)
@@ -255,16 +255,16 @@ def test_kind_override_and_hnsw_tombstones_persist(tmp_path, monkeypatch):
     assert index.kind == "hnsw"
     assert VectorIndex.for_library(lib, "m/1", kind="flat").kind == "flat"  # a kind change rebuilds
     VectorIndex.for_library(lib, "m/1", kind="hnsw")
-    with lib.transaction() as c:
-        lib.remove_images(c, ids[:10])  # 5%: tombstones, no rebuild
+    with lib.transaction():
+        lib.remove_images(ids[:10])  # 5%: tombstones, no rebuild
     index = VectorIndex.for_library(lib, "m/1", kind="hnsw")
     assert index.updated and not index.rebuilt and len(index.tombstones) == 10
     again = VectorIndex.for_library(lib, "m/1", kind="hnsw")
     assert not again.updated and again.tombstones == set(ids[:10].tolist()) and len(again) == 190
     _, got = again.search(x[:10], 3)
     assert not (set(got.ravel().tolist()) & set(ids[:10].tolist()))
-    with lib.transaction() as c:
-        lib.remove_images(c, ids[10:60])  # now 30% removed: rebuilt without tombstones
+    with lib.transaction():
+        lib.remove_images(ids[10:60])  # now 30% removed: rebuilt without tombstones
     index = VectorIndex.for_library(lib, "m/1", kind="hnsw")
     assert index.rebuilt and not index.tombstones and len(index) == 140
 
@@ -355,8 +355,8 @@ def test_ivf_follows_sqlite_by_id_and_is_retrained_when_it_outgrows_its_cells(tm
     # A little growth and a removal: updated in place, removed for real (no tombstones).
     more = clustered(40, 8, seed=7)
     new_ids = _add_more(lib, tmp_path, more, 200)
-    with lib.transaction() as c:
-        lib.remove_images(c, ids[:5])
+    with lib.transaction():
+        lib.remove_images(ids[:5])
     index = VectorIndex.for_library(lib, "m/1")
     assert index.kind == "ivf" and index.updated and not index.rebuilt and index.index.nlist == 6
     assert index.ids() == set(ids[5:].tolist()) | set(new_ids) and not index.tombstones

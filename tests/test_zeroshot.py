@@ -122,10 +122,10 @@ def _library_with(tmp_path, bundle, vectors: np.ndarray) -> Library:
     """A library whose images have exactly ``vectors`` as embeddings of ``bundle``'s model."""
     lib = Library.open(tmp_path / "lib.db", create=True)
     lib.register_model(bundle.model_id, "tiny", vectors.shape[1])
-    with lib.transaction() as c:
+    with lib.transaction():
         for n, v in enumerate(vectors):
-            image_id = lib.add_image(c, tmp_path / f"img{n}.jpg", size=1, mtime_ns=1, content_hash=f"h{n}")
-            lib.put_embedding(c, image_id, bundle.model_id, v / np.linalg.norm(v))
+            image_id = lib.add_image(tmp_path / f"img{n}.jpg", size=1, mtime_ns=1, content_hash=f"h{n}")
+            lib.put_embedding(image_id, bundle.model_id, v / np.linalg.norm(v))
     return lib
 
 
@@ -141,7 +141,7 @@ def test_label_images_uses_stored_embeddings_and_relabel_replaces(tmp_path, bund
         assert r.score == pytest.approx(float(probs[n].max()), rel=1e-5)
         assert r.path == tmp_path / f"img{n}.jpg"
     stored = lib.labels(bundle.model_id, CLASSES)
-    assert len(stored) == 6 and {s["rank"] for s in stored} == {1, 2}
+    assert len(stored) == 6 and {s.rank for s in stored} == {1, 2}
 
     # Same class set (any order): replaced, not added to. Another class set: kept apart.
     zeroshot.label_images(lib, bundle, list(reversed(CLASSES)), templates=TEMPLATES, top_k=1)
