@@ -150,47 +150,143 @@ def _failure_reason(e: Exception) -> str:
 
 
 FULL_SIZE_KEY = "clipsearch.full_size"  # im.info entry: (width, height) upright, at full scale
+# im.info entry of an image decoded at a reduced scale: the box (x0, y0, x1, y1) of the upright
+# full-scale image that its pixels span, so that a resize can keep the full image's exact geometry
+# (clipsearch.transform uses it; a box may reach past the image where the last pixel is partial).
+COVERS_KEY = "clipsearch.covers"
 
 
 def open_image(source, max_pixels: int | None = DEFAULT_MAX_PIXELS, draft_size: int | None = None):
     """Decode ``source`` (a path, or a binary stream) to an upright RGB ``PIL.Image``.
 
     ``max_pixels``: refuse images with more pixels than this (checked before decoding); ``None``
-    leaves only PIL's own limit. ``draft_size``: for JPEGs, let the decoder downscale by 2, 4 or 8
-    while the shorter side stays >= ``draft_size`` (much faster for a model that resizes to that
-    size anyway). Orientation from EXIF is applied; transparency is flattened on white; an
-    animation gives its first frame. Raises :class:`ImageDecodeError` with a ``reason`` in
-    :data:`REASONS`.
+    leaves only PIL's own limit. ``draft_size``: the image may come out smaller than stored, by an
+    integer factor that keeps its shorter side >= ``draft_size`` (much faster for a model that
+    resizes to that size anyway): JPEGs are decoded at 1/2, 1/4 or 1/8 scale (libjpeg's DCT
+    scaling), WebPs through libwebp's scaler (:mod:`clipsearch.webpscale`), and every other format
+    is decoded in full and then box-reduced before anything else touches its pixels (transparency,
+    orientation, the model's bicubic resize). Orientation from EXIF is applied; transparency is
+    flattened on white; an animation gives its first frame. Raises :class:`ImageDecodeError` with a
+    ``reason`` in :data:`REASONS`.
     """
     f, name, owned = _open_stream(source)
     try:
+        start = f.tell() if f.seekable() else 0
         im = _identify(f, name, max_pixels)
         full_size = im.size  # as stored, before any draft scaling
+        factor = 1  # integer reduction so far: pixel i spans [factor * i, factor * (i + 1)) at full scale
+        covers = None  # for a non-integer scaler (libwebp's): the stored box the pixels span
         if draft_size and im.format == "JPEG":
             w, h = im.size
             d = int(draft_size)
             # PIL keeps each side >= the requested one; ask for the shorter side = d, aspect kept
             request = (d, -(-h * d // w)) if w <= h else (-(-w * d // h), d)
-            im.draft(None, request)
+            drafted = im.draft(None, request)
+            if drafted is not None:
+                factor = round(w / drafted[1][2])  # libjpeg's DCT scale: 1, 2, 4 or 8
+        elif draft_size and im.format == "WEBP":
+            im = _webp_scaled(im, f, start, draft_size)
+            if im.size != full_size:
+                covers = (0, 0, *full_size)  # libwebp's rescaler spans the whole picture evenly
         try:
             im.load()
         except _pil().DecompressionBombError as e:  # a frame or tile larger than the header said
             raise ImageDecodeError(name, "too many pixels", str(e)) from e
         except Exception as e:  # decoders raise OSError, SyntaxError, ValueError, struct.error...
             raise ImageDecodeError(name, _failure_reason(e), str(e)) from e
-        stored_size = im.size
+        if draft_size:
+            before = im.size
+            im = reduce_to_cover(im, draft_size)
+            if im.size != before:
+                factor *= min(before) // int(draft_size)  # reduce_to_cover's factor
+        if covers is None and factor > 1:
+            covers = (0, 0, factor * im.size[0], factor * im.size[1])  # the last pixel may be partial
+        orientation = _orientation(im)
+        stored = im
         im = _upright(im)
-        turned = im.size != stored_size  # a 90-degree orientation was applied
+        if im is stored:
+            orientation = 1  # a malformed EXIF block: left as stored
+        turned = orientation in (5, 6, 7, 8)  # a 90-degree orientation was applied
         exif = im.info.get("exif")  # orientation now cleared; the capture date is for image_metadata
         im = _to_rgb(im, name)
         if exif is not None:
             im.info["exif"] = exif
         # image_metadata reports the photo's upright size, not the draft's
         im.info[FULL_SIZE_KEY] = full_size[::-1] if turned else full_size
+        if covers is not None:
+            im.info[COVERS_KEY] = _turn_box(covers, orientation, *full_size)
         return im
     finally:
         if owned:
             f.close()
+
+
+# Modes PIL's box reduction handles (LA and RGBA premultiplied, so transparent pixels do not bleed).
+_REDUCIBLE = {"RGB", "RGBA", "RGBa", "L", "LA", "La"}
+
+
+def reduce_to_cover(im, min_side: int):
+    """Box-reduce ``im`` by the largest integer factor that keeps its shorter side >= ``min_side``.
+
+    For decoders that cannot scale while decoding (PNG, HEIC, TIFF...): every later step then works
+    on a few hundred thousand pixels instead of millions, and a model resizing to ``min_side`` sees
+    the same picture (cosine >= 0.995 to the full-size path, tested). A palette image becomes RGB(A)
+    first; 16-bit and float images are left as they are (rare, and their own conversion scales them).
+    """
+    factor = min(im.size) // max(int(min_side), 1)
+    if factor < 2:
+        return im
+    if "transparency" in im.info and im.mode in ("P", "L", "RGB"):
+        im = im.convert("RGBA")  # a colour key means nothing once pixels are averaged: real alpha
+    elif im.mode in ("P", "PA"):
+        im = im.convert("RGBA" if im.mode == "PA" else "RGB")
+    if im.mode not in _REDUCIBLE:
+        return im
+    info = {k: v for k, v in im.info.items() if k != "transparency"}  # EXIF, ICC... go along
+    out = im.reduce(factor)
+    out.info.update(info)
+    return out
+
+
+def _webp_scaled(im, f, start: int, draft_size: int):
+    """``im`` decoded by libwebp at a reduced scale when it can (:mod:`clipsearch.webpscale`), else ``im``."""
+    from clipsearch import webpscale
+
+    try:
+        f.seek(start)
+        data = f.read()
+    except OSError:
+        return im  # Pillow reads it again below and reports the I/O error in its words
+    scaled = webpscale.decode_scaled(data, draft_size)
+    if scaled is None:
+        return im
+    scaled.info.update(im.info)  # EXIF (orientation, date taken) and ICC profile from the container
+    return scaled
+
+
+def _orientation(im) -> int:
+    """The EXIF orientation (1-8) the image is stored with; 1 when absent or unreadable."""
+    try:
+        value = im.getexif().get(0x0112)
+    except Exception:  # EXIF parsers raise many types; such a block is ignored by _upright too
+        return 1
+    return value if value in range(1, 9) else 1
+
+
+def _turn_box(box, orientation: int, width: int, height: int):
+    """``box`` in the stored image (``width x height``) as the same region of the upright image."""
+    x0, y0, x1, y1 = box
+    w, h = width, height
+    return {
+        1: (x0, y0, x1, y1),
+        2: (w - x1, y0, w - x0, y1),  # mirrored left-right
+        3: (w - x1, h - y1, w - x0, h - y0),  # turned 180 degrees
+        4: (x0, h - y1, x1, h - y0),  # mirrored top-bottom
+        5: (y0, x0, y1, x1),  # transposed
+        6: (h - y1, x0, h - y0, x1),  # turned 90 degrees clockwise to be upright
+        7: (h - y1, w - x1, h - y0, w - x0),  # transverse
+        8: (y0, w - x1, y1, w - x0),  # turned 90 degrees anticlockwise to be upright
+    }[orientation]
 
 
 def _upright(im):

@@ -12,6 +12,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from clipsearch.imageio import COVERS_KEY, FULL_SIZE_KEY
+
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)  # per-channel mean of OpenAI's training images
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 INTERPOLATIONS = ("bicubic", "bilinear")
@@ -96,28 +98,59 @@ class EvalTransform:
         return f"EvalTransform({self.cfg})"
 
     def resize_and_crop(self, img):
-        """The geometric part alone: the ``S x S`` RGB PIL image the tensor is made from."""
+        """The geometric part alone: the ``S x S`` RGB PIL image the tensor is made from.
+
+        An image that :func:`clipsearch.imageio.open_image` decoded at a reduced scale carries the
+        full image's size and the region its pixels span; the sizes and crops are then those of
+        the full image, and the resize reads the matching box of the small one, so the picture
+        keeps the full decode's geometry to a fraction of a pixel (a resize of the small image
+        alone would round its sizes and crop offsets differently: half a pixel off).
+        """
         s, resample = self.cfg.image_size, _resample(self.cfg.interpolation)
         w, h = img.size
+        box = None
+        full = img.info.get(FULL_SIZE_KEY)
+        covers = img.info.get(COVERS_KEY)
+        if full is not None and covers is not None:
+            box = _box_of_full_image(covers, img.size, full)
+            w, h = full
+
+        def resize(size):
+            return img.resize(size, resample, box=box) if box is not None else img.resize(size, resample)
+
         if self.cfg.resize_mode == "squash":
-            out = img.resize((s, s), resample)
+            out = resize((s, s))
         elif self.cfg.resize_mode == "shortest":
             # torchvision's Resize(int): the shorter side becomes s, the longer one is truncated
             short, long = (w, h) if w <= h else (h, w)
             new_short, new_long = s, int(s * long / short)
             size = (new_short, new_long) if w <= h else (new_long, new_short)
-            out = img if size == (w, h) else img.resize(size, resample)
+            out = img if size == img.size and box is None else resize(size)
             out = _center_crop_or_pad(out, s)
         else:  # longest: timm's ResizeKeepRatio(longest=1) then crop-or-pad, as OpenCLIP
             ratio = max(w / s, h / s)
             size = (max(1, round(w / ratio)), max(1, round(h / ratio)))  # OpenCLIP fails on 0
-            out = img.resize(size, resample)
+            out = resize(size)
             out = _center_crop_or_pad(out, s)
         # RGB after the resize, as OpenAI (a palette image is therefore resized by nearest neighbour)
         return out if out.mode == "RGB" else out.convert("RGB")
 
     def __call__(self, img):
         return _to_normalised_tensor(self.resize_and_crop(img), self.cfg.mean, self.cfg.std)
+
+
+def _box_of_full_image(covers, size, full):
+    """Where the whole full-scale image (``full`` = (W, H)) lies in a reduced image of ``size``
+    whose pixels span the full image's box ``covers``; clamped to the reduced image's bounds."""
+    x0, y0, x1, y1 = covers
+    w, h = size
+    sx, sy = w / (x1 - x0), h / (y1 - y0)  # reduced pixels per full pixel
+    return (
+        max(0.0, -x0 * sx),
+        max(0.0, -y0 * sy),
+        min(float(w), (full[0] - x0) * sx),
+        min(float(h), (full[1] - y0) * sy),
+    )
 
 
 def _center_crop_or_pad(img, s: int):
