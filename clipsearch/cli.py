@@ -11,6 +11,7 @@ Start-up stays cheap: torch, faiss and PIL are imported inside the commands that
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -280,6 +281,7 @@ def _report_json(report) -> dict:
         "removed": report.removed,
         "unchanged": report.unchanged,
         "failed": [{"path": str(p), "reason": r} for p, r in report.failed],
+        "kept": [{"path": str(k.path), "photos": k.photos, "reason": k.reason} for k in report.kept],
         "seconds": round(report.seconds, 3),
         "backend": report.backend or None,
         "backend_note": report.backend_note or None,
@@ -318,7 +320,18 @@ def _render_report(report, library_path: Path) -> None:
             out.print(f"  {reason}: {path}", markup=False)
         if len(report.failed) > MAX_FAILURES_SHOWN:
             out.print(f"  ... and {len(report.failed) - MAX_FAILURES_SHOWN} more: see `clipsearch status`")
+    for line in _kept_lines(report):
+        out.print(line, markup=False, style="yellow")
     out.print(f"Library: {library_path}", markup=False)
+
+
+def _kept_lines(report) -> list[str]:
+    """One line per folder whose vanished photos the run kept (see indexer.removal_hold)."""
+    return [
+        f"Kept {k.photos} photo(s) under {k.path} that were not found: {k.reason}; "
+        f"run `clipsearch index --prune {k.path}` to remove them"
+        for k in report.kept
+    ]
 
 
 @cli.command()
@@ -358,23 +371,41 @@ def _render_report(report, library_path: Path) -> None:
     help="Image inference backend: 'auto' picks the fastest one measured faithful (cosine >= 0.995 "
     "to fp32) on this machine, once per model; or force one.",
 )
+@click.option(
+    "--prune",
+    is_flag=True,
+    help="Also remove the photos of a scanned folder that is missing, empty, on another drive than "
+    "last time, or mostly gone (kept without it, in case a drive is not mounted).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @pass_state
 def index(
-    state: _State, paths, model, exclude, include_hidden, batch_size, workers, index_kind, backend, as_json
+    state: _State,
+    paths,
+    model,
+    exclude,
+    include_hidden,
+    batch_size,
+    workers,
+    index_kind,
+    backend,
+    prune,
+    as_json,
 ):
     """Add the photos under PATH... to the library, or bring it up to date.
 
-    Unchanged files are skipped; moved and duplicate files reuse their embeddings; files gone from
-    the scanned folders are removed. Unreadable files are skipped and listed at the end.
+    Unchanged files are skipped; moved and duplicate files reuse their embeddings; files deleted
+    from the scanned folders are removed. A folder that is missing, empty or on another drive than
+    last time (a drive not mounted), or a run that would remove most of a folder's photos, keeps
+    them: --prune removes them. Unreadable files are skipped, kept and listed at the end.
     """
     from clipsearch.indexer import index_paths
     from clipsearch.vectors import VectorIndex
 
-    missing = [str(p) for p in paths if not os.path.lexists(p)]
-    if missing:
-        raise ClipsearchError(f"no such file or folder: {missing[0]}")
-    with state.open_library(create=True) as library:
+    with state.open_library(create=True) as library, _discarded_when_left_empty(library):
+        unknown = [p for p in paths if not os.path.lexists(p) and not library.image_ids_under(p)]
+        if unknown:  # before loading (maybe downloading) a model; a missing folder with photos is kept
+            raise ClipsearchError(f"no such file or folder: {unknown[0]}")
         if model is None:
             known = library.default_model_id()
             model = library.model_source(known) if known is not None else DEFAULT_MODEL
@@ -392,6 +423,7 @@ def index(
                 progress=progress,
                 source=_source_for_record(model),
                 backend=backend,
+                prune=prune,
             )
         finally:
             progress.stop()
@@ -399,17 +431,31 @@ def index(
             # Bring the FAISS index in step now, so the first query does not pay for it.
             VectorIndex.for_library(library, bundle.model_id, kind=index_kind)
             _export_text_encoder(bundle)  # and the first text query need not load torch
+        if progress.found or (report.removed and not report.kept):
             if as_json:
                 _echo_json(_report_json(report))
             else:
                 _render_report(report, library.path)
-    if progress.found == 0:
-        where = ", ".join(str(p) for p in paths)
-        gone = f" ({report.removed} entries of vanished files removed)" if report.removed else ""
-        raise ClipsearchError(
-            f"no images found under {where}{gone}: looked for JPEG, PNG, WebP, GIF, TIFF, BMP, HEIC "
-            "and AVIF files (hidden ones only with --include-hidden)"
-        )
+        if progress.found == 0 and report.kept:  # nothing there at all: a drive not mounted, most likely
+            if as_json:
+                _echo_json(_report_json(report))
+            raise ClipsearchError(" ".join(_kept_lines(report)))
+        if progress.found == 0 and not report.removed:
+            where = ", ".join(str(p) for p in paths)
+            raise ClipsearchError(
+                f"no images found under {where}: looked for JPEG, PNG, WebP, GIF, TIFF, BMP, HEIC "
+                "and AVIF files (hidden ones only with --include-hidden)"
+            )
+
+
+@contextlib.contextmanager
+def _discarded_when_left_empty(library):
+    """A library this run created is deleted again if the run fails with no photo in it."""
+    try:
+        yield
+    except BaseException:
+        library.discard_if_empty()
+        raise
 
 
 # --------------------------------------------------------------------------------------------------

@@ -16,8 +16,13 @@ The job, in order:
    flight, so memory does not grow with the collection.
 5. Each batch is committed in one transaction with its images and embeddings together, so an
    interrupted run loses at most one batch and the next run resumes where it stopped.
-6. Rows under the scanned paths whose files are gone are deleted with their embeddings and labels
-   (never under a folder that could not be read this time).
+6. Rows under the scanned paths whose files are gone are deleted with their embeddings and labels,
+   unless the folder looks absent rather than emptied (:func:`removal_hold`): it is missing, holds
+   no photo at all, is on another device than last time (a mount point without its drive), or the
+   run would remove most of its photos at once. Then its rows are kept, the report says why
+   (``report.kept``), and only ``prune=True`` (``index --prune``) removes them. Nothing is ever
+   removed under a folder that could not be listed, nor for a file that could not be read this
+   time (permission, I/O error, vanished mid-run): it keeps its row and embeddings.
 
 Failures (unreadable, not an image, too many pixels, dead symlinks...) are recorded in the
 library's ``errors`` table with a reason, reported, and cleared once the file indexes or vanishes.
@@ -46,10 +51,44 @@ from clipsearch.walk import walk
 
 HASH_CHUNK = 1 << 20  # 1 MiB reads while hashing
 _PHOTO_GONE_REASONS = ("dead symlink", "not a regular file")  # walk failures that delete the path's row
+# A run removes at most this many of a folder's photos freely; more, and more than half of them, at
+# once looks like a drive that is not all there rather than a user's deletion (see removal_hold).
+MASS_REMOVAL_MIN = 10
 
 
 class IndexPathError(ClipsearchError):
     """A path given to ``index`` does not exist."""
+
+
+@dataclass
+class KeptFolder:
+    """Photos a run did not remove although their files were not found: see :func:`removal_hold`."""
+
+    path: Path  # the scanned folder (or file)
+    photos: int  # rows kept under it
+    reason: str  # why its absence looks accidental, in words
+
+
+def removal_hold(
+    *, exists: bool, known: int, found: int, gone: int, device: int | None, device_before: int | None
+) -> str | None:
+    """Why the rows of a scanned folder whose files were not found must be kept, or None to remove them.
+
+    ``known``: the folder's photos in the library; ``found``: image files found under it now;
+    ``gone``: known photos not found; ``device``/``device_before``: its ``st_dev`` now and at the
+    last run that removed freely (None when unknown). A folder with nothing gone is never held.
+    """
+    if gone == 0:
+        return None
+    if not exists:
+        return "the folder is missing (is its drive mounted?)"
+    if found == 0:
+        return "the folder holds no photos now (is its drive mounted?)"
+    if device_before is not None and device is not None and device != device_before:
+        return "the folder is on another device than last time (is its drive mounted?)"
+    if gone > MASS_REMOVAL_MIN and 2 * gone > known:
+        return f"{gone} of its {known} photos would be removed at once"
+    return None
 
 
 @dataclass
@@ -63,6 +102,7 @@ class IndexReport:
     removed: int = 0  # rows whose files are gone
     unchanged: int = 0  # skipped on size + mtime (or same hash)
     failed: list[tuple[Path, str]] = field(default_factory=list)
+    kept: list[KeptFolder] = field(default_factory=list)  # folders whose vanished photos were kept
     seconds: float = 0.0
     model_id: str = ""
     # The image inference backend that embedded this run's images (clipsearch.backends), "model" for
@@ -153,6 +193,7 @@ def index_paths(
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
     update_vectors: bool = True,
     backend: str = "auto",
+    prune: bool = False,
 ) -> IndexReport:
     """Index the images under ``paths`` into ``library`` with ``bundle``'s model.
 
@@ -166,6 +207,8 @@ def index_paths(
     (``report.backend_note`` says why). A model already in fp16/bf16 on a GPU, or a bundle without a
     ``preprocess_cfg`` (test fakes), runs as given. A named backend is forced: one that cannot run
     here raises ``BackendError``. ``workers`` decode threads default to :func:`default_workers`.
+    ``prune`` removes the rows :func:`removal_hold` would keep (a folder missing, emptied, on another
+    device, or most of it gone); a missing path that holds indexed photos is allowed either way.
 
     ``progress`` receives ``{"event": "scan", "found": n}``, ``{"event": "backend", "status":
     "measuring"}`` (only before a first ``auto`` for this model and machine, which takes seconds to a
@@ -177,9 +220,10 @@ def index_paths(
     """
     started = time.monotonic()
     emit = progress or (lambda event: None)
-    missing = [str(p) for p in paths if not os.path.lexists(p)]
-    if missing:
-        raise IndexPathError(f"no such file or folder: {missing[0]}")
+    missing = [Path(os.path.abspath(p)) for p in paths if not os.path.lexists(p)]
+    unknown = [p for p in missing if not library.image_ids_under(p)]
+    if unknown:
+        raise IndexPathError(f"no such file or folder: {unknown[0]}")
     if batch_size < 1:
         raise ValueError("batch_size must be at least 1")
     if backend != "auto":
@@ -198,11 +242,12 @@ def index_paths(
             library.register_model(
                 model_id, source or getattr(bundle, "source", None) or model_id, dim, config
             )
-            found = walk(paths, exclude=exclude, include_hidden=include_hidden)
+            present = [p for p in paths if os.path.lexists(p)]
+            found = walk(present, exclude=exclude, include_hidden=include_hidden)
             emit({"event": "scan", "found": len(found.files)})
             n_workers = workers or default_workers(_device_type(bundle.model), os.cpu_count() or 1)
             run = _Run(library, bundle, report, batch_size, n_workers, emit, max_pixels, backend)
-            run.execute(found)
+            run.execute(found, missing, prune)
             if update_vectors:
                 from clipsearch.vectors import VectorIndex
 
@@ -296,7 +341,7 @@ class _Run:
 
     # --- planning -----------------------------------------------------------------------------
 
-    def execute(self, found) -> None:
+    def execute(self, found, missing: Sequence[Path] = (), prune: bool = False) -> None:
         lib = self.lib
         rows = {row.stored: row for row in lib.images()}
         embedded = set(lib.embedding_ids(self.model_id).tolist())
@@ -325,14 +370,16 @@ class _Run:
         failed_paths = {
             lib.stored_path(p) for p, reason, _ in found.failed if reason not in _PHOTO_GONE_REASONS
         }
-        gone = [
-            row
+        scanned = [*found.roots, *missing]
+        gone_paths = [
+            stored
             for stored, row in rows.items()
             if stored not in seen
             and stored not in failed_paths
-            and _inside_any(row.path, found.roots)
+            and _inside_any(row.path, scanned)
             and not _inside_any(row.path, found.unreadable_dirs)
         ]
+        gone = [rows[p] for p in self._hold_back(gone_paths, rows, found, missing, prune)]
         for row in gone:
             if row.id in embedded:
                 self.gone_by_hash.setdefault(row.content_hash, []).append(row.id)
@@ -352,6 +399,33 @@ class _Run:
         self.emit({"event": "start", "total": len(jobs)})
         self._pipeline(jobs)
         self._finish(found)
+
+    def _hold_back(
+        self, gone: list[str], rows: dict, found, missing: Sequence[Path], prune: bool
+    ) -> list[str]:
+        """``gone`` (stored paths) without those of folders :func:`removal_hold` keeps, which the
+        report lists; notes the device of every folder that removed freely, for the next run."""
+        lib = self.lib
+        self.devices: dict[Path, int] = {}
+        kept: set[str] = set()
+        for root in [*found.roots, *missing]:
+            exists = root not in missing
+            device = os.stat(root).st_dev if exists and os.path.isdir(root) else None
+            mine_gone = [p for p in gone if _inside_any(rows[p].path, [root])]
+            reason = removal_hold(
+                exists=exists,
+                known=sum(1 for row in rows.values() if _inside_any(row.path, [root])),
+                found=sum(1 for f in found.files if _inside_any(f.path, [root])),
+                gone=len(mine_gone),
+                device=device,
+                device_before=lib.folder_device(root) if device is not None else None,
+            )
+            if reason is not None and not prune:
+                kept.update(mine_gone)
+                self.report.kept.append(KeptFolder(root, len(mine_gone), reason))
+            elif device is not None:
+                self.devices[root] = device
+        return [p for p in gone if p not in kept]
 
     # --- the pipeline -------------------------------------------------------------------------
 
@@ -428,8 +502,9 @@ class _Run:
     def _fail(self, res: _Result) -> None:
         job = res.job
         with self.lib.transaction():
-            if job.row is not None:
-                # The file changed into something unreadable: its old embedding describes nothing.
+            if job.row is not None and res.content_hash and res.content_hash != job.row.content_hash:
+                # Read in full, and its new content is no photo: the old embedding describes nothing.
+                # A file that could not be read this time (permission, I/O error, vanished) keeps it.
                 self.lib.remove_images([job.row.id])
             self.lib.record_error(
                 job.path,
@@ -554,11 +629,14 @@ class _Run:
         lib = self.lib
         with lib.transaction():
             self.report.removed = lib.remove_images(sorted(self.gone_ids))
+            for folder, device in self.devices.items():
+                lib.record_folder_device(folder, device)
+            held = [k.path for k in self.report.kept]
             failed_now = {lib.stored_path(p) for p, _ in self.report.failed}
 
             def keep(path: Path) -> bool:
                 # An error stays while its file is outside what was scanned, or failed again now.
-                if not _inside_any(path, found.roots):
+                if not _inside_any(path, found.roots) or _inside_any(path, held):
                     return True
                 return lib.stored_path(path) in failed_now
 

@@ -114,11 +114,18 @@ _M003 = """
 INSERT INTO meta (key, value) VALUES ('library_id', lower(hex(randomblob(16))));
 """
 
+# The device each scanned folder was on: a folder that is now on another device (a mount point whose
+# drive is not mounted) does not lose its photos' rows (see indexer.removal_hold).
+_M004 = """
+CREATE TABLE folders (path TEXT PRIMARY KEY, st_dev INTEGER NOT NULL, seen_at TEXT NOT NULL);
+"""
+
 # Named and ordered; a migration never changes once released, new ones are appended.
 MIGRATIONS: list[tuple[str, str]] = [
     ("001_initial", _M001),
     ("002_error_file_state", _M002),
     ("003_library_id", _M003),
+    ("004_folder_devices", _M004),
 ]
 
 
@@ -262,6 +269,7 @@ class Library:
         self._conn = conn
         self._depth = 0  # nesting of transaction(): only the outermost begins and commits
         self._lock_fd: int | None = None
+        self.created = False  # made by this open (see discard_if_empty)
 
     # --- opening ------------------------------------------------------------------------------
 
@@ -274,6 +282,7 @@ class Library:
         not a SQLite database, corrupt, or written by a newer clipsearch.
         """
         path = resolve_path(path)
+        created = not path.exists()
         if path.is_dir():
             raise LibraryError(f"{path} is a folder, not a library database: pass a file path")
         if not path.exists():
@@ -293,6 +302,7 @@ class Library:
         except sqlite3.Error as e:
             raise LibraryError(f"cannot open the library {path}: {e}") from e
         lib = cls(path, conn, readonly)
+        lib.created = created
         try:
             lib._configure()
             lib._migrate()
@@ -357,6 +367,20 @@ class Library:
 
     def journal_mode(self) -> str:
         return str(self._conn.execute("PRAGMA journal_mode").fetchone()[0]).lower()
+
+    def discard_if_empty(self) -> bool:
+        """Close, and delete, a library this process created that still holds no image; returns
+        whether it did. A first run that fails (no photos, a model that cannot be downloaded)
+        then leaves nothing behind that a later run would take for a library."""
+        import shutil
+
+        if not self.created or self._conn.execute("SELECT count(*) FROM images").fetchone()[0]:
+            return False
+        self.close()
+        for suffix in ("", "-wal", "-shm", ".lock"):
+            Path(f"{self.path}{suffix}").unlink(missing_ok=True)
+        shutil.rmtree(self.path.with_name(self.path.name + ".faiss"), ignore_errors=True)
+        return True
 
     def close(self) -> None:
         """Release the writer lock if held and close the connection."""
@@ -810,6 +834,25 @@ class Library:
             c.execute(f"DELETE FROM images WHERE id IN ({marks})", chunk)
         self._bump()
         return len(ids)
+
+    # --- scanned folders ----------------------------------------------------------------------
+
+    def folder_device(self, folder: Path | str) -> int | None:
+        """The ``st_dev`` ``folder`` was on at the last run that removed its vanished photos freely
+        (see ``indexer.removal_hold``), or None if never recorded."""
+        row = self._conn.execute(
+            "SELECT st_dev FROM folders WHERE path = ?", (self.stored_path(folder),)
+        ).fetchone()
+        return row[0] if row else None
+
+    def record_folder_device(self, folder: Path | str, st_dev: int) -> None:
+        """Remember the device ``folder`` is on now."""
+        with self.transaction():
+            self._conn.execute(
+                "INSERT INTO folders (path, st_dev, seen_at) VALUES (?, ?, ?) "
+                "ON CONFLICT(path) DO UPDATE SET st_dev = excluded.st_dev, seen_at = excluded.seen_at",
+                (self.stored_path(folder), int(st_dev), _now()),
+            )
 
     # --- errors -------------------------------------------------------------------------------
 
