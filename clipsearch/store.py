@@ -131,6 +131,42 @@ MIGRATIONS: list[tuple[str, str]] = [
 
 # --- paths ------------------------------------------------------------------------------------
 
+# Paths are TEXT, which SQLite wants as valid UTF-8, but a POSIX file name is any bytes. A name that is
+# not UTF-8 is stored with each byte that does not decode as one character of the last 128 code
+# points of Unicode's Private Use plane 16, U+10FF80 + (byte - 0x80); a real character of that range
+# is stored as its own UTF-8 bytes escaped the same way, so the mapping is one-to-one. UTF-8 names
+# (all of them, in practice) are stored as they are, and the escape keeps folder prefixes, so
+# "photos in this folder" matches escaped names too.
+_ESCAPE_BASE = 0x10FF00  # + byte (0x80..0xFF)
+_ESCAPE_LOW = _ESCAPE_BASE + 0x80
+
+
+def path_text(path: str) -> str:
+    """A path (Python's ``str``, with ``surrogateescape`` for undecodable bytes) as stored TEXT."""
+    if path.isascii():
+        return path
+    out = []
+    for ch in path:
+        code = ord(ch)
+        if 0xDC80 <= code <= 0xDCFF:  # an undecodable byte, as os.fsdecode gives it
+            out.append(chr(_ESCAPE_BASE + code - 0xDC00))
+        elif code >= _ESCAPE_LOW:  # a real character of the escape range: its bytes, escaped
+            out.extend(chr(_ESCAPE_BASE + b) for b in ch.encode("utf-8"))
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def text_path(text: str) -> str:
+    """The inverse of :func:`path_text`: stored TEXT back to the path's ``str`` (exact bytes)."""
+    if text.isascii() or not any(ord(ch) >= _ESCAPE_LOW for ch in text):
+        return text
+    raw = bytearray()
+    for ch in text:
+        code = ord(ch)
+        raw += bytes([code - _ESCAPE_BASE]) if code >= _ESCAPE_LOW else ch.encode("utf-8")
+    return os.fsdecode(bytes(raw))
+
 
 def _absolute(path: Path | str) -> Path:
     """Absolute and normalised, without resolving symlinks inside the photo tree."""
@@ -497,12 +533,20 @@ class Library:
             text = p.relative_to(self.root).as_posix()
         except ValueError:
             text = str(p)
-        # Names that are not UTF-8 (possible on Linux) are kept readable rather than failing SQLite.
-        return os.fsencode(text).decode("utf-8", "backslashreplace")
+        return path_text(text)  # names that are not UTF-8 escaped reversibly
 
     def abspath(self, stored: str) -> Path:
-        """A stored path as an absolute path (relative ones are under :attr:`root`)."""
-        p = Path(stored)
+        """A stored path as an absolute path (relative ones are under :attr:`root`).
+
+        A ``..`` component is refused (:class:`LibraryError`): clipsearch never stores one, so the
+        row was written by something else, and following it could reach outside the photo folders
+        (an XMP sidecar written beside ``../../.bashrc``)."""
+        if ".." in stored.split("/"):
+            raise LibraryError(
+                f"{self.path} holds a photo path with '..' ({text_path(stored)!r}): clipsearch never "
+                "writes one, so this library was altered; index your photos into a new library"
+            )
+        p = Path(text_path(stored))
         return p if p.is_absolute() else self.root / p
 
     def _under_clause(self, under: Path | str, column: str = "path") -> tuple[str, list]:

@@ -54,14 +54,6 @@ def _excluded(rel: str, name: str, exclude: Sequence[str]) -> bool:
     return any(fnmatch.fnmatchcase(rel, g) or fnmatch.fnmatchcase(name, g) for g in exclude)
 
 
-def _utf8(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
 def _reason(e: OSError) -> str:
     if e.errno in (errno.EACCES, errno.EPERM):
         return "permission denied"
@@ -105,10 +97,6 @@ def walk(
             return
         if _excluded(rel, name, exclude):
             return
-        if not _utf8(str(path)):
-            # The library stores paths as UTF-8 text; bytes that are not UTF-8 cannot round-trip.
-            result.failed.append((path, "undecodable name", "the file name is not valid UTF-8: rename it"))
-            return
         try:
             st = os.stat(path)  # follows symlinks: the target's kind matters
         except OSError as e:
@@ -126,25 +114,35 @@ def walk(
             seen_files.add(key)
             result.files.append(FoundFile(path, st.st_size, st.st_mtime_ns))
 
-    def visit_dir(directory: Path, root: Path) -> None:
+    def listing(directory: Path) -> list[os.DirEntry] | None:
+        """The folder's entries sorted by name; None when it cannot be listed or was walked already."""
         try:
             st = os.stat(directory)
         except OSError as e:
             result.failed.append((directory, _reason(e), e.strerror or str(e)))
             result.unreadable_dirs.append(directory)
-            return
+            return None
         key = (st.st_dev, st.st_ino)
         if key in visited:
-            return  # a symlink loop or a second link to a folder already walked
+            return None  # a symlink loop or a second link to a folder already walked
         visited.add(key)
         try:
             with os.scandir(directory) as it:
-                entries = sorted(it, key=lambda e: e.name)
+                return sorted(it, key=lambda e: e.name)
         except OSError as e:
             result.failed.append((directory, _reason(e), e.strerror or str(e)))
             result.unreadable_dirs.append(directory)
-            return
-        for entry in entries:
+            return None
+
+    def visit_tree(root: Path) -> None:
+        # Depth first with a stack of the open folders' remaining entries, not recursion: a tree
+        # thousands of folders deep is walked like any other (the order is the recursive one).
+        stack = [iter(listing(root) or ())]
+        while stack:
+            entry = next(stack[-1], None)
+            if entry is None:
+                stack.pop()
+                continue
             if not include_hidden and entry.name.startswith("."):
                 continue
             path = Path(entry.path)
@@ -153,12 +151,12 @@ def walk(
                 is_dir = entry.is_dir(follow_symlinks=True)
             except OSError:
                 is_dir = False
-            if is_dir:
-                if _excluded(rel, entry.name, exclude):
-                    continue
-                visit_dir(path, root)
-            else:
+            if not is_dir:
                 consider(path, rel)
+            elif not _excluded(rel, entry.name, exclude):
+                entries = listing(path)
+                if entries is not None:
+                    stack.append(iter(entries))
 
     for raw in roots:
         root = Path(os.path.abspath(os.fspath(raw)))
@@ -167,7 +165,7 @@ def walk(
             # through a symlink is stored relative to a library kept inside it.
             root = Path(os.path.realpath(root))
             result.roots.append(root)
-            visit_dir(root, root)
+            visit_tree(root)
         elif os.path.lexists(root):
             result.roots.append(root)
             consider(root, root.name)

@@ -162,10 +162,11 @@ def test_hostile_folder_is_indexed_with_every_failure_reported(
     assert ODD_NAMES["nfc"] in names and ODD_NAMES["nfd"] in names
     assert not names & (set(bad) | {"pipe.jpg", "album.jpg", "loop.jpg"})
     assert all(p.exists() for p in stored if p.name in good)
-    # The non-UTF-8 name: indexed under a path that finds the file again, or skipped with a reason.
-    latin = [p for p in stored if os.fsencode(p.name) == NON_UTF8]
-    if latin:
-        assert os.path.exists(os.fsencode(latin[0]))
+    # The non-UTF-8 name: indexed, stored in the documented escape, which gives its bytes back.
+    from clipsearch.store import text_path
+
+    latin = [p for p in stored if os.fsencode(text_path(p.name)) == NON_UTF8]
+    assert len(latin) == 1 and os.path.exists(os.fsencode(text_path(str(latin[0]))))
     assert len(stored) == len(good) + len(latin)
     assert sum(rows["embeddings"].values()) == len(stored)
 
