@@ -420,21 +420,22 @@ def test_every_command_is_documented():
 
 
 def test_non_utf8_file_names_are_printable_and_exact(tmp_path, model_dir):
-    """The store keeps UTF-8 text, so the indexer skips a name that is not UTF-8 with a reason:
-    people see U+FFFD where the bad byte is, --json keeps the exact name (``\\udcXX`` escapes)."""
+    """A name that is not UTF-8 is indexed: people see U+FFFD where the bad byte is, --json keeps
+    the exact name (``\\udcXX`` escapes)."""
     import os
 
     folder = tmp_path / "p"
     raw = os.fsencode(folder) + b"/caf\xe9.jpg"
     write_photo(Path(os.fsdecode(raw)), 1)
     write_photo(folder / "plain.png", 2)
-    human = ok("--db", tmp_path / "lib.db", "index", folder, "--model", model_dir).stdout
-    assert "caf\ufffd.jpg" in human
     report = json.loads(
-        ok("--db", tmp_path / "lib2.db", "index", folder, "--model", model_dir, "--json").stdout
+        ok("--db", tmp_path / "lib.db", "index", folder, "--model", model_dir, "--json").stdout
     )
-    assert [os.fsencode(f["path"]) for f in report["failed"]] == [raw]
-    assert report["new"] == 1
+    assert report["new"] == 2 and report["failed"] == []
+    human = ok("--db", tmp_path / "lib.db", "query", "a photo").stdout
+    assert "caf\ufffd.jpg" in human
+    hits = json.loads(ok("--db", tmp_path / "lib.db", "query", "a photo", "--json").stdout)
+    assert raw in [os.fsencode(h["path"]) for h in hits]
 
 
 def test_download_progress_reaches_the_bar(tmp_path, model_dir, monkeypatch):
