@@ -123,7 +123,7 @@ def test_a_folder_on_another_device_than_last_time_keeps_its_photos(tmp_path):
         report = _index(lib, folder)
         assert report.removed == 0 and [k.photos for k in report.kept] == [2]
         assert "another device" in report.kept[0].reason
-        assert lib.stats()["images"] == 3 and lib.folder_device(folder) == real + 1  # not adopted
+        assert lib.stats().images == 3 and lib.folder_device(folder) == real + 1  # not adopted
         report = _index(lib, folder, prune=True)
         assert report.removed == 2 and lib.folder_device(folder) == real
 
