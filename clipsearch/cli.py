@@ -56,6 +56,12 @@ class _PrintableStream:
         return getattr(self._stream, name)
 
 
+def escape_markup(text: str) -> str:
+    from rich.markup import escape
+
+    return escape(printable(text))
+
+
 def _console(stderr: bool = False):
     from rich.console import Console
 
@@ -675,6 +681,67 @@ def serve(state: _State):
         signal.signal(signal.SIGTERM, previous)
     n = server.answered
     err.print(f"Stopped after {n} {'query' if n == 1 else 'queries'}.", markup=False)
+
+
+# --------------------------------------------------------------------------------------------------
+# web
+
+
+@cli.command()
+@click.option(
+    "--port", type=click.IntRange(0, 65535), default=8765, show_default=True, help="Port (0: any free one)."
+)
+@click.option(
+    "--host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address to listen on. Anything but loopback needs --allow-remote.",
+)
+@click.option("--open", "open_browser", is_flag=True, help="Open the page in the default browser.")
+@click.option(
+    "--allow-remote",
+    is_flag=True,
+    help="Allow a non-loopback --host: other machines may connect, with the access token printed.",
+)
+@pass_state
+def web(state: _State, port: int, host: str, open_browser: bool, allow_remote: bool):
+    """Browse and search the library in a web browser, served on this machine.
+
+    Search by words or by a dropped picture, open a photo for its details and "more like this",
+    browse zero-shot labels, see the library's status. Only photos in the library are served.
+    Stop it with Ctrl-C.
+    """
+    import signal
+
+    from clipsearch.web import make_server
+
+    server = make_server(state.db_path(), host=host, port=port, allow_remote=allow_remote)
+    err = _console(stderr=True)
+    url = server.url
+    if server.access_token is not None:
+        url += f"?token={server.access_token}"
+        err.print(
+            f"[yellow]Warning:[/yellow] listening on {escape_markup(host)}: every machine that can reach "
+            "it can see your photos with the token in this address. Share it with care."
+        )
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    click.echo(f"Serving {printable(str(server.live.path))} at {url} (Ctrl-C to stop)")
+    if open_browser:
+        import webbrowser
+
+        webbrowser.open(url)
+    try:
+        server.run()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.close()
+        signal.signal(signal.SIGTERM, previous)
+    err.print("Stopped.", markup=False)
 
 
 # --------------------------------------------------------------------------------------------------

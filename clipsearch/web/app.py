@@ -1,0 +1,260 @@
+"""The Flask application of ``clipsearch web``: pages over a :class:`~clipsearch.web.live.LiveLibrary`.
+
+Routes (every photo addressed by its library id, never by a path from the request):
+
+- ``GET /?q=TEXT&in=FOLDER&page=N``: search (``image=KEY`` for an uploaded picture); ``partial=1``
+  returns only the next tiles, for the infinite scroll.
+- ``GET /photo/ID``: the large view with metadata; ``GET /similar/ID``: more like this.
+- ``POST /upload``: search by an uploaded or dropped picture (CSRF token; size-limited).
+- ``GET /labels``, ``GET /labels?label=L``: browse the zero-shot labels; ``GET /status``.
+- ``GET /thumb/ID``, ``GET /preview/ID``: cached JPEGs; ``GET /image/ID``: the original, streamed.
+
+Every response carries the headers of :mod:`clipsearch.web.security`; requests with a foreign
+``Host`` are refused before routing.
+"""
+
+from __future__ import annotations
+
+import logging
+import mimetypes
+from pathlib import Path
+from urllib.parse import urlencode
+
+from flask import Flask, Response, abort, g, redirect, render_template, request, send_file, url_for
+
+from clipsearch.errors import ClipsearchError
+from clipsearch.web import security
+from clipsearch.web.live import LiveLibrary
+from clipsearch.web.thumbs import SIZES, ThumbnailCache
+
+log = logging.getLogger(__name__)
+
+PAGE_SIZE = 60  # tiles per page: a few screens; the next page loads as the user scrolls
+MAX_PAGE = 1000  # deeper than anyone scrolls; bounds the top-k asked of the index
+MAX_UPLOAD_BYTES = 25 * 1024 * 1024  # a 50 MP JPEG; anything larger is refused with 413
+BROWSER_IMAGE_TYPES = {"image/jpeg", "image/png", "image/webp", "image/gif", "image/bmp"}
+THUMB_MAX_AGE_S = 7 * 24 * 3600  # an id's content never changes (a changed file gets a new id)
+
+
+def create_app(
+    live: LiveLibrary,
+    thumbs: ThumbnailCache,
+    *,
+    host: str,
+    port: int,
+    uploads_dir: Path,
+    access_token: str | None = None,
+) -> Flask:
+    """The app serving ``live`` as ``http://host:port``; ``access_token`` required when set."""
+    app = Flask(__name__)
+    app.config.update(
+        MAX_CONTENT_LENGTH=MAX_UPLOAD_BYTES,
+        SEND_FILE_MAX_AGE_DEFAULT=3600,
+        TEMPLATES_AUTO_RELOAD=False,
+    )
+    hosts = security.HostPolicy(host, port)
+    csrf_token = security.new_token()
+
+    @app.before_request
+    def guard():
+        if not hosts.allows(request.headers.get("Host")):
+            log.info("refused a request for Host %r", request.headers.get("Host"))
+            return _plain("This server answers only its own address (foreign Host refused).", 421)
+        if access_token is not None:
+            given = request.args.get("token")
+            if given is not None and security.same_token(given, access_token):
+                args = {k: v for k, v in request.args.items(multi=True) if k != "token"}
+                target = request.path + ("?" + urlencode(args) if args else "")
+                response = redirect(target, 303)
+                response.set_cookie(
+                    security.TOKEN_COOKIE, access_token, httponly=True, samesite="Strict", path="/"
+                )
+                return response
+            if not security.same_token(request.cookies.get(security.TOKEN_COOKIE), access_token):
+                return _plain("Open the address with ?token=... that `clipsearch web` printed.", 401)
+        if request.method not in ("GET", "HEAD"):
+            if not hosts.allows_origin(request.headers.get("Origin")):
+                return _plain("Cross-site request refused.", 403)
+            given = request.headers.get(security.CSRF_HEADER) or request.form.get(security.CSRF_FIELD)
+            if not security.same_token(given, csrf_token):
+                return _plain("Missing or wrong CSRF token: reload the page and try again.", 403)
+        g.csrf_token = csrf_token
+        return None
+
+    @app.after_request
+    def headers(response: Response):
+        for name, value in security.SECURITY_HEADERS.items():
+            response.headers.setdefault(name, value)
+        return response
+
+    @app.errorhandler(ClipsearchError)
+    def library_error(e: ClipsearchError):
+        return render_template("error.html", message=str(e)), 400
+
+    @app.errorhandler(404)
+    def not_found(e):
+        return render_template("error.html", message="Not found: no such page or photo."), 404
+
+    @app.errorhandler(413)
+    def too_large(e):
+        limit = MAX_UPLOAD_BYTES // (1024 * 1024)
+        return render_template("error.html", message=f"That file is too large (limit {limit} MB)."), 413
+
+    # --- searching ------------------------------------------------------------------------------
+
+    @app.get("/")
+    def search_page():
+        text = request.args.get("q", "").strip()
+        upload = request.args.get("image", "").strip()
+        under = _folder(request.args.get("in", ""))
+        page_no = _page_number()
+        offset = (page_no - 1) * PAGE_SIZE
+        page = None
+        notice = None
+        if upload:
+            vector = live.upload_vector(upload)
+            if vector is None:
+                notice = "That uploaded picture is no longer remembered: drop it again."
+            else:
+                page = live.search_vector(vector, offset=offset, limit=PAGE_SIZE, under=under)
+        elif text:
+            page = live.search_text(text, offset=offset, limit=PAGE_SIZE, under=under)
+        params = {k: v for k, v in (("q", text), ("image", upload), ("in", request.args.get("in", ""))) if v}
+        return _results("search.html", page, params, q=text, folder=request.args.get("in", ""), notice=notice)
+
+    @app.post("/upload")
+    def upload():
+        file = request.files.get("image")
+        if file is None or not file.filename and not file.content_length:
+            abort(400)
+        data = file.read(MAX_UPLOAD_BYTES + 1)
+        if not data:
+            return render_template("error.html", message="The uploaded file is empty."), 400
+        key = live.remember_upload(data, uploads_dir)
+        return redirect(url_for("search_page", image=key), 303)
+
+    @app.get("/similar/<int:image_id>")
+    def similar(image_id: int):
+        photo = _photo_or_404(image_id)
+        page_no = _page_number()
+        page = live.similar(image_id, offset=(page_no - 1) * PAGE_SIZE, limit=PAGE_SIZE)
+        return _results("similar.html", page, {}, photo=photo)
+
+    # --- labels, status, one photo --------------------------------------------------------------
+
+    @app.get("/labels")
+    def labels():
+        label = request.args.get("label", "")
+        if not label:
+            return render_template("labels.html", sets=live.label_sets(), label=None, page=None)
+        page_no = _page_number()
+        page = live.labelled(label, offset=(page_no - 1) * PAGE_SIZE, limit=PAGE_SIZE)
+        return _results("labels.html", page, {"label": label}, label=label, sets=None)
+
+    @app.get("/status")
+    def status():
+        return render_template("status.html", status=live.status())
+
+    @app.get("/photo/<int:image_id>")
+    def photo(image_id: int):
+        p = _photo_or_404(image_id)
+        shown = "original" if _mimetype(p.path) in BROWSER_IMAGE_TYPES else "preview"
+        return render_template("photo.html", photo=p, labels=live.labels_of(image_id), shown=shown)
+
+    # --- pictures -------------------------------------------------------------------------------
+
+    @app.get("/thumb/<int:image_id>")
+    def thumb(image_id: int):
+        return _cached(image_id, SIZES["thumb"])
+
+    @app.get("/preview/<int:image_id>")
+    def preview(image_id: int):
+        return _cached(image_id, SIZES["preview"])
+
+    @app.get("/image/<int:image_id>")
+    def original(image_id: int):
+        p = _photo_or_404(image_id)
+        mimetype = _mimetype(p.path)
+        if mimetype not in BROWSER_IMAGE_TYPES:
+            mimetype = "application/octet-stream"  # HEIC, TIFF...: downloaded, never interpreted
+        try:
+            return send_file(
+                p.path,
+                mimetype=mimetype,
+                as_attachment=mimetype == "application/octet-stream",
+                download_name=_header_safe(p.name),
+                etag=p.content_hash,
+                conditional=True,  # Range requests and 304s; the file is streamed, not read whole
+                max_age=0,
+            )
+        except FileNotFoundError:
+            abort(404)
+
+    def _cached(image_id: int, size: int):
+        p = _photo_or_404(image_id)
+        path = thumbs.get(p.path, p.content_hash, size)
+        if path is None:  # unreadable now (moved, deleted, damaged): a neutral tile
+            response = app.send_static_file("unavailable.svg")
+            response.headers["Cache-Control"] = "no-store"
+            return response
+        response = send_file(
+            path,
+            mimetype="image/jpeg",
+            etag=f"{p.content_hash}-{size}",
+            conditional=True,
+            max_age=THUMB_MAX_AGE_S,
+            download_name=f"{image_id}-{size}.jpg",
+        )
+        response.cache_control.private = True
+        return response
+
+    # --- helpers --------------------------------------------------------------------------------
+
+    def _photo_or_404(image_id: int):
+        p = live.photo(image_id)
+        if p is None:
+            abort(404)
+        return p
+
+    def _results(template: str, page, params: dict, **context):
+        """A results page, or with ``partial=1`` only its tiles (the infinite scroll's next page)."""
+        next_url = None
+        if page is not None and page.more and _page_number() < MAX_PAGE:
+            next_url = request.path + "?" + urlencode({**params, "page": _page_number() + 1})
+        if request.args.get("partial") == "1":
+            return render_template("_tiles.html", page=page, next_url=next_url)
+        return render_template(template, page=page, next_url=next_url, **context)
+
+    return app
+
+
+def _page_number() -> int:
+    try:
+        n = int(request.args.get("page", "1"))
+    except ValueError:
+        abort(400)
+    return min(max(n, 1), MAX_PAGE)
+
+
+def _folder(text: str) -> Path | None:
+    """The ``in`` filter: a folder whose photos the search keeps (matched literally in SQLite)."""
+    text = text.strip()
+    if not text:
+        return None
+    folder = Path(text).expanduser()
+    if not folder.is_absolute():
+        raise ClipsearchError(f"folder filter {text!r}: give an absolute folder path")
+    return folder
+
+
+def _mimetype(path: Path) -> str:
+    return mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+
+
+def _header_safe(name: str) -> str:
+    """A file name for Content-Disposition: control characters (a newline in a name) replaced."""
+    return "".join("_" if ord(c) < 32 or ord(c) == 127 else c for c in name) or "photo"
+
+
+def _plain(text: str, status: int) -> Response:
+    return Response(text + "\n", status=status, mimetype="text/plain")

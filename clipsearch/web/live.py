@@ -1,0 +1,292 @@
+"""A library kept open for many requests: its text encoder and vector index warm, in step with SQLite.
+
+Every request asks :class:`LiveLibrary`; it reads the library's generation first and reopens the
+FAISS index when an ``index`` run has committed since (SQLite's WAL lets it read while the indexer
+writes). Searches go through the library's own search functions with the warm parts handed in, so
+the web answers exactly what ``clipsearch query`` answers. One lock serialises use of the single
+SQLite connection and the index; the slow work (thumbnails, sending files) happens outside it.
+
+Image queries (an uploaded picture) need the model itself; it is loaded on the first one only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+from clipsearch.errors import LibraryError
+
+log = logging.getLogger(__name__)
+
+MAX_UPLOADS_KEPT = 64  # query vectors of uploaded pictures remembered for paging (2 KB each)
+
+
+@dataclass(frozen=True)
+class Photo:
+    """One library photo as the pages show it."""
+
+    id: int
+    path: Path
+    size: int
+    content_hash: str
+    width: int | None
+    height: int | None
+    taken_at: str | None
+    indexed_at: str
+    score: float | None = None
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+
+@dataclass(frozen=True)
+class Page:
+    """One page of results: ``photos`` from ``offset``; ``more`` when another page follows."""
+
+    photos: list[Photo]
+    offset: int
+    more: bool
+
+
+class LiveLibrary:
+    """The library at ``library_path``, open and warm; safe to use from several threads."""
+
+    def __init__(self, library_path: Path | str | None = None):
+        from clipsearch.store import Library
+
+        self.library = Library.open(library_path)
+        self.path = self.library.path
+        self._lock = threading.RLock()
+        self._index = None  # (model_id, generation, VectorIndex)
+        self._encoder = None  # (model_id, fastquery.TextEncoder)
+        self._bundle = None
+        self._uploads: OrderedDict[str, object] = OrderedDict()
+        self.reloads = 0  # times the index was reopened because the library changed
+
+    def close(self) -> None:
+        with self._lock:
+            self.library.close()
+
+    # --- the warm parts -------------------------------------------------------------------------
+
+    def model_id(self) -> str:
+        model_id = self.library.default_model_id()
+        if model_id is None:
+            raise LibraryError(
+                f"the library {self.path} has no images yet: run `clipsearch index PATH` first"
+            )
+        return model_id
+
+    def warm_up(self) -> None:
+        """Load the text encoder and open the index now, so the first search does not wait."""
+        with self._lock:
+            model_id = self.model_id()
+            self._vector_index(model_id)
+            self._text_encoder(model_id)
+
+    def _vector_index(self, model_id: str):
+        from clipsearch.vectors import VectorIndex
+
+        generation = self.library.generation()
+        held = self._index
+        if held is None or held[0] != model_id or held[1] != generation:
+            if held is not None:
+                self.reloads += 1
+                log.info("library changed (generation %s -> %s): index reopened", held[1], generation)
+            held = self._index = (model_id, generation, VectorIndex.for_library(self.library, model_id))
+        return held[2]
+
+    def _text_encoder(self, model_id: str):
+        from clipsearch import fastquery
+
+        held = self._encoder
+        if held is not None and held[0] == model_id and held[1].stamp == fastquery._stamp(held[1].directory):
+            return held[1]
+        try:
+            encoder = fastquery.TextEncoder(model_id, warm=True)
+        except fastquery.TextEncoderMissing:
+            log.info("no torch-free text encoder of %s yet: exporting it once from the model", model_id)
+            fastquery.ensure_text_encoder(self._model(model_id))
+            encoder = fastquery.TextEncoder(model_id, warm=True)
+        self._encoder = (model_id, encoder)
+        return encoder
+
+    def _model(self, model_id: str):
+        if self._bundle is None or self._bundle.model_id != model_id:
+            from clipsearch.checkpoints import load_bundle
+
+            log.info("loading the model %s (image queries need it)", model_id)
+            self._bundle = load_bundle(self.library.model_source(model_id))
+        return self._bundle
+
+    # --- searching ------------------------------------------------------------------------------
+
+    def search_text(self, text: str, *, offset: int = 0, limit: int = 60, under: Path | None = None) -> Page:
+        """A text query, as ``clipsearch query TEXT`` ranks it."""
+        from clipsearch import fastquery
+        from clipsearch.search import Query
+
+        with self._lock:
+            model_id = self.model_id()
+            hits = fastquery.search(
+                self.library,
+                model_id,
+                Query.build(text),
+                offset + limit + 1,
+                under,
+                encode=self._text_encoder(model_id),
+                index=self._vector_index(model_id),
+            )
+            return self._page(hits, offset, limit)
+
+    def search_vector(
+        self,
+        vector,
+        *,
+        offset: int = 0,
+        limit: int = 60,
+        under: Path | None = None,
+        exclude: int | None = None,
+    ) -> Page:
+        """Photos closest to a query vector (float32 [D], normalised) of the library's model."""
+        from clipsearch.search import Query, QueryPart, search
+
+        with self._lock:
+            model_id = self.model_id()
+            extra = 1 if exclude is not None else 0
+            hits = search(
+                self.library,
+                None,
+                Query([QueryPart("image", "(vector)")]),
+                offset + limit + 1 + extra,
+                under,
+                model_id=model_id,
+                encode=lambda _query: vector,
+                index=self._vector_index(model_id),
+            )
+            hits = [h for h in hits if h.image_id != exclude]
+            return self._page(hits, offset, limit)
+
+    def similar(self, image_id: int, **kwargs) -> Page:
+        """Photos like library photo ``image_id`` (its stored embedding; the photo itself left out)."""
+        return self.search_vector(self.stored_vector(image_id), exclude=image_id, **kwargs)
+
+    def stored_vector(self, image_id: int):
+        with self._lock:
+            vector = self.library.embedding(image_id, self.model_id())  # float32 [D]
+        if vector is None:
+            raise LibraryError(f"photo {image_id} has no embedding of the library's model")
+        return vector
+
+    def remember_upload(self, data: bytes, uploads_dir: Path) -> str:
+        """Encode an uploaded picture with the model; returns a key for :meth:`upload_vector`.
+
+        The bytes go to a private temporary file under ``uploads_dir`` (in the clipsearch home, never
+        beside the photos) only while they are decoded, and are deleted at once.
+        """
+        from clipsearch.search import Query, encode_query
+
+        key = hashlib.sha256(data).hexdigest()[:24]
+        with self._lock:
+            if key in self._uploads:
+                self._uploads.move_to_end(key)
+                return key
+        uploads_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd, tmp = tempfile.mkstemp(dir=uploads_dir, prefix="upload-", suffix=".img")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            with self._lock:
+                vector = encode_query(self._model(self.model_id()), Query.build(image=tmp))
+                self._uploads[key] = vector
+                while len(self._uploads) > MAX_UPLOADS_KEPT:
+                    self._uploads.popitem(last=False)
+        finally:
+            os.unlink(tmp)
+        return key
+
+    def upload_vector(self, key: str):
+        """The vector of an uploaded picture, or None when it is no longer remembered."""
+        with self._lock:
+            return self._uploads.get(key)
+
+    # --- photos, labels, status -----------------------------------------------------------------
+
+    def photo(self, image_id: int) -> Photo | None:
+        with self._lock:
+            row = self.library.image(image_id)
+        return None if row is None else _photo(row)
+
+    def _page(self, hits, offset: int, limit: int) -> Page:
+        window = hits[offset : offset + limit]
+        rows = [(self.library.image(h.image_id), h.score) for h in window]
+        # a photo removed by an index run since the search is left out
+        photos = [_photo(row, score) for row, score in rows if row is not None]
+        return Page(photos, offset, more=len(hits) > offset + limit)
+
+    def label_sets(self) -> list[dict]:
+        """The stored zero-shot labels: ``[{classes, labels: [(label, photos)]}]``, top label per photo."""
+        with self._lock:
+            rows = self.library.labels(model_id=self.model_id())
+        sets: dict[str, dict] = {}
+        for r in rows:
+            if r.rank != 1:
+                continue
+            key = "\n".join(sorted(r.classes))
+            entry = sets.setdefault(key, {"classes": sorted(r.classes), "counts": {}})
+            entry["counts"][r.label] = entry["counts"].get(r.label, 0) + 1
+        return [
+            {"classes": s["classes"], "labels": sorted(s["counts"].items(), key=lambda kv: (-kv[1], kv[0]))}
+            for s in sets.values()
+        ]
+
+    def labelled(self, label: str, *, offset: int = 0, limit: int = 60) -> Page:
+        """Photos whose top label is ``label`` (in any class set), most confident first."""
+        with self._lock:
+            rows = self.library.labels(model_id=self.model_id())
+            best: dict[int, float] = {}
+            for r in rows:
+                if r.rank == 1 and r.label == label:
+                    best[r.image_id] = max(r.score, best.get(r.image_id, -1.0))
+            order = sorted(best.items(), key=lambda kv: (-kv[1], kv[0]))
+            window = order[offset : offset + limit]
+            found = [(self.library.image(i), s) for i, s in window]
+        photos = [_photo(row, s) for row, s in found if row is not None]
+        return Page(photos, offset, more=len(order) > offset + limit)
+
+    def labels_of(self, image_id: int) -> list[tuple[str, float]]:
+        with self._lock:
+            rows = self.library.labels(model_id=self.model_id())
+        return sorted(((r.label, r.score) for r in rows if r.image_id == image_id), key=lambda x: -x[1])
+
+    def status(self) -> dict:
+        """``{stats: LibraryStats, recent_errors: [ErrorRow], default_model, reloads}``."""
+        with self._lock:
+            return {
+                "stats": self.library.stats(),
+                "recent_errors": self.library.errors(limit=50),
+                "default_model": self.library.default_model_id(),
+                "reloads": self.reloads,
+            }
+
+
+def _photo(row, score: float | None = None) -> Photo:
+    """A :class:`Photo` from a :class:`clipsearch.store.ImageRow`."""
+    return Photo(
+        id=row.id,
+        path=row.path,
+        size=row.size,
+        content_hash=row.content_hash,
+        width=row.width,
+        height=row.height,
+        taken_at=row.taken_at,
+        indexed_at=row.indexed_at,
+        score=score,
+    )

@@ -1,0 +1,383 @@
+"""`clipsearch web` without a browser: the security policy, every page through the Flask app over a
+real indexed library, and the real server process over HTTP (raw requests a browser would not send).
+
+The browser tests are in test_web_browser.py."""
+
+from __future__ import annotations
+
+import http.client
+import io
+import os
+import re
+from html import unescape
+from urllib.parse import urlsplit
+
+import numpy as np
+import pytest
+from PIL import Image
+from web_helpers import HOSTILE_NAME, ServerProcess, build_site
+
+from clipsearch.search import Query, search
+from clipsearch.store import Library
+from clipsearch.web import WebError, make_server, security
+from clipsearch.web.app import MAX_UPLOAD_BYTES, PAGE_SIZE, create_app
+from clipsearch.web.live import LiveLibrary
+from clipsearch.web.thumbs import ThumbnailCache, render_jpeg
+
+PORT = 8765
+
+
+# --- the policy, as pure functions -----------------------------------------------------------------
+
+
+def test_host_policy_accepts_only_loopback_names_and_the_bound_port():
+    p = security.HostPolicy("127.0.0.1", PORT)
+    for ok in ("localhost:8765", "127.0.0.1:8765", "[::1]:8765", "LOCALHOST:8765"):
+        assert p.allows(ok), ok
+    for bad in (
+        "evil.example:8765",  # DNS rebinding: a foreign name pointed at 127.0.0.1
+        "localhost:8766",
+        "localhost",  # no port: not what a browser sends for our address
+        "localhost.evil.example:8765",
+        "127.0.0.1:8765:1",
+        "[::1:8765",
+        "",
+        None,
+        "192.168.1.10:8765",
+    ):
+        assert not p.allows(bad), bad
+
+
+def test_host_policy_of_a_wildcard_bind_accepts_ip_literals_not_names():
+    p = security.HostPolicy("0.0.0.0", PORT)
+    assert p.allows("192.168.1.10:8765") and p.allows("[fe80::1]:8765") and p.allows("localhost:8765")
+    assert not p.allows("rebound.evil.example:8765")
+
+
+def test_origin_and_tokens():
+    p = security.HostPolicy("127.0.0.1", PORT)
+    assert p.allows_origin(None) and p.allows_origin("http://localhost:8765")
+    assert not p.allows_origin("http://evil.example") and not p.allows_origin("null")
+    assert not p.allows_origin("https://localhost:8765")
+    t = security.new_token()
+    assert len(t) >= 40 and t != security.new_token()
+    assert security.same_token(t, t) and not security.same_token(t[:-1] + "x", t)
+    assert not security.same_token(None, t) and not security.same_token("\udcff", t)
+
+
+def test_loopback_and_wildcard_addresses():
+    assert (
+        security.is_loopback("127.0.0.1")
+        and security.is_loopback("::1")
+        and security.is_loopback("localhost")
+    )
+    assert security.is_loopback("127.0.0.2") and not security.is_loopback("0.0.0.0")
+    assert not security.is_loopback("192.168.1.10") and not security.is_loopback("example.org")
+    assert (
+        security.is_wildcard("0.0.0.0")
+        and security.is_wildcard("::")
+        and not security.is_wildcard("127.0.0.1")
+    )
+
+
+def test_a_non_loopback_address_needs_the_explicit_flag(tmp_path):
+    with pytest.raises(WebError, match="--allow-remote"):
+        make_server(tmp_path / "none.db", host="0.0.0.0", port=0)
+
+
+# --- thumbnails ------------------------------------------------------------------------------------
+
+
+def test_thumbnails_are_upright_made_once_and_bounded(tmp_path):
+    from e2e_helpers import write_photo
+
+    # 200x100 stored, EXIF orientation 6 (turn 90 degrees): upright it is 100 wide, 200 high
+    rotated = write_photo(tmp_path / "r.jpg", 1, size=(200, 100), exif_orientation=6)
+    img = Image.open(io.BytesIO(render_jpeg(rotated, 64)))
+    assert img.size == (32, 64)
+    cache = ThumbnailCache(tmp_path / "cache", max_bytes=10_000)
+    first = cache.get(rotated, "aa11", 64)
+    mtime = first.stat().st_mtime_ns
+    assert cache.get(rotated, "aa11", 64) == first and first.stat().st_mtime_ns >= mtime
+    first.write_bytes(b"marker")  # served from the cache, not made again
+    assert cache.get(rotated, "aa11", 64).read_bytes() == b"marker"
+    cache.total = os.path.getsize(first)
+    photos = [write_photo(tmp_path / f"p{i}.png", 10 + i, size=(300, 300)) for i in range(12)]
+    for i, p in enumerate(photos):
+        cache.get(p, f"h{i:02d}", 160)
+    on_disk = sum(f.stat().st_size for f in (tmp_path / "cache").rglob("*.jpg"))
+    assert on_disk <= 10_000 and cache.total == on_disk
+    assert cache.file_for("h11", 160).exists()  # the newest stays; the oldest went
+    assert not cache.file_for("h00", 160).exists()
+    assert cache.get(tmp_path / "missing.jpg", "zz", 64) is None
+
+
+# --- the app over a real library -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory):
+    return build_site(tmp_path_factory.mktemp("web_site"))
+
+
+@pytest.fixture(scope="module")
+def app_client(site):
+    saved = os.environ.get("CLIPSEARCH_HOME")
+    os.environ["CLIPSEARCH_HOME"] = str(site.home)  # the text encoder export lives there
+    try:
+        live = LiveLibrary(site.db)
+        live.warm_up()
+    finally:
+        if saved is not None:
+            os.environ["CLIPSEARCH_HOME"] = saved
+    thumbs = ThumbnailCache(site.root / "thumbs")
+    app = create_app(live, thumbs, host="127.0.0.1", port=PORT, uploads_dir=site.home / "uploads")
+    app.testing = True
+    client = app.test_client()
+    client.live = live
+    yield client
+    live.close()
+
+
+def get(client, url, **kw):
+    return client.get(url, base_url=f"http://localhost:{PORT}", **kw)
+
+
+def tile_ids(html: str) -> list[int]:
+    return [int(i) for i in re.findall(r'<a href="/photo/(\d+)"', html)]
+
+
+def csrf(client) -> str:
+    return re.search(r'name="csrf" value="([^"]+)"', get(client, "/").get_data(as_text=True)).group(1)
+
+
+def test_search_page_ranks_as_the_library_does(site, app_client):
+    html = get(app_client, "/?q=a+red+photo").get_data(as_text=True)
+    with Library.open(site.db) as lib:
+        from clipsearch.checkpoints import load_bundle
+
+        expected = search(lib, load_bundle(str(site.model)), Query.build("a red photo"), top=PAGE_SIZE)
+    assert tile_ids(html) == [h.image_id for h in expected]  # same order as the torch model gives
+    scores = [float(s) for s in re.findall(r'class="score">([-0-9.]+)<', html)]
+    assert scores == pytest.approx([round(h.score, 3) for h in expected], abs=2e-3)
+    assert 'value="a red photo"' in html  # linkable: the query is in the URL and in the box
+
+
+def test_paging_covers_every_photo_once(site, app_client):
+    with Library.open(site.db) as lib:
+        total = lib.stats().images
+    assert total > PAGE_SIZE
+    first = get(app_client, "/?q=blue").get_data(as_text=True)
+    assert 'href="/?q=blue&amp;page=2"' in first
+    second = get(app_client, "/?q=blue&page=2&partial=1").get_data(as_text=True)
+    assert "<header>" not in second  # the infinite scroll's fragment: tiles only
+    ids = tile_ids(first) + tile_ids(second)
+    assert len(ids) == total and len(set(ids)) == total
+    assert "data-next" not in second
+
+
+def test_folder_filter_in_the_url(site, app_client):
+    folder = site.photos / "trips"
+    html = get(app_client, "/", query_string={"q": "green", "in": str(folder)}).get_data(as_text=True)
+    ids = tile_ids(html)
+    with Library.open(site.db) as lib:
+        assert set(ids) == lib.image_ids_under(folder) and ids
+    bad = get(app_client, "/?q=green&in=relative/folder")
+    assert bad.status_code == 400 and "absolute folder" in bad.get_data(as_text=True)
+
+
+def test_more_like_this_uses_the_stored_vector_and_leaves_the_photo_out(site, app_client):
+    with Library.open(site.db) as lib:
+        ids, _, vectors = lib.embeddings(lib.default_model_id())
+    source = int(ids[3])
+    sims = vectors @ vectors[3]
+    expected = [int(i) for i in ids[np.argsort(-sims, kind="stable")] if i != source][:PAGE_SIZE]
+    html = get(app_client, f"/similar/{source}").get_data(as_text=True)
+    got = tile_ids(html)
+    assert got[0] == source  # the heading links to the photo itself
+    assert got[1:] == expected
+
+
+def test_photo_page_and_hostile_name_are_escaped(site, app_client):
+    with Library.open(site.db) as lib:
+        hostile = next(r for r in lib.images() if r.path.name == HOSTILE_NAME)
+    html = get(app_client, f"/photo/{hostile.id}").get_data(as_text=True)
+    assert "<img src=x" not in html
+    assert "&lt;img src=x onerror=alert(1)&gt;.jpg" in html
+    assert unescape(re.search(r'<h1 class="filename">(.*?)</h1>', html).group(1)) == HOSTILE_NAME
+    assert "More like this" in html and f"/image/{hostile.id}" in html
+
+
+def test_labels_pages(site, app_client):
+    with Library.open(site.db) as lib:
+        rows = [r for r in lib.labels() if r.rank == 1]
+    counts = {}
+    for r in rows:
+        counts[r.label] = counts.get(r.label, 0) + 1
+    html = get(app_client, "/labels").get_data(as_text=True)
+    for label, n in counts.items():
+        assert f'<a href="/labels?label={label}">{label}</a> <span class="count">{n}</span>' in html
+    label, n = max(counts.items(), key=lambda kv: kv[1])
+    page = get(app_client, f"/labels?label={label}").get_data(as_text=True)
+    best = sorted((r for r in rows if r.label == label), key=lambda r: (-r.score, r.image_id))
+    assert tile_ids(page) == [r.image_id for r in best][:PAGE_SIZE]
+
+
+def test_status_page(site, app_client):
+    html = get(app_client, "/status").get_data(as_text=True)
+    with Library.open(site.db) as lib:
+        stats = lib.stats()
+    assert f'<dd id="photo-count">{stats.images}</dd>' in html
+    assert stats.models[0].id in html
+
+
+def test_pictures_by_id_with_caching_headers(site, app_client):
+    with Library.open(site.db) as lib:
+        row = next(r for r in lib.images() if r.path.name == "rotated.jpg")
+    thumb = get(app_client, f"/thumb/{row.id}")
+    assert thumb.status_code == 200 and thumb.mimetype == "image/jpeg"
+    assert "max-age=604800" in thumb.headers["Cache-Control"] and "private" in thumb.headers["Cache-Control"]
+    assert Image.open(io.BytesIO(thumb.data)).size == (72, 96)  # stored 96x72 with orientation 6: upright
+    again = get(app_client, f"/thumb/{row.id}", headers={"If-None-Match": thumb.headers["ETag"]})
+    assert again.status_code == 304
+    original = get(app_client, f"/image/{row.id}")
+    assert original.data == row.path.read_bytes() and original.mimetype == "image/jpeg"
+    ranged = get(app_client, f"/image/{row.id}", headers={"Range": "bytes=0-9"})
+    assert ranged.status_code == 206 and ranged.data == row.path.read_bytes()[:10]
+    assert get(app_client, "/photo/999999").status_code == 404
+
+
+def test_security_headers_and_refusals(site, app_client):
+    page = get(app_client, "/")
+    assert page.headers["Content-Security-Policy"].startswith("default-src 'none'; script-src 'self'")
+    assert page.headers["X-Frame-Options"] == "DENY" and page.headers["X-Content-Type-Options"] == "nosniff"
+    assert "<script>" not in page.get_data(as_text=True)  # no inline script: the CSP allows none
+    foreign = app_client.get("/", base_url=f"http://evil.example:{PORT}")
+    assert foreign.status_code == 421 and b"foreign Host" in foreign.data
+    for url in ("/image/../../etc/passwd", "/thumb/..%2F..%2Fetc%2Fpasswd", "/image/-1", "/image/1.jpg"):
+        assert get(app_client, url).status_code == 404, url
+    assert get(app_client, "/upload").status_code == 405  # no state change on GET
+
+
+def test_upload_needs_csrf_is_bounded_and_never_lands_beside_the_photos(site, app_client):
+    photo = next((site.photos / "more").glob("*.jpg"))
+    data = photo.read_bytes()
+    before = sorted(p.name for p in site.photos.rglob("*"))
+    no_token = app_client.post(
+        "/upload", base_url=f"http://localhost:{PORT}", data={"image": (io.BytesIO(data), "q.jpg")}
+    )
+    assert no_token.status_code == 403
+    token = csrf(app_client)
+    cross = app_client.post(
+        "/upload",
+        base_url=f"http://localhost:{PORT}",
+        data={"image": (io.BytesIO(data), "q.jpg"), "csrf": token},
+        headers={"Origin": "http://evil.example"},
+    )
+    assert cross.status_code == 403
+    ok = app_client.post(
+        "/upload",
+        base_url=f"http://localhost:{PORT}",
+        data={"image": (io.BytesIO(data), "q.jpg"), "csrf": token},
+    )
+    assert ok.status_code == 303
+    results = get(app_client, ok.headers["Location"]).get_data(as_text=True)
+    with Library.open(site.db) as lib:
+        same = next(r.id for r in lib.images() if r.path == photo)
+    assert tile_ids(results)[0] == same  # the picture itself is the best match
+    big = app_client.post(
+        "/upload",
+        base_url=f"http://localhost:{PORT}",
+        data={"image": (io.BytesIO(b"\0" * (MAX_UPLOAD_BYTES + 1)), "big.jpg"), "csrf": token},
+    )
+    assert big.status_code == 413
+    broken = app_client.post(
+        "/upload",
+        base_url=f"http://localhost:{PORT}",
+        data={"image": (io.BytesIO(b"not a picture"), "x.jpg"), "csrf": token},
+    )
+    assert broken.status_code == 400 and "cannot read the query image" in broken.get_data(as_text=True)
+    assert sorted(p.name for p in site.photos.rglob("*")) == before
+    assert list((site.home / "uploads").iterdir()) == []  # decoded, then deleted
+    forgotten = get(app_client, "/?image=0123456789abcdef").get_data(as_text=True)
+    assert "no longer remembered" in forgotten
+
+
+# --- the real server process -----------------------------------------------------------------------
+
+
+def raw_get(url: str, path: str, host: str | None = None) -> tuple[int, bytes]:
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+    conn.putrequest("GET", path, skip_host=True)  # the path exactly as given: no normalising
+    conn.putheader("Host", host or parts.netloc)
+    conn.endheaders()
+    response = conn.getresponse()
+    body = response.read()
+    conn.close()
+    return response.status, body
+
+
+def test_real_server_refuses_traversal_and_foreign_hosts_and_sees_a_new_index(site):
+    server = ServerProcess(site)
+    try:
+        assert server.url.startswith("http://localhost:")
+        status, body = raw_get(server.url, "/?q=blue")
+        assert status == 200 and b'class="tile"' in body
+        for path in (
+            "/image/../../../../etc/passwd",
+            "/static/../../../../etc/passwd",
+            "/static/..%2f..%2f..%2fcli.py",
+            "/thumb/%2e%2e%2f%2e%2e%2fetc%2fpasswd",
+        ):
+            status, body = raw_get(server.url, path)
+            assert status in (400, 404) and b"root:" not in body and b"import" not in body, path
+        port = urlsplit(server.url).port
+        status, body = raw_get(server.url, "/", host=f"attacker.example:{port}")
+        assert status == 421
+        # an index run adds photos while the server runs: the next request sees them
+        with Library.open(site.db) as lib:
+            before = lib.stats().images
+        from e2e_helpers import write_photo
+
+        write_photo(site.photos / "later" / "new.png", 4242)
+        site.cli("index", str(site.photos), "--backend", "torch-fp32")
+        status, body = raw_get(server.url, "/status")
+        assert f'<dd id="photo-count">{before + 1}</dd>'.encode() in body
+        status, body = raw_get(server.url, f"/?q=blue&in={site.photos}/later")
+        assert status == 200 and len(tile_ids(body.decode())) == 1
+    finally:
+        err = server.stop()
+    assert "Traceback" not in err
+
+
+def test_cli_web_errors_are_one_line(site, tmp_path):
+    from e2e_helpers import run_cli
+
+    missing = run_cli("--db", str(tmp_path / "none.db"), "web", "--port", "0", env=site.env)
+    assert missing.returncode == 1 and "no library at" in missing.stderr and "Traceback" not in missing.stderr
+    remote = run_cli("--db", str(site.db), "web", "--host", "0.0.0.0", "--port", "0", env=site.env)
+    assert remote.returncode == 1 and "--allow-remote" in remote.stderr
+
+
+def test_remote_bind_warns_and_requires_the_token(site):
+    server = ServerProcess(site, "--host", "0.0.0.0", "--allow-remote")
+    try:
+        token = re.search(r"token=([\w-]+)", server.url).group(1)
+        base = server.url.split("?")[0].replace("0.0.0.0", "127.0.0.1")
+        status, body = raw_get(base, "/")
+        assert status == 401
+        conn_url = urlsplit(base)
+        conn = http.client.HTTPConnection(conn_url.hostname, conn_url.port, timeout=30)
+        conn.request("GET", f"/?token={token}")
+        r = conn.getresponse()
+        r.read()
+        assert r.status == 303 and "HttpOnly" in r.getheader("Set-Cookie")
+        cookie = r.getheader("Set-Cookie").split(";")[0]
+        conn.request("GET", "/status", headers={"Cookie": cookie})
+        r = conn.getresponse()
+        assert r.status == 200 and b"photo-count" in r.read()
+        conn.close()
+    finally:
+        err = server.stop()
+    assert "Warning" in err and "token" in err
