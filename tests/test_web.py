@@ -97,6 +97,7 @@ def test_thumbnails_are_upright_made_once_and_bounded(tmp_path):
     assert img.size == (32, 64)
     cache = ThumbnailCache(tmp_path / "cache", max_bytes=10_000)
     first = cache.get(rotated, "aa11", 64)
+    assert first.stat().st_mode & 0o777 == 0o600  # pictures of the user's photos: theirs only
     mtime = first.stat().st_mtime_ns
     assert cache.get(rotated, "aa11", 64) == first and first.stat().st_mtime_ns >= mtime
     first.write_bytes(b"marker")  # served from the cache, not made again
@@ -221,6 +222,12 @@ def test_labels_pages(site, app_client):
     page = get(app_client, f"/labels?label={label}").get_data(as_text=True)
     best = sorted((r for r in rows if r.label == label), key=lambda r: (-r.score, r.image_id))
     assert tile_ids(page) == [r.image_id for r in best][:PAGE_SIZE]
+
+
+def test_home_page_counts_the_photos(site, app_client):
+    with Library.open(site.db) as lib:
+        n = lib.stats()["images"]
+    assert f"Search {n:,} photos" in get(app_client, "/").get_data(as_text=True)
 
 
 def test_status_page(site, app_client):

@@ -120,7 +120,10 @@ def create_app(
         elif text:
             page = live.search_text(text, offset=offset, limit=PAGE_SIZE, under=under)
         params = {k: v for k, v in (("q", text), ("image", upload), ("in", request.args.get("in", ""))) if v}
-        return _results("search.html", page, params, q=text, folder=request.args.get("in", ""), notice=notice)
+        count = live.photo_count() if page is None else None
+        return _results(
+            "search.html", page, params, q=text, folder=request.args.get("in", ""), notice=notice, count=count
+        )
 
     @app.post("/upload")
     def upload():

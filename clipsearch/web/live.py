@@ -224,6 +224,10 @@ class LiveLibrary:
             row = self.library.image(image_id)
         return None if row is None else _photo(row)
 
+    def photo_count(self) -> int:
+        with self._lock:
+            return self.library.embedding_count(self.model_id())
+
     def _page(self, hits, offset: int, limit: int) -> Page:
         window = hits[offset : offset + limit]
         rows = [(self.library.image(h.image_id), h.score) for h in window]

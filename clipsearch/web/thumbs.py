@@ -3,7 +3,7 @@
 A picture is keyed by the photo's content hash and the requested size, so a moved or duplicated
 file reuses it and an edited file (new content, new hash) gets a new one. Made with the library's
 own decoder (:func:`clipsearch.imageio.open_image`: EXIF orientation applied, JPEG draft decoding),
-written atomically. When the folder grows past ``max_bytes``, the least recently used pictures are
+written atomically and readable by the user only. When the folder grows past ``max_bytes``, the least recently used pictures are
 deleted until it is back under 90% of the bound (a hit refreshes a file's mtime).
 """
 
@@ -16,7 +16,7 @@ import threading
 from pathlib import Path
 
 from clipsearch.errors import ImageDecodeError
-from clipsearch.paths import atomic_path
+from clipsearch.atomic import write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ class ThumbnailCache:
         self.max_bytes = int(max_bytes)
         self._lock = threading.Lock()
         self._making: dict[Path, threading.Lock] = {}
-        self.directory.mkdir(parents=True, exist_ok=True)
+        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.total = sum(size for _, _, size in self._files())
 
     def file_for(self, content_hash: str, size: int) -> Path:
@@ -52,8 +52,7 @@ class ThumbnailCache:
                 data = render_jpeg(path, size)
                 if data is None:
                     return None
-                with atomic_path(target) as tmp:
-                    tmp.write_bytes(data)
+                write_bytes(target, data, private=True)  # pictures of the user's photos: theirs only
                 self._grew(len(data))
         with self._lock:
             self._making.pop(target, None)
