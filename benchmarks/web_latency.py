@@ -65,9 +65,13 @@ def build_photo_library(db: Path, folder: Path, n: int, model_id: str, source: s
             path = folder / f"IMG_{i:04d}.jpg"
             if not path.exists():
                 tint = rng.integers(0, 255, 3, dtype=np.uint8)
-                img = Image.fromarray((small // 2 + tint // 2).astype(np.uint8)).resize((3000, 2000), Image.BICUBIC)
+                img = Image.fromarray((small // 2 + tint // 2).astype(np.uint8)).resize(
+                    (3000, 2000), Image.BICUBIC
+                )
                 img.save(path, quality=92)
-            image_id = lib.add_image(c, path, size=path.stat().st_size, mtime_ns=1, content_hash=f"bench{i:06d}")
+            image_id = lib.add_image(
+                c, path, size=path.stat().st_size, mtime_ns=1, content_hash=f"bench{i:06d}"
+            )
             v = rng.standard_normal(512).astype(np.float32)
             lib.put_embedding(c, image_id, model_id, v / np.linalg.norm(v))
     VectorIndex.for_library(lib, model_id)

@@ -15,8 +15,8 @@ import os
 import threading
 from pathlib import Path
 
-from clipsearch.errors import ImageDecodeError
 from clipsearch.atomic import write_bytes
+from clipsearch.errors import ImageDecodeError
 
 log = logging.getLogger(__name__)
 
