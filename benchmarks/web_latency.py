@@ -60,7 +60,7 @@ def build_photo_library(db: Path, folder: Path, n: int, model_id: str, source: s
     small = rng.integers(0, 255, (40, 60, 3), dtype=np.uint8)  # a smooth picture, photo-like bytes
     lib = Library.open(db, create=True)
     lib.register_model(model_id, source, dim=512)
-    with lib.transaction() as c:
+    with lib.transaction():
         for i in range(n):
             path = folder / f"IMG_{i:04d}.jpg"
             if not path.exists():
@@ -69,11 +69,9 @@ def build_photo_library(db: Path, folder: Path, n: int, model_id: str, source: s
                     (3000, 2000), Image.BICUBIC
                 )
                 img.save(path, quality=92)
-            image_id = lib.add_image(
-                c, path, size=path.stat().st_size, mtime_ns=1, content_hash=f"bench{i:06d}"
-            )
+            image_id = lib.add_image(path, size=path.stat().st_size, mtime_ns=1, content_hash=f"bench{i:06d}")
             v = rng.standard_normal(512).astype(np.float32)
-            lib.put_embedding(c, image_id, model_id, v / np.linalg.norm(v))
+            lib.put_embedding(image_id, model_id, v / np.linalg.norm(v))
     VectorIndex.for_library(lib, model_id)
     lib.close()
 
@@ -152,7 +150,7 @@ def main(argv=None) -> None:
     thumbs_db = args.work / "web-thumbs.db"
     build_photo_library(thumbs_db, args.work / "web-photos", args.photos, bundle.model_id, str(model_dir))
     with Library.open(thumbs_db) as lib:
-        ids = [r["id"] for r in lib.images()][: args.photos]
+        ids = [r.id for r in lib.images()][: args.photos]
 
     load_before = os.getloadavg()
     times: dict[str, list[float]] = {k: [] for k in ("ready", "first", "new", "repeated", "cold", "warm")}

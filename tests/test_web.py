@@ -226,7 +226,7 @@ def test_labels_pages(site, app_client):
 
 def test_home_page_counts_the_photos(site, app_client):
     with Library.open(site.db) as lib:
-        n = lib.stats()["images"]
+        n = lib.stats().images
     assert f"Search {n:,} photos" in get(app_client, "/").get_data(as_text=True)
 
 

@@ -89,7 +89,8 @@ class LiveLibrary:
         with self._lock:
             model_id = self.model_id()
             self._vector_index(model_id)
-            self._text_encoder(model_id)
+            # one text through the tower: its first call pages the memory-mapped weights in
+            self._text_encoder(model_id)(["a photo"])
 
     def _vector_index(self, model_id: str):
         from clipsearch.vectors import VectorIndex
