@@ -9,6 +9,8 @@ import http.client
 import io
 import os
 import re
+import subprocess
+import sys
 from html import unescape
 from urllib.parse import urlsplit
 
@@ -347,12 +349,27 @@ def test_real_server_refuses_traversal_and_foreign_hosts_and_sees_a_new_index(si
             before = lib.stats().images
         from e2e_helpers import write_photo
 
-        write_photo(site.photos / "later" / "new.png", 4242)
-        site.cli("index", str(site.photos), "--backend", "torch-fp32")
+        for i in range(12):
+            write_photo(site.photos / "later" / f"new{i}.png", 4242 + i)
+        indexing = subprocess.Popen(
+            [sys.executable, "-m", "clipsearch", "--db", str(site.db), "index", str(site.photos)]
+            + ["--backend", "torch-fp32"],
+            env={**os.environ, **site.env},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        answers = []
+        while indexing.poll() is None:  # searches and pages keep answering while it writes
+            answers.append(raw_get(server.url, f"/?q=blue+{len(answers)}")[0])
+            answers.append(raw_get(server.url, "/status")[0])
+        out, err = indexing.communicate()
+        assert indexing.returncode == 0, err
+        assert answers and set(answers) == {200}, answers
         status, body = raw_get(server.url, "/status")
-        assert f'<dd id="photo-count">{before + 1}</dd>'.encode() in body
+        assert f'<dd id="photo-count">{before + 12}</dd>'.encode() in body
         status, body = raw_get(server.url, f"/?q=blue&in={site.photos}/later")
-        assert status == 200 and len(tile_ids(body.decode())) == 1
+        assert status == 200 and len(tile_ids(body.decode())) == 12
     finally:
         err = server.stop()
     assert "Traceback" not in err
