@@ -794,7 +794,11 @@ def _read_classes(classes: str | None, classes_file: Path | None) -> list[str]:
 @click.option("--in", "under", type=click.Path(path_type=Path), help="Only photos inside this folder.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array of {path, label, score, labels}.")
 @click.option(
-    "--write-xmp", is_flag=True, help="Write the labels as keywords to XMP sidecars (photo.jpg.xmp)."
+    "--write-xmp",
+    is_flag=True,
+    help="Write the labels of probability at least --threshold (default 0.5; 0: each photo's top label) "
+    "as keywords to XMP sidecars (photo.jpg.xmp: dc:subject and lr:hierarchicalSubject), merged into "
+    "what is there.",
 )
 @click.option("--model", metavar="SOURCE", help="Model to label with (default: the library's).")
 @pass_state
@@ -833,7 +837,7 @@ def label(
             multi_label=multi_label,
             under=Path(under).resolve() if under is not None else None,
         )
-    xmp_failures = _write_sidecars(results) if write_xmp else []
+    xmp = _write_sidecars(results, threshold) if write_xmp else {}
     if as_json:
         _echo_json(
             [
@@ -843,28 +847,43 @@ def label(
                     "score": None if r.score is None else round(r.score, 6),
                     "labels": [{"label": lab, "score": round(s, 6)} for lab, s in r.labels],
                     "image_id": r.image_id,
+                    **({"xmp": xmp[r.image_id]} if write_xmp else {}),
                 }
                 for r in results
             ]
         )
     else:
         _render_labels(results)
-    for path, message in xmp_failures:
-        _console(stderr=True).print(f"XMP not written for {path}: {message}", markup=False)
+    failed = [(r.path, xmp[r.image_id]["error"]) for r in results if write_xmp and xmp[r.image_id]["error"]]
+    if not as_json:
+        for path, message in failed[:MAX_FAILURES_SHOWN]:
+            _console(stderr=True).print(f"XMP not written for {path}: {message}", markup=False)
+    if failed:
+        raise ClipsearchError(
+            f"XMP sidecars not written for {len(failed)} of {len(results)} photos (first: {failed[0][0]}: "
+            f"{failed[0][1]}); the labels are stored in the library, the sidecars were left as they were"
+        )
 
 
-def _write_sidecars(results) -> list[tuple[Path, str]]:
-    from clipsearch.xmp import XmpError, write_keywords
+def _write_sidecars(results, threshold: float | None) -> dict[int, dict]:
+    """Write each photo's labels of probability >= ``threshold`` (default
+    ``xmp.DEFAULT_MIN_PROBABILITY``) to its sidecar: ``{image_id: {"sidecar", "keywords", "error"}}``."""
+    from clipsearch.xmp import DEFAULT_MIN_PROBABILITY, XmpError, write_keywords
 
-    failures = []
+    cut = DEFAULT_MIN_PROBABILITY if threshold is None else threshold
+    out = {}
     for r in results:
+        keywords = [lab for lab, score in r.labels if score >= cut]
+        entry = {"sidecar": None, "keywords": keywords, "error": None}
         try:
-            write_keywords(r.path, [lab for lab, _ in r.labels])
+            side = write_keywords(r.path, keywords)
+            entry["sidecar"] = None if side is None else str(side)
         except XmpError as e:
-            failures.append((r.path, _one_line(e)))
+            entry["error"] = _one_line(e)
         except OSError as e:
-            failures.append((r.path, e.strerror or str(e)))
-    return failures
+            entry["error"] = printable(e.strerror or str(e))
+        out[r.image_id] = entry
+    return out
 
 
 def _render_labels(results) -> None:

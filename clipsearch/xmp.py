@@ -1,52 +1,67 @@
-"""Labels as keywords in XMP sidecars, so photo managers (darktable, digiKam, Lightroom) can see them.
+"""Labels as keywords in XMP sidecars, where photo managers read them, losing nothing of what is there.
 
 Convention: the sidecar of ``photo.jpg`` is ``photo.jpg.xmp`` (darktable's and digiKam's default;
 unlike ``photo.xmp`` it cannot clash between ``photo.jpg`` and ``photo.raw`` in one folder).
-Keywords go into ``dc:subject`` (an ``rdf:Bag``), where every XMP reader looks for them.
+Keywords go into ``dc:subject`` (every XMP reader: digiKam, darktable, Lightroom, Immich, exiftool's
+``Subject``) and into ``lr:hierarchicalSubject`` (where darktable, digiKam and Lightroom keep their
+tag trees, exiftool's ``HierarchicalSubject``), as top-level tags.
 
-A sidecar that already exists is merged, never replaced: its other metadata and the keywords
-someone else put there are kept. The keywords clipsearch added are recorded in its own
-``clipsearch:keywords`` bag, so a relabel removes the stale ones it wrote and nothing else. A
-sidecar that is not well-formed XML is left untouched and reported.
+A sidecar that exists is *edited in place*, never re-serialised: the file is parsed with expat to
+find the byte ranges of the elements, and only the list items clipsearch adds or removes change.
+Everything else stays byte for byte: the ``<?xpacket?>`` wrapper, comments, element order, other
+namespaces and their prefixes, ``rdf:Seq`` vs ``rdf:Bag``, ``xml:lang``, indentation. A list that
+does not exist yet is added to the ``rdf:Description`` that holds the other keywords (or the first),
+declaring its namespace there when no prefix for it is in scope. The keywords clipsearch added are
+recorded in its own bags (``clipsearch:keywords`` for ``dc:subject``, ``clipsearch:hierarchicalKeywords``
+for ``lr:hierarchicalSubject``), so a relabel removes the stale ones it wrote and never one a person
+or another program put there. A file whose content would not change is not rewritten. The new file
+replaces the old through :mod:`clipsearch.atomic` (its mode kept, a symlinked sidecar written through).
+
+A sidecar that is not well-formed XML, not UTF-8, has no ``rdf:Description``, or holds a keyword
+property that is not a list, is left untouched and reported (:class:`XmpError`).
 """
 
 from __future__ import annotations
 
-import io
-import xml.etree.ElementTree as ET
+import os
+import xml.parsers.expat
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from xml.sax.saxutils import escape
 
 from clipsearch.atomic import write_bytes
 from clipsearch.errors import ClipsearchError
 
-NS = {
-    "x": "adobe:ns:meta/",
-    "rdf": "http://www.w3.org/1999/02/22-rdf-syntax-ns#",
-    "dc": "http://purl.org/dc/elements/1.1/",
-    "clipsearch": "urn:clipsearch:xmp:1.0",
-}
-# Prefixes other programs use, so a merged sidecar keeps them (ElementTree would write ns0:, ns1:).
-KNOWN_PREFIXES = {
-    "xmp": "http://ns.adobe.com/xap/1.0/",
-    "xmpMM": "http://ns.adobe.com/xap/1.0/mm/",
-    "stEvt": "http://ns.adobe.com/xap/1.0/sType/ResourceEvent#",
-    "photoshop": "http://ns.adobe.com/photoshop/1.0/",
-    "tiff": "http://ns.adobe.com/tiff/1.0/",
-    "exif": "http://ns.adobe.com/exif/1.0/",
-    "lr": "http://ns.adobe.com/lightroom/1.0/",
-    "darktable": "http://darktable.sf.net/",
-    "digiKam": "http://www.digikam.org/ns/1.0/",
-}
+RDF = "http://www.w3.org/1999/02/22-rdf-syntax-ns#"
+DC = "http://purl.org/dc/elements/1.1/"
+LR = "http://ns.adobe.com/lightroom/1.0/"
+CLIPSEARCH = "urn:clipsearch:xmp:1.0"
+X = "adobe:ns:meta/"
+PREFERRED_PREFIX = {DC: "dc", LR: "lr", CLIPSEARCH: "clipsearch", RDF: "rdf"}
+# (the property people's programs read, the record of what clipsearch added to it)
+FIELDS = (
+    ((DC, "subject"), (CLIPSEARCH, "keywords")),
+    ((LR, "hierarchicalSubject"), (CLIPSEARCH, "hierarchicalKeywords")),
+)
+_LISTS = ("Bag", "Seq", "Alt")
 MAX_SIDECAR_BYTES = 4 << 20  # real sidecars are a few kB; refuse to parse anything huge
+DEFAULT_MIN_PROBABILITY = 0.5  # label --write-xmp writes a label only this sure (--threshold overrides)
+
+_NEW_SIDECAR = (
+    '<?xpacket begin="\ufeff" id="W5M0MpCehiHzreSzNTczkc9d"?>\n'
+    f'<x:xmpmeta xmlns:x="{X}" x:xmptk="clipsearch">\n'
+    f' <rdf:RDF xmlns:rdf="{RDF}">\n'
+    '  <rdf:Description rdf:about="">\n'
+    "  </rdf:Description>\n"
+    " </rdf:RDF>\n"
+    "</x:xmpmeta>\n"
+    '<?xpacket end="w"?>\n'
+)
 
 
 class XmpError(ClipsearchError):
     """A sidecar exists but cannot be merged (not XML, not XMP, too large, unreadable)."""
-
-
-def _q(prefix: str, name: str) -> str:
-    return f"{{{NS[prefix]}}}{name}"
 
 
 def sidecar_path(image: str | Path) -> Path:
@@ -55,81 +70,308 @@ def sidecar_path(image: str | Path) -> Path:
     return image.with_name(image.name + ".xmp")
 
 
-def _bag_items(parent: ET.Element | None) -> list[str]:
-    if parent is None:
+# --- where things are in the file -------------------------------------------------------------------
+
+
+@dataclass
+class _Element:
+    uri: str
+    local: str
+    qname: str  # as written, with its prefix
+    start: int  # byte offset of "<"
+    start_end: int  # just after the start tag's ">"
+    end: int = -1  # just after the end tag (== start_end for <x/>)
+    end_start: int = -1  # offset of "</" (== start_end for <x/>)
+    self_closing: bool = False
+    parent: _Element | None = None
+    children: list[_Element] = field(default_factory=list)
+    text: str = ""
+    scope: dict[str, str] = field(default_factory=dict)  # prefix -> uri in scope here
+
+    def child(self, uri: str, local: str) -> _Element | None:
+        return next((c for c in self.children if (c.uri, c.local) == (uri, local)), None)
+
+    @property
+    def prefix(self) -> str:
+        return self.qname.split(":", 1)[0] if ":" in self.qname else ""
+
+
+def _start_tag_end(data: bytes, start: int) -> tuple[int, bool]:
+    """Just after the ``>`` closing the start tag at ``start``, and whether it was ``/>``."""
+    quote = None
+    i = start + 1
+    while i < len(data):
+        ch = data[i : i + 1]
+        if quote:
+            if ch == quote:
+                quote = None
+        elif ch in (b'"', b"'"):
+            quote = ch
+        elif ch == b">":
+            return i + 1, data[i - 1 : i] == b"/"
+        i += 1
+    raise XmpError("a start tag never ends")
+
+
+def _scan(data: bytes, name: Path) -> list[_Element]:
+    """Every element of ``data`` with its byte ranges (expat, namespace-aware)."""
+    parser = xml.parsers.expat.ParserCreate(namespace_separator=" ")
+    elements: list[_Element] = []
+    stack: list[_Element] = []
+    pending: dict[str, str] = {}
+
+    def on_ns(prefix, uri):
+        pending[prefix or ""] = uri
+
+    def on_start(qualified, attrs):
+        uri, _, local = qualified.rpartition(" ")
+        start = parser.CurrentByteIndex
+        start_end, closing = _start_tag_end(data, start)
+        raw = data[start + 1 : start_end].split(None, 1)[0].rstrip(b"/>").decode("utf-8")
+        scope = dict(stack[-1].scope) if stack else {}
+        scope.update(pending)
+        pending.clear()
+        element = _Element(uri, local, raw, start, start_end, self_closing=closing, scope=scope)
+        element.parent = stack[-1] if stack else None
+        if element.parent is not None:
+            element.parent.children.append(element)
+        elements.append(element)
+        stack.append(element)
+
+    def on_end(_qualified):
+        element = stack.pop()
+        if element.self_closing:
+            element.end_start = element.end = element.start_end
+        else:
+            element.end_start = parser.CurrentByteIndex
+            element.end = data.index(b">", element.end_start) + 1
+
+    def on_text(text):
+        if stack:
+            stack[-1].text += text
+
+    parser.StartNamespaceDeclHandler = on_ns
+    parser.StartElementHandler = on_start
+    parser.EndElementHandler = on_end
+    parser.CharacterDataHandler = on_text
+    try:
+        parser.Parse(data, True)
+    except xml.parsers.expat.ExpatError as e:
+        raise XmpError(f"{name}: not well-formed XML ({e}), left untouched") from e
+    return elements
+
+
+def _items(prop: _Element | None) -> list[_Element]:
+    """The ``rdf:li`` items of a list property (empty when absent)."""
+    if prop is None:
         return []
-    return [(li.text or "").strip() for li in parent.iter(_q("rdf", "li")) if (li.text or "").strip()]
+    container = next((c for c in prop.children if c.uri == RDF and c.local in _LISTS), None)
+    return [] if container is None else [c for c in container.children if (c.uri, c.local) == (RDF, "li")]
 
 
-def _set_bag(description: ET.Element, prefix: str, name: str, items: Sequence[str]) -> None:
-    element = description.find(_q(prefix, name))
-    if element is None:
-        element = ET.SubElement(description, _q(prefix, name))
-    for child in list(element):
-        element.remove(child)
-    element.text = None
-    bag = ET.SubElement(element, _q("rdf", "Bag"))
-    for item in items:
-        ET.SubElement(bag, _q("rdf", "li")).text = item
+def _texts(prop: _Element | None) -> list[str]:
+    return [li.text.strip() for li in _items(prop) if li.text.strip()]
 
 
-def _new_tree() -> ET.ElementTree:
-    root = ET.Element(_q("x", "xmpmeta"))
-    rdf = ET.SubElement(root, _q("rdf", "RDF"))
-    ET.SubElement(rdf, _q("rdf", "Description"), {_q("rdf", "about"): ""})
-    return ET.ElementTree(root)
+# --- editing -----------------------------------------------------------------------------------------
 
 
-def read_keywords(image: str | Path) -> list[str]:
-    """The ``dc:subject`` keywords of ``image``'s sidecar (empty when there is none)."""
-    side = sidecar_path(image)
-    if not side.exists():
-        return []
-    tree = _parse(side)
-    return [k for d in tree.iter(_q("rdf", "Description")) for k in _bag_items(d.find(_q("dc", "subject")))]
+def _line_indent(data: bytes, offset: int) -> str:
+    """The whitespace between the last line break before ``offset`` and ``offset``."""
+    line_start = data.rfind(b"\n", 0, offset) + 1
+    head = data[line_start:offset]
+    return head.decode("utf-8") if head.strip() == b"" else ""
 
 
-def _parse(side: Path) -> ET.ElementTree:
+def _li(prefix: str, text: str) -> str:
+    return f"<{prefix}:li>{escape(text)}</{prefix}:li>"
+
+
+class _Edit:
+    """Byte-range replacements on the original file, applied from the end."""
+
+    def __init__(self, data: bytes):
+        self.data = data
+        self.changes: list[tuple[int, int, str]] = []
+
+    def replace(self, start: int, end: int, text: str) -> None:
+        self.changes.append((start, end, text))
+
+    def remove_element(self, element: _Element) -> None:
+        """Drop ``element`` and the blank run of its line before it."""
+        start = element.start
+        line_start = self.data.rfind(b"\n", 0, start)
+        if line_start >= 0 and self.data[line_start + 1 : start].strip() == b"":
+            start = line_start
+        self.replace(start, element.end, "")
+
+    def result(self) -> bytes:
+        out = self.data
+        for start, end, text in sorted(self.changes, key=lambda c: (c[0], c[1]), reverse=True):
+            out = out[:start] + text.encode("utf-8") + out[end:]
+        return out
+
+
+def _prefix_for(uri: str, description: _Element, declare: dict[str, str]) -> str:
+    """A prefix bound to ``uri`` at ``description``; declares one there when none is in scope."""
+    for prefix, bound in {**description.scope, **declare}.items():
+        if bound == uri and prefix:
+            return prefix
+    taken = set(description.scope) | set(declare)
+    base = PREFERRED_PREFIX.get(uri, "ns")
+    prefix, n = base, 1
+    while prefix in taken:
+        prefix, n = f"{base}{n}", n + 1
+    declare[prefix] = uri
+    return prefix
+
+
+def _new_list(prop_qname: str, rdf: str, items: Sequence[str], indent: str) -> str:
+    lines = [f"{indent}<{prop_qname}>", f"{indent} <{rdf}:Bag>"]
+    lines += [f"{indent}  {_li(rdf, k)}" for k in items]
+    lines += [f"{indent} </{rdf}:Bag>", f"{indent}</{prop_qname}>"]
+    return "\n".join(lines)
+
+
+def _append_items(edit: _Edit, prop: _Element, items: Sequence[str]) -> None:
+    container = next((c for c in prop.children if c.uri == RDF and c.local in _LISTS), None)
+    if container is None:
+        raise XmpError(f"{prop.qname} is not a list (rdf:Bag/Seq), left untouched")
+    rdf = container.prefix
+    existing = [c for c in container.children if (c.uri, c.local) == (RDF, "li")]
+    if existing:
+        last = existing[-1]
+        indent = _line_indent(edit.data, last.start)
+        sep = "\n" + indent if indent or edit.data[: last.start].endswith(b"\n") else ""
+        edit.replace(last.end, last.end, "".join(sep + _li(rdf, k) for k in items))
+    elif container.self_closing:
+        indent = _line_indent(edit.data, container.start)
+        body = "".join(f"\n{indent} {_li(rdf, k)}" for k in items)
+        edit.replace(
+            container.start, container.end, f"<{container.qname}>{body}\n{indent}</{container.qname}>"
+        )
+    else:
+        indent = _line_indent(edit.data, container.start)
+        body = "".join(f"\n{indent} {_li(rdf, k)}" for k in items)
+        edit.replace(container.start_end, container.start_end, body)
+
+
+def merge_keywords(data: bytes, keywords: Sequence[str], name: Path = Path("<sidecar>")) -> bytes:
+    """``data`` (an XMP packet, UTF-8) with ``keywords`` as clipsearch's keywords, all else kept."""
+    elements = _scan(data, name)
+    descriptions = [e for e in elements if (e.uri, e.local) == (RDF, "Description")]
+    if not descriptions:
+        raise XmpError(f"{name}: no rdf:Description in it (not an XMP sidecar), left untouched")
+
+    def find(uri: str, local: str) -> _Element | None:
+        return next((c for d in descriptions if (c := d.child(uri, local)) is not None), None)
+
+    holder = next(
+        (d for d in descriptions if d.child(DC, "subject") or d.child(LR, "hierarchicalSubject")),
+        descriptions[0],
+    )
+    wanted = list(dict.fromkeys(k.strip() for k in keywords if k.strip()))
+    edit = _Edit(data)
+    declare: dict[str, str] = {}
+    new_props: list[tuple[str, str, list[str]]] = []  # (uri, local, items) to add to `holder`
+    for (uri, local), (rec_uri, rec_local) in FIELDS:
+        prop, record = find(uri, local), find(rec_uri, rec_local)
+        ours_before = set(_texts(record))
+        present = _texts(prop)
+        theirs = [k for k in present if k not in ours_before]
+        if local == "hierarchicalSubject":  # a tag already in someone's tree ("Places|lake") is there
+            theirs += [k.rsplit("|", 1)[-1] for k in theirs if "|" in k]
+        ours_now = [k for k in wanted if k not in theirs]
+        for li in _items(prop):
+            if li.text.strip() in ours_before and li.text.strip() not in wanted:
+                edit.remove_element(li)
+        missing = [k for k in ours_now if k not in present]
+        if missing and prop is not None:
+            _append_items(edit, prop, missing)
+        elif missing:
+            new_props.append((uri, local, missing))
+        if _texts(record) != ours_now:
+            if record is not None:
+                edit.remove_element(record)
+            if ours_now:
+                new_props.append((rec_uri, rec_local, ours_now))
+    if new_props:
+        _add_properties(edit, holder, new_props, declare)
+    return edit.result()
+
+
+def _add_properties(edit: _Edit, holder: _Element, props, declare: dict[str, str]) -> None:
+    rdf = holder.prefix or _prefix_for(RDF, holder, declare)
+    last = holder.children[-1] if holder.children else None
+    if last is not None:
+        indent = _line_indent(edit.data, last.start)
+    else:
+        indent = _line_indent(edit.data, holder.start) + " "
+    blocks = [
+        _new_list(f"{_prefix_for(uri, holder, declare)}:{local}", rdf, items, indent)
+        for uri, local, items in props
+    ]
+    body = "".join("\n" + block for block in blocks)
+    decls = "".join(f'\n{indent}xmlns:{p}="{escape(u, {chr(34): "&quot;"})}"' for p, u in declare.items())
+    tag_close = holder.start_end - (2 if holder.self_closing else 1)  # where "/>" or ">" begins
+    if decls:
+        edit.replace(tag_close, tag_close, decls)
+    if holder.self_closing:
+        outer = _line_indent(edit.data, holder.start)
+        edit.replace(tag_close, holder.end, f">{body}\n{outer}</{holder.qname}>")
+    elif last is not None:
+        edit.replace(last.end, last.end, body)
+    else:
+        edit.replace(holder.start_end, holder.start_end, body)
+
+
+# --- the public API ----------------------------------------------------------------------------------
+
+
+def _read(side: Path) -> bytes:
     try:
         if side.stat().st_size > MAX_SIDECAR_BYTES:
             raise XmpError(f"{side}: sidecar larger than {MAX_SIDECAR_BYTES >> 20} MiB, left untouched")
-        return ET.parse(side)
-    except ET.ParseError as e:
-        raise XmpError(f"{side}: not well-formed XML ({e}), left untouched") from e
+        data = side.read_bytes()
     except OSError as e:
         raise XmpError(f"{side}: cannot read it ({e.strerror})") from e
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise XmpError(f"{side}: not UTF-8 (UTF-16 or another encoding), left untouched") from e
+    return data
+
+
+def read_keywords(image: str | Path, field: tuple[str, str] = (DC, "subject")) -> list[str]:
+    """The keywords of ``image``'s sidecar in ``field`` (default ``dc:subject``; empty when none)."""
+    side = sidecar_path(image)
+    if not side.exists():
+        return []
+    elements = _scan(_read(side), side)
+    return [
+        t
+        for e in elements
+        if (e.uri, e.local) == (RDF, "Description") and (p := e.child(*field)) is not None
+        for t in _texts(p)
+    ]
 
 
 def write_keywords(image: str | Path, keywords: Sequence[str]) -> Path | None:
-    """Make ``keywords`` the clipsearch keywords of ``image``'s sidecar, merging with what is there.
+    """Make ``keywords`` clipsearch's keywords in ``image``'s sidecar, merging with what is there.
 
     Returns the sidecar path, or None when there was no sidecar and there are no keywords (no empty
-    file is created). Raises :class:`XmpError` when an existing sidecar cannot be merged.
+    file is created). Raises :class:`XmpError` when an existing sidecar cannot be merged, and
+    ``OSError`` when it cannot be written.
     """
-    for prefix, uri in {**KNOWN_PREFIXES, **NS}.items():
-        ET.register_namespace(prefix, uri)
     side = sidecar_path(image)
-    if not side.exists() and not any(k.strip() for k in keywords):
+    exists = os.path.lexists(side)
+    if not exists and not any(k.strip() for k in keywords):
         return None
-    tree = _parse(side) if side.exists() else _new_tree()
-    descriptions = list(tree.iter(_q("rdf", "Description")))
-    if not descriptions:
-        raise XmpError(f"{side}: no rdf:Description in it (not an XMP sidecar), left untouched")
-    holder = next((d for d in descriptions if d.find(_q("dc", "subject")) is not None), descriptions[0])
-    ours_before = {k for d in descriptions for k in _bag_items(d.find(_q("clipsearch", "keywords")))}
-    subject = _bag_items(holder.find(_q("dc", "subject")))
-    theirs = [k for k in subject if k not in ours_before]
-    wanted = list(dict.fromkeys(k.strip() for k in keywords if k.strip()))
-    merged = theirs + [k for k in wanted if k not in theirs]
-    ours_now = [k for k in wanted if k not in theirs]
-    _set_bag(holder, "dc", "subject", merged)
-    for d in descriptions:  # one record of ours, on the description that holds the subject
-        old = d.find(_q("clipsearch", "keywords"))
-        if old is not None:
-            d.remove(old)
-    _set_bag(holder, "clipsearch", "keywords", ours_now)
-    ET.indent(tree, space=" ")
-    buf = io.BytesIO()
-    tree.write(buf, encoding="utf-8", xml_declaration=True)  # ElementTree escapes text
-    write_bytes(side, buf.getvalue())
+    if exists and not side.exists():
+        raise XmpError(f"{side}: a symlink to nothing, left untouched")
+    data = _read(side) if exists else _NEW_SIDECAR.encode("utf-8")
+    merged = merge_keywords(data, keywords, side)
+    if exists and merged == data:
+        return side  # nothing to change: the file (and its mtime) stays as it is
+    write_bytes(side, merged)
     return side

@@ -255,8 +255,8 @@ def test_label_writes_and_merges_xmp_sidecars(tmp_path, model_dir):
     assert read_keywords(b) == ["holiday & friends"]
     # A sidecar that is not XML is never clobbered.
     sidecar_path(a).write_text("not xml <")
-    result = ok("--db", db, "label", "--classes", "cat", "--write-xmp")
-    assert "XMP not written" in result.stderr
+    result = run_cli("--db", str(db), "label", "--classes", "cat", "--write-xmp")
+    assert result.returncode == 1 and "XMP not written" in result.stderr
     assert sidecar_path(a).read_text() == "not xml <"
 
 

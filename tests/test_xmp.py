@@ -1,0 +1,226 @@
+"""XMP write-back checked with a real XMP reader (exiftool): the keywords land where photo programs
+read them, and a darktable/digiKam sidecar keeps everything else it had, byte for byte."""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import shutil
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+from e2e_helpers import write_photo
+from test_reliability import invoke, tiny_model_dir
+
+from clipsearch.xmp import XmpError, merge_keywords, read_keywords, sidecar_path, write_keywords
+
+FIXTURE = Path(__file__).parent / "data" / "darktable.jpg.xmp"  # written by hand in darktable's layout
+OURS = {"XMP-clipsearch:Keywords", "XMP-clipsearch:HierarchicalKeywords"}
+CHANGED = {"XMP-dc:Subject", "XMP-lr:HierarchicalSubject"} | OURS
+
+
+@pytest.fixture(scope="module")
+def exiftool():
+    path = shutil.which("exiftool")
+    if path is None:
+        if os.environ.get("CI"):
+            pytest.fail("exiftool is required in CI (Debian package libimage-exiftool-perl)")
+        pytest.skip("exiftool not installed (apt-get install libimage-exiftool-perl)")
+    return path
+
+
+def read_xmp(exiftool: str, path: Path) -> dict:
+    """Every XMP tag exiftool finds in ``path`` (lists as lists, structures expanded)."""
+    out = subprocess.run(
+        [exiftool, "-j", "-G1", "-a", "-struct", "-XMP:all", str(path)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    tags = json.loads(out.stdout)[0]
+    tags.pop("SourceFile")
+    return {k: (v if isinstance(v, list) else [v]) if k in CHANGED else v for k, v in tags.items()}
+
+
+def _only_added(before: bytes, after: bytes) -> list[str]:
+    """The lines of ``before`` that ``after`` lost or changed (the diff's '-' lines)."""
+    diff = difflib.ndiff(before.decode().splitlines(), after.decode().splitlines())
+    return [line[2:] for line in diff if line.startswith("- ")]
+
+
+def test_a_darktable_sidecar_keeps_everything_and_gains_the_keywords_in_both_fields(tmp_path, exiftool):
+    side = tmp_path / "IMG_4711.jpg.xmp"
+    shutil.copy(FIXTURE, side)
+    before_bytes = side.read_bytes()
+    before = read_xmp(exiftool, side)
+    write_keywords(tmp_path / "IMG_4711.jpg", ["dog", "lake"])
+    after = read_xmp(exiftool, side)
+    # Every tag exiftool reads is as it was, except the two keyword lists, which gained ours.
+    assert {k: v for k, v in after.items() if k not in CHANGED} == {
+        k: v for k, v in before.items() if k not in CHANGED
+    }
+    assert after["XMP-dc:Subject"] == ["lake", "Familie", "dog"]  # "lake" was there: not twice
+    # "lake" is already a leaf of someone's tag tree: no second, top-level "lake" tag.
+    assert after["XMP-lr:HierarchicalSubject"] == ["Places|Bavaria|lake", "People|Familie", "dog"]
+    assert after["XMP-digiKam:TagsList"] == before["XMP-digiKam:TagsList"]
+    assert (
+        after["XMP-darktable:History"] == before["XMP-darktable:History"]
+        and len(after["XMP-darktable:History"]) == 3
+    )
+    assert after["XMP-dc:Title-de-DE"] == "Sommer am See"  # xml:lang alternatives kept
+    # Byte level: nothing was lost or reformatted; only the start tag that gained our namespace changed.
+    after_bytes = side.read_bytes()
+    assert _only_added(before_bytes, after_bytes) == ['   darktable:iop_order_version="4">']
+    assert after_bytes.startswith(b'<?xpacket begin="\xef\xbb\xbf" id="W5M0MpCehiHzreSzNTczkc9d"?>')
+    assert after_bytes.rstrip().endswith(b'<?xpacket end="w"?>')
+    assert b"<!-- edited in darktable, tagged in digiKam: keep me -->" in after_bytes
+    assert b"<rdf:Seq>\n     <rdf:li>Anna Becker" in after_bytes  # a Seq stays a Seq
+
+    # A relabel takes back only what clipsearch wrote; the people's keywords stay.
+    write_keywords(tmp_path / "IMG_4711.jpg", ["cat"])
+    again = read_xmp(exiftool, side)
+    assert again["XMP-dc:Subject"] == ["lake", "Familie", "cat"]
+    assert again["XMP-lr:HierarchicalSubject"] == ["Places|Bavaria|lake", "People|Familie", "cat"]
+    write_keywords(tmp_path / "IMG_4711.jpg", [])
+    gone = read_xmp(exiftool, side)
+    assert gone["XMP-dc:Subject"] == before["XMP-dc:Subject"] and not OURS & set(gone)
+    assert {k: v for k, v in gone.items()} == before
+
+
+def test_unchanged_keywords_do_not_rewrite_the_file(tmp_path):
+    side = tmp_path / "a.jpg.xmp"
+    shutil.copy(FIXTURE, side)
+    write_keywords(tmp_path / "a.jpg", ["dog"])
+    first = os.stat(side)
+    write_keywords(tmp_path / "a.jpg", ["dog"])
+    assert os.stat(side).st_ino == first.st_ino and os.stat(side).st_mtime_ns == first.st_mtime_ns
+
+
+def test_a_new_sidecar_is_a_full_xmp_packet(tmp_path, exiftool):
+    image = tmp_path / "new.jpg"
+    write_keywords(image, ["beach", "a & b <c>"])
+    tags = read_xmp(exiftool, sidecar_path(image))
+    assert tags["XMP-dc:Subject"] == ["beach", "a & b <c>"]
+    assert tags["XMP-lr:HierarchicalSubject"] == ["beach", "a & b <c>"]
+    data = sidecar_path(image).read_bytes()
+    assert data.startswith(b"<?xpacket begin=") and b'<?xpacket end="w"?>' in data
+    assert write_keywords(tmp_path / "none.jpg", []) is None and not (tmp_path / "none.jpg.xmp").exists()
+
+
+def test_a_compact_digikam_style_description_and_unusual_prefixes(tmp_path, exiftool):
+    side = tmp_path / "b.jpg.xmp"
+    side.write_text(
+        '<?xpacket begin="\ufeff" id="W5M0MpCehiHzreSzNTczkc9d"?>\n'
+        '<x:xmpmeta xmlns:x="adobe:ns:meta/">\n'
+        ' <rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">\n'
+        '  <rdf:Description rdf:about="" xmlns:xmp="http://ns.adobe.com/xap/1.0/"'
+        ' xmlns:purl="http://purl.org/dc/elements/1.1/" xmp:Rating="2"/>\n'
+        " </rdf:RDF>\n"
+        "</x:xmpmeta>\n"
+        '<?xpacket end="w"?>'
+    )
+    write_keywords(tmp_path / "b.jpg", ["tree"])
+    tags = read_xmp(exiftool, side)
+    assert tags["XMP-xmp:Rating"] == 2 and tags["XMP-dc:Subject"] == ["tree"]
+    assert tags["XMP-lr:HierarchicalSubject"] == ["tree"]
+    text = side.read_text()
+    assert "<purl:subject>" in text  # the prefix the file already binds to Dublin Core is used
+
+
+def test_a_seq_subject_stays_a_seq(tmp_path, exiftool):
+    side = tmp_path / "c.jpg.xmp"
+    side.write_text(
+        '<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+        '<rdf:Description xmlns:dc="http://purl.org/dc/elements/1.1/">'
+        "<dc:subject><rdf:Seq><rdf:li>first</rdf:li></rdf:Seq></dc:subject>"
+        "</rdf:Description></rdf:RDF></x:xmpmeta>"
+    )
+    write_keywords(tmp_path / "c.jpg", ["second"])
+    assert read_xmp(exiftool, side)["XMP-dc:Subject"] == ["first", "second"]
+    assert "<dc:subject><rdf:Seq><rdf:li>first</rdf:li><rdf:li>second</rdf:li></rdf:Seq>" in side.read_text()
+
+
+@pytest.mark.parametrize(
+    "content, reason",
+    [
+        (b"not xml <", "not well-formed"),
+        ('<?xml version="1.0" encoding="UTF-16"?><a/>'.encode("utf-16"), "not UTF-8"),
+        (b"<x:xmpmeta xmlns:x='adobe:ns:meta/'/>", "no rdf:Description"),
+    ],
+)
+def test_a_sidecar_that_cannot_be_merged_is_left_alone(tmp_path, content, reason):
+    side = tmp_path / "d.jpg.xmp"
+    side.write_bytes(content)
+    with pytest.raises(XmpError, match=reason):
+        write_keywords(tmp_path / "d.jpg", ["x"])
+    assert side.read_bytes() == content
+
+
+def test_merge_is_idempotent_and_undone_by_an_empty_merge():
+    data = FIXTURE.read_bytes()
+    once = merge_keywords(data, ["dog"])
+    assert merge_keywords(once, ["dog"]) == once
+    assert merge_keywords(once, []).replace(b'\n   xmlns:clipsearch="urn:clipsearch:xmp:1.0"', b"") == data
+
+
+# --- through the CLI, as a user meets it ---------------------------------------------------------------
+
+
+def test_label_write_xmp_on_a_private_symlinked_darktable_sidecar(tmp_path, tmp_path_factory, exiftool):
+    photos = tmp_path / "photos"
+    write_photo(photos / "IMG_4711.jpg", 1)
+    write_photo(photos / "other.jpg", 2)
+    synced = tmp_path / "sync"  # the sidecars live in a synced folder, linked beside the photos
+    synced.mkdir()
+    shutil.copy(FIXTURE, synced / "IMG_4711.jpg.xmp")
+    os.chmod(synced / "IMG_4711.jpg.xmp", 0o600)
+    (photos / "IMG_4711.jpg.xmp").symlink_to(synced / "IMG_4711.jpg.xmp")
+    (photos / "other.jpg.xmp").write_text("garbage <")  # another program's broken file
+    before = read_xmp(exiftool, synced / "IMG_4711.jpg.xmp")
+    db = tmp_path / "lib.db"
+    assert invoke("index", "--model", tiny_model_dir(tmp_path_factory), photos, db=db).exit_code == 0
+
+    result = invoke("label", "--classes", "dog,cat,tree", "--threshold", "0", "--write-xmp", "--json", db=db)
+    assert result.exit_code != 0  # one sidecar could not be merged
+    rows = {Path(r["path"]).name: r for r in json.loads(result.stdout)}
+    assert "not well-formed" in rows["other.jpg"]["xmp"]["error"]
+    assert (photos / "other.jpg.xmp").read_text() == "garbage <"
+    top = rows["IMG_4711.jpg"]["label"]
+    assert rows["IMG_4711.jpg"]["xmp"] == {
+        "sidecar": str(photos / "IMG_4711.jpg.xmp"),
+        "keywords": [top],
+        "error": None,
+    }
+    assert "XMP sidecars not written for 1 of 2 photos" in result.stderr
+
+    link = photos / "IMG_4711.jpg.xmp"
+    assert link.is_symlink() and os.readlink(link) == str(synced / "IMG_4711.jpg.xmp")
+    assert stat.S_IMODE(os.stat(synced / "IMG_4711.jpg.xmp").st_mode) == 0o600
+    after = read_xmp(exiftool, link)
+    assert after["XMP-dc:Subject"] == before["XMP-dc:Subject"] + [top]
+    assert after["XMP-lr:HierarchicalSubject"] == before["XMP-lr:HierarchicalSubject"] + [top]
+    assert {k: v for k, v in after.items() if k not in CHANGED} == {
+        k: v for k, v in before.items() if k not in CHANGED
+    }
+    assert sorted(p.name for p in synced.iterdir()) == ["IMG_4711.jpg.xmp"]  # no temporaries left
+
+
+def test_label_write_xmp_writes_only_labels_sure_enough(tmp_path, tmp_path_factory):
+    photos = tmp_path / "photos"
+    for i in range(3):
+        write_photo(photos / f"{i}.jpg", i)
+    db = tmp_path / "lib.db"
+    assert invoke("index", "--model", tiny_model_dir(tmp_path_factory), photos, db=db).exit_code == 0
+    classes = "dog,cat,tree,car,beach,city,food,snow"
+    result = invoke("label", "--classes", classes, "--top-k", "8", "--write-xmp", "--json", db=db)
+    assert result.exit_code == 0, result.output
+    for row in json.loads(result.stdout):
+        sure = [lab["label"] for lab in row["labels"] if lab["score"] >= 0.5]  # the default bar
+        assert row["xmp"]["keywords"] == sure
+        assert read_keywords(row["path"]) == sure
+    result = invoke("label", "--classes", classes, "--threshold", "0", "--write-xmp", "--json", db=db)
+    for row in json.loads(result.stdout):
+        assert row["xmp"]["keywords"] == [row["label"]] and read_keywords(row["path"]) == [row["label"]]
