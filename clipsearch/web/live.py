@@ -67,6 +67,7 @@ class LiveLibrary:
         self._index = None  # (model_id, generation, VectorIndex)
         self._encoder = None  # (model_id, fastquery.TextEncoder)
         self._bundle = None
+        self._model_lock = threading.Lock()  # loading and running the torch model
         self._uploads: OrderedDict[str, object] = OrderedDict()
         self.reloads = 0  # times the index was reopened because the library changed
 
@@ -114,17 +115,20 @@ class LiveLibrary:
             encoder = fastquery.TextEncoder(model_id, warm=True)
         except fastquery.TextEncoderMissing:
             log.info("no torch-free text encoder of %s yet: exporting it once from the model", model_id)
-            fastquery.ensure_text_encoder(self._model(model_id))
+            with self._model_lock:
+                fastquery.ensure_text_encoder(self._model(model_id, self.library.model_source(model_id)))
             encoder = fastquery.TextEncoder(model_id, warm=True)
         self._encoder = (model_id, encoder)
         return encoder
 
-    def _model(self, model_id: str):
+    def _model(self, model_id: str, source: str):
+        """The model itself (torch), loaded once; callers hold ``_model_lock``, not ``_lock``, so
+        searches and thumbnails go on while it loads."""
         if self._bundle is None or self._bundle.model_id != model_id:
             from clipsearch.checkpoints import load_bundle
 
             log.info("loading the model %s (image queries need it)", model_id)
-            self._bundle = load_bundle(self.library.model_source(model_id))
+            self._bundle = load_bundle(source)
         return self._bundle
 
     # --- searching ------------------------------------------------------------------------------
@@ -205,7 +209,11 @@ class LiveLibrary:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
             with self._lock:
-                vector = encode_query(self._model(self.model_id()), Query.build(image=tmp))
+                model_id = self.model_id()
+                source = self.library.model_source(model_id)
+            with self._model_lock:
+                vector = encode_query(self._model(model_id, source), Query.build(image=tmp))
+            with self._lock:
                 self._uploads[key] = vector
                 while len(self._uploads) > MAX_UPLOADS_KEPT:
                     self._uploads.popitem(last=False)
