@@ -254,6 +254,15 @@ class LabelRow:
 
 
 @dataclass(frozen=True, slots=True)
+class LabelCount:
+    """How many images have ``label`` as their top label in the class set ``classes``."""
+
+    classes: list[str]
+    label: str
+    photos: int
+
+
+@dataclass(frozen=True, slots=True)
 class LibraryStats:
     """What ``clipsearch status`` shows: counts, models, where the library is."""
 
@@ -979,8 +988,10 @@ class Library:
             )
         return cur.rowcount
 
-    def labels(self, model_id: str | None = None, classes: Sequence[str] | None = None) -> list[LabelRow]:
-        """Stored labels, by image then rank; optionally of one model and one class set."""
+    def labels(
+        self, model_id: str | None = None, classes: Sequence[str] | None = None, image_id: int | None = None
+    ) -> list[LabelRow]:
+        """Stored labels, by image then rank; optionally of one model, one class set, one image."""
         sql = (
             "SELECT l.image_id, i.path, l.model_id, l.class_set, l.label, l.score, l.rank, l.created_at "
             "FROM labels l JOIN images i ON i.id = l.image_id WHERE 1 = 1"
@@ -992,11 +1003,33 @@ class Library:
         if classes is not None:
             sql += " AND l.class_set = ?"
             params.append(self.class_set_key(classes))
+        if image_id is not None:
+            sql += " AND l.image_id = ?"
+            params.append(int(image_id))
         sql += " ORDER BY l.image_id, l.rank"
         return [
             LabelRow(i, self.abspath(p), m, json.loads(cs), lab, s, r, t)
             for i, p, m, cs, lab, s, r, t in self._conn.execute(sql, params)
         ]
+
+    def top_label_counts(self, model_id: str) -> list[LabelCount]:
+        """Per class set, each label with the number of images whose top label (rank 1) it is."""
+        rows = self._conn.execute(
+            "SELECT class_set, label, count(*) FROM labels WHERE model_id = ? AND rank = 1 "
+            "GROUP BY class_set, label ORDER BY class_set, count(*) DESC, label",
+            (model_id,),
+        )
+        return [LabelCount(json.loads(cs), label, n) for cs, label, n in rows]
+
+    def top_labelled(self, model_id: str, label: str, limit: int, offset: int = 0) -> list[tuple[int, float]]:
+        """``(image_id, score)`` of images whose top label is ``label`` (in any class set), most
+        confident first; an image with it in two class sets comes once, with its higher score."""
+        rows = self._conn.execute(
+            "SELECT image_id, max(score) AS best FROM labels WHERE model_id = ? AND label = ? AND rank = 1 "
+            "GROUP BY image_id ORDER BY best DESC, image_id LIMIT ? OFFSET ?",
+            (model_id, label, int(limit), int(offset)),
+        )
+        return [(int(i), float(s)) for i, s in rows]
 
     # --- summary ------------------------------------------------------------------------------
 

@@ -174,6 +174,21 @@ def test_replace_labels_replaces_only_the_same_class_set(tmp_path, lib):
     assert len(lib.labels()) == 2 and lib.labels("nobody") == []
 
 
+def test_top_label_counts_and_pages_of_a_label(tmp_path, lib):
+    a, b, c = (_add(lib, tmp_path / f"{n}.jpg", [1, 0]) for n in "abc")
+    lib.replace_labels(
+        "m", ["cat", "dog"], [(a, "cat", 0.9, 1), (a, "dog", 0.1, 2), (b, "cat", 0.6, 1), (c, "dog", 0.7, 1)]
+    )
+    lib.replace_labels("m", ["cat", "car"], [(c, "cat", 0.95, 1), (a, "cat", 0.5, 1)])
+    counts = [(r.classes, r.label, r.photos) for r in lib.top_label_counts("m")]
+    assert counts == [(["car", "cat"], "cat", 2), (["cat", "dog"], "cat", 2), (["cat", "dog"], "dog", 1)]
+    # `a` is cat in both sets: once, with its higher score; rank-2 labels never count
+    assert lib.top_labelled("m", "cat", 10) == [(c, 0.95), (a, 0.9), (b, 0.6)]
+    assert lib.top_labelled("m", "cat", 2, offset=1) == [(a, 0.9), (b, 0.6)]
+    assert lib.top_labelled("m", "dog", 10) == [(c, 0.7)] and lib.top_label_counts("other") == []
+    assert [(r.label, r.rank) for r in lib.labels("m", image_id=a)] == [("cat", 1), ("cat", 1), ("dog", 2)]
+
+
 def test_replace_labels_is_one_transaction(tmp_path, lib):
     a = _add(lib, tmp_path / "a.jpg", [1, 0])
     lib.replace_labels("m", ["x", "y"], [(a, "x", 0.9, 1)])

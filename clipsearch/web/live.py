@@ -247,37 +247,26 @@ class LiveLibrary:
     def label_sets(self) -> list[dict]:
         """The stored zero-shot labels: ``[{classes, labels: [(label, photos)]}]``, top label per photo."""
         with self._lock:
-            rows = self.library.labels(model_id=self.model_id())
-        sets: dict[str, dict] = {}
-        for r in rows:
-            if r.rank != 1:
-                continue
-            key = "\n".join(sorted(r.classes))
-            entry = sets.setdefault(key, {"classes": sorted(r.classes), "counts": {}})
-            entry["counts"][r.label] = entry["counts"].get(r.label, 0) + 1
-        return [
-            {"classes": s["classes"], "labels": sorted(s["counts"].items(), key=lambda kv: (-kv[1], kv[0]))}
-            for s in sets.values()
-        ]
+            counts = self.library.top_label_counts(self.model_id())
+        sets: dict[tuple, dict] = {}
+        for c in counts:
+            entry = sets.setdefault(tuple(c.classes), {"classes": c.classes, "labels": []})
+            entry["labels"].append((c.label, c.photos))
+        return list(sets.values())
 
     def labelled(self, label: str, *, offset: int = 0, limit: int = 60) -> Page:
         """Photos whose top label is ``label`` (in any class set), most confident first."""
         with self._lock:
-            rows = self.library.labels(model_id=self.model_id())
-            best: dict[int, float] = {}
-            for r in rows:
-                if r.rank == 1 and r.label == label:
-                    best[r.image_id] = max(r.score, best.get(r.image_id, -1.0))
-            order = sorted(best.items(), key=lambda kv: (-kv[1], kv[0]))
-            window = order[offset : offset + limit]
-            found = [(self.library.image(i), s) for i, s in window]
+            window = self.library.top_labelled(self.model_id(), label, limit + 1, offset)
+            found = [(self.library.image(i), s) for i, s in window[:limit]]
         photos = [_photo(row, s) for row, s in found if row is not None]
-        return Page(photos, offset, more=len(order) > offset + limit)
+        return Page(photos, offset, more=len(window) > limit)
 
     def labels_of(self, image_id: int) -> list[tuple[str, float]]:
+        """A photo's stored labels, best first."""
         with self._lock:
-            rows = self.library.labels(model_id=self.model_id())
-        return sorted(((r.label, r.score) for r in rows if r.image_id == image_id), key=lambda x: -x[1])
+            rows = self.library.labels(model_id=self.model_id(), image_id=image_id)
+        return sorted(((r.label, r.score) for r in rows), key=lambda x: -x[1])
 
     def status(self) -> dict:
         """``{stats: LibraryStats, recent_errors: [ErrorRow], default_model, reloads}``."""
