@@ -305,7 +305,9 @@ def test_upload_needs_csrf_is_bounded_and_never_lands_beside_the_photos(site, ap
         base_url=f"http://localhost:{PORT}",
         data={"image": (io.BytesIO(b"not a picture"), "x.jpg"), "csrf": token},
     )
-    assert broken.status_code == 400 and "cannot read the query image" in broken.get_data(as_text=True)
+    text = unescape(broken.get_data(as_text=True))
+    assert broken.status_code == 400 and "Cannot read the uploaded picture (not an image)" in text
+    assert "upload-" not in text  # the temporary file's name is ours, not the user's business
     assert sorted(p.name for p in site.photos.rglob("*")) == before
     assert list((site.home / "uploads").iterdir()) == []  # decoded, then deleted
     forgotten = get(app_client, "/?image=0123456789abcdef").get_data(as_text=True)

@@ -22,7 +22,7 @@ from urllib.parse import urlencode
 
 from flask import Flask, Response, abort, g, redirect, render_template, request, send_file, url_for
 
-from clipsearch.errors import ClipsearchError
+from clipsearch.errors import ClipsearchError, ImageDecodeError
 from clipsearch.web import security
 from clipsearch.web.live import LiveLibrary
 from clipsearch.web.thumbs import SIZES, ThumbnailCache
@@ -128,12 +128,18 @@ def create_app(
     @app.post("/upload")
     def upload():
         file = request.files.get("image")
-        if file is None or not file.filename and not file.content_length:
+        if file is None:
             abort(400)
         data = file.read(MAX_UPLOAD_BYTES + 1)
         if not data:
             return render_template("error.html", message="The uploaded file is empty."), 400
-        key = live.remember_upload(data, uploads_dir)
+        try:
+            key = live.remember_upload(data, uploads_dir)
+        except ImageDecodeError as e:
+            message = (
+                f"Cannot read the uploaded picture ({e.reason}): choose a JPEG, PNG, WebP, HEIC... photo."
+            )
+            return render_template("error.html", message=message), 400
         return redirect(url_for("search_page", image=key), 303)
 
     @app.get("/similar/<int:image_id>")

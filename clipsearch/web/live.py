@@ -196,7 +196,8 @@ class LiveLibrary:
         The bytes go to a private temporary file under ``uploads_dir`` (in the clipsearch home, never
         beside the photos) only while they are decoded, and are deleted at once.
         """
-        from clipsearch.search import Query, encode_query
+        from clipsearch.errors import ImageDecodeError
+        from clipsearch.search import Query, QueryError, encode_query
 
         key = hashlib.sha256(data).hexdigest()[:24]
         with self._lock:
@@ -212,7 +213,12 @@ class LiveLibrary:
                 model_id = self.model_id()
                 source = self.library.model_source(model_id)
             with self._model_lock:
-                vector = encode_query(self._model(model_id, source), Query.build(image=tmp))
+                try:
+                    vector = encode_query(self._model(model_id, source), Query.build(image=tmp))
+                except QueryError as e:  # not a picture: the decoder's reason, not our temp file's name
+                    if isinstance(e.__cause__, ImageDecodeError):
+                        raise e.__cause__ from None
+                    raise
             with self._lock:
                 self._uploads[key] = vector
                 while len(self._uploads) > MAX_UPLOADS_KEPT:
