@@ -8,6 +8,7 @@ drives /usr/bin/chromium). Skipped when they are missing, failed when $CI is set
 
 from __future__ import annotations
 
+import base64
 import os
 import shutil
 from pathlib import Path
@@ -170,6 +171,24 @@ def test_drop_a_picture_to_search(served, page, shots):
     assert "image=" in page.url and "Photos like your picture" in page.locator("h1").inner_text()
     assert page.locator(".tile .name").first.inner_text() == picture.name
     page.screenshot(path=str(shots / "by-picture.png"))
+
+    # the same by dragging a file onto the page: a real drop event carrying a File
+    other = sorted((site.photos / "more").glob("*.jpg"))[7]
+    page.goto(server.url)
+    drop = page.evaluate_handle(
+        """([b64, name]) => {
+            const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+            const dt = new DataTransfer();
+            dt.items.add(new File([bytes], name, { type: "image/jpeg" }));
+            return dt;
+        }""",
+        [base64.b64encode(other.read_bytes()).decode(), other.name],
+    )
+    page.dispatch_event("main", "dragenter", {"dataTransfer": drop})
+    assert page.locator("#drop-overlay").is_visible()
+    page.dispatch_event("main", "drop", {"dataTransfer": drop})
+    page.wait_for_selector(".tile img", timeout=180_000)
+    assert page.locator(".tile .name").first.inner_text() == other.name
     assert page.errors == []
 
 
