@@ -33,7 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
-FORMATS = ("jpg", "png", "alpha.png", "webp", "heic")
+# The formats in turn; HEIC once in ten (phones' format, but slow to encode here: ~10 s a photo).
+FORMATS = ("jpg", "png", "alpha.png", "webp", "heic", "jpg", "png", "alpha.png", "webp", "jpg")
 MIN_PIXELS = 1_500_000  # sources smaller than this are skipped: the set is of camera-sized photos
 MAX_PIXELS = 4_000_000  # and larger ones are scaled down to about this (the issue's "2-4 MP")
 
@@ -100,7 +101,7 @@ def make_folder(out: Path, n: int, sources: Path | None = None, seed: int = 0) -
     from PIL import Image
 
     out.mkdir(parents=True, exist_ok=True)
-    existing = sorted(p for p in out.iterdir() if p.is_file())
+    existing = sorted(p for p in out.iterdir() if p.is_file() and not p.name.startswith("."))
     if len(existing) >= n:
         return _describe(existing[:n])
     pictures = source_images(sources) if sources else []
@@ -108,6 +109,8 @@ def make_folder(out: Path, n: int, sources: Path | None = None, seed: int = 0) -
     kind = "wallpapers" if len(pictures) >= 8 else "synthetic"
     for i in range(n):
         fmt = FORMATS[i % len(FORMATS)]
+        if (out / f"photo_{i:04d}.{fmt}").is_file():
+            continue  # an interrupted run resumes (each file is written to a temporary name first)
         if kind == "wallpapers":
             src = pictures[i % len(pictures)]
             im = Image.open(src)
@@ -126,7 +129,9 @@ def make_folder(out: Path, n: int, sources: Path | None = None, seed: int = 0) -
         scale = (MAX_PIXELS / (w * h)) ** 0.5
         if scale < 1:
             im = im.convert("RGB").resize((round(w * scale), round(h * scale)), Image.LANCZOS)
-        _write(im, out / f"photo_{i:04d}.{fmt}", fmt, i)
+        tmp = out / f".part_{i:04d}.{fmt}"
+        _write(im, tmp, fmt, i)
+        tmp.rename(out / f"photo_{i:04d}.{fmt}")
     (out / ".source").write_text(kind + "\n")
     return _describe(sorted(p for p in out.iterdir() if p.is_file() and not p.name.startswith(".")))
 

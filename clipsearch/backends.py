@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import logging
 import os
 import re
 import time
@@ -44,6 +45,8 @@ import numpy as np
 from clipsearch.atomic import atomic_path
 from clipsearch.errors import ClipsearchError
 from clipsearch.paths import cache_dir  # noqa: F401  (re-exported: part of this API)
+
+log = logging.getLogger(__name__)
 
 MIN_COSINE = 0.995  # the fidelity every fast path must keep against torch-fp32, on every image
 VERDICT_FILE = "verdict.json"
@@ -577,8 +580,13 @@ def make_image_encoder(
     *,
     threads: int | None = None,
     candidates: Mapping[str, Factory] | None = None,
+    settle: bool = False,
 ) -> ImageEncoder:
     """An image encoder for ``bundle`` (a :class:`clipsearch.checkpoints.ModelBundle`).
+
+    ``settle=True`` (the indexer's choice): an ``auto`` with no verdict yet for this model measures
+    nothing up front and returns a :class:`SettlingEncoder` instead, which settles on the caller's
+    first batch among the quick backends.
 
     ``backend``: ``auto`` (the fastest backend measured faithful on this machine: cosine >= 0.995 to
     fp32), or one of :data:`BACKENDS` (or :data:`GPU_BACKENDS`) by name to force it. ``threads``:
@@ -590,6 +598,8 @@ def make_image_encoder(
     directory = cache_dir(bundle.model_id)
     table = {**_all_backends(), **(candidates or {})}
     if backend == "auto":
+        if settle and candidates is None and needs_measuring(bundle, threads=threads):
+            return SettlingEncoder(bundle, threads)
         name, results = choose_backend(bundle, threads=threads, candidates=candidates)
         # The chosen one first, then the other faithful ones by speed: a cached verdict can outlive
         # what it measured (an export deleted, a runtime broken since), and auto must still give one.
@@ -614,6 +624,68 @@ def make_image_encoder(
         raise BackendError(
             f"the {backend} backend cannot run on this machine ({describe_error(e)}); use auto or another backend"
         ) from e
+
+
+def is_quick(name: str) -> bool:
+    """Whether backend ``name`` is cheap enough to build in the middle of a first index run: a copy
+    of the tower in memory, no export to a file and no quantisation of one (the ONNX backends take
+    seconds to a minute and the export a gigabyte: :mod:`clipsearch.settle` does them later)."""
+    return not name.startswith("onnx-")
+
+
+class SettlingEncoder(ImageEncoder):
+    """The encoder of a first index run for a model that has no verdict on this machine yet.
+
+    Nothing is measured before the user's photos: the first batch runs on ``torch-fp32`` (the
+    reference, so its features are stored as they are), then the quick candidates of
+    :func:`default_candidates` (on a CPU ``torch-int8``, and ``torch-bf16`` where it is fast; on a
+    GPU the fp16/bf16 copies) run on that same
+    batch and are checked against it, every photo at cosine >= :data:`MIN_COSINE`; the run goes on
+    with the fastest faithful one. ``measurements`` holds what was seen. The full measurement (ONNX
+    export and quantisation included) is :func:`choose_backend`, which the CLI runs after the index
+    (in the background); until its verdict exists, every index run settles this way again.
+    """
+
+    def __init__(self, bundle, threads: int | None = None, candidates: list[str] | None = None):
+        if candidates is None:
+            candidates = [n for n in default_candidates(bundle) if n != "torch-fp32" and is_quick(n)]
+        self._bundle = bundle
+        self._threads = threads
+        self._encoder = _make_torch_fp32(bundle, threads, None)
+        self._pending = list(candidates)
+        self.name = self._encoder.name
+        self.measurements: dict[str, Measurement] = {}
+
+    def __call__(self, batch) -> np.ndarray:
+        if not self._pending:
+            return self._encoder(batch)
+        start = time.perf_counter()
+        reference = self._encoder(batch)  # [B, D]: stored as it is
+        speed = len(batch) / (time.perf_counter() - start)
+        self.measurements[self.name] = Measurement(self.name, cosine=1.0, images_per_s=speed)
+        best = (speed, self._encoder)
+        for name in self._pending:
+            encoder = None
+            try:
+                encoder = _all_backends()[name](self._bundle, self._threads, None)
+                start = time.perf_counter()
+                features = encoder(batch)
+                took = time.perf_counter() - start
+                finite = np.all(np.isfinite(features))
+                cosine = float(cosine_rows(features, reference).min()) if finite else -1.0
+                m = Measurement(name, cosine=cosine, images_per_s=len(batch) / took)
+            except build_failures() as e:
+                m = Measurement(name, error=describe_error(e))
+            self.measurements[name] = m
+            log.info("first run, %s on %d of its photos: %s", name, len(batch), m)
+            if m.faithful and m.images_per_s > best[0]:
+                best = (m.images_per_s, encoder)
+        self._pending = []
+        self._encoder = best[1]
+        self.name = self._encoder.name
+        log.info("first run goes on with %s; the full measurement comes after it", self.name)
+        release_memory()
+        return reference
 
 
 def build_failures() -> tuple[type[BaseException], ...]:

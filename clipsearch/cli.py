@@ -257,10 +257,6 @@ class _IndexProgress:
         kind = event.get("event")
         if kind == "scan":
             self.found = int(event.get("found", 0))
-        elif kind == "backend" and event.get("status") == "measuring" and self.enabled:
-            _console(stderr=True).print(
-                "Measuring the inference backends for this model (once; up to a minute)...", style="dim"
-            )
         elif kind == "start" and event.get("total"):
             self.progress.start()
             self.task = self.progress.add_task("index", total=int(event.get("total", 0)), rate="")
@@ -415,6 +411,13 @@ def index(
         if model is None:
             known = library.default_model_id()
             model = library.model_source(known) if known is not None else DEFAULT_MODEL
+        if _would_download(model) and all(os.path.lexists(p) for p in paths):
+            # A download of hundreds of MB for a folder with nothing to index is a bad first
+            # impression: look first (only then, so a normal run walks the folders once).
+            from clipsearch.walk import walk
+
+            if not walk(list(paths), exclude=exclude, include_hidden=include_hidden).files:
+                raise _no_images(paths)
         bundle = _load_bundle(model, quiet=as_json)
         progress = _IndexProgress(enabled=not as_json)
         try:
@@ -436,7 +439,7 @@ def index(
         if progress.found:
             # Bring the FAISS index in step now, so the first query does not pay for it.
             VectorIndex.for_library(library, bundle.model_id, kind=index_kind)
-            _export_text_encoder(bundle)  # and the first text query need not load torch
+            _settle_or_export(bundle, model, backend, as_json)
         if progress.found or (report.removed and not report.kept):
             if as_json:
                 _echo_json(_report_json(report))
@@ -447,11 +450,7 @@ def index(
                 _echo_json(_report_json(report))
             raise ClipsearchError(" ".join(_kept_lines(report)))
         if progress.found == 0 and not report.removed:
-            where = ", ".join(str(p) for p in paths)
-            raise ClipsearchError(
-                f"no images found under {where}: looked for JPEG, PNG, WebP, GIF, TIFF, BMP, HEIC "
-                "and AVIF files (hidden ones only with --include-hidden)"
-            )
+            raise _no_images(paths)
 
 
 @contextlib.contextmanager
@@ -462,6 +461,21 @@ def _discarded_when_left_empty(library):
     except BaseException:
         library.discard_if_empty()
         raise
+
+
+def _would_download(source: str) -> bool:
+    """Whether loading ``source`` would download it first (a registered name not fetched yet)."""
+    from clipsearch.pretrained import cached_pretrained, list_pretrained
+
+    return source in list_pretrained() and source not in cached_pretrained()
+
+
+def _no_images(paths) -> ClipsearchError:
+    where = ", ".join(str(p) for p in paths)
+    return ClipsearchError(
+        f"no images found under {where}: looked for JPEG, PNG, WebP, GIF, TIFF, BMP, HEIC "
+        "and AVIF files (hidden ones only with --include-hidden)"
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -597,6 +611,30 @@ def _fast_text_search(library, q, model: str | None, options: dict):
         return None
     except ImportError:  # a broken onnxruntime/faiss install: the query loads the model instead
         return None
+
+
+def _settle_or_export(bundle, source: str, backend: str, quiet: bool) -> None:
+    """After an index run: a model's one-time work (backend verdict, ONNX exports) when it is still
+    to do, in the background unless CLIPSEARCH_BACKGROUND=0 (clipsearch.settle); else just make
+    sure the text tower is exported, so the first text query need not load torch."""
+    from clipsearch import settle
+
+    try:
+        due = (
+            backend == "auto"
+            and getattr(bundle, "preprocess_cfg", None) is not None
+            and settle.needed(bundle)
+        )
+    except (AttributeError, StopIteration, TypeError):  # not a CLIP module with parameters
+        due = False
+    if due:
+        if not settle.background_allowed() and not quiet:
+            _console(stderr=True).print(
+                "Measuring the inference backends for this model (once; up to a minute)...", style="dim"
+            )
+        settle.after_index(bundle, _source_for_record(source))
+        return
+    _export_text_encoder(bundle)
 
 
 def _export_text_encoder(bundle) -> None:

@@ -211,8 +211,10 @@ def index_paths(
     device, or most of it gone); a missing path that holds indexed photos is allowed either way.
 
     ``progress`` receives ``{"event": "scan", "found": n}``, ``{"event": "backend", "status":
-    "measuring"}`` (only before a first ``auto`` for this model and machine, which takes seconds to a
-    minute), ``{"event": "backend", "name": str}``, ``{"event": "start", "total": n}``,
+    "settling"}`` (a first ``auto`` for this model and machine: it starts on torch fp32 and keeps the
+    fastest faithful quick backend measured on the first batch, :class:`~clipsearch.backends.
+    SettlingEncoder`; :func:`clipsearch.settle.settle` measures the rest later), ``{"event":
+    "backend", "name": str}``, ``{"event": "start", "total": n}``,
     ``{"event": "advance", "n": k}`` and ``{"event": "done"}``; a consumer should ignore events it
     does not know. Raises :class:`IndexPathError` for a missing path and ``LibraryError`` when
     another index run holds the library or the database cannot be written (e.g. a full disk;
@@ -296,8 +298,10 @@ def _image_encoder(bundle, backend: str, emit, report: IndexReport):
         return None  # already in reduced precision on an accelerator: as its user loaded it
     try:
         if backends.needs_measuring(bundle):
-            emit({"event": "backend", "status": "measuring"})
-        return backends.make_image_encoder(bundle, "auto")
+            # No verdict for this model here yet: settle on the first batch of these photos rather
+            # than make the user wait for exports and measurements (clipsearch.settle does those).
+            emit({"event": "backend", "status": "settling"})
+        return backends.make_image_encoder(bundle, "auto", settle=True)
     except backends.build_failures() as e:  # a fast path that fails must never end the index run
         report.backend_note = (
             f"auto backend unavailable ({backends.describe_error(e)}); ran the model as loaded"

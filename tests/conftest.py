@@ -1,4 +1,11 @@
+import os
+
 import pytest
+
+# A model's one-time work (clipsearch.settle) runs inside the command that needs it, not in a detached
+# process that would outlive the test; set at import so module-scoped fixtures and subprocesses see it
+# too. tests/test_settle.py drives the background path on purpose.
+os.environ["CLIPSEARCH_BACKGROUND"] = "0"
 
 
 @pytest.fixture(autouse=True)

@@ -56,6 +56,22 @@ def test_empty_folder(tmp_path, model_dir):
     assert_one_line_error(r, match="no images found")
 
 
+def test_empty_folder_with_the_default_model_downloads_nothing(tmp_path, monkeypatch):
+    """A first `clipsearch index` in a folder without photos says so before fetching any model."""
+    from clipsearch import pretrained
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("a folder with no images must not start a model download")
+
+    monkeypatch.setattr(pretrained, "fetch_pretrained", no_download)
+    monkeypatch.setattr("clipsearch.checkpoints.fetch_pretrained", no_download, raising=False)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("no photos here")
+    assert cli_module.DEFAULT_MODEL not in pretrained.cached_pretrained()  # a new home: not downloaded
+    r = run(["--db", tmp_path / "l.db", "index", tmp_path / "empty"])
+    assert_one_line_error(r, match="no images found")
+
+
 @pytest.mark.parametrize(
     "args",
     [["query", "beach"], ["label", "--classes", "a,b"], ["export", "x.npz"], ["status"], ["doctor"]],

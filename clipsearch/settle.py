@@ -1,0 +1,173 @@
+"""A model's one-time work on a machine, done after its first index run instead of before it.
+
+The first ``clipsearch index`` with a model indexes on a backend settled on its own photos
+(:class:`clipsearch.backends.SettlingEncoder`: torch fp32, then torch int8 once checked faithful),
+so the user never waits for what only later runs profit from:
+
+- the image tower's ONNX export and its int8 quantisation, and the measurement of every backend
+  on calibration images (:func:`clipsearch.backends.choose_backend`, which writes the verdict that
+  later runs read);
+- the text tower's export for torch-free queries (:func:`clipsearch.fastquery.ensure_text_encoder`).
+
+:func:`settle` does both in this process. :func:`start_in_background` runs it in a detached child
+(``python -m clipsearch.settle SOURCE``) at the lowest CPU priority, as ``git gc --auto`` does, so the
+command that started it returns at once; its log is ``settle.log`` in the model's cache folder. One
+settle per model at a time (an ``flock`` on ``settle.lock`` there; a second one exits at once).
+Setting ``CLIPSEARCH_BACKGROUND=0`` makes the CLI settle in the foreground instead (tests do).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import subprocess
+import sys
+
+from clipsearch.paths import cache_dir
+
+log = logging.getLogger(__name__)
+
+LOCK_FILE = "settle.lock"
+LOG_FILE = "settle.log"
+ENV_BACKGROUND = "CLIPSEARCH_BACKGROUND"
+
+
+def background_allowed() -> bool:
+    """Whether one-time work may go to a background process (``CLIPSEARCH_BACKGROUND`` is not 0)."""
+    return os.environ.get(ENV_BACKGROUND, "1").strip().lower() not in ("0", "no", "false", "off")
+
+
+def needed(bundle) -> bool:
+    """Whether ``bundle``'s model still lacks its backend verdict on this machine."""
+    from clipsearch import backends
+
+    return backends.needs_measuring(bundle)
+
+
+def _try_lock(model_id: str) -> int | None:
+    """The model's settle lock, held (a descriptor), or None when another process holds it."""
+    from clipsearch.atomic import open_lock
+
+    directory = cache_dir(model_id)
+    directory.mkdir(parents=True, exist_ok=True)
+    fd = open_lock(directory / LOCK_FILE)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def settle(bundle, *, locked: bool = False) -> str | None:
+    """Measure the backends (exports and quantisation included) and export the text tower, unless
+    another process is doing it. Returns the chosen backend's name, None when another process holds
+    the lock. ``locked``: the caller already holds it (the background child inherits it)."""
+    from clipsearch import backends, fastquery
+
+    fd = None
+    if not locked:
+        fd = _try_lock(bundle.model_id)
+        if fd is None:
+            log.info("another process is settling %s", bundle.model_id)
+            return None
+    try:
+        chosen, results = backends.choose_backend(bundle)
+        log.info("backend verdict for %s: %s (%s)", bundle.model_id, chosen, list(results.values()))
+        backends.release_memory()
+        try:
+            fastquery.ensure_text_encoder(bundle)
+        except Exception as e:  # speed only: queries then load the model
+            log.warning("no torch-free text encoder for %s: %s", bundle.model_id, backends.describe_error(e))
+        return chosen
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+def start_in_background(source: str, model_id: str) -> subprocess.Popen | None:
+    """Start ``python -m clipsearch.settle SOURCE`` detached, at the lowest priority. None when
+    another settle of this model runs, or the child could not start (the next index run then
+    settles on its photos again and tries once more).
+
+    The lock is taken here and handed to the child (an inherited ``flock`` belongs to the child's
+    descriptor too), so from the moment this returns, :func:`wait` sees the settle running.
+    """
+    fd = _try_lock(model_id)
+    if fd is None:
+        log.info("%s is already being settled", model_id)
+        return None
+    directory = cache_dir(model_id)
+    try:
+        with open(directory / LOG_FILE, "ab") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "clipsearch.settle", source, "--lock-fd", str(fd)],
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # a Ctrl-C in the terminal after index returned spares it
+                pass_fds=(fd,),
+            )
+    except OSError as e:
+        log.warning("could not start the background settle for %s: %s", model_id, e)
+        return None
+    finally:
+        os.close(fd)  # the child's copy keeps the lock
+    log.info("settling %s in the background (pid %d, log %s)", model_id, proc.pid, directory / LOG_FILE)
+    return proc
+
+
+def after_index(bundle, source: str) -> str:
+    """What an index run does when ``needed(bundle)``: settle in the background when allowed, else
+    here and now. Returns ``"background"``, ``"done"`` or ``"elsewhere"`` (another process has it)."""
+    if background_allowed():
+        return "background" if start_in_background(source, bundle.model_id) is not None else "elsewhere"
+    return "done" if settle(bundle) is not None else "elsewhere"
+
+
+def wait(model_id: str, timeout: float | None = None) -> bool:
+    """Block until no process holds ``model_id``'s settle lock (benchmarks and tests); False on timeout."""
+    import time
+
+    from clipsearch.atomic import open_lock
+
+    directory = cache_dir(model_id)
+    directory.mkdir(parents=True, exist_ok=True)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    fd = open_lock(directory / LOCK_FILE)
+    try:
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                return True
+            except BlockingIOError:
+                if deadline is not None and time.monotonic() > deadline:
+                    return False
+                time.sleep(0.2)
+    finally:
+        os.close(fd)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m clipsearch.settle SOURCE [--lock-fd N]``: settle one model at the lowest priority."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m clipsearch.settle", description=main.__doc__)
+    ap.add_argument("source", help="the model, as clipsearch index --model takes it")
+    ap.add_argument("--lock-fd", type=int, help="the settle lock, already held (from start_in_background)")
+    args = ap.parse_args(argv)
+    with contextlib.suppress(OSError, AttributeError):
+        os.nice(19)  # the user's own work comes first
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    from clipsearch.checkpoints import load_bundle
+
+    bundle = load_bundle(args.source)
+    chosen = settle(bundle, locked=args.lock_fd is not None)
+    log.info("settled %s: %s", bundle.model_id, chosen or "another process is at it")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
