@@ -142,7 +142,73 @@ class _State:
         return Library.open(self.db_path(), create=create)
 
 
-pass_state = click.make_pass_decorator(_State)
+_pass_state = click.make_pass_decorator(_State)
+
+
+def _set_db(ctx: click.Context, param, value):
+    if value is not None:
+        ctx.find_object(_State).db = value
+    return value
+
+
+def pass_state(func):
+    """Pass the :class:`_State`, and accept ``--db`` after the subcommand as well as before it."""
+    func = _pass_state(func)
+    return click.option(
+        "--db",
+        type=click.Path(dir_okay=False, path_type=Path),
+        expose_value=False,
+        callback=_set_db,
+        help="Library database file (as `clipsearch --db FILE COMMAND`).",
+    )(func)
+
+
+_FILTER_KEYS = ("after", "before", "camera", "near", "within_km", "types", "under")
+
+
+def filter_options(func):
+    """The photo filters shared by query, similar, label and duplicates: the command receives them as
+    one ``photo_filter`` (a :class:`clipsearch.filters.PhotoFilter`)."""
+    import functools
+
+    from clipsearch.filters import DEFAULT_WITHIN_KM, PhotoFilter
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        values = {k: kwargs.pop(k) for k in _FILTER_KEYS}
+        kwargs["photo_filter"] = PhotoFilter.parse(**values)
+        return func(*args, **kwargs)
+
+    options = [
+        click.option(
+            "--after", metavar="DATE", help="Only photos taken on or after DATE (YYYY-MM-DD, YYYY-MM, YYYY)."
+        ),
+        click.option("--before", metavar="DATE", help="Only photos taken before DATE (not on it)."),
+        click.option(
+            "--camera",
+            metavar="TEXT",
+            help="Only photos whose camera make or model contains TEXT (any case).",
+        ),
+        click.option(
+            "--near", metavar="LAT,LON", help="Only photos taken near this point (decimal degrees)."
+        ),
+        click.option(
+            "--within",
+            "within_km",
+            type=float,
+            metavar="KM",
+            help=f"How far from --near, in km (default: {DEFAULT_WITHIN_KM:g}).",
+        ),
+        click.option(
+            "--type", "types", metavar="TYPES", help="Only these file types, e.g. jpg,png,heic,raw."
+        ),
+        click.option(
+            "--in", "under", type=click.Path(path_type=Path), help="Only photos inside this folder."
+        ),
+    ]
+    for option in reversed(options):
+        wrapper = option(wrapper)
+    return wrapper
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -159,6 +225,41 @@ pass_state = click.make_pass_decorator(_State)
 def cli(ctx: click.Context, db: Path | None, verbose: bool) -> None:
     """Semantic search over your photos with CLIP: index a folder, then search it with words or images."""
     ctx.obj = _State(db, verbose)
+
+
+def _top_option(func):
+    return click.option(
+        "--top", "-n", type=click.IntRange(min=1), default=20, show_default=True, help="How many results."
+    )(func)
+
+
+def _output_options(func):
+    options = [
+        click.option(
+            "--json", "as_json", is_flag=True, help="Print a JSON array of results with their metadata."
+        ),
+        click.option("--paths", "as_paths", is_flag=True, help="Print one path per line (for pipes)."),
+        click.option(
+            "--table", "as_table", is_flag=True, help="Print the table even into a pipe (e.g. for less -S)."
+        ),
+        click.option(
+            "--null", "-0", "null", is_flag=True, help="Print paths separated by NUL bytes (for xargs -0)."
+        ),
+        click.option(
+            "--html",
+            "html_out",
+            type=click.Path(dir_okay=False, path_type=Path),
+            help="Write a results page.",
+        ),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _check_output_options(as_json: bool, as_paths: bool, null: bool, as_table: bool = False) -> None:
+    if sum((as_json, as_paths, null, as_table)) > 1:
+        raise click.UsageError("--json, --paths, --null and --table are alternatives: pick one")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -287,6 +388,7 @@ def _report_json(report) -> dict:
         "seconds": round(report.seconds, 3),
         "backend": report.backend or None,
         "backend_note": report.backend_note or None,
+        "metadata": report.metadata,
     }
 
 
@@ -316,6 +418,13 @@ def _render_report(report, library_path: Path) -> None:
         out.print(f"Image backend: {report.backend}", markup=False, style="dim")
     if report.backend_note:
         out.print(f"[yellow]Note:[/yellow] {report.backend_note}")
+    if report.metadata:
+        out.print(
+            f"Read the dates, cameras and places of {report.metadata} photo(s) indexed before clipsearch "
+            "kept them (no photo was embedded again).",
+            markup=False,
+            style="dim",
+        )
     if report.failed:
         out.print(f"[yellow]Skipped {len(report.failed)} file(s):[/yellow]")
         for path, reason in report.failed[:MAX_FAILURES_SHOWN]:
@@ -500,16 +609,12 @@ def _no_images(paths) -> ClipsearchError:
     show_default=True,
     help="Weight of each --minus/--minus-image part (try 0.5 for a gentler push away).",
 )
-@click.option("--top", type=click.IntRange(min=1), default=20, show_default=True, help="How many results.")
+@_top_option
 @click.option(
     "--threshold", type=click.FloatRange(-1.0, 1.0), help="Only results with a cosine score at least this."
 )
-@click.option("--in", "under", type=click.Path(path_type=Path), help="Only photos inside this folder.")
-@click.option("--json", "as_json", is_flag=True, help="Print a JSON array of {path, score, rank, image_id}.")
-@click.option("--paths", "as_paths", is_flag=True, help="Print one path per line (for pipes).")
-@click.option(
-    "--html", "html_out", type=click.Path(dir_okay=False, path_type=Path), help="Write a results page."
-)
+@filter_options
+@_output_options
 @click.option("--model", metavar="SOURCE", help="Model to query with (default: the library's).")
 @click.option(
     "--index-kind",
@@ -530,9 +635,11 @@ def query(
     minus_weight,
     top,
     threshold,
-    under,
+    photo_filter,
     as_json,
     as_paths,
+    as_table,
+    null,
     html_out,
     model,
     index_kind,
@@ -540,28 +647,27 @@ def query(
     """Find the photos that best match TEXT (and/or --image), best first.
 
     Combine parts: `clipsearch query beach --minus people`, or `--image a.jpg --add "at night"`.
-    Scores are cosine similarities between the query and each photo.
+    Scores are cosine similarities between the query and each photo. Into a pipe, each result is
+    a line `score<TAB>path`.
     """
     # numpy's OpenBLAS starts a thread per core when imported (~0.05 s of a 0.5 s query); a query's
     # numpy work is a few 512-d vectors. An explicit setting of the user's wins.
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     from clipsearch.search import Query, search
 
-    if as_json and as_paths:
-        raise click.UsageError("--json and --paths are alternatives: pick one")
+    _check_output_options(as_json, as_paths, null, as_table)
     if text is None and image is None and not add and not add_image:
         raise click.UsageError("give a TEXT, --image PATH, --add TEXT or --add-image PATH")
     for p in [image, *add_image, *minus_image]:
         if p is not None and not Path(p).is_file():
             raise ClipsearchError(f"query image not found: {p}")
-    if under is not None and not Path(under).is_dir():
-        raise ClipsearchError(f"--in {under}: no such folder")
     q = Query.build(text, image, add, minus, add_image, minus_image, minus_weight=minus_weight)
     options = {
         "top": top,
-        "under": Path(under).resolve() if under is not None else None,
+        "under": None,
         "threshold": threshold,
         "index_kind": index_kind,
+        "filters": photo_filter,
     }
     hits = None
     if model is None:  # `clipsearch serve` answers text queries with the library's model in ms
@@ -575,23 +681,106 @@ def query(
                 bundle = _library_bundle(library, model)
                 hits = search(library, bundle, q, **options)
                 _export_text_encoder(bundle)  # so the next text query can skip torch
+    _show_hits(
+        state, hits, q.describe(), photo_filter, threshold, as_json, as_paths, null, as_table, html_out
+    )
+
+
+def _hit_json(rank: int, hit, record) -> dict:
+    """One result of ``query``/``similar --json``: the hit and what the library knows of the photo."""
+    from clipsearch.metadata import camera_name
+
+    return {
+        "rank": rank,
+        "path": str(hit.path),
+        "score": round(hit.score, 6),
+        "image_id": hit.image_id,
+        "taken_at": record.taken_at if record else None,
+        "camera": camera_name(record.camera_make, record.camera_model) if record else None,
+        "width": record.width if record else None,
+        "height": record.height if record else None,
+        "lat": record.lat if record else None,
+        "lon": record.lon if record else None,
+    }
+
+
+def _show_hits(
+    state, hits, description: str, photo_filter, threshold, as_json, as_paths, null, as_table, html_out
+):
+    """Render results as the options ask: an HTML page, JSON, paths, TSV into a pipe, or a table."""
     if html_out is not None:
         from clipsearch.report import write_html
 
-        written = write_html(hits, html_out, title=f"clipsearch: {q.describe()}", query_desc=q.describe())
+        written = write_html(hits, html_out, title=f"clipsearch: {description}", query_desc=description)
         _console(stderr=True).print(f"Wrote {len(hits)} result(s) to {written}", markup=False)
     if as_json:
-        _echo_json(
-            [
-                {"rank": n, "path": str(h.path), "score": round(h.score, 6), "image_id": h.image_id}
-                for n, h in enumerate(hits, start=1)
-            ]
-        )
-    elif as_paths:
+        records = {}
+        if hits:
+            with _open_existing(state) as library:
+                records = library.images_by_id([h.image_id for h in hits])
+        _echo_json([_hit_json(n, h, records.get(h.image_id)) for n, h in enumerate(hits, start=1)])
+    elif as_paths or null:
+        end = b"\0" if null else b"\n"
         for h in hits:
-            click.echo(os.fsencode(h.path) + b"\n", nl=False)  # the exact bytes, for xargs and friends
+            click.echo(os.fsencode(h.path) + end, nl=False)  # the exact bytes, for xargs and friends
     elif html_out is None or hits:
-        _render_hits(hits, q.describe())
+        if not hits:
+            _say_why_nothing(
+                description, photo_filter, threshold, to_stderr=not as_table and not sys.stdout.isatty()
+            )
+        elif not as_table and not sys.stdout.isatty():
+            for h in hits:  # score<TAB>path, the path's exact bytes
+                click.echo(f"{h.score:.4f}\t".encode() + os.fsencode(h.path) + b"\n", nl=False)
+        else:
+            _render_hits(hits, description)
+
+
+def _say_why_nothing(description: str, photo_filter, threshold, to_stderr: bool) -> None:
+    out = _console(stderr=to_stderr)  # into a pipe, stdout stays empty: zero results, zero lines
+    reasons = []
+    if photo_filter is not None and not photo_filter.is_empty():
+        reasons.append(f"the filters ({photo_filter.describe()})")
+    if threshold is not None:
+        reasons.append(f"--threshold {threshold:g} (lower it, or leave it out to see the best scores)")
+    why = f": nothing passed {' and '.join(reasons)}" if reasons else ""
+    out.print(f"No photos match {description}{why}.", markup=False)
+
+
+@cli.command()
+@click.argument("photo")
+@_top_option
+@click.option(
+    "--threshold", type=click.FloatRange(-1.0, 1.0), help="Only results with a cosine score at least this."
+)
+@filter_options
+@_output_options
+@pass_state
+def similar(state: _State, photo, top, threshold, photo_filter, as_json, as_paths, as_table, null, html_out):
+    """Find the photos most like PHOTO (a file, or a library id from `query --json`), best first.
+
+    An indexed photo is searched with its stored embedding (no model is loaded: instant), so it
+    comes first itself, at score 1.0. A file the library does not know is encoded with the
+    library's model.
+    """
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # as for query: a few vectors of numpy work
+    from clipsearch.search import Query, encode_query
+    from clipsearch.search import similar as find_similar
+
+    _check_output_options(as_json, as_paths, null, as_table)
+    with _open_existing(state) as library:
+        model_id = library.default_model_id()
+        if model_id is None:
+            raise LibraryError(
+                f"the library {library.path} has no images yet: run `clipsearch index PATH` first"
+            )
+
+        def encode_image(path: Path):
+            return encode_query(_load_bundle(library.model_source(model_id)), Query.build(image=path))
+
+        hits = find_similar(library, photo, model_id, top, threshold, photo_filter, encode_image=encode_image)
+    _show_hits(
+        state, hits, f"like {photo}", photo_filter, threshold, as_json, as_paths, null, as_table, html_out
+    )
 
 
 def _fast_text_search(library, q, model: str | None, options: dict):
@@ -829,7 +1018,7 @@ def _read_classes(classes: str | None, classes_file: Path | None) -> list[str]:
     is_flag=True,
     help="Decide each class on its own (class vs a generic photo) instead of one softmax over all.",
 )
-@click.option("--in", "under", type=click.Path(path_type=Path), help="Only photos inside this folder.")
+@filter_options
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array of {path, label, score, labels}.")
 @click.option(
     "--write-xmp",
@@ -848,7 +1037,7 @@ def label(
     top_k,
     threshold,
     multi_label,
-    under,
+    photo_filter,
     as_json,
     write_xmp,
     model,
@@ -861,8 +1050,16 @@ def label(
 
     names = check_classes(_read_classes(classes, classes_file))
     chosen = check_templates(templates) if templates else list(DEFAULT_TEMPLATES)
-    if under is not None and not Path(under).is_dir():
-        raise ClipsearchError(f"--in {under}: no such folder")
+    if len(names) == 1 and not multi_label:
+        # A softmax over one class gives it probability 1 for every photo: decide it on its own.
+        multi_label = True
+        if not as_json:
+            _console(stderr=True).print(
+                f"One class: each photo is '{names[0]}' when it looks more like it than like a generic "
+                "photo (as --multi-label does).",
+                markup=False,
+                style="dim",
+            )
     with _open_existing(state) as library:
         bundle = _library_bundle(library, model)
         results = label_images(
@@ -873,7 +1070,7 @@ def label(
             top_k=top_k if top_k is not None else (None if multi_label else 1),
             threshold=threshold,
             multi_label=multi_label,
-            under=Path(under).resolve() if under is not None else None,
+            filters=photo_filter,
         )
     xmp = _write_sidecars(results, threshold) if write_xmp else {}
     if as_json:
@@ -1117,4 +1314,20 @@ def doctor(state: _State, rebuild: bool):
 
 def main() -> None:
     """The console script's entry point."""
-    cli(prog_name="clipsearch")
+    try:
+        cli(prog_name="clipsearch")
+    except SystemExit as e:
+        _flush_or_quiet()
+        raise SystemExit(e.code) from None
+    _flush_or_quiet()
+
+
+def _flush_or_quiet() -> None:
+    """`clipsearch query ... | head`: output still buffered when the reader left is dropped quietly
+    (exit 0), instead of Python's 'Exception ignored ... BrokenPipeError' at exit."""
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # the interpreter's own final flush goes nowhere
+        raise SystemExit(0) from None

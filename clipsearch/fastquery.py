@@ -493,6 +493,7 @@ def search(
     *,
     encode: TextEncoder | None = None,
     index=None,
+    filters=None,
 ):
     """:func:`clipsearch.search.search` for text-only queries, given a model id instead of a bundle.
 
@@ -515,4 +516,5 @@ def search(
         model_id=model_id,
         encode=functools.partial(encode_query, model_id, encode=encode),
         index=index,
+        filters=filters,
     )

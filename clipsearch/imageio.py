@@ -15,14 +15,16 @@ import stat
 from pathlib import Path
 
 from clipsearch.errors import ImageDecodeError
+from clipsearch.raw import RAW_EXTENSIONS
 
 # PIL's own decompression-bomb error threshold (2 x Image.MAX_IMAGE_PIXELS): about 13k x 13k.
 DEFAULT_MAX_PIXELS = 178_956_970
 
-# Names the indexer looks at; the decoder itself goes by content.
+# Names the indexer looks at; the decoder itself goes by content. RAW names: clipsearch.raw.
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".gif", ".tif", ".tiff", ".bmp"}
     | {".heic", ".heif", ".hif", ".avif"}
+    | RAW_EXTENSIONS
 )
 
 REASONS = (
@@ -34,6 +36,7 @@ REASONS = (
     "truncated",  # the data ends early
     "corrupt",  # the decoder failed for another reason
     "unsupported mode",  # decoded, but in a colour mode with no RGB conversion
+    "unsupported RAW",  # a camera RAW file without a usable preview, and no LibRaw to develop it
 )
 
 _WHITE = (255, 255, 255)
@@ -169,8 +172,13 @@ def open_image(source, max_pixels: int | None = DEFAULT_MAX_PIXELS, draft_size: 
     flattened on white; an animation gives its first frame. Raises :class:`ImageDecodeError` with a
     ``reason`` in :data:`REASONS`.
     """
+    from clipsearch import raw
+
     f, name, owned = _open_stream(source)
     try:
+        found = raw.sniff(f)
+        if found is not None:  # camera RAW: its embedded preview, or LibRaw
+            return raw.open_raw(f, found, name, max_pixels, draft_size)
         start = f.tell() if f.seekable() else 0
         im = _identify(f, name, max_pixels)
         full_size = im.size  # as stored, before any draft scaling
@@ -335,26 +343,10 @@ def _deep_to_rgb(im):
 
 
 def _exif_taken_at(exif) -> str | None:
-    """EXIF DateTimeOriginal as ISO 8601 (with the UTC offset when recorded), or None."""
-    from datetime import datetime
+    """When the photo was taken (see :func:`clipsearch.metadata.exif_taken_at`)."""
+    from clipsearch.metadata import exif_taken_at
 
-    if exif is None:
-        return None
-    sub = exif.get_ifd(0x8769)  # the Exif sub-IFD
-    raw = sub.get(0x9003)  # DateTimeOriginal, "YYYY:MM:DD HH:MM:SS"
-    if isinstance(raw, bytes):
-        raw = raw.decode("ascii", "replace")
-    if not isinstance(raw, str):
-        return None
-    try:
-        taken = datetime.strptime(raw.strip("\x00 ").strip(), "%Y:%m:%d %H:%M:%S")
-    except ValueError:
-        return None  # cameras write "0000:00:00 00:00:00" or blanks when the clock was unset
-    iso = taken.isoformat()
-    offset = sub.get(0x9011)  # OffsetTimeOriginal, "+02:00"
-    if isinstance(offset, str) and len(offset.strip("\x00 ")) == 6 and offset[0] in "+-":
-        iso += offset.strip("\x00 ")
-    return iso
+    return exif_taken_at(exif)
 
 
 def image_metadata(image_or_path) -> dict:

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import os
 import stat
 import time
@@ -46,8 +47,11 @@ import numpy as np
 
 from clipsearch.errors import ClipsearchError, ImageDecodeError, LibraryError
 from clipsearch.imageio import DEFAULT_MAX_PIXELS, open_image
+from clipsearch.metadata import METADATA_VERSION
 from clipsearch.store import ImageRow, Library, LibraryWriteError
 from clipsearch.walk import walk
+
+logger = logging.getLogger(__name__)
 
 HASH_CHUNK = 1 << 20  # 1 MiB reads while hashing
 _PHOTO_GONE_REASONS = ("dead symlink", "not a regular file")  # walk failures that delete the path's row
@@ -109,6 +113,7 @@ class IndexReport:
     # the model as it was loaded, "" when nothing needed embedding; the note says why auto fell back.
     backend: str = ""
     backend_note: str = ""
+    metadata: int = 0  # photos indexed earlier whose metadata was read again (headers only, no embedding)
 
     @property
     def embedded(self) -> int:
@@ -130,9 +135,7 @@ class _Result:
     mtime_ns: int | None = None
     content_hash: str = ""
     tensor: Any = None  # preprocessed image [3, H, W], None when the embedding can be reused
-    width: int | None = None
-    height: int | None = None
-    taken_at: str | None = None
+    meta: Any = None  # clipsearch.metadata.PhotoMetadata, read from the same bytes
     error: tuple[str, str] | None = None  # (reason, detail)
 
 
@@ -149,12 +152,17 @@ def read_and_hash(fd: int, keep: bool) -> tuple[str, bytes | None]:
             chunks.append(chunk)
 
 
-def _metadata(image) -> tuple[int | None, int | None, str | None]:
-    """Upright width and height and the EXIF date taken (ISO string), when known."""
-    from clipsearch.imageio import image_metadata
+def _read_metadata(data: bytes, path: Path):
+    """The photo's metadata from its bytes (headers only), or None when they say nothing readable."""
+    from clipsearch.metadata import read_metadata
 
-    meta = image_metadata(image)
-    return meta.get("width"), meta.get("height"), meta.get("taken_at")
+    try:
+        return read_metadata(io.BytesIO(data), path)
+    except ImageDecodeError:
+        return None  # not an image: the decode below says why
+    except Exception:  # a parser bug on one odd file costs its metadata, never the photo
+        logger.warning("could not read the metadata of %s", path, exc_info=True)
+        return None
 
 
 def _decoder_settings(max_pixels: int | None) -> str:
@@ -166,7 +174,11 @@ def _decoder_settings(max_pixels: int | None) -> str:
     from clipsearch import __version__
 
     heif = importlib.util.find_spec("pillow_heif") is not None  # HEIC/AVIF decodable or not
-    return f"clipsearch {__version__}; pillow {PIL.__version__}; heif {heif}; max_pixels {max_pixels}"
+    libraw = importlib.util.find_spec("rawpy") is not None  # RAW files with small previews
+    return (
+        f"clipsearch {__version__}; pillow {PIL.__version__}; heif {heif}; rawpy {libraw}; "
+        f"max_pixels {max_pixels}"
+    )
 
 
 def _oserror_reason(e: OSError) -> str:
@@ -403,6 +415,7 @@ class _Run:
         self.emit({"event": "start", "total": len(jobs)})
         self._pipeline(jobs)
         self._finish(found)
+        self.report.metadata = refresh_metadata(lib, found.roots, self.workers)
 
     def _hold_back(
         self, gone: list[str], rows: dict, found, missing: Sequence[Path], prune: bool
@@ -476,12 +489,12 @@ class _Run:
             return res
         finally:
             os.close(fd)
+        res.meta = _read_metadata(data, job.path)
         if res.content_hash in self.known_hashes:
             return res
         try:
             image = open_image(io.BytesIO(data), max_pixels=self.max_pixels, draft_size=self.draft_size)
             del data
-            res.width, res.height, res.taken_at = _metadata(image)
             res.tensor = self.preprocess(image)
         except ImageDecodeError as e:
             res.error = (e.reason, e.detail)
@@ -573,6 +586,8 @@ class _Run:
                     lib.clear_errors([res.job.path])
                 else:
                     image_id = self._add(res)
+                if res.meta is not None:
+                    lib.set_metadata(image_id, res.meta, METADATA_VERSION)
                 lib.put_embedding(image_id, self.model_id, vector)
                 if row is None or row.content_hash == res.content_hash:
                     report.new += 1  # a new file, or known content's first embedding of this model
@@ -588,13 +603,7 @@ class _Run:
 
     def _add(self, res: _Result) -> int:
         return self.lib.add_image(
-            res.job.path,
-            size=res.size,
-            mtime_ns=res.mtime_ns,
-            content_hash=res.content_hash,
-            width=res.width,
-            height=res.height,
-            taken_at=res.taken_at,
+            res.job.path, size=res.size, mtime_ns=res.mtime_ns, content_hash=res.content_hash
         )
 
     def _apply_reuse(self, res: _Result) -> None:
@@ -619,8 +628,11 @@ class _Run:
             lib.record_error(job.path, "retry", "its known twin disappeared during the run")
             report.failed.append((job.path, "retry"))
             return
-        res.width, res.height, res.taken_at = source.width, source.height, source.taken_at
         new_id = self._add(res)
+        if res.meta is not None:
+            lib.set_metadata(new_id, res.meta, METADATA_VERSION)
+        else:
+            lib.copy_metadata(source.id, new_id)
         lib.copy_embeddings(source.id, new_id)
         if job.row is None:
             report.duplicates += 1
@@ -645,6 +657,42 @@ class _Run:
                 return lib.stored_path(path) in failed_now
 
             lib.clear_errors_where(keep)
+
+
+METADATA_BATCH = 500  # rows per transaction while filling metadata in
+
+
+def refresh_metadata(library: Library, roots: Sequence[Path], workers: int = 4) -> int:
+    """Read the metadata of photos under ``roots`` indexed by an older extractor (headers only: no
+    pixel is decoded, no embedding changes). A file that cannot be read now is marked read with
+    what is known, so it is not retried every run; a changed file is read again by the index run
+    anyway. Returns how many rows were updated."""
+    from clipsearch.metadata import PhotoMetadata, read_metadata
+
+    stale = library.metadata_stale_ids(METADATA_VERSION)
+    if not stale:
+        return 0
+    paths = {i: p for i, p in library.image_paths(sorted(stale)).items() if _inside_any(p, roots)}
+
+    def read(item: tuple[int, Path]) -> tuple[int, PhotoMetadata]:
+        image_id, path = item
+        try:
+            return image_id, read_metadata(path)
+        except (ImageDecodeError, OSError) as e:
+            logger.info("no metadata for %s: %s", path, e)
+        except Exception:  # a parser bug on one odd file costs its metadata, never the run
+            logger.warning("could not read the metadata of %s", path, exc_info=True)
+        return image_id, PhotoMetadata()
+
+    items = sorted(paths.items())
+    with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="clipsearch-meta") as pool:
+        for start in range(0, len(items), METADATA_BATCH):
+            found = list(pool.map(read, items[start : start + METADATA_BATCH]))
+            with library.transaction():
+                for image_id, meta in found:
+                    library.set_metadata(image_id, meta, METADATA_VERSION)
+    logger.info("read the metadata of %d photo(s) indexed before it was stored", len(items))
+    return len(items)
 
 
 def _inside_any(path: Path, roots: Sequence[Path]) -> bool:

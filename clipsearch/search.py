@@ -9,12 +9,16 @@ sum is normalised again. Photos are ranked by cosine similarity through the libr
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from clipsearch.errors import ClipsearchError, LibraryError
+from clipsearch.filters import PhotoFilter
+
+logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:  # numpy is imported where vectors are made: a client of `clipsearch serve` needs none
     import numpy as np
@@ -141,11 +145,14 @@ def search(
     model_id: str | None = None,
     encode: Callable[[Query], np.ndarray] | None = None,
     index=None,
+    filters: PhotoFilter | None = None,
 ) -> list[Hit]:
     """The ``top`` photos closest to ``query`` (cosine similarity, best first).
 
-    ``under`` keeps photos in that folder's subtree (matched literally); ``threshold`` keeps hits
-    scoring at least that much. Uses the library's embeddings of ``bundle.model_id``.
+    ``under`` keeps photos in that folder's subtree (matched literally); ``filters`` keeps those
+    passing a :class:`clipsearch.filters.PhotoFilter`, inside the vector search (the ``top`` best
+    of the photos that pass); ``threshold`` keeps hits scoring at least that much. Uses the
+    library's embeddings of ``bundle.model_id``.
 
     ``encode(query) -> float32 [D]`` (normalised) replaces :func:`encode_query` on ``bundle``, e.g.
     :func:`clipsearch.fastquery.encode_query` without torch; ``model_id`` then names the embeddings
@@ -162,12 +169,7 @@ def search(
     model_id = model_id or bundle.model_id
     if encode is None:
         encode = functools.partial(encode_query, bundle)
-    if model_id not in library.model_ids():
-        known = ", ".join(library.model_ids()) or "none"
-        raise LibraryError(
-            f"the library has no embeddings of model {model_id!r} (it has: {known}): "
-            "index with that model first or leave out --model"
-        )
+    _check_model(library, model_id)
     if index is None:
         with ThreadPoolExecutor(1) as pool:  # open (or bring in step) the FAISS index meanwhile
             pending = pool.submit(VectorIndex.for_library, library, model_id, kind=index_kind)
@@ -175,7 +177,29 @@ def search(
             index = pending.result()
     else:
         q = encode(query)
-    allowed = library.image_ids_under(Path(under)) if under is not None else None
+    return search_vector(library, index, q, top, threshold, (filters or PhotoFilter()).with_under(under))
+
+
+def _check_model(library, model_id: str) -> None:
+    if model_id not in library.model_ids():
+        known = ", ".join(library.model_ids()) or "none"
+        raise LibraryError(
+            f"the library has no embeddings of model {model_id!r} (it has: {known}): "
+            "index with that model first or leave out --model"
+        )
+
+
+def search_vector(
+    library,
+    index,
+    q: np.ndarray,
+    top: int,
+    threshold: float | None = None,
+    filters: PhotoFilter | None = None,
+) -> list[Hit]:
+    """The ``top`` photos of ``index`` (a :class:`clipsearch.vectors.VectorIndex` in step with
+    ``library``) closest to the normalised vector ``q`` float32 [D], among those ``filters`` allows."""
+    allowed = filters.allowed_ids(library) if filters is not None else None
     if allowed is not None and not allowed:
         return []
     scores, ids = index.search(q[None, :], top, allowed_ids=allowed)
@@ -185,6 +209,72 @@ def search(
     paths = library.image_paths([i for _, i in pairs])
     # An id the index still has but SQLite lost meanwhile (a concurrent index run) is skipped.
     return [Hit(paths[i], s, i) for s, i in pairs if i in paths]
+
+
+def resolve_photo(library, target: str | Path | int) -> int | None:
+    """The id of the indexed photo ``target`` names: an image id, a path indexed as it is, or a
+    file whose content is indexed (a copy elsewhere). None for a file the library does not know.
+    Raises :class:`QueryError` when ``target`` is neither an id of the library nor a file."""
+    from clipsearch.indexer import read_and_hash
+
+    text = str(target)
+    p = Path(text).expanduser()
+    if not p.exists() and text.isdigit():
+        image_id = int(text)
+        if not library.image_paths([image_id]):
+            raise QueryError(f"no photo with id {image_id} in the library (ids are in `query --json`)")
+        return image_id
+    if not p.is_file():
+        raise QueryError(f"no such photo: {text} (give a file or a library id)")
+    found = library.image_at(p)
+    if found is not None:
+        return found.id
+    try:
+        with open(p, "rb") as f:
+            digest, _ = read_and_hash(f.fileno(), keep=False)
+    except OSError as e:
+        raise QueryError(f"cannot read {text}: {e.strerror}") from e
+    same = library.image_ids_with_hash(digest)
+    return same[0] if same else None
+
+
+def similar(
+    library,
+    target: str | Path | int,
+    model_id: str,
+    top: int = 20,
+    threshold: float | None = None,
+    filters: PhotoFilter | None = None,
+    *,
+    encode_image: Callable[[Path], np.ndarray] | None = None,
+    index=None,
+) -> list[Hit]:
+    """Photos like ``target`` (a library id or a photo file), best first, the photo itself included.
+
+    An indexed photo (or a copy of one) is searched with its stored embedding of ``model_id``: no
+    model is loaded and PyTorch is never imported. A file the library does not know is encoded by
+    ``encode_image(path) -> float32 [D]`` (normalised); without one, :class:`QueryError`.
+    """
+    import numpy as np
+
+    from clipsearch.vectors import VectorIndex
+
+    if top < 1:
+        raise QueryError(f"--top must be at least 1, got {top}")
+    _check_model(library, model_id)
+    image_id = resolve_photo(library, target)
+    stored = library.embedding(image_id, model_id) if image_id is not None else None
+    if stored is not None:
+        logger.info("similar: the stored embedding of photo %d", image_id)
+        q = np.asarray(stored, dtype=np.float32)  # [D]
+    elif encode_image is not None:
+        logger.info("similar: %s is not indexed with %s; encoding it", target, model_id)
+        q = encode_image(Path(str(target)).expanduser())
+    else:
+        raise QueryError(f"{target} is not indexed with {model_id}: index it, or pass an encoder")
+    if index is None:
+        index = VectorIndex.for_library(library, model_id)
+    return search_vector(library, index, q, top, threshold, filters)
 
 
 def _open_query_image(path: str):

@@ -16,7 +16,8 @@ once and then answers text queries in a few milliseconds; ``clipsearch query`` a
   daemon replaces it.
 
 The protocol is one JSON line each way per connection: a request ``{"version", "library", "parts":
-[[kind, value, weight], ...], "top", "under", "threshold", "index_kind"}`` and a reply ``{"ok":
+[[kind, value, weight], ...], "top", "under", "threshold", "index_kind", "filters"}`` (``filters``:
+:meth:`clipsearch.filters.PhotoFilter.to_json`) and a reply ``{"ok":
 true, "hits": [[path, score, image_id], ...]}`` or ``{"ok": false, "error": message}``.
 """
 
@@ -32,7 +33,7 @@ from pathlib import Path
 
 from clipsearch.errors import ClipsearchError
 
-PROTOCOL = 1
+PROTOCOL = 2  # 2: filters; an older daemon refuses the request and the client answers in-process
 MAX_REQUEST = 1 << 20  # a query is a few hundred bytes; anything near this is not a client of ours
 CONNECT_TIMEOUT_S = 1.0  # a live daemon accepts at once; a hung one must not hold a query up long
 REPLY_TIMEOUT_S = 10.0  # a reload after a large re-index takes seconds; a stuck daemon is given up on
@@ -59,7 +60,7 @@ def socket_path(library_path: Path | str | None = None) -> Path:
 def ask(library_path: Path | str | None, query, options: dict, timeout: float = REPLY_TIMEOUT_S):
     """The hits of a text-only ``query`` from the daemon serving this library, or None.
 
-    ``options``: ``top``, ``under``, ``threshold``, ``index_kind`` as for
+    ``options``: ``top``, ``under``, ``threshold``, ``index_kind``, ``filters`` as for
     :func:`clipsearch.search.search`. None when no daemon is running, its socket is stale, it does
     not answer in time, or it cannot answer this query (an error, which the caller then meets
     itself): the caller runs the query in-process. Returns ``list[clipsearch.search.Hit]``.
@@ -80,6 +81,7 @@ def ask(library_path: Path | str | None, query, options: dict, timeout: float = 
         "under": None if under is None else os.fsdecode(under),
         "threshold": options.get("threshold"),
         "index_kind": options.get("index_kind", "auto"),
+        "filters": options["filters"].to_json() if options.get("filters") is not None else None,
     }
     try:
         if len(os.fsencode(path)) > _MAX_SOCKET_PATH or not _ours(path):
@@ -211,6 +213,7 @@ class QueryServer:
         """The hits of one request, as :func:`clipsearch.fastquery.search` gives them in-process."""
         from clipsearch import fastquery
         from clipsearch.errors import LibraryError
+        from clipsearch.filters import PhotoFilter
         from clipsearch.search import Query, QueryPart
 
         if request.get("version") != PROTOCOL:
@@ -237,6 +240,7 @@ class QueryServer:
             kind,
             encode=self._encoder(model_id),
             index=self._index(model_id, kind),
+            filters=PhotoFilter.from_json(request.get("filters")),
         )
 
     # --- the socket -----------------------------------------------------------------------------

@@ -120,13 +120,45 @@ _M004 = """
 CREATE TABLE folders (path TEXT PRIMARY KEY, st_dev INTEGER NOT NULL, seen_at TEXT NOT NULL);
 """
 
+# What a photo says about itself (clipsearch.metadata), for filters and --json. A NULL
+# metadata_version marks rows indexed before it was read: the next index run reads their headers.
+_M005 = """
+ALTER TABLE images ADD COLUMN camera_make TEXT;
+ALTER TABLE images ADD COLUMN camera_model TEXT;
+ALTER TABLE images ADD COLUMN lens TEXT;
+ALTER TABLE images ADD COLUMN lat REAL;
+ALTER TABLE images ADD COLUMN lon REAL;
+ALTER TABLE images ADD COLUMN orientation INTEGER;
+ALTER TABLE images ADD COLUMN file_type TEXT;
+ALTER TABLE images ADD COLUMN metadata_version INTEGER;
+CREATE INDEX images_taken_at ON images(taken_at);
+"""
+
 # Named and ordered; a migration never changes once released, new ones are appended.
 MIGRATIONS: list[tuple[str, str]] = [
     ("001_initial", _M001),
     ("002_error_file_state", _M002),
     ("003_library_id", _M003),
     ("004_folder_devices", _M004),
+    ("005_photo_metadata", _M005),
 ]
+
+
+@dataclass(frozen=True)
+class PhotoConditions:
+    """What :meth:`Library.photo_ids_where` selects on; ``None`` leaves a condition out.
+
+    ``taken_from`` (inclusive) and ``taken_before`` (exclusive) are ISO wall-clock times
+    (``2024-06-01T00:00:00``); ``camera`` is matched case-insensitively inside make or model;
+    ``box`` is ``(lat_min, lat_max, lon_min, lon_max)`` (``lon_min > lon_max`` crosses the
+    antimeridian); ``types`` are :mod:`clipsearch.metadata` file types; ``under`` a folder."""
+
+    taken_from: str | None = None
+    taken_before: str | None = None
+    camera: str | None = None
+    box: tuple[float, float, float, float] | None = None
+    types: tuple[str, ...] | None = None
+    under: Path | None = None
 
 
 # --- paths ------------------------------------------------------------------------------------
@@ -204,8 +236,16 @@ class ImageRow:
     content_hash: str
     width: int | None
     height: int | None
-    taken_at: str | None  # EXIF date taken, ISO 8601, when the file has one
+    taken_at: str | None  # when it was taken: ISO 8601 wall-clock time, with the UTC offset when known
     indexed_at: str
+    # What the photo says about itself (clipsearch.metadata); None when unknown
+    camera_make: str | None = None
+    camera_model: str | None = None
+    lens: str | None = None
+    lat: float | None = None
+    lon: float | None = None
+    orientation: int | None = None
+    file_type: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -285,7 +325,10 @@ class Embeddings(NamedTuple):
     vectors: np.ndarray  # float32 [N, D], L2-normalised
 
 
-_IMAGE_COLUMNS = "id, path, size, mtime_ns, content_hash, width, height, taken_at, indexed_at"
+_IMAGE_COLUMNS = (
+    "id, path, size, mtime_ns, content_hash, width, height, taken_at, indexed_at, "
+    "camera_make, camera_model, lens, lat, lon, orientation, file_type"
+)
 _CHUNK = 900  # ids per IN (...): under SQLite's default limit of 999 parameters
 
 
@@ -797,6 +840,103 @@ class Library:
             return None
         hi = self._conn.execute(q.format("max"), (model_id,)).fetchone()[0]
         return int(lo), int(hi)
+
+    # --- photo metadata and selections --------------------------------------------------------
+
+    def images_by_id(self, ids: Sequence[int]) -> dict[int, ImageRow]:
+        """``{id: ImageRow}`` of the given image ids (unknown ids are left out)."""
+        out: dict[int, ImageRow] = {}
+        for chunk in _chunks(ids):
+            sql = f"SELECT {_IMAGE_COLUMNS} FROM images WHERE id IN ({_marks(chunk)})"
+            for r in self._conn.execute(sql, chunk):
+                out[r[0]] = self._image_row(r)
+        return out
+
+    def image_ids_with_hash(self, content_hash: str) -> list[int]:
+        """Ids of the photos with this content hash (copies of one file), oldest first."""
+        sql = "SELECT id FROM images WHERE content_hash = ? ORDER BY id"
+        return [r[0] for r in self._conn.execute(sql, (content_hash,))]
+
+    def identical_groups(self) -> list[list[int]]:
+        """Ids of byte-identical photos (same content hash), groups of two or more, by lowest id."""
+        rows = self._conn.execute(
+            "SELECT group_concat(id) FROM (SELECT id, content_hash FROM images ORDER BY id) "
+            "GROUP BY content_hash HAVING count(*) > 1 ORDER BY min(id)"
+        )
+        return [[int(i) for i in r[0].split(",")] for r in rows]
+
+    def photo_ids_where(self, cond: PhotoConditions) -> list[tuple[int, float | None, float | None]]:
+        """``(id, lat, lon)`` of the photos meeting every condition in ``cond`` (see
+        :class:`PhotoConditions`); a photo whose field is unknown meets no condition on it."""
+        where: list[str] = []
+        params: list = []
+        if cond.taken_from is not None:
+            where.append("taken_at >= ?")  # ISO strings: the wall-clock prefix orders them
+            params.append(cond.taken_from)
+        if cond.taken_before is not None:
+            where.append("taken_at < ?")
+            params.append(cond.taken_before)
+        if cond.camera is not None:
+            where.append("(instr(lower(camera_make), ?) > 0 OR instr(lower(camera_model), ?) > 0)")
+            params += [cond.camera.lower(), cond.camera.lower()]
+        if cond.box is not None:
+            lat_min, lat_max, lon_min, lon_max = cond.box
+            where.append("lat BETWEEN ? AND ?")
+            params += [lat_min, lat_max]
+            if lon_min <= lon_max:
+                where.append("lon BETWEEN ? AND ?")
+            else:
+                where.append("(lon >= ? OR lon <= ?)")
+            params += [lon_min, lon_max]
+        if cond.types is not None:
+            where.append(f"file_type IN ({','.join('?' * len(cond.types))})")
+            params += list(cond.types)
+        if cond.under is not None:
+            clause, p = self._under_clause(cond.under)
+            where.append(clause)
+            params += p
+        sql = "SELECT id, lat, lon FROM images" + (" WHERE " + " AND ".join(where) if where else "")
+        return [(r[0], r[1], r[2]) for r in self._conn.execute(sql, params)]
+
+    def metadata_stale_ids(self, version: int) -> set[int]:
+        """Ids of photos whose metadata was read by an extractor older than ``version`` (or never)."""
+        sql = "SELECT id FROM images WHERE metadata_version IS NULL OR metadata_version < ?"
+        return {r[0] for r in self._conn.execute(sql, (int(version),))}
+
+    def set_metadata(self, image_id: int, meta, version: int) -> None:
+        """Store ``meta`` (a :class:`clipsearch.metadata.PhotoMetadata`) for one photo, read by
+        extractor ``version``. Width, height and date are kept when ``meta`` does not know them."""
+        with self.transaction():
+            self._conn.execute(
+                "UPDATE images SET width = coalesce(?, width), height = coalesce(?, height), "
+                "taken_at = coalesce(?, taken_at), camera_make = ?, camera_model = ?, lens = ?, lat = ?, "
+                "lon = ?, orientation = ?, file_type = ?, metadata_version = ? WHERE id = ?",
+                (
+                    meta.width,
+                    meta.height,
+                    meta.taken_at,
+                    meta.make,
+                    meta.model,
+                    meta.lens,
+                    meta.lat,
+                    meta.lon,
+                    meta.orientation,
+                    meta.file_type,
+                    int(version),
+                    int(image_id),
+                ),
+            )
+
+    def copy_metadata(self, from_id: int, to_id: int) -> None:
+        """Give photo ``to_id`` the metadata of ``from_id`` (a byte-identical copy)."""
+        with self.transaction():
+            self._conn.execute(
+                "UPDATE images SET (width, height, taken_at, camera_make, camera_model, lens, lat, lon, "
+                "orientation, file_type, metadata_version) = (SELECT width, height, taken_at, camera_make, "
+                "camera_model, lens, lat, lon, orientation, file_type, metadata_version FROM images WHERE id = ?) "
+                "WHERE id = ?",
+                (int(from_id), int(to_id)),
+            )
 
     # --- images and embeddings (write; used by the indexer) -----------------------------------
 

@@ -231,6 +231,7 @@ def label_images(
     under: Path | None = None,
     store: bool = True,
     logit_scale: float = DEFAULT_LOGIT_SCALE,
+    filters=None,
 ) -> list[ImageLabels]:
     """Zero-shot label the library's images from their stored embeddings of ``bundle.model_id``.
 
@@ -238,6 +239,8 @@ def label_images(
     Multi-label: every class whose independent probability is at least ``threshold`` (default 0.5),
     best first, at most ``top_k`` when given. Images with no label left are returned with an empty
     list. With ``store``, the labels replace every stored label of this class set and model.
+    ``under`` (a folder) and ``filters`` (a :class:`clipsearch.filters.PhotoFilter`) label only the
+    photos they select.
     """
     classes = check_classes(classes)
     templates = check_templates(templates)
@@ -248,7 +251,11 @@ def label_images(
     model_id = bundle.model_id
     if model_id not in library.model_ids():
         raise LibraryError(f"the library has no embeddings of model {model_id!r}: index with it first")
-    ids, paths, vectors = library.embeddings(model_id, under=under)
+    allowed = filters.allowed_ids(library) if filters is not None else None
+    if allowed is None:
+        ids, paths, vectors = library.embeddings(model_id, under=under)
+    else:
+        ids, paths, vectors = library.embeddings(model_id, under=under, ids=sorted(allowed))
     device = _model_device(bundle.model)
     classifier = build_classifier(bundle.model, bundle.tokenizer, classes, templates, device=device).cpu()
     results: list[ImageLabels] = []

@@ -157,7 +157,7 @@ def test_in_threshold_and_human_table(indexed):
     assert len(hits) == sum(1 for p in photos.values() if p.parent.name == "trips")
     none = json.loads(ok("--db", db, "query", "x", "--threshold", "0.9999", "--json").stdout)
     assert none == []
-    table = ok("--db", db, "query", "--image", photos["forest.png"], "--top", "2").stdout
+    table = ok("--db", db, "query", "--image", photos["forest.png"], "--top", "2", "--table").stdout
     assert "score" in table and "forest.png" in table
 
 
@@ -243,8 +243,9 @@ def test_label_writes_and_merges_xmp_sidecars(tmp_path, model_dir):
     rating = ET.parse(sidecar_path(b)).find(".//{http://ns.adobe.com/xap/1.0/}Rating")
     assert rating is not None and rating.text == "4"
     assert "<xmp:Rating>4</xmp:Rating>" in sidecar_path(b).read_text()  # its prefix kept too
-    # Relabel: our old keyword goes, the user's stays.
-    ok("--db", db, "label", "--classes", "<tree>", "--write-xmp")
+    # Relabel: our old keyword goes, the user's stays. (One class is decided on its own: threshold 0
+    # gives it to every photo.)
+    ok("--db", db, "label", "--classes", "<tree>", "--threshold", "0", "--write-xmp")
     assert read_keywords(a) == ["<tree>"]
     assert read_keywords(b) == ["holiday & friends", "<tree>"]
     assert "&lt;tree&gt;" in sidecar_path(a).read_text()
