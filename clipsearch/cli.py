@@ -266,12 +266,16 @@ def _check_output_options(as_json: bool, as_paths: bool, null: bool, as_table: b
 # Models
 
 
-def _load_bundle(source: str, quiet: bool = False):
-    """Load a model, with a download progress bar on stderr when it has to be fetched."""
+def _load_bundle(source: str, quiet: bool = False, device: str = "cpu"):
+    """Load a model on ``device`` (``auto`` picks one), with a download progress bar on stderr when it
+    has to be fetched."""
     from rich.markup import escape
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
     from clipsearch.checkpoints import load_bundle
+    from clipsearch.devices import resolve_device
+
+    device = resolve_device(device)
 
     progress = Progress(
         TextColumn(f"downloading {escape(printable(str(source)))}"),
@@ -292,7 +296,7 @@ def _load_bundle(source: str, quiet: bool = False):
         progress.update(task, completed=done, total=total)
 
     try:
-        return load_bundle(source, progress=on_bytes)
+        return load_bundle(source, device=device, progress=on_bytes)
     except OSError as e:
         where = f" ({printable(str(e.filename))})" if e.filename else ""
         raise ModelLoadError(f"cannot read the model {source}: {e.strerror or e}{where}") from e
@@ -307,14 +311,22 @@ def _source_for_record(source: str) -> str:
     return str(p.resolve()) if p.exists() else source
 
 
-def _library_bundle(library, model: str | None):
+def _library_bundle(library, model: str | None, device: str = "cpu"):
     """The model to query with: ``--model`` when given, else the one the library was indexed with."""
     if model is not None:
-        return _load_bundle(model)
+        return _load_bundle(model, device=device)
     model_id = library.default_model_id()
     if model_id is None:
         raise LibraryError(f"the library {library.path} has no images yet: run `clipsearch index PATH` first")
-    return _load_bundle(library.model_source(model_id))
+    return _load_bundle(library.model_source(model_id), device=device)
+
+
+def _device_option(help_text: str):
+    from clipsearch.devices import DEVICES
+
+    return click.option(
+        "--device", type=click.Choice(DEVICES), default="auto", show_default=True, help=help_text
+    )
 
 
 def _open_existing(state: _State):
@@ -489,6 +501,7 @@ def _kept_lines(report) -> list[str]:
     "last time, or mostly gone (kept without it, in case a drive is not mounted).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@_device_option("Where the model runs: a CUDA GPU or Apple's MPS when there is one (auto), or as named.")
 @pass_state
 def index(
     state: _State,
@@ -502,6 +515,7 @@ def index(
     backend,
     prune,
     as_json,
+    device,
 ):
     """Add the photos under PATH... to the library, or bring it up to date.
 
@@ -527,7 +541,7 @@ def index(
 
             if not walk(list(paths), exclude=exclude, include_hidden=include_hidden).files:
                 raise _no_images(paths)
-        bundle = _load_bundle(model, quiet=as_json)
+        bundle = _load_bundle(model, quiet=as_json, device=device)
         progress = _IndexProgress(enabled=not as_json)
         try:
             report = index_paths(
@@ -623,6 +637,10 @@ def _no_images(paths) -> ClipsearchError:
     show_default=True,
     help="Vector index kind.",
 )
+@_device_option(
+    "Where the model runs when one is loaded (image parts, --model). auto: a text query uses the torch-free "
+    "CPU path (faster than starting a GPU), else the GPU when there is one."
+)
 @pass_state
 def query(
     state: _State,
@@ -643,6 +661,7 @@ def query(
     html_out,
     model,
     index_kind,
+    device,
 ):
     """Find the photos that best match TEXT (and/or --image), best first.
 
@@ -670,15 +689,16 @@ def query(
         "filters": photo_filter,
     }
     hits = None
-    if model is None:  # `clipsearch serve` answers text queries with the library's model in ms
+    torch_free = device in ("auto", "cpu")  # a GPU named explicitly runs the model there
+    if model is None and torch_free:  # `clipsearch serve` answers text queries with the library's model in ms
         from clipsearch import serve
 
         hits = serve.ask(state.db_path(), q, options)
     if hits is None:
         with _open_existing(state) as library:
-            hits = _fast_text_search(library, q, model, options)
+            hits = _fast_text_search(library, q, model, options) if torch_free else None
             if hits is None:
-                bundle = _library_bundle(library, model)
+                bundle = _library_bundle(library, model, device=device)
                 hits = search(library, bundle, q, **options)
                 _export_text_encoder(bundle)  # so the next text query can skip torch
     _show_hits(
@@ -781,6 +801,82 @@ def similar(state: _State, photo, top, threshold, photo_filter, as_json, as_path
     _show_hits(
         state, hits, f"like {photo}", photo_filter, threshold, as_json, as_paths, null, as_table, html_out
     )
+
+
+@cli.command()
+@click.option(
+    "--threshold",
+    type=click.FloatRange(-1.0, 1.0),
+    default=None,
+    help="Cosine similarity at which two photos count as copies (default: 0.95; 0.98 for copies only, "
+    "0.92 to gather bursts).",
+)
+@filter_options
+@click.option(
+    "--json", "as_json", is_flag=True, help='Print a JSON array of {"paths": [...], "similarity": S}.'
+)
+@click.option(
+    "--html",
+    "html_out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write a page to review the groups.",
+)
+@pass_state
+def duplicates(state: _State, threshold, photo_filter, as_json, html_out):
+    """Find copies among the indexed photos: identical files and near-duplicates (resized,
+    recompressed, re-encoded, lightly cropped), grouped, the best copy first.
+
+    Best: the most pixels, then the original format (RAW, lossless, JPEG, other lossy), then the
+    least compressed. Nothing is deleted or moved: this only reports. Into a pipe, each photo is a
+    line `group<TAB>similarity<TAB>path`.
+    """
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    from clipsearch.duplicates import DEFAULT_THRESHOLD, find_duplicates
+
+    with _open_existing(state) as library:
+        model_id = library.default_model_id()
+        if model_id is None:
+            raise LibraryError(
+                f"the library {library.path} has no images yet: run `clipsearch index PATH` first"
+            )
+        threshold = DEFAULT_THRESHOLD if threshold is None else threshold
+        groups = find_duplicates(library, model_id, threshold, photo_filter)
+    if html_out is not None:
+        from clipsearch.report import write_duplicates_html
+
+        written = write_duplicates_html(groups, html_out)
+        _console(stderr=True).print(f"Wrote {len(groups)} group(s) to {written}", markup=False)
+    if as_json:
+        _echo_json([{"paths": [str(p.path) for p in g.photos], "similarity": g.similarity} for g in groups])
+    elif not sys.stdout.isatty() and not groups:
+        _console(stderr=True).print(f"No duplicates at similarity {threshold:g} or above.", markup=False)
+    elif not sys.stdout.isatty():
+        for n, g in enumerate(groups, start=1):
+            for p in g.photos:
+                click.echo(f"{n}\t{g.similarity:.4f}\t".encode() + os.fsencode(p.path) + b"\n", nl=False)
+    elif html_out is None or groups:
+        _render_duplicates(groups, threshold)
+
+
+def _render_duplicates(groups, threshold: float) -> None:
+    from rich.text import Text
+
+    out = _console()
+    if not groups:
+        out.print(f"No duplicates at similarity {threshold:g} or above.", markup=False)
+        return
+    copies = sum(len(g.photos) - 1 for g in groups)
+    out.print(
+        f"{len(groups)} group(s) of copies, {copies} extra cop{'ies' if copies != 1 else 'y'} (best first):"
+    )
+    for n, g in enumerate(groups, start=1):
+        kind = "identical files" if g.identical else f"similarity {g.similarity:.4f}"
+        out.print(Text(f"\nGroup {n}: {len(g.photos)} copies, {kind}", style="bold"))
+        for k, p in enumerate(g.photos):
+            size = f"{p.width}x{p.height}" if p.width and p.height else "?"
+            mark = "best " if k == 0 else "     "
+            facts = f"{size:>11}  {p.file_type or '?':<5} {p.size / 1024:>9,.0f} kB  "
+            out.print(Text(f"  {mark}{facts}") + Text(str(p.path), no_wrap=True), soft_wrap=True)
 
 
 def _fast_text_search(library, q, model: str | None, options: dict):
@@ -1028,6 +1124,7 @@ def _read_classes(classes: str | None, classes_file: Path | None) -> list[str]:
     "what is there.",
 )
 @click.option("--model", metavar="SOURCE", help="Model to label with (default: the library's).")
+@_device_option("Where the text model that builds the classifier runs (auto: a GPU when there is one).")
 @pass_state
 def label(
     state: _State,
@@ -1041,6 +1138,7 @@ def label(
     as_json,
     write_xmp,
     model,
+    device,
 ):
     """Zero-shot label the indexed photos with the given classes, from their stored embeddings.
 
@@ -1061,7 +1159,7 @@ def label(
                 style="dim",
             )
     with _open_existing(state) as library:
-        bundle = _library_bundle(library, model)
+        bundle = _library_bundle(library, model, device=device)
         results = label_images(
             library,
             bundle,

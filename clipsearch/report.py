@@ -95,3 +95,71 @@ def write_html(hits: Sequence, out_path: str | Path, title: str, query_desc: str
     page = render_html(hits, title, query_desc)
     write_text(out, page)
     return out
+
+
+_DUPLICATES_CSS = """
+section { margin: 0 0 28px; }
+section h2 { font-size: 15px; margin: 0 0 10px; font-weight: 600; }
+section h2 .muted { color: var(--muted); font-weight: 400; }
+.row { display: grid; grid-template-columns: repeat(auto-fill, minmax(220px, 1fr)); gap: 16px; }
+.best { outline: 3px solid #2e8b57; }
+.tag { display: inline-block; font-size: 11px; padding: 1px 6px; border-radius: 4px; background: #2e8b57;
+       color: #fff; margin-right: 6px; }
+.facts { color: var(--muted); font-size: 12px; }
+"""
+
+
+def render_duplicates_html(groups: Sequence, title: str = "clipsearch: duplicates") -> str:
+    """A review page: each group of copies side by side, the best copy first and outlined, with its
+    size, format and bytes. ``groups`` are :class:`clipsearch.duplicates.DuplicateGroup`. The page
+    only shows: nothing on it deletes or moves a file."""
+
+    def e(text: str) -> str:
+        return html.escape(text.encode("utf-8", "surrogateescape").decode("utf-8", "replace"), True)
+
+    sections = []
+    for n, group in enumerate(groups, start=1):
+        tiles = []
+        for k, photo in enumerate(group.photos):
+            path = Path(photo.path)
+            uri = thumbnail_data_uri(path)
+            picture = (
+                '<div class="missing">cannot show this image</div>'
+                if uri is None
+                else f'<img src="{uri}" alt="{e(path.name)}" loading="lazy">'
+            )
+            size = f"{photo.width}x{photo.height}" if photo.width and photo.height else "size unknown"
+            facts = (
+                f"{size} &middot; {e(photo.file_type or 'unknown type')} &middot; {photo.size / 1024:,.0f} kB"
+            )
+            tag = '<span class="tag">best</span>' if k == 0 else ""
+            tiles.append(
+                f'<figure class="{"best" if k == 0 else ""}"><a href="{e(path.as_uri())}">{picture}</a>'
+                f'<figcaption>{tag}<span class="facts">{facts}</span>'
+                f'<div class="path" title="{e(str(path))}">{e(str(path))}</div></figcaption></figure>'
+            )
+        kind = "identical files" if group.identical else f"similarity {group.similarity:.4f}"
+        sections.append(
+            f'<section><h2>Group {n} <span class="muted">&middot; {len(group.photos)} copies &middot; '
+            f'{kind}</span></h2><div class="row">{"".join(tiles)}</div></section>'
+        )
+    copies = sum(len(g.photos) - 1 for g in groups)
+    summary = f"{len(groups)} group{'s' if len(groups) != 1 else ''}, {copies} extra cop{'ies' if copies != 1 else 'y'}"
+    body = "\n".join(sections) if sections else "<p>No duplicates found.</p>"
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        '<meta http-equiv="Content-Security-Policy" content="default-src \'none\'; '
+        "img-src data:; style-src 'unsafe-inline'\">"
+        f"<title>{e(title)}</title><style>{_CSS}{_DUPLICATES_CSS}</style></head>\n<body>"
+        f"<header><h1>{e(title)}</h1><p>{summary} &middot; the best copy of each group comes first; "
+        "clipsearch never deletes or moves a file</p></header>\n"
+        f"<main>\n{body}\n</main></body></html>\n"
+    )
+
+
+def write_duplicates_html(groups: Sequence, out_path: str | Path) -> Path:
+    """Write the duplicates review page to ``out_path`` atomically; returns the path written."""
+    out = Path(out_path).expanduser()
+    write_text(out, render_duplicates_html(groups))
+    return out
