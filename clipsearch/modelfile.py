@@ -16,6 +16,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from clipsearch.atomic import commit, fsync_dir
 from clipsearch.errors import ModelLoadError
 
 MODEL_JSON = "clipsearch_model.json"
@@ -101,17 +102,17 @@ def save_model(
         if extra:
             record["extra"] = extra
         (work / MODEL_JSON).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-        for name in os.listdir(work):
-            _fsync(work / name)
-        os.chmod(work, 0o777 & ~_umask())  # mkdtemp makes it private; a model is as readable as any
-        if fresh:
-            os.replace(work, directory)
-        else:
-            directory.mkdir(exist_ok=True)
-            names = sorted(p.name for p in work.iterdir() if p.name != MODEL_JSON) + [MODEL_JSON]
+        names = sorted(p.name for p in work.iterdir() if p.name != MODEL_JSON) + [MODEL_JSON]
+        if fresh:  # the whole folder appears at once
             for name in names:
-                os.replace(work / name, directory / name)
-        _fsync(directory.parent if fresh else directory)
+                commit(work / name, work / name)  # fsync'd, a plain file's mode
+            os.chmod(work, 0o777 & ~_umask())  # mkdtemp makes it private; a model is as readable as any
+            os.replace(work, directory)
+            fsync_dir(directory.parent)
+        else:  # file by file, the JSON last: a reader never sees a config without its weights
+            directory.mkdir(exist_ok=True)
+            for name in names:
+                commit(work / name, directory / name)
     finally:
         if work.exists():
             shutil.rmtree(work, ignore_errors=True)
@@ -122,11 +123,3 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
