@@ -18,6 +18,7 @@ Nothing here executes code from a file.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,18 +26,9 @@ from pathlib import Path
 from typing import Any
 
 from clipsearch.errors import ModelLoadError
-from clipsearch.modelfile import MODEL_JSON, MODEL_WEIGHTS, read_json, read_record, save_model
-from clipsearch.pretrained import (
-    OPENAI_MEAN,
-    OPENAI_STD,
-    PRETRAINED,
-    cached_pretrained,
-    fetch_pretrained,
-    list_pretrained,
-    not_found_message,
-    pretrained_path,
-    registered_match,
-)
+from clipsearch.identity import ModelIdentity, identify, preprocess_config, remember
+from clipsearch.modelfile import MODEL_JSON, save_model
+from clipsearch.pretrained import cached_pretrained, fetch_pretrained, list_pretrained, pretrained_path
 from clipsearch.torchscript import first_line
 from clipsearch.weights import read_safetensors, read_state_dict
 
@@ -54,8 +46,6 @@ __all__ = [
     "read_state_dict",
 ]
 
-HUB_CONFIG = "open_clip_config.json"
-HUB_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 _PRECISIONS = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
@@ -68,8 +58,10 @@ class ModelBundle:
     """A model with everything needed to feed it, and a stable identity for photo libraries.
 
     ``model_id`` is the registered name for pretrained weights (``ViT-B-32/openai``), else
-    ``file:<basename>:<sha256 prefix of the weights>``, so the same file always gives the same id.
-    ``config`` is the model's architecture in the OpenCLIP JSON schema.
+    ``file:<name>:<16 hex>`` covering the weights, config, preprocessing and tokenizer (see
+    :mod:`clipsearch.identity`), so the same model always gives the same id and another does not.
+    ``config`` is the model's architecture in the OpenCLIP JSON schema; ``identity`` says where it came
+    from (None for a bundle made by hand, as tests do).
     """
 
     model: Any
@@ -77,6 +69,7 @@ class ModelBundle:
     tokenizer: Any
     model_id: str
     config: dict
+    identity: ModelIdentity | None = None
 
     @property
     def preprocess(self) -> Callable:
@@ -116,33 +109,12 @@ def load_bundle(
         precision = "fp32"
     if precision not in _PRECISIONS:
         raise ModelLoadError(f"unknown precision {precision!r}; use one of {', '.join(_PRECISIONS)}")
-    text = str(source)
-    path = Path(text).expanduser()
-    if (arch is not None or quick_gelu is not None) and not path.is_file():
-        # Registered names and model directories carry their architecture; overriding it would
-        # only produce wrong features silently.
-        raise ModelLoadError(
-            f"arch/quick_gelu apply to a bare weights file only; {text} says its own architecture"
-        )
+    identity = identify(source, arch=arch, quick_gelu=quick_gelu)
+    log.info("model %s is a %s, id %s", source, identity.kind, identity.model_id)
     try:
-        if text in PRETRAINED and not path.exists():
-            bundle = _load_pretrained(text, progress=progress)
-        elif path.is_dir():
-            if (path / MODEL_JSON).is_file():
-                bundle = _load_clipsearch_dir(path)
-            elif (path / HUB_CONFIG).is_file():
-                bundle = _load_hub_dir(path)
-            else:
-                raise ModelLoadError(
-                    f"{path} is a directory but holds neither {MODEL_JSON} (a clipsearch model) "
-                    f"nor {HUB_CONFIG} (an OpenCLIP hub model)"
-                )
-        elif path.is_file():
-            bundle = _load_weights_file(path, arch=arch, quick_gelu=quick_gelu)
-        else:
-            raise ModelLoadError(not_found_message(text))
-    except OSError as e:  # e.g. a model folder the user may not open: is_dir()/is_file() raise
-        raise ModelLoadError(f"cannot read model {text}: {e.strerror or e}") from e
+        bundle = _LOADERS[identity.kind](identity, progress=progress, quick_gelu=quick_gelu)
+    except OSError as e:  # e.g. weights the user may not read
+        raise ModelLoadError(f"cannot read model {source}: {e.strerror or e}") from e
     import torch
 
     dtype = getattr(torch, _PRECISIONS[precision])
@@ -156,28 +128,60 @@ def load_bundle(
     return bundle
 
 
-def _load_pretrained(name: str, progress=None) -> ModelBundle:
-    entry = PRETRAINED[name]
-    path = fetch_pretrained(name, progress=progress)
-    state_dict = read_state_dict(path)
-    cfg = _named_config(entry["arch"])
-    cfg["quick_gelu"] = entry["quick_gelu"]
-    model = _build_and_load(cfg, state_dict, str(path))
-    preprocess_cfg = _preprocess_config(cfg, **_entry_preprocess(entry))
-    return ModelBundle(model, preprocess_cfg, _clip_tokenizer(cfg), name, cfg)
+def _load_registered(identity: ModelIdentity, progress=None, **_) -> ModelBundle:
+    path = fetch_pretrained(identity.source, progress=progress)
+    model = _build_and_load(identity.model_cfg, read_state_dict(path), str(path))
+    return _bundle(model, identity, _clip_tokenizer(identity.model_cfg))
 
 
-# --------------------------------------------------------------------------------------------------
-# Building models from weights
+def _load_model_dir(identity: ModelIdentity, **_) -> ModelBundle:
+    from clipsearch.tokenizer import Tokenizer
 
-
-def _named_config(name: str) -> dict:
-    from clipsearch.configs import get_config
-
+    weights = identity.weights
+    model = _build_and_load(identity.model_cfg, read_safetensors(weights), str(weights))
     try:
-        return dict(get_config(name))
-    except (KeyError, FileNotFoundError, ValueError) as e:
-        raise ModelLoadError(f"unknown architecture {name!r}: {e}") from e
+        tokenizer = Tokenizer.from_config(identity.tokenizer_cfg, weights.parent)
+    except (TypeError, ValueError, KeyError, OSError) as e:
+        raise ModelLoadError(f"{weights.parent / MODEL_JSON}: bad tokenizer config: {e}") from e
+    return _bundle(model, identity, tokenizer)
+
+
+def _load_hub_dir(identity: ModelIdentity, **_) -> ModelBundle:
+    weights = identity.weights
+    model = _build_and_load(identity.model_cfg, read_state_dict(weights), str(weights))
+    return _bundle(model, identity, _clip_tokenizer(identity.model_cfg))
+
+
+def _load_weights_file(identity: ModelIdentity, quick_gelu: bool | None = None, **_) -> ModelBundle:
+    path = identity.weights
+    state_dict = read_state_dict(path)
+    cfg = identity.model_cfg
+    if cfg is None:  # never loaded before: the weights' shapes say what they are
+        cfg = _infer_config(state_dict, path)
+        if quick_gelu is not None:
+            cfg["quick_gelu"] = bool(quick_gelu)
+    model = _build_and_load(cfg, state_dict, str(path))
+    preprocess_cfg = identity.preprocess_cfg or preprocess_config(cfg, {})
+    remember(identity, cfg, preprocess_cfg)
+    identity = dataclasses.replace(
+        identity, model_cfg=cfg, preprocess_cfg=preprocess_cfg, tokenizer_cfg=_clip_bpe_config(cfg)
+    )
+    return _bundle(model, identity, _clip_tokenizer(cfg))
+
+
+_LOADERS = {
+    "registered": _load_registered,
+    "model-dir": _load_model_dir,
+    "run-dir": _load_model_dir,
+    "hub-dir": _load_hub_dir,
+    "weights-file": _load_weights_file,
+}
+
+
+def _bundle(model, identity: ModelIdentity, tokenizer) -> ModelBundle:
+    return ModelBundle(
+        model, identity.preprocess_cfg, tokenizer, identity.model_id, identity.model_cfg, identity
+    )
 
 
 def _infer_config(state_dict: dict, path: Path) -> dict:
@@ -251,113 +255,14 @@ def _build_and_load_eagerly(cfg: dict, state_dict: dict):
     return model
 
 
-def _preprocess_config(
-    cfg: dict, mean=OPENAI_MEAN, std=OPENAI_STD, interpolation="bicubic", resize_mode="shortest"
-):
-    from clipsearch.transform import PreprocessConfig
-
-    size = cfg["vision_cfg"].get("image_size", 224)
-    if isinstance(size, list | tuple):
-        if len(set(size)) != 1:
-            raise ModelLoadError(f"non-square image size {size} is not supported")
-        size = size[0]
-    try:
-        return PreprocessConfig(
-            image_size=int(size),
-            mean=tuple(float(x) for x in mean),
-            std=tuple(float(x) for x in std),
-            interpolation=interpolation,
-            resize_mode=resize_mode,
-        )
-    except (TypeError, ValueError) as e:
-        raise ModelLoadError(f"bad preprocessing config: {first_line(e)}") from e
-
-
-def _entry_preprocess(entry: dict) -> dict:
-    """A registry entry's normalisation settings (OpenAI's unless it says otherwise)."""
-    keys = ("mean", "std", "interpolation", "resize_mode")
-    return {k: entry[k] for k in keys if k in entry}
-
-
 def _clip_tokenizer(cfg: dict):
     from clipsearch.tokenizer import Tokenizer
 
-    return Tokenizer(context_length=int(cfg.get("text_cfg", {}).get("context_length", 77)))
+    return Tokenizer.from_config(_clip_bpe_config(cfg))
 
 
-def _file_id(name: str, weights: Path) -> str:
-    from clipsearch.hashing import user_file_sha256
-
-    return f"file:{name}:{user_file_sha256(weights)[:16]}"
-
-
-def _load_weights_file(path: Path, arch: str | None, quick_gelu: bool | None) -> ModelBundle:
-    from clipsearch.hashing import user_file_sha256
-
-    state_dict = read_state_dict(path)
-    digest = user_file_sha256(path)
-    registered = registered_match(digest) if arch is None else None
-    entry = PRETRAINED[registered] if registered else {}
-    if arch is not None:
-        cfg = _named_config(arch)
-    elif registered:
-        # A copy of a released file put somewhere by hand: use what the registry knows about it.
-        cfg = _named_config(entry["arch"])
-        cfg["quick_gelu"] = entry["quick_gelu"]
-    else:
-        cfg = _infer_config(state_dict, path)
-    if quick_gelu is not None:
-        cfg["quick_gelu"] = bool(quick_gelu)
-    model = _build_and_load(cfg, state_dict, str(path))
-    preprocess_cfg = _preprocess_config(cfg, **_entry_preprocess(entry))
-    model_id = registered or f"file:{path.name}:{digest[:16]}"
-    return ModelBundle(model, preprocess_cfg, _clip_tokenizer(cfg), model_id, cfg)
-
-
-def _load_hub_dir(directory: Path) -> ModelBundle:
-    config = read_json(directory / HUB_CONFIG)
-    cfg = config.get("model_cfg")
-    if not isinstance(cfg, dict) or not isinstance(cfg.get("vision_cfg"), dict):
-        raise ModelLoadError(f"{directory / HUB_CONFIG} has no model_cfg with a vision_cfg")
-    unsupported = [k for k in ("timm_model_name", "hf_model_name") if cfg["vision_cfg"].get(k)]
-    unsupported += [k for k in ("hf_model_name", "hf_tokenizer_name") if cfg.get("text_cfg", {}).get(k)]
-    if unsupported:
-        raise ModelLoadError(
-            f"{directory} uses {', '.join(unsupported)}: only CLIP's own towers are supported"
-        )
-    weights = next((directory / n for n in HUB_WEIGHTS if (directory / n).is_file()), None)
-    if weights is None:
-        raise ModelLoadError(f"{directory} has {HUB_CONFIG} but neither {' nor '.join(HUB_WEIGHTS)}")
-    cfg = dict(cfg)
-    cfg.setdefault("quick_gelu", False)  # OpenCLIP's default activation is nn.GELU
-    model = _build_and_load(cfg, read_state_dict(weights), str(weights))
-    pp = config.get("preprocess_cfg") or {}
-    preprocess_cfg = _preprocess_config(
-        cfg,
-        mean=pp.get("mean", OPENAI_MEAN),
-        std=pp.get("std", OPENAI_STD),
-        interpolation=pp.get("interpolation", "bicubic"),
-        resize_mode=pp.get("resize_mode", "shortest"),
-    )
-    return ModelBundle(model, preprocess_cfg, _clip_tokenizer(cfg), _file_id(directory.name, weights), cfg)
-
-
-def _load_clipsearch_dir(directory: Path) -> ModelBundle:
-    record = read_record(directory)
-    cfg, pp, tok = record["model_cfg"], record["preprocess_cfg"], record["tokenizer"]
-    weights = directory / MODEL_WEIGHTS
-    model = _build_and_load(cfg, read_safetensors(weights), str(weights))
-    from clipsearch.tokenizer import Tokenizer
-    from clipsearch.transform import PreprocessConfig
-
-    try:
-        preprocess_cfg = PreprocessConfig(
-            **{k: tuple(v) if isinstance(v, list) else v for k, v in pp.items()}
-        )
-        tokenizer = Tokenizer.from_config(tok, directory)
-    except (TypeError, ValueError, KeyError, OSError) as e:
-        raise ModelLoadError(f"{directory / MODEL_JSON}: bad preprocess or tokenizer config: {e}") from e
-    return ModelBundle(model, preprocess_cfg, tokenizer, _file_id(directory.name, weights), cfg)
+def _clip_bpe_config(cfg: dict) -> dict:
+    return {"type": "clip-bpe", "context_length": int(cfg.get("text_cfg", {}).get("context_length", 77))}
 
 
 def _cast_except_layernorm(model, dtype) -> None:

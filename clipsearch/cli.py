@@ -266,9 +266,10 @@ def _check_output_options(as_json: bool, as_paths: bool, null: bool, as_table: b
 # Models
 
 
-def _load_bundle(source: str, quiet: bool = False, device: str = "cpu"):
+def _load_bundle(source: str, quiet: bool = False, device: str = "cpu", library=None):
     """Load a model on ``device`` (``auto`` picks one), with a download progress bar on stderr when it
-    has to be fetched."""
+    has to be fetched. With ``library``, the bundle's id is the one that library knows the model under
+    (an older library may have recorded it under its weights-only id: see ``clipsearch.identity``)."""
     from rich.markup import escape
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
@@ -296,7 +297,12 @@ def _load_bundle(source: str, quiet: bool = False, device: str = "cpu"):
         progress.update(task, completed=done, total=total)
 
     try:
-        return load_bundle(source, device=device, progress=on_bytes)
+        bundle = load_bundle(source, device=device, progress=on_bytes)
+        if library is not None and bundle.identity is not None:
+            from clipsearch.identity import library_model_id
+
+            bundle.model_id = library_model_id(library, bundle.identity)
+        return bundle
     except OSError as e:
         where = f" ({printable(str(e.filename))})" if e.filename else ""
         raise ModelLoadError(f"cannot read the model {source}: {e.strerror or e}{where}") from e
@@ -314,11 +320,11 @@ def _source_for_record(source: str) -> str:
 def _library_bundle(library, model: str | None, device: str = "cpu"):
     """The model to query with: ``--model`` when given, else the one the library was indexed with."""
     if model is not None:
-        return _load_bundle(model, device=device)
+        return _load_bundle(model, device=device, library=library)
     model_id = library.default_model_id()
     if model_id is None:
         raise LibraryError(f"the library {library.path} has no images yet: run `clipsearch index PATH` first")
-    return _load_bundle(library.model_source(model_id), device=device)
+    return _load_bundle(library.model_source(model_id), device=device, library=library)
 
 
 def _device_option(help_text: str):
@@ -541,7 +547,7 @@ def index(
 
             if not walk(list(paths), exclude=exclude, include_hidden=include_hidden).files:
                 raise _no_images(paths)
-        bundle = _load_bundle(model, quiet=as_json, device=device)
+        bundle = _load_bundle(model, quiet=as_json, device=device, library=library)
         progress = _IndexProgress(enabled=not as_json)
         try:
             report = index_paths(
@@ -795,7 +801,9 @@ def similar(state: _State, photo, top, threshold, photo_filter, as_json, as_path
             )
 
         def encode_image(path: Path):
-            return encode_query(_load_bundle(library.model_source(model_id)), Query.build(image=path))
+            return encode_query(
+                _load_bundle(library.model_source(model_id), library=library), Query.build(image=path)
+            )
 
         hits = find_similar(library, photo, model_id, top, threshold, photo_filter, encode_image=encode_image)
     _show_hits(
@@ -987,7 +995,7 @@ def serve(state: _State):
             fastquery.encoder(model_id)
         except fastquery.TextEncoderMissing:  # export the text tower once (loads the model: seconds)
             err.print(f"Exporting the text model of {model_id} for fast queries...", markup=False)
-            fastquery.ensure_text_encoder(_load_bundle(library.model_source(model_id)))
+            fastquery.ensure_text_encoder(_load_bundle(library.model_source(model_id), library=library))
 
     def stop(signum, frame):
         raise KeyboardInterrupt
