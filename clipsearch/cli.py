@@ -1348,15 +1348,27 @@ def status(state: _State, as_json: bool, n_errors: int):
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Print the models as JSON.")
 def models(as_json: bool):
-    """List the registered pretrained models and which are downloaded already.
+    """List the registered pretrained models, which are downloaded already, and which are pinned.
 
-    Any weights file, OpenCLIP hub folder or clipsearch model folder works as --model too.
+    Only pinned models (a revision and the file's full sha256) are downloaded. Any weights file,
+    OpenCLIP hub folder, clipsearch model folder or training run folder works as --model too.
     """
-    from clipsearch.checkpoints import cached_pretrained, list_pretrained, pretrained_path
+    from clipsearch.pretrained import (
+        PRETRAINED,
+        cached_pretrained,
+        is_pinned,
+        list_pretrained,
+        pretrained_path,
+    )
 
     cached = set(cached_pretrained())
     rows = [
-        {"name": n, "cached": n in cached, "path": str(pretrained_path(n)) if n in cached else None}
+        {
+            "name": n,
+            "cached": n in cached,
+            "pinned": is_pinned(PRETRAINED[n]),
+            "path": str(pretrained_path(n)) if n in cached else None,
+        }
         for n in list_pretrained()
     ]
     if as_json:
@@ -1367,9 +1379,11 @@ def models(as_json: bool):
     table = Table()
     table.add_column("model")
     table.add_column("cached")
+    table.add_column("pinned")
     table.add_column("path", overflow="fold")
     for r in rows:
-        table.add_row(r["name"], "yes" if r["cached"] else "", r["path"] or "")
+        pinned = "yes" if r["pinned"] else "no: not downloaded"
+        table.add_row(r["name"], "yes" if r["cached"] else "", pinned, r["path"] or "")
     _console().print(table)
 
 

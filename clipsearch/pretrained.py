@@ -1,16 +1,22 @@
-"""The registry of released CLIP weights that ``clipsearch.load("ARCH/TAG")`` can fetch. Data only.
+"""The registry of released CLIP weights that ``clipsearch.load("ARCH/TAG")`` can fetch, and fetching them.
 
 Each entry says where the weights live, how to check them, and what the weights alone cannot tell us:
 the activation they were trained with and the image normalisation they expect.
 
 - ``arch``: a named architecture (``clipsearch.configs``); ``quick_gelu`` overrides its activation.
-- ``url`` and ``filename`` (the name in the models directory).
-- ``sha256``: the full hex digest where known. OpenAI publishes it in the URL path. OpenCLIP's GitHub
-  release files carry only the first 8 hex digits in their file names, so the prefix is recorded and
-  checked as a prefix. For Hugging Face hub files no hash is published with open_clip, and we could
-  not find one to verify, so it is ``None`` and the download is not verified (TLS only).
+- ``url``, ``revision`` and ``filename`` (the name in the models directory).
+- ``sha256``: the file's full hex digest. A download is accepted only when its bytes have it, so an
+  entry pins one exact file: ``revision`` says which published version that is.
+  OpenAI: the digest is the URL's directory (content-addressed). OpenCLIP's GitHub release
+  (tag ``v0.2-weights``): the file names end in the first 8 hex digits of the digest; the full digests
+  are those a public model manifest pins for the same URLs (a Disco Diffusion downloader's
+  ``models_config``), each agreeing with its file name. Hugging Face: the URL names the commit, and the
+  file's Git LFS object id is its sha256, as pinned by several public projects for the same revision.
+- An entry with ``sha256`` None is registered but not pinned (no public digest was found for it):
+  :func:`fetch_pretrained` refuses it with a message instead of downloading an unverified file.
 - ``mean``/``std``/``interpolation``/``resize_mode``: the preprocessing the weights were trained with.
-- ``format``: ``"openai"`` (a TorchScript archive or state dict) or ``"openclip"`` (a state dict).
+- ``format``: ``"openai"`` (a TorchScript archive or state dict) or ``"openclip"`` (a state dict or
+  safetensors).
 """
 
 from __future__ import annotations
@@ -46,26 +52,38 @@ def _openai(arch: str, sha256: str, file: str) -> dict:
     }
 
 
-def _release(arch: str, file: str, quick_gelu: bool) -> dict:
+def _release(arch: str, file: str, sha256: str, quick_gelu: bool) -> dict:
     # OpenCLIP's v0.2 release files end in the first 8 hex digits of their sha256.
+    assert sha256.startswith(file.rsplit("-", 1)[1].split(".")[0]), file
     return {
         "arch": arch,
         "quick_gelu": quick_gelu,
         "url": f"{_OPENCLIP_RELEASE}/{file}",
+        "revision": "v0.2-weights",
         "filename": file,
-        "sha256": file.rsplit("-", 1)[1].split(".")[0],
+        "sha256": sha256,
         "format": "openclip",
     }
 
 
-def _hub(arch: str, repo: str, quick_gelu: bool = False, **preprocess) -> dict:
-    # LAION's hub releases were trained with nn.GELU unless noted; sha256 unknown (see module doc).
+def _hub(
+    arch: str,
+    repo: str,
+    revision: str | None = None,
+    file: str = "open_clip_pytorch_model.bin",
+    sha256: str | None = None,
+    quick_gelu: bool = False,
+    **preprocess,
+) -> dict:
+    # LAION's hub releases were trained with nn.GELU unless noted. Without a pinned revision and
+    # sha256 the entry stays registered (libraries name it) but is refused by fetch_pretrained.
     return {
         "arch": arch,
         "quick_gelu": quick_gelu,
-        "url": f"{_HF}/{repo}/resolve/main/open_clip_pytorch_model.bin",
-        "filename": f"{repo.replace('/', '--')}.bin",
-        "sha256": None,
+        "url": f"{_HF}/{repo}/resolve/{revision or 'main'}/{file}",
+        **({"revision": revision} if revision else {}),
+        "filename": f"{repo.replace('/', '--')}{Path(file).suffix}",
+        "sha256": sha256,
         "format": "openclip",
         **preprocess,
     }
@@ -103,23 +121,86 @@ PRETRAINED: dict[str, dict] = {
         "ViT-L-14-336px.pt",
     ),
     # OpenCLIP's GitHub releases (QuickGELU where the file name says so)
-    "RN50/yfcc15m": _release("RN50", "rn50-quickgelu-yfcc15m-455df137.pt", quick_gelu=True),
-    "RN50/cc12m": _release("RN50", "rn50-quickgelu-cc12m-f000538c.pt", quick_gelu=True),
-    "RN101/yfcc15m": _release("RN101", "rn101-quickgelu-yfcc15m-3e04b30e.pt", quick_gelu=True),
-    "ViT-B-32/laion400m_e31": _release("ViT-B-32", "vit_b_32-quickgelu-laion400m_e31-d867053b.pt", True),
-    "ViT-B-32/laion400m_e32": _release("ViT-B-32", "vit_b_32-quickgelu-laion400m_e32-46683a32.pt", True),
-    "ViT-B-32/laion2b_e16": _release("ViT-B-32", "vit_b_32-laion2b_e16-af8dbd0c.pth", quick_gelu=False),
-    "ViT-B-16/laion400m_e31": _release("ViT-B-16", "vit_b_16-laion400m_e31-00efa78f.pt", quick_gelu=False),
-    "ViT-B-16/laion400m_e32": _release("ViT-B-16", "vit_b_16-laion400m_e32-55e67d44.pt", quick_gelu=False),
-    "ViT-L-14/laion400m_e31": _release("ViT-L-14", "vit_l_14-laion400m_e31-69988bb6.pt", quick_gelu=False),
-    "ViT-L-14/laion400m_e32": _release("ViT-L-14", "vit_l_14-laion400m_e32-3d133497.pt", quick_gelu=False),
-    # LAION's Hugging Face hub releases
-    "ViT-B-32/laion2b_s34b_b79k": _hub("ViT-B-32", "laion/CLIP-ViT-B-32-laion2B-s34B-b79K"),
+    "RN50/yfcc15m": _release(
+        "RN50",
+        "rn50-quickgelu-yfcc15m-455df137.pt",
+        "455df13750cec2d6bb5e578fa84fb59a63d40e9fdbae58e7e7155672e46dc578",
+        quick_gelu=True,
+    ),
+    "RN50/cc12m": _release(
+        "RN50",
+        "rn50-quickgelu-cc12m-f000538c.pt",
+        "f000538c6c3c33c07e4fad5619f1b3d4cd591864dd3143778896112d1bf4fa7d",
+        quick_gelu=True,
+    ),
+    "RN101/yfcc15m": _release(
+        "RN101",
+        "rn101-quickgelu-yfcc15m-3e04b30e.pt",
+        "3e04b30eb7070e69b78db2c33f12a48cfa1f697691ed198d61fb2abbb48db5a3",
+        quick_gelu=True,
+    ),
+    "ViT-B-32/laion400m_e31": _release(
+        "ViT-B-32",
+        "vit_b_32-quickgelu-laion400m_e31-d867053b.pt",
+        "d867053b2301634007ed9af230bfb1a217ec634f6c0329f04092133ae5c4b89e",
+        quick_gelu=True,
+    ),
+    "ViT-B-32/laion400m_e32": _release(
+        "ViT-B-32",
+        "vit_b_32-quickgelu-laion400m_e32-46683a32.pt",
+        "46683a32721d5c68911153698992361285d20ca690bb4f317c11e45c03d798fa",
+        quick_gelu=True,
+    ),
+    "ViT-B-32/laion2b_e16": _release(
+        "ViT-B-32",
+        "vit_b_32-laion2b_e16-af8dbd0c.pth",
+        "af8dbd0c4bf1654db018a2a70fd839c3a6e79d2fdac33303f06d0d8aae16a65c",
+        quick_gelu=False,
+    ),
+    "ViT-B-16/laion400m_e31": _release(
+        "ViT-B-16",
+        "vit_b_16-laion400m_e31-00efa78f.pt",
+        "00efa78fe761eb607926704cfee46a4305ce2bf63af6ab50f1eeba2ef71da988",
+        quick_gelu=False,
+    ),
+    "ViT-B-16/laion400m_e32": _release(
+        "ViT-B-16",
+        "vit_b_16-laion400m_e32-55e67d44.pt",
+        "55e67d44b44d9e39aaf299a5c616aaf10a655879d6bd5854027b4a254aa2e7d5",
+        quick_gelu=False,
+    ),
+    "ViT-L-14/laion400m_e31": _release(
+        "ViT-L-14",
+        "vit_l_14-laion400m_e31-69988bb6.pt",
+        "69988bb6afa2b63291087c61464b3138660b2861fea5ec4682e107d194d9aaa3",
+        quick_gelu=False,
+    ),
+    "ViT-L-14/laion400m_e32": _release(
+        "ViT-L-14",
+        "vit_l_14-laion400m_e32-3d133497.pt",
+        "3d133497672c345f50dec98ebc674bb74c14b4f3aa0f3088f7cefe7e05a10a60",
+        quick_gelu=False,
+    ),
+    # LAION's Hugging Face hub releases. The four without a revision and sha256 are refused until
+    # someone pins them (no public digest of their files was found).
+    "ViT-B-32/laion2b_s34b_b79k": _hub(
+        "ViT-B-32",
+        "laion/CLIP-ViT-B-32-laion2B-s34B-b79K",
+        revision="1a25a446712ba5ee05982a381eed697ef9b435cf",
+        file="open_clip_model.safetensors",  # 605,143,316 bytes
+        sha256="ac4f8c4b88af6d963118cbf40ad93176d092abbedfcb752601ae1866352656e6",
+    ),
     "ViT-B-32/datacomp_xl_s13b_b90k": _hub("ViT-B-32", "laion/CLIP-ViT-B-32-DataComp.XL-s13B-b90K"),
     "ViT-B-16/laion2b_s34b_b88k": _hub("ViT-B-16", "laion/CLIP-ViT-B-16-laion2B-s34B-b88K"),
     "ViT-B-16/datacomp_xl_s13b_b90k": _hub("ViT-B-16", "laion/CLIP-ViT-B-16-DataComp.XL-s13B-b90K"),
     "ViT-L-14/laion2b_s32b_b82k": _hub(
-        "ViT-L-14", "laion/CLIP-ViT-L-14-laion2B-s32B-b82K", mean=INCEPTION_MEAN, std=INCEPTION_STD
+        "ViT-L-14",
+        "laion/CLIP-ViT-L-14-laion2B-s32B-b82K",
+        revision="1627032197142fbe2a7cfec626f4ced3ae60d07a",
+        file="open_clip_pytorch_model.safetensors",  # 1,710,517,748 bytes
+        sha256="7d129ed747e0ed53e82dfcc140382b51be66b56e6a9bdc3258afd2846e3bb019",
+        mean=INCEPTION_MEAN,
+        std=INCEPTION_STD,
     ),
     "ViT-L-14/datacomp_xl_s13b_b90k": _hub("ViT-L-14", "laion/CLIP-ViT-L-14-DataComp.XL-s13B-b90K"),
 }

@@ -9,6 +9,7 @@ of these, such as a photo or a text file given as ``--model``, is refused in one
 from __future__ import annotations
 
 import pickle
+import re
 import zipfile
 from pathlib import Path
 
@@ -107,9 +108,20 @@ def read_safetensors(path: Path) -> dict:
         raise ModelLoadError(f"{path} is not a readable safetensors file: {first_line(e)}") from e
 
 
+# torch.load(weights_only=True) is safe only from this release on (see the notes in pyproject.toml).
+SAFE_TORCH_LOAD = (2, 10)
+
+
 def _read_pickled(path: Path) -> dict:
     import torch
 
+    version = tuple(int(p) for p in re.findall(r"\d+", torch.__version__)[:2])
+    if version < SAFE_TORCH_LOAD:
+        raise ModelLoadError(
+            f"refused to load {path}: torch {torch.__version__} has known code-execution bugs in the "
+            f"loader for pickled checkpoints; upgrade to torch>={'.'.join(map(str, SAFE_TORCH_LOAD))} "
+            "or use a safetensors file"
+        )
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -127,8 +139,6 @@ def _read_pickled(path: Path) -> dict:
 
 def _refused_global(e: BaseException) -> str:
     """`` (posix.system)`` when torch's message names the global it refused, else empty."""
-    import re
-
     match = re.search(r"GLOBAL ([\w.]+)", str(e)) or re.search(r"Unsupported global: ([\w.]+)", str(e))
     return f" ({match.group(1)})" if match else ""
 

@@ -391,6 +391,18 @@ def test_a_pickle_of_objects_is_refused_in_one_line(tmp_path):
     assert "weights_only" not in str(err.value)
 
 
+def test_pickled_checkpoints_are_refused_under_a_torch_with_a_known_unsafe_loader(tmp_path, monkeypatch):
+    torch.save({"w": torch.ones(2)}, tmp_path / "w.pt")
+    loads = []
+    monkeypatch.setattr(torch, "load", lambda *a, **k: loads.append(a))
+    monkeypatch.setattr(torch, "__version__", "2.5.1+cpu")
+    with pytest.raises(
+        ModelLoadError, match=r"torch 2\.5\.1\+cpu has known code-execution bugs.*torch>=2\.10"
+    ):
+        checkpoints.read_state_dict(tmp_path / "w.pt")
+    assert loads == []  # refused before anything was unpickled
+
+
 def test_file_without_tensors_is_rejected(tmp_path):
     torch.save({"epoch": 1, "lr": 0.1}, tmp_path / "x.pt")
     with pytest.raises(ModelLoadError, match="no tensors"):

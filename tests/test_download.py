@@ -224,11 +224,23 @@ def test_registry_entries_are_well_formed():
         assert name.split("/")[0] == entry["arch"]
         assert entry["url"].startswith("https://")
         sha = entry["sha256"]
-        assert sha is None or (len(sha) in (8, 64) and int(sha, 16) >= 0)
-        assert pretrained.is_pinned(entry) == (sha is not None and len(sha) == 64 and "revision" in entry)
+        assert sha is None or (len(sha) == 64 and int(sha, 16) >= 0)
+        assert pretrained.is_pinned(entry) == (sha is not None and "revision" in entry)
+        if "huggingface.co" in entry["url"] and pretrained.is_pinned(entry):
+            assert f"/resolve/{entry['revision']}/" in entry["url"]  # a commit, not a branch
+            assert len(entry["revision"]) == 40
+        if "/releases/download/" in entry["url"]:
+            assert sha.startswith(entry["url"].rsplit("-", 1)[1].split(".")[0])  # the file name's prefix
         if "openaipublic" in entry["url"]:
             # OpenAI's URLs carry the full digest; every OpenAI release used QuickGELU.
             assert entry["url"].split("/")[-2] == sha and entry["quick_gelu"]
+    unpinned = sorted(n for n, e in PRETRAINED.items() if not pretrained.is_pinned(e))
+    assert unpinned == [
+        "ViT-B-16/datacomp_xl_s13b_b90k",
+        "ViT-B-16/laion2b_s34b_b88k",
+        "ViT-B-32/datacomp_xl_s13b_b90k",
+        "ViT-L-14/datacomp_xl_s13b_b90k",
+    ]
     assert PRETRAINED["ViT-B-32/laion2b_s34b_b79k"]["quick_gelu"] is False
     assert PRETRAINED["ViT-L-14/laion2b_s32b_b82k"]["mean"] == (0.5, 0.5, 0.5)
 
