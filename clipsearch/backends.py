@@ -182,15 +182,11 @@ def _fp32_visual(model):
     return copy.deepcopy(model.visual).float()
 
 
-def _device(model):
-    return next(model.parameters()).device
-
-
 def _make_torch_fp32(bundle, threads, directory):
     import torch
 
     return TorchImageEncoder(
-        "torch-fp32", _fp32_visual(bundle.model), torch.float32, _device(bundle.model), threads
+        "torch-fp32", _fp32_visual(bundle.model), torch.float32, bundle.model.device, threads
     )
 
 
@@ -210,21 +206,21 @@ def _make_torch_bf16(bundle, threads, directory):
     import torch
 
     visual = _half_visual(bundle.model, torch.bfloat16)
-    return TorchImageEncoder("torch-bf16", visual, torch.bfloat16, _device(bundle.model), threads)
+    return TorchImageEncoder("torch-bf16", visual, torch.bfloat16, bundle.model.device, threads)
 
 
 def _make_torch_fp16(bundle, threads, directory):
     import torch
 
     visual = _half_visual(bundle.model, torch.float16)
-    return TorchImageEncoder("torch-fp16", visual, torch.float16, _device(bundle.model), threads)
+    return TorchImageEncoder("torch-fp16", visual, torch.float16, bundle.model.device, threads)
 
 
 def _make_torch_int8(bundle, threads, directory):
     import torch
     from torch.ao.quantization import quantize_dynamic
 
-    if _device(bundle.model).type != "cpu":
+    if bundle.model.device.type != "cpu":
         raise BackendError("torch-int8 runs on the CPU only; use torch-fp32 or torch-bf16 on a GPU")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.ao.quantization announces its move to torchao
@@ -244,7 +240,7 @@ def image_onnx_path(bundle, directory: Path | None = None) -> Path:
         size = bundle.model.visual.input_resolution
         example = torch.zeros(2, 3, size, size)  # [B, 3, H, W]; B stays free in the graph
         tower = _fp32_visual(bundle.model)
-        if _device(bundle.model).type != "cpu":
+        if bundle.model.device.type != "cpu":
             tower = copy.deepcopy(tower).cpu()
         export_onnx(
             tower,
@@ -362,11 +358,10 @@ def plan_backends(
 
 def auto_plan(bundle) -> list[str] | None:
     """:func:`plan_backends` for ``bundle``'s model on this machine."""
-    param = next(bundle.model.parameters())
-    device_type = param.device.type
+    device_type = bundle.model.device.type
     return plan_backends(
         device_type,
-        str(param.dtype).removeprefix("torch."),
+        str(bundle.model.dtype).removeprefix("torch."),
         cpu_fast_bf16=device_type == "cpu" and cpu_has_fast_bf16(),
         cuda_bf16=device_type == "cuda" and cuda_has_bf16(),
     )
@@ -552,7 +547,7 @@ def choose_backend(
         candidates = {name: _all_backends()[name] for name in default_candidates(bundle)}
     candidates = {"torch-fp32": BACKENDS["torch-fp32"], **candidates}
     directory = cache_dir(bundle.model_id)
-    env = _environment(threads, _device(bundle.model))
+    env = _environment(threads, bundle.model.device)
     verdict_path = directory / VERDICT_FILE
     results = {k: v for k, v in _read_verdict(verdict_path, env).items() if k in candidates}
     missing = [name for name in candidates if name not in results]
@@ -726,7 +721,7 @@ def backend_names() -> tuple[str, ...]:
 
 def needs_measuring(bundle, *, threads: int | None = None) -> bool:
     """Whether ``make_image_encoder(bundle, "auto")`` will measure (seconds to a minute) first."""
-    env = _environment(threads, _device(bundle.model))
+    env = _environment(threads, bundle.model.device)
     known = _read_verdict(cache_dir(bundle.model_id) / VERDICT_FILE, env)
     return any(name not in known for name in ["torch-fp32", *default_candidates(bundle)])
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import os
 import sys
 import traceback
@@ -24,6 +25,8 @@ import click
 
 from clipsearch import __version__
 from clipsearch.errors import ClipsearchError, LibraryError, ModelLoadError
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "ViT-B-32/openai"
 INDEX_KINDS = ("auto", "flat", "ivf", "hnsw")  # clipsearch.vectors.KINDS and auto (a test checks they agree)
@@ -1382,7 +1385,7 @@ def models(as_json: bool):
     table.add_column("pinned")
     table.add_column("path", overflow="fold")
     for r in rows:
-        pinned = "yes" if r["pinned"] else "no: not downloaded"
+        pinned = "yes" if r["pinned"] else "no (refused)"
         table.add_row(r["name"], "yes" if r["cached"] else "", pinned, r["path"] or "")
     _console().print(table)
 

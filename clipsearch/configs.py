@@ -1,14 +1,218 @@
-"""Named CLIP architectures (``clipsearch/configs/*.json``, the OpenCLIP JSON schema) and inference of
-the architecture from OpenAI-layout weights."""
+"""CLIP architectures: typed configs parsed from the OpenCLIP JSON schema, the named ones
+(``clipsearch/configs/*.json``), and inference of the architecture from OpenAI-layout weights.
+
+:class:`ModelConfig` (with :class:`VisionConfig` and :class:`TextConfig`) is what
+:func:`clipsearch.model.build_model` builds from. :meth:`ModelConfig.from_dict` reads an OpenCLIP
+JSON dict and refuses, by name, every option that would change the architecture away from OpenAI's
+(clipsearch does not implement it); options that change nothing are accepted and dropped.
+:meth:`ModelConfig.to_dict` gives the OpenCLIP schema back, which is what model files store.
+"""
+
+from __future__ import annotations
 
 import copy
 import json
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
 from clipsearch.errors import ModelLoadError
 
 _CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    """The image tower: a ViT (``layers`` an int) or OpenAI's ModifiedResNet (4 stage depths)."""
+
+    image_size: int  # side of the square input, pixels
+    layers: int | tuple[int, int, int, int]  # ViT: transformer depth; ResNet: blocks per stage
+    width: int  # ViT: token width; ResNet: stem width (the stages are 1, 2, 4, 8 times it, x4)
+    patch_size: int | None = None  # ViT only: side of a patch, pixels
+    head_width: int = 64  # attention head width; OpenAI's for every released model
+    mlp_ratio: float = 4.0  # ViT MLP hidden width / token width
+
+    @property
+    def is_resnet(self) -> bool:
+        return isinstance(self.layers, tuple)
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    """The text tower: a causal transformer over BPE tokens."""
+
+    context_length: int  # tokens per text, start and end included
+    vocab_size: int  # BPE ids: 49408 for OpenAI's vocabulary
+    width: int  # token width
+    heads: int  # attention heads
+    layers: int  # transformer depth
+    mlp_ratio: float = 4.0  # MLP hidden width / token width
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A CLIP architecture in OpenAI's layout (so OpenAI/OpenCLIP weights load with ``strict=True``)."""
+
+    embed_dim: int  # the shared embedding space both towers project into
+    vision: VisionConfig
+    text: TextConfig
+    quick_gelu: bool = False  # OpenAI's activation x * sigmoid(1.702 x); OpenCLIP's default is GELU
+    preprocess_cfg: dict | None = None  # the schema's optional pixel settings, kept as given (transform.py)
+
+    @classmethod
+    def from_dict(cls, cfg: dict) -> ModelConfig:
+        """Parse an OpenCLIP-schema dict; :class:`ModelLoadError` names what is missing or unsupported."""
+        if isinstance(cfg, ModelConfig):
+            return cfg
+        if not isinstance(cfg, dict):
+            raise ModelLoadError(
+                f"model config must be a dict in the OpenCLIP schema, got {type(cfg).__name__}"
+            )
+        for prefix, keys in _REQUIRED.items():
+            section = cfg.get(prefix.rstrip("."), {}) if prefix else cfg
+            if not isinstance(section, dict):
+                raise ModelLoadError(f"model config {prefix.rstrip('.')} must be an object, got {section!r}")
+            missing = [prefix + key for key in keys if key not in section]
+            if missing:
+                raise ModelLoadError(
+                    f"model config is missing {', '.join(missing)}; it needs the OpenCLIP schema"
+                )
+        vision_cfg, text_cfg = cfg["vision_cfg"], cfg["text_cfg"]
+        _refuse_unsupported(cfg, _TOP_DEFAULTS, "")
+        _refuse_unsupported(vision_cfg, _VISION_DEFAULTS, "vision_cfg.")
+        _refuse_unsupported(text_cfg, _TEXT_DEFAULTS, "text_cfg.")
+        layers = vision_cfg["layers"]
+        if isinstance(layers, list | tuple):
+            if len(layers) != 4:
+                raise ModelLoadError(
+                    f"a ResNet image tower needs 4 stage depths in vision_cfg.layers, got {layers}"
+                )
+            layers = tuple(int(n) for n in layers)
+        elif not vision_cfg.get("patch_size"):
+            raise ModelLoadError("a ViT image tower (integer vision_cfg.layers) needs vision_cfg.patch_size")
+        image_size = vision_cfg["image_size"]
+        if isinstance(image_size, list | tuple) and len(set(image_size)) == 1:
+            image_size = image_size[0]  # OpenCLIP writes square sizes as [S, S] too
+        if not isinstance(image_size, int) or isinstance(image_size, bool):
+            raise ModelLoadError(
+                f"vision_cfg.image_size must be one integer, got {vision_cfg['image_size']!r}"
+            )
+        try:
+            vision = VisionConfig(
+                image_size=image_size,
+                layers=layers if isinstance(layers, tuple) else int(layers),
+                width=int(vision_cfg["width"]),
+                patch_size=int(vision_cfg["patch_size"]) if vision_cfg.get("patch_size") else None,
+                head_width=int(vision_cfg.get("head_width", 64)),
+                mlp_ratio=float(vision_cfg.get("mlp_ratio", 4.0)),
+            )
+            text = TextConfig(
+                context_length=int(text_cfg["context_length"]),
+                vocab_size=int(text_cfg["vocab_size"]),
+                width=int(text_cfg["width"]),
+                heads=int(text_cfg["heads"]),
+                layers=int(text_cfg["layers"]),
+                mlp_ratio=float(text_cfg.get("mlp_ratio", 4.0)),
+            )
+            pp = cfg.get("preprocess_cfg")
+            return cls(
+                int(cfg["embed_dim"]),
+                vision,
+                text,
+                bool(cfg.get("quick_gelu", False)),
+                copy.deepcopy(pp) if isinstance(pp, dict) else None,
+            )
+        except (TypeError, ValueError) as e:
+            raise ModelLoadError(f"model config has a value of the wrong type: {e}") from e
+
+    def to_dict(self) -> dict:
+        """The OpenCLIP-schema dict of this config (what model files record)."""
+        v, t = self.vision, self.text
+        vision = {
+            "image_size": v.image_size,
+            "layers": list(v.layers) if v.is_resnet else v.layers,
+            "width": v.width,
+        }
+        vision["patch_size"] = v.patch_size
+        if v.head_width != 64:
+            vision["head_width"] = v.head_width
+        if v.mlp_ratio != 4.0:
+            vision["mlp_ratio"] = v.mlp_ratio
+        text = {
+            "context_length": t.context_length,
+            "vocab_size": t.vocab_size,
+            "width": t.width,
+            "heads": t.heads,
+            "layers": t.layers,
+        }
+        if t.mlp_ratio != 4.0:
+            text["mlp_ratio"] = t.mlp_ratio
+        out = {
+            "embed_dim": self.embed_dim,
+            "quick_gelu": self.quick_gelu,
+            "vision_cfg": vision,
+            "text_cfg": text,
+        }
+        if self.preprocess_cfg is not None:
+            out["preprocess_cfg"] = copy.deepcopy(self.preprocess_cfg)
+        return out
+
+
+# Options of the OpenCLIP schema that we accept only at their default (architecture-neutral) value.
+_VISION_DEFAULTS = {
+    "ls_init_value": None,
+    "patch_dropout": 0.0,
+    "attentional_pool": False,
+    "no_ln_pre": False,
+    "pos_embed_type": "learnable",
+    "final_ln_after_pool": False,
+    "pool_type": "tok",
+    "act_kwargs": None,
+    "norm_kwargs": None,
+    "block_type": None,
+    "qk_norm": False,
+    "scaled_cosine_attn": False,
+    "scale_heads": False,
+    "scale_attn_inner": False,
+    "scale_attn": False,
+    "scale_fc": False,
+    "timm_model_name": None,
+}
+_TEXT_DEFAULTS = {
+    "ls_init_value": None,
+    "embed_cls": False,
+    "no_causal_mask": False,
+    "final_ln_after_pool": False,
+    "pool_type": "argmax",
+    "proj_bias": False,
+    "proj_type": "linear",
+    "act_kwargs": None,
+    "norm_kwargs": None,
+    "block_type": None,
+    "qk_norm": False,
+    "scaled_cosine_attn": False,
+    "scale_heads": False,
+    "scale_attn_inner": False,
+    "scale_attn": False,
+    "scale_fc": False,
+    "hf_model_name": None,
+}
+_TOP_DEFAULTS = {"custom_text": False, "init_logit_bias": None}
+
+_REQUIRED = {
+    "": ("embed_dim", "vision_cfg", "text_cfg"),
+    "vision_cfg.": ("image_size", "layers", "width"),
+    "text_cfg.": ("context_length", "vocab_size", "width", "heads", "layers"),
+}
+
+
+def _refuse_unsupported(section: dict, defaults: dict, where: str) -> None:
+    for key, default in defaults.items():
+        if key in section and section[key] != default:
+            raise ModelLoadError(
+                f"model config sets {where}{key}={section[key]!r}, which clipsearch's CLIP does not "
+                f"implement (only {default!r}); use a config in OpenAI's CLIP architecture"
+            )
 
 
 @cache

@@ -70,7 +70,7 @@ def ensure_text_encoder(bundle) -> Path:
     from clipsearch.backends import export_onnx
 
     model = bundle.model
-    if model.dtype != torch.float32 or next(model.parameters()).device.type != "cpu":
+    if model.dtype != torch.float32 or model.device.type != "cpu":
         model = copy.deepcopy(model).float().cpu()
     tower = _text_tower_class()(model).eval()
     tok = bundle.tokenizer

@@ -259,7 +259,7 @@ def index_paths(
             present = [p for p in paths if os.path.lexists(p)]
             found = walk(present, exclude=exclude, include_hidden=include_hidden)
             emit({"event": "scan", "found": len(found.files)})
-            n_workers = workers or default_workers(_device_type(bundle.model), os.cpu_count() or 1)
+            n_workers = workers or default_workers(bundle.model.device.type, os.cpu_count() or 1)
             run = _Run(library, bundle, report, batch_size, n_workers, emit, max_pixels, backend)
             run.execute(found, missing, prune)
             if update_vectors:
@@ -285,13 +285,6 @@ def default_workers(device_type: str, cores: int) -> int:
     """
     cap = 4 if device_type == "cpu" else 16
     return max(1, min(cap, cores))
-
-
-def _device_type(model) -> str:
-    try:
-        return next(model.parameters()).device.type
-    except (AttributeError, StopIteration):  # a parameter-free model (test fakes)
-        return "cpu"
 
 
 def _image_encoder(bundle, backend: str, emit, report: IndexReport):
@@ -557,13 +550,8 @@ class _Run:
                 return feats / np.maximum(np.linalg.norm(feats, axis=1, keepdims=True), 1e-12)
         self.report.backend = "model"
         model = self.bundle.model
-        try:
-            param = next(model.parameters())
-            device, dtype = param.device, param.dtype
-        except (AttributeError, StopIteration):  # a parameter-free model (test fakes)
-            device, dtype = torch.device("cpu"), torch.float32
         with torch.inference_mode():
-            x = torch.stack([r.tensor for r in results]).to(device, dtype)  # [B, 3, H, W]
+            x = torch.stack([r.tensor for r in results]).to(model.device, model.dtype)  # [B, 3, H, W]
             feats = model.encode_image(x).float()  # [B, D]
             feats = feats / feats.norm(dim=-1, keepdim=True).clamp_min(1e-12)
         return feats.cpu().numpy()

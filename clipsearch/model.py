@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from clipsearch.configs import ModelConfig
 from clipsearch.errors import ModelLoadError
 
 
@@ -294,52 +295,42 @@ class VisionTransformer(nn.Module):
 class CLIP(nn.Module):
     """Image and text towers projecting into one embedding space, with a learned temperature.
 
-    ``config`` is the OpenCLIP-schema dict the model was built from (see :func:`build_model`).
+    ``cfg`` is the typed config it was built from; ``config`` the OpenCLIP-schema dict it was parsed
+    from, as given (what model files record).
     """
 
-    def __init__(
-        self,
-        embed_dim: int,
-        vision_cfg: dict,
-        text_cfg: dict,
-        quick_gelu: bool = False,
-        config: dict | None = None,
-    ):
+    def __init__(self, cfg: ModelConfig, config: dict | None = None):
         super().__init__()
-        self.config = copy.deepcopy(config)
-        act_layer = QuickGELU if quick_gelu else nn.GELU
-        self.context_length = text_cfg["context_length"]
-        self.vocab_size = text_cfg["vocab_size"]
+        self.cfg = cfg
+        self.config = copy.deepcopy(config) if config is not None else cfg.to_dict()
+        vision_cfg, text_cfg, embed_dim = cfg.vision, cfg.text, cfg.embed_dim
+        act_layer = QuickGELU if cfg.quick_gelu else nn.GELU
+        self.context_length = text_cfg.context_length
+        self.vocab_size = text_cfg.vocab_size
         self._eot_cut = True  # tests turn it off to compare against the full-length path
 
-        image_size = vision_cfg["image_size"]
-        head_width = vision_cfg.get("head_width", 64)
-        vision_layers = vision_cfg["layers"]
-        vision_width = vision_cfg["width"]
-        if isinstance(vision_layers, list | tuple):
+        if vision_cfg.is_resnet:
             self.visual = ModifiedResNet(
-                layers=vision_layers,
+                layers=vision_cfg.layers,
                 output_dim=embed_dim,
-                heads=vision_width * 32 // head_width,
-                input_resolution=image_size,
-                width=vision_width,
+                heads=vision_cfg.width * 32 // vision_cfg.head_width,
+                input_resolution=vision_cfg.image_size,
+                width=vision_cfg.width,
             )
         else:
             self.visual = VisionTransformer(
-                input_resolution=image_size,
-                patch_size=vision_cfg["patch_size"],
-                width=vision_width,
-                layers=vision_layers,
-                heads=vision_width // head_width,
+                input_resolution=vision_cfg.image_size,
+                patch_size=vision_cfg.patch_size,
+                width=vision_cfg.width,
+                layers=vision_cfg.layers,
+                heads=vision_cfg.width // vision_cfg.head_width,
                 output_dim=embed_dim,
-                mlp_ratio=vision_cfg.get("mlp_ratio", 4.0),
+                mlp_ratio=vision_cfg.mlp_ratio,
                 act_layer=act_layer,
             )
 
-        width = text_cfg["width"]
-        self.transformer = Transformer(
-            width, text_cfg["layers"], text_cfg["heads"], text_cfg.get("mlp_ratio", 4.0), act_layer
-        )
+        width = text_cfg.width
+        self.transformer = Transformer(width, text_cfg.layers, text_cfg.heads, text_cfg.mlp_ratio, act_layer)
         # nn.Embedding's own N(0, 1) draw, made through _randn so that a meta build stays cheap
         self.token_embedding = nn.Embedding(self.vocab_size, width, _weight=_randn(self.vocab_size, width))
         self.positional_embedding = nn.Parameter(torch.empty(self.context_length, width))
@@ -389,6 +380,11 @@ class CLIP(nn.Module):
     def dtype(self) -> torch.dtype:
         """The dtype of the weights (inputs are cast to it)."""
         return self.visual.conv1.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        """The device of the weights: where inputs must go. The one place callers look this up."""
+        return self.visual.conv1.weight.device
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute transformer activations on backward to save memory. The ResNet tower is not
@@ -476,95 +472,13 @@ class CLIP(nn.Module):
         return image_features, text_features, self.logit_scale.exp()
 
 
-# Options of the OpenCLIP schema that we accept only at their default (architecture-neutral) value.
-_VISION_DEFAULTS = {
-    "ls_init_value": None,
-    "patch_dropout": 0.0,
-    "attentional_pool": False,
-    "no_ln_pre": False,
-    "pos_embed_type": "learnable",
-    "final_ln_after_pool": False,
-    "pool_type": "tok",
-    "act_kwargs": None,
-    "norm_kwargs": None,
-    "block_type": None,
-    "qk_norm": False,
-    "scaled_cosine_attn": False,
-    "scale_heads": False,
-    "scale_attn_inner": False,
-    "scale_attn": False,
-    "scale_fc": False,
-    "timm_model_name": None,
-}
-_TEXT_DEFAULTS = {
-    "ls_init_value": None,
-    "embed_cls": False,
-    "no_causal_mask": False,
-    "final_ln_after_pool": False,
-    "pool_type": "argmax",
-    "proj_bias": False,
-    "proj_type": "linear",
-    "act_kwargs": None,
-    "norm_kwargs": None,
-    "block_type": None,
-    "qk_norm": False,
-    "scaled_cosine_attn": False,
-    "scale_heads": False,
-    "scale_attn_inner": False,
-    "scale_attn": False,
-    "scale_fc": False,
-    "hf_model_name": None,
-}
-_TOP_DEFAULTS = {"custom_text": False, "init_logit_bias": None}
-
-
-def _check_defaults(section: dict, defaults: dict, where: str) -> None:
-    for key, default in defaults.items():
-        if key in section and section[key] != default:
-            raise ModelLoadError(
-                f"model config sets {where}{key}={section[key]!r}, which clipsearch's CLIP does not "
-                f"implement (only {default!r}); use a config in OpenAI's CLIP architecture"
-            )
-
-
-def build_model(cfg: dict) -> CLIP:
-    """Build a randomly initialised CLIP from an OpenCLIP-schema config dict.
+def build_model(cfg: dict | ModelConfig) -> CLIP:
+    """Build a randomly initialised CLIP from an OpenCLIP-schema config dict (or a parsed one).
 
     The dict needs ``embed_dim``, ``vision_cfg`` {image_size, layers (int: ViT; 4 ints: ResNet), width,
     patch_size (ViT), optional head_width=64, mlp_ratio=4} and ``text_cfg`` {context_length,
     vocab_size, width, heads, layers}; ``quick_gelu`` selects OpenAI's activation. Options that change
-    the architecture away from OpenAI's raise ``ModelLoadError``.
+    the architecture away from OpenAI's raise ``ModelLoadError`` naming them
+    (:meth:`clipsearch.configs.ModelConfig.from_dict`).
     """
-    if not isinstance(cfg, dict):
-        raise ModelLoadError(f"model config must be a dict in the OpenCLIP schema, got {type(cfg).__name__}")
-    required = {
-        "": ("embed_dim", "vision_cfg", "text_cfg"),
-        "vision_cfg.": ("image_size", "layers", "width"),
-        "text_cfg.": ("context_length", "vocab_size", "width", "heads", "layers"),
-    }
-    for prefix, keys in required.items():
-        section = cfg.get(prefix.rstrip("."), {}) if prefix else cfg
-        if not isinstance(section, dict):
-            raise ModelLoadError(f"model config {prefix.rstrip('.')} must be an object, got {section!r}")
-        missing = [prefix + key for key in keys if key not in section]
-        if missing:
-            raise ModelLoadError(
-                f"model config is missing {', '.join(missing)}; it needs the OpenCLIP schema"
-            )
-    vision_cfg, text_cfg = cfg["vision_cfg"], cfg["text_cfg"]
-    _check_defaults(cfg, _TOP_DEFAULTS, "")
-    _check_defaults(vision_cfg, _VISION_DEFAULTS, "vision_cfg.")
-    _check_defaults(text_cfg, _TEXT_DEFAULTS, "text_cfg.")
-    layers = vision_cfg["layers"]
-    if isinstance(layers, list | tuple):
-        if len(layers) != 4:
-            raise ModelLoadError(
-                f"a ResNet image tower needs 4 stage depths in vision_cfg.layers, got {layers}"
-            )
-    elif not vision_cfg.get("patch_size"):
-        raise ModelLoadError("a ViT image tower (integer vision_cfg.layers) needs vision_cfg.patch_size")
-    if not isinstance(vision_cfg["image_size"], int):
-        raise ModelLoadError(f"vision_cfg.image_size must be one integer, got {vision_cfg['image_size']!r}")
-    return CLIP(
-        cfg["embed_dim"], vision_cfg, text_cfg, quick_gelu=bool(cfg.get("quick_gelu", False)), config=cfg
-    )
+    return CLIP(ModelConfig.from_dict(cfg), cfg if isinstance(cfg, dict) else None)

@@ -114,7 +114,7 @@ def encode_query(bundle, query: Query) -> np.ndarray:
 
     query.check()
     model = bundle.model
-    device = _device(model)
+    device = model.device
     texts = [p for p in query.parts if p.kind == "text"]
     images = [p for p in query.parts if p.kind == "image"]
     vectors: dict[int, torch.Tensor] = {}
@@ -288,10 +288,3 @@ def _open_query_image(path: str):
         return open_image(p)
     except ImageDecodeError as e:
         raise QueryError(f"cannot read the query image {path}: {e.reason}") from e
-
-
-def _device(model):
-    try:
-        return next(model.parameters()).device
-    except (StopIteration, AttributeError):
-        return "cpu"

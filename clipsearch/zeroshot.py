@@ -256,7 +256,7 @@ def label_images(
         ids, paths, vectors = library.embeddings(model_id, under=under)
     else:
         ids, paths, vectors = library.embeddings(model_id, under=under, ids=sorted(allowed))
-    device = _model_device(bundle.model)
+    device = bundle.model.device
     classifier = build_classifier(bundle.model, bundle.tokenizer, classes, templates, device=device).cpu()
     results: list[ImageLabels] = []
     if len(ids) == 0:
@@ -282,10 +282,3 @@ def label_images(
         ]
         library.replace_labels(model_id, classes, rows)
     return results
-
-
-def _model_device(model):
-    try:
-        return next(model.parameters()).device
-    except (StopIteration, AttributeError):
-        return "cpu"

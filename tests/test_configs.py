@@ -154,3 +154,50 @@ def test_inference_tolerates_torchscript_extras_and_rejects_other_weights():
         config_from_openai_state_dict({"module.visual.proj": torch.zeros(2, 2)})
     with pytest.raises(ModelLoadError, match="not an OpenAI-layout"):
         config_from_openai_state_dict({"visual.proj": torch.zeros(2, 2)})
+
+
+# --------------------------------------------------------------------------------------------------
+# Typed configs
+
+
+def test_every_named_config_parses_to_a_typed_config_and_back():
+    from clipsearch.configs import ModelConfig
+
+    for name in list_configs():
+        raw = get_config(name)
+        cfg = ModelConfig.from_dict(raw)
+        assert cfg.embed_dim == raw["embed_dim"]
+        assert cfg.vision.image_size == raw["vision_cfg"]["image_size"]
+        assert cfg.vision.is_resnet == isinstance(raw["vision_cfg"]["layers"], list)
+        assert cfg.text.context_length == raw["text_cfg"]["context_length"]
+        assert cfg.quick_gelu == raw.get("quick_gelu", False)
+        assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+
+
+@pytest.mark.parametrize(
+    "where, key, value",
+    [
+        ("vision_cfg", "attentional_pool", True),
+        ("vision_cfg", "pool_type", "avg"),
+        ("text_cfg", "hf_model_name", "roberta-base"),
+        ("", "custom_text", True),
+    ],
+)
+def test_unsupported_options_are_refused_by_name(where, key, value):
+    from clipsearch.configs import ModelConfig
+    from clipsearch.errors import ModelLoadError
+
+    raw = get_config("tiny-vit")
+    (raw[where] if where else raw)[key] = value
+    name = f"{where}.{key}" if where else key
+    with pytest.raises(ModelLoadError, match=f"sets {name}="):
+        ModelConfig.from_dict(raw)
+
+
+def test_options_at_their_default_are_accepted_and_dropped():
+    from clipsearch.configs import ModelConfig
+
+    raw = get_config("tiny-vit")
+    raw["vision_cfg"]["attentional_pool"] = False  # as OpenCLIP's own JSON files spell it out
+    assert ModelConfig.from_dict(raw) == ModelConfig.from_dict(get_config("tiny-vit"))
+    assert "attentional_pool" not in ModelConfig.from_dict(raw).to_dict()["vision_cfg"]

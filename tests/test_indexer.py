@@ -31,6 +31,9 @@ class CountingModel(torch.nn.Module):
         self.proj = torch.nn.Parameter(torch.randn(3 * 8 * 8, dim, generator=g), requires_grad=False)
         self.images_seen = 0
 
+    device = torch.device("cpu")  # as CLIP.device / CLIP.dtype say where and how inputs go
+    dtype = torch.float32
+
     def encode_image(self, x):  # [B, 3, 8, 8] -> [B, D]
         self.images_seen += x.shape[0]
         return x.flatten(1) @ self.proj
@@ -367,6 +370,8 @@ KILLED_RUN = textwrap.dedent(
     from clipsearch.indexer import index_paths
 
     class Slow(torch.nn.Module):
+        device, dtype = torch.device("cpu"), torch.float32
+
         def encode_image(self, x):
             time.sleep(0.25)  # a slow model, so the kill lands mid-run
             return x.flatten(1)[:, :8] + 1.0
