@@ -91,8 +91,6 @@ class ModelConfig:
         elif not vision_cfg.get("patch_size"):
             raise ModelLoadError("a ViT image tower (integer vision_cfg.layers) needs vision_cfg.patch_size")
         image_size = vision_cfg["image_size"]
-        if isinstance(image_size, list | tuple) and len(set(image_size)) == 1:
-            image_size = image_size[0]  # OpenCLIP writes square sizes as [S, S] too
         if not isinstance(image_size, int) or isinstance(image_size, bool):
             raise ModelLoadError(
                 f"vision_cfg.image_size must be one integer, got {vision_cfg['image_size']!r}"

@@ -316,6 +316,11 @@ def _weights_file(path: Path, arch: str | None, quick_gelu: bool | None) -> Mode
     pp = preprocess_config(cfg, entry) if cfg is not None else None
     if cfg is None:
         cfg, pp = _remembered(model_id)
+    if cfg is None:
+        cfg = _safetensors_config(path)
+        if cfg is not None and quick_gelu is not None:
+            cfg["quick_gelu"] = bool(quick_gelu)
+        pp = preprocess_config(cfg, {}) if cfg is not None else None
     return ModelIdentity(
         model_id=model_id,
         kind="weights-file",
@@ -327,6 +332,31 @@ def _weights_file(path: Path, arch: str | None, quick_gelu: bool | None) -> Mode
         tokenizer_dir=None,
         overrides=overrides,
     )
+
+
+class _Shape:
+    """Stands in for a tensor whose shape a safetensors header gives (all that inference reads)."""
+
+    def __init__(self, shape):
+        self.shape = tuple(int(n) for n in shape)
+
+
+def _safetensors_config(path: Path) -> dict | None:
+    """The architecture of OpenAI-layout weights in a safetensors file, from its header alone."""
+    from clipsearch.configs import config_from_openai_state_dict
+
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if not 2 <= n <= 100_000_000:  # not safetensors (or absurd): torch will tell
+                return None
+            header = json.loads(f.read(n))
+        shapes = {k: _Shape(v["shape"]) for k, v in header.items() if k != "__metadata__"}
+        if shapes and all(k.startswith("module.") for k in shapes):
+            shapes = {k[len("module.") :]: v for k, v in shapes.items()}
+        return config_from_openai_state_dict(shapes)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError, ModelLoadError):
+        return None
 
 
 def _remembered(model_id: str) -> tuple[dict | None, PreprocessConfig | None]:

@@ -254,10 +254,17 @@ def fetch_pretrained(name: str, progress: Callable[[int, int | None], None] | No
         raise ModelLoadError(not_found_message(name))
     entry = PRETRAINED[name]
     if not is_pinned(entry):
+        earlier = pretrained_path(name)
+        hint = (
+            f"; the copy an earlier clipsearch downloaded unverified is {earlier}: pass that path to "
+            "use it as your own file"
+            if earlier.is_file()
+            else ""
+        )
         raise ModelLoadError(
             f"{name} is registered without a pinned revision and full sha256, so clipsearch will not "
             "download it: its file could change under the same URL. Download it yourself and pass the "
-            "file (or its OpenCLIP hub folder) as the model"
+            f"file (or its OpenCLIP hub folder) as the model{hint}"
         )
     dest = pretrained_path(name)
     if not dest.is_file():

@@ -252,6 +252,11 @@ def test_unpinned_registry_entry_is_refused_before_any_download(server, register
         checkpoints.load_bundle("tiny-vit/test")
     assert server.hits == []
     assert not (paths.models_dir() / "test-weights.bin").exists()
+    # A copy an earlier version downloaded unverified is not used, but named.
+    (paths.models_dir()).mkdir(parents=True, exist_ok=True)
+    (paths.models_dir() / "test-weights.bin").write_bytes(PAYLOAD)
+    with pytest.raises(ModelLoadError, match="downloaded unverified is .*test-weights.bin: pass that path"):
+        checkpoints.load_bundle("tiny-vit/test")
 
 
 def test_registry_entry_without_a_revision_is_refused(server, registered):

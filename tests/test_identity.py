@@ -106,12 +106,19 @@ def test_identity_covers_config_preprocessing_and_tokenizer(tmp_path, tiny):
 def test_identify_never_imports_torch(tmp_path, tiny):
     sources = _sources(tmp_path, tiny)
     checkpoints.load_bundle(sources["weights-file"])  # so its config is on record
+    from safetensors.torch import save_file
+
+    # A safetensors weights file never loaded: its header alone says the architecture.
+    sources["safetensors-file"] = tmp_path / "fresh.safetensors"
+    save_file({k: v.contiguous() for k, v in tiny[0].state_dict().items()}, str(sources["safetensors-file"]))
     code = (
         "import sys, json\n"
         "from clipsearch.identity import identify\n"
-        "out = {k: identify(v).model_id for k, v in json.loads(sys.argv[1]).items()}\n"
+        "src = json.loads(sys.argv[1])\n"
+        "out = {k: identify(v).model_id for k, v in src.items()}\n"
         "out['registered'] = identify('ViT-B-32/openai').model_id\n"
-        "assert identify(json.loads(sys.argv[1])['weights-file']).model_cfg is not None\n"
+        "assert identify(src['weights-file']).model_cfg is not None\n"
+        "out['safetensors-cfg'] = identify(src['safetensors-file']).model_cfg\n"
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
         "print(json.dumps(out))\n"
     )
@@ -129,6 +136,7 @@ def test_identify_never_imports_torch(tmp_path, tiny):
     assert ids["registered"] == "ViT-B-32/openai"
     for kind, source in sources.items():
         assert ids[kind] == checkpoints.load_bundle(source).model_id
+    assert ids["safetensors-cfg"] == checkpoints.load_bundle(sources["safetensors-file"]).config
 
 
 def test_registered_identity_needs_no_download(tmp_path):
