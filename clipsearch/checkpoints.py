@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from clipsearch.errors import ModelLoadError
-from clipsearch.identity import ModelIdentity, identify, preprocess_config, remember
+from clipsearch.identity import ModelIdentity, identify, library_model_id, preprocess_config, remember
 from clipsearch.modelfile import MODEL_JSON, save_model
 from clipsearch.pretrained import cached_pretrained, fetch_pretrained, list_pretrained, pretrained_path
 from clipsearch.torchscript import first_line
@@ -97,6 +97,7 @@ def load_bundle(
     arch: str | None = None,
     quick_gelu: bool | None = None,
     progress: Callable[[int, int | None], None] | None = None,
+    library=None,
 ) -> ModelBundle:
     """Resolve ``source`` to a :class:`ModelBundle` with the model in eval mode on ``device``.
 
@@ -104,12 +105,16 @@ def load_bundle(
     ``arch``: a named architecture or OpenCLIP JSON path, for a weights file instead of inferring it.
     ``quick_gelu``: override the activation for a weights file (OpenAI and inferred default: True).
     ``progress(bytes_done, total_or_None)`` is called while a pretrained checkpoint downloads.
+    ``library``: the photo library the model is for; ``model_id`` is then the id that library knows
+    it under (an older library may have recorded a weights-only id: :mod:`clipsearch.identity`).
     """
     if precision is None:
         precision = "fp32"
     if precision not in _PRECISIONS:
         raise ModelLoadError(f"unknown precision {precision!r}; use one of {', '.join(_PRECISIONS)}")
     identity = identify(source, arch=arch, quick_gelu=quick_gelu)
+    if library is not None:
+        identity = dataclasses.replace(identity, model_id=library_model_id(library, identity))
     log.info("model %s is a %s, id %s", source, identity.kind, identity.model_id)
     try:
         bundle = _LOADERS[identity.kind](identity, progress=progress, quick_gelu=quick_gelu)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import logging
 import os
 import sys
 import traceback
@@ -25,8 +24,6 @@ import click
 
 from clipsearch import __version__
 from clipsearch.errors import ClipsearchError, LibraryError, ModelLoadError
-
-logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "ViT-B-32/openai"
 INDEX_KINDS = ("auto", "flat", "ivf", "hnsw")  # clipsearch.vectors.KINDS and auto (a test checks they agree)
@@ -300,12 +297,7 @@ def _load_bundle(source: str, quiet: bool = False, device: str = "cpu", library=
         progress.update(task, completed=done, total=total)
 
     try:
-        bundle = load_bundle(source, device=device, progress=on_bytes)
-        if library is not None and bundle.identity is not None:
-            from clipsearch.identity import library_model_id
-
-            bundle.model_id = library_model_id(library, bundle.identity)
-        return bundle
+        return load_bundle(source, device=device, progress=on_bytes, library=library)
     except OSError as e:
         where = f" ({printable(str(e.filename))})" if e.filename else ""
         raise ModelLoadError(f"cannot read the model {source}: {e.strerror or e}{where}") from e

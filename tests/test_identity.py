@@ -259,16 +259,3 @@ def test_model_json_is_part_of_the_folder_identity(tmp_path, tiny):
     record["preprocess_cfg"]["interpolation"] = "bilinear"
     (directory / MODEL_JSON).write_text(json.dumps(record))
     assert identify(directory).model_id != before
-
-
-def test_index_of_a_folder_without_images_downloads_no_model(tmp_path):
-    """`clipsearch index EMPTY` on a first run says there is nothing to index, before any download."""
-    empty = tmp_path / "empty"
-    (empty / "sub").mkdir(parents=True)
-    (empty / "notes.txt").write_text("no photos here")
-    home = tmp_path / "home"
-    result = run_cli("index", str(empty), env={"CLIPSEARCH_HOME": str(home)}, timeout=120)
-    assert result.returncode != 0
-    assert "no images found" in result.stderr and "download" not in result.stderr.lower()
-    models = home / "models"
-    assert not models.exists() or not any(models.iterdir())

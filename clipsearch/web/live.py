@@ -128,7 +128,7 @@ class LiveLibrary:
             from clipsearch.checkpoints import load_bundle
 
             log.info("loading the model %s (image queries need it)", model_id)
-            self._bundle = load_bundle(source)
+            self._bundle = load_bundle(source, library=self.library)
         return self._bundle
 
     # --- searching ------------------------------------------------------------------------------
