@@ -60,7 +60,6 @@ class ModelIdentity:
     tokenizer_cfg: dict  # for Tokenizer.from_config(tokenizer_cfg, tokenizer_dir)
     tokenizer_dir: Path | None  # the folder holding a trained tokenizer's file
     legacy_ids: tuple[str, ...] = ()  # ids older clipsearch gave this same model
-    overrides: tuple[tuple[str, object], ...] = ()  # (arch, quick_gelu) given for a weights file
 
     @property
     def downloaded(self) -> bool:
@@ -296,7 +295,6 @@ def _hub_dir(directory: Path) -> ModelIdentity:
 def _weights_file(path: Path, arch: str | None, quick_gelu: bool | None) -> ModelIdentity:
     digest = user_file_sha256(path)
     registered = registered_match(digest) if arch is None and quick_gelu is None else None
-    overrides: tuple[tuple[str, object], ...] = ()
     if registered:
         # A copy of a released file put somewhere by hand: the registry knows what it is.
         model_id = registered
@@ -306,7 +304,6 @@ def _weights_file(path: Path, arch: str | None, quick_gelu: bool | None) -> Mode
         entry = {}
         cfg = named_config(arch) if arch is not None else None
         if arch is not None or quick_gelu is not None:
-            overrides = (("arch", arch), ("quick_gelu", quick_gelu))
             parts = {"weights_sha256": digest, "arch_cfg": cfg, "quick_gelu": quick_gelu}
             model_id = f"file:{path.name}:{_digest(parts)}"
         else:
@@ -330,7 +327,6 @@ def _weights_file(path: Path, arch: str | None, quick_gelu: bool | None) -> Mode
         preprocess_cfg=pp,
         tokenizer_cfg=_clip_bpe(cfg) if cfg is not None else {"type": "clip-bpe"},
         tokenizer_dir=None,
-        overrides=overrides,
     )
 
 
