@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from clipsearch.errors import LibraryError
+from clipsearch.store import ImageRow
 
 log = logging.getLogger(__name__)
 
@@ -29,17 +30,14 @@ MAX_UPLOADS_KEPT = 64  # query vectors of uploaded pictures remembered for pagin
 
 @dataclass(frozen=True)
 class Photo:
-    """One library photo as the pages show it."""
+    """One library photo as the pages show it: its :class:`clipsearch.store.ImageRow` (whose fields
+    it answers for: ``photo.id``, ``photo.taken_at``...) and, in results, its score."""
 
-    id: int
-    path: Path
-    size: int
-    content_hash: str
-    width: int | None
-    height: int | None
-    taken_at: str | None
-    indexed_at: str
+    row: ImageRow
     score: float | None = None
+
+    def __getattr__(self, name: str):
+        return getattr(self.row, name)
 
     @property
     def name(self) -> str:
@@ -285,16 +283,5 @@ class LiveLibrary:
             }
 
 
-def _photo(row, score: float | None = None) -> Photo:
-    """A :class:`Photo` from a :class:`clipsearch.store.ImageRow`."""
-    return Photo(
-        id=row.id,
-        path=row.path,
-        size=row.size,
-        content_hash=row.content_hash,
-        width=row.width,
-        height=row.height,
-        taken_at=row.taken_at,
-        indexed_at=row.indexed_at,
-        score=score,
-    )
+def _photo(row: ImageRow, score: float | None = None) -> Photo:
+    return Photo(row, score)
