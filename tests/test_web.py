@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 import numpy as np
 import pytest
 from PIL import Image
-from web_helpers import HOSTILE_NAME, ServerProcess, build_site
+from web_helpers import CAMERA, HOSTILE_NAME, ServerProcess, build_site
 
 from clipsearch.search import Query, search
 from clipsearch.store import Library
@@ -198,7 +198,10 @@ def test_more_like_this_uses_the_stored_vector_and_leaves_the_photo_out(site, ap
     html = get(app_client, f"/similar/{source}").get_data(as_text=True)
     got = tile_ids(html)
     assert got[0] == source  # the heading links to the photo itself
-    assert got[1:] == expected
+    assert set(got[1:]) == set(expected)
+    score = dict(zip(ids.tolist(), sims.tolist(), strict=True))
+    # ranked by the stored vectors' cosine (ties, e.g. a file and its copy, in either order)
+    np.testing.assert_allclose([score[i] for i in got[1:]], [score[i] for i in expected], atol=1e-5)
 
 
 def test_photo_page_and_hostile_name_are_escaped(site, app_client):
@@ -209,6 +212,32 @@ def test_photo_page_and_hostile_name_are_escaped(site, app_client):
     assert "&lt;img src=x onerror=alert(1)&gt;.jpg" in html
     assert unescape(re.search(r'<h1 class="filename">(.*?)</h1>', html).group(1)) == HOSTILE_NAME
     assert "More like this" in html and f"/image/{hostile.id}" in html
+
+
+def test_camera_and_date_from_exif_on_tiles_and_photo_page(site, app_client):
+    with Library.open(site.db) as lib:
+        row = next(r for r in lib.images() if r.path.name == "camera.jpg")
+    assert row.camera_model == CAMERA[1]  # the indexer read it (clipsearch.metadata)
+    page = get(app_client, f"/photo/{row.id}").get_data(as_text=True)
+    assert "<dt>Camera</dt><dd>Canon EOS R5</dd>" in page and "2023-07-14T18:30:00" in page
+    html = get(app_client, "/?q=red&page=1").get_data(as_text=True)
+    pages = [html] + [get(app_client, f"/?q=red&page={n}").get_data(as_text=True) for n in (2,)]
+    tile = next(t for t in "".join(pages).split('<figure class="tile">') if f'href="/photo/{row.id}"' in t)
+    assert "&#10;Canon EOS R5" in tile and '<span class="camera">Canon EOS R5</span>' in tile
+    assert '<span class="date">2023-07-14</span>' in tile
+
+
+def test_duplicates_page_groups_the_copy(site, app_client):
+    # the random test model finds every photo alike at the default 0.95: ask for near-identity
+    html = get(app_client, "/duplicates?threshold=0.9999").get_data(as_text=True)
+    with Library.open(site.db) as lib:
+        ids = {r.path.name: r.id for r in lib.images()}
+    groups = html.split('<section class="dupgroup">')[1:]
+    group = next(g for g in groups if f'href="/photo/{ids["p000 copy.jpg"]}"' in g)
+    assert "Identical files" in group and set(tile_ids(group)) == {ids["p000.jpg"], ids["p000 copy.jpg"]}
+    assert 'name="threshold" min="-1" max="1" step="any" value="0.9999"' in html  # the form keeps it
+    assert get(app_client, "/duplicates").status_code == 200  # the default threshold
+    assert get(app_client, "/duplicates?threshold=x").status_code == 400
 
 
 def test_labels_pages(site, app_client):

@@ -198,3 +198,18 @@ def test_status_page(served, page, shots):
     assert int(page.locator("#photo-count").inner_text()) > 60
     page.screenshot(path=str(shots / "status.png"), full_page=True)
     assert page.errors == []
+
+
+def test_duplicates_review(served, page, shots):
+    site, server = served
+    page.goto(server.url)
+    page.click("nav >> text=Duplicates")
+    page.fill("input[name=threshold]", "0.9999")
+    page.click("form.threshold button")
+    page.wait_for_selector(".dupgroup")
+    group = page.locator(".dupgroup", has_text="p000 copy.jpg")
+    assert "Identical files" in group.locator("h2").inner_text()
+    assert group.locator(".copy").count() == 2
+    page.wait_for_function("() => Array.from(document.querySelectorAll('.copy img')).every(i => i.complete)")
+    page.screenshot(path=str(shots / "duplicates.png"))
+    assert page.errors == []

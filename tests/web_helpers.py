@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from e2e_helpers import REPO, make_photo_folder, make_tiny_model, run_cli, write_photo
+from e2e_helpers import REPO, make_photo_folder, make_tiny_model, run_cli, scene, write_photo
 
 HOSTILE_NAME = "<img src=x onerror=alert(1)>.jpg"
 N_EXTRA = 70  # with the format samples: more than one page of 60 tiles
@@ -42,9 +43,26 @@ def build_site(root: Path) -> Site:
     for i in range(N_EXTRA):
         write_photo(site.photos / "more" / f"p{i:03d}.jpg", 100 + i, size=(200, 150))
     write_photo(site.photos / HOSTILE_NAME, 99)
+    write_camera_photo(site.photos / "camera.jpg")
+    (site.photos / "copies").mkdir()
+    shutil.copyfile(site.photos / "more" / "p000.jpg", site.photos / "copies" / "p000 copy.jpg")
     site.cli("index", str(site.photos), "--model", str(site.model), "--backend", "torch-fp32")
     site.cli("label", "--classes", "red,green,blue", "--template", "a {} photo.")
     return site
+
+
+CAMERA = ("Canon", "Canon EOS R5", "2023:07:14 18:30:00")
+
+
+def write_camera_photo(path: Path) -> Path:
+    """A JPEG whose EXIF names its camera and the time it was taken (see CAMERA)."""
+    from PIL import Image
+
+    exif = Image.Exif()
+    exif[0x010F], exif[0x0110] = CAMERA[0], CAMERA[1]  # Make, Model
+    exif.get_ifd(0x8769)[0x9003] = CAMERA[2]  # Exif IFD: DateTimeOriginal
+    Image.fromarray(scene(777, (120, 90))).save(path, exif=exif.tobytes())
+    return path
 
 
 class ServerProcess:

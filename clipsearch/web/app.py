@@ -7,6 +7,7 @@ Routes (every photo addressed by its library id, never by a path from the reques
 - ``GET /photo/ID``: the large view with metadata; ``GET /similar/ID``: more like this.
 - ``POST /upload``: search by an uploaded or dropped picture (CSRF token; size-limited).
 - ``GET /labels``, ``GET /labels?label=L``: browse the zero-shot labels; ``GET /status``.
+- ``GET /duplicates?threshold=T``: groups of copies to review side by side (nothing is deleted).
 - ``GET /thumb/ID``, ``GET /preview/ID``: cached JPEGs; ``GET /image/ID``: the original, streamed.
 
 Every response carries the headers of :mod:`clipsearch.web.security`; requests with a foreign
@@ -30,6 +31,7 @@ from clipsearch.web.thumbs import SIZES, ThumbnailCache
 log = logging.getLogger(__name__)
 
 PAGE_SIZE = 60  # tiles per page: a few screens; the next page loads as the user scrolls
+GROUPS_PER_PAGE = 20  # duplicate groups per page, each a row of its copies
 MAX_PAGE = 1000  # deeper than anyone scrolls; bounds the top-k asked of the index
 MAX_UPLOAD_BYTES = 25 * 1024 * 1024  # a 50 MP JPEG; anything larger is refused with 413
 BROWSER_IMAGE_TYPES = {"image/jpeg", "image/png", "image/webp", "image/gif", "image/bmp"}
@@ -159,6 +161,32 @@ def create_app(
         page_no = _page_number()
         page = live.labelled(label, offset=(page_no - 1) * PAGE_SIZE, limit=PAGE_SIZE)
         return _results("labels.html", page, {"label": label}, label=label, sets=None)
+
+    @app.get("/duplicates")
+    def duplicates():
+        from clipsearch.duplicates import DEFAULT_THRESHOLD
+
+        try:
+            threshold = float(request.args.get("threshold", DEFAULT_THRESHOLD))
+        except ValueError:
+            abort(400)
+        groups = live.duplicates(threshold)
+        page_no = _page_number()
+        start = (page_no - 1) * GROUPS_PER_PAGE
+        shown = groups[start : start + GROUPS_PER_PAGE]
+        more = len(groups) > start + GROUPS_PER_PAGE
+        params = {"threshold": request.args["threshold"]} if "threshold" in request.args else {}
+        next_url = url_for("duplicates", **params, page=page_no + 1) if more else None
+        prev_url = url_for("duplicates", **params, page=page_no - 1) if page_no > 1 else None
+        return render_template(
+            "duplicates.html",
+            groups=shown,
+            total=len(groups),
+            first=start + 1,
+            threshold=threshold,
+            next_url=next_url,
+            prev_url=prev_url,
+        )
 
     @app.get("/status")
     def status():

@@ -43,6 +43,21 @@ class Photo:
     def name(self) -> str:
         return self.path.name
 
+    @property
+    def camera(self) -> str | None:
+        from clipsearch.metadata import camera_name
+
+        return camera_name(self.row.camera_make, self.row.camera_model)
+
+
+@dataclass(frozen=True)
+class DuplicateGroup:
+    """Copies of one photo, the best first; ``similarity``: the lowest to the best (1.0: same bytes)."""
+
+    photos: list[Photo]
+    similarity: float
+    identical: bool
+
 
 @dataclass(frozen=True)
 class Page:
@@ -67,6 +82,7 @@ class LiveLibrary:
         self._bundle = None
         self._model_lock = threading.Lock()  # loading and running the torch model
         self._uploads: OrderedDict[str, object] = OrderedDict()
+        self._duplicates = None  # ((generation, model_id, threshold), [DuplicateGroup])
         self.reloads = 0  # times the index was reopened because the library changed
 
     def close(self) -> None:
@@ -271,6 +287,24 @@ class LiveLibrary:
         with self._lock:
             rows = self.library.labels(model_id=self.model_id(), image_id=image_id)
         return sorted(((r.label, r.score) for r in rows), key=lambda x: -x[1])
+
+    def duplicates(self, threshold: float) -> list:
+        """Groups of copies (:func:`clipsearch.duplicates.find_duplicates`) as lists of :class:`Photo`
+        with their similarity; computed once per library generation and threshold."""
+        from clipsearch.duplicates import find_duplicates
+
+        with self._lock:
+            model_id = self.model_id()
+            key = (self.library.generation(), model_id, threshold)
+            if self._duplicates is None or self._duplicates[0] != key:
+                groups = find_duplicates(
+                    self.library, model_id, threshold, index=self._vector_index(model_id)
+                )
+                found = [
+                    DuplicateGroup([Photo(r) for r in g.photos], g.similarity, g.identical) for g in groups
+                ]
+                self._duplicates = (key, found)
+            return self._duplicates[1]
 
     def status(self) -> dict:
         """``{stats: LibraryStats, recent_errors: [ErrorRow], default_model, reloads}``."""
