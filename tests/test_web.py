@@ -179,6 +179,22 @@ def test_paging_covers_every_photo_once(site, app_client):
     assert "data-next" not in second
 
 
+def test_date_and_camera_filters_in_the_url(site, app_client):
+    with Library.open(site.db) as lib:
+        camera_id = next(r.id for r in lib.images() if r.path.name == "camera.jpg")
+    for args in ("camera=eos+r5", "after=2023-07-01&before=2023-08-01", "camera=canon&after=2023"):
+        html = get(app_client, f"/?q=blue&{args}").get_data(as_text=True)
+        assert tile_ids(html) == [camera_id], args  # the one photo that says so, found by the search
+        assert "data-next" not in html
+    html = get(app_client, "/?q=blue&camera=canon&page=1").get_data(as_text=True)
+    assert '<input type="hidden" name="camera" value="canon">' in html  # a new search keeps the filter
+    assert 'name="camera" value="canon"' in html.split('class="filters"')[1]
+    assert tile_ids(get(app_client, "/?q=blue&before=2000").get_data(as_text=True)) == []
+    bad = get(app_client, "/?q=blue&after=yesterday")
+    assert bad.status_code == 400 and "give a date as YYYY-MM-DD" in unescape(bad.get_data(as_text=True))
+    assert get(app_client, "/?q=blue&near=1,2&within=far").status_code == 400
+
+
 def test_folder_filter_in_the_url(site, app_client):
     folder = site.photos / "trips"
     html = get(app_client, "/", query_string={"q": "green", "in": str(folder)}).get_data(as_text=True)

@@ -213,3 +213,19 @@ def test_duplicates_review(served, page, shots):
     page.wait_for_function("() => Array.from(document.querySelectorAll('.copy img')).every(i => i.complete)")
     page.screenshot(path=str(shots / "duplicates.png"))
     assert page.errors == []
+
+
+def test_filters_from_the_form(served, page, shots):
+    site, server = served
+    page.goto(server.url + "?q=a+red+photo")
+    page.click("details.filters summary")
+    page.fill("details.filters input[name=camera]", "canon")
+    page.fill("details.filters input[name=after]", "2023-01-01")
+    page.click("details.filters button")
+    page.wait_for_selector(".tile img")
+    assert "camera=canon" in page.url and "after=2023-01-01" in page.url
+    assert page.locator(".tile").count() == 1
+    page.locator(".tile").hover()
+    assert page.locator(".tile .camera").inner_text() == "Canon EOS R5"  # shown on hover
+    page.screenshot(path=str(shots / "filtered.png"))
+    assert page.errors == []

@@ -108,7 +108,7 @@ def create_app(
     def search_page():
         text = request.args.get("q", "").strip()
         upload = request.args.get("image", "").strip()
-        under = _folder(request.args.get("in", ""))
+        filters, filter_args = _filters()
         page_no = _page_number()
         offset = (page_no - 1) * PAGE_SIZE
         page = None
@@ -118,13 +118,20 @@ def create_app(
             if vector is None:
                 notice = "That uploaded picture is no longer remembered: drop it again."
             else:
-                page = live.search_vector(vector, offset=offset, limit=PAGE_SIZE, under=under)
+                page = live.search_vector(vector, offset=offset, limit=PAGE_SIZE, filters=filters)
         elif text:
-            page = live.search_text(text, offset=offset, limit=PAGE_SIZE, under=under)
-        params = {k: v for k, v in (("q", text), ("image", upload), ("in", request.args.get("in", ""))) if v}
+            page = live.search_text(text, offset=offset, limit=PAGE_SIZE, filters=filters)
+        params = {k: v for k, v in (("q", text), ("image", upload)) if v} | filter_args
         count = live.photo_count() if page is None else None
         return _results(
-            "search.html", page, params, q=text, folder=request.args.get("in", ""), notice=notice, count=count
+            "search.html",
+            page,
+            params,
+            q=text,
+            filter_args=filter_args,
+            filters_text=filters.describe() if filters is not None else "",
+            notice=notice,
+            count=count,
         )
 
     @app.post("/upload")
@@ -271,6 +278,41 @@ def _page_number() -> int:
     except ValueError:
         abort(400)
     return min(max(n, 1), MAX_PAGE)
+
+
+FILTER_ARGS = (
+    "after",
+    "before",
+    "camera",
+    "near",
+    "within",
+    "type",
+    "in",
+)  # as `clipsearch query` names them
+
+
+def _filters():
+    """The filters in the URL -> (:class:`clipsearch.filters.PhotoFilter` or None, the given args)."""
+    from clipsearch.filters import FilterError, PhotoFilter
+
+    given = {k: request.args.get(k, "").strip() for k in FILTER_ARGS}
+    given = {k: v for k, v in given.items() if v}
+    if not given:
+        return None, {}
+    try:
+        within = float(given["within"]) if "within" in given else None
+    except ValueError:
+        raise FilterError(f"within {given['within']!r}: give a distance in kilometres") from None
+    filters = PhotoFilter.parse(
+        after=given.get("after"),
+        before=given.get("before"),
+        camera=given.get("camera"),
+        near=given.get("near"),
+        within_km=within,
+        types=given.get("type"),
+        under=_folder(given.get("in", "")),
+    )
+    return filters, given
 
 
 def _folder(text: str) -> Path | None:

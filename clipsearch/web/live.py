@@ -147,8 +147,9 @@ class LiveLibrary:
 
     # --- searching ------------------------------------------------------------------------------
 
-    def search_text(self, text: str, *, offset: int = 0, limit: int = 60, under: Path | None = None) -> Page:
-        """A text query, as ``clipsearch query TEXT`` ranks it."""
+    def search_text(self, text: str, *, offset: int = 0, limit: int = 60, filters=None) -> Page:
+        """A text query, as ``clipsearch query TEXT`` ranks it; ``filters``: a
+        :class:`clipsearch.filters.PhotoFilter` applied inside the vector search."""
         from clipsearch import fastquery
         from clipsearch.search import Query
 
@@ -159,7 +160,7 @@ class LiveLibrary:
                 model_id,
                 Query.build(text),
                 offset + limit + 1,
-                under,
+                filters=filters,
                 encode=self._text_encoder(model_id),
                 index=self._vector_index(model_id),
             )
@@ -171,7 +172,7 @@ class LiveLibrary:
         *,
         offset: int = 0,
         limit: int = 60,
-        under: Path | None = None,
+        filters=None,
         exclude: int | None = None,
     ) -> Page:
         """Photos closest to a query vector (float32 [D], normalised) of the library's model."""
@@ -185,7 +186,7 @@ class LiveLibrary:
                 None,
                 Query([QueryPart("image", "(vector)")]),
                 offset + limit + 1 + extra,
-                under,
+                filters=filters,
                 model_id=model_id,
                 encode=lambda _query: vector,
                 index=self._vector_index(model_id),
