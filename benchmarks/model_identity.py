@@ -43,7 +43,9 @@ def main() -> None:
     for _ in range(args.runs):
         for name, code in VARIANTS.items():
             start = time.perf_counter()
-            subprocess.run([sys.executable, "-c", code.format(src=src)], check=True)
+            subprocess.run(
+                [sys.executable, "-c", code.format(src=src)], check=True, stdout=subprocess.DEVNULL
+            )
             times[name].append(time.perf_counter() - start)
     print(machine())
     print(f"load average {load:.1f} -> {os.getloadavg()[0]:.1f}; {args.runs} runs each; model {src}")
