@@ -702,6 +702,7 @@ def query(
                 bundle = _library_bundle(library, model, device=device)
                 hits = search(library, bundle, q, **options)
                 _export_text_encoder(bundle)  # so the next text query can skip torch
+    _note_cut_texts(state, q)
     _show_hits(
         state, hits, q.describe(), photo_filter, threshold, as_json, as_paths, null, as_table, html_out
     )
@@ -882,6 +883,29 @@ def _render_duplicates(groups, threshold: float) -> None:
             out.print(Text(f"  {mark}{facts}") + Text(str(p.path), no_wrap=True), soft_wrap=True)
 
 
+def _note_cut_texts(state: _State, q) -> None:
+    """Say when a query text is longer than the model reads (77 tokens for CLIP): only its start counted."""
+    from clipsearch.search import cut_texts
+
+    if not any(p.kind == "text" and len(p.value) > 60 for p in q.parts):
+        return  # too short to be cut, whatever the model: no tokenizer needed
+    from clipsearch import fastquery
+
+    with _open_existing(state) as library:
+        model_id = library.default_model_id()
+    try:
+        tokenizer = fastquery.encoder(model_id).tokenizer
+    except (fastquery.TextEncoderMissing, ImportError, OSError):
+        return  # no export to count with (the query loaded the model and is done): nothing to say
+    for text in cut_texts(q, tokenizer):
+        _console(stderr=True).print(
+            f"Note: the query text is longer than the model reads ({tokenizer.context_length - 2} tokens); "
+            f"only its start counted: {text[:60]!r}...",
+            markup=False,
+            style="yellow",
+        )
+
+
 def _fast_text_search(library, q, model: str | None, options: dict):
     """A text-only query with the library's own model, through the torch-free path
     (:mod:`clipsearch.fastquery`: ONNX text tower + FAISS). None when that path cannot answer
@@ -944,20 +968,19 @@ def _export_text_encoder(bundle) -> None:
 
 
 def _render_hits(hits, description: str) -> None:
-    from rich.table import Table
+    """Results for a person: aligned columns, each path whole on its line (a table would fold a long
+    path inside its cell, and a folded path cannot be copied or clicked)."""
     from rich.text import Text
 
     out = _console()
     if not hits:
         out.print(f"No photos match {description}.", markup=False)
         return
-    table = Table(title=Text(description), title_justify="left")
-    table.add_column("#", justify="right")
-    table.add_column("score", justify="right")
-    table.add_column("path", overflow="fold")
+    out.print(Text(description, style="bold"))
+    width = len(str(len(hits)))
+    out.print(Text(f"{'#':>{width}}   score  path", style="dim"))
     for n, h in enumerate(hits, start=1):
-        table.add_row(str(n), f"{h.score:.4f}", Text(str(h.path)))
-    out.print(table)
+        out.print(Text(f"{n:>{width}}  {h.score:>6.4f}  ") + Text(str(h.path)), soft_wrap=True)
 
 
 # --------------------------------------------------------------------------------------------------

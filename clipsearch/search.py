@@ -108,6 +108,15 @@ class Hit:
     image_id: int
 
 
+def cut_texts(query: Query, tokenizer) -> list[str]:
+    """The text parts of ``query`` longer than the model's context: the encoder reads only their
+    first ``context_length - 2`` tokens. ``tokenizer`` has ``encode(text)`` and ``context_length``."""
+    room = int(tokenizer.context_length) - 2  # start and end tokens
+    # A token covers at least one character: shorter texts fit without tokenizing them
+    long = [p.value for p in query.parts if p.kind == "text" and len(p.value) > room]
+    return [t for t in long if len(tokenizer.encode(t)) > room]
+
+
 def encode_query(bundle, query: Query) -> np.ndarray:
     """The normalised query vector ``float32 [D]``: the weighted sum of normalised part vectors."""
     import torch

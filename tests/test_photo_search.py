@@ -291,3 +291,31 @@ def test_an_old_library_gets_its_metadata_without_embedding_again(tmp_path):
     hits = json.loads(invoke("--db", db, "query", "x", "--json", "--type", "dng").stdout)
     assert [Path(h["path"]).name for h in hits] == ["b.dng"] and hits[0]["camera"] == "LEICA Q2"
     assert json.loads(invoke("--db", db, "index", photos, "--json").stdout)["metadata"] == 0  # once only
+
+
+def test_a_query_longer_than_the_context_says_it_was_cut(library):
+    db, _, _ = library
+    long = " ".join(["a sunny beach with palm trees and a red boat"] * 12)  # ~120 tokens
+    result = run_cli("--db", str(db), "query", long, "-n", "1")
+    assert result.returncode == 0 and "longer than the model reads (75 tokens)" in result.stderr
+    short = run_cli("--db", str(db), "query", "a sunny beach", "-n", "1")
+    assert short.returncode == 0 and "longer than" not in short.stderr
+
+
+def test_shell_completion_knows_the_new_commands():
+    import os
+
+    env = dict(os.environ, COMP_WORDS="clipsearch dup", COMP_CWORD="1", _CLIPSEARCH_COMPLETE="bash_complete")
+    out = subprocess.run(
+        [sys.executable, "-m", "clipsearch"], env=env, capture_output=True, text=True, cwd=REPO
+    )
+    assert "duplicates" in out.stdout
+
+
+def test_paths_are_never_wrapped_in_a_narrow_terminal(library):
+    db, photos, _ = library
+    result = run_cli("--db", str(db), "query", "x", "-n", "8", "--table", env={"COLUMNS": "30"})
+    assert result.returncode == 0
+    lines = result.stdout.splitlines()
+    for path in (photos / "trips" / "london.dng", photos / "tokyo.jpg"):
+        assert any(line.endswith(str(path)) for line in lines), result.stdout
