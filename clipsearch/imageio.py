@@ -143,6 +143,13 @@ def _identify(f, name, max_pixels):
     return im
 
 
+def check_header(f, name, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> None:
+    """Read only the header of the open binary file ``f``: :class:`ImageDecodeError` unless it is an
+    image with at most ``max_pixels`` pixels, so a caller can check a file before reading the whole
+    of it into memory. ``f``'s position afterwards is unspecified."""
+    _identify(f, name, max_pixels)  # not closed: PIL would close the caller's file with it
+
+
 def _failure_reason(e: Exception) -> str:
     if isinstance(e, OSError) and e.errno is not None:
         return "unreadable"  # the system's I/O error (EIO...), not the decoder's complaint

@@ -46,7 +46,7 @@ from typing import Any
 import numpy as np
 
 from clipsearch.errors import ClipsearchError, ImageDecodeError, LibraryError
-from clipsearch.imageio import DEFAULT_MAX_PIXELS, open_image
+from clipsearch.imageio import DEFAULT_MAX_PIXELS, check_header, open_image
 from clipsearch.metadata import METADATA_VERSION
 from clipsearch.store import ImageRow, Library, LibraryWriteError
 from clipsearch.walk import walk
@@ -58,6 +58,8 @@ _PHOTO_GONE_REASONS = ("dead symlink", "not a regular file")  # walk failures th
 # A run removes at most this many of a folder's photos freely; more, and more than half of them, at
 # once looks like a drive that is not all there rather than a user's deletion (see removal_hold).
 MASS_REMOVAL_MIN = 10
+# Failures that say nothing about a file's content: an indexed photo that fails so keeps its row.
+_NOT_READ = ("permission denied", "unreadable", "vanished", "not a regular file", "empty file")
 
 
 class IndexPathError(ClipsearchError):
@@ -474,9 +476,16 @@ class _Run:
             if st.st_size == 0:
                 res.error = ("empty file", "zero bytes")
                 return res
+            # Its header first: a non-image or a bomb is refused before its bytes are read into memory.
+            with open(fd, "rb", closefd=False) as head:
+                check_header(head, job.path, self.max_pixels)
+            os.lseek(fd, 0, os.SEEK_SET)  # the header read moved the shared offset
             # The bytes are kept only until decoded: hash and pixels then come from the same read,
             # even if the file changes meanwhile.
             res.content_hash, data = read_and_hash(fd, keep=True)
+        except ImageDecodeError as e:
+            res.error = (e.reason, e.detail)
+            return res
         except OSError as e:
             res.error = (_oserror_reason(e), e.strerror or str(e))
             return res
@@ -512,9 +521,10 @@ class _Run:
     def _fail(self, res: _Result) -> None:
         job = res.job
         with self.lib.transaction():
-            if job.row is not None and res.content_hash and res.content_hash != job.row.content_hash:
-                # Read in full, and its new content is no photo: the old embedding describes nothing.
-                # A file that could not be read this time (permission, I/O error, vanished) keeps it.
+            verdict = res.error[0] not in _NOT_READ  # about the content, not about access to it
+            if job.row is not None and verdict and res.content_hash != job.row.content_hash:
+                # Its new content is no photo: the old embedding describes nothing. A file that could
+                # not be read this time (permission, I/O error, vanished, mid-copy) keeps its row.
                 self.lib.remove_images([job.row.id])
             self.lib.record_error(
                 job.path,

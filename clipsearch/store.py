@@ -205,6 +205,34 @@ def _absolute(path: Path | str) -> Path:
     return Path(os.path.abspath(os.fspath(path)))
 
 
+def _writable(path: Path) -> bool:
+    """Whether this user can change the library file and make files beside it (-wal, -shm, lock)."""
+    if not (os.access(path, os.W_OK) and os.access(path.parent, os.W_OK | os.X_OK)):
+        return False
+    try:
+        return not os.statvfs(path).f_flag & os.ST_RDONLY  # root passes access() on read-only mounts
+    except OSError:
+        return True
+
+
+def _connect(path: Path, readonly: bool) -> sqlite3.Connection:
+    """A connection to ``path``; read-only ones fall back to ``immutable`` on media where SQLite cannot
+    make the ``-shm`` file a WAL database needs even to be read."""
+    if not readonly:
+        return sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    uri = f"{path.as_uri()}?mode=ro"
+    conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
+    try:
+        conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        return conn
+    except sqlite3.OperationalError as e:
+        conn.close()
+        if os.path.exists(f"{path}-wal") and os.path.getsize(f"{path}-wal"):
+            raise  # committed pages still in the WAL: reading without it would show an older library
+        log.info("library %s opened immutable (%s)", path, e)
+        return sqlite3.connect(f"{uri}&immutable=1", uri=True, isolation_level=None, check_same_thread=False)
+
+
 def resolve_path(path: Path | str | None = None) -> Path:
     """The library file ``path`` names, as :meth:`Library.open` opens it (absolute, its folder resolved).
 
@@ -365,9 +393,13 @@ class Library:
     def open(cls, path: Path | str | None = None, *, create: bool = False, readonly: bool = False) -> Library:
         """Open the library at ``path`` (default: ``clipsearch.paths.default_library_path()``).
 
-        ``create`` makes a new database when none exists; ``readonly`` neither creates nor migrates
-        and refuses writes. Raises :class:`LibraryError` with one line when the file is missing,
-        not a SQLite database, corrupt, or written by a newer clipsearch.
+        ``create`` makes a new database (0600: it lists the user's photos) when none exists;
+        ``readonly`` neither creates nor migrates and refuses writes. A library this user cannot
+        write (read-only media, a read-only file or folder) opens read-only by itself: queries,
+        status and export work, a write says why it cannot. A SQLite file that is not a clipsearch
+        library is refused before anything is written to it. Raises :class:`LibraryError` with one
+        line when the file is missing, not a SQLite database, corrupt, another program's, or
+        written by a newer clipsearch.
         """
         path = resolve_path(path)
         created = not path.exists()
@@ -378,17 +410,20 @@ class Library:
                 raise LibraryError(f"no library at {path}: run `clipsearch index PATH` first")
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)
+                os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))
+            except FileExistsError:
+                created = False  # another process made it meanwhile
             except OSError as e:
-                raise LibraryError(f"cannot create the library folder {path.parent}: {e.strerror}") from e
+                raise LibraryError(f"cannot create the library {path}: {e.strerror}") from e
+        elif not readonly and not _writable(path):
+            log.info("library %s is not writable here: opened read-only", path)
+            readonly = True
         try:
-            if readonly:
-                conn = sqlite3.connect(
-                    f"{path.as_uri()}?mode=ro", uri=True, isolation_level=None, check_same_thread=False
-                )
-            else:
-                conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        except sqlite3.Error as e:
+            conn = _connect(path, readonly)
+        except sqlite3.OperationalError as e:
             raise LibraryError(f"cannot open the library {path}: {e}") from e
+        except sqlite3.DatabaseError as e:
+            raise LibraryError(f"{path} is not a clipsearch library or is corrupt ({e})") from e
         lib = cls(path, conn, readonly)
         lib.created = created
         try:
@@ -405,8 +440,9 @@ class Library:
     def _configure(self) -> None:
         c = self._conn
         c.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-        # Reading the schema is the first access: a non-database file fails here.
-        c.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        # Only reads until the file is known to be a clipsearch library (or empty): another
+        # program's database is refused exactly as it was, not switched to WAL first.
+        self._check_identity()
         if not self.readonly:
             mode = c.execute("PRAGMA journal_mode = WAL").fetchone()[0]
             if str(mode).lower() != "wal":
@@ -416,11 +452,26 @@ class Library:
             c.execute("PRAGMA synchronous = NORMAL")  # WAL + NORMAL: a crash loses no committed batch
         c.execute("PRAGMA foreign_keys = ON")
 
+    def _check_identity(self) -> None:
+        """Refuse, by reading only, a database that is neither empty nor a clipsearch library."""
+        c = self._conn
+        # Reading the schema is the first access: a non-database file fails here.
+        tables = {r[0] for r in c.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if not tables:
+            return  # a new (or empty) file: it becomes a library
+        try:
+            first = c.execute("SELECT name FROM migrations ORDER BY id LIMIT 1").fetchone()
+        except sqlite3.DatabaseError:
+            first = None
+        if first is None or first[0] != MIGRATIONS[0][0]:
+            raise LibraryError(
+                f"{self.path} is a SQLite database but not a clipsearch library: left untouched; "
+                "pass another --db"
+            )
+
     def _migrate(self) -> None:
         c = self._conn
         tables = {r[0] for r in c.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-        if tables and "migrations" not in tables:
-            raise LibraryError(f"{self.path} is a SQLite database but not a clipsearch library")
         applied = self.applied_migrations() if "migrations" in tables else []
         known = [name for name, _ in MIGRATIONS]
         unknown = [name for name in applied if name not in known]
@@ -483,6 +534,13 @@ class Library:
 
     # --- transactions and the writer lock -----------------------------------------------------
 
+    def _readonly_error(self) -> LibraryError:
+        return LibraryError(
+            f"the library {self.path} is read-only here (read-only media, or a file or folder you "
+            "cannot write): queries, status and export work; to change it, copy it somewhere writable "
+            "and pass --db"
+        )
+
     @contextlib.contextmanager
     def transaction(self) -> Iterator[None]:
         """``with library.transaction():`` the writes inside commit together or not at all.
@@ -492,7 +550,7 @@ class Library:
         past the busy timeout) raises :class:`LibraryWriteError`; what was committed before stays.
         """
         if self.readonly:
-            raise LibraryError(f"{self.path} was opened read-only")
+            raise self._readonly_error()
         if self._depth:
             self._depth += 1
             try:
@@ -554,10 +612,7 @@ class Library:
         import errno
 
         if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
-            return LibraryError(
-                f"the library {self.path} is read-only here ({e.strerror}): queries, status and export "
-                "work; to index, copy it to a writable folder or pass --db"
-            )
+            return self._readonly_error()
         return LibraryError(f"cannot write beside the library {self.path}: {e.strerror or e}")
 
     def release_writer_lock(self) -> None:
@@ -1203,6 +1258,11 @@ class TextFeatureCache:
         self.path = Path(path)
 
     def _connect(self) -> sqlite3.Connection:
+        # It holds what the user searched for: private (0600), made so before SQLite opens it.
+        try:
+            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))
+        except FileExistsError:
+            pass
         conn = sqlite3.connect(self.path, timeout=2)
         conn.execute("CREATE TABLE IF NOT EXISTS features (text TEXT PRIMARY KEY, vector BLOB NOT NULL)")
         return conn
@@ -1218,7 +1278,7 @@ class TextFeatureCache:
                     row = conn.execute("SELECT vector FROM features WHERE text = ?", (text,)).fetchone()
                     if row is not None:
                         found[text] = row[0]
-        except sqlite3.Error as e:
+        except (sqlite3.Error, OSError) as e:
             log.info("text cache %s unreadable (%s): encoding every text", self.path, e)
             return {}
         return found
@@ -1229,7 +1289,7 @@ class TextFeatureCache:
                 conn.executemany(
                     "INSERT OR REPLACE INTO features (text, vector) VALUES (?, ?)", list(items.items())
                 )
-        except sqlite3.Error as e:  # read-only or busy: only the next query's speed suffers
+        except (sqlite3.Error, OSError) as e:  # read-only or busy: only the next query's speed suffers
             log.info("text cache %s not written (%s)", self.path, e)
 
 

@@ -38,7 +38,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
+import os
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -47,6 +49,8 @@ import numpy as np
 
 from clipsearch.atomic import atomic_path, remove_stale_temps, write_text
 from clipsearch.errors import LibraryError
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from clipsearch.store import Library
@@ -445,6 +449,7 @@ class VectorIndex:
             "tombstones": sorted(self.tombstones),
             "file_size": st.st_size,
             "file_mtime_ns": st.st_mtime_ns,
+            "owner_mac": _owner_mac(st, model_id, library_id),
         }
         write_text(_sidecar_path(path), json.dumps(meta))
         self.path = path
@@ -569,9 +574,37 @@ def _read_sidecar(path: Path, any_version: bool = False) -> dict | None:
     return meta
 
 
+def _owner_mac(st: os.stat_result, model_id: str, library_id: str | None) -> str | None:
+    """A MAC, with this user's key, of the index file as it was written (inode, size, mtime).
+
+    A copy made elsewhere (another user, machine or folder) gets another inode and another key, so
+    its MAC fails and it is rebuilt from SQLite instead of handed to FAISS's parser. None when the
+    key cannot be had (a read-only home): nothing is then trusted, and indexes are built in memory.
+    """
+    import hmac
+
+    from clipsearch.paths import user_key
+
+    try:
+        key = user_key()
+    except OSError:
+        return None
+    text = f"{library_id}|{model_id}|{st.st_ino}|{st.st_size}|{st.st_mtime_ns}"
+    return hmac.new(key, text.encode("utf-8"), "sha256").hexdigest()
+
+
 def _file_matches(path: Path, meta: dict) -> bool:
+    """Whether ``path`` is the file this user's clipsearch wrote with sidecar ``meta``."""
+    import hmac
+
     try:
         st = path.stat()
     except OSError:
         return False
-    return st.st_size == meta.get("file_size") and st.st_mtime_ns == meta.get("file_mtime_ns")
+    if st.st_size != meta.get("file_size") or st.st_mtime_ns != meta.get("file_mtime_ns"):
+        return False
+    mac = _owner_mac(st, str(meta.get("model_id")), meta.get("library_id"))
+    if mac is None or not hmac.compare_digest(mac, str(meta.get("owner_mac"))):
+        log.info("FAISS index %s was not written by this user here: rebuilding it from the library", path)
+        return False
+    return True

@@ -556,16 +556,24 @@ def test_unchanged_bad_files_are_not_read_again_until_something_changes(lib, pho
 
     (photos / "text.jpg").write_text("just some text")
     Image.new("RGB", (300, 300)).save(photos / "big.png")
-    reads = []
-    real = indexer.read_and_hash
+    reads = []  # files whose header was examined
+    whole = []  # files read in full
+    real_header, real_read = indexer.check_header, indexer.read_and_hash
 
-    def counting(fd, keep):
-        reads.append(os.readlink(f"/proc/self/fd/{fd}").rsplit("/", 1)[-1])
-        return real(fd, keep)
+    def counting_header(f, name, max_pixels):
+        reads.append(Path(name).name)
+        return real_header(f, name, max_pixels)
 
-    monkeypatch.setattr(indexer, "read_and_hash", counting)
+    def counting_read(fd, keep):
+        whole.append(os.readlink(f"/proc/self/fd/{fd}").rsplit("/", 1)[-1])
+        return real_read(fd, keep)
+
+    monkeypatch.setattr(indexer, "check_header", counting_header)
+    monkeypatch.setattr(indexer, "read_and_hash", counting_read)
     first = index_paths(lib, FakeBundle(), [photos], max_pixels=200 * 200)
     assert sorted(reads) == sorted(["text.jpg", "big.png"] + [p.name for p in photos.rglob("img*.png")])
+    # Not an image, or over the pixel limit: refused from the header, never read into memory.
+    assert sorted(whole) == sorted(p.name for p in photos.rglob("img*.png"))
     reads.clear()
     again = index_paths(lib, FakeBundle(), [photos], max_pixels=200 * 200)
     assert reads == [] and sorted(again.failed) == sorted(first.failed)  # still reported, not re-read
