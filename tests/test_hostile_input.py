@@ -240,23 +240,44 @@ def _image_rows(db: Path) -> dict[str, tuple]:
 # one warm-up run as root first, then the process drops its privileges for good.
 AS_NOBODY = """
 import json, os, sys
+# Nothing may be read from the checkout once privileges are gone (it may sit in a folder only its
+# owner can open): no imports from the working folder, every module the commands need loaded first.
+sys.path = [p for p in sys.path if p not in ("", ".")]
 from click.testing import CliRunner
 from clipsearch.cli import cli
+import clipsearch.indexer, clipsearch.search, clipsearch.vectors, clipsearch.fastquery, clipsearch.zeroshot
 
 pub = sys.argv[1]
+os.chdir(pub)
 def run(*args):
     r = CliRunner().invoke(cli, [str(a) for a in args])
     return {"code": r.exit_code, "stdout": r.stdout, "stderr": r.stderr}
 warm = run("--db", f"{pub}/warm.db", "index", "--model", f"{pub}/model", f"{pub}/warm", "--json")
 assert warm["code"] == 0, warm
 run("--db", f"{pub}/warm.db", "status")
+run("--db", f"{pub}/warm.db", "query", "x", "--json")
+run("--db", f"{pub}/warm.db", "label", "--classes", "a,b")
+run("--db", f"{pub}/warm.db", "export", f"{pub}/warm.npz")
+# A library root made and left readable, in a folder others may read but not write.
+ro = run("--db", f"{pub}/ro/lib.db", "index", "--model", f"{pub}/model", f"{pub}/warm", "--json")
+assert ro["code"] == 0, ro
+os.chmod(f"{pub}/ro/lib.db", 0o644)
+os.chmod(f"{pub}/ro", 0o755)
+os.environ["CLIPSEARCH_HOME"] = f"{pub}/home"  # a home of its own: root's is not theirs to read
 os.setgroups([])
 os.setgid(65534)
 os.setuid(65534)
 index = run("--db", f"{pub}/db/lib.db", "index", "--model", f"{pub}/model", f"{pub}/photos", "--json")
 status = run("--db", f"{pub}/db/lib.db", "status", "--json", "--errors", "50")
 closed_model = run("--db", f"{pub}/db/lib.db", "query", "x", "--model", f"{pub}/closed_model")
-print(json.dumps({"index": index, "status": status, "closed_model": closed_model, "uid": os.getuid()}))
+readonly = {
+    "status": run("--db", f"{pub}/ro/lib.db", "status", "--json"),
+    "query": run("--db", f"{pub}/ro/lib.db", "query", "x", "--json"),
+    "export": run("--db", f"{pub}/ro/lib.db", "export", f"{pub}/db/ro.npz"),
+    "index": run("--db", f"{pub}/ro/lib.db", "index", f"{pub}/warm"),
+}
+print(json.dumps({"index": index, "status": status, "closed_model": closed_model, "readonly": readonly,
+                  "uid": os.getuid()}))
 """
 
 
@@ -266,8 +287,6 @@ def test_unreadable_files_folders_and_model_as_an_unprivileged_user(tmp_path_fac
     import subprocess
     import sys
     import tempfile
-
-    from e2e_helpers import REPO
 
     pub = Path(tempfile.mkdtemp(prefix="clipsearch-nobody-"))  # /tmp: reachable by nobody
     try:
@@ -280,8 +299,9 @@ def test_unreadable_files_folders_and_model_as_an_unprivileged_user(tmp_path_fac
         for f in (pub / "closed_model").iterdir():
             f.chmod(0o600)  # root's alone: nobody can read neither the folder nor its files
         (pub / "closed_model").chmod(0o700)
-        (pub / "db").mkdir(mode=0o777)
-        (pub / "db").chmod(0o777)
+        for folder in ("db", "home", "ro"):
+            (pub / folder).mkdir(mode=0o777)
+            (pub / folder).chmod(0o777)
         write_photo(pub / "warm" / "w.png", 1)
         good = write_photo(pub / "photos" / "good.png", 2)
         locked = write_photo(pub / "photos" / "locked.png", 3)
@@ -289,7 +309,7 @@ def test_unreadable_files_folders_and_model_as_an_unprivileged_user(tmp_path_fac
         locked.chmod(0)
         (pub / "photos" / "closed").chmod(0)
         proc = subprocess.run(
-            [sys.executable, "-c", AS_NOBODY, str(pub)], capture_output=True, text=True, timeout=300, cwd=REPO
+            [sys.executable, "-c", AS_NOBODY, str(pub)], capture_output=True, text=True, timeout=300, cwd=pub
         )
         if proc.returncode != 0 and "Operation not permitted" in proc.stderr:
             pytest.skip("cannot drop privileges here (no CAP_SETUID)")
@@ -311,6 +331,14 @@ def test_unreadable_files_folders_and_model_as_an_unprivileged_user(tmp_path_fac
         closed = out["closed_model"]
         assert closed["code"] == 1 and closed["stderr"].count("\n") == 1, closed
         assert "bug" not in closed["stderr"] and "closed_model" in closed["stderr"], closed
+        # A valid library this user may read but not write: queries, status and export work; an index
+        # run says it is read-only (never "corrupt"), and the file is as it was.
+        ro = out["readonly"]
+        assert ro["status"]["code"] == 0 and json.loads(ro["status"]["stdout"])["images"] == 1, ro["status"]
+        assert ro["query"]["code"] == 0 and len(json.loads(ro["query"]["stdout"])) == 1, ro["query"]
+        assert ro["export"]["code"] == 0 and (pub / "db" / "ro.npz").stat().st_size > 0, ro["export"]
+        assert ro["index"]["code"] == 1 and "read-only" in ro["index"]["stderr"], ro["index"]
+        assert not any("corrupt" in r["stderr"] for r in ro.values())
     finally:
         (pub / "photos" / "closed").chmod(0o755)
         shutil.rmtree(pub, ignore_errors=True)
