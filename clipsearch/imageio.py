@@ -146,7 +146,14 @@ def _identify(f, name, max_pixels):
 def check_header(f, name, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> None:
     """Read only the header of the open binary file ``f``: :class:`ImageDecodeError` unless it is an
     image with at most ``max_pixels`` pixels, so a caller can check a file before reading the whole
-    of it into memory. ``f``'s position afterwards is unspecified."""
+    of it into memory. A camera RAW file passes (its preview is checked when it is decoded).
+    ``f``'s position afterwards is unspecified."""
+    from clipsearch import raw
+
+    start = f.tell()
+    if raw.sniff(f) is not None:
+        return
+    f.seek(start)
     _identify(f, name, max_pixels)  # not closed: PIL would close the caller's file with it
 
 

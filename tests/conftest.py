@@ -1,4 +1,6 @@
 import os
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -8,9 +10,26 @@ import pytest
 os.environ["CLIPSEARCH_BACKGROUND"] = "0"
 
 
+# One user key for the whole run, as one user has (clipsearch.paths.user_key): a FAISS index saved
+# under one test's home is this user's own under the next one's too.
+_USER_KEY = os.urandom(32)
+
+
+def _home_with_key(home: Path) -> Path:
+    fd = os.open(home / "user.key", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    os.write(fd, _USER_KEY)
+    os.close(fd)
+    return home
+
+
+# Module-scoped fixtures run before the per-test home below is set: they get this one, never the
+# real user's home.
+os.environ["CLIPSEARCH_HOME"] = str(_home_with_key(Path(tempfile.mkdtemp(prefix="clipsearch-home-"))))
+
+
 @pytest.fixture(autouse=True)
 def _isolated_home(tmp_path_factory, monkeypatch):
     """Every test gets its own CLIPSEARCH_HOME, so nothing touches the user's files."""
-    home = tmp_path_factory.mktemp("clipsearch_home")
+    home = _home_with_key(tmp_path_factory.mktemp("clipsearch_home"))
     monkeypatch.setenv("CLIPSEARCH_HOME", str(home))
     return home

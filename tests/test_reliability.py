@@ -168,22 +168,26 @@ def test_faiss_index_behind_sqlite_is_caught_up_by_doctor_and_by_a_query(tmp_pat
     assert invoke("index", "--model", model, tmp_path / "photos", "--json", db=db).exit_code == 0
     (index_file,) = faiss_files(db)
     sidecar = index_file.with_suffix(".json")
-    old = (index_file.read_bytes(), sidecar.read_bytes())
+    old = sidecar.read_bytes()
+    saved = tmp_path / "saved.index"
+    os.link(index_file, saved)  # the very file (its inode, which its sidecar's MAC names)
+
+    def put_back_the_old_index():
+        os.link(saved, tmp_path / "again.index")
+        os.replace(tmp_path / "again.index", index_file)
+        sidecar.write_bytes(old)
+
     photos += make_photos(tmp_path / "photos", 2, start=3)
     assert invoke("index", tmp_path / "photos", "--json", db=db).exit_code == 0
     # Put back the index of three photos, as if the run had died before saving it.
-    index_file.write_bytes(old[0])
-    sidecar.write_bytes(old[1])
-    os.utime(index_file, ns=(json.loads(old[1])["file_mtime_ns"],) * 2)
+    put_back_the_old_index()
     assert len(faiss_ids(index_file)) == 3
     out = _doctor(db)
     assert "was behind SQLite: brought up to date (5 vectors" in out, out
     assert_complete(db, photos)
 
     # Without doctor, a query finds the stale index and answers over all five photos.
-    index_file.write_bytes(old[0])
-    sidecar.write_bytes(old[1])
-    os.utime(index_file, ns=(json.loads(old[1])["file_mtime_ns"],) * 2)
+    put_back_the_old_index()
     result = invoke("query", "a photo", "--json", "--top", "10", db=db)
     assert result.exit_code == 0, result.output
     assert sorted(Path(h["path"]).name for h in json.loads(result.stdout)) == sorted(p.name for p in photos)
