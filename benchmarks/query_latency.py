@@ -1,6 +1,7 @@
 """Whole-process text query latency: ``clipsearch query`` as a user types it, with and without ``serve``.
 
     python benchmarks/query_latency.py [--sizes 1000,100000] [--runs 5] [--work DIR] [--cli]
+        [--baseline TREE PYTHON]
 
 For each size a library of that many images with synthetic, L2-normalised 512-d vectors is built once
 through the store API (``Library.add_image`` / ``put_embedding``) and its FAISS index saved by
@@ -21,6 +22,10 @@ time, and the minimum wall the better guide to what the code can do):
 - ``--model DIR (loads torch)`` (with ``--cli``): naming the model forces loading it in torch;
 - ``the interpreter alone``: ``python -c`` printing one line, the floor under every query process.
 
+``--baseline TREE PYTHON`` times another checkout side by side (a worktree of an older commit with
+its own venv's python): each version sets up its own model, export and libraries with its own code
+(under ``--work/<label>``, its own ``CLIPSEARCH_HOME``), and the runs interleave the two versions.
+
 Runs go round-robin over the variants so machine noise hits them alike. The load average at the
 start and the end is printed with the table.
 """
@@ -37,7 +42,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from backends import machine, random_model_dir, set_home  # noqa: E402  (the sibling benchmark)
+from backends import machine  # noqa: E402  (the sibling benchmark)
 
 
 def build_library(db: Path, n: int, model_id: str, source: str, dim: int = 512) -> None:
@@ -93,23 +98,68 @@ def timed(cmd: list[str], env: dict) -> tuple[float, float]:
     return elapsed, cpu
 
 
-class Daemon:
-    """``clipsearch serve`` for one library, in the background while the ``serve`` variants run."""
+SETUP = """
+import os, sys
+from pathlib import Path
+work, tree, sizes = Path(sys.argv[1]), Path(sys.argv[2]), [int(s) for s in sys.argv[3].split(",")]
+os.environ["CLIPSEARCH_HOME"] = str(work / "home")
+sys.path.insert(0, str(tree / "benchmarks"))
+from backends import random_model_dir
+from query_latency import build_library
+from clipsearch import fastquery
+from clipsearch.checkpoints import load_bundle
+model_dir = random_model_dir(work)
+bundle = load_bundle(model_dir)
+fastquery.ensure_text_encoder(bundle)
+for n in sizes:
+    build_library(work / f"query-{n}.db", n, bundle.model_id, str(model_dir))
+print(model_dir)
+"""
 
-    def __init__(self, db: Path, env: dict):
-        from clipsearch import serve
-        from clipsearch.search import Query
 
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "clipsearch", "--db", str(db), "serve"],
-            env=env,
-            stderr=subprocess.DEVNULL,
+class Version:
+    """One checkout of clipsearch and the interpreter that runs it (its venv), with its own work
+    folder: home (exports, caches, daemon sockets), model and libraries are never shared."""
+
+    def __init__(self, label: str, python: str, tree: Path, work: Path):
+        self.label, self.python, self.tree, self.work = label, python, tree, work / label
+        self.env = {**os.environ, "CLIPSEARCH_HOME": str(self.work / "home")}
+
+    def setup(self, sizes: list[int]) -> Path:
+        """Model, text export and libraries, made by this version's own code (reused when present)."""
+        self.work.mkdir(parents=True, exist_ok=True)
+        out = subprocess.run(
+            [self.python, "-c", SETUP, str(self.work), str(self.tree), ",".join(map(str, sizes))],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            cwd=self.tree,
         )
-        deadline = time.monotonic() + 300
-        while serve.ask(db, Query.build("warm up"), {"top": 1}) is None:
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"clipsearch serve for {db} did not start")
-            time.sleep(0.2)
+        if out.returncode != 0:
+            raise SystemExit(f"setting up {self.label} failed:\n{out.stderr[-3000:]}")
+        return Path(out.stdout.strip().splitlines()[-1])
+
+    def query(self, n: int, text: str, *extra: str) -> list[str]:
+        db = self.work / f"query-{n}.db"
+        return [self.python, "-m", "clipsearch", "--db", str(db), "query", text, "--paths", *extra]
+
+
+class Daemon:
+    """``clipsearch serve`` of one version for one library, in the background; ready once it says so."""
+
+    def __init__(self, version: Version, n: int):
+        db = version.work / f"query-{n}.db"
+        self.proc = subprocess.Popen(
+            [version.python, "-m", "clipsearch", "--db", str(db), "serve"],
+            env=version.env,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for line in self.proc.stderr:  # "Serving <library> on <socket>" once it listens
+            if line.startswith("Serving"):
+                break
+        else:
+            raise SystemExit(f"clipsearch serve of {version.label} for {db} did not start")
 
     def stop(self) -> None:
         self.proc.send_signal(signal.SIGTERM)
@@ -124,62 +174,64 @@ def main(argv=None) -> int:
         "--cli", action="store_true", help="also time `clipsearch query --model DIR` (loads torch)"
     )
     ap.add_argument("--work", type=Path, default=Path("/tmp/clipsearch-bench"))
+    ap.add_argument(
+        "--baseline",
+        nargs=2,
+        metavar=("TREE", "PYTHON"),
+        help="also time another checkout (e.g. a worktree of an older commit) run by PYTHON (its venv), "
+        "interleaved with this one",
+    )
     args = ap.parse_args(argv)
-    set_home(args.work)
-
-    from clipsearch import fastquery
-    from clipsearch.checkpoints import load_bundle
-
-    model_dir = random_model_dir(args.work)
-    bundle = load_bundle(model_dir)
-    fastquery.ensure_text_encoder(bundle)
-    env = dict(os.environ)
+    here = Path(__file__).resolve().parent.parent
+    versions = [Version("this tree", sys.executable, here, args.work)]
+    if args.baseline:
+        tree, python = args.baseline
+        versions.append(Version(f"baseline {Path(tree).name}", python, Path(tree).resolve(), args.work))
     sizes = [int(s) for s in args.sizes.split(",")]
     load_before = os.getloadavg()
+    model_dirs = {}
+    for v in versions:
+        start = time.perf_counter()
+        model_dirs[v.label] = v.setup(sizes)
+        print(f"# {v.label}: set up in {time.perf_counter() - start:.0f} s", file=sys.stderr)
     rows = []
     for n in sizes:
-        db = args.work / f"query-{n}.db"
-        start = time.perf_counter()
-        build_library(db, n, bundle.model_id, str(model_dir))
-        built = time.perf_counter() - start
-        cli = [sys.executable, "-m", "clipsearch", "--db", str(db), "query", "--paths"]
 
-        def new_text(i, n=n, cli=cli):
-            return [*cli, f"a photo number {n} {i} {time.time_ns()}"]
+        def new_text(v, n=n):
+            return v.query(n, f"a photo number {n} {time.time_ns()}")
 
-        def repeated_text(i, cli=cli):
-            return [*cli, "a dog on a beach"]
+        def repeated_text(v, n=n):
+            return v.query(n, "a dog on a beach")
 
-        variants = {
-            "new text": new_text,
-            "repeated text": repeated_text,
-            "(the interpreter alone: python -c)": lambda i: [sys.executable, "-c", "print(1)"],
-        }
+        variants = {"new text": new_text, "repeated text": repeated_text}
         if args.cli:
-            variants["--model DIR (loads torch)"] = lambda i, cli=cli: [
-                *repeated_text(i),
-                "--model",
-                str(model_dir),
-            ]
-        timed(repeated_text(0), env)  # fills the cache, warms the page cache
-        times: dict[str, list[tuple[float, float]]] = {k: [] for k in variants}
-        for i in range(args.runs):
+            variants["--model DIR (loads torch)"] = lambda v, n=n: v.query(
+                n, "a dog on a beach", "--model", str(model_dirs[v.label])
+            )
+        for v in versions:
+            timed(repeated_text(v), v.env)  # fills the cache, warms the page cache
+        times: dict[tuple[str, str], list[tuple[float, float]]] = {}
+        floor = [sys.executable, "-c", "print(1)"]
+        for _ in range(args.runs):
+            times.setdefault(("", "(the interpreter alone: python -c)"), []).append(timed(floor, os.environ))
             for name, make in variants.items():
-                times[name].append(timed(make(i), env))
-        daemon = Daemon(db, env)
+                for v in versions:
+                    times.setdefault((v.label, name), []).append(timed(make(v), v.env))
+        daemons = [Daemon(v, n) for v in versions]
         try:
-            served = {"new text (serve)": new_text, "repeated text (serve)": repeated_text}
-            times.update({k: [] for k in served})
-            for i in range(args.runs):
-                for name, make in served.items():
-                    times[name].append(timed(make(args.runs + i), env))
+            for _ in range(args.runs):
+                for name, make in (("new text (serve)", new_text), ("repeated text (serve)", repeated_text)):
+                    for v in versions:
+                        times.setdefault((v.label, name), []).append(timed(make(v), v.env))
         finally:
-            daemon.stop()
-        for name, ts in times.items():
+            for d in daemons:
+                d.stop()
+        for (label, name), ts in times.items():
             walls = [w for w, _ in ts]
             cpus = [c for _, c in ts]
-            rows.append((n, name, statistics.median(walls), min(walls), statistics.median(cpus), min(cpus)))
-        rows.append((n, "(library + index built in)", built, built, built, built))
+            rows.append(
+                (n, label, name, statistics.median(walls), min(walls), statistics.median(cpus), min(cpus))
+            )
 
     print(f"# whole-process `clipsearch query TEXT --paths`, {args.runs} runs (ViT-B/32 text tower, top 20)")
     print(f"# {machine()}")
@@ -188,15 +240,23 @@ def main(argv=None) -> int:
         f"# load average (1/5/15 min): start {load_before[0]:.2f}/{load_before[1]:.2f}/{load_before[2]:.2f}, "
         f"end {load_after[0]:.2f}/{load_after[1]:.2f}/{load_after[2]:.2f}"
     )
-    print("| images | query | wall median s | wall min s | CPU median s | CPU min s |")
-    print("|---:|---|---:|---:|---:|---:|")
-    for n, name, med, lo, cpu, cpu_lo in rows:
-        if name.startswith("(library"):
-            print(f"| {n:,} | {name} | {med:.1f} (once) | | | |")
-        else:
-            print(f"| {n:,} | {name} | {med:.3f} | {lo:.3f} | {cpu:.3f} | {cpu_lo:.3f} |")
+    print("| images | version | query | wall median s | wall min s | CPU median s | CPU min s |")
+    print("|---:|---|---|---:|---:|---:|---:|")
+    for n, label, name, med, lo, cpu, cpu_lo in sorted(rows, key=lambda r: (r[0], r[2], r[1])):
+        print(f"| {n:,} | {label} | {name} | {med:.3f} | {lo:.3f} | {cpu:.3f} | {cpu_lo:.3f} |")
+    if len(versions) == 2:
+        print()
+        print(
+            f"| images | query | wall median ratio {versions[0].label} / {versions[1].label} | CPU median ratio |"
+        )
+        print("|---:|---|---:|---:|")
+        by = {(r[0], r[1], r[2]): r for r in rows}
+        for n in sizes:
+            for name in [*variants, "new text (serve)", "repeated text (serve)"]:
+                a, b = by[(n, versions[0].label, name)], by[(n, versions[1].label, name)]
+                print(f"| {n:,} | {name} | {a[3] / b[3]:.2f} | {a[5] / b[5]:.2f} |")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

@@ -75,12 +75,22 @@ def rclip_models(work: Path, model_dir: Path) -> Path:
 
     from clipsearch.backends import export_onnx
     from clipsearch.checkpoints import load_bundle
-    from clipsearch.fastquery import _text_tower_class
 
     model = load_bundle(str(model_dir)).model.float().eval()
-    # the towers clipsearch itself exports: the image tower as is, and the text tower without the
-    # end-of-text cut (rclip feeds all 77 positions; a traced cut would freeze the example's length)
-    text_tower = _text_tower_class()(model).eval()
+
+    class TextTower(torch.nn.Module):
+        """``encode_text`` without the end-of-text cut: rclip feeds all 77 positions, and a traced
+        cut would freeze the example's length."""
+
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, tokens):  # [B, 77] -> [B, D]
+            self.model._eot_cut = False
+            return self.model.encode_text(tokens)
+
+    text_tower = TextTower(model).eval()
 
     sub.mkdir(parents=True, exist_ok=True)
     axes = {"input": {0: "batch"}, "output": {0: "batch"}}

@@ -464,7 +464,7 @@ def _environment(threads: int | None, device=None) -> dict:
     import torch
 
     try:
-        ort_version = importlib.metadata.version("onnxruntime")  # without importing it (~0.3 s)
+        ort_version = importlib.metadata.version("onnxruntime")  # without importing it (a slow import)
     except importlib.metadata.PackageNotFoundError:
         ort_version = None  # the ONNX backends then fail to build: recorded, never chosen
     env = {

@@ -116,7 +116,8 @@ class _Group(click.Group):
 
 
 def _verbose(ctx: click.Context) -> bool:
-    return bool(ctx.find_root().params.get("verbose"))
+    root = ctx.find_root()
+    return bool(root.params.get("verbose") or getattr(root.obj, "verbose", False))
 
 
 def _maybe_trace(ctx: click.Context) -> None:
@@ -219,12 +220,35 @@ def filter_options(func):
     help="Library database file (default: library.db in the clipsearch home, $CLIPSEARCH_HOME). "
     "Keep it inside the photo folder to store paths relative to it.",
 )
-@click.option("--verbose", "-v", is_flag=True, help="Show the full traceback when something fails.")
+@click.option(
+    "--verbose",
+    "-v",
+    is_flag=True,
+    help="Say which way each step went (e.g. which encoder answered a query, and why) on stderr, "
+    "and show the full traceback when something fails.",
+)
 @click.version_option(__version__, prog_name="clipsearch")
 @click.pass_context
 def cli(ctx: click.Context, db: Path | None, verbose: bool) -> None:
     """Semantic search over your photos with CLIP: index a folder, then search it with words or images."""
     ctx.obj = _State(db, verbose)
+    _setup_logging(verbose)
+
+
+def _setup_logging(verbose: bool) -> None:
+    """The library logs each choice and fallback (``logging``); they reach stderr here: every one
+    with ``--verbose``, else only warnings (``Note: ...``)."""
+    import logging
+
+    handler = logging.StreamHandler(_PrintableStream(sys.stderr))
+    handler.setFormatter(logging.Formatter("%(name)s: %(message)s" if verbose else "Note: %(message)s"))
+    root = logging.getLogger("clipsearch")
+    for old in [h for h in root.handlers if getattr(h, "_clipsearch_cli", False)]:
+        root.removeHandler(old)  # a second invocation in one process (tests) replaces the first
+    handler._clipsearch_cli = True
+    root.addHandler(handler)
+    root.setLevel(logging.INFO if verbose else logging.WARNING)
+    root.propagate = False
 
 
 def _top_option(func):
@@ -316,9 +340,7 @@ def _library_bundle(library, model: str | None, device: str = "cpu"):
     """The model to query with: ``--model`` when given, else the one the library was indexed with."""
     if model is not None:
         return _load_bundle(model, device=device, library=library)
-    model_id = library.default_model_id()
-    if model_id is None:
-        raise LibraryError(f"the library {library.path} has no images yet: run `clipsearch index PATH` first")
+    model_id = library.require_default_model()
     return _load_bundle(library.model_source(model_id), device=device, library=library)
 
 
@@ -642,6 +664,12 @@ def _no_images(paths) -> ClipsearchError:
     "Where the model runs when one is loaded (image parts, --model). auto: a text query uses the torch-free "
     "CPU path (faster than starting a GPU), else the GPU when there is one."
 )
+@click.option(
+    "--verbose",
+    "-v",
+    is_flag=True,
+    help="Say on stderr which way the query went (daemon, torch-free text tower or model) and why.",
+)
 @pass_state
 def query(
     state: _State,
@@ -663,6 +691,7 @@ def query(
     model,
     index_kind,
     device,
+    verbose,
 ):
     """Find the photos that best match TEXT (and/or --image), best first.
 
@@ -670,10 +699,14 @@ def query(
     Scores are cosine similarities between the query and each photo. Into a pipe, each result is
     a line `score<TAB>path`.
     """
-    # numpy's OpenBLAS starts a thread per core when imported (~0.05 s of a 0.5 s query); a query's
-    # numpy work is a few 512-d vectors. An explicit setting of the user's wins.
+    # numpy's OpenBLAS starts a thread per core when imported (a query's numpy work is a few 512-d
+    # vectors); an explicit setting of the user's wins.
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-    from clipsearch.search import Query, search
+    from clipsearch.search import Query, run
+
+    if verbose and not state.verbose:  # `clipsearch query --verbose` as `clipsearch --verbose query`
+        state.verbose = True
+        _setup_logging(True)
 
     _check_output_options(as_json, as_paths, null, as_table)
     if text is None and image is None and not add and not add_image:
@@ -682,26 +715,17 @@ def query(
         if p is not None and not Path(p).is_file():
             raise ClipsearchError(f"query image not found: {p}")
     q = Query.build(text, image, add, minus, add_image, minus_image, minus_weight=minus_weight)
-    options = {
-        "top": top,
-        "under": None,
-        "threshold": threshold,
-        "index_kind": index_kind,
-        "filters": photo_filter,
-    }
-    hits = None
-    torch_free = device in ("auto", "cpu")  # a GPU named explicitly runs the model there
-    if model is None and torch_free:  # `clipsearch serve` answers text queries with the library's model in ms
-        from clipsearch import serve
-
-        hits = serve.ask(state.db_path(), q, options)
-    if hits is None:
-        with _open_existing(state) as library:
-            hits = _fast_text_search(library, q, model, options) if torch_free else None
-            if hits is None:
-                bundle = _library_bundle(library, model, device=device)
-                hits = search(library, bundle, q, **options)
-                _export_text_encoder(bundle)  # so the next text query can skip torch
+    hits = run(
+        state.db_path(),
+        q,
+        top,
+        photo_filter,
+        threshold,
+        index_kind,
+        model=model,
+        load_model=lambda source, library: _load_bundle(source, device=device, library=library),
+        device=device,
+    ).hits
     _note_cut_texts(state, q)
     _show_hits(
         state, hits, q.describe(), photo_filter, threshold, as_json, as_paths, null, as_table, html_out
@@ -785,21 +809,17 @@ def similar(state: _State, photo, top, threshold, photo_filter, as_json, as_path
     library's model.
     """
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # as for query: a few vectors of numpy work
-    from clipsearch.search import Query, encode_query
+    from clipsearch.encoders import ModelEncoder, encode
+    from clipsearch.search import Query
     from clipsearch.search import similar as find_similar
 
     _check_output_options(as_json, as_paths, null, as_table)
     with _open_existing(state) as library:
-        model_id = library.default_model_id()
-        if model_id is None:
-            raise LibraryError(
-                f"the library {library.path} has no images yet: run `clipsearch index PATH` first"
-            )
+        model_id = library.require_default_model()
 
         def encode_image(path: Path):
-            return encode_query(
-                _load_bundle(library.model_source(model_id), library=library), Query.build(image=path)
-            )
+            bundle = _load_bundle(library.model_source(model_id), library=library)
+            return encode(Query.build(image=path), ModelEncoder(bundle), library)
 
         hits = find_similar(library, photo, model_id, top, threshold, photo_filter, encode_image=encode_image)
     _show_hits(
@@ -838,11 +858,7 @@ def duplicates(state: _State, threshold, photo_filter, as_json, html_out):
     from clipsearch.duplicates import DEFAULT_THRESHOLD, find_duplicates
 
     with _open_existing(state) as library:
-        model_id = library.default_model_id()
-        if model_id is None:
-            raise LibraryError(
-                f"the library {library.path} has no images yet: run `clipsearch index PATH` first"
-            )
+        model_id = library.require_default_model()
         threshold = DEFAULT_THRESHOLD if threshold is None else threshold
         groups = find_duplicates(library, model_id, threshold, photo_filter)
     if html_out is not None:
@@ -892,7 +908,7 @@ def _note_cut_texts(state: _State, q) -> None:
     from clipsearch import fastquery
 
     with _open_existing(state) as library:
-        model_id = library.default_model_id()
+        model_id = library.require_default_model()
     try:
         tokenizer = fastquery.encoder(model_id).tokenizer
     except (fastquery.TextEncoderMissing, ImportError, OSError):
@@ -904,25 +920,6 @@ def _note_cut_texts(state: _State, q) -> None:
             markup=False,
             style="yellow",
         )
-
-
-def _fast_text_search(library, q, model: str | None, options: dict):
-    """A text-only query with the library's own model, through the torch-free path
-    (:mod:`clipsearch.fastquery`: ONNX text tower + FAISS). None when that path cannot answer
-    (an image part, another model, no export yet, onnxruntime missing): then the model is loaded."""
-    if model is not None or any(p.kind != "text" for p in q.parts):
-        return None
-    model_id = library.default_model_id()
-    if model_id is None:
-        raise LibraryError(f"the library {library.path} has no images yet: run `clipsearch index PATH` first")
-    from clipsearch import fastquery
-
-    try:
-        return fastquery.search(library, model_id, q, **options)
-    except fastquery.TextEncoderMissing:
-        return None
-    except ImportError:  # a broken onnxruntime/faiss install: the query loads the model instead
-        return None
 
 
 def _settle_or_export(bundle, source: str, backend: str, quiet: bool) -> None:
@@ -946,25 +943,9 @@ def _settle_or_export(bundle, source: str, backend: str, quiet: bool) -> None:
             )
         settle.after_index(bundle, _source_for_record(source))
         return
-    _export_text_encoder(bundle)
+    from clipsearch.encoders import export_text_encoder
 
-
-def _export_text_encoder(bundle) -> None:
-    """Export the model's text tower for torch-free queries (a few seconds once per model).
-
-    Only speed depends on it, so a failure is not the user's problem: queries keep loading the model.
-    """
-    from clipsearch import fastquery
-
-    try:
-        fastquery.ensure_text_encoder(bundle)
-    except Exception as e:  # speed only: the photos are indexed, queries load the model instead
-        _console(stderr=True).print(
-            f"Note: no fast text encoder for this model ({type(e).__name__}: {str(e).splitlines()[0][:160]}); "
-            "text queries will load the model (slower).",
-            markup=False,
-            style="dim",
-        )
+    export_text_encoder(bundle)
 
 
 def _render_hits(hits, description: str) -> None:
@@ -1004,11 +985,7 @@ def serve(state: _State):
 
     err = _console(stderr=True)
     with _open_existing(state) as library:
-        model_id = library.default_model_id()
-        if model_id is None:
-            raise LibraryError(
-                f"the library {library.path} has no images yet: run `clipsearch index PATH` first"
-            )
+        model_id = library.require_default_model()
         try:
             fastquery.encoder(model_id)
         except fastquery.TextEncoderMissing:  # export the text tower once (loads the model: seconds)
@@ -1289,11 +1266,7 @@ def export(state: _State, file: Path, model_id: str | None):
 
     with _open_existing(state) as library:
         if model_id is None:
-            model_id = library.default_model_id()
-            if model_id is None:
-                raise LibraryError(
-                    f"the library {library.path} has no images yet: run `clipsearch index PATH` first"
-                )
+            model_id = library.require_default_model()
         elif model_id not in library.model_ids():
             raise LibraryError(
                 f"no model {model_id!r} in the library; it has: {', '.join(library.model_ids()) or 'none'}"

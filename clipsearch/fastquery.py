@@ -1,51 +1,53 @@
-"""The text query path without PyTorch: ONNX text tower, tokenizer straight to numpy, FAISS.
+"""The torch-free text encoder: the model's text tower in numpy, its BPE as a table, a feature cache.
 
-``import torch`` alone costs 1.5-1.8 s on a small CPU, three times the whole budget of a query. So the
-text tower is exported to ONNX once per model (:func:`ensure_text_encoder`, at index time or the first
-query that has the model loaded anyway), and a query process then needs only ``numpy``,
-``faiss`` and ``sqlite3`` (and ``regex`` to split non-ASCII text):
+``import torch`` alone costs a small CPU several times a whole query (benchmarks/query_latency.md). So
+the text tower's weights are exported once per model (:func:`ensure_text_encoder`, at index time or
+after the first query that had the model loaded anyway), and a query then needs only ``numpy``:
 
-1. tokenise with the model's own BPE (saved beside the export as a SQLite table that
-   :class:`clipsearch.tokenizer.TableTokenizer` opens in ~1 ms; the same ids as
+1. tokenise with the model's own BPE (saved beside the export as a table that
+   :class:`clipsearch.tokenizer_table.TableTokenizer` opens in a millisecond; the same ids as
    :class:`clipsearch.tokenizer.Tokenizer`) into an int64 array cut after the batch's last
-   end-of-text token: the graph has a free sequence length, so a 3-word query runs 5 positions, not 77;
-2. run the exported tower and L2-normalise: a query process computes it in numpy on the export's
-   memory-mapped weights (:class:`NumpyTextTower`: no onnxruntime import or session load, ~0.1 s
-   of CPU saved); the daemon (:mod:`clipsearch.serve`) keeps an ONNX Runtime session, which also
-   runs any model the numpy tower was not verified for at export;
-3. search the memory-mapped FAISS index (:func:`clipsearch.search.search` with this module's encoder,
-   which opens the index on another thread meanwhile).
+   end-of-text token, so a 3-word query runs 5 positions, not 77;
+2. run :class:`NumpyTextTower` on the export's memory-mapped weights (only the token embedding rows
+   of the query's tokens are read) and L2-normalise. The export is checked against the model's
+   ``encode_text`` before it is kept; a model whose text tower it cannot compute is not exported
+   (its text queries load the model).
 
 Repeated queries skip steps 1-2: features are cached per (model, exact text) in a small SQLite file
-beside the export, so they do not even load the text tower. Nothing here imports torch, and
-onnxruntime/faiss are imported only when needed.
+beside the export. :mod:`clipsearch.encoders` wraps this as the query encoder; the query process and
+the daemon use the same one. Nothing here imports torch except the export.
 """
 
 from __future__ import annotations
 
 import functools
 import json
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-from clipsearch.atomic import atomic_path, commit
+from clipsearch.atomic import atomic_path
 from clipsearch.errors import ClipsearchError
 from clipsearch.paths import cache_dir
 from clipsearch.store import TextFeatureCache
 
-TEXT_ONNX = "text-fp32.onnx"
+TEXT_WEIGHTS = "text-fp32.weights"  # the tower's tensors, float32, each at a 64-byte aligned offset
 TEXT_META = "text.json"  # written last: its presence means the export is complete
-TEXT_TOKENIZER = "tokenizer.sqlite"  # clipsearch.tokenizer.TableTokenizer: opens in ~1 ms
+TEXT_TOKENIZER = "tokenizer.sqlite"  # clipsearch.tokenizer_table.TableTokenizer
 TEXT_CACHE = "text-cache.sqlite"
-_FORMAT = "clipsearch-text-onnx"
-_VERSION = 2  # 2: the tokenizer as a SQLite table (1 had tokenizer.json: 0.15 s to load)
+_FORMAT = "clipsearch-text-numpy"
+_VERSION = 3  # 3: the weights written directly for the numpy tower (2 had an ONNX graph to find them in)
+_OLD_FILES = ("tokenizer.json", "text-fp32.onnx", "text-fp32.onnx.data")  # what versions 1-2 wrote
+_ALIGN = 64
 
 
 class TextEncoderMissing(ClipsearchError):
-    """No ONNX text encoder has been exported for this model yet (load the model once to export it)."""
+    """No torch-free text encoder has been exported for this model yet (load the model once to export it)."""
+
+
+class TextEncoderUnsupported(ClipsearchError):
+    """The model's text tower is not one :class:`NumpyTextTower` computes (its queries load the model)."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -55,43 +57,44 @@ class TextEncoderMissing(ClipsearchError):
 def ensure_text_encoder(bundle) -> Path:
     """Export ``bundle``'s text tower and tokenizer for torch-free queries, unless already done.
 
-    Writes ``text-fp32.onnx`` (+ ``.data``), ``tokenizer.sqlite`` and ``text.json`` under
-    :func:`clipsearch.paths.cache_dir` of ``bundle.model_id``, each atomically, the JSON last.
-    Returns the ONNX file's path. Takes a few seconds for ViT-B/32; later calls only check a file.
+    Writes ``text-fp32.weights``, ``tokenizer.sqlite`` and ``text.json`` under
+    :func:`clipsearch.paths.cache_dir` of ``bundle.model_id``, each atomically, the JSON last, after
+    checking the numpy tower on the written weights equals the model. Returns the weights' path.
+    Raises :class:`TextEncoderUnsupported` for a text tower the numpy one does not compute.
     """
     directory = cache_dir(bundle.model_id)
-    onnx_path = directory / TEXT_ONNX
-    if _read_meta(directory, bundle.model_id) is not None and onnx_path.is_file():
-        return onnx_path
+    weights = directory / TEXT_WEIGHTS
+    if _read_meta(directory, bundle.model_id) is not None and weights.is_file():
+        return weights
     import copy
 
     import torch
 
-    from clipsearch.backends import export_onnx
-
     model = bundle.model
     if model.dtype != torch.float32 or model.device.type != "cpu":
         model = copy.deepcopy(model).float().cpu()
-    tower = _text_tower_class()(model).eval()
+    tensors, layout = _tower_tensors(model)
     tok = bundle.tokenizer
+    (directory / TEXT_META).unlink(missing_ok=True)  # incomplete until the new one is written
+    (directory / TEXT_CACHE).unlink(missing_ok=True)  # features of an older export must not be served
+    for old in _OLD_FILES:
+        (directory / old).unlink(missing_ok=True)
+    directory.mkdir(parents=True, exist_ok=True)
+    offsets = {}
+    with atomic_path(weights) as tmp, open(tmp, "wb") as f:
+        for name, array in tensors.items():
+            f.write(b"\0" * (-f.tell() % _ALIGN))
+            offsets[name] = [f.tell(), list(array.shape), False]
+            f.write(np.ascontiguousarray(array, np.float32).tobytes())
+    layout = {**layout, "file": TEXT_WEIGHTS, "tensors": offsets}
     # ids the tokenizer itself makes, so they exist in a model trained with a small vocabulary
     words = (tok.encode("a photo of a dog") + [tok.eot_token_id] * 2)[:2]
     example = torch.tensor([[tok.sot_token_id, *words, tok.eot_token_id]] * 2)  # [B, n]
-    (directory / TEXT_META).unlink(missing_ok=True)  # incomplete until the new one is written
-    (directory / TEXT_CACHE).unlink(missing_ok=True)  # features of an older export must not be served
-    (directory / "tokenizer.json").unlink(missing_ok=True)  # what version 1 exports had instead
-    directory.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=directory, prefix=".export-") as work:
-        single = Path(work) / "single.onnx"  # the exporter writes graph and weights in one file
-        export_onnx(
-            tower,
-            (example,),
-            single,
-            ["tokens"],
-            ["features"],
-            {"tokens": {0: "batch", 1: "length"}, "features": {0: "batch"}},
-        )
-        _split_weights(single, onnx_path)
+    with torch.no_grad():
+        ref = model.encode_text(example).float().numpy()  # [B, D]
+    if not np.allclose(NumpyTextTower(directory, layout)(example.numpy()), ref, rtol=1e-4, atol=1e-5):
+        weights.unlink()
+        raise TextEncoderUnsupported(f"the numpy text tower does not reproduce {bundle.model_id}'s")
     tok.save_table(directory / TEXT_TOKENIZER)  # the BPE as built in memory: OpenAI's or a trained one
     meta = {
         "format": _FORMAT,
@@ -101,60 +104,24 @@ def ensure_text_encoder(bundle) -> Path:
         "sot_token_id": int(tok.sot_token_id),
         "eot_token_id": int(tok.eot_token_id),
         "dim": int(model.text_projection.shape[1]),
-        "numpy": _numpy_layout(model, onnx_path, example),  # None: this model runs in ONNX Runtime only
+        "numpy": layout,
     }
     with atomic_path(directory / TEXT_META) as tmp:
         tmp.write_text(json.dumps(meta, indent=2) + "\n")
-    _ENCODERS.clear()  # a re-export in this process replaces the files under a loaded session
-    return onnx_path
+    _ENCODERS.clear()  # a re-export in this process replaces the files under a loaded encoder
+    return weights
 
 
-def _split_weights(source: Path, target: Path) -> None:
-    """Rewrite ``source`` as ``target`` + ``target.data``: the graph, and the weights beside it.
-
-    ONNX Runtime memory-maps weights kept in a separate file instead of parsing them out of the
-    protobuf, which cuts the text tower's load time from ~0.6 to ~0.2 s of CPU (it dominates a query).
-    """
-    import onnx
-
-    model = onnx.load(str(source))
-    data_name = target.name + ".data"
-    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".export-") as work:
-        onnx.save_model(
-            model,
-            str(Path(work) / target.name),
-            save_as_external_data=True,
-            all_tensors_to_one_file=True,
-            location=data_name,
-            size_threshold=0,  # every weight in the .data file, where the numpy tower finds it too
-        )
-        for name in (data_name, target.name):  # the weights first, then the graph that names them
-            commit(Path(work) / name, target.parent / name)
-
-
-def _numpy_layout(model, onnx_path: Path, example) -> dict | None:
-    """Where :class:`NumpyTextTower` finds each weight in the export's ``.data`` file, or None.
-
-    The ONNX file's weights are the model's, some transposed and equal ones stored once; each of
-    ours is found there by its content, so the numpy tower reads the same bytes as ONNX Runtime and
-    costs no disk. None when a weight is not found as such or the architecture is not the one the
-    tower computes: then queries run the graph in ONNX Runtime, as before. The tower is checked
-    against the model on ``example`` before the layout is returned.
-    """
-    import hashlib
-    import mmap
-
-    import onnx
-    import torch
-
+def _tower_tensors(model) -> tuple[dict[str, np.ndarray], dict]:
+    """The text tower's weights by the names :class:`NumpyTextTower` reads, and its shape facts."""
     blocks = list(model.transformer.resblocks)
     acts = {type(b.mlp.gelu).__name__ for b in blocks}
     gelus = {getattr(b.mlp.gelu, "approximate", "none") for b in blocks}
     if len(acts) != 1 or acts - {"QuickGELU", "GELU"} or gelus != {"none"}:
-        return None
+        raise TextEncoderUnsupported(f"text activation {sorted(acts)} is not GELU or QuickGELU")
     eps = {m.eps for b in blocks for m in (b.ln_1, b.ln_2)} | {model.ln_final.eps}
     if len(eps) != 1:
-        return None
+        raise TextEncoderUnsupported("the text tower's LayerNorms differ in eps")
     wanted = {
         "token_embedding": model.token_embedding.weight,
         "positional_embedding": model.positional_embedding,
@@ -177,71 +144,14 @@ def _numpy_layout(model, onnx_path: Path, example) -> dict | None:
             f"{i}.c_proj.weight": b.mlp.c_proj.weight,
             f"{i}.c_proj.bias": b.mlp.c_proj.bias,
         }
-    data_path = onnx_path.with_name(onnx_path.name + ".data")
-    graph = onnx.load(str(onnx_path), load_external_data=False)
-    stored = {}
-    with (
-        open(data_path, "rb") as f,
-        mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data,
-        memoryview(data) as view,  # slices hashed in place: no copy of the 100 MB embedding
-    ):
-        for t in graph.graph.initializer:
-            ext = {e.key: e.value for e in t.external_data}
-            if t.data_type != onnx.TensorProto.FLOAT or ext.get("location") != data_path.name:
-                continue
-            offset, length = int(ext.get("offset", 0)), int(ext["length"])
-            if offset % 4:
-                continue
-            stored[(tuple(t.dims), hashlib.sha256(view[offset : offset + length]).digest())] = offset
-    tensors = {}
-    for name, param in wanted.items():
-        array = param.detach().float().cpu().numpy()
-        for transposed, form in ((False, array), (True, array.T)):
-            key = (form.shape, hashlib.sha256(np.ascontiguousarray(form)).digest())
-            if key in stored:
-                tensors[name] = [stored[key], list(form.shape), transposed]
-                break
-        else:
-            return None
-    layout = {
-        "file": data_path.name,
+    tensors = {name: p.detach().float().cpu().numpy() for name, p in wanted.items()}
+    facts = {
         "layers": len(blocks),
         "heads": int(blocks[0].attn.num_heads),
         "act": acts.pop(),
         "eps": float(eps.pop()),
-        "tensors": tensors,
     }
-    with torch.no_grad():
-        ref = model.encode_text(example).float().numpy()  # [B, D]
-    ours = NumpyTextTower(onnx_path.parent, layout)(example.numpy())
-    if not np.allclose(ours, ref, rtol=1e-4, atol=1e-5):
-        return None
-    return layout
-
-
-def _text_tower_class():
-    import torch
-
-    class TextTower(torch.nn.Module):
-        """``encode_text`` on tokens already cut after the last end-of-text (the cut is done in numpy).
-
-        The model's own cut reads a token value (``argmax``) to pick a length, which a traced graph
-        would freeze to the example's length; here the length is the input's, free in the graph.
-        """
-
-        def __init__(self, model):
-            super().__init__()
-            self.model = model
-
-        def forward(self, tokens):  # [B, n] int64 -> [B, D]
-            cut = self.model._eot_cut
-            self.model._eot_cut = False
-            try:
-                return self.model.encode_text(tokens)
-            finally:
-                self.model._eot_cut = cut
-
-    return TextTower
+    return tensors, facts
 
 
 # --------------------------------------------------------------------------------------------------
@@ -292,11 +202,11 @@ def _erf(x: np.ndarray) -> np.ndarray:
 
 
 class NumpyTextTower:
-    """The model's ``encode_text`` in numpy, on the weights of the ONNX export, memory-mapped.
+    """The model's ``encode_text`` in numpy, on the exported weights, memory-mapped.
 
-    For a query process, which runs the tower once on a few tokens: it needs no ONNX Runtime (its
-    import and session load cost ~0.1 s of CPU, a fifth of a query's budget) and reads only the
-    weights it uses (the token embedding's rows of the query's tokens). Pre-norm blocks, causal
+    A query runs the tower once on a few tokens, so it reads only the weights it uses (the token
+    embedding's rows of the query's tokens) and needs neither torch nor an inference runtime
+    (benchmarks/text_encoders.md has the figures behind the choice). Pre-norm blocks, causal
     attention, (Quick)GELU, the final LayerNorm at the end-of-text token and the projection, as
     :class:`clipsearch.model.CLIP`; tests hold it to the torch model. Tokens come cut after the
     batch's last end-of-text token (:meth:`TextEncoder.tokenize`).
@@ -351,20 +261,16 @@ class NumpyTextTower:
 class TextEncoder:
     """A model's exported text tower and tokenizer: texts -> unnormalised features ``float32 [N, D]``.
 
-    ``warm=False`` (a query process, which runs the graph once) loads the session for a quick start
-    with one thread: on a small CPU both the load and a run of a short text are fastest that way, and
-    the other core opens the FAISS index meanwhile. ``warm=True`` (the query daemon) optimises the
-    graph fully and uses every core. :attr:`stamp` tells a holder when the export was replaced.
+    :attr:`stamp` tells a holder (the query daemon) when the export was replaced.
     """
 
-    def __init__(self, model_id: str, *, warm: bool = False):
-        from clipsearch.tokenizer import TableTokenizer
+    def __init__(self, model_id: str):
+        from clipsearch.tokenizer_table import TableTokenizer
 
         self.model_id = model_id
         self.directory = cache_dir(model_id)
         self.stamp = _stamp(self.directory)
         self.meta = _meta(model_id)
-        self.warm = warm
         try:
             self.tokenizer = TableTokenizer(self.directory / TEXT_TOKENIZER, self.meta["context_length"])
         except ValueError as e:
@@ -376,33 +282,22 @@ class TextEncoder:
             raise TextEncoderMissing(
                 f"the saved tokenizer of {model_id!r} does not match its export; delete {self.directory}"
             )
-        self._session = None
 
     @functools.cached_property
-    def tower(self):
-        """The numpy tower for a quick start (a query process), or None (then ONNX Runtime runs)."""
-        if self.warm or not self.meta.get("numpy"):
-            return None
-        return NumpyTextTower(self.directory, self.meta["numpy"])
-
-    @property
-    def session(self):
-        """The ONNX Runtime session, loaded on first use (a cached text never needs it)."""
-        if self._session is None:
-            from clipsearch.backends import ort_session
-
-            path = self.directory / TEXT_ONNX
-            if self.warm:
-                self._session = ort_session(path, spin=False)  # a daemon shares the machine
-            else:
-                self._session = ort_session(path, threads=1, quick_start=True)
-        return self._session
+    def tower(self) -> NumpyTextTower:
+        """The tower on the memory-mapped weights, made on first use (a cached text never needs it)."""
+        try:
+            return NumpyTextTower(self.directory, self.meta["numpy"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise TextEncoderMissing(
+                f"the export of {self.model_id!r} is damaged ({e}); delete {self.directory}"
+            ) from e
 
     def tokenize(self, texts: Sequence[str]) -> np.ndarray:
         """Token ids ``int64 [N, n]``: start, tokens, end, zeros; ``n`` is the longest row (<= context).
 
         Rows equal :class:`clipsearch.tokenizer.Tokenizer`'s cut after the batch's last end-of-text:
-        the graph's sequence length is free, so a 3-word query runs 5 positions, not 77.
+        the tower's sequence length is free, so a 3-word query runs 5 positions, not 77.
         """
         rows = self.tokenizer.rows(list(texts))
         out = np.zeros((len(rows), max((len(r) for r in rows), default=2)), np.int64)  # [N, n]
@@ -411,10 +306,7 @@ class TextEncoder:
         return out
 
     def __call__(self, texts: Sequence[str]) -> np.ndarray:
-        tokens = self.tokenize(texts)  # [N, n]
-        if self.tower is not None:
-            return self.tower(tokens)
-        return self.session.run(None, {"tokens": tokens})[0].astype(np.float32, copy=False)  # [N, D]
+        return self.tower(self.tokenize(texts))  # [N, D]
 
 
 _ENCODERS: dict[tuple[str, Path], TextEncoder] = {}
@@ -467,54 +359,3 @@ def text_features(
     if normalize:
         out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
     return out
-
-
-def encode_query(model_id: str, query, *, encode: TextEncoder | None = None) -> np.ndarray:
-    """The normalised vector ``float32 [D]`` of a text-only :class:`clipsearch.search.Query`.
-
-    The same weighted sum of normalised part vectors as :func:`clipsearch.search.encode_query`.
-    """
-    from clipsearch.search import QueryError
-
-    query.check()
-    if any(p.kind != "text" for p in query.parts):
-        raise QueryError("the fast query path takes text only; image parts need the model loaded")
-    return query.combine(text_features(model_id, [p.value for p in query.parts], encode=encode))
-
-
-def search(
-    library,
-    model_id: str,
-    query,
-    top: int = 20,
-    under: Path | str | None = None,
-    threshold: float | None = None,
-    index_kind: str = "auto",
-    *,
-    encode: TextEncoder | None = None,
-    index=None,
-    filters=None,
-):
-    """:func:`clipsearch.search.search` for text-only queries, given a model id instead of a bundle.
-
-    Returns ``list[clipsearch.search.Hit]``, best first. Raises :class:`TextEncoderMissing` when the
-    model has not been exported yet (the caller then loads it, calls :func:`ensure_text_encoder`, and
-    may fall back to the regular path). ``encode`` and ``index``: loaded parts to reuse (the daemon's).
-    """
-    from clipsearch import search as searching
-
-    if encode is None and model_id in library.model_ids():
-        encoder(model_id)  # a missing export fails before the FAISS index is opened for nothing
-    return searching.search(
-        library,
-        None,
-        query,
-        top,
-        under,
-        threshold,
-        index_kind,
-        model_id=model_id,
-        encode=functools.partial(encode_query, model_id, encode=encode),
-        index=index,
-        filters=filters,
-    )

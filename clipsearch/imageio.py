@@ -61,7 +61,7 @@ def _pil():
 
 @functools.cache
 def _register_heif() -> bool:
-    """Teach PIL HEIC/HEIF (phones' format) on first need; importing pillow-heif costs ~0.1 s."""
+    """Teach PIL HEIC/HEIF (phones' format) on first need; importing pillow-heif is not free."""
     try:
         import pillow_heif
     except ImportError:

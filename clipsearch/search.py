@@ -1,14 +1,26 @@
-"""Search a library: a query (text, images, or a weighted mix of both) -> the closest photos.
+"""Search a library: a query (texts, image files, indexed photos, weighted) -> the closest photos.
 
-A query is a weighted sum of parts. Each part is encoded by the model (text by the text tower only,
-an image by the image tower after the model's own preprocessing) and L2-normalised; the parts are
-summed with their weights (a negative weight subtracts, e.g. ``"beach" --minus "people"``) and the
-sum is normalised again. Photos are ranked by cosine similarity through the library's FAISS index.
+A query is a weighted sum of parts. Each part becomes an L2-normalised vector (a text through the
+text tower, an image file through the image tower after the model's preprocessing, an indexed photo
+as its stored vector); the parts are summed with their weights (a negative weight subtracts, e.g.
+``"beach" --minus "people"``) and the sum is normalised again. Photos are ranked by cosine
+similarity through the library's FAISS index, within the ids a
+:class:`clipsearch.filters.PhotoFilter` allows.
+
+The route goes one way down::
+
+    run()  --(a daemon serves this library?)-->  clipsearch.serve.ask  -> the daemon's search()
+      |  no: open the library
+      v
+    search()  ->  clipsearch.encoders (choose, encode)  ->  clipsearch.vectors (FAISS)
+
+:func:`run` is what a command calls (``clipsearch query``, the web interface); :func:`search` is
+the same on an open library with a chosen encoder (the daemon calls it with its warm one). Which
+way answered is logged (``--verbose``) and returned in :class:`Answer`.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -18,10 +30,15 @@ from typing import TYPE_CHECKING
 from clipsearch.errors import ClipsearchError, LibraryError
 from clipsearch.filters import PhotoFilter
 
-logger = logging.getLogger(__name__)
-
 if TYPE_CHECKING:  # numpy is imported where vectors are made: a client of `clipsearch serve` needs none
     import numpy as np
+
+    from clipsearch.encoders import QueryEncoder
+    from clipsearch.store import Library
+
+log = logging.getLogger(__name__)
+
+PART_KINDS = ("text", "image", "indexed")
 
 
 class QueryError(ClipsearchError):
@@ -30,17 +47,30 @@ class QueryError(ClipsearchError):
 
 @dataclass(frozen=True)
 class QueryPart:
-    """One term of a query: ``kind`` is ``"text"`` or ``"image"`` (a file path), with a weight."""
+    """One term of a query, with a weight: ``kind`` is ``"text"``, ``"image"`` (``value`` a file
+    to encode) or ``"indexed"`` (``value`` the decimal id of a photo in the library: its stored
+    vector, no model needed; make one with :meth:`indexed`)."""
 
     kind: str
     value: str
     weight: float = 1.0
 
+    @classmethod
+    def indexed(cls, image_id: int, weight: float = 1.0) -> QueryPart:
+        return cls("indexed", str(int(image_id)), weight)
+
+    @property
+    def image_id(self) -> int:
+        """The library id of an ``indexed`` part."""
+        return int(self.value)
+
     def describe(self) -> str:
         sign = "-" if self.weight < 0 else "+"
         w = abs(self.weight)
         scale = "" if w == 1.0 else f"{w:g}*"
-        what = repr(self.value) if self.kind == "text" else f"image:{self.value}"
+        what = {"text": repr(self.value), "image": f"image:{self.value}"}.get(
+            self.kind, f"photo #{self.value}"
+        )
         return f"{sign} {scale}{what}"
 
 
@@ -83,10 +113,12 @@ class Query:
         if not self.parts:
             raise QueryError("empty query: give a text, --image PATH, --add or --add-image")
         for p in self.parts:
-            if p.kind not in ("text", "image"):
+            if p.kind not in PART_KINDS:
                 raise QueryError(f"unknown query part kind {p.kind!r}")
             if p.kind == "text" and not p.value.strip():
                 raise QueryError("empty query text")
+            if p.kind == "indexed" and not p.value.isdigit():
+                raise QueryError(f"an indexed part names a photo by its id, not {p.value!r}")
 
     def combine(self, vectors: Sequence) -> np.ndarray:
         """The normalised weighted sum ``float32 [D]`` of the parts' normalised vectors (in order)."""
@@ -117,76 +149,51 @@ def cut_texts(query: Query, tokenizer) -> list[str]:
     return [t for t in long if len(tokenizer.encode(t)) > room]
 
 
-def encode_query(bundle, query: Query) -> np.ndarray:
-    """The normalised query vector ``float32 [D]``: the weighted sum of normalised part vectors."""
-    import torch
+@dataclass
+class Answer:
+    """The hits of a query and which way answered: ``encoder`` is ``daemon``, ``torch-free``,
+    ``model`` or ``stored-vectors`` (:mod:`clipsearch.encoders`)."""
 
-    query.check()
-    model = bundle.model
-    device = model.device
-    texts = [p for p in query.parts if p.kind == "text"]
-    images = [p for p in query.parts if p.kind == "image"]
-    vectors: dict[int, torch.Tensor] = {}
-    with torch.no_grad():
-        if texts:
-            tokens = bundle.tokenizer([p.value for p in texts]).to(device)
-            feats = model.encode_text(tokens).float()  # [T, D]
-            for p, f in zip(texts, feats, strict=True):
-                vectors[id(p)] = f / f.norm()
-        if images:
-            preprocess = bundle.preprocess
-            pixels = torch.stack([preprocess(_open_query_image(p.value)) for p in images])  # [I, 3, H, W]
-            feats = model.encode_image(pixels.to(device=device, dtype=model.dtype)).float()  # [I, D]
-            for p, f in zip(images, feats, strict=True):
-                vectors[id(p)] = f / f.norm()
-    return query.combine([vectors[id(p)].cpu().numpy() for p in query.parts])
+    hits: list[Hit]
+    encoder: str
 
 
 def search(
-    library,
-    bundle,
+    library: Library,
+    encoder: QueryEncoder,
     query: Query,
     top: int = 20,
-    under: Path | str | None = None,
+    filters: PhotoFilter | None = None,
     threshold: float | None = None,
     index_kind: str = "auto",
     *,
-    model_id: str | None = None,
-    encode: Callable[[Query], np.ndarray] | None = None,
     index=None,
-    filters: PhotoFilter | None = None,
 ) -> list[Hit]:
-    """The ``top`` photos closest to ``query`` (cosine similarity, best first).
+    """The ``top`` photos of ``library`` closest to ``query`` (cosine similarity, best first).
 
-    ``under`` keeps photos in that folder's subtree (matched literally); ``filters`` keeps those
-    passing a :class:`clipsearch.filters.PhotoFilter`, inside the vector search (the ``top`` best
-    of the photos that pass); ``threshold`` keeps hits scoring at least that much. Uses the
-    library's embeddings of ``bundle.model_id``.
-
-    ``encode(query) -> float32 [D]`` (normalised) replaces :func:`encode_query` on ``bundle``, e.g.
-    :func:`clipsearch.fastquery.encode_query` without torch; ``model_id`` then names the embeddings
-    (``bundle`` may be None). ``index``: an open :class:`clipsearch.vectors.VectorIndex` of them in
-    step with the library (the query daemon keeps one); by default it is opened here, while the
-    query is encoded.
+    ``encoder`` (:func:`clipsearch.encoders.choose`) makes the query vector; its model's embeddings
+    are searched. ``filters`` limit the photos; ``threshold`` keeps hits scoring at least that.
+    ``index``: an open :class:`clipsearch.vectors.VectorIndex` of them in step with the library
+    (the query daemon keeps one); by default it is opened here, while the query is encoded.
     """
     from concurrent.futures import ThreadPoolExecutor
 
+    from clipsearch.encoders import encode
     from clipsearch.vectors import VectorIndex
 
     if top < 1:
         raise QueryError(f"--top must be at least 1, got {top}")
-    model_id = model_id or bundle.model_id
-    if encode is None:
-        encode = functools.partial(encode_query, bundle)
+    model_id = encoder.model_id
     _check_model(library, model_id)
+    query.check()
     if index is None:
         with ThreadPoolExecutor(1) as pool:  # open (or bring in step) the FAISS index meanwhile
             pending = pool.submit(VectorIndex.for_library, library, model_id, kind=index_kind)
-            q = encode(query)  # a query error wins; leaving the block waits for the index anyway
+            q = encode(query, encoder, library)  # a query error wins; leaving waits for the index anyway
             index = pending.result()
     else:
-        q = encode(query)
-    return search_vector(library, index, q, top, threshold, (filters or PhotoFilter()).with_under(under))
+        q = encode(query, encoder, library)
+    return search_vector(library, index, q, top, threshold, filters)
 
 
 def _check_model(library, model_id: str) -> None:
@@ -274,10 +281,10 @@ def similar(
     image_id = resolve_photo(library, target)
     stored = library.embedding(image_id, model_id) if image_id is not None else None
     if stored is not None:
-        logger.info("similar: the stored embedding of photo %d", image_id)
+        log.info("similar: the stored embedding of photo %d", image_id)
         q = np.asarray(stored, dtype=np.float32)  # [D]
     elif encode_image is not None:
-        logger.info("similar: %s is not indexed with %s; encoding it", target, model_id)
+        log.info("similar: %s is not indexed with %s; encoding it", target, model_id)
         q = encode_image(Path(str(target)).expanduser())
     else:
         raise QueryError(f"{target} is not indexed with {model_id}: index it, or pass an encoder")
@@ -286,14 +293,42 @@ def similar(
     return search_vector(library, index, q, top, threshold, filters)
 
 
-def _open_query_image(path: str):
-    from clipsearch.errors import ImageDecodeError
-    from clipsearch.imageio import open_image
+def run(
+    library_path: Path | str | None,
+    query: Query,
+    top: int = 20,
+    filters: PhotoFilter | None = None,
+    threshold: float | None = None,
+    index_kind: str = "auto",
+    *,
+    model: str | None = None,
+    load_model: Callable[[str, Library], object] | None = None,
+    device: str = "auto",
+    daemon: bool = True,
+) -> Answer:
+    """Answer ``query`` on the library at ``library_path`` (None: the default one), the cheapest way.
 
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise QueryError(f"query image not found: {path}")
-    try:
-        return open_image(p)
-    except ImageDecodeError as e:
-        raise QueryError(f"cannot read the query image {path}: {e.reason}") from e
+    A running ``clipsearch serve`` for the library answers when it can (no ``model`` named, no
+    image files, no accelerator ``device`` named); otherwise the library is opened and
+    :func:`search` runs with the encoder :func:`clipsearch.encoders.choose` picks. After the model
+    had to be loaded for the library's own model, its text tower is exported so the next text query
+    needs no torch. ``load_model(source, library) -> bundle`` loads a model (the CLI's shows a download bar
+    and puts it on ``device``).
+    """
+    from clipsearch import encoders
+    from clipsearch.store import Library
+
+    query.check()
+    torch_free = device in ("auto", "cpu")  # a GPU named explicitly runs the model there
+    if daemon and model is None and torch_free:
+        from clipsearch import serve
+
+        hits = serve.ask(library_path, query, top, filters, threshold, index_kind)
+        if hits is not None:
+            return Answer(hits, encoders.DAEMON)
+    with Library.open(library_path) as library:
+        encoder = encoders.choose(library, query, model=model, load_model=load_model, torch_free=torch_free)
+        hits = search(library, encoder, query, top, filters, threshold, index_kind)
+    if isinstance(encoder, encoders.ModelEncoder) and model is None:
+        encoder.export_text()  # so the next text query can skip torch
+    return Answer(hits, encoder.name)

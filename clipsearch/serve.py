@@ -1,30 +1,32 @@
 """``clipsearch serve``: a local daemon that keeps one library's text queries warm.
 
 A text query process spends most of its time starting: importing numpy, ONNX Runtime and FAISS,
-loading the text tower, opening the vector index (~0.3-0.5 s on a small CPU). The daemon does that
-once and then answers text queries in a few milliseconds; ``clipsearch query`` asks it first (see
-:func:`ask`) and, when no daemon answers for its library, silently does the work itself.
+loading the text tower, opening the vector index. The daemon does that once and then answers text
+queries in milliseconds; :func:`clipsearch.search.run` asks it first (see :func:`ask`) and, when no
+daemon answers for its library, does the work itself (and logs why, shown with ``--verbose``).
 
 - One daemon per library, on a unix socket ``home()/serve/<hash of the library path>.sock``. The
   folder is made private (0700) and the socket 0600: only the same user can connect. No network port.
-- It answers text-only queries with the library's own model, exactly as the in-process path does
-  (:func:`clipsearch.fastquery.search`, with the same text-feature cache); anything else is the
-  client's to run.
+- It answers queries of texts and indexed photos with the library's own model, exactly as the
+  in-process path does (:func:`clipsearch.search.search` with a torch-free
+  :class:`clipsearch.encoders.ExportedTextEncoder`, the same text-feature cache); a query with
+  image files is the client's to run.
 - Before each query it checks the library's generation (bumped by every index run), the database
   file's identity and the text export's stamp, and reloads what changed, so a re-index is noticed.
 - A socket left behind by a killed daemon is stale: clients fail to connect and fall back; the next
   daemon replaces it.
 
 The protocol is one JSON line each way per connection: a request ``{"version", "library", "parts":
-[[kind, value, weight], ...], "top", "under", "threshold", "index_kind", "filters"}`` (``filters``:
-:meth:`clipsearch.filters.PhotoFilter.to_json`) and a reply ``{"ok":
-true, "hits": [[path, score, image_id], ...]}`` or ``{"ok": false, "error": message}``.
+[[kind, value, weight], ...], "top", "filters": PhotoFilter.to_json() or null, "threshold",
+"index_kind"}`` and
+a reply ``{"ok": true, "hits": [[path, score, image_id], ...]}`` or ``{"ok": false, "error": message}``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import socket
 import stat
@@ -33,7 +35,9 @@ from pathlib import Path
 
 from clipsearch.errors import ClipsearchError
 
-PROTOCOL = 2  # 2: filters; an older daemon refuses the request and the client answers in-process
+log = logging.getLogger(__name__)
+
+PROTOCOL = 2  # 2: filters as an object, indexed-photo parts
 MAX_REQUEST = 1 << 20  # a query is a few hundred bytes; anything near this is not a client of ours
 CONNECT_TIMEOUT_S = 1.0  # a live daemon accepts at once; a hung one must not hold a query up long
 REPLY_TIMEOUT_S = 10.0  # a reload after a large re-index takes seconds; a stuck daemon is given up on
@@ -57,34 +61,46 @@ def socket_path(library_path: Path | str | None = None) -> Path:
 # The client side (``clipsearch query``): no numpy, no torch, nothing heavy
 
 
-def ask(library_path: Path | str | None, query, options: dict, timeout: float = REPLY_TIMEOUT_S):
-    """The hits of a text-only ``query`` from the daemon serving this library, or None.
+def ask(
+    library_path: Path | str | None,
+    query,
+    top: int = 20,
+    filters=None,
+    threshold: float | None = None,
+    index_kind: str = "auto",
+    timeout: float = REPLY_TIMEOUT_S,
+):
+    """The hits of ``query`` from the daemon serving this library, or None (then logs why).
 
-    ``options``: ``top``, ``under``, ``threshold``, ``index_kind``, ``filters`` as for
-    :func:`clipsearch.search.search`. None when no daemon is running, its socket is stale, it does
-    not answer in time, or it cannot answer this query (an error, which the caller then meets
-    itself): the caller runs the query in-process. Returns ``list[clipsearch.search.Hit]``.
+    Arguments as for :func:`clipsearch.search.search`. None when the query has image files, no
+    daemon is running, its socket is stale, it does not answer in time, or it cannot answer this
+    query (an error, which the caller then meets itself): the caller runs the query in-process.
+    Returns ``list[clipsearch.search.Hit]``.
     """
     from clipsearch.search import Hit
     from clipsearch.store import resolve_path
 
-    if any(p.kind != "text" for p in query.parts) or not hasattr(socket, "AF_UNIX"):
+    if any(p.kind == "image" for p in query.parts):
+        log.info("daemon: not asked (the query has image files, which need the model here)")
+        return None
+    if not hasattr(socket, "AF_UNIX"):
         return None
     library = resolve_path(library_path)
     path = socket_path(library)
-    under = options.get("under")
     request = {
         "version": PROTOCOL,
         "library": os.fsdecode(library),
         "parts": [[p.kind, p.value, p.weight] for p in query.parts],
-        "top": options.get("top", 20),
-        "under": None if under is None else os.fsdecode(under),
-        "threshold": options.get("threshold"),
-        "index_kind": options.get("index_kind", "auto"),
-        "filters": options["filters"].to_json() if options.get("filters") is not None else None,
+        "top": top,
+        "filters": None if filters is None else filters.to_json(),
+        "threshold": threshold,
+        "index_kind": index_kind,
     }
     try:
-        if len(os.fsencode(path)) > _MAX_SOCKET_PATH or not _ours(path):
+        if len(os.fsencode(path)) > _MAX_SOCKET_PATH:
+            return None
+        if not _ours(path):
+            log.warning("daemon: %s is not a private socket of this user: not asked", path)
             return None
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.settimeout(CONNECT_TIMEOUT_S)
@@ -93,10 +109,17 @@ def ask(library_path: Path | str | None, query, options: dict, timeout: float = 
             sock.sendall(json.dumps(request).encode() + b"\n")
             reply = json.loads(_read_line(sock))
         if not reply.get("ok"):
+            log.info("daemon: refused the query (%s); answering here", reply.get("error"))
             return None
-        return [Hit(Path(p), float(s), int(i)) for p, s, i in reply["hits"]]
-    except (OSError, ValueError, TypeError, KeyError):  # no daemon, a stale socket, a timeout, garbage
+        hits = [Hit(Path(p), float(s), int(i)) for p, s, i in reply["hits"]]
+    except FileNotFoundError:
+        log.info("daemon: none serves this library (no %s); answering here", path)
         return None
+    except (OSError, ValueError, TypeError, KeyError) as e:  # a stale socket, a timeout, garbage
+        log.info("daemon: no answer (%s: %s); answering here", type(e).__name__, e)
+        return None
+    log.info("daemon: answered (%s)", path)
+    return hits
 
 
 def _ours(path: Path) -> bool:
@@ -171,7 +194,6 @@ class QueryServer:
 
     def _load(self) -> None:
         """Open the library, the default model's encoder and index (raises what a query would)."""
-        from clipsearch.errors import LibraryError
         from clipsearch.store import Library
 
         if self._library is not None:
@@ -179,22 +201,18 @@ class QueryServer:
         self._library = Library.open(self.library_path)
         self._identity = _identity(self.library_path)
         self._indexes.clear()
-        model_id = self._library.default_model_id()
-        if model_id is None:
-            raise LibraryError(
-                f"the library {self.library_path} has no images yet: run `clipsearch index PATH` first"
-            )
+        model_id = self._library.require_default_model()
         self._index(model_id, "auto")
-        self._encoder(model_id).session  # noqa: B018  (loaded now, not on the first query)
+        self._encoder(model_id).load()  # now, not on the first query
 
     def _encoder(self, model_id: str):
-        from clipsearch import fastquery
+        from clipsearch.encoders import ExportedTextEncoder
 
         held = self._encoders.get(model_id)
-        if held is None or held.stamp != fastquery._stamp(held.directory):
+        if held is None or not held.is_current():
             if held is not None:
                 self.reloads += 1
-            held = self._encoders[model_id] = fastquery.TextEncoder(model_id, warm=True)
+            held = self._encoders[model_id] = ExportedTextEncoder(model_id, warm=True)
         return held
 
     def _index(self, model_id: str, kind: str):
@@ -210,37 +228,32 @@ class QueryServer:
         return held[0]
 
     def answer(self, request: dict) -> list:
-        """The hits of one request, as :func:`clipsearch.fastquery.search` gives them in-process."""
-        from clipsearch import fastquery
-        from clipsearch.errors import LibraryError
+        """The hits of one request, as :func:`clipsearch.search.search` gives them in-process."""
         from clipsearch.filters import PhotoFilter
-        from clipsearch.search import Query, QueryPart
+        from clipsearch.search import Query, QueryError, QueryPart, search
 
         if request.get("version") != PROTOCOL:
             raise ValueError(f"protocol version {request.get('version')!r}, this daemon speaks {PROTOCOL}")
         if request.get("library") != os.fsdecode(self.library_path):
             raise ValueError(f"this daemon serves {self.library_path}, not {request.get('library')!r}")
         parts = [QueryPart(str(k), str(v), float(w)) for k, v, w in request["parts"]]
+        if any(p.kind == "image" for p in parts):
+            raise QueryError("image files are encoded by the client (they need the model)")
         if _identity(self.library_path) != self._identity:  # the file was replaced (or removed)
             self.reloads += 1
             self._load()
-        model_id = self._library.default_model_id()
-        if model_id is None:  # every photo removed since the start
-            raise LibraryError(f"the library {self.library_path} has no images any more")
-        under = request.get("under")
+        model_id = self._library.require_default_model()  # every photo may be gone since the start
         threshold = request.get("threshold")
         kind = str(request.get("index_kind", "auto"))
-        return fastquery.search(
+        return search(
             self._library,
-            model_id,
+            self._encoder(model_id),
             Query(parts),
             int(request.get("top", 20)),
-            None if under is None else Path(under),
+            PhotoFilter.from_json(request.get("filters")),
             None if threshold is None else float(threshold),
             kind,
-            encode=self._encoder(model_id),
             index=self._index(model_id, kind),
-            filters=PhotoFilter.from_json(request.get("filters")),
         )
 
     # --- the socket -----------------------------------------------------------------------------

@@ -65,7 +65,8 @@ def settle(bundle, *, locked: bool = False) -> str | None:
     """Measure the backends (exports and quantisation included) and export the text tower, unless
     another process is doing it. Returns the chosen backend's name, None when another process holds
     the lock. ``locked``: the caller already holds it (the background child inherits it)."""
-    from clipsearch import backends, fastquery
+    from clipsearch import backends
+    from clipsearch.encoders import export_text_encoder
 
     fd = None
     if not locked:
@@ -77,10 +78,7 @@ def settle(bundle, *, locked: bool = False) -> str | None:
         chosen, results = backends.choose_backend(bundle)
         log.info("backend verdict for %s: %s (%s)", bundle.model_id, chosen, list(results.values()))
         backends.release_memory()
-        try:
-            fastquery.ensure_text_encoder(bundle)
-        except Exception as e:  # speed only: queries then load the model
-            log.warning("no torch-free text encoder for %s: %s", bundle.model_id, backends.describe_error(e))
+        export_text_encoder(bundle)  # a failure is a logged warning: queries then load the model
         return chosen
     finally:
         if fd is not None:

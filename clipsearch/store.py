@@ -721,6 +721,15 @@ class Library:
         ).fetchone()
         return row[0] if row else None
 
+    def require_default_model(self) -> str:
+        """:meth:`default_model_id`, or :class:`LibraryError` saying how to fill an empty library."""
+        model_id = self.default_model_id()
+        if model_id is None:
+            raise LibraryError(
+                f"the library {self.path} has no images yet: run `clipsearch index PATH` first"
+            )
+        return model_id
+
     def model_ids(self) -> list[str]:
         return [r[0] for r in self._conn.execute("SELECT id FROM models ORDER BY first_used, rowid")]
 
@@ -1295,7 +1304,7 @@ class TextFeatureCache:
 
 class BpeTable:
     """A BPE's vocabulary and merge ranks as a SQLite file, read a row at a time (see
-    :class:`clipsearch.tokenizer.TableTokenizer`). Raises ``ValueError`` for a file that is not one."""
+    :class:`clipsearch.tokenizer_table.TableTokenizer`). Raises ``ValueError`` for a file that is not one."""
 
     def __init__(self, path: Path):
         try:

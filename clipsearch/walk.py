@@ -19,19 +19,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-# Fallback when clipsearch.imageio is not importable; the two lists are meant to agree.
-_DEFAULT_EXTENSIONS = frozenset(
-    {".jpg", ".jpeg", ".jpe", ".png", ".webp", ".gif", ".tif", ".tiff", ".bmp", ".heic", ".heif", ".avif"}
-)
-
-
-def image_extensions() -> frozenset[str]:
-    """Lower-case extensions (with the dot) treated as images."""
-    try:
-        from clipsearch.imageio import IMAGE_EXTENSIONS
-    except ImportError:
-        return _DEFAULT_EXTENSIONS
-    return frozenset(e.lower() if e.startswith(".") else "." + e.lower() for e in IMAGE_EXTENSIONS)
+from clipsearch.imageio import IMAGE_EXTENSIONS
 
 
 @dataclass
@@ -86,7 +74,7 @@ def walk(
     extensions: frozenset[str] | None = None,
 ) -> WalkResult:
     """Every image file under ``roots`` (files or folders), in a stable sorted order."""
-    exts = extensions if extensions is not None else image_extensions()
+    exts = extensions if extensions is not None else IMAGE_EXTENSIONS
     result = WalkResult()
     visited: set[tuple[int, int]] = set()
     seen_files: set[str] = set()

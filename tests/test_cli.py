@@ -493,3 +493,64 @@ def test_text_queries_after_index_skip_torch_and_agree(tmp_path, model_dir):
     slow = json.loads(ok(*args[:2], *args[2:], "--model", model_dir).stdout)
     assert [h["path"] for h in fast] == [h["path"] for h in slow]
     np.testing.assert_allclose([h["score"] for h in fast], [h["score"] for h in slow], atol=1e-5)
+
+
+def test_query_verbose_says_which_encoder_answered_and_why(tmp_path, model_dir):
+    """Each way a query can go is named on stderr with --verbose, and only then; the text tower is
+    exported again after a query that had to load the model for lack of it."""
+    import shutil
+
+    from clipsearch.paths import cache_dir
+
+    for n in range(4):
+        write_photo(tmp_path / "p" / f"{n}.jpg", 80 + n)
+    db = tmp_path / "lib.db"
+    model_id = json.loads(ok("--db", db, "index", tmp_path / "p", "--model", model_dir, "--json").stdout)[
+        "model_id"
+    ]
+
+    def query(*args):
+        out = run_cli("--db", str(db), "query", *args, "--paths")
+        assert out.returncode == 0, out.stderr
+        assert len(out.stdout.splitlines()) == 4
+        return out.stderr
+
+    text = query("a red boat", "--verbose")
+    assert "daemon: none serves this library" in text
+    assert f"encoder: torch-free text tower of {model_id}" in text
+    assert "in torch" not in text
+    assert query("a red boat") == ""  # quiet without --verbose
+    assert "encoder: torch-free" in run_cli("--verbose", "--db", str(db), "query", "x", "--paths").stderr
+
+    image = query("--image", str(tmp_path / "p" / "1.jpg"), "--verbose")
+    assert "daemon: not asked (the query has image files" in image
+    assert f"encoder: the model {model_id} in torch (the query has image files)" in image
+
+    named = query("a boat", "--model", str(model_dir), "--verbose")
+    assert "in torch (named with --model)" in named and "daemon:" not in named
+
+    shutil.rmtree(cache_dir(model_id))  # the torch-free export is gone (a cleaned cache)
+    missing = query("a red boat", "--verbose")
+    assert f"encoder: the model {model_id} in torch (no torch-free export of {model_id} yet" in missing
+    assert f"encoder: torch-free text tower of {model_id}" in query("a blue boat", "--verbose")
+
+
+def test_query_by_indexed_photo_needs_no_model(indexed):
+    """A query part that is an indexed photo is its stored vector: no model is loaded for it."""
+    from clipsearch.search import Query, QueryPart, run
+
+    db, folder, photos, report = indexed
+    with Library.open(db) as lib:
+        rows = lib.images()
+        stored = lib.embedding(rows[2].id, report["model_id"])
+    answer = run(db, Query([QueryPart.indexed(rows[2].id)]), top=3)
+    assert answer.encoder == "stored-vectors"
+    assert answer.hits[0].image_id == rows[2].id and answer.hits[0].score == pytest.approx(1.0, abs=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(stored), 1.0, atol=1e-5)
+    from clipsearch.errors import LibraryError
+    from clipsearch.search import QueryError
+
+    with pytest.raises(LibraryError, match="photo #999999 has no embedding"):
+        run(db, Query([QueryPart.indexed(999999)]))
+    with pytest.raises(QueryError, match="by its id"):
+        run(db, Query([QueryPart("indexed", "a.jpg")]))

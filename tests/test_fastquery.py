@@ -13,6 +13,7 @@ import torch
 from clipsearch import fastquery
 from clipsearch.checkpoints import ModelBundle
 from clipsearch.configs import get_config
+from clipsearch.encoders import ExportedTextEncoder, ModelEncoder, QueryEncoder
 from clipsearch.errors import LibraryError
 from clipsearch.model import build_model
 from clipsearch.search import Query, QueryError, search
@@ -62,7 +63,7 @@ def _torch_features(bundle, texts, eot_cut=True) -> np.ndarray:
 
 
 @pytest.mark.parametrize("eot_cut", [True, False])
-def test_onnx_text_features_equal_the_torch_text_tower(tiny, eot_cut):
+def test_torch_free_text_features_equal_the_torch_text_tower(tiny, eot_cut):
     for texts in (TEXTS, TEXTS[:1], TEXTS[2:3], TEXTS[5:], ["x"] * 3):  # batches of different cut lengths
         ours = fastquery.text_features("test/tiny-text", texts, normalize=False, cache=False)
         ref = _torch_features(tiny, texts, eot_cut)
@@ -70,32 +71,31 @@ def test_onnx_text_features_equal_the_torch_text_tower(tiny, eot_cut):
 
 
 @pytest.mark.parametrize("quick_gelu", [False, True])
-def test_numpy_tower_and_onnx_runtime_both_give_the_torch_features(quick_gelu):
+def test_the_numpy_tower_gives_the_torch_features(quick_gelu):
     torch.manual_seed(3)
     cfg = {**get_config("tiny-vit"), "quick_gelu": quick_gelu}
     bundle = ModelBundle(
         build_model(cfg).eval(), PreprocessConfig(image_size=64), Tokenizer(), "test/act", cfg
     )
     fastquery.ensure_text_encoder(bundle)
-    quick, warm = fastquery.TextEncoder("test/act"), fastquery.TextEncoder("test/act", warm=True)
-    assert quick.meta["numpy"]["act"] == ("QuickGELU" if quick_gelu else "GELU")
-    assert isinstance(quick.tower, fastquery.NumpyTextTower) and warm.tower is None  # the daemon: ORT
+    encoder = fastquery.TextEncoder("test/act")
+    assert encoder.meta["numpy"]["act"] == ("QuickGELU" if quick_gelu else "GELU")
     for texts in (TEXTS, TEXTS[:1], TEXTS[5:6], ["x"] * 3):
         ref = _torch_features(bundle, texts)
-        np.testing.assert_allclose(quick(texts), ref, rtol=1e-4, atol=1e-5)
-        np.testing.assert_allclose(warm(texts), ref, rtol=1e-4, atol=1e-5)
-        cos = (quick(texts) * ref).sum(1) / np.linalg.norm(quick(texts), axis=1) / np.linalg.norm(ref, axis=1)
+        ours = encoder(texts)
+        np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-5)
+        cos = (ours * ref).sum(1) / np.linalg.norm(ours, axis=1) / np.linalg.norm(ref, axis=1)
         assert cos.min() >= 0.9999
 
 
-def test_without_a_numpy_layout_queries_run_in_onnx_runtime(tiny):
-    path = fastquery.cache_dir(tiny.model_id) / fastquery.TEXT_META
-    meta = json.loads(path.read_text())
-    assert meta["numpy"]["tensors"]["token_embedding"][1] == [49408, 64]
-    path.write_text(json.dumps({**meta, "numpy": None}))  # e.g. a weight the exporter stored fused
-    encoder = fastquery.encoder(tiny.model_id)
-    assert encoder.tower is None
-    np.testing.assert_allclose(encoder(TEXTS), _torch_features(tiny, TEXTS), rtol=1e-4, atol=1e-5)
+def test_a_text_tower_the_numpy_one_cannot_compute_is_not_exported():
+    bundle = _bundle("test/tanh-gelu")
+    for block in bundle.model.transformer.resblocks:
+        block.mlp.gelu = torch.nn.GELU(approximate="tanh")
+    with pytest.raises(fastquery.TextEncoderUnsupported, match="activation"):
+        fastquery.ensure_text_encoder(bundle)
+    with pytest.raises(fastquery.TextEncoderMissing):
+        fastquery.TextEncoder("test/tanh-gelu")  # its queries load the model instead
 
 
 def test_normalised_features_and_the_cache_give_the_same_answer(tiny, monkeypatch):
@@ -144,7 +144,7 @@ def test_export_is_done_once_and_redone_when_incomplete(tiny):
     path = fastquery.ensure_text_encoder(tiny)
     stamp = path.stat().st_mtime_ns
     assert fastquery.ensure_text_encoder(tiny) == path and path.stat().st_mtime_ns == stamp
-    assert path.with_name(path.name + ".data").is_file()  # weights beside the graph, memory-mapped
+    assert path.name == fastquery.TEXT_WEIGHTS and path.stat().st_size > 49408 * 64 * 4  # embedding and all
     assert not [p for p in path.parent.iterdir() if p.name.startswith(".")]  # no temporary left
     (path.parent / fastquery.TEXT_META).unlink()  # an export interrupted before its meta file
     with pytest.raises(fastquery.TextEncoderMissing):
@@ -176,19 +176,20 @@ def _library(tmp_path, bundle, n=40) -> Library:
 def test_search_gives_the_torch_path_results(tiny, tmp_path):
     lib = _library(tmp_path, tiny)
     for query in (Query.build("a dog"), Query.build("beach", add=["sunset"], minus=["people"])):
-        fast = fastquery.search(lib, tiny.model_id, query, top=5)
-        slow = search(lib, tiny, query, top=5)
+        fast = search(lib, ExportedTextEncoder(tiny.model_id), query, top=5)
+        slow = search(lib, ModelEncoder(tiny), query, top=5)
         assert [h.image_id for h in fast] == [h.image_id for h in slow] and len(fast) == 5
         np.testing.assert_allclose([h.score for h in fast], [h.score for h in slow], rtol=1e-4, atol=1e-5)
         assert [h.path for h in fast] == [h.path for h in slow]
-    with pytest.raises(QueryError, match="text only"):
-        fastquery.search(lib, tiny.model_id, Query.build(image="x.jpg"))
+    fast = ExportedTextEncoder(tiny.model_id)
+    with pytest.raises(QueryError, match="need the model"):
+        search(lib, fast, Query.build(image="x.jpg"))
     with pytest.raises(QueryError, match="empty query text"):
-        fastquery.search(lib, tiny.model_id, Query.build("  "))
+        search(lib, fast, Query.build("  "))
     with pytest.raises(QueryError, match="cancel out"):
-        fastquery.search(lib, tiny.model_id, Query.build("dog", minus=["dog"]))
+        search(lib, fast, Query.build("dog", minus=["dog"]))
     with pytest.raises(LibraryError, match="no embeddings of model 'other'"):
-        fastquery.search(lib, "other", Query.build("dog"))
+        search(lib, QueryEncoder("other"), Query.build("dog"))
     lib.close()
 
 
@@ -197,12 +198,9 @@ def test_a_query_process_never_imports_torch(tiny, tmp_path):
     script = textwrap.dedent(
         f"""
         import sys
-        from clipsearch import fastquery
-        from clipsearch.search import Query
-        from clipsearch.store import Library
-        lib = Library.open({str(tmp_path / "lib.db")!r}, readonly=True)
-        hits = fastquery.search(lib, "test/tiny-text", Query.build("a dog on a beach"), top=3)
-        assert len(hits) == 3, hits
+        from clipsearch.search import Query, run
+        answer = run({str(tmp_path / "lib.db")!r}, Query.build("a dog on a beach"), top=3)
+        assert len(answer.hits) == 3 and answer.encoder == "torch-free", answer
         loaded = sorted(m for m in sys.modules if m == "torch" or m.startswith("torch."))
         print("TORCH", loaded)
         print("FTFY", "ftfy" in sys.modules)  # a plain ASCII query skips it (0.1 s to import)
@@ -250,10 +248,11 @@ def test_an_export_of_version_1_or_with_a_damaged_tokenizer_is_exported_again(ti
     meta = json.loads((directory / fastquery.TEXT_META).read_text())
     (directory / fastquery.TEXT_META).write_text(json.dumps({**meta, "version": 1}))
     (directory / "tokenizer.json").write_text("{}")  # what version 1 had
+    (directory / "text-fp32.onnx.data").write_bytes(b"0" * 64)  # what version 2 had: disk to free
     with pytest.raises(fastquery.TextEncoderMissing):
         fastquery.text_features(tiny.model_id, ["a dog"])
     fastquery.ensure_text_encoder(tiny)
-    assert not (directory / "tokenizer.json").exists()
+    assert not (directory / "tokenizer.json").exists() and not (directory / "text-fp32.onnx.data").exists()
     assert fastquery.tokenize(tiny.model_id, ["a dog"]).tolist() == [[49406, 320, 1929, 49407]]
     (directory / fastquery.TEXT_TOKENIZER).write_bytes(b"garbage" * 100)
     fastquery._ENCODERS.clear()

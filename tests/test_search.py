@@ -10,9 +10,11 @@ from e2e_helpers import make_tiny_model, write_photo
 from PIL import Image
 
 from clipsearch.checkpoints import load_bundle
+from clipsearch.encoders import ModelEncoder, encode
 from clipsearch.errors import LibraryError
+from clipsearch.filters import PhotoFilter
 from clipsearch.indexer import index_paths
-from clipsearch.search import Query, QueryError, QueryPart, encode_query, search
+from clipsearch.search import Query, QueryError, QueryPart, search
 from clipsearch.store import Library
 
 
@@ -31,6 +33,10 @@ def setup(tmp_path_factory):
     index_paths(lib, bundle, [photos], workers=1)
     yield lib, bundle, photos
     lib.close()
+
+
+def encode_query(bundle, query):
+    return encode(query, ModelEncoder(bundle), None)
 
 
 def _text_vec(bundle, text: str) -> torch.Tensor:
@@ -68,7 +74,7 @@ def test_combined_query_is_the_normalised_weighted_sum(setup):
 def test_ranking_equals_brute_force_over_stored_embeddings(setup):
     lib, bundle, _ = setup
     q = Query.build("a red square", minus=["blue"])
-    hits = search(lib, bundle, q, top=5)
+    hits = search(lib, ModelEncoder(bundle), q, top=5)
     ids, paths, vectors = lib.embeddings(bundle.model_id)
     scores = vectors @ encode_query(bundle, q)
     order = np.argsort(-scores)[:5]
@@ -80,7 +86,7 @@ def test_ranking_equals_brute_force_over_stored_embeddings(setup):
 
 def test_query_by_an_indexed_image_finds_itself_first(setup):
     lib, bundle, photos = setup
-    hits = search(lib, bundle, Query.build(image=photos / "p3.jpg"), top=3)
+    hits = search(lib, ModelEncoder(bundle), Query.build(image=photos / "p3.jpg"), top=3)
     assert hits[0].path == photos / "p3.jpg"
     assert hits[0].score == pytest.approx(1.0, abs=1e-4)
     assert hits[1].score < hits[0].score
@@ -88,38 +94,46 @@ def test_query_by_an_indexed_image_finds_itself_first(setup):
 
 def test_subtree_filter_is_literal(setup):
     lib, bundle, photos = setup
-    hits = search(lib, bundle, Query.build("sale"), top=20, under=photos / "50%_off")
+    hits = search(
+        lib, ModelEncoder(bundle), Query.build("sale"), top=20, filters=PhotoFilter(under=photos / "50%_off")
+    )
     assert [h.path for h in hits] == [photos / "50%_off" / "sale.png"]
-    assert len(search(lib, bundle, Query.build("sale"), top=20, under=photos)) == 9
-    assert search(lib, bundle, Query.build("sale"), under=photos / "nothing-here") == []
+    assert (
+        len(search(lib, ModelEncoder(bundle), Query.build("sale"), top=20, filters=PhotoFilter(under=photos)))
+        == 9
+    )
+    assert (
+        search(lib, ModelEncoder(bundle), Query.build("sale"), filters=PhotoFilter(under=photos / "nothing-here"))
+        == []
+    )
 
 
 def test_threshold_and_top(setup):
     lib, bundle, photos = setup
-    every = search(lib, bundle, Query.build(image=photos / "p0.jpg"), top=100)
+    every = search(lib, ModelEncoder(bundle), Query.build(image=photos / "p0.jpg"), top=100)
     assert len(every) == 9
     cut = (every[2].score + every[3].score) / 2
-    kept = search(lib, bundle, Query.build(image=photos / "p0.jpg"), top=100, threshold=cut)
+    kept = search(lib, ModelEncoder(bundle), Query.build(image=photos / "p0.jpg"), top=100, threshold=cut)
     assert [h.image_id for h in kept] == [h.image_id for h in every[:3]]
-    assert len(search(lib, bundle, Query.build("x"), top=2)) == 2
-    assert search(lib, bundle, Query.build("x"), threshold=1.01) == []
+    assert len(search(lib, ModelEncoder(bundle), Query.build("x"), top=2)) == 2
+    assert search(lib, ModelEncoder(bundle), Query.build("x"), threshold=1.01) == []
 
 
 def test_query_errors(setup, tmp_path):
     lib, bundle, photos = setup
     with pytest.raises(QueryError, match="empty query"):
-        search(lib, bundle, Query([]))
+        search(lib, ModelEncoder(bundle), Query([]))
     with pytest.raises(QueryError, match="cancel out"):
-        search(lib, bundle, Query.build("beach", minus=["beach"]))
+        search(lib, ModelEncoder(bundle), Query.build("beach", minus=["beach"]))
     with pytest.raises(QueryError, match="not found"):
-        search(lib, bundle, Query.build(image=tmp_path / "missing.jpg"))
+        search(lib, ModelEncoder(bundle), Query.build(image=tmp_path / "missing.jpg"))
     (tmp_path / "text.jpg").write_text("hello")
     with pytest.raises(QueryError, match="cannot read the query image"):
-        search(lib, bundle, Query.build(image=tmp_path / "text.jpg"))
+        search(lib, ModelEncoder(bundle), Query.build(image=tmp_path / "text.jpg"))
     with pytest.raises(QueryError, match="at least 1"):
-        search(lib, bundle, Query.build("x"), top=0)
+        search(lib, ModelEncoder(bundle), Query.build("x"), top=0)
     with pytest.raises(QueryError, match="empty query text"):
-        search(lib, bundle, Query.build("   "))
+        search(lib, ModelEncoder(bundle), Query.build("   "))
     other = load_bundle(make_tiny_model(tmp_path / "other", seed=1))
     with pytest.raises(LibraryError, match="no embeddings of model"):
-        search(lib, other, Query.build("x"))
+        search(lib, ModelEncoder(other), Query.build("x"))

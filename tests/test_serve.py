@@ -21,6 +21,8 @@ from clipsearch import fastquery, serve
 from clipsearch.checkpoints import ModelBundle
 from clipsearch.cli import cli
 from clipsearch.configs import get_config
+from clipsearch.encoders import ExportedTextEncoder, ModelEncoder
+from clipsearch.filters import PhotoFilter
 from clipsearch.model import build_model
 from clipsearch.search import Query, search
 from clipsearch.store import Library
@@ -80,6 +82,17 @@ def daemon(library):
     server.close()
 
 
+def _kw(options: dict) -> dict:
+    """The daemon's tests write options as dicts; ``under`` is a filter."""
+    options = dict(options)
+    under = options.pop("under", None)
+    return {**options, "filters": PhotoFilter(under=under)}
+
+
+def _ask(path, query, options: dict):
+    return serve.ask(path, query, **_kw(options))
+
+
 def _same(a, b, atol=1e-5):
     assert [h.image_id for h in a] == [h.image_id for h in b]
     assert [h.path for h in a] == [h.path for h in b]
@@ -90,13 +103,13 @@ def test_served_hits_equal_the_in_process_path_and_the_torch_model(library, daem
     lib, bundle, tmp_path = library
     options_under = {"top": 20, "under": tmp_path / "photos" / "b"}
     for query, options in [*QUERIES, (Query.build("a dog"), options_under)]:
-        served = serve.ask(lib.path, query, options)
+        served = _ask(lib.path, query, options)
         assert served is not None and served, query
-        _same(served, fastquery.search(lib, MODEL, query, **options))
-        _same(served, search(lib, bundle, query, **options))  # the model itself, in torch
+        _same(served, search(lib, ExportedTextEncoder(MODEL), query, **_kw(options)))
+        _same(served, search(lib, ModelEncoder(bundle), query, **_kw(options)))  # the model itself, in torch
     assert daemon.answered == 4 and daemon.refused == 0
-    assert all(h.path.parent.name == "b" for h in serve.ask(lib.path, Query.build("a dog"), options_under))
-    high = serve.ask(lib.path, Query.build("a red car"), {"top": 40, "threshold": 0.2})
+    assert all(h.path.parent.name == "b" for h in _ask(lib.path, Query.build("a dog"), options_under))
+    high = _ask(lib.path, Query.build("a red car"), {"top": 40, "threshold": 0.2})
     assert all(h.score >= 0.2 for h in high)
 
 
@@ -110,25 +123,25 @@ def test_the_socket_is_private_and_keyed_by_the_library(library, daemon, tmp_pat
     monkeypatch.chdir(tmp_path)
     assert serve.socket_path("lib.db") == path
     assert serve.socket_path(tmp_path / "other.db") != path
-    assert serve.ask(tmp_path / "other.db", Query.build("a dog"), {"top": 3}) is None  # no daemon
+    assert _ask(tmp_path / "other.db", Query.build("a dog"), {"top": 3}) is None  # no daemon
 
 
 def test_a_reindex_is_noticed_while_serving(library, daemon):
     lib, bundle, tmp_path = library
     query = Query.build("a small boat")
-    before = serve.ask(lib.path, query, {"top": 5})
+    before = _ask(lib.path, query, {"top": 5})
     target = fastquery.text_features(MODEL, ["a small boat"])  # [1, 32]
     _add(lib, tmp_path / "photos" / "new", np.repeat(target, 3, axis=0), start=100)  # a re-index
-    after = serve.ask(lib.path, query, {"top": 5})
+    after = _ask(lib.path, query, {"top": 5})
     assert {h.path.parent.name for h in after[:3]} == {"new"} and after[0].score == pytest.approx(
         1.0, abs=1e-5
     )
     assert [h.image_id for h in after] != [h.image_id for h in before]
-    _same(after, fastquery.search(lib, MODEL, query, top=5))
+    _same(after, search(lib, ExportedTextEncoder(MODEL), query, top=5))
     assert daemon.reloads >= 1
     with lib.transaction():  # photos removed: they leave the served results too
         lib.remove_images([h.image_id for h in after[:3]])
-    _same(serve.ask(lib.path, query, {"top": 5}), before)
+    _same(_ask(lib.path, query, {"top": 5}), before)
 
 
 def test_a_library_deleted_and_made_again_is_reopened(library, daemon):
@@ -136,24 +149,24 @@ def test_a_library_deleted_and_made_again_is_reopened(library, daemon):
 
     lib, bundle, tmp_path = library
     query = Query.build("a dog")
-    before = serve.ask(lib.path, query, {"top": 5})
+    before = _ask(lib.path, query, {"top": 5})
     lib.close()
     for p in tmp_path.glob("lib.db*"):  # the database, its WAL files and the FAISS index folder
         shutil.rmtree(p) if p.is_dir() else p.unlink()
     with Library.open(tmp_path / "lib.db", create=True) as again:
         again.register_model(MODEL, "test", dim=32)
         _add(again, tmp_path / "photos" / "c", _unit(12, 7))
-        after = serve.ask(again.path, query, {"top": 5})
+        after = _ask(again.path, query, {"top": 5})
         assert after is not None and {h.path.parent.name for h in after} == {"c"}
-        _same(after, fastquery.search(again, MODEL, query, top=5))
+        _same(after, search(again, ExportedTextEncoder(MODEL), query, top=5))
     assert [h.image_id for h in before] != [h.image_id for h in after] and daemon.reloads >= 1
 
 
 def test_what_the_daemon_cannot_answer_is_refused_and_it_keeps_serving(library, daemon, tmp_path):
     lib = library[0]
-    assert serve.ask(lib.path, Query.build("   "), {"top": 3}) is None  # empty text: the caller's error
-    assert serve.ask(lib.path, Query.build("dog", minus=["dog"]), {"top": 3}) is None  # cancels out
-    assert serve.ask(lib.path, Query.build(image="x.jpg"), {"top": 3}) is None  # never sent
+    assert _ask(lib.path, Query.build("   "), {"top": 3}) is None  # empty text: the caller's error
+    assert _ask(lib.path, Query.build("dog", minus=["dog"]), {"top": 3}) is None  # cancels out
+    assert _ask(lib.path, Query.build(image="x.jpg"), {"top": 3}) is None  # never sent
     assert daemon.refused == 2 and all("refused" in m for m in daemon.messages)
     for raw in (
         b"not json\n",
@@ -167,7 +180,7 @@ def test_what_the_daemon_cannot_answer_is_refused_and_it_keeps_serving(library, 
             reply = json.loads(serve._read_line(sock))
         assert reply["ok"] is False and "bad request" in reply["error"], raw
     assert daemon.refused == 5
-    assert len(serve.ask(lib.path, Query.build("a dog"), {"top": 3})) == 3  # still serving
+    assert len(_ask(lib.path, Query.build("a dog"), {"top": 3})) == 3  # still serving
     assert daemon.answered == 1
 
 
@@ -178,15 +191,15 @@ def test_a_second_daemon_is_refused_and_a_stale_socket_replaced(library, tmp_pat
     stale = socket.socket(socket.AF_UNIX)
     stale.bind(str(path))  # bound and closed without listening: what a killed daemon leaves
     stale.close()
-    assert path.exists() and serve.ask(lib.path, Query.build("a dog"), {"top": 3}) is None
+    assert path.exists() and _ask(lib.path, Query.build("a dog"), {"top": 3}) is None
     with serve.QueryServer(lib.path) as first:
         thread = threading.Thread(target=first.serve_forever, daemon=True)
         thread.start()
         try:
-            assert len(serve.ask(lib.path, Query.build("a dog"), {"top": 3})) == 3
+            assert len(_ask(lib.path, Query.build("a dog"), {"top": 3})) == 3
             with pytest.raises(serve.ServeError, match="already serving"):
                 serve.QueryServer(lib.path)
-            assert len(serve.ask(lib.path, Query.build("a dog"), {"top": 3})) == 3  # untouched
+            assert len(_ask(lib.path, Query.build("a dog"), {"top": 3})) == 3  # untouched
         finally:
             first.shutdown()
             thread.join(timeout=10)
@@ -212,7 +225,7 @@ def test_a_daemon_that_never_replies_is_given_up_on(library):
         hung.bind(str(path))
         hung.listen()  # accepts connections (the kernel does), never answers
         start = time.perf_counter()
-        assert serve.ask(lib.path, Query.build("a dog"), {"top": 3}, timeout=0.5) is None
+        assert serve.ask(lib.path, Query.build("a dog"), top=3, timeout=0.5) is None
         assert 0.4 < time.perf_counter() - start < 5
 
 
@@ -227,11 +240,11 @@ def test_a_socket_in_a_folder_others_can_open_is_never_asked(library):
         planted.bind(str(path))
         planted.listen()
         planted.settimeout(0.2)
-        assert serve.ask(lib.path, Query.build("a dog"), {"top": 3}) is None
+        assert _ask(lib.path, Query.build("a dog"), {"top": 3}) is None
         with pytest.raises(TimeoutError):
             planted.accept()  # no connection was even made
         os.chmod(path.parent, 0o700)  # the same socket in a private folder is asked
-        assert serve.ask(lib.path, Query.build("a dog"), {"top": 3}, timeout=0.3) is None
+        assert serve.ask(lib.path, Query.build("a dog"), top=3, timeout=0.3) is None
         conn, _ = planted.accept()
         conn.close()
 
@@ -302,14 +315,12 @@ def test_the_serve_command_stops_cleanly_and_a_killed_one_leaves_queries_working
     path = serve.socket_path(lib.path)
     command = [sys.executable, "-m", "clipsearch", "--db", str(lib.path), "serve"]
     query = Query.build("a dog")
-    reference = fastquery.search(lib, MODEL, query, top=5)
+    reference = search(lib, ExportedTextEncoder(MODEL), query, top=5)
 
     proc = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=os.environ.copy())
     try:
-        assert _wait_for(lambda: serve.ask(lib.path, query, {"top": 5}) is not None), (
-            "the daemon never answered"
-        )
-        _same(serve.ask(lib.path, query, {"top": 5}), reference)
+        assert _wait_for(lambda: _ask(lib.path, query, {"top": 5}) is not None), "the daemon never answered"
+        _same(_ask(lib.path, query, {"top": 5}), reference)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
         err = proc.stderr.read()
@@ -321,12 +332,12 @@ def test_the_serve_command_stops_cleanly_and_a_killed_one_leaves_queries_working
 
     proc = subprocess.Popen(command, stderr=subprocess.DEVNULL, env=os.environ.copy())
     try:
-        assert _wait_for(lambda: serve.ask(lib.path, query, {"top": 5}) is not None)
+        assert _wait_for(lambda: _ask(lib.path, query, {"top": 5}) is not None)
         proc.kill()  # SIGKILL: no clean-up, the socket stays behind
         proc.wait()
         assert path.exists()
         start = time.perf_counter()
-        assert serve.ask(lib.path, query, {"top": 5}) is None
+        assert _ask(lib.path, query, {"top": 5}) is None
         assert time.perf_counter() - start < 1.0  # a stale socket is refused at once, not waited on
         code, out = _run(["--db", str(lib.path), "query", "a dog", "--top", "5", "--paths"])
         assert code == 0 and out.splitlines() == [str(h.path) for h in reference]

@@ -116,7 +116,7 @@ def test_settle_writes_the_verdict_and_the_text_export_then_index_uses_them(tmp_
     assert chosen in backends.BACKENDS and not settle.needed(bundle)
     verdict = json.loads((cache_dir(bundle.model_id) / backends.VERDICT_FILE).read_text())
     assert verdict["chosen"] == chosen and set(verdict["backends"]) >= {"torch-fp32", "onnx-int8"}
-    assert fastquery.TEXT_ONNX in os.listdir(cache_dir(bundle.model_id))
+    assert fastquery.TEXT_WEIGHTS in os.listdir(cache_dir(bundle.model_id))
     events = []
     with Library.open(tmp_path / "lib.db", create=True) as lib:
         report = index_paths(lib, bundle, [root], backend="auto", progress=events.append)
@@ -157,7 +157,7 @@ def test_cli_first_index_settles_in_a_background_process(tmp_path, monkeypatch):
     assert settle.wait(bundle.model_id, timeout=240)
     log = (cache_dir(bundle.model_id) / settle.LOG_FILE).read_text()
     assert not settle.needed(bundle), log
-    assert "settled" in log and (cache_dir(bundle.model_id) / fastquery.TEXT_ONNX).is_file()
+    assert "settled" in log and (cache_dir(bundle.model_id) / fastquery.TEXT_WEIGHTS).is_file()
     verdict = json.loads((cache_dir(bundle.model_id) / backends.VERDICT_FILE).read_text())
     second = run_cli(
         "--db", str(tmp_path / "second.db"), "index", str(photos), "--model", str(model), "--json", env=env

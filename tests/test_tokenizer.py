@@ -305,7 +305,7 @@ def test_ascii_shortcut_of_the_clean_up_equals_the_full_clean_up():
 
 
 def test_table_tokenizer_ids_equal_open_clip(tmp_path, tok):
-    from clipsearch.tokenizer import TableTokenizer
+    from clipsearch.tokenizer_table import TableTokenizer
 
     tok.save_table(tmp_path / "clip.sqlite")
     table = TableTokenizer(tmp_path / "clip.sqlite")
@@ -322,7 +322,7 @@ def test_table_tokenizer_ids_equal_open_clip(tmp_path, tok):
 
 
 def test_table_tokenizer_of_a_trained_bpe(trained, tmp_path):
-    from clipsearch.tokenizer import TableTokenizer
+    from clipsearch.tokenizer_table import TableTokenizer
 
     trained.save_table(tmp_path / "trained.sqlite")
     table = TableTokenizer(tmp_path / "trained.sqlite", context_length=16)
@@ -339,7 +339,7 @@ def test_table_file_is_replaced_atomically_and_bad_files_are_refused(tmp_path, t
     from tokenizers import Tokenizer as RawTokenizer
     from tokenizers import models
 
-    from clipsearch.tokenizer import TableTokenizer
+    from clipsearch.tokenizer_table import TableTokenizer
 
     path = tmp_path / "t.sqlite"
     tok.save_table(path)

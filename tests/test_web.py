@@ -19,6 +19,7 @@ import pytest
 from PIL import Image
 from web_helpers import CAMERA, HOSTILE_NAME, ServerProcess, build_site
 
+from clipsearch.encoders import ModelEncoder
 from clipsearch.search import Query, search
 from clipsearch.store import Library
 from clipsearch.web import WebError, make_server, security
@@ -159,7 +160,9 @@ def test_search_page_ranks_as_the_library_does(site, app_client):
     with Library.open(site.db) as lib:
         from clipsearch.checkpoints import load_bundle
 
-        expected = search(lib, load_bundle(str(site.model)), Query.build("a red photo"), top=PAGE_SIZE)
+        expected = search(
+            lib, ModelEncoder(load_bundle(str(site.model))), Query.build("a red photo"), top=PAGE_SIZE
+        )
     assert tile_ids(html) == [h.image_id for h in expected]  # same order as the torch model gives
     scores = [float(s) for s in re.findall(r'class="score">([-0-9.]+)<', html)]
     assert scores == pytest.approx([round(h.score, 3) for h in expected], abs=2e-3)

@@ -58,6 +58,7 @@ def run_demo(
     """
     from clipsearch import indexer, search, zeroshot
     from clipsearch.checkpoints import load_bundle
+    from clipsearch.encoders import ModelEncoder
     from clipsearch.store import Library
     from trainer import evaluate, train
     from trainer.synthetic import generate
@@ -89,7 +90,7 @@ def run_demo(
         report = indexer.index_paths(library, bundle, [data.zeroshot_dir])
         echo(f"indexed {report.embedded} held-out images into {out / 'library.db'}")
         query = "a red circle"
-        hits = search.search(library, bundle, search.Query.build(text=query), top=5)
+        hits = search.search(library, ModelEncoder(bundle), search.Query.build(text=query), top=5)
         echo(f"query {query!r}: " + ", ".join(f"{h.path.parent.name}/{h.path.name}" for h in hits))
         labels = zeroshot.label_images(library, bundle, data.classnames, templates=zs.templates)
     finally:

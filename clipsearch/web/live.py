@@ -78,7 +78,7 @@ class LiveLibrary:
         self.path = self.library.path
         self._lock = threading.RLock()
         self._index = None  # (model_id, generation, VectorIndex)
-        self._encoder = None  # (model_id, fastquery.TextEncoder)
+        self._encoder = None  # clipsearch.encoders.ExportedTextEncoder, kept warm
         self._bundle = None
         self._model_lock = threading.Lock()  # loading and running the torch model
         self._uploads: OrderedDict[str, object] = OrderedDict()
@@ -92,20 +92,14 @@ class LiveLibrary:
     # --- the warm parts -------------------------------------------------------------------------
 
     def model_id(self) -> str:
-        model_id = self.library.default_model_id()
-        if model_id is None:
-            raise LibraryError(
-                f"the library {self.path} has no images yet: run `clipsearch index PATH` first"
-            )
-        return model_id
+        return self.library.require_default_model()
 
     def warm_up(self) -> None:
         """Load the text encoder and open the index now, so the first search does not wait."""
         with self._lock:
             model_id = self.model_id()
             self._vector_index(model_id)
-            # one text through the tower: its first call pages the memory-mapped weights in
-            self._text_encoder(model_id)(["a photo"])
+            self._text_encoder(model_id).load()  # pages the memory-mapped weights in
 
     def _vector_index(self, model_id: str):
         from clipsearch.vectors import VectorIndex
@@ -121,18 +115,19 @@ class LiveLibrary:
 
     def _text_encoder(self, model_id: str):
         from clipsearch import fastquery
+        from clipsearch.encoders import ExportedTextEncoder
 
         held = self._encoder
-        if held is not None and held[0] == model_id and held[1].stamp == fastquery._stamp(held[1].directory):
-            return held[1]
+        if held is not None and held.model_id == model_id and held.is_current():
+            return held
         try:
-            encoder = fastquery.TextEncoder(model_id, warm=True)
+            encoder = ExportedTextEncoder(model_id, warm=True)
         except fastquery.TextEncoderMissing:
             log.info("no torch-free text encoder of %s yet: exporting it once from the model", model_id)
             with self._model_lock:
                 fastquery.ensure_text_encoder(self._model(model_id, self.library.model_source(model_id)))
-            encoder = fastquery.TextEncoder(model_id, warm=True)
-        self._encoder = (model_id, encoder)
+            encoder = ExportedTextEncoder(model_id, warm=True)
+        self._encoder = encoder
         return encoder
 
     def _model(self, model_id: str, source: str):
@@ -150,18 +145,16 @@ class LiveLibrary:
     def search_text(self, text: str, *, offset: int = 0, limit: int = 60, filters=None) -> Page:
         """A text query, as ``clipsearch query TEXT`` ranks it; ``filters``: a
         :class:`clipsearch.filters.PhotoFilter` applied inside the vector search."""
-        from clipsearch import fastquery
-        from clipsearch.search import Query
+        from clipsearch.search import Query, search
 
         with self._lock:
             model_id = self.model_id()
-            hits = fastquery.search(
+            hits = search(
                 self.library,
-                model_id,
+                self._text_encoder(model_id),
                 Query.build(text),
                 offset + limit + 1,
-                filters=filters,
-                encode=self._text_encoder(model_id),
+                filters,
                 index=self._vector_index(model_id),
             )
             return self._page(hits, offset, limit)
@@ -176,20 +169,18 @@ class LiveLibrary:
         exclude: int | None = None,
     ) -> Page:
         """Photos closest to a query vector (float32 [D], normalised) of the library's model."""
-        from clipsearch.search import Query, QueryPart, search
+        from clipsearch.search import search_vector
 
         with self._lock:
             model_id = self.model_id()
             extra = 1 if exclude is not None else 0
-            hits = search(
+            hits = search_vector(
                 self.library,
-                None,
-                Query([QueryPart("image", "(vector)")]),
+                self._vector_index(model_id),
+                vector,
                 offset + limit + 1 + extra,
-                filters=filters,
-                model_id=model_id,
-                encode=lambda _query: vector,
-                index=self._vector_index(model_id),
+                None,
+                filters,
             )
             hits = [h for h in hits if h.image_id != exclude]
             return self._page(hits, offset, limit)
@@ -211,8 +202,9 @@ class LiveLibrary:
         The bytes go to a private temporary file under ``uploads_dir`` (in the clipsearch home, never
         beside the photos) only while they are decoded, and are deleted at once.
         """
+        from clipsearch.encoders import ModelEncoder, encode
         from clipsearch.errors import ImageDecodeError
-        from clipsearch.search import Query, QueryError, encode_query
+        from clipsearch.search import Query, QueryError
 
         key = hashlib.sha256(data).hexdigest()[:24]
         with self._lock:
@@ -229,7 +221,8 @@ class LiveLibrary:
                 source = self.library.model_source(model_id)
             with self._model_lock:
                 try:
-                    vector = encode_query(self._model(model_id, source), Query.build(image=tmp))
+                    bundle = self._model(model_id, source)
+                    vector = encode(Query.build(image=tmp), ModelEncoder(bundle), None)
                 except QueryError as e:  # not a picture: the decoder's reason, not our temp file's name
                     if isinstance(e.__cause__, ImageDecodeError):
                         raise e.__cause__ from None

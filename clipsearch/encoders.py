@@ -1,0 +1,248 @@
+"""How a query is encoded: the one place that chooses between the ways, and says which it took.
+
+A query's parts become vectors in one of three ways, cheapest first:
+
+- an *indexed* part (a photo already in the library) is its stored vector: no model at all;
+- *text* parts go through the model's torch-free text encoder (:mod:`clipsearch.fastquery`: BPE
+  table, text tower in numpy, features cached per exact text), once it has been exported;
+- otherwise, and for *image* files, the model is loaded in torch (:class:`ModelEncoder`); after a
+  query that needed it, its text tower is exported so the next text query need not.
+
+:func:`choose` picks the encoder for a query and logs which and why (``clipsearch query --verbose``
+prints it); :func:`encode` turns the query into one vector with it. The query daemon
+(:mod:`clipsearch.serve`) holds an :class:`ExportedTextEncoder` of its own (``warm=True``) and
+calls :func:`clipsearch.search.search` with it, like any other caller.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from clipsearch.errors import LibraryError
+from clipsearch.search import QueryError
+
+if TYPE_CHECKING:  # numpy is imported where vectors are made: a client of `clipsearch serve` needs none
+    import numpy as np
+
+    from clipsearch.search import Query
+    from clipsearch.store import Library
+
+log = logging.getLogger(__name__)
+
+# The names an answer reports (``Answer.encoder``), one per way a query can be encoded.
+DAEMON = "daemon"
+TORCH_FREE = "torch-free"
+MODEL = "model"
+STORED = "stored-vectors"
+
+
+class QueryEncoder:
+    """Texts and image files -> L2-normalised vectors ``float32 [N, D]`` of one model.
+
+    ``name`` is one of :data:`TORCH_FREE`, :data:`MODEL`, :data:`STORED`. The base class encodes
+    neither (a query of indexed photos only needs none).
+    """
+
+    name = STORED
+
+    def __init__(self, model_id: str):
+        self.model_id = model_id
+
+    def texts(self, texts: Sequence[str]) -> np.ndarray:
+        raise QueryError("this encoder has no text tower")  # choose() never pairs them
+
+    def images(self, paths: Sequence[str]) -> np.ndarray:
+        raise QueryError("image parts need the model loaded (choose() loads it for them)")
+
+
+class ExportedTextEncoder(QueryEncoder):
+    """Text through the model's torch-free export (:class:`clipsearch.fastquery.TextEncoder`).
+
+    Raises :class:`clipsearch.fastquery.TextEncoderMissing` when the model was never exported.
+    ``warm=True`` (the daemon) keeps the export loaded and notices when it is replaced.
+    """
+
+    name = TORCH_FREE
+
+    def __init__(self, model_id: str, *, warm: bool = False):
+        from clipsearch import fastquery
+
+        super().__init__(model_id)
+        self.warm = warm
+        # the daemon holds its own (replaced when the export is); a query process shares this process's
+        self._held = fastquery.TextEncoder(model_id) if warm else fastquery.encoder(model_id)
+
+    @property
+    def stamp(self):
+        return self._held.stamp
+
+    def is_current(self) -> bool:
+        """Whether the export this encoder loaded is still the one on disk (the daemon asks)."""
+        from clipsearch import fastquery
+
+        return self._held.stamp == fastquery._stamp(self._held.directory)
+
+    def load(self) -> None:
+        """Load what the first query would (the daemon and the web do it before they listen): one
+        text through the tower pages its memory-mapped weights in."""
+        self._held(["a photo"])
+
+    def texts(self, texts: Sequence[str]) -> np.ndarray:
+        from clipsearch import fastquery
+
+        return fastquery.text_features(self.model_id, list(texts), encode=self._held)
+
+
+class ModelEncoder(QueryEncoder):
+    """The model itself, in torch: any text, and image files after the model's preprocessing."""
+
+    name = MODEL
+
+    def __init__(self, bundle):
+        super().__init__(bundle.model_id)
+        self.bundle = bundle
+
+    def texts(self, texts: Sequence[str]) -> np.ndarray:
+        import torch
+
+        with torch.no_grad():
+            tokens = self.bundle.tokenizer(list(texts)).to(self.bundle.model.device)
+            feats = self.bundle.model.encode_text(tokens).float()  # [T, D]
+            feats = feats / feats.norm(dim=-1, keepdim=True)
+        return feats.cpu().numpy()
+
+    def images(self, paths: Sequence[str]) -> np.ndarray:
+        import torch
+
+        model = self.bundle.model
+        with torch.no_grad():
+            pixels = torch.stack(
+                [self.bundle.preprocess(_open_query_image(p)) for p in paths]
+            )  # [I, 3, H, W]
+            feats = model.encode_image(pixels.to(device=model.device, dtype=model.dtype)).float()  # [I, D]
+            feats = feats / feats.norm(dim=-1, keepdim=True)
+        return feats.cpu().numpy()
+
+    def export_text(self) -> None:
+        """Export the text tower for torch-free queries, unless done; a failure only costs speed."""
+        export_text_encoder(self.bundle)
+
+
+def export_text_encoder(bundle) -> None:
+    """Export ``bundle``'s text tower for torch-free queries (seconds, once per model), unless done.
+
+    Only speed depends on it, so a failure is a logged warning, not an error: text queries of
+    this model keep loading it.
+    """
+    from clipsearch import fastquery
+
+    try:
+        fastquery.ensure_text_encoder(bundle)
+    except Exception as e:  # speed only: the photos are indexed, queries load the model instead
+        first = str(e).splitlines()[0][:160] if str(e) else ""
+        log.warning(
+            "no fast text encoder for %s (%s: %s); text queries will load the model (slower)",
+            bundle.model_id,
+            type(e).__name__,
+            first,
+        )
+
+
+def _open_query_image(path: str):
+    from clipsearch.errors import ImageDecodeError
+    from clipsearch.imageio import open_image
+
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise QueryError(f"query image not found: {path}")
+    try:
+        return open_image(p)
+    except ImageDecodeError as e:
+        raise QueryError(f"cannot read the query image {path}: {e.reason}") from e
+
+
+# (model source, the library) -> bundle; the CLI passes one with a progress bar and its --device
+LoadModel = Callable[[str, "Library"], object]
+
+
+def _load_model(source: str, library: Library):
+    from clipsearch.checkpoints import load_bundle
+
+    return load_bundle(source, library=library)
+
+
+def choose(
+    library: Library,
+    query: Query,
+    *,
+    model: str | None = None,
+    load_model: LoadModel | None = None,
+    torch_free: bool = True,
+) -> QueryEncoder:
+    """The encoder for ``query`` on ``library``, cheapest first (see the module doc); logs which and why.
+
+    ``model``: a model source the user named (``--model``): it is loaded in torch. Otherwise the
+    library's own model (:meth:`Library.default_model_id`) answers. ``load_model(source, library)``
+    loads a bundle (default :func:`clipsearch.checkpoints.load_bundle`). ``torch_free=False`` (an
+    accelerator named with ``--device``) runs the model even for text.
+    """
+    load = load_model or _load_model
+    if model is not None:
+        log.info("encoder: the model %s in torch (named with --model)", model)
+        return ModelEncoder(load(model, library))
+    model_id = library.require_default_model()
+    kinds = {p.kind for p in query.parts}
+    if "image" in kinds:
+        log.info("encoder: the model %s in torch (the query has image files)", model_id)
+        return ModelEncoder(load(library.model_source(model_id), library))
+    if "text" not in kinds:
+        log.info("encoder: none (every part is an indexed photo: its stored vector of %s)", model_id)
+        return QueryEncoder(model_id)
+    if not torch_free:
+        log.info("encoder: the model %s in torch (a device was named with --device)", model_id)
+        return ModelEncoder(load(library.model_source(model_id), library))
+    from clipsearch import fastquery
+
+    try:
+        encoder = ExportedTextEncoder(model_id)
+    except fastquery.TextEncoderMissing:
+        why = f"no torch-free export of {model_id} yet; it is made after this query"
+    except ImportError as e:  # a broken numpy/faiss install: the model still answers
+        why = f"the torch-free path cannot import {e.name or e}"
+    else:
+        log.info(
+            "encoder: torch-free text tower of %s (its export is in %s)", model_id, encoder._held.directory
+        )
+        return encoder
+    log.info("encoder: the model %s in torch (%s)", model_id, why)
+    return ModelEncoder(load(library.model_source(model_id), library))
+
+
+def encode(query: Query, encoder: QueryEncoder, library: Library) -> np.ndarray:
+    """The query's vector ``float32 [D]``: the normalised weighted sum of its parts' normalised vectors.
+
+    Indexed parts read their stored vector of ``encoder.model_id`` from ``library``.
+    """
+    query.check()
+    vectors: dict[int, np.ndarray] = {}
+    texts = [i for i, p in enumerate(query.parts) if p.kind == "text"]
+    images = [i for i, p in enumerate(query.parts) if p.kind == "image"]
+    if texts:
+        for i, v in zip(texts, encoder.texts([query.parts[i].value for i in texts]), strict=True):
+            vectors[i] = v
+    if images:
+        for i, v in zip(images, encoder.images([query.parts[i].value for i in images]), strict=True):
+            vectors[i] = v
+    for i, p in enumerate(query.parts):
+        if p.kind == "indexed":
+            stored = library.embedding(p.image_id, encoder.model_id)
+            if stored is None:
+                raise LibraryError(
+                    f"photo #{p.image_id} has no embedding of {encoder.model_id} in {library.path}: "
+                    "index it with that model first"
+                )
+            vectors[i] = stored
+    return query.combine([vectors[i] for i in range(len(query.parts))])
