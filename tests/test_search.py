@@ -103,7 +103,9 @@ def test_subtree_filter_is_literal(setup):
         == 9
     )
     assert (
-        search(lib, ModelEncoder(bundle), Query.build("sale"), filters=PhotoFilter(under=photos / "nothing-here"))
+        search(
+            lib, ModelEncoder(bundle), Query.build("sale"), filters=PhotoFilter(under=photos / "nothing-here")
+        )
         == []
     )
 
