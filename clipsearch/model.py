@@ -4,6 +4,7 @@ Parameter and buffer names equal OpenAI's and OpenCLIP's, so their state dicts l
 ``load_state_dict(strict=True)``. Sequences are batch-first throughout (``[B, L, D]``).
 """
 
+import contextlib
 import copy
 import math
 from collections import OrderedDict
@@ -158,7 +159,9 @@ class LayerNorm(nn.LayerNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         orig_type = x.dtype
-        with torch.autocast(device_type=x.device.type, enabled=False):
+        # A device type without autocast (meta, some accelerators) has nothing to switch off.
+        no_autocast = torch.amp.is_autocast_available(x.device.type)
+        with torch.autocast(x.device.type, enabled=False) if no_autocast else contextlib.nullcontext():
             out = F.layer_norm(
                 x.float(),
                 self.normalized_shape,

@@ -71,7 +71,7 @@ def synth_cmd(out_dir, n, seed, image_size, zeroshot_per_class):
 @click.option("--csv-img-key", default="filepath")
 @click.option("--csv-caption-key", default="title")
 @click.option("--csv-label-key", default="label")
-@click.option("--device", default="cpu")
+@click.option("--device", default=None, help="cpu, cuda, cuda:N or mps  [default: the best available]")
 @click.option("--json", "as_json", is_flag=True, help="print the metrics as one JSON object")
 def eval_cmd(
     source,
@@ -91,12 +91,14 @@ def eval_cmd(
 
     if not (zeroshot_data or retrieval_data or linear_probe_data):
         raise click.UsageError("give at least one of --zeroshot-data, --retrieval-data, --linear-probe-data")
+    from trainer.placement import resolve_device
+
     bundle = load_bundle(source)
-    model = bundle.model.to(device).eval()
+    model = bundle.model.to(resolve_device(device)).eval()
     metrics = {}
     if zeroshot_data:
         data = evaluate.read_labelled(zeroshot_data, csv_img_key, csv_label_key)
-        metrics.update(evaluate.zeroshot(model, bundle.tokenizer, bundle.preprocess_cfg, data, device))
+        metrics.update(evaluate.zeroshot(model, bundle.tokenizer, bundle.preprocess_cfg, data))
     if retrieval_data:
         from trainer.data import read_csv, read_jsonl
 
@@ -104,7 +106,7 @@ def eval_cmd(
             pairs = read_jsonl(retrieval_data, csv_img_key, csv_caption_key)
         else:
             pairs = read_csv(retrieval_data, csv_img_key, csv_caption_key)
-        metrics.update(evaluate.retrieval(model, bundle.tokenizer, bundle.preprocess_cfg, pairs, device))
+        metrics.update(evaluate.retrieval(model, bundle.tokenizer, bundle.preprocess_cfg, pairs))
     if linear_probe_data:
         train = evaluate.read_labelled(linear_probe_data, csv_img_key, csv_label_key)
         test = (
@@ -112,7 +114,7 @@ def eval_cmd(
             if linear_probe_test
             else None
         )
-        metrics.update(evaluate.linear_probe_images(model, bundle.preprocess_cfg, train, test, device))
+        metrics.update(evaluate.linear_probe_images(model, bundle.preprocess_cfg, train, test))
     if as_json:
         click.echo(json.dumps(metrics))
     else:

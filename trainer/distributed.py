@@ -18,7 +18,7 @@ class DistEnv:
     rank: int = 0  # global rank of this process
     world_size: int = 1  # number of processes in the whole job
     local_rank: int = 0  # index of this process on its node: picks the GPU
-    device: str = "cpu"
+    device: torch.device = torch.device("cpu")  # this process's device (trainer.placement decides)
     backend: str | None = None  # None when not distributed
 
     @property
@@ -33,18 +33,19 @@ class DistEnv:
 def init_distributed(device: str | None = None) -> DistEnv:
     """Join the process group described by torchrun's variables (gloo on CPU, nccl on CUDA).
 
-    ``device`` forces "cpu" or "cuda"; by default CUDA is used when available.
+    ``device`` as :func:`trainer.placement.resolve_device` reads it (default: the best available).
     """
+    from trainer.placement import resolve_device
+
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
-    dev = f"cuda:{local_rank}" if use_cuda else "cpu"
-    if use_cuda:
-        torch.cuda.set_device(local_rank)
+    dev = resolve_device(device, local_rank)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
     if world_size == 1:
         return DistEnv(device=dev)
-    backend = "nccl" if use_cuda else "gloo"
+    backend = "nccl" if dev.type == "cuda" else "gloo"
     if not dist.is_initialized():
         dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
     return DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=dev, backend=backend)

@@ -3,14 +3,23 @@
 - Zero-shot: class names become text classifiers through prompt templates (``clipsearch.zeroshot``);
   a folder-per-class set may carry a ``templates.txt`` (one template with ``{}`` per line) to use
   instead of the paper's ensemble.
-- Retrieval: recall@1/5/10 both ways over held-out (image, caption) pairs, plus their CLIP loss.
-- Linear probe: multinomial logistic regression on frozen, normalised image features, fitted with
-  full-batch L-BFGS, its L2 strength chosen on a validation split (the paper's protocol, no sklearn).
+- Retrieval: recall@1/5/10 both ways over held-out (image, caption) rows, where an image may have
+  several captions (Flickr30k and COCO have five): image->text is a hit when any of the image's
+  captions is in the top k; text->image ranks the distinct images, not the rows. Plus the CLIP loss
+  over one caption per image.
+- Linear probe: multinomial logistic regression on the frozen image features before the projection
+  (the output of ``visual.ln_post`` where the tower has one), fitted with full-batch L-BFGS; its inverse
+  regularisation C is searched over 1e-6..1e6 on a validation split and refined around the best (the
+  paper's protocol, without sklearn), then refitted on all the training images. Few-shot probes use k
+  images per class (k = 1, 2, 4, 8, 16).
+
+No function here takes a device: each reads the model's (``trainer.placement.model_device``) and
+puts its inputs there, so a model on a GPU is evaluated on that GPU.
 """
 
 from __future__ import annotations
 
-import math
+import logging
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +29,9 @@ import torch.nn.functional as F
 
 from clipsearch.errors import ClipsearchError
 from trainer.data import IMAGE_EXTS, DataError
+from trainer.placement import model_device
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -73,19 +85,29 @@ def read_labelled(source, img_key="filepath", label_key="label", sep=",") -> Lab
 
 
 @torch.no_grad()
-def image_features(model, preprocess_cfg, paths, device="cpu", batch_size=64):
-    """``(features [N, D] L2-normalised, kept indices, skipped Counter)`` with the eval transform."""
+def image_features(model, preprocess_cfg, paths, batch_size=64, encode=None):
+    """``(features [N, D] L2-normalised, kept indices, skipped Counter)`` with the eval transform.
+
+    ``encode`` maps a batch on the model's device to features (default ``model.encode_image``, then
+    L2-normalised); the result is on the CPU in fp32.
+    """
     from clipsearch.imageio import open_image
     from clipsearch.transform import image_transform
 
     transform = image_transform(preprocess_cfg, train=False)
+    device = model_device(model)
+    if encode is None:
+
+        def encode(x):
+            return F.normalize(model.encode_image(x).float(), dim=-1)
+
     feats, kept, skipped = [], [], Counter()
     chunk, chunk_idx = [], []
 
     def flush():
         if chunk:
-            x = torch.stack(chunk).to(device)
-            feats.append(F.normalize(model.encode_image(x).float(), dim=-1).cpu())
+            x = torch.stack(chunk).to(device)  # [b, 3, H, W]
+            feats.append(encode(x).float().cpu())
             kept.extend(chunk_idx)
             chunk.clear()
             chunk_idx.clear()
@@ -105,8 +127,9 @@ def image_features(model, preprocess_cfg, paths, device="cpu", batch_size=64):
 
 
 @torch.no_grad()
-def text_features(model, tokenizer, texts, device="cpu", batch_size=256) -> torch.Tensor:
-    """``[N, D]`` L2-normalised text features."""
+def text_features(model, tokenizer, texts, batch_size=256) -> torch.Tensor:
+    """``[N, D]`` L2-normalised text features (fp32, on the CPU)."""
+    device = model_device(model)
     out = []
     for i in range(0, len(texts), batch_size):
         tokens = tokenizer(list(texts[i : i + batch_size])).to(device)
@@ -118,15 +141,18 @@ def text_features(model, tokenizer, texts, device="cpu", batch_size=256) -> torc
 # The three evaluations
 
 
-def zeroshot(model, tokenizer, preprocess_cfg, data: LabelledImages, device="cpu", templates=None) -> dict:
+def zeroshot(model, tokenizer, preprocess_cfg, data: LabelledImages, templates=None) -> dict:
     """Top-1/top-5 accuracy of the zero-shot classifier built from the class names; chance beside it."""
     from clipsearch.zeroshot import DEFAULT_TEMPLATES, build_classifier
 
     templates = templates or data.templates or DEFAULT_TEMPLATES
     model.eval()
     with torch.no_grad():
-        classifier = build_classifier(model, tokenizer, data.classnames, templates).float().cpu()  # [D, C]
-    feats, kept, skipped = image_features(model, preprocess_cfg, data.paths, device)
+        classifier = build_classifier(
+            model, tokenizer, data.classnames, templates, device=model_device(model)
+        )
+        classifier = classifier.float().cpu()  # [D, C]
+    feats, kept, skipped = image_features(model, preprocess_cfg, data.paths)
     labels = torch.tensor([data.labels[i] for i in kept])
     logits = feats @ classifier  # [N, C]
     k = min(5, logits.shape[1])
@@ -140,37 +166,73 @@ def zeroshot(model, tokenizer, preprocess_cfg, data: LabelledImages, device="cpu
     }
 
 
-def recall_at_k(sims: torch.Tensor, name: str, ks=(1, 5, 10)) -> dict:
-    """Fraction of rows of ``sims [N, N]`` whose diagonal entry ranks within the top k of the row.
+def recall_at_k(sims: torch.Tensor, truth: torch.Tensor, name: str, ks=(1, 5, 10)) -> dict:
+    """Recall@k of queries (rows of ``sims [Q, C]``) whose relevant candidates are ``truth [Q, C]`` (bool).
 
-    Ties count against the query (a candidate scoring the same as the true one is ranked above it).
+    A query's rank is the number of irrelevant candidates scoring at least as high as its best relevant
+    one (ties count against the query); it is a hit at k when that rank is below k.
     """
-    truth = sims.diagonal()[:, None]  # [N, 1]
-    rank = (sims > truth).sum(1) + (sims == truth).sum(1) - 1  # candidates at least as good, minus itself
+    best = sims.masked_fill(~truth, float("-inf")).max(1, keepdim=True).values  # [Q, 1]
+    rank = ((sims >= best) & ~truth).sum(1)  # [Q]
     return {f"{name}_R@{k}": (rank < k).float().mean().item() for k in ks}
 
 
-def retrieval(model, tokenizer, preprocess_cfg, pairs, device="cpu") -> dict:
-    """Recall@1/5/10 image->text and text->image over (image, caption) pairs, and their CLIP loss."""
+def group_captions(pairs) -> tuple[list, list[str], list[int]]:
+    """``(images, captions, image_of_caption)`` from (image, caption) rows; an image keeps its first place."""
+    index: dict = {}
+    images, captions, owner = [], [], []
+    for image, caption in pairs:
+        if image not in index:
+            index[image] = len(images)
+            images.append(image)
+        captions.append(caption)
+        owner.append(index[image])
+    return images, captions, owner
+
+
+def retrieval(model, tokenizer, preprocess_cfg, pairs) -> dict:
+    """Recall@1/5/10 image->text and text->image over (image, caption) rows, and the CLIP loss.
+
+    Rows sharing an image are that image's captions. Images that cannot be read are dropped with their
+    captions (counted in ``val_skipped``).
+    """
     from clipsearch.loss import contrastive_loss
 
     model.eval()
-    img, kept, _ = image_features(model, preprocess_cfg, [p for p, _ in pairs], device)
-    txt = text_features(model, tokenizer, [pairs[i][1] for i in kept], device)
-    sims = img @ txt.T  # [N, N]; pair i is the diagonal
-    out = {**recall_at_k(sims, "image_to_text"), **recall_at_k(sims.T, "text_to_image")}
+    images, captions, owner = group_captions(pairs)
+    img, kept, skipped = image_features(model, preprocess_cfg, images)  # [I, D]
+    row_of = {image_index: row for row, image_index in enumerate(kept)}
+    rows = [(row_of[o], c) for o, c in zip(owner, captions, strict=True) if o in row_of]
+    txt = text_features(model, tokenizer, [c for _, c in rows])  # [T, D]
+    text_owner = torch.tensor([r for r, _ in rows])  # [T]
+    truth = text_owner[None, :] == torch.arange(len(kept))[:, None]  # [I, T]
+    sims = img @ txt.T  # [I, T]
+    out = {
+        **recall_at_k(sims, truth, "image_to_text"),
+        **recall_at_k(sims.T, truth.T, "text_to_image"),
+    }
+    first = [text_owner.tolist().index(i) for i in range(len(kept))]  # each image's first caption
     scale = model.logit_scale.exp().float().cpu() if hasattr(model, "logit_scale") else torch.tensor(100.0)
-    out["val_loss"] = contrastive_loss(img, txt, scale).item()
+    out["val_loss"] = contrastive_loss(img, txt[first], scale).item()
     out["val_n"] = len(kept)
+    out["val_captions"] = len(rows)
+    out["val_skipped"] = sum(skipped.values())
     return out
 
 
-def _fit_logistic(x, y, n_classes, l2, max_iter=200):
-    """Multinomial logistic regression with an L2 penalty, full-batch L-BFGS; returns (W, b)."""
-    torch.manual_seed(0)
+def _fit_logistic(x, y, n_classes, c, max_iter=1000):
+    """Multinomial logistic regression as sklearn's ``LogisticRegression(C=c)``, full-batch L-BFGS.
+
+    Minimises ``c * sum(cross-entropy) + |W|^2 / 2`` (the bias unpenalised), divided by ``c * n`` so the
+    loss keeps a scale L-BFGS' tolerances suit. Returns ``(W [D, C], b [C])``.
+    """
     w = torch.zeros(x.shape[1], n_classes, requires_grad=True)
     b = torch.zeros(n_classes, requires_grad=True)
-    opt = torch.optim.LBFGS([w, b], lr=1, max_iter=max_iter, line_search_fn="strong_wolfe")
+    opt = torch.optim.LBFGS(
+        [w, b], lr=1, max_iter=max_iter, tolerance_grad=1e-9, tolerance_change=1e-12,
+        history_size=20, line_search_fn="strong_wolfe",
+    )  # fmt: skip
+    l2 = 1.0 / (2.0 * c * len(y))
 
     def closure():
         opt.zero_grad()
@@ -182,40 +244,102 @@ def _fit_logistic(x, y, n_classes, l2, max_iter=200):
     return w.detach(), b.detach()
 
 
-def linear_probe(train_x, train_y, test_x, test_y, l2_grid=None, val_fraction=0.25, seed=0) -> dict:
-    """Accuracy on ``test`` of a logistic regression on frozen features, L2 picked on a validation split.
+def _accuracy(x, y, wb) -> float:
+    w, b = wb
+    return ((x @ w + b).argmax(1) == y).float().mean().item()
 
-    As the paper: sweep the L2 strength on a held-out part of the training set, then refit on all of it.
+
+def search_c(fit_x, fit_y, val_x, val_y, n_classes, refine_steps=4) -> tuple[float, float]:
+    """The paper's C search: a coarse sweep of 1e-6..1e6 (one point per decade), then a bisection in
+    log space between the best C and its better neighbour. Returns ``(C, validation accuracy)``; ties go
+    to the smaller C (the stronger regularisation)."""
+    cache: dict[float, float] = {}
+
+    def score(log_c: float) -> float:
+        if log_c not in cache:
+            cache[log_c] = _accuracy(val_x, val_y, _fit_logistic(fit_x, fit_y, n_classes, 10.0**log_c))
+        return cache[log_c]
+
+    grid = [float(e) for e in range(-6, 7)]
+    best = max(grid, key=lambda e: (score(e), -e))
+    step = 1.0
+    for _ in range(refine_steps):  # halve the interval around the best each time
+        step /= 2
+        candidates = [e for e in (best - step, best + step) if -6 <= e <= 6]
+        best = max([best, *candidates], key=lambda e: (score(e), -e))
+    return 10.0**best, score(best)
+
+
+def _split(n: int, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    k = max(1, int(n * fraction))
+    return order[:k], order[k:]
+
+
+def linear_probe(train_x, train_y, test_x, test_y, val_fraction=0.2, seed=0, shots=(1, 2, 4, 8, 16)) -> dict:
+    """Accuracy on ``test`` of a logistic regression on frozen features, C searched on a validation split.
+
+    As the paper: search C on a held-out part of the training set, then refit on all of it. Few-shot
+    (``linear_probe_<k>shot``): k seeded training images per class, fitted with the C found above (too
+    few images to search their own); a k is skipped when some class has fewer than k images.
     """
     n_classes = int(max(train_y.max(), test_y.max())) + 1
-    l2_grid = l2_grid if l2_grid is not None else [10.0**e for e in range(-6, 1)]
-    g = torch.Generator().manual_seed(seed)
-    order = torch.randperm(len(train_y), generator=g)
-    n_val = max(1, int(len(order) * val_fraction))
-    val, fit = order[:n_val], order[n_val:]
-    scores = []
-    for l2 in l2_grid:
-        w, b = _fit_logistic(train_x[fit], train_y[fit], n_classes, l2)
-        scores.append(((train_x[val] @ w + b).argmax(1) == train_y[val]).float().mean().item())
-    best = l2_grid[max(range(len(l2_grid)), key=lambda i: (scores[i], -i))]
-    w, b = _fit_logistic(train_x, train_y, n_classes, best)
-    acc = ((test_x @ w + b).argmax(1) == test_y).float().mean().item()
-    return {"linear_probe_top1": acc, "linear_probe_l2": best, "linear_probe_val_top1": max(scores)}
+    val, fit = _split(len(train_y), val_fraction, seed)
+    c, val_acc = search_c(train_x[fit], train_y[fit], train_x[val], train_y[val], n_classes)
+    out = {
+        "linear_probe_top1": _accuracy(test_x, test_y, _fit_logistic(train_x, train_y, n_classes, c)),
+        "linear_probe_C": c,
+        "linear_probe_val_top1": val_acc,
+    }
+    g = torch.Generator().manual_seed(seed + 2)
+    per_class = [torch.nonzero(train_y == k).flatten() for k in range(n_classes)]
+    present = [idx for idx in per_class if len(idx)]
+    for k in shots:
+        if any(len(idx) < k for idx in present):
+            continue
+        pick = torch.cat([idx[torch.randperm(len(idx), generator=g)[:k]] for idx in present])
+        wb = _fit_logistic(train_x[pick], train_y[pick], n_classes, c)
+        out[f"linear_probe_{k}shot"] = _accuracy(test_x, test_y, wb)
+    return out
+
+
+@torch.no_grad()
+def pre_projection_features(model, preprocess_cfg, paths):
+    """Image features before the image tower's projection (the paper's linear-probe features).
+
+    For a vision transformer, the output of ``visual.ln_post`` (the normalised class token); for a tower
+    without one (the ResNets, whose attention pool ends in its own projection), the image embedding.
+    """
+    visual = getattr(model, "visual", None)
+    ln_post = getattr(visual, "ln_post", None)
+    if ln_post is None:
+        log.info("linear probe: %s has no ln_post; probing the image embeddings", type(visual).__name__)
+        return image_features(model, preprocess_cfg, paths, encode=model.encode_image)
+    captured = []
+    handle = ln_post.register_forward_hook(lambda _m, _i, out: captured.append(out))
+
+    def encode(x):
+        captured.clear()
+        model.encode_image(x)
+        return captured[-1]  # [b, width]
+
+    try:
+        return image_features(model, preprocess_cfg, paths, encode=encode)
+    finally:
+        handle.remove()
 
 
 def linear_probe_images(
-    model, preprocess_cfg, train: LabelledImages, test: LabelledImages | None = None, device="cpu", seed=0
+    model, preprocess_cfg, train: LabelledImages, test: LabelledImages | None = None, seed=0
 ) -> dict:
     """Linear probe on image sets; without ``test``, a seeded 30% of ``train`` is held out."""
-    x, kept, _ = image_features(model, preprocess_cfg, train.paths, device)
+    x, kept, _ = pre_projection_features(model, preprocess_cfg, train.paths)
     y = torch.tensor([train.labels[i] for i in kept])
     if test is None:
-        g = torch.Generator().manual_seed(seed + 1)
-        order = torch.randperm(len(y), generator=g)
-        n_test = max(1, int(math.ceil(len(y) * 0.3)))
-        tx, ty, x, y = x[order[:n_test]], y[order[:n_test]], x[order[n_test:]], y[order[n_test:]]
+        held, rest = _split(len(y), 0.3, seed + 1)
+        tx, ty, x, y = x[held], y[held], x[rest], y[rest]
     else:
-        tx, tkept, _ = image_features(model, preprocess_cfg, test.paths, device)
+        tx, tkept, _ = pre_projection_features(model, preprocess_cfg, test.paths)
         ty = torch.tensor([test.labels[i] for i in tkept])
     return linear_probe(x, y, tx, ty, seed=seed)
 
@@ -224,7 +348,6 @@ def during_training(
     model,
     tokenizer,
     preprocess_cfg,
-    device,
     zeroshot_data,
     val_data,
     *,
@@ -237,7 +360,7 @@ def during_training(
     was_training = model.training
     try:
         if zeroshot_data:
-            out.update(zeroshot(model, tokenizer, preprocess_cfg, read_labelled(zeroshot_data), device))
+            out.update(zeroshot(model, tokenizer, preprocess_cfg, read_labelled(zeroshot_data)))
         if val_data:
             from trainer.data import read_csv, read_jsonl
 
@@ -246,7 +369,7 @@ def during_training(
                 pairs = read_csv(val_data, img_key, caption_key, separator)
             else:
                 pairs = reader(val_data, img_key, caption_key)
-            out.update(retrieval(model, tokenizer, preprocess_cfg, pairs, device))
+            out.update(retrieval(model, tokenizer, preprocess_cfg, pairs))
     finally:
         model.train(was_training)
     return out

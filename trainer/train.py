@@ -24,8 +24,7 @@ from clipsearch.loss import ClipLoss
 from trainer import checkpointing
 from trainer.distributed import DistEnv, all_reduce_sum, barrier, init_distributed, shutdown
 from trainer.optim import cosine_lr, make_optimizer, set_lr
-
-PRECISIONS = ("fp32", "amp", "amp_bf16", "bf16", "fp16")
+from trainer.placement import PRECISIONS, Placement, check_precision
 
 
 class TrainError(ClipsearchError):
@@ -71,29 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
     a("--max-steps", type=int, default=None, help="stop after this global step (schedule unchanged)")
     a("--train-tokenizer", type=int, default=None, metavar="VOCAB_SIZE", help="learn a BPE on the captions")
     a("--report-to", default="", help="'tensorboard' to also write TensorBoard events")
-    a("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    a("--device", default=None, help="cpu, cuda, cuda:N or mps (default: the best available)")
     return p
 
 
 # ---------------------------------------------------------------------------------------------------
 # Set-up
-
-
-def _autocast(precision: str, device: str):
-    dev_type = "cuda" if device.startswith("cuda") else "cpu"
-    if precision == "amp_bf16":
-        return lambda: torch.autocast(dev_type, dtype=torch.bfloat16)
-    if precision == "amp":
-        return lambda: torch.autocast(dev_type, dtype=torch.float16)
-    return contextlib.nullcontext
-
-
-def _check_precision(precision: str, device: str) -> None:
-    if precision in ("amp", "fp16") and not device.startswith("cuda"):
-        raise TrainError(
-            f"--precision {precision} needs a CUDA GPU (fp16 on a CPU is slow and unstable); "
-            "use --precision amp_bf16 or fp32 on a CPU"
-        )
 
 
 def _build(args, env: DistEnv, train_captions):
@@ -155,17 +137,13 @@ def _captions_reader(args):
 class Stepper:
     """Forward, loss and backward of one optimiser step over ``accum_freq`` micro-batches."""
 
-    def __init__(self, model, loss_fn, env: DistEnv, precision: str, accum_freq: int):
-        self.model, self.loss_fn, self.env = model, loss_fn, env
-        self.autocast = _autocast(precision, env.device)
+    def __init__(self, model, loss_fn, placement: Placement, accum_freq: int):
+        self.model, self.loss_fn, self.placement = model, loss_fn, placement
+        self.autocast = placement.autocast
         self.accum_freq = accum_freq
-        self.input_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
 
     def _inputs(self, batch):
-        return (
-            batch.images.to(self.env.device, dtype=self.input_dtype, non_blocking=True),
-            batch.texts.to(self.env.device, non_blocking=True),
-        )
+        return self.placement.put_images(batch.images), self.placement.put_tokens(batch.texts)
 
     def loss_and_backward(self, batches, backward) -> torch.Tensor:
         """Returns the loss (detached); calls ``backward(loss)`` for each graph to differentiate.
@@ -228,7 +206,8 @@ def run(args, reporter=None) -> Path | None:
         raise TrainError("--accum-freq, --batch-size and --epochs must be at least 1")
     env = init_distributed(args.device)
     try:
-        _check_precision(args.precision, env.device)
+        check_precision(args.precision, env.device)
+        placement = Placement(env.device, args.precision)
         out = Path(args.output)
         ckpt_dir = out / "checkpoints"
         if env.is_main:
@@ -263,14 +242,10 @@ def run(args, reporter=None) -> Path | None:
             model.lock_image_tower()
         if args.grad_checkpointing:
             model.set_grad_checkpointing()
-        model.to(env.device)
-        if args.precision == "bf16":
-            model.to(torch.bfloat16)
-        elif args.precision == "fp16":
-            model.to(torch.float16)
+        placement.put_model(model)
         raw_model = model
         optimizer = make_optimizer(raw_model, args.lr, args.wd, args.beta1, args.beta2, args.eps)
-        scaler = torch.amp.GradScaler("cuda") if args.precision == "amp" else None
+        scaler = torch.amp.GradScaler(env.device.type) if placement.needs_loss_scaler else None
 
         step, epoch, pos = 0, 0, 0  # global step, epoch, batches of the epoch consumed
         counts = Counter()
@@ -284,20 +259,20 @@ def run(args, reporter=None) -> Path | None:
             step, epoch, pos = state["step"], state["epoch"], state["batch_in_epoch"]
             counts.update(state.get("counts", {}))
             torch.set_rng_state(state["rng_cpu"])
-            if torch.cuda.is_available() and state.get("rng_cuda") is not None and env.device != "cpu":
-                torch.cuda.set_rng_state(state["rng_cuda"])
+            if env.device.type == "cuda" and state.get("rng_cuda") is not None:
+                torch.cuda.set_rng_state(state["rng_cuda"], env.device)
             if env.is_main:
                 _truncate_metrics(out / "metrics.jsonl", step)
                 reporter.message(f"resumed from {stem.name}: step {step}, epoch {epoch}, batch {pos}")
 
         fwd_model = model
         if env.distributed:
-            ids = [env.local_rank] if env.device.startswith("cuda") else None
+            ids = [env.device.index] if env.device.type == "cuda" else None
             fwd_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
         if args.torchcompile:
             fwd_model = torch.compile(fwd_model)
         loss_fn = ClipLoss(args.local_loss, args.gather_with_grad, env.rank, env.world_size)
-        stepper = Stepper(fwd_model, loss_fn, env, args.precision, args.accum_freq)
+        stepper = Stepper(fwd_model, loss_fn, placement, args.accum_freq)
         logger = _MetricsLog(out, env.is_main, "tensorboard" in args.report_to)
 
         def backward(loss):
@@ -313,7 +288,7 @@ def run(args, reporter=None) -> Path | None:
                     "batch_in_epoch": pos,
                     "counts": dict(counts),
                     "rng_cpu": torch.get_rng_state(),
-                    "rng_cuda": torch.cuda.get_rng_state() if env.device.startswith("cuda") else None,
+                    "rng_cuda": torch.cuda.get_rng_state(env.device) if env.device.type == "cuda" else None,
                 }
                 checkpointing.save(ckpt_dir, step, raw_model.state_dict(), state)
             barrier(env)
@@ -386,7 +361,6 @@ def run(args, reporter=None) -> Path | None:
                         raw_model,
                         tokenizer,
                         preprocess_cfg,
-                        env.device,
                         args.zeroshot_data,
                         args.val_data,
                         img_key=args.csv_img_key,
