@@ -58,22 +58,21 @@ def test_zeroshot_on_the_models_device_equals_cpu(bundle, shapes):
     assert moved == pytest.approx(cpu, abs=1e-6)
 
 
-def test_retrieval_and_linear_probe_on_the_models_device_equal_cpu(bundle, shapes):
+def test_retrieval_and_probe_features_on_the_models_device_equal_cpu(bundle, shapes):
+    """(The probe's fit itself runs on CPU features, whatever the model's device.)"""
     from trainer.data import read_csv
 
     pairs = read_csv(shapes.val_csv)
-    data = evaluate.read_class_folders(shapes.zeroshot_dir)
-    cpu = {
-        **evaluate.retrieval(bundle.model, bundle.tokenizer, bundle.preprocess_cfg, pairs),
-        **evaluate.linear_probe_images(bundle.model, bundle.preprocess_cfg, data),
-    }
+    paths = evaluate.read_class_folders(shapes.zeroshot_dir).paths
+    cpu = evaluate.retrieval(bundle.model, bundle.tokenizer, bundle.preprocess_cfg, pairs)
+    cpu_feats = evaluate.pre_projection_features(bundle.model, bundle.preprocess_cfg, paths)[0]
     with SecondDevice():
         model = _on_second_device(bundle.model)
-        moved = {
-            **evaluate.retrieval(model, bundle.tokenizer, bundle.preprocess_cfg, pairs),
-            **evaluate.linear_probe_images(model, bundle.preprocess_cfg, data),
-        }
+        moved = evaluate.retrieval(model, bundle.tokenizer, bundle.preprocess_cfg, pairs)
+        feats = evaluate.pre_projection_features(model, bundle.preprocess_cfg, paths)[0]
     assert moved == pytest.approx(cpu, rel=1e-4, abs=1e-5)
+    assert type(feats) is torch.Tensor and feats.device.type == "cpu"
+    torch.testing.assert_close(feats, cpu_feats, rtol=1e-4, atol=1e-5)
 
 
 def test_training_with_end_of_epoch_evaluation_runs_on_the_device(shapes, tmp_path):

@@ -1,4 +1,5 @@
-"""Evaluation maths: recall@k by hand, the linear probe on data with a known answer, plots, folders."""
+"""Evaluation maths: recall@k by hand and against an independent reference with five captions per
+image, the linear probe on data with a known answer, plots, folders."""
 
 import json
 
@@ -6,6 +7,7 @@ import pytest
 import torch
 
 from trainer.data import DataError
+from trainer import evaluate
 from trainer.evaluate import linear_probe, read_class_folders, recall_at_k
 from trainer.plots import plot_metrics
 
@@ -18,7 +20,7 @@ def test_recall_at_k_hand_computed():
             [0.1, 0.7, 0.7],  # query 2: tied for 1st -> counted as 2nd
         ]
     )
-    r = recall_at_k(sims, "q", ks=(1, 2, 3))
+    r = recall_at_k(sims, torch.eye(3, dtype=torch.bool), "q", ks=(1, 2, 3))
     assert r == {"q_R@1": pytest.approx(1 / 3), "q_R@2": pytest.approx(2 / 3), "q_R@3": pytest.approx(1.0)}
 
 
@@ -35,9 +37,10 @@ def _clusters(n_per_class, n_classes=3, dim=5, spread=0.3, seed=0):
 def test_linear_probe_separates_clusters():
     x, y = _clusters(30)
     tx, ty = _clusters(10, seed=1)
-    r = linear_probe(x, y, tx, ty, l2_grid=[1e-4, 1e-2, 1.0])
+    r = linear_probe(x, y, tx, ty)
     assert r["linear_probe_top1"] == 1.0
-    assert r["linear_probe_l2"] in (1e-4, 1e-2, 1.0)
+    assert 1e-6 <= r["linear_probe_C"] <= 1e6
+    assert r["linear_probe_16shot"] == 1.0 and 0 <= r["linear_probe_1shot"] <= 1
 
 
 def test_linear_probe_is_at_chance_on_random_labels():
@@ -49,10 +52,110 @@ def test_linear_probe_is_at_chance_on_random_labels():
     assert linear_probe(x, y, tx, ty)["linear_probe_top1"] < 0.5
 
 
-def test_strong_l2_is_chosen_when_features_are_noise_and_weak_when_not():
-    x, y = _clusters(30, spread=0.1)
-    r = linear_probe(x, y, x, y, l2_grid=[1e-6, 1e3])
-    assert r["linear_probe_l2"] == 1e-6  # with L2 = 1000 the weights collapse and accuracy drops
+def test_fit_minimises_sklearns_objective():
+    """At the returned (W, b) the gradient of C * sum(cross-entropy) + |W|^2 / 2 vanishes."""
+    x, y = _clusters(20, spread=1.5)
+    for c in (1e-3, 1.0, 100.0):
+        w, b = evaluate._fit_logistic(x, y, 3, c)
+        w.requires_grad_(True)
+        b.requires_grad_(True)
+        objective = c * torch.nn.functional.cross_entropy(x @ w + b, y, reduction="sum") + (w * w).sum() / 2
+        gw, gb = torch.autograd.grad(objective, (w, b))
+        scale = max(1.0, c * len(y))
+        assert gw.abs().max() / scale < 1e-4 and gb.abs().max() / scale < 1e-4, c
+
+
+def test_c_search_refines_beyond_the_decades():
+    x, y = _clusters(12, spread=1.2)
+    val_x, val_y = _clusters(8, spread=1.2, seed=3)
+    seen = []
+    real = evaluate._fit_logistic
+
+    def spy(*a, **k):
+        seen.append(a[3])
+        return real(*a, **k)
+
+    evaluate._fit_logistic = spy
+    try:
+        c, acc = evaluate.search_c(x, y, val_x, val_y, 3)
+    finally:
+        evaluate._fit_logistic = real
+    decades = {10.0**e for e in range(-6, 7)}
+    assert decades <= set(seen)  # the whole coarse sweep, 1e-6..1e6
+    assert any(min(abs(v - d) / d for d in decades) > 0.01 for v in seen)  # and points between decades
+    assert 1e-6 <= c <= 1e6 and acc == pytest.approx(_val_acc(x, y, val_x, val_y, c))
+
+
+def _val_acc(x, y, vx, vy, c):
+    w, b = evaluate._fit_logistic(x, y, 3, c)
+    return ((vx @ w + b).argmax(1) == vy).float().mean().item()
+
+
+def _reference_recall(sims, owner, k):
+    """Recall@k both ways by sorting, written apart from recall_at_k. ``sims [I, T]``; ``owner[t]`` is
+    the image of caption t. Ties are broken against the query: relevant items sort after equal ones."""
+    n_images, n_texts = sims.shape
+    i2t_hits = 0
+    for i in range(n_images):
+        order = sorted(range(n_texts), key=lambda t: (-sims[i, t].item(), owner[t] == i))
+        first = next(pos for pos, t in enumerate(order) if owner[t] == i)
+        i2t_hits += first < k
+    t2i_hits = 0
+    for t in range(n_texts):
+        order = sorted(range(n_images), key=lambda i: (-sims[i, t].item(), i == owner[t]))
+        t2i_hits += order.index(owner[t]) < k
+    return i2t_hits / n_images, t2i_hits / n_texts
+
+
+def test_retrieval_with_five_captions_per_image_equals_a_reference(tmp_path):
+    """Five captions per image as in Flickr30k/COCO, rows shuffled, with exact ties in the scores."""
+    from PIL import Image
+
+    n_images, per_image, dim = 12, 5, 4
+    g = torch.Generator().manual_seed(0)
+    image_vecs = torch.nn.functional.normalize(torch.randn(n_images, dim, generator=g), dim=-1)
+    rows, caption_vec = [], {}
+    for i in range(n_images):
+        path = tmp_path / f"{i:02d}.png"
+        Image.new("RGB", (8, 8), (i * 20, 0, 0)).save(path)
+        for j in range(per_image):
+            caption = f"img{i} cap{j}"
+            noise = 0.0 if j == 4 else 0.9  # one caption per image is exactly the image's vector
+            caption_vec[caption] = image_vecs[i] + noise * torch.randn(dim, generator=g)
+            rows.append((path, caption))
+    caption_vec["img3 cap1"] = image_vecs[5].clone()  # ties: equal to image 5's exact caption
+    order = torch.randperm(len(rows), generator=g).tolist()
+    rows = [rows[i] for i in order]
+
+    class Stub(torch.nn.Module):  # a "model" whose features are the vectors above
+        def __init__(self):
+            super().__init__()
+            self.p = torch.nn.Parameter(torch.zeros(1))
+            self.logit_scale = torch.nn.Parameter(torch.tensor(2.0))
+
+        def encode_image(self, x):  # red channel encodes the image index
+            idx = (x[:, 0, 0, 0] * 0.26862954 + 0.48145466).mul(255).round().div(20).round().long()
+            return image_vecs[idx]
+
+        def encode_text(self, tokens):  # a "token" is the caption's index in `names`
+            return torch.stack([caption_vec[names[t]] for t in tokens.tolist()])
+
+    from clipsearch.transform import PreprocessConfig
+
+    pp = PreprocessConfig.from_dict({"image_size": 8})
+    names = list(caption_vec)
+    out = evaluate.retrieval(Stub(), lambda texts: torch.tensor([names.index(t) for t in texts]), pp, rows)
+    images = sorted({p for p, _ in rows}, key=lambda p: [p for p, _ in rows].index(p))
+    sims = torch.nn.functional.normalize(torch.stack([image_vecs[int(p.stem)] for p in images]), dim=-1)
+    texts = [c for _, c in rows]
+    txt = torch.nn.functional.normalize(torch.stack([caption_vec[c] for c in texts]), dim=-1)
+    owner = [images.index(p) for p, _ in rows]
+    for k in (1, 5, 10):
+        i2t, t2i = _reference_recall(sims @ txt.T, owner, k)
+        assert out[f"image_to_text_R@{k}"] == pytest.approx(i2t), k
+        assert out[f"text_to_image_R@{k}"] == pytest.approx(t2i), k
+    assert out["val_n"] == n_images and out["val_captions"] == n_images * per_image
+    assert out["image_to_text_R@1"] > out["text_to_image_R@1"]  # any of five vs one image each
 
 
 def test_class_folders(tmp_path):

@@ -2,21 +2,28 @@
 
 A checkpoint at global step S is two files in ``OUTPUT/checkpoints``:
 ``step_<S>.safetensors`` (the model weights) and ``step_<S>.state.pt`` (optimiser, grad scaler, RNG
-states, step and data position) written second, so a checkpoint counts only once both exist. Each file
-is written to a temporary name and moved into place with ``os.replace``. The state file holds only
+states, step and data position) written second, so a checkpoint counts only once both exist. Both go
+through ``clipsearch.atomic.atomic_path`` (a fresh temporary name, fsync of the file and the folder,
+rename), so a crash or a full disk leaves the previous checkpoints intact. The state file holds only
 tensors, dicts, lists and numbers, and is read with ``torch.load(weights_only=True)``.
+
+Pruning after a save keeps the checkpoint just written and the ``keep - 1`` newest older ones; a
+checkpoint with a higher step (left by a run resumed from further back) is never taken for "older".
+``--resume latest`` takes the newest checkpoint that loads, skipping (with a warning) any that does not.
 """
 
 from __future__ import annotations
 
-import os
+import logging
 import re
 from pathlib import Path
 
 import torch
 
+from clipsearch.atomic import atomic_path
 from clipsearch.errors import ClipsearchError
 
+log = logging.getLogger(__name__)
 _NAME = re.compile(r"step_(\d+)\.state\.pt$")
 
 
@@ -24,27 +31,24 @@ class CheckpointError(ClipsearchError):
     """A training checkpoint to resume from is missing or unreadable."""
 
 
-def _atomic(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+def _step(stem: Path) -> int:
+    return int(stem.name.removeprefix("step_"))
 
 
 def save(directory: Path, step: int, state_dict: dict, state: dict, keep: int = 3) -> Path:
-    """Write the checkpoint of ``step``; keep only the ``keep`` most recent ones. Returns the stem."""
+    """Write the checkpoint of ``step`` and prune older ones down to ``keep``. Returns the stem."""
     from safetensors.torch import save_file
 
     directory.mkdir(parents=True, exist_ok=True)
     stem = directory / f"step_{step:08d}"
     weights = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
-    _atomic(stem.with_suffix(".safetensors"), lambda p: save_file(weights, str(p)))
-    _atomic(stem.with_suffix(".state.pt"), lambda p: torch.save(state, p))
-    for old in list_checkpoints(directory)[:-keep] if keep > 0 else []:
-        for suffix in (".state.pt", ".safetensors"):
+    with atomic_path(stem.with_suffix(".safetensors")) as tmp:
+        save_file(weights, str(tmp))
+    with atomic_path(stem.with_suffix(".state.pt")) as tmp:
+        torch.save(state, tmp)
+    older = [s for s in list_checkpoints(directory) if _step(s) < step]
+    for old in older[: max(0, len(older) - (keep - 1))] if keep > 0 else []:
+        for suffix in (".state.pt", ".safetensors"):  # the state first: the pair stops counting at once
             old.with_suffix(suffix).unlink(missing_ok=True)
     return stem
 
@@ -59,6 +63,30 @@ def list_checkpoints(directory: Path) -> list[Path]:
         if m and p.with_name(f"step_{m.group(1)}.safetensors").is_file():
             found.append((int(m.group(1)), directory / f"step_{m.group(1)}"))
     return [stem for _, stem in sorted(found)]
+
+
+def resume_from(resume: str, directory: Path) -> tuple[Path, dict, dict, list[Path]]:
+    """``(stem, weights, state, skipped)`` of the checkpoint ``resume`` names.
+
+    ``latest``: the newest checkpoint in ``directory`` that loads; the ones skipped on the way (newer
+    but unreadable: a truncated file, a disk error) are returned, and each is logged as a warning.
+    """
+    if resume != "latest":
+        stem = resolve(resume, directory)
+        return (stem, *load(stem), [])
+    stems = list_checkpoints(directory)
+    if not stems:
+        raise CheckpointError(f"no checkpoint to resume in {directory}; start without --resume")
+    skipped = []
+    for stem in reversed(stems):
+        try:
+            return (stem, *load(stem), skipped)
+        except CheckpointError as e:
+            log.warning("skipping checkpoint %s: %s", stem.name, e)
+            skipped.append(stem)
+    raise CheckpointError(
+        f"none of the {len(stems)} checkpoints in {directory} can be read; start without --resume"
+    )
 
 
 def resolve(resume: str, directory: Path) -> Path:
@@ -81,11 +109,12 @@ def resolve(resume: str, directory: Path) -> Path:
 
 def load(stem: Path) -> tuple[dict, dict]:
     """``(model state dict, training state)`` of a checkpoint, without executing any pickled code."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     try:
         weights = load_file(str(stem.with_suffix(".safetensors")))
         state = torch.load(stem.with_suffix(".state.pt"), map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, ValueError) as e:
+    except (OSError, RuntimeError, ValueError, EOFError, SafetensorError) as e:
         raise CheckpointError(f"cannot read checkpoint {stem}: {e}") from e
     return weights, state

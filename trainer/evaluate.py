@@ -228,10 +228,7 @@ def _fit_logistic(x, y, n_classes, c, max_iter=1000):
     """
     w = torch.zeros(x.shape[1], n_classes, requires_grad=True)
     b = torch.zeros(n_classes, requires_grad=True)
-    opt = torch.optim.LBFGS(
-        [w, b], lr=1, max_iter=max_iter, tolerance_grad=1e-9, tolerance_change=1e-12,
-        history_size=20, line_search_fn="strong_wolfe",
-    )  # fmt: skip
+    opt = torch.optim.LBFGS([w, b], lr=1, max_iter=max_iter, history_size=20, line_search_fn="strong_wolfe")
     l2 = 1.0 / (2.0 * c * len(y))
 
     def closure():

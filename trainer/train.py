@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from clipsearch.atomic import write_text
 from clipsearch.errors import ClipsearchError
 from clipsearch.loss import ClipLoss
 from trainer import checkpointing
@@ -65,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--zeroshot-frequency", type=int, default=1, help="evaluate every N epochs (0: never)")
     a("--output", default="runs/clip", help="checkpoints, metrics.jsonl, curves.png and model/ go here")
     a("--resume", default=None, help="'latest' or a checkpoint file")
+    a("--overwrite", action="store_true", help="replace the run already in --output (else refused)")
     a("--save-every-n-steps", type=int, default=0)
     a("--log-every-n-steps", type=int, default=1)
     a("--max-steps", type=int, default=None, help="stop after this global step (schedule unchanged)")
@@ -210,9 +212,10 @@ def run(args, reporter=None) -> Path | None:
         placement = Placement(env.device, args.precision)
         out = Path(args.output)
         ckpt_dir = out / "checkpoints"
+        claim_output(out, resume=bool(args.resume), overwrite=args.overwrite, main=env.is_main)
         if env.is_main:
             out.mkdir(parents=True, exist_ok=True)
-            (out / "args.json").write_text(json.dumps(vars(args), indent=2, default=str))
+            write_text(out / "args.json", json.dumps(vars(args), indent=2, default=str))
         barrier(env)
 
         model, preprocess_cfg, tokenizer, model_cfg = _build(args, env, _captions_reader(args))
@@ -250,8 +253,10 @@ def run(args, reporter=None) -> Path | None:
         step, epoch, pos = 0, 0, 0  # global step, epoch, batches of the epoch consumed
         counts = Counter()
         if args.resume:
-            stem = checkpointing.resolve(args.resume, ckpt_dir)
-            weights, state = checkpointing.load(stem)
+            stem, weights, state, bad = checkpointing.resume_from(args.resume, ckpt_dir)
+            counts["checkpoints_unreadable"] += len(bad)
+            for b in bad:
+                reporter.message(f"skipped unreadable checkpoint {b.name}")
             raw_model.load_state_dict(weights)
             optimizer.load_state_dict(state["optimizer"])
             if scaler is not None and state.get("scaler"):
@@ -389,6 +394,30 @@ def run(args, reporter=None) -> Path | None:
         shutdown(env)
 
 
+RUN_OUTPUTS = ("args.json", "metrics.jsonl", "curves.png", "checkpoints", "model", "tensorboard")
+
+
+def claim_output(out: Path, *, resume: bool, overwrite: bool, main: bool = True) -> None:
+    """Refuse an ``--output`` that holds another run, unless resuming it or told to overwrite it.
+
+    ``--overwrite`` removes only the files a run writes (:data:`RUN_OUTPUTS`), nothing else there.
+    """
+    found = [name for name in RUN_OUTPUTS if (out / name).exists()]
+    if not found or resume:
+        return
+    if not overwrite:
+        raise TrainError(
+            f"{out} already holds a training run ({', '.join(found)}); continue it with --resume latest, "
+            "replace it with --overwrite, or choose another --output"
+        )
+    if main:
+        import shutil
+
+        for name in found:
+            p = out / name
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+
+
 def _equalise(batches, env: DistEnv):
     """Cut every micro-batch to the smallest size over ranks (skipped samples make sizes differ).
 
@@ -448,7 +477,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
     if not path.exists():
         return
     keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in keep))
+    write_text(path, "".join(line + "\n" for line in keep))
 
 
 def main(argv: list[str] | None = None, reporter=None) -> int:
