@@ -28,6 +28,7 @@ from trainer.data import (
     read_folder,
     read_jsonl,
     safe_member_name,
+    shuffled,
 )
 
 
@@ -206,7 +207,7 @@ def test_webdataset_shards_stream_and_count(tmp_path):
     assert not (tmp_path.parent / "001.png").exists()  # nothing is extracted
     urls = expand_braces(str(tmp_path / "s-{0..1}.tar"))
     assert count_tar_samples(urls) == 4
-    ds = WebDatasetShards(urls, transform, tokenizer, seed=0)
+    ds = WebDatasetShards(urls, transform, tokenizer, seed=0, shuffle_buffer=0)
     out = []
     for s in ds:
         out.append(s)
@@ -227,7 +228,7 @@ def test_shards_split_across_ranks_and_workers(tmp_path):
     parts = [set(ds.my_shards(w, 2)) for ds in ranks for w in range(2)]
     assert all(len(p) == 2 for p in parts) and set.union(*parts) == set(urls)
     assert sum(len(p) for p in parts) == 8
-    with pytest.raises(DataError, match="shard not found"):
+    with pytest.raises(DataError, match="none of the 1 shards exists"):
         WebDatasetShards([str(tmp_path / "nope.tar")], transform, tokenizer)
 
 
@@ -240,3 +241,89 @@ def test_webdataset_loader(tmp_path):
     assert data.batches_per_epoch == 2 and data.skip_in_loader
     it = iter(data.loader)
     assert len(next(it)) == 3
+
+
+def test_shuffle_buffer_is_a_seeded_permutation_that_moves_items_far():
+    items = list(range(200))
+    a = list(shuffled(iter(items), 50, torch.Generator().manual_seed(1)))
+    b = list(shuffled(iter(items), 50, torch.Generator().manual_seed(1)))
+    c = list(shuffled(iter(items), 50, torch.Generator().manual_seed(2)))
+    assert sorted(a) == items and a == b and a != c
+    assert max(abs(pos - item) for pos, item in enumerate(a)) > 40  # mixed across the whole buffer
+    assert list(shuffled(iter(items), 0, torch.Generator())) == items
+
+
+def _shards(tmp_path, n_shards=2, per_shard=6):
+    urls = []
+    for s in range(n_shards):
+        members = []
+        for i in range(per_shard):
+            key = f"{s}{i:02d}"
+            members += [(f"{key}.png", _png()), (f"{key}.txt", key.encode())]
+        urls.append(str(tmp_path / f"s{s}.tar"))
+        _tar(urls[-1], members)
+    return urls
+
+
+def _captions(ds, n):
+    out = []
+    for sample in ds:
+        if not isinstance(sample, Skip):
+            out.append("".join(chr(c) for c in sample[1].tolist() if c))
+        if len(out) == n:
+            return out
+
+
+def test_samples_mix_across_shards_and_change_order_every_epoch(tmp_path):
+    urls = _shards(tmp_path)
+    ds = WebDatasetShards(urls, transform, tokenizer, seed=0, shuffle_buffer=8)
+    first = _captions(ds, 12)
+    assert {c[0] for c in first[:6]} == {"0", "1"}  # both shards within the first half
+    assert set(first) <= {f"{s}{i:02d}" for s in "01" for i in range(6)}
+    ds.set_epoch(1)
+    assert _captions(ds, 12) != first
+    ds.set_epoch(0)
+    assert _captions(ds, 12) == first  # a function of (seed, epoch): resumable
+
+
+def test_a_missing_or_corrupt_shard_is_skipped_warned_and_counted(tmp_path, caplog):
+    urls = _shards(tmp_path, n_shards=1)
+    noise = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    buf = io.BytesIO()
+    noise.save(buf, format="PNG")
+    _tar(tmp_path / "whole.tar", [("big.png", buf.getvalue()), ("big.txt", b"big")])
+    (tmp_path / "bad.tar").write_bytes((tmp_path / "whole.tar").read_bytes()[:4000])  # cut inside the PNG
+    urls += [str(tmp_path / "gone.tar"), str(tmp_path / "bad.tar")]
+    ds = WebDatasetShards(urls, transform, tokenizer, seed=0, shuffle_buffer=0)
+    out = []
+    for s in ds:
+        out.append(s)
+        if sum(not isinstance(x, Skip) for x in out) >= 6 and len(out) > 8:
+            break
+    reasons = Counter(s.reason for s in out if isinstance(s, Skip))
+    assert reasons["missing_shard"] >= 1 and reasons["corrupt_shard"] >= 1
+    assert "gone.tar" in caplog.text and "bad.tar" in caplog.text
+    assert count_tar_samples(urls) >= 6  # counting survives them too
+
+
+def test_resampled_shards_draw_with_replacement_and_need_a_sample_count(tmp_path):
+    urls = _shards(tmp_path, n_shards=3, per_shard=1)
+    ds = WebDatasetShards(urls, transform, tokenizer, seed=0, shuffle_buffer=0, resampled=True)
+    drawn = _captions(ds, 30)
+    assert set(drawn) == {"000", "100", "200"} and len(drawn) == 30
+    with pytest.raises(DataError, match="--train-num-samples"):
+        make_loader(str(tmp_path / "s{0..2}.tar"), transform=transform, tokenizer=tokenizer, batch_size=2,
+                    resampled=True)  # fmt: skip
+    data = make_loader(str(tmp_path / "s{0..2}.tar"), transform=transform, tokenizer=tokenizer, batch_size=2,
+                       resampled=True, num_samples=8)  # fmt: skip
+    assert data.batches_per_epoch == 4
+
+
+def test_every_rank_takes_the_same_number_of_batches(tmp_path):
+    urls = _shards(tmp_path, n_shards=3, per_shard=5)  # 15 samples
+    sizes = [
+        make_loader(";".join(urls).replace(";", "::"), transform=transform, tokenizer=tokenizer, batch_size=2,
+                    rank=r, world_size=2).batches_per_epoch
+        for r in range(2)
+    ]  # fmt: skip
+    assert sizes == [3, 3]  # 15 // (2 x 2): 12 samples an epoch, exactly, whatever each rank's shards hold

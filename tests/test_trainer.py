@@ -137,9 +137,72 @@ def test_synth_command(tmp_path):
 
 
 def test_user_errors_are_one_line(shapes, tmp_path, capsys):
-    assert cli_main(_args(shapes, tmp_path / "x", "--precision", "fp16")) == 1
+    assert cli_main(_args(shapes, tmp_path / "x", "--precision", "amp")) == 1
     assert "needs a CUDA GPU" in capsys.readouterr().err
+    assert cli_main(_args(shapes, tmp_path / "x", "--precision", "fp16")) == 1
+    assert "use --precision amp_bf16" in capsys.readouterr().err
     assert cli_main(_args(shapes, tmp_path / "y", "--resume", "latest")) == 1
     assert "no checkpoint to resume" in capsys.readouterr().err
     assert cli_main(_args(shapes, tmp_path / "z", "--batch-size", "100")) == 1
     assert "lower --batch-size" in capsys.readouterr().err
+
+
+def _save(directory, step, value=1.0):
+    w = {"w": torch.full((2,), value)}
+    return checkpointing.save(directory, step, w, {"step": step}, keep=2)
+
+
+def test_an_output_holding_another_run_is_refused_unless_resumed_or_overwritten(shapes, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli_main(_args(shapes, out, "--epochs", "1")) == 0
+    (out / "notes.txt").write_text("mine")
+    before = (out / "model" / "model.safetensors").read_bytes()
+    assert cli_main(_args(shapes, out, "--epochs", "1", "--seed", "9")) == 1
+    err = capsys.readouterr().err
+    assert "already holds a training run" in err and "--overwrite" in err and "\n" not in err.strip()
+    assert (out / "model" / "model.safetensors").read_bytes() == before  # untouched
+    assert cli_main(_args(shapes, out, "--epochs", "1", "--seed", "9", "--overwrite")) == 0
+    assert (out / "model" / "model.safetensors").read_bytes() != before
+    assert (out / "notes.txt").read_text() == "mine"  # --overwrite removes only what a run writes
+
+
+def test_pruning_keeps_the_checkpoint_just_written(tmp_path):
+    d = tmp_path / "checkpoints"
+    for step in (10, 11, 12):  # an earlier, longer run
+        _save(d, step)
+    stem = _save(d, 5)  # resumed from further back: step 5 is the current run's newest
+    names = [s.name for s in checkpointing.list_checkpoints(d)]
+    assert stem.name in names and names == [
+        "step_00000005",
+        "step_00000010",
+        "step_00000011",
+        "step_00000012",
+    ]
+    _save(d, 6)
+    _save(d, 7)
+    names = [s.name for s in checkpointing.list_checkpoints(d)]
+    assert names[:2] == ["step_00000006", "step_00000007"]  # keep=2 among the current run's older ones
+
+
+def test_resume_latest_skips_a_checkpoint_that_does_not_load(tmp_path, caplog):
+    d = tmp_path / "checkpoints"
+    _save(d, 1, 1.0)
+    _save(d, 2, 2.0)
+    (d / "step_00000002.safetensors").write_bytes(b"truncated")
+    stem, weights, state, skipped = checkpointing.resume_from("latest", d)
+    assert stem.name == "step_00000001" and state["step"] == 1 and torch.equal(weights["w"], torch.ones(2))
+    assert [s.name for s in skipped] == ["step_00000002"]
+    assert "skipping checkpoint step_00000002" in caplog.text
+    (d / "step_00000001.state.pt").write_bytes(b"")
+    with pytest.raises(checkpointing.CheckpointError, match="none of the 2 checkpoints"):
+        checkpointing.resume_from("latest", d)
+
+
+def test_checkpoint_files_are_fsynced(tmp_path, monkeypatch):
+    import os
+
+    synced = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(fd) or real(fd))
+    _save(tmp_path / "c", 3)
+    assert len(synced) >= 2  # each file (and its folder) reaches the disk before the rename counts

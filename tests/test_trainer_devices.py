@@ -54,7 +54,9 @@ def test_zeroshot_on_the_models_device_equals_cpu(bundle, shapes):
     data = evaluate.read_class_folders(shapes.zeroshot_dir)
     cpu = evaluate.zeroshot(bundle.model, bundle.tokenizer, bundle.preprocess_cfg, data)
     with SecondDevice():
-        moved = evaluate.zeroshot(_on_second_device(bundle.model), bundle.tokenizer, bundle.preprocess_cfg, data)
+        moved = evaluate.zeroshot(
+            _on_second_device(bundle.model), bundle.tokenizer, bundle.preprocess_cfg, data
+        )
     assert moved == pytest.approx(cpu, abs=1e-6)
 
 
@@ -121,7 +123,9 @@ def test_eval_command_defaults_to_the_best_device(monkeypatch, bundle, shapes, t
     from trainer.cli import main as cli_main
 
     save_model(tmp_path / "model", bundle.model, bundle.preprocess_cfg, bundle.tokenizer)
-    monkeypatch.setattr(placement, "resolve_device", lambda requested=None, *a, **k: torch.device(requested or "meta"))
+    monkeypatch.setattr(
+        placement, "resolve_device", lambda requested=None, *a, **k: torch.device(requested or "meta")
+    )
     seen = []
     real_zeroshot = evaluate.zeroshot
 
@@ -131,7 +135,12 @@ def test_eval_command_defaults_to_the_best_device(monkeypatch, bundle, shapes, t
 
     monkeypatch.setattr(evaluate, "zeroshot", spy)
     with SecondDevice():
-        assert cli_main(["eval", "--model", str(tmp_path / "model"), "--zeroshot-data", str(shapes.zeroshot_dir)]) == 0
+        assert (
+            cli_main(
+                ["eval", "--model", str(tmp_path / "model"), "--zeroshot-data", str(shapes.zeroshot_dir)]
+            )
+            == 0
+        )
     assert seen == ["meta"]
 
 

@@ -6,8 +6,8 @@ import json
 import pytest
 import torch
 
-from trainer.data import DataError
 from trainer import evaluate
+from trainer.data import DataError
 from trainer.evaluate import linear_probe, read_class_folders, recall_at_k
 from trainer.plots import plot_metrics
 

@@ -12,12 +12,19 @@ import sys
 
 import click
 
+from clipsearch import __version__
 from clipsearch.errors import ClipsearchError
 
 SUBCOMMANDS = ("train", "eval", "synth", "demo")
+HELP = {"help_option_names": ["-h", "--help"]}
 
 
-@click.group(help="Train and evaluate CLIP models for clipsearch. `clipsearch-train [train] --help`.")
+@click.group(
+    help="Train and evaluate CLIP models for clipsearch. `train` is the default subcommand: "
+    "`clipsearch-train --train-data ... --model ...` trains; `clipsearch-train train -h` lists its flags.",
+    context_settings=HELP,
+)
+@click.version_option(__version__, "-V", "--version", prog_name="clipsearch-train")
 def cli():
     pass
 
@@ -37,7 +44,9 @@ def train_cmd(ctx):
         from trainer.progress import RichReporter
 
         reporter = RichReporter()
-    model_dir = train.run(train.build_parser().parse_args(ctx.args), reporter)
+    from trainer.options import parse
+
+    model_dir = train.run(parse(ctx.args), reporter)
     if model_dir is not None:
         click.echo(f"model saved to {model_dir}  (use: clipsearch index --model {model_dir} PATH)")
 
@@ -48,7 +57,7 @@ def _rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
-@cli.command("synth")
+@cli.command("synth", context_settings=HELP)
 @click.argument("out_dir", type=click.Path(file_okay=False))
 @click.option("--n", default=2000, show_default=True, help="captioned images (train + val)")
 @click.option("--seed", default=0, show_default=True)
@@ -62,7 +71,7 @@ def synth_cmd(out_dir, n, seed, image_size, zeroshot_per_class):
     click.echo(f"wrote {n} images: {s.train_csv}, {s.val_csv}; zero-shot set {s.zeroshot_dir}")
 
 
-@cli.command("eval")
+@cli.command("eval", context_settings=HELP)
 @click.option("--model", "source", required=True, help="a clipsearch model dir or any clipsearch.load source")
 @click.option("--zeroshot-data", default=None, help="folder-per-class images or a CSV with a label column")
 @click.option("--retrieval-data", default=None, help="CSV/JSONL of held-out (image, caption) pairs")
@@ -122,27 +131,38 @@ def eval_cmd(
             click.echo(f"{k:24s} {v:.4f}" if isinstance(v, float) else f"{k:24s} {v}")
 
 
-@cli.command("demo")
-@click.option("--out", default="clipsearch-demo", show_default=True, type=click.Path(file_okay=False))
-@click.option("--minutes", default=3.0, show_default=True, help="training time to aim for")
+@cli.command("demo", context_settings=HELP)
+@click.option(
+    "--out",
+    default=None,
+    type=click.Path(file_okay=False),
+    help="folder for everything the demo writes  [default: demo/ in the clipsearch home]",
+)
+@click.option("--epochs", default=12, show_default=True, help="training epochs (a fixed amount of work)")
 @click.option("--n", default=2000, show_default=True, help="synthetic captioned images")
 @click.option("--seed", default=0, show_default=True)
-def demo_cmd(out, minutes, n, seed):
+def demo_cmd(out, epochs, n, seed):
     """Generate shapes, train a small CLIP on the CPU, index and search the held-out images."""
     from trainer.demo import run_demo
     from trainer.progress import RichReporter
 
-    result = run_demo(out, minutes=minutes, n=n, seed=seed, reporter=RichReporter(), echo=click.echo)
+    r = run_demo(out, n=n, seed=seed, epochs=epochs, reporter=RichReporter(), echo=click.echo)
     click.echo(
-        f"zero-shot accuracy on {result['zeroshot_n']} held-out images: "
-        f"{result['zeroshot_top1']:.1%} (chance {result['zeroshot_chance']:.1%})"
+        f"zero-shot accuracy on {r['zeroshot_n']} held-out images: "
+        f"{r['zeroshot_top1']:.1%} (chance {r['zeroshot_chance']:.1%})"
     )
+    click.echo(f"results page: {r['results_page']}")
+    click.echo("try next:")
+    for command in r["next_commands"]:
+        click.echo(f"  {command}")
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; ``argv`` without a subcommand means ``train``. Returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] not in SUBCOMMANDS and argv[0] not in ("--help", "-h"):
+    # Flags first means `train` (OpenCLIP's command line); a word first is a subcommand, and a
+    # mistyped one gets click's "No such command ... Did you mean" rather than training.
+    if argv and argv[0].startswith("-") and argv[0] not in ("--help", "-h", "--version", "-V"):
         argv = ["train", *argv]
     if argv[:1] == ["train"] and any(a in ("--help", "-h") for a in argv[1:]):
         from trainer.train import build_parser

@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import os
 import re
 import tarfile
@@ -26,6 +27,7 @@ from torch.utils.data import DataLoader, IterableDataset, Sampler
 
 from clipsearch.errors import ClipsearchError
 
+log = logging.getLogger(__name__)
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".heic", ".avif"}
 CAPTION_EXTS = {".txt"}
 
@@ -76,7 +78,9 @@ def load_pair(path, caption: str, transform, tokenizer, seed: int):
     except (ClipsearchError, OSError, ValueError) as e:
         return Skip(getattr(e, "reason", "unreadable"))
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.default_generator.manual_seed(
+            seed
+        )  # the CPU generator only: torch.manual_seed also visits every accelerator's
         pixels = transform(image)
     tokens = tokenizer([caption])[0]
     return pixels, tokens
@@ -281,26 +285,51 @@ def iter_tar_samples(fileobj):
 
 
 class WebDatasetShards(IterableDataset):
-    """Pairs streamed from tar shards; shards are split across ranks, then across loader workers.
+    """Pairs streamed from tar shards, shuffled as OpenCLIP's WebDataset pipeline does.
 
-    The shard order is a seeded shuffle per epoch; a rank cycles through its shards for as long as it
-    is asked (the trainer takes a fixed number of batches per epoch, so all ranks stay in step).
+    Per epoch the shard list is shuffled with a seed of ``(seed, epoch)`` and split across ranks, then
+    across loader workers; with ``resampled`` each worker instead draws shards with replacement, for
+    ever (OpenCLIP's ``--dataset-resampled``). Raw samples then pass through a shuffle buffer of
+    ``shuffle_buffer`` samples seeded by ``(seed, epoch, rank, worker)``, which mixes samples across
+    the shards a worker has open (OpenCLIP's sample shuffle). A rank cycles through its shards for as
+    long as it is asked (the trainer takes a fixed number of batches per epoch, so all ranks stay in
+    step). A shard that is missing or unreadable is skipped with a warning and counted
+    (``missing_shard`` / ``corrupt_shard``).
     """
 
-    def __init__(self, urls, transform, tokenizer, seed=0, rank=0, world_size=1, caption_exts=(".txt",)):
+    def __init__(
+        self,
+        urls,
+        transform,
+        tokenizer,
+        seed=0,
+        rank=0,
+        world_size=1,
+        caption_exts=(".txt",),
+        shuffle_buffer: int = 1000,
+        resampled: bool = False,
+    ):
         self.urls = list(urls)
         if not self.urls:
             raise DataError("no WebDataset shards given")
+        present = [u for u in self.urls if os.path.isfile(u)]
+        if not present:
+            raise DataError(f"none of the {len(self.urls)} shards exists (first: {self.urls[0]})")
         for u in self.urls:
-            if not os.path.isfile(u):
-                raise DataError(f"shard not found: {u}")
+            if u not in present:
+                log.warning("shard not found, skipped: %s", u)
         self.transform, self.tokenizer = transform, tokenizer
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.caption_exts = caption_exts
+        self.shuffle_buffer, self.resampled = shuffle_buffer, resampled
         self.epoch = 0
 
     def set_epoch(self, epoch: int, skip: int = 0) -> None:
         self.epoch = epoch  # skipping consumed batches is done by the trainer on the loader
+
+    def _generator(self, worker: int, salt: int) -> torch.Generator:
+        key = ((self.seed * 1_000_003 + self.epoch) * 10_007 + self.rank) * 1_009 + worker
+        return torch.Generator().manual_seed((key * 7 + salt) & 0x7FFF_FFFF_FFFF_FFFF)
 
     def my_shards(self, worker: int = 0, num_workers: int = 1) -> list[str]:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
@@ -308,24 +337,47 @@ class WebDatasetShards(IterableDataset):
         mine = order[self.rank :: self.world_size] or order  # fewer shards than ranks: share
         return mine[worker::num_workers] or mine
 
+    def _shard_stream(self, worker: int, num_workers: int):
+        """Shard paths in reading order: this worker's share, cycled, or drawn with replacement."""
+        if self.resampled:
+            g = self._generator(worker, 1)
+            while True:
+                yield self.urls[int(torch.randint(len(self.urls), (1,), generator=g))]
+        shards = self.my_shards(worker, num_workers)
+        while True:
+            yield from shards
+
+    def _raw_samples(self, worker: int, num_workers: int):
+        readable = 0
+        for i, url in enumerate(self._shard_stream(worker, num_workers)):
+            if i and i % len(self.urls) == 0 and not readable:
+                return  # a whole round of shards without one readable sample
+            try:
+                f = open(url, "rb")
+            except OSError as e:
+                log.warning("shard %s skipped: %s", url, e.strerror or e)
+                yield Skip("missing_shard")
+                continue
+            with f:
+                for sample in iter_tar_samples(f):
+                    if isinstance(sample, Skip):
+                        if sample.reason == "corrupt_shard":
+                            log.warning("shard %s is corrupt; the rest of it is skipped", url)
+                    else:
+                        readable += 1
+                    yield sample
+
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
-        shards = self.my_shards(worker, num_workers)
-        n = 0
-        while True:
-            produced = False
-            for url in shards:
-                with open(url, "rb") as f:
-                    for sample in iter_tar_samples(f):
-                        produced = True
-                        if isinstance(sample, Skip):
-                            yield sample
-                            continue
-                        yield self._decode(sample, sample_seed(self.seed, self.epoch, n))
-                        n += 1
-            if not produced:
-                return
+        samples = shuffled(
+            self._raw_samples(worker, num_workers), self.shuffle_buffer, self._generator(worker, 2)
+        )
+        for n, sample in enumerate(samples):
+            if isinstance(sample, Skip):
+                yield sample
+            else:
+                yield self._decode(sample, sample_seed(self.seed, self.epoch, n))
 
     def _decode(self, sample: dict, seed: int):
         image = next((sample[e] for e in sample if e in IMAGE_EXTS), None)
@@ -339,16 +391,40 @@ class WebDatasetShards(IterableDataset):
         return load_pair(image, text, self.transform, self.tokenizer, seed)
 
 
+def shuffled(items, buffer_size: int, generator: torch.Generator):
+    """``items`` mixed through a buffer of ``buffer_size``: each output is a random pick among the
+    buffered ones, replaced by the next input (webdataset's ``shuffle``); 0 or 1 passes them through."""
+    if buffer_size <= 1:
+        yield from items
+        return
+    buf = []
+    for item in items:
+        if len(buf) < buffer_size:
+            buf.append(item)
+            continue
+        i = int(torch.randint(len(buf), (1,), generator=generator))
+        buf[i], item = item, buf[i]
+        yield item
+    while buf:
+        yield buf.pop(int(torch.randint(len(buf), (1,), generator=generator)))
+
+
 def count_tar_samples(urls) -> int:
-    """Number of distinct keys in the shards (reads only the tar headers of uncompressed shards)."""
+    """Number of distinct keys in the shards (reads only the tar headers of uncompressed shards).
+
+    A missing or corrupt shard counts what could be read of it, with a warning.
+    """
     total = 0
     for u in urls:
         keys = set()
-        with tarfile.open(u, "r:*") as tar:
-            for m in tar.getmembers():
-                if m.isfile() and safe_member_name(m.name):
-                    directory, _, base = m.name.rpartition("/")
-                    keys.add((directory, base.partition(".")[0]))
+        try:
+            with tarfile.open(u, "r:*") as tar:
+                for m in tar:
+                    if m.isfile() and safe_member_name(m.name):
+                        directory, _, base = m.name.rpartition("/")
+                        keys.add((directory, base.partition(".")[0]))
+        except (OSError, tarfile.TarError, EOFError) as e:
+            log.warning("shard %s: %s; counting the %d samples read before", u, e, len(keys))
         total += len(keys)
     return total
 
@@ -380,6 +456,8 @@ def make_loader(
     caption_key: str = "title",
     separator: str | None = None,
     num_samples: int | None = None,
+    shuffle_buffer: int = 1000,
+    resampled: bool = False,
 ) -> TrainData:
     """A DataLoader over ``data`` yielding :class:`Batch` es, with a fixed number of batches per epoch."""
     kind = detect_type(data) if dataset_type == "auto" else dataset_type
@@ -388,7 +466,18 @@ def make_loader(
         common["prefetch_factor"] = 2
     if kind == "webdataset":
         urls = expand_braces(data)
-        ds = WebDatasetShards(urls, transform, tokenizer, seed, rank, world_size)
+        ds = WebDatasetShards(
+            urls,
+            transform,
+            tokenizer,
+            seed,
+            rank,
+            world_size,
+            shuffle_buffer=shuffle_buffer,
+            resampled=resampled,
+        )
+        if resampled and not num_samples:
+            raise DataError("--dataset-resampled draws shards for ever: give --train-num-samples per epoch")
         total = num_samples or count_tar_samples(urls)
         per_epoch = total // (batch_size * world_size)
         if per_epoch == 0:

@@ -9,10 +9,10 @@ at the end.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import math
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -25,55 +25,18 @@ from clipsearch.loss import ClipLoss
 from trainer import checkpointing
 from trainer.distributed import DistEnv, all_reduce_sum, barrier, init_distributed, shutdown
 from trainer.optim import cosine_lr, make_optimizer, set_lr
-from trainer.placement import PRECISIONS, Placement, check_precision
+from trainer.placement import Placement, check_precision
 
 
 class TrainError(ClipsearchError):
     """Training cannot start with the given options (the message says which to change)."""
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="clipsearch-train train", description="Train or fine-tune a CLIP model.")
-    a = p.add_argument
-    a("--train-data", required=True, help="CSV/TSV, JSONL, captioned folder, or tar shards (brace lists)")
-    a("--val-data", default=None, help="held-out pairs (same formats) for validation loss and retrieval")
-    a("--dataset-type", default="auto", choices=["auto", "csv", "jsonl", "folder", "webdataset"])
-    a("--csv-img-key", default="filepath")
-    a("--csv-caption-key", default="title")
-    a("--csv-separator", default=None, help="default: ',' for .csv, tab for .tsv")
-    a("--train-num-samples", type=int, default=None, help="samples per epoch of tar shards (else counted)")
-    a("--model", default="tiny-vit", help="a named config or a path to an OpenCLIP-schema JSON file")
-    a("--pretrained", default=None, help="any clipsearch.load source to fine-tune from")
-    a("--batch-size", type=int, default=64, help="per process (per micro-batch with --accum-freq)")
-    a("--epochs", type=int, default=1)
-    a("--lr", type=float, default=5e-4)
-    a("--wd", type=float, default=0.2)
-    a("--warmup", type=int, default=100, help="warm-up steps")
-    a("--beta1", type=float, default=0.9)
-    a("--beta2", type=float, default=0.98)
-    a("--eps", type=float, default=1e-6)
-    a("--grad-clip-norm", type=float, default=None)
-    a("--precision", default="fp32", choices=PRECISIONS)
-    a("--workers", type=int, default=0, help="data loader processes per training process")
-    a("--grad-checkpointing", action="store_true")
-    a("--torchcompile", action="store_true")
-    a("--lock-image", action="store_true", help="freeze the image tower (LiT)")
-    a("--accum-freq", type=int, default=1, help="micro-batches per step; the loss sees all of them")
-    a("--local-loss", action="store_true", help="each rank scores only its rows (n x N memory)")
-    a("--no-gather-with-grad", dest="gather_with_grad", action="store_false")
-    a("--seed", type=int, default=0)
-    a("--zeroshot-data", default=None, help="folder-per-class images for zero-shot evaluation")
-    a("--zeroshot-frequency", type=int, default=1, help="evaluate every N epochs (0: never)")
-    a("--output", default="runs/clip", help="checkpoints, metrics.jsonl, curves.png and model/ go here")
-    a("--resume", default=None, help="'latest' or a checkpoint file")
-    a("--overwrite", action="store_true", help="replace the run already in --output (else refused)")
-    a("--save-every-n-steps", type=int, default=0)
-    a("--log-every-n-steps", type=int, default=1)
-    a("--max-steps", type=int, default=None, help="stop after this global step (schedule unchanged)")
-    a("--train-tokenizer", type=int, default=None, metavar="VOCAB_SIZE", help="learn a BPE on the captions")
-    a("--report-to", default="", help="'tensorboard' to also write TensorBoard events")
-    a("--device", default=None, help="cpu, cuda, cuda:N or mps (default: the best available)")
-    return p
+def build_parser():
+    """The argparse parser of ``train`` (see :mod:`trainer.options`)."""
+    from trainer.options import build_parser
+
+    return build_parser()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -95,6 +58,8 @@ def _build(args, env: DistEnv, train_captions):
             raise TrainError("--train-tokenizer needs a model trained from scratch; drop --pretrained")
         return bundle.model.float(), bundle.preprocess_cfg, bundle.tokenizer, bundle.config
     cfg = json.loads(json.dumps(get_config(args.model)))  # a private copy
+    if getattr(args, "force_quick_gelu", False):
+        cfg["quick_gelu"] = True
     context_length = cfg["text_cfg"].get("context_length", 77)
     if args.train_tokenizer:
         from clipsearch.tokenizer import train_bpe
@@ -235,6 +200,8 @@ def run(args, reporter=None) -> Path | None:
             caption_key=args.csv_caption_key,
             separator=args.csv_separator,
             num_samples=args.train_num_samples,
+            shuffle_buffer=args.shuffle_buffer,
+            resampled=args.dataset_resampled,
         )
         steps_per_epoch = data.batches_per_epoch // args.accum_freq
         if steps_per_epoch == 0:
@@ -243,6 +210,8 @@ def run(args, reporter=None) -> Path | None:
 
         if args.lock_image:
             model.lock_image_tower()
+        if args.lock_text:
+            lock_text_tower(model)
         if args.grad_checkpointing:
             model.set_grad_checkpointing()
         placement.put_model(model)
@@ -295,7 +264,7 @@ def run(args, reporter=None) -> Path | None:
                     "rng_cpu": torch.get_rng_state(),
                     "rng_cuda": torch.cuda.get_rng_state(env.device) if env.device.type == "cuda" else None,
                 }
-                checkpointing.save(ckpt_dir, step, raw_model.state_dict(), state)
+                checkpointing.save(ckpt_dir, step, raw_model.state_dict(), state, keep=args.keep_checkpoints)
             barrier(env)
 
         reporter.start(total_steps, step)
@@ -358,7 +327,8 @@ def run(args, reporter=None) -> Path | None:
                     save_checkpoint()
             if pos + args.accum_freq > data.batches_per_epoch:  # the epoch is complete
                 epoch, pos = epoch + 1, 0
-                save_checkpoint()
+                if epoch % args.save_frequency == 0 or epoch == args.epochs:
+                    save_checkpoint()
                 freq = args.zeroshot_frequency
                 if env.is_main and freq and (epoch % freq == 0 or epoch == args.epochs):
                     fwd_model.eval()
@@ -480,8 +450,17 @@ def _truncate_metrics(path: Path, step: int) -> None:
     write_text(path, "".join(line + "\n" for line in keep))
 
 
+def lock_text_tower(model) -> None:
+    """Freeze the text tower (OpenCLIP's --lock-text): everything but the image tower and temperature."""
+    for name, p in model.named_parameters():
+        if not name.startswith("visual.") and name != "logit_scale":
+            p.requires_grad_(False)
+
+
 def main(argv: list[str] | None = None, reporter=None) -> int:
     """Parse ``argv`` and train; returns the exit code. Errors the user can fix raise ClipsearchError."""
-    args = build_parser().parse_args(argv)
+    from trainer.options import parse
+
+    args = parse(list(sys.argv[1:] if argv is None else argv))
     run(args, reporter)
     return 0
