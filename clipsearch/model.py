@@ -160,8 +160,8 @@ class LayerNorm(nn.LayerNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         orig_type = x.dtype
         # A device type without autocast (meta, some accelerators) has nothing to switch off.
-        no_autocast = torch.amp.is_autocast_available(x.device.type)
-        with torch.autocast(x.device.type, enabled=False) if no_autocast else contextlib.nullcontext():
+        has_autocast = torch.amp.is_autocast_available(x.device.type)
+        with torch.autocast(x.device.type, enabled=False) if has_autocast else contextlib.nullcontext():
             out = F.layer_norm(
                 x.float(),
                 self.normalized_shape,

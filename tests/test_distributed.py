@@ -16,6 +16,7 @@ from torch import nn
 from clipsearch.loss import ClipLoss
 from trainer.data import Batch
 from trainer.distributed import DistEnv
+from trainer.placement import Placement
 from trainer.train import Stepper
 
 N, WORLD = 8, 2  # global batch, processes
@@ -45,7 +46,8 @@ def _grads(model, batches, env, accum, local_loss=False):
     if env.distributed:
         model_fwd = nn.parallel.DistributedDataParallel(model)
     loss_fn = ClipLoss(local_loss=local_loss, rank=env.rank, world_size=env.world_size)
-    loss = Stepper(model_fwd, loss_fn, env, "fp32", accum).loss_and_backward(batches, lambda t: t.backward())
+    stepper = Stepper(model_fwd, loss_fn, Placement(env.device, "fp32"), accum)
+    loss = stepper.loss_and_backward(batches, lambda t: t.backward())
     return loss.item(), {k: p.grad.clone() for k, p in model.named_parameters()}
 
 

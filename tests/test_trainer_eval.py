@@ -177,3 +177,17 @@ def test_plot_written_from_metrics(tmp_path):
     png = plot_metrics(tmp_path / "m.jsonl", tmp_path / "c.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert plot_metrics(tmp_path / "none.jsonl", tmp_path / "d.png") is None
+
+
+def test_plot_without_evaluation_says_which_flags_fill_it(tmp_path, monkeypatch):
+    import matplotlib.axes
+
+    texts = []
+    real = matplotlib.axes.Axes.text
+    monkeypatch.setattr(
+        matplotlib.axes.Axes, "text", lambda self, *a, **k: texts.append(a[2]) or real(self, *a, **k)
+    )
+    rows = [{"step": i, "loss": 5 - i * 0.1, "temperature": 14} for i in range(1, 4)]
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    plot_metrics(tmp_path / "m.jsonl", tmp_path / "c.png")
+    assert any("--zeroshot-data" in t and "--val-data" in t for t in texts)

@@ -71,7 +71,7 @@ def run_demo(
         stale.unlink(missing_ok=True)  # a previous demo's library indexed another model
     library = Library.open(db, create=True)
     try:
-        report = indexer.index_paths(library, bundle, [data.zeroshot_dir])
+        report = indexer.index_paths(library, bundle, [data.zeroshot_dir], source=str(model_dir))
         echo(f"indexed {report.embedded} held-out images into {db}")
         hits = search.search(library, ModelEncoder(bundle), search.Query.build(text=QUERY), top=8)
         echo(f"query {QUERY!r}: " + ", ".join(f"{h.path.parent.name}/{h.path.name}" for h in hits[:5]))

@@ -99,5 +99,7 @@ class Placement:
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
-    """The device of the model's parameters: where evaluation puts its inputs."""
-    return next(model.parameters()).device
+    """Where evaluation puts a model's inputs: ``CLIP.device`` (clipsearch's one lookup), else the
+    device of the first parameter (an OpenCLIP model, a test stub)."""
+    device = getattr(model, "device", None)
+    return device if isinstance(device, torch.device) else next(model.parameters()).device

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+EMPTY_EVAL_HINT = "no evaluation in this run:\npass --zeroshot-data DIR (folder per class)\nand/or --val-data FILE (held-out pairs)"
 EVAL_KEYS = ("zeroshot_top1", "image_to_text_R@1", "text_to_image_R@1", "val_loss", "linear_probe_top1")
 
 
@@ -40,6 +41,10 @@ def plot_metrics(metrics_path, png_path) -> Path | None:
     axes[2].set(title="evaluation", xlabel="step")
     if evals:
         axes[2].legend(fontsize=8)
+    else:
+        axes[2].text(
+            0.5, 0.5, EMPTY_EVAL_HINT, ha="center", va="center", fontsize=9, transform=axes[2].transAxes
+        )
     fig.tight_layout()
     png_path = Path(png_path)
     fig.savefig(png_path, dpi=80)
