@@ -409,9 +409,10 @@ class _IndexProgress:
             self.task = None
 
 
-def _report_json(report) -> dict:
+def _report_json(report, model_name: str) -> dict:
     return {
         "model_id": report.model_id,
+        "model_name": model_name,
         "new": report.new,
         "updated": report.updated,
         "moved": report.moved,
@@ -427,11 +428,14 @@ def _report_json(report) -> dict:
     }
 
 
-def _render_report(report, library_path: Path) -> None:
+def _render_report(report, model_name: str, library_path: Path) -> None:
     from rich.table import Table
+    from rich.text import Text
 
     out = _console()
-    table = Table(title=f"Indexed with {report.model_id} in {report.seconds:.1f} s", title_justify="left")
+    # A line of its own, not the table's title: a title wraps at the table's width, mid-path.
+    out.print(Text(f"Indexed with {model_name} in {report.seconds:.1f} s", style="italic"), soft_wrap=True)
+    table = Table()
     for name in ("new", "updated", "moved", "duplicates", "removed", "unchanged", "failed"):
         table.add_column(name, justify="right")
     table.add_row(
@@ -588,12 +592,12 @@ def index(
             _settle_or_export(bundle, model, backend, as_json)
         if progress.found or (report.removed and not report.kept):
             if as_json:
-                _echo_json(_report_json(report))
+                _echo_json(_report_json(report, library.model_name(report.model_id)))
             else:
-                _render_report(report, library.path)
+                _render_report(report, library.model_name(report.model_id), library.path)
         if progress.found == 0 and report.kept:  # nothing there at all: a drive not mounted, most likely
             if as_json:
-                _echo_json(_report_json(report))
+                _echo_json(_report_json(report, library.model_name(report.model_id)))
             raise ClipsearchError(" ".join(_kept_lines(report)))
         if progress.found == 0 and not report.removed:
             raise _no_images(paths)
@@ -989,7 +993,8 @@ def serve(state: _State):
         try:
             fastquery.encoder(model_id)
         except fastquery.TextEncoderMissing:  # export the text tower once (loads the model: seconds)
-            err.print(f"Exporting the text model of {model_id} for fast queries...", markup=False)
+            name = library.model_name(model_id)
+            err.print(f"Exporting the text model of {name} for fast queries...", markup=False)
             fastquery.ensure_text_encoder(_load_bundle(library.model_source(model_id), library=library))
 
     def stop(signum, frame):
@@ -1223,27 +1228,32 @@ def _write_sidecars(results, threshold: float | None) -> dict[int, dict]:
 
 
 def _render_labels(results) -> None:
-    from rich.table import Table
+    """Like :func:`_render_hits`: aligned columns, the path last and whole on its line."""
+    from rich.cells import cell_len
     from rich.text import Text
 
     out = _console()
     if not results:
         out.print("No indexed photos to label.")
         return
-    table = Table()
-    table.add_column("path", overflow="fold")
-    table.add_column("label")
-    table.add_column("score", justify="right")
-    table.add_column("others")
-    for r in results[:MAX_LABEL_ROWS]:
-        others = ", ".join(f"{lab} {s:.2f}" for lab, s in r.labels[1:])
-        table.add_row(
-            Text(str(r.path)),
-            Text(r.label or "-"),
+    rows = [
+        (
+            r.label or "-",
             "-" if r.score is None else f"{r.score:.3f}",
-            Text(others),
+            ", ".join(f"{lab} {s:.2f}" for lab, s in r.labels[1:]),
+            str(r.path),
         )
-    out.print(table)
+        for r in results[:MAX_LABEL_ROWS]
+    ]
+
+    def pad(text: str, width: int) -> str:  # by terminal cells: a label may be CJK or an emoji
+        return text + " " * (width - cell_len(text))
+
+    lw = max(cell_len("label"), *(cell_len(r[0]) for r in rows))
+    ow = max(cell_len("others"), *(cell_len(r[2]) for r in rows))
+    out.print(Text(f"{pad('label', lw)}  score  {pad('others', ow)}  path", style="dim"), soft_wrap=True)
+    for label, score, others, path in rows:
+        out.print(Text(f"{pad(label, lw)}  {score:>5}  {pad(others, ow)}  ") + Text(path), soft_wrap=True)
     if len(results) > MAX_LABEL_ROWS:
         out.print(f"... and {len(results) - MAX_LABEL_ROWS} more photos: --json lists them all")
     counts = Counter(r.label or "(no label)" for r in results)
@@ -1257,7 +1267,10 @@ def _render_labels(results) -> None:
 
 @cli.command()
 @click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--model-id", help="Which of the library's models to export (default: the library's model).")
+@click.option(
+    "--model-id",
+    help="Which of the library's models to export, by its name, folder or id (default: the library's model).",
+)
 @pass_state
 def export(state: _State, file: Path, model_id: str | None):
     """Write the library's embeddings to FILE.npz: `paths` (absolute), `embeddings` (float32, L2-normalised),
@@ -1268,9 +1281,14 @@ def export(state: _State, file: Path, model_id: str | None):
         if model_id is None:
             model_id = library.require_default_model()
         elif model_id not in library.model_ids():
-            raise LibraryError(
-                f"no model {model_id!r} in the library; it has: {', '.join(library.model_ids()) or 'none'}"
-            )
+            rows = library.models()
+            wanted = {model_id, _source_for_record(model_id)}
+            match = [m.id for m in rows if m.source in wanted]
+            if not match:
+                names = ", ".join(m.name for m in rows) or "none"
+                raise LibraryError(f"no model {model_id!r} in the library; it has: {names}")
+            model_id = match[0]
+        name = library.model_name(model_id)
         ids, paths, vectors = library.embeddings(model_id)
     target = Path(file).expanduser()
     if not target.parent.is_dir():
@@ -1286,7 +1304,7 @@ def export(state: _State, file: Path, model_id: str | None):
             model_id=np.array(model_id),
         )
     _console(stderr=True).print(
-        f"Exported {len(ids)} embeddings of {model_id} ({vectors.shape[1] if vectors.ndim == 2 else 0}-d) to {target}",
+        f"Exported {len(ids)} embeddings of {name} ({vectors.shape[1] if vectors.ndim == 2 else 0}-d) to {target}",
         markup=False,
     )
 
@@ -1306,6 +1324,10 @@ def status(state: _State, as_json: bool, n_errors: int):
     if as_json:
         data = dataclasses.asdict(stats)
         data["default_model"] = default
+        names = {m.id: m.name for m in stats.models}
+        for row in data["models"]:
+            row["name"] = names[row["id"]]
+        data["default_model_name"] = names.get(default)
         data["recent_errors"] = [dataclasses.asdict(e) for e in errors]
         _echo_json(data)
         return
@@ -1324,10 +1346,9 @@ def status(state: _State, as_json: bool, n_errors: int):
         table.add_column("dim", justify="right")
         table.add_column("embedded", justify="right")
         table.add_column("last used")
-        table.add_column("source", overflow="fold")
         for m in stats.models:
-            name = m.id + (" (default)" if m.id == default else "")
-            table.add_row(Text(name), str(m.dim or "?"), str(m.embedded), m.last_used, Text(m.source))
+            name = m.name + (" (default)" if m.id == default else "")
+            table.add_row(Text(name), str(m.dim or "?"), str(m.embedded), m.last_used)
         out.print(table)
     if errors:
         out.print(f"Files that could not be indexed ({stats.errors}, newest first):")
@@ -1403,6 +1424,7 @@ def doctor(state: _State, rebuild: bool):
         if not model_ids:
             out.print("FAISS: no models indexed yet, nothing to check")
         for model_id in model_ids:
+            name = library.model_name(model_id)
             expected = len(library.embedding_ids(model_id))
             # --rebuild goes through for_library, which reads the generation before the vectors
             index = VectorIndex.for_library(library, model_id, rebuild=rebuild)
@@ -1416,10 +1438,10 @@ def doctor(state: _State, rebuild: bool):
                 action = "in step with SQLite"
             if len(index) != expected:
                 raise LibraryError(
-                    f"FAISS index of {model_id} holds {len(index)} vectors but SQLite has {expected}; "
+                    f"FAISS index of {name} holds {len(index)} vectors but SQLite has {expected}; "
                     "run `clipsearch doctor --rebuild`"
                 )
-            out.print(f"FAISS: {model_id}: {action} ({len(index)} vectors, {index.kind})", markup=False)
+            out.print(f"FAISS: {name}: {action} ({len(index)} vectors, {index.kind})", markup=False)
     out.print("OK")
 
 

@@ -287,6 +287,18 @@ class ModelRow:
     last_used: str
     embedded: int
 
+    @property
+    def name(self) -> str:
+        """How a person knows this model (:func:`model_label`)."""
+        return model_label(self.id, self.source)
+
+
+def model_label(model_id: str, source: str | None) -> str:
+    """How output names a model for a person: the registered name (``ViT-B-32/openai``) or the
+    folder or file it was loaded from, as the library recorded it, never the internal
+    ``file:<name>:<hex>`` id (machine output keeps the id); the id only when no source is known."""
+    return source or model_id
+
 
 @dataclass(frozen=True, slots=True)
 class ErrorRow:
@@ -739,6 +751,11 @@ class Library:
         if row is None:
             raise LibraryError(f"the library has no embeddings of model {model_id!r}: index with it first")
         return row[0]
+
+    def model_name(self, model_id: str) -> str:
+        """:func:`model_label` of ``model_id`` (its id when the library does not know it)."""
+        row = self._conn.execute("SELECT source FROM models WHERE id = ?", (model_id,)).fetchone()
+        return model_label(model_id, row[0] if row else None)
 
     def model_dim(self, model_id: str) -> int | None:
         row = self._conn.execute("SELECT dim FROM models WHERE id = ?", (model_id,)).fetchone()

@@ -554,3 +554,51 @@ def test_query_by_indexed_photo_needs_no_model(indexed):
         run(db, Query([QueryPart.indexed(999999)]))
     with pytest.raises(QueryError, match="by its id"):
         run(db, Query([QueryPart("indexed", "a.jpg")]))
+
+
+def test_human_output_names_the_model_by_its_folder_not_its_id(indexed, tmp_path, model_dir):
+    """index, export, status and doctor show the folder the model was loaded from; --json keeps the id."""
+    db, folder, photos, report = indexed
+    model_id, folder_name = report["model_id"], str(model_dir.resolve())
+    assert report["model_name"] == folder_name and model_id.startswith("file:tiny:")
+    write_photo(tmp_path / "p" / "a.jpg", 3)
+    shown = {
+        "index": ok("--db", tmp_path / "lib.db", "index", tmp_path / "p", "--model", model_dir).stdout,
+        "status": ok("--db", db, "status").stdout,
+        "doctor": ok("--db", db, "doctor").stdout,
+        "export": invoke("--db", db, "export", tmp_path / "v.npz").stderr,
+    }
+    assert f"Indexed with {folder_name} in " in shown["index"]
+    assert f"{folder_name} (default)" in shown["status"]
+    assert f"FAISS: {folder_name}: " in shown["doctor"]
+    assert f"embeddings of {folder_name} (" in shown["export"]
+    for command, text in shown.items():
+        assert "file:" not in text, command
+    status = json.loads(ok("--db", db, "status", "--json").stdout)
+    assert status["default_model"] == model_id and status["default_model_name"] == folder_name
+    assert status["models"][0]["name"] == folder_name
+    # export --model-id takes the folder as well as the id; an unknown one lists the folders.
+    ok("--db", db, "export", tmp_path / "by-folder.npz", "--model-id", model_dir)
+    assert str(np.load(tmp_path / "by-folder.npz")["model_id"]) == model_id
+    wrong = invoke("--db", db, "export", tmp_path / "x.npz", "--model-id", "ViT-B-32/openai")
+    assert wrong.exit_code != 0 and f"it has: {folder_name}" in wrong.output
+    assert "file:" not in wrong.output
+
+
+def test_label_prints_long_paths_whole_in_a_narrow_terminal(tmp_path, model_dir):
+    deep = tmp_path / "a-rather-long-folder-name-for-holiday-photos" / "and-another-level-below-it"
+    write_photo(deep / "a-photo-with-a-long-file-name-from-the-beach.jpg", 1)
+    write_photo(deep / "short.jpg", 2)
+    db = tmp_path / "lib.db"
+    ok("--db", db, "index", deep, "--model", model_dir)
+    result = run_cli("--db", str(db), "label", "--classes", "beach,forest,city", env={"COLUMNS": "60"})
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    long_path = str((deep / "a-photo-with-a-long-file-name-from-the-beach.jpg").resolve())
+    assert len(long_path) > 60
+    rows = [line for line in lines if line.endswith(".jpg")]
+    assert len(rows) == 2 and any(line.endswith("  " + long_path) for line in rows)
+    # Aligned: every row's path starts in the same column as the header's "path".
+    start = lines[0].index("path")
+    assert all(line[start:].startswith(str(deep.resolve())) for line in rows)
+    assert lines[0].split() == ["label", "score", "others", "path"]
