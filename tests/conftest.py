@@ -33,3 +33,17 @@ def _isolated_home(tmp_path_factory, monkeypatch):
     home = _home_with_key(tmp_path_factory.mktemp("clipsearch_home"))
     monkeypatch.setenv("CLIPSEARCH_HOME", str(home))
     return home
+
+
+@pytest.fixture(autouse=True)
+def _clipsearch_logger_reset():
+    """A CLI run in this process (CliRunner, also from module-scoped fixtures) points the ``clipsearch``
+    logger at its stderr, at WARNING, without propagation; each test starts from the library's own state
+    (no CLI handler, level unset, propagating), so ``caplog`` sees the library's log lines."""
+    import logging
+
+    logger = logging.getLogger("clipsearch")
+    for handler in [h for h in logger.handlers if getattr(h, "_clipsearch_cli", False)]:
+        logger.removeHandler(handler)
+    logger.setLevel(logging.NOTSET)
+    logger.propagate = True

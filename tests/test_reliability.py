@@ -295,7 +295,7 @@ def test_every_clipsearch_train_subcommand_with_bad_arguments_fails_in_one_line(
         (("synth",), "OUT_DIR"),
         (("synth", tmp_path / "s", "--n", "many"), "--n"),
         (("demo", "--minutes", "soon"), "--minutes"),
-        (("frobnicate", "--x"), "--train-data"),  # not a subcommand: taken as train arguments
+        (("frobnicate", "--x"), "no such command"),  # a mistyped subcommand, as in clipsearch
     ]
     for args, expected in calls:
         result = _train_main(args, capsys)

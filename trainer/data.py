@@ -349,6 +349,7 @@ class WebDatasetShards(IterableDataset):
 
     def _raw_samples(self, worker: int, num_workers: int):
         readable = 0
+        reported: set[str] = set()  # a shard read again (cycled, resampled) does not count its skips twice
         for i, url in enumerate(self._shard_stream(worker, num_workers)):
             if i and i % len(self.urls) == 0 and not readable:
                 return  # a whole round of shards without one readable sample
@@ -359,8 +360,12 @@ class WebDatasetShards(IterableDataset):
                 yield Skip("missing_shard")
                 continue
             with f:
+                first_read = url not in reported
+                reported.add(url)
                 for sample in iter_tar_samples(f):
                     if isinstance(sample, Skip):
+                        if not first_read:
+                            continue
                         if sample.reason == "corrupt_shard":
                             log.warning("shard %s is corrupt; the rest of it is skipped", url)
                     else:
@@ -393,12 +398,16 @@ class WebDatasetShards(IterableDataset):
 
 def shuffled(items, buffer_size: int, generator: torch.Generator):
     """``items`` mixed through a buffer of ``buffer_size``: each output is a random pick among the
-    buffered ones, replaced by the next input (webdataset's ``shuffle``); 0 or 1 passes them through."""
+    buffered ones, replaced by the next input (webdataset's ``shuffle``); 0 or 1 passes them through.
+    :class:`Skip` markers pass straight through."""
     if buffer_size <= 1:
         yield from items
         return
     buf = []
     for item in items:
+        if isinstance(item, Skip):
+            yield item  # a count, not a sample: it neither waits in the buffer nor is lost when the epoch stops
+            continue
         if len(buf) < buffer_size:
             buf.append(item)
             continue
