@@ -72,6 +72,13 @@ class PhotoMetadata:
     height: int | None = None
     file_type: str | None = None
 
+    @classmethod
+    def from_fields(cls, fields: dict, **known) -> PhotoMetadata:
+        """The header fields that :func:`merge` gathered, with what the caller knows beside them
+        (``width``, ``height``, ``file_type``, and ``orientation`` where it has a better source)."""
+        names = ("taken_at", "make", "model", "lens", "lat", "lon", "orientation")
+        return cls(**{name: fields.get(name) for name in names}, **known)
+
     @property
     def camera(self) -> str | None:
         return camera_name(self.make, self.model)
@@ -367,18 +374,8 @@ def from_image(im, path: Path | None = None) -> PhotoMetadata:
         w, h = im.size
         if fields.get("orientation") in (5, 6, 7, 8):
             w, h = h, w
-    return PhotoMetadata(
-        taken_at=fields.get("taken_at"),
-        make=fields.get("make"),
-        model=fields.get("model"),
-        lens=fields.get("lens"),
-        lat=fields.get("lat"),
-        lon=fields.get("lon"),
-        orientation=fields.get("orientation"),
-        width=w,
-        height=h,
-        file_type=_PIL_TYPES.get(im.format or "", (im.format or "").lower() or None),
-    )
+    file_type = _PIL_TYPES.get(im.format or "", (im.format or "").lower() or None)
+    return PhotoMetadata.from_fields(fields, width=w, height=h, file_type=file_type)
 
 
 def read_metadata(source, path: Path | str | None = None) -> PhotoMetadata:

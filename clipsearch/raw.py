@@ -349,18 +349,8 @@ def read_metadata(f, found: RawFile, path: Path | None):
     w, h = size if size else (None, None)
     if w and orientation in (5, 6, 7, 8):
         w, h = h, w
-    return metadata.PhotoMetadata(
-        taken_at=fields.get("taken_at"),
-        make=fields.get("make"),
-        model=fields.get("model"),
-        lens=fields.get("lens"),
-        lat=fields.get("lat"),
-        lon=fields.get("lon"),
-        orientation=orientation if orientation in range(1, 9) else None,
-        width=w,
-        height=h,
-        file_type=found.kind,
-    )
+    fields["orientation"] = orientation if orientation in range(1, 9) else None
+    return metadata.PhotoMetadata.from_fields(fields, width=w, height=h, file_type=found.kind)
 
 
 def rawpy_available() -> bool:
