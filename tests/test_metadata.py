@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import io
 import math
+import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -115,6 +117,55 @@ def test_embedded_xmp_in_a_jpeg(tmp_path):
     path = tmp_path / "x.jpg"
     img.save(path, xmp=XMP.encode())
     assert read_metadata(path).model == "X100V"
+
+
+def _png_chunks(data: bytes) -> list[tuple[bytes, bytes]]:
+    chunks, pos = [], 8
+    while pos < len(data):
+        length, kind = struct.unpack(">I4s", data[pos : pos + 8])
+        chunks.append((kind, data[pos + 8 : pos + 8 + length]))
+        pos += 12 + length
+    return chunks
+
+
+def _png_file(chunks) -> bytes:
+    out = [b"\x89PNG\r\n\x1a\n"]
+    for kind, body in chunks:
+        out.append(struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body)))
+    return b"".join(out)
+
+
+def test_png_exif_and_xmp_after_the_image_data_are_read_without_decoding(tmp_path):
+    """libpng writes eXIf/iTXt after IDAT when a program puts them in its end info; Pillow finds
+    them only by decoding every pixel. read_metadata seeks over the image data instead: the same
+    fields as Pillow's full load, and still all of them when the pixel data is broken."""
+    src = write_exif_photo(
+        tmp_path / "src.png", 5, size=(80, 60), taken="2021:03:04 05:06:07", make="Apple", orientation=6
+    )
+    chunks = _png_chunks(src.read_bytes())
+    exif = [c for c in chunks if c[0] == b"eXIf"]
+    assert len(exif) == 1  # Pillow wrote it before the image data
+    rest = [c for c in chunks if c[0] != b"eXIf"]
+    end = next(i for i, c in enumerate(rest) if c[0] == b"IEND")
+    packet = zlib.compress(XMP.encode())
+    itxt = (b"iTXt", b"XML:com.adobe.xmp\0\x01\x00\0\0" + packet)  # compressed iTXt, as exiftool writes
+    late = tmp_path / "late.png"
+    late.write_bytes(_png_file([*rest[:end], exif[0], itxt, *rest[end:]]))
+
+    meta = read_metadata(late)
+    assert meta.taken_at == "2021-03-04T05:06:07" and meta.make == "Apple"  # EXIF first
+    assert meta.model == "X100V" and meta.lens == "XF23mmF2 R WR"  # what only the XMP says
+    assert (meta.width, meta.height, meta.orientation) == (60, 80, 6)
+    # the reference: Pillow loading the pixels reads the same chunks
+    with Image.open(late) as im:
+        im.load()
+        assert im.getexif()[0x0112] == 6 and b"X100V" in im.info["xmp"]
+    assert open_image(late).size == (60, 80)
+
+    # headers only: the image data corrupted, every field is still there
+    broken = [(k, bytes(len(b)) if k == b"IDAT" else b) for k, b in _png_chunks(late.read_bytes())]
+    (tmp_path / "broken.png").write_bytes(_png_file(broken))
+    assert read_metadata(tmp_path / "broken.png") == meta
 
 
 # --- RAW ------------------------------------------------------------------------------------------
