@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
@@ -176,10 +176,6 @@ class PhotoFilter:
 
     def is_empty(self) -> bool:
         return self == PhotoFilter(within_km=self.within_km)
-
-    def with_under(self, under: Path | str | None) -> PhotoFilter:
-        """This filter also restricted to the folder ``under`` (None: unchanged)."""
-        return self if under is None else replace(self, under=Path(under))
 
     def describe(self) -> str:
         """The conditions in words, e.g. ``taken from 2024-06-01, camera ~ 'canon'``."""

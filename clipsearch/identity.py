@@ -61,11 +61,6 @@ class ModelIdentity:
     tokenizer_dir: Path | None  # the folder holding a trained tokenizer's file
     legacy_ids: tuple[str, ...] = ()  # ids older clipsearch gave this same model
 
-    @property
-    def downloaded(self) -> bool:
-        """Whether the weights are on this machine (False only for a registered name not fetched)."""
-        return self.weights.is_file()
-
 
 def identify(source: str | Path, *, arch: str | None = None, quick_gelu: bool | None = None) -> ModelIdentity:
     """Resolve ``source`` as :func:`~clipsearch.checkpoints.load_bundle` would, without torch.

@@ -9,10 +9,8 @@ block a reader forever); the pixel count is checked from the header before anyth
 from __future__ import annotations
 
 import functools
-import io
 import os
 import stat
-from pathlib import Path
 
 from clipsearch.errors import ImageDecodeError
 from clipsearch.raw import RAW_EXTENSIONS
@@ -41,11 +39,6 @@ REASONS = (
 
 _WHITE = (255, 255, 255)
 _ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
-
-
-def has_image_extension(path) -> bool:
-    """Whether ``path``'s suffix is one of :data:`IMAGE_EXTENSIONS`, ignoring case."""
-    return Path(path).suffix.lower() in IMAGE_EXTENSIONS
 
 
 @functools.cache
@@ -396,8 +389,3 @@ def _metadata_of(im) -> dict:
     except Exception:
         taken = None
     return {"width": w, "height": h, "taken_at": taken}
-
-
-def image_from_bytes(data: bytes, **kwargs):
-    """:func:`open_image` on bytes in memory (e.g. a WebDataset member)."""
-    return open_image(io.BytesIO(data), **kwargs)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import math
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -82,9 +82,6 @@ class PhotoMetadata:
     @property
     def camera(self) -> str | None:
         return camera_name(self.make, self.model)
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 def camera_name(make: str | None, model: str | None) -> str | None:

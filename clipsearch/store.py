@@ -516,9 +516,6 @@ class Library:
         found = [r[0] for r in self._conn.execute("PRAGMA integrity_check")]
         return [] if found == ["ok"] else found
 
-    def journal_mode(self) -> str:
-        return str(self._conn.execute("PRAGMA journal_mode").fetchone()[0]).lower()
-
     def discard_if_empty(self) -> bool:
         """Close, and delete, a library this process created that still holds no image; returns
         whether it did. A first run that fails (no photos, a model that cannot be downloaded)

@@ -197,17 +197,3 @@ def image_transform(cfg: PreprocessConfig | dict, train: bool = False):
     if isinstance(cfg, dict):
         cfg = PreprocessConfig.from_dict(cfg)
     return TrainTransform(cfg) if train else EvalTransform(cfg)
-
-
-def preprocess_batch(images, cfg: PreprocessConfig | dict | None = None, transform=None):
-    """Many PIL images -> ``Tensor [B, 3, S, S]`` with the eval transform of ``cfg`` (or ``transform``)."""
-    import torch
-
-    if transform is None:
-        if cfg is None:
-            raise ValueError("preprocess_batch needs cfg or transform")
-        transform = image_transform(cfg)
-    images = list(images)
-    if not images:
-        raise ValueError("preprocess_batch got no images")
-    return torch.stack([transform(im) for im in images])  # [B, 3, S, S]

@@ -342,20 +342,6 @@ def _read(side: Path) -> bytes:
     return data
 
 
-def read_keywords(image: str | Path, field: tuple[str, str] = (DC, "subject")) -> list[str]:
-    """The keywords of ``image``'s sidecar in ``field`` (default ``dc:subject``; empty when none)."""
-    side = sidecar_path(image)
-    if not side.exists():
-        return []
-    elements = _scan(_read(side), side)
-    return [
-        t
-        for e in elements
-        if (e.uri, e.local) == (RDF, "Description") and (p := e.child(*field)) is not None
-        for t in _texts(p)
-    ]
-
-
 def write_keywords(image: str | Path, keywords: Sequence[str]) -> Path | None:
     """Make ``keywords`` clipsearch's keywords in ``image``'s sidecar, merging with what is there.
 

@@ -124,3 +124,17 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 240) -> subpro
 
 def parse_json(output: str):
     return json.loads(output)
+
+
+def sidecar_keywords(photo) -> list[str]:
+    """The ``dc:subject`` keywords of ``photo``'s XMP sidecar as ElementTree reads them (empty when
+    there is none): a reader independent of clipsearch.xmp."""
+    import xml.etree.ElementTree as ET
+
+    from clipsearch.xmp import sidecar_path
+
+    side = sidecar_path(photo)
+    if not side.exists():
+        return []
+    dc, rdf = "http://purl.org/dc/elements/1.1/", "http://www.w3.org/1999/02/22-rdf-syntax-ns#"
+    return [li.text or "" for li in ET.parse(side).iterfind(f".//{{{dc}}}subject//{{{rdf}}}li")]

@@ -16,7 +16,6 @@ from clipsearch.transform import (
     OPENAI_STD,
     PreprocessConfig,
     image_transform,
-    preprocess_batch,
 )
 
 SIZES = [(333, 517), (517, 333), (1, 1), (4000, 30), (30, 4000), (224, 224), (225, 224), (31, 30)]
@@ -153,21 +152,6 @@ def test_from_dict_rejects_unknown_and_missing_keys():
         PreprocessConfig.from_dict({"image_size": 224, "fill_color": 0})
     with pytest.raises(ValueError, match="image_size"):
         PreprocessConfig.from_dict({"mean": [0, 0, 0]})
-
-
-def test_preprocess_batch():
-    cfg = PreprocessConfig(24)
-    images = [_image(50, 30, "RGB"), _image(7, 90, "L"), _image(24, 24, "RGBA")]
-    batch = preprocess_batch(images, cfg)
-    assert batch.shape == (3, 3, 24, 24)
-    t = image_transform(cfg)
-    for i, im in enumerate(images):
-        assert torch.equal(batch[i], t(im))
-    assert torch.equal(preprocess_batch(iter(images), transform=t), batch)
-    with pytest.raises(ValueError):
-        preprocess_batch([], cfg)
-    with pytest.raises(ValueError):
-        preprocess_batch(images)
 
 
 def test_eval_path_does_not_import_torchvision():

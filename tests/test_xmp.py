@@ -12,10 +12,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from e2e_helpers import write_photo
+from e2e_helpers import sidecar_keywords, write_photo
 from test_reliability import invoke, tiny_model_dir
 
-from clipsearch.xmp import XmpError, merge_keywords, read_keywords, sidecar_path, write_keywords
+from clipsearch.xmp import XmpError, merge_keywords, sidecar_path, write_keywords
 
 FIXTURE = Path(__file__).parent / "data" / "darktable.jpg.xmp"  # written by hand in darktable's layout
 OURS = {"XMP-clipsearch:Keywords", "XMP-clipsearch:HierarchicalKeywords"}
@@ -220,7 +220,7 @@ def test_label_write_xmp_writes_only_labels_sure_enough(tmp_path, tmp_path_facto
     for row in json.loads(result.stdout):
         sure = [lab["label"] for lab in row["labels"] if lab["score"] >= 0.5]  # the default bar
         assert row["xmp"]["keywords"] == sure
-        assert read_keywords(row["path"]) == sure
+        assert sidecar_keywords(row["path"]) == sure
     result = invoke("label", "--classes", classes, "--threshold", "0", "--write-xmp", "--json", db=db)
     for row in json.loads(result.stdout):
-        assert row["xmp"]["keywords"] == [row["label"]] and read_keywords(row["path"]) == [row["label"]]
+        assert row["xmp"]["keywords"] == [row["label"]] and sidecar_keywords(row["path"]) == [row["label"]]
