@@ -43,6 +43,7 @@ from pathlib import Path
 import numpy as np
 
 from clipsearch.atomic import atomic_path
+from clipsearch.choices import GPU_IMAGE_BACKENDS, IMAGE_BACKENDS
 from clipsearch.errors import ClipsearchError
 from clipsearch.paths import cache_dir  # noqa: F401  (re-exported: part of this API)
 
@@ -98,8 +99,8 @@ def ort_session(path: Path, threads: int | None = None, *, quick_start: bool = F
     ``quick_start``: for a process that runs the graph once (a query), skip the load-time work that
     only pays off over many runs (full graph rewriting, pre-packing the weights of every MatMul).
     ``spin=False``: idle intra-op threads sleep instead of busy-waiting for the next operator, which
-    leaves the cores to other threads of the process (the indexer's decoders): 1.3x faster indexing
-    on 2 cores (``benchmarks/index_speed.md``).
+    leaves the cores to other threads of the process (the indexer's decoders): faster indexing on
+    few cores (figures in ``benchmarks/index_speed.md``).
     """
     import onnxruntime as ort
 
@@ -286,18 +287,18 @@ def _quiet_root_logger():
 
 Factory = Callable[..., ImageEncoder]  # (bundle, threads, directory) -> ImageEncoder
 
-# The backends a user can force by name on any machine (``clipsearch index --backend``).
-BACKENDS: dict[str, Factory] = {
+_FACTORIES: dict[str, Factory] = {
     "torch-fp32": _make_torch_fp32,
     "torch-bf16": _make_torch_bf16,
     "torch-int8": _make_torch_int8,
     "onnx-fp32": _make_onnx_fp32,
     "onnx-int8": _make_onnx_int8,
-}
-# Backends that only pay off on a GPU: ``auto`` measures them there; the library can force them by name.
-GPU_BACKENDS: dict[str, Factory] = {
     "torch-fp16": _make_torch_fp16,
 }
+# The backends a user can force by name on any machine (``clipsearch index --backend``), and those
+# that only pay off on a GPU (``auto`` measures them there); the names live in clipsearch.choices.
+BACKENDS: dict[str, Factory] = {name: _FACTORIES[name] for name in IMAGE_BACKENDS}
+GPU_BACKENDS: dict[str, Factory] = {name: _FACTORIES[name] for name in GPU_IMAGE_BACKENDS}
 
 
 def _all_backends() -> dict[str, Factory]:

@@ -43,7 +43,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 DEFAULT_THRESHOLD = 0.95
-EXACT_MAX = 20_000  # up to here the scan is exact (N² products, a few seconds); IVF above
+EXACT_MAX = 20_000  # up to here the scan is exact (N² products); IVF above (benchmarks/photo_features.md)
 QUERY_BLOCK = 4096  # vectors searched per range-search call: bounds the result buffers
 
 _RAW = {"dng", "cr2", "cr3", "crw", "nef", "nrw", "arw", "srf", "sr2", "orf", "rw2", "raf", "pef", "srw"}

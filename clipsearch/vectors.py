@@ -6,19 +6,20 @@ vector count and a checksum of the ids).
 
 Kinds (vectors are L2-normalised, so inner product is cosine similarity):
 
-- ``flat``: exact search, O(N) per query: ~0.7 µs per vector on a loaded 2-core box.
+- ``flat``: exact search, O(N) per query.
 - ``ivf``: IVF-flat: spherical k-means cells (``2·sqrt(N)`` of them, trained on a sample), a query
   scans the ``nprobe`` nearest cells with exact scores; ``nprobe`` is tuned at build time until a
   sample of the vectors finds its true top 10 (recall@10 >= ``IVF_TARGET_RECALL``). Builds in
   minutes at 1M, answers in a few ms on clustered (CLIP-like) data; removes for real.
-- ``hnsw``: HNSW graph (M=32): fast queries on any data, also without cluster structure (1M
-  low-rank vectors: 2.4 ms at recall 0.96, where IVF needs 32 ms), but a slower build (38 s at
-  100k, 13 min at 1M here), a slower open (the graph is read: 72 ms at 1M) and no deletes: removed
+- ``hnsw``: HNSW graph (M=32): fast queries on any data, also without cluster structure (low-rank
+  vectors, where IVF must scan many cells), but a slower build, a slower open (the graph is read,
+  not mapped) and no deletes: removed
   ids become *tombstones* kept in the sidecar and filtered at search time; past
   ``REBUILD_FRACTION`` of the index it is rebuilt from SQLite. On request only.
 
-``auto`` (see :func:`resolve_kind`): flat below ``SCALABLE_THRESHOLD`` vectors, IVF from there
-(benchmarks/search_scale.md). An existing index keeps its kind under ``auto`` unless it is out of
+``auto`` (see :func:`resolve_kind`): flat below ``SCALABLE_THRESHOLD`` vectors, IVF from there.
+Every figure behind these choices (query, build and open times, recall) is in
+benchmarks/search_scale.md with the command that measured it. An existing index keeps its kind under ``auto`` unless it is out of
 policy by a wide margin (a flat index past ``FLAT_KEEP_MAX``), and an IVF index whose library grew
 or shrank so much that its ideal cell count is twice or half what it has is retrained. These
 changes happen when the index is brought in step (after an index run), never on an in-step open.
@@ -48,6 +49,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from clipsearch.atomic import atomic_path, remove_stale_temps, write_text
+from clipsearch.choices import INDEX_KINDS
 from clipsearch.errors import LibraryError
 
 log = logging.getLogger(__name__)
@@ -55,8 +57,10 @@ log = logging.getLogger(__name__)
 if TYPE_CHECKING:
     from clipsearch.store import Library
 
-KINDS = ("flat", "ivf", "hnsw")
-SCALABLE_THRESHOLD = 50_000  # below, an exact flat search takes <= ~35 ms here; above, IVF pays off
+KINDS = INDEX_KINDS  # the names live in clipsearch.choices (the CLI reads them without numpy)
+SCALABLE_THRESHOLD = (
+    50_000  # below, an exact flat search is fast enough; above, IVF pays off (search_scale.md)
+)
 FLAT_KEEP_MAX = 2 * SCALABLE_THRESHOLD  # under auto, an existing flat index is kept up to here
 HNSW_M = 32  # graph degree: recall@10 >= 0.95 on 512-d CLIP-like vectors (benchmarks/search_scale.md)
 HNSW_EF_CONSTRUCTION = 80
@@ -108,11 +112,10 @@ def resolve_kind(requested: str, n: int, existing: str | None = None) -> str:
     policy by a wide margin: HNSW and IVF serve any size well (HNSW on 10 vectors is fine), a flat
     index is kept up to ``FLAT_KEEP_MAX`` vectors (twice the threshold, so a library hovering around
     it is not rebuilt back and forth) and replaced by IVF beyond. Without an index, the policy of
-    :func:`choose_kind`: flat below ``SCALABLE_THRESHOLD`` (exact, free to build, <= ~35 ms here),
-    IVF above. Measured on clustered (photo-like) 512-d vectors here: IVF builds in 20 s at 100k
-    and 230 s at 1M, answers in 0.4 / 1.1 ms (p99 5 ms) at recall@10 1.0 and opens in ~1 ms,
-    deletes for real and retunes itself; HNSW builds 2-3x slower (13 min at 1M), opens 50x slower
-    and needs tombstone rebuilds. HNSW is the better choice for data without cluster structure
+    :func:`choose_kind`: flat below ``SCALABLE_THRESHOLD`` (exact, free to build), IVF above. On
+    clustered (photo-like) 512-d vectors IVF answers at recall@10 near 1.0, opens memory-mapped,
+    deletes for real and retunes itself; HNSW builds and opens several times slower and needs
+    tombstone rebuilds (benchmarks/search_scale.md has the figures). HNSW is the better choice for data without cluster structure
     (IVF's tuning then scans many cells to keep its recall): ``--index-kind hnsw``, which later
     ``auto`` opens keep.
     """
@@ -204,7 +207,7 @@ def _read_flags(kind: str) -> int:
 
     if kind == "ivf":
         return faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY  # inverted lists as OnDiskInvertedLists
-    # IO_FLAG_MMAP alone still copies a flat index's vectors (0.25 s at 100k here); MMAP_IFC maps them.
+    # IO_FLAG_MMAP alone still copies a flat index's vectors (benchmarks/search_scale.md); MMAP_IFC maps them.
     return getattr(faiss, "IO_FLAG_MMAP_IFC", faiss.IO_FLAG_MMAP) | faiss.IO_FLAG_READ_ONLY
 
 
@@ -509,8 +512,8 @@ class VectorIndex:
         elif self.kind == "hnsw":
             params = faiss.SearchParametersHNSW(efSearch=max(HNSW_EF_SEARCH, kk))
         # FAISS scans a flat index for fewer than 20 queries one query per thread, yet still wakes
-        # every OpenMP thread: on a loaded 2-core box one query at 60k took 28-37 ms on one thread
-        # and 72-90 ms on two (IVF: no difference). The setting is the calling thread's own.
+        # every OpenMP thread, whose barrier costs a single query more than the scan on a loaded box
+        # (benchmarks/search_scale.md). The setting is the calling thread's own.
         one_thread = self.kind == "flat" and len(q) < 20
         threads = faiss.omp_get_max_threads()
         if one_thread:

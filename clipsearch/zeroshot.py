@@ -109,7 +109,7 @@ DEFAULT_TEMPLATES: tuple[str, ...] = (
     "a tattoo of the {}.",
 )
 
-# The paper's 7-template subset, selected on ImageNet; 10x cheaper to build, nearly as good.
+# The paper's 7-template subset, selected on ImageNet: 7 prompts per class instead of 80, nearly as good.
 SHORT_TEMPLATES: tuple[str, ...] = (
     "itap of a {}.",
     "a bad photo of the {}.",
