@@ -1,6 +1,7 @@
-"""Whole-process text query latency: ``clipsearch query`` as a user types it, with and without ``serve``.
+"""Whole-process query latency: ``clipsearch query`` and ``similar`` as a user types them, with and
+without ``serve``.
 
-    python benchmarks/query_latency.py [--sizes 1000,100000] [--runs 5] [--work DIR] [--cli]
+    python benchmarks/query_latency.py [--sizes 1000,20000,100000] [--runs 5] [--work DIR] [--cli]
         [--baseline TREE PYTHON]
 
 For each size a library of that many images with synthetic, L2-normalised 512-d vectors is built once
@@ -17,14 +18,17 @@ time, and the minimum wall the better guide to what the code can do):
 - ``new text``: every run a text never queried before, so the text-feature cache cannot help: the
   tokenizer, ONNX Runtime and the text tower run;
 - ``repeated text``: a text whose features are in the on-disk cache;
+- ``similar``: ``clipsearch similar ID --paths``, photos like an indexed photo (its stored vector);
 - ``... (serve)``: the same, while ``clipsearch serve`` runs for the library (started before, its
-  start-up not timed): the query process only asks it;
+  start-up not timed): the query process only asks it (where that version's ``similar`` asks it);
 - ``--model DIR (loads torch)`` (with ``--cli``): naming the model forces loading it in torch;
 - ``the interpreter alone``: ``python -c`` printing one line, the floor under every query process.
 
 ``--baseline TREE PYTHON`` times another checkout side by side (a worktree of an older commit with
 its own venv's python): each version sets up its own model, export and libraries with its own code
 (under ``--work/<label>``, its own ``CLIPSEARCH_HOME``), and the runs interleave the two versions.
+Each version's processes run in its own tree (``python -m`` puts the working folder first on
+``sys.path``: run elsewhere, a baseline's interpreter would import this tree's code).
 
 Runs go round-robin over the variants so machine noise hits them alike. The load average at the
 start and the end is printed with the table.
@@ -79,7 +83,7 @@ def build_library(db: Path, n: int, model_id: str, source: str, dim: int = 512) 
     lib.close()
 
 
-def timed(cmd: list[str], env: dict) -> tuple[float, float]:
+def timed(cmd: list[str], env: dict, cwd: Path | None = None) -> tuple[float, float]:
     """(wall seconds, CPU seconds user+sys) of one child process.
 
     On a shared machine the wall time includes waiting for a core; the CPU time does not, and is
@@ -89,7 +93,7 @@ def timed(cmd: list[str], env: dict) -> tuple[float, float]:
 
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=cwd)
     elapsed = time.perf_counter() - start
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if out.returncode != 0 or not out.stdout.strip():
@@ -143,6 +147,13 @@ class Version:
         db = self.work / f"query-{n}.db"
         return [self.python, "-m", "clipsearch", "--db", str(db), "query", text, "--paths", *extra]
 
+    def similar(self, n: int) -> list[str]:
+        db = self.work / f"query-{n}.db"
+        return [self.python, "-m", "clipsearch", "--db", str(db), "similar", str(n // 2), "--paths"]
+
+    def time(self, cmd: list[str]) -> tuple[float, float]:
+        return timed(cmd, self.env, cwd=self.tree)
+
 
 class Daemon:
     """``clipsearch serve`` of one version for one library, in the background; ready once it says so."""
@@ -154,6 +165,7 @@ class Daemon:
             env=version.env,
             stderr=subprocess.PIPE,
             text=True,
+            cwd=version.tree,
         )
         for line in self.proc.stderr:  # "Serving <library> on <socket>" once it listens
             if line.startswith("Serving"):
@@ -168,7 +180,7 @@ class Daemon:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sizes", default="1000,100000")
+    ap.add_argument("--sizes", default="1000,20000,100000")
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument(
         "--cli", action="store_true", help="also time `clipsearch query --model DIR` (loads torch)"
@@ -203,26 +215,35 @@ def main(argv=None) -> int:
         def repeated_text(v, n=n):
             return v.query(n, "a dog on a beach")
 
-        variants = {"new text": new_text, "repeated text": repeated_text}
+        def similar(v, n=n):
+            return v.similar(n)
+
+        variants = {"new text": new_text, "repeated text": repeated_text, "similar": similar}
+        served = {
+            "new text (serve)": new_text,
+            "repeated text (serve)": repeated_text,
+            "similar (serve)": similar,
+        }
         if args.cli:
             variants["--model DIR (loads torch)"] = lambda v, n=n: v.query(
                 n, "a dog on a beach", "--model", str(model_dirs[v.label])
             )
         for v in versions:
-            timed(repeated_text(v), v.env)  # fills the cache, warms the page cache
+            v.time(repeated_text(v))  # fills the cache, warms the page cache
+            v.time(similar(v))
         times: dict[tuple[str, str], list[tuple[float, float]]] = {}
         floor = [sys.executable, "-c", "print(1)"]
         for _ in range(args.runs):
             times.setdefault(("", "(the interpreter alone: python -c)"), []).append(timed(floor, os.environ))
             for name, make in variants.items():
                 for v in versions:
-                    times.setdefault((v.label, name), []).append(timed(make(v), v.env))
+                    times.setdefault((v.label, name), []).append(v.time(make(v)))
         daemons = [Daemon(v, n) for v in versions]
         try:
             for _ in range(args.runs):
-                for name, make in (("new text (serve)", new_text), ("repeated text (serve)", repeated_text)):
+                for name, make in served.items():
                     for v in versions:
-                        times.setdefault((v.label, name), []).append(timed(make(v), v.env))
+                        times.setdefault((v.label, name), []).append(v.time(make(v)))
         finally:
             for d in daemons:
                 d.stop()
@@ -233,7 +254,10 @@ def main(argv=None) -> int:
                 (n, label, name, statistics.median(walls), min(walls), statistics.median(cpus), min(cpus))
             )
 
-    print(f"# whole-process `clipsearch query TEXT --paths`, {args.runs} runs (ViT-B/32 text tower, top 20)")
+    print(
+        f"# whole-process `clipsearch query TEXT --paths` / `similar ID --paths`, {args.runs} runs "
+        "(ViT-B/32 text tower, top 20), the versions interleaved run by run"
+    )
     print(f"# {machine()}")
     load_after = os.getloadavg()
     print(
@@ -252,7 +276,7 @@ def main(argv=None) -> int:
         print("|---:|---|---:|---:|")
         by = {(r[0], r[1], r[2]): r for r in rows}
         for n in sizes:
-            for name in [*variants, "new text (serve)", "repeated text (serve)"]:
+            for name in [*variants, *served]:
                 a, b = by[(n, versions[0].label, name)], by[(n, versions[1].label, name)]
                 print(f"| {n:,} | {name} | {a[3] / b[3]:.2f} | {a[5] / b[5]:.2f} |")
     return 0

@@ -72,6 +72,14 @@ class ModelBundle:
     identity: ModelIdentity | None = None
 
     @property
+    def name(self) -> str:
+        """How output names the model for a person (:func:`clipsearch.store.model_label`): its
+        registered name or folder, never the internal id (unless it was made by hand)."""
+        from clipsearch.store import model_label
+
+        return model_label(self.model_id, self.identity.source if self.identity is not None else None)
+
+    @property
     def preprocess(self) -> Callable:
         """The eval transform: ``PIL.Image -> Tensor [3, H, W]``."""
         from clipsearch.transform import image_transform
@@ -115,7 +123,7 @@ def load_bundle(
     identity = identify(source, arch=arch, quick_gelu=quick_gelu)
     if library is not None:
         identity = dataclasses.replace(identity, model_id=library_model_id(library, identity))
-    log.info("model %s is a %s, id %s", source, identity.kind, identity.model_id)
+    log.info("model %s is a %s", source, identity.kind)
     try:
         bundle = _LOADERS[identity.kind](identity, progress=progress, quick_gelu=quick_gelu)
     except OSError as e:  # e.g. weights the user may not read

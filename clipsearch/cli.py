@@ -22,13 +22,10 @@ from pathlib import Path
 
 import click
 
-from clipsearch import __version__
+from clipsearch import __version__, choices
 from clipsearch.errors import ClipsearchError, LibraryError, ModelLoadError
 
 DEFAULT_MODEL = "ViT-B-32/openai"
-INDEX_KINDS = ("auto", "flat", "ivf", "hnsw")  # clipsearch.vectors.KINDS and auto (a test checks they agree)
-# clipsearch.backends.BACKENDS, named here so that --help does not import onnxruntime (a test checks)
-IMAGE_BACKENDS = ("auto", "torch-fp32", "torch-bf16", "torch-int8", "onnx-fp32", "onnx-int8")
 MAX_FAILURES_SHOWN = 20
 MAX_LABEL_ROWS = 200  # a table longer than this helps nobody; the summary counts and --json do
 
@@ -162,6 +159,23 @@ def pass_state(func):
         callback=_set_db,
         help="Library database file (as `clipsearch --db FILE COMMAND`).",
     )(func)
+
+
+def _set_verbose(ctx: click.Context, param, value: bool) -> None:
+    state = ctx.find_object(_State)
+    if value and state is not None and not state.verbose:  # `query --verbose` as `--verbose query`
+        state.verbose = True
+        _setup_logging(True)
+
+
+_verbose_option = click.option(
+    "--verbose",
+    "-v",
+    is_flag=True,
+    expose_value=False,
+    callback=_set_verbose,
+    help="Say on stderr which way the query went (daemon, torch-free text tower or model) and why.",
+)
 
 
 _FILTER_KEYS = ("after", "before", "camera", "near", "within_km", "types", "under")
@@ -328,6 +342,11 @@ def _load_bundle(source: str, quiet: bool = False, device: str = "cpu", library=
     finally:
         if task is not None:
             progress.stop()
+
+
+def _model_loader(device: str):
+    """How the query pipeline loads a model here: with a download bar, on ``device``."""
+    return lambda source, library: _load_bundle(source, device=device, library=library)
 
 
 def _source_for_record(source: str) -> str:
@@ -507,7 +526,7 @@ def _kept_lines(report) -> list[str]:
 )
 @click.option(
     "--index-kind",
-    type=click.Choice(INDEX_KINDS),
+    type=click.Choice(("auto", *choices.INDEX_KINDS)),
     default="auto",
     show_default=True,
     help="Vector index to build now: exact 'flat', approximate 'ivf' (fast to build) or 'hnsw' (fastest "
@@ -515,7 +534,7 @@ def _kept_lines(report) -> list[str]:
 )
 @click.option(
     "--backend",
-    type=click.Choice(IMAGE_BACKENDS),
+    type=click.Choice(("auto", *choices.IMAGE_BACKENDS)),
     default="auto",
     show_default=True,
     help="Image inference backend: 'auto' picks the fastest one measured faithful (cosine >= 0.995 "
@@ -659,7 +678,7 @@ def _no_images(paths) -> ClipsearchError:
 @click.option("--model", metavar="SOURCE", help="Model to query with (default: the library's).")
 @click.option(
     "--index-kind",
-    type=click.Choice(INDEX_KINDS),
+    type=click.Choice(("auto", *choices.INDEX_KINDS)),
     default="auto",
     show_default=True,
     help="Vector index kind.",
@@ -668,12 +687,7 @@ def _no_images(paths) -> ClipsearchError:
     "Where the model runs when one is loaded (image parts, --model). auto: a text query uses the torch-free "
     "CPU path (faster than starting a GPU), else the GPU when there is one."
 )
-@click.option(
-    "--verbose",
-    "-v",
-    is_flag=True,
-    help="Say on stderr which way the query went (daemon, torch-free text tower or model) and why.",
-)
+@_verbose_option
 @pass_state
 def query(
     state: _State,
@@ -695,7 +709,6 @@ def query(
     model,
     index_kind,
     device,
-    verbose,
 ):
     """Find the photos that best match TEXT (and/or --image), best first.
 
@@ -707,10 +720,6 @@ def query(
     # vectors); an explicit setting of the user's wins.
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     from clipsearch.search import Query, run
-
-    if verbose and not state.verbose:  # `clipsearch query --verbose` as `clipsearch --verbose query`
-        state.verbose = True
-        _setup_logging(True)
 
     _check_output_options(as_json, as_paths, null, as_table)
     if text is None and image is None and not add and not add_image:
@@ -727,7 +736,7 @@ def query(
         threshold,
         index_kind,
         model=model,
-        load_model=lambda source, library: _load_bundle(source, device=device, library=library),
+        load_model=_model_loader(device),
         device=device,
     ).hits
     _note_cut_texts(state, q)
@@ -804,6 +813,7 @@ def _say_why_nothing(description: str, photo_filter, threshold, to_stderr: bool)
 )
 @filter_options
 @_output_options
+@_verbose_option
 @pass_state
 def similar(state: _State, photo, top, threshold, photo_filter, as_json, as_paths, as_table, null, html_out):
     """Find the photos most like PHOTO (a file, or a library id from `query --json`), best first.
@@ -813,19 +823,11 @@ def similar(state: _State, photo, top, threshold, photo_filter, as_json, as_path
     library's model.
     """
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # as for query: a few vectors of numpy work
-    from clipsearch.encoders import ModelEncoder, encode
-    from clipsearch.search import Query
-    from clipsearch.search import similar as find_similar
+    from clipsearch.search import Searcher
 
     _check_output_options(as_json, as_paths, null, as_table)
-    with _open_existing(state) as library:
-        model_id = library.require_default_model()
-
-        def encode_image(path: Path):
-            bundle = _load_bundle(library.model_source(model_id), library=library)
-            return encode(Query.build(image=path), ModelEncoder(bundle), library)
-
-        hits = find_similar(library, photo, model_id, top, threshold, photo_filter, encode_image=encode_image)
+    with Searcher(state.db_path(), load_model=_model_loader("cpu")) as searcher:
+        hits = searcher.similar(photo, top, photo_filter, threshold).hits
     _show_hits(
         state, hits, f"like {photo}", photo_filter, threshold, as_json, as_paths, null, as_table, html_out
     )
@@ -977,25 +979,17 @@ def _render_hits(hits, description: str) -> None:
 def serve(state: _State):
     """Keep the library's text queries warm: a local daemon `clipsearch query` uses while it runs.
 
-    It loads the text model and the vector index once and answers text queries with the library's
-    model in milliseconds, over a private unix socket in the clipsearch home (no network port).
+    It loads the text model and the vector index once and answers text queries (and `similar` of an
+    indexed photo) with the library's model in milliseconds, over a private unix socket in the
+    clipsearch home (no network port).
     Queries run by themselves, as before, when it is not running. It notices a re-index. Stop it
     with Ctrl-C.
     """
     import signal
 
-    from clipsearch import fastquery
     from clipsearch.serve import QueryServer
 
     err = _console(stderr=True)
-    with _open_existing(state) as library:
-        model_id = library.require_default_model()
-        try:
-            fastquery.encoder(model_id)
-        except fastquery.TextEncoderMissing:  # export the text tower once (loads the model: seconds)
-            name = library.model_name(model_id)
-            err.print(f"Exporting the text model of {name} for fast queries...", markup=False)
-            fastquery.ensure_text_encoder(_load_bundle(library.model_source(model_id), library=library))
 
     def stop(signum, frame):
         raise KeyboardInterrupt
@@ -1331,7 +1325,6 @@ def status(state: _State, as_json: bool, n_errors: int):
         data["recent_errors"] = [dataclasses.asdict(e) for e in errors]
         _echo_json(data)
         return
-    from rich.table import Table
     from rich.text import Text
 
     out = _console()
@@ -1340,16 +1333,13 @@ def status(state: _State, as_json: bool, n_errors: int):
         f"Images: {stats.images}   Labels: {stats.labels} in {stats.class_sets} class set(s)   "
         f"Errors: {stats.errors}"
     )
-    if stats.models:
-        table = Table(title="Models", title_justify="left")
-        table.add_column("model", overflow="fold")
-        table.add_column("dim", justify="right")
-        table.add_column("embedded", justify="right")
-        table.add_column("last used")
+    if stats.models:  # aligned columns, the model last: a folder is printed whole, never folded
+        out.print("Models:")
+        out.print(Text(f"  {'dim':>5}  {'embedded':>9}  {'last used':<25}  model", style="dim"))
         for m in stats.models:
             name = m.name + (" (default)" if m.id == default else "")
-            table.add_row(Text(name), str(m.dim or "?"), str(m.embedded), m.last_used)
-        out.print(table)
+            facts = f"  {m.dim or '?':>5}  {m.embedded:>9,}  {m.last_used or '':<25}  "
+            out.print(Text(facts) + Text(name), soft_wrap=True)
     if errors:
         out.print(f"Files that could not be indexed ({stats.errors}, newest first):")
         for e in errors:

@@ -2,16 +2,17 @@
 
 A query's parts become vectors in one of three ways, cheapest first:
 
-- an *indexed* part (a photo already in the library) is its stored vector: no model at all;
+- an *indexed* part (a photo already in the library) is its stored vector, a *vector* part (made
+  earlier, e.g. of an uploaded picture) is itself: no model at all;
 - *text* parts go through the model's torch-free text encoder (:mod:`clipsearch.fastquery`: BPE
   table, text tower in numpy, features cached per exact text), once it has been exported;
 - otherwise, and for *image* files, the model is loaded in torch (:class:`ModelEncoder`); after a
   query that needed it, its text tower is exported so the next text query need not.
 
 :func:`choose` picks the encoder for a query and logs which and why (``clipsearch query --verbose``
-prints it); :func:`encode` turns the query into one vector with it. The query daemon
-(:mod:`clipsearch.serve`) holds an :class:`ExportedTextEncoder` of its own (``warm=True``) and
-calls :func:`clipsearch.search.search` with it, like any other caller.
+prints it); :func:`encode` turns the query into one vector with it. The one caller is
+:class:`clipsearch.search.Searcher` (a warm one, in the daemon and the web interface, hands
+``choose`` the text encoder it keeps loaded).
 """
 
 from __future__ import annotations
@@ -21,8 +22,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from clipsearch.errors import LibraryError
-from clipsearch.search import QueryError
+from clipsearch.errors import LibraryError, QueryError
 
 if TYPE_CHECKING:  # numpy is imported where vectors are made: a client of `clipsearch serve` needs none
     import numpy as np
@@ -43,7 +43,7 @@ class QueryEncoder:
     """Texts and image files -> L2-normalised vectors ``float32 [N, D]`` of one model.
 
     ``name`` is one of :data:`TORCH_FREE`, :data:`MODEL`, :data:`STORED`. The base class encodes
-    neither (a query of indexed photos only needs none).
+    neither (a query of stored vectors only needs none).
     """
 
     name = STORED
@@ -76,8 +76,9 @@ class ExportedTextEncoder(QueryEncoder):
         self._held = fastquery.TextEncoder(model_id) if warm else fastquery.encoder(model_id)
 
     @property
-    def stamp(self):
-        return self._held.stamp
+    def directory(self) -> Path:
+        """The folder of the export this encoder runs."""
+        return self._held.directory
 
     def is_current(self) -> bool:
         """Whether the export this encoder loaded is still the one on disk (the daemon asks)."""
@@ -145,7 +146,7 @@ def export_text_encoder(bundle) -> None:
         first = str(e).splitlines()[0][:160] if str(e) else ""
         log.warning(
             "no fast text encoder for %s (%s: %s); text queries will load the model (slower)",
-            bundle.model_id,
+            bundle.name,
             type(e).__name__,
             first,
         )
@@ -164,68 +165,64 @@ def _open_query_image(path: str):
         raise QueryError(f"cannot read the query image {path}: {e.reason}") from e
 
 
-# (model source, the library) -> bundle; the CLI passes one with a progress bar and its --device
+# (model source, the library) -> bundle: clipsearch.search.Searcher.model
 LoadModel = Callable[[str, "Library"], object]
-
-
-def _load_model(source: str, library: Library):
-    from clipsearch.checkpoints import load_bundle
-
-    return load_bundle(source, library=library)
 
 
 def choose(
     library: Library,
     query: Query,
     *,
+    load_model: LoadModel,
     model: str | None = None,
-    load_model: LoadModel | None = None,
     torch_free: bool = True,
+    text_encoder: Callable[[str], ExportedTextEncoder] = ExportedTextEncoder,
 ) -> QueryEncoder:
     """The encoder for ``query`` on ``library``, cheapest first (see the module doc); logs which and why.
 
     ``model``: a model source the user named (``--model``): it is loaded in torch. Otherwise the
     library's own model (:meth:`Library.default_model_id`) answers. ``load_model(source, library)``
-    loads a bundle (default :func:`clipsearch.checkpoints.load_bundle`). ``torch_free=False`` (an
-    accelerator named with ``--device``) runs the model even for text.
+    loads a bundle. ``torch_free=False`` (an accelerator named with ``--device``) runs the model even
+    for text. ``text_encoder(model_id)`` gives the torch-free one (a warm caller's is kept loaded).
     """
-    load = load_model or _load_model
     if model is not None:
         log.info("encoder: the model %s in torch (named with --model)", model)
-        return ModelEncoder(load(model, library))
+        return ModelEncoder(load_model(model, library))
     model_id = library.require_default_model()
+    name = library.model_name(model_id)
     kinds = {p.kind for p in query.parts}
     if "image" in kinds:
-        log.info("encoder: the model %s in torch (the query has image files)", model_id)
-        return ModelEncoder(load(library.model_source(model_id), library))
+        log.info("encoder: the model %s in torch (the query has image files)", name)
+        return ModelEncoder(load_model(library.model_source(model_id), library))
     if "text" not in kinds:
-        log.info("encoder: none (every part is an indexed photo: its stored vector of %s)", model_id)
+        log.info("encoder: none (every part is a stored vector of %s)", name)
         return QueryEncoder(model_id)
     if not torch_free:
-        log.info("encoder: the model %s in torch (a device was named with --device)", model_id)
-        return ModelEncoder(load(library.model_source(model_id), library))
+        log.info("encoder: the model %s in torch (a device was named with --device)", name)
+        return ModelEncoder(load_model(library.model_source(model_id), library))
     from clipsearch import fastquery
 
     try:
-        encoder = ExportedTextEncoder(model_id)
+        encoder = text_encoder(model_id)
     except fastquery.TextEncoderMissing:
-        why = f"no torch-free export of {model_id} yet; it is made after this query"
+        why = f"no torch-free export of {name} yet; it is made after this query"
     except ImportError as e:  # a broken numpy/faiss install: the model still answers
         why = f"the torch-free path cannot import {e.name or e}"
     else:
-        log.info(
-            "encoder: torch-free text tower of %s (its export is in %s)", model_id, encoder._held.directory
-        )
+        log.info("encoder: torch-free text tower of %s (its export is in %s)", name, encoder.directory)
         return encoder
-    log.info("encoder: the model %s in torch (%s)", model_id, why)
-    return ModelEncoder(load(library.model_source(model_id), library))
+    log.info("encoder: the model %s in torch (%s)", name, why)
+    return ModelEncoder(load_model(library.model_source(model_id), library))
 
 
 def encode(query: Query, encoder: QueryEncoder, library: Library) -> np.ndarray:
     """The query's vector ``float32 [D]``: the normalised weighted sum of its parts' normalised vectors.
 
-    Indexed parts read their stored vector of ``encoder.model_id`` from ``library``.
+    Indexed parts read their stored vector of ``encoder.model_id`` from ``library``; vector parts
+    are their own vector.
     """
+    import numpy as np
+
     query.check()
     vectors: dict[int, np.ndarray] = {}
     texts = [i for i, p in enumerate(query.parts) if p.kind == "text"]
@@ -245,4 +242,6 @@ def encode(query: Query, encoder: QueryEncoder, library: Library) -> np.ndarray:
                     "index it with that model first"
                 )
             vectors[i] = stored
+        elif p.kind == "vector":
+            vectors[i] = np.asarray(p.vector, dtype=np.float32)
     return query.combine([vectors[i] for i in range(len(query.parts))])

@@ -21,6 +21,10 @@ class LibraryError(ClipsearchError):
     """The photo library database is missing, locked, corrupt or of the wrong kind."""
 
 
+class QueryError(ClipsearchError):
+    """A query that cannot be run: empty, an unreadable query image, parts that cancel out."""
+
+
 class ImageDecodeError(ClipsearchError):
     """One image file could not be decoded; ``reason`` is a short machine-friendly cause."""
 

@@ -7,27 +7,30 @@ as its stored vector); the parts are summed with their weights (a negative weigh
 similarity through the library's FAISS index, within the ids a
 :class:`clipsearch.filters.PhotoFilter` allows.
 
-The route goes one way down::
+Every caller goes through one pipeline, :class:`Searcher` (``clipsearch query``, ``similar``,
+the query daemon, the web interface), and it goes one way down::
 
-    run()  --(a daemon serves this library?)-->  clipsearch.serve.ask  -> the daemon's search()
-      |  no: open the library
+    Searcher.run  --(a daemon serves this library?)-->  clipsearch.serve.ask  (a socket; None: answer here)
+      |  no: the library, opened here (kept open by the daemon and the web)
       v
-    search()  ->  clipsearch.encoders (choose, encode)  ->  clipsearch.vectors (FAISS)
+    clipsearch.encoders.choose  ->  search()  ->  clipsearch.encoders.encode  ->  clipsearch.vectors (FAISS)
 
-:func:`run` is what a command calls (``clipsearch query``, the web interface); :func:`search` is
-the same on an open library with a chosen encoder (the daemon calls it with its warm one). Which
-way answered is logged (``--verbose``) and returned in :class:`Answer`.
+:func:`run` is one query of a command (a :class:`Searcher` made for it); :func:`search` is the
+in-process step on an open library with a chosen encoder. Which way answered is logged
+(``--verbose``) and returned in :class:`Answer`.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from clipsearch.errors import ClipsearchError, LibraryError
+from clipsearch.errors import LibraryError, QueryError
 from clipsearch.filters import PhotoFilter
 
 if TYPE_CHECKING:  # numpy is imported where vectors are made: a client of `clipsearch serve` needs none
@@ -38,26 +41,30 @@ if TYPE_CHECKING:  # numpy is imported where vectors are made: a client of `clip
 
 log = logging.getLogger(__name__)
 
-PART_KINDS = ("text", "image", "indexed")
-
-
-class QueryError(ClipsearchError):
-    """A query that cannot be run: empty, an unreadable query image, parts that cancel out."""
+PART_KINDS = ("text", "image", "indexed", "vector")
 
 
 @dataclass(frozen=True)
 class QueryPart:
     """One term of a query, with a weight: ``kind`` is ``"text"``, ``"image"`` (``value`` a file
-    to encode) or ``"indexed"`` (``value`` the decimal id of a photo in the library: its stored
-    vector, no model needed; make one with :meth:`indexed`)."""
+    to encode), ``"indexed"`` (``value`` the decimal id of a photo in the library: its stored
+    vector, no model needed; make one with :meth:`indexed`) or ``"vector"`` (a query vector made
+    earlier, e.g. of an uploaded picture: ``vector``, normalised, with ``value`` saying what it is;
+    make one with :meth:`given`)."""
 
     kind: str
     value: str
     weight: float = 1.0
+    vector: tuple[float, ...] | None = None
 
     @classmethod
     def indexed(cls, image_id: int, weight: float = 1.0) -> QueryPart:
         return cls("indexed", str(int(image_id)), weight)
+
+    @classmethod
+    def given(cls, vector, what: str = "a picture", weight: float = 1.0) -> QueryPart:
+        """A part that is already a vector (``float32 [D]``, normalised) of the library's model."""
+        return cls("vector", what, weight, tuple(float(x) for x in vector))
 
     @property
     def image_id(self) -> int:
@@ -68,7 +75,7 @@ class QueryPart:
         sign = "-" if self.weight < 0 else "+"
         w = abs(self.weight)
         scale = "" if w == 1.0 else f"{w:g}*"
-        what = {"text": repr(self.value), "image": f"image:{self.value}"}.get(
+        what = {"text": repr(self.value), "image": f"image:{self.value}", "vector": self.value}.get(
             self.kind, f"photo #{self.value}"
         )
         return f"{sign} {scale}{what}"
@@ -119,6 +126,8 @@ class Query:
                 raise QueryError("empty query text")
             if p.kind == "indexed" and not p.value.isdigit():
                 raise QueryError(f"an indexed part names a photo by its id, not {p.value!r}")
+            if p.kind == "vector" and not p.vector:
+                raise QueryError(f"the query part {p.value!r} has no vector")
 
     def combine(self, vectors: Sequence) -> np.ndarray:
         """The normalised weighted sum ``float32 [D]`` of the parts' normalised vectors (in order)."""
@@ -152,10 +161,12 @@ def cut_texts(query: Query, tokenizer) -> list[str]:
 @dataclass
 class Answer:
     """The hits of a query and which way answered: ``encoder`` is ``daemon``, ``torch-free``,
-    ``model`` or ``stored-vectors`` (:mod:`clipsearch.encoders`)."""
+    ``model`` or ``stored-vectors`` (:mod:`clipsearch.encoders`). ``vector``: the query vector
+    ``float32 [D]`` the hits were ranked by (None when the daemon answered)."""
 
     hits: list[Hit]
     encoder: str
+    vector: np.ndarray | None = None
 
 
 def search(
@@ -174,8 +185,16 @@ def search(
     ``encoder`` (:func:`clipsearch.encoders.choose`) makes the query vector; its model's embeddings
     are searched. ``filters`` limit the photos; ``threshold`` keeps hits scoring at least that.
     ``index``: an open :class:`clipsearch.vectors.VectorIndex` of them in step with the library
-    (the query daemon keeps one); by default it is opened here, while the query is encoded.
+    (a :class:`Searcher` that is kept warm holds one); by default it is opened here, while the
+    query is encoded.
     """
+    return _rank(library, encoder, query, top, filters, threshold, index_kind, index)[0]
+
+
+def _rank(
+    library, encoder, query, top, filters, threshold, index_kind, index
+) -> tuple[list[Hit], np.ndarray]:
+    """:func:`search`, and the query vector it ranked by."""
     from concurrent.futures import ThreadPoolExecutor
 
     from clipsearch.encoders import encode
@@ -193,7 +212,7 @@ def search(
             index = pending.result()
     else:
         q = encode(query, encoder, library)
-    return search_vector(library, index, q, top, threshold, filters)
+    return search_vector(library, index, q, top, threshold, filters), q
 
 
 def _check_model(library, model_id: str) -> None:
@@ -231,8 +250,6 @@ def resolve_photo(library, target: str | Path | int) -> int | None:
     """The id of the indexed photo ``target`` names: an image id, a path indexed as it is, or a
     file whose content is indexed (a copy elsewhere). None for a file the library does not know.
     Raises :class:`QueryError` when ``target`` is neither an id of the library nor a file."""
-    from clipsearch.indexer import read_and_hash
-
     text = str(target)
     p = Path(text).expanduser()
     if not p.exists() and text.isdigit():
@@ -245,6 +262,8 @@ def resolve_photo(library, target: str | Path | int) -> int | None:
     found = library.image_at(p)
     if found is not None:
         return found.id
+    from clipsearch.indexer import read_and_hash  # the content hash the indexer keys photos by
+
     try:
         with open(p, "rb") as f:
             digest, _ = read_and_hash(f.fileno(), keep=False)
@@ -254,43 +273,252 @@ def resolve_photo(library, target: str | Path | int) -> int | None:
     return same[0] if same else None
 
 
-def similar(
-    library,
-    target: str | Path | int,
-    model_id: str,
-    top: int = 20,
-    threshold: float | None = None,
-    filters: PhotoFilter | None = None,
-    *,
-    encode_image: Callable[[Path], np.ndarray] | None = None,
-    index=None,
-) -> list[Hit]:
-    """Photos like ``target`` (a library id or a photo file), best first, the photo itself included.
+class Searcher:
+    """The one query pipeline of a library: decides how each query is answered, and says which way.
 
-    An indexed photo (or a copy of one) is searched with its stored embedding of ``model_id``: no
-    model is loaded and PyTorch is never imported. A file the library does not know is encoded by
-    ``encode_image(path) -> float32 [D]`` (normalised); without one, :class:`QueryError`.
+    :meth:`run` asks a running ``clipsearch serve`` first (``ask_daemon``; not when a model is
+    named, a GPU ``device`` is, or the query has image files or vectors, which the daemon cannot
+    take); otherwise it opens the library and :func:`clipsearch.encoders.choose` picks the cheapest
+    encoder (stored vectors, the torch-free text tower, the model in torch), then :func:`search`
+    ranks through :mod:`clipsearch.vectors`. After the library's own model had to be loaded, its
+    text tower is exported so the next text query needs no torch. :meth:`similar` is a query by an
+    indexed photo (its stored vector) or a photo file. Each choice is a ``logging`` line
+    (``--verbose``).
+
+    A command makes one for its one query (:func:`run`). The daemon and the web interface keep one
+    (``warm=True``): the library stays open (reopened when its file is replaced), and the text
+    encoder, the model and each vector index are kept while they are current. Calls are serialised
+    (``lock``); the daemon passes ``allow_model=False``: a query that needs the model is refused
+    (:class:`QueryError`) and its client answers it itself.
+
+    ``load_model(source, library) -> bundle`` loads a model (default
+    :func:`clipsearch.checkpoints.load_bundle` on the CPU; the CLI's shows a download bar and puts it
+    on ``--device``).
     """
-    import numpy as np
 
-    from clipsearch.vectors import VectorIndex
+    def __init__(
+        self,
+        library_path: Path | str | None = None,
+        *,
+        warm: bool = False,
+        ask_daemon: bool = True,
+        allow_model: bool = True,
+        device: str = "auto",
+        load_model: Callable[[str, Library], object] | None = None,
+    ):
+        from clipsearch.store import resolve_path
 
-    if top < 1:
-        raise QueryError(f"--top must be at least 1, got {top}")
-    _check_model(library, model_id)
-    image_id = resolve_photo(library, target)
-    stored = library.embedding(image_id, model_id) if image_id is not None else None
-    if stored is not None:
-        log.info("similar: the stored embedding of photo %d", image_id)
-        q = np.asarray(stored, dtype=np.float32)  # [D]
-    elif encode_image is not None:
-        log.info("similar: %s is not indexed with %s; encoding it", target, model_id)
-        q = encode_image(Path(str(target)).expanduser())
-    else:
-        raise QueryError(f"{target} is not indexed with {model_id}: index it, or pass an encoder")
-    if index is None:
-        index = VectorIndex.for_library(library, model_id)
-    return search_vector(library, index, q, top, threshold, filters)
+        self.library_path = resolve_path(library_path)
+        self.warm = warm
+        self.ask_daemon = ask_daemon
+        self.allow_model = allow_model
+        self.torch_free = device in ("auto", "cpu")  # a GPU named explicitly runs the model there
+        self._load_model = load_model
+        self.lock = threading.RLock()
+        self.reloads = 0  # times the library, an index or the text encoder were reopened after a change
+        self._library = None
+        self._file = None  # (st_dev, st_ino) of the library file when it was opened
+        self._text_encoders: dict = {}  # model_id -> ExportedTextEncoder (warm)
+        self._indexes: dict = {}  # (model_id, kind) -> (generation, VectorIndex) (warm)
+        self._bundle = None  # (source, bundle) (warm)
+        self._model_lock = threading.Lock()
+
+    # --- what a warm searcher keeps ------------------------------------------------------------
+
+    def library(self) -> Library:
+        """The open library; a warm searcher reopens it when its file was replaced (or removed)."""
+        from clipsearch.store import Library
+
+        with self.lock:
+            if self._library is not None and self.warm and _file_identity(self.library_path) != self._file:
+                log.info("library: %s was replaced; reopening it", self.library_path)
+                self.reloads += 1
+                self._library.close()
+                self._library = None
+                self._indexes.clear()
+            if self._library is None:
+                self._library = Library.open(self.library_path)
+                self._file = _file_identity(self.library_path)
+            return self._library
+
+    def index(self, model_id: str, kind: str = "auto"):
+        """The :class:`clipsearch.vectors.VectorIndex` of ``model_id``'s embeddings, in step with the
+        library (a warm searcher keeps it until the library's generation changes)."""
+        from clipsearch.vectors import VectorIndex
+
+        with self.lock:
+            library = self.library()
+            generation = library.generation()
+            held = self._indexes.get((model_id, kind))
+            if held is not None and held[0] == generation:
+                return held[1]
+            if held is not None:
+                self.reloads += 1
+                log.info("library changed (generation %s -> %s): index reopened", held[0], generation)
+            index = VectorIndex.for_library(library, model_id, kind=kind)
+            if self.warm:
+                self._indexes[(model_id, kind)] = (generation, index)
+            return index
+
+    def model(self, source: str):
+        """The model at ``source`` (loaded once by a warm searcher). Loading does not hold
+        :attr:`lock`: searches of texts and indexed photos go on meanwhile."""
+        with self.lock:  # taken before the model's lock, never after: a query holds both in this order
+            library = self.library()
+        with self._model_lock:
+            if self._bundle is not None and self._bundle[0] == source:
+                return self._bundle[1]
+            if self._load_model is not None:
+                bundle = self._load_model(source, library)
+            else:
+                from clipsearch.checkpoints import load_bundle
+
+                bundle = load_bundle(source, library=library)
+            if self.warm:
+                self._bundle = (source, bundle)
+            return bundle
+
+    def _load_for_query(self, source: str, library) -> object:
+        if not self.allow_model:
+            raise QueryError("this query needs the model, which is not loaded here")
+        return self.model(source)
+
+    def _text_encoder(self, model_id: str):
+        """The torch-free text encoder of ``model_id`` (raises ``fastquery.TextEncoderMissing``)."""
+        from clipsearch.encoders import ExportedTextEncoder
+
+        held = self._text_encoders.get(model_id)
+        if held is not None and held.is_current():
+            return held
+        encoder = ExportedTextEncoder(model_id, warm=self.warm)
+        if self.warm:
+            if held is not None:
+                self.reloads += 1
+                log.info("the text export of %s was replaced; reloaded", self.library().model_name(model_id))
+            self._text_encoders[model_id] = encoder
+        return encoder
+
+    def warm_up(self, say: Callable[[str], None] | None = None) -> None:
+        """Open the library, its model's index and torch-free text encoder now, so the first query
+        does not wait. A model never exported is exported once (loads it: seconds; ``say`` tells)."""
+        from clipsearch import fastquery
+        from clipsearch.encoders import export_text_encoder
+
+        with self.lock:
+            library = self.library()
+            model_id = library.require_default_model()
+            self.index(model_id)
+            try:
+                encoder = self._text_encoder(model_id)
+            except fastquery.TextEncoderMissing:
+                name = library.model_name(model_id)
+                log.info("no torch-free text encoder of %s yet: exporting it once from the model", name)
+                if say is not None:
+                    say(f"Exporting the text model of {name} for fast queries...")
+                export_text_encoder(self.model(library.model_source(model_id)))
+                encoder = self._text_encoder(model_id)
+            encoder.load()
+
+    # --- queries ---------------------------------------------------------------------------------
+
+    def run(
+        self,
+        query: Query,
+        top: int = 20,
+        filters: PhotoFilter | None = None,
+        threshold: float | None = None,
+        index_kind: str = "auto",
+        *,
+        model: str | None = None,
+    ) -> Answer:
+        """Answer ``query`` the cheapest way (see the class doc). ``model``: a model source the user
+        named (``--model``), loaded in torch."""
+        from clipsearch import encoders
+
+        query.check()
+        if top < 1:
+            raise QueryError(f"--top must be at least 1, got {top}")
+        if self._daemon_may_answer(model):
+            from clipsearch import serve
+
+            hits = serve.ask(self.library_path, query, top, filters, threshold, index_kind)
+            if hits is not None:
+                return Answer(hits, encoders.DAEMON)
+        with self.lock:
+            library = self.library()
+            encoder = encoders.choose(
+                library,
+                query,
+                model=model,
+                load_model=self._load_for_query,
+                torch_free=self.torch_free,
+                text_encoder=self._text_encoder,
+            )
+            index = self.index(encoder.model_id, index_kind) if self.warm else None
+            hits, q = _rank(library, encoder, query, top, filters, threshold, index_kind, index)
+        if isinstance(encoder, encoders.ModelEncoder) and model is None:
+            encoder.export_text()  # so the next text query can skip torch
+        return Answer(hits, encoder.name, q)
+
+    def _daemon_may_answer(self, model: str | None) -> bool:
+        if not self.ask_daemon:
+            return False
+        if model is not None:
+            log.info("daemon: not asked (--model names a model: it is loaded here)")
+            return False
+        if not self.torch_free:
+            log.info("daemon: not asked (--device names an accelerator: the model runs here)")
+            return False
+        return True
+
+    def similar(
+        self,
+        target: str | Path | int,
+        top: int = 20,
+        filters: PhotoFilter | None = None,
+        threshold: float | None = None,
+    ) -> Answer:
+        """Photos like ``target`` (a library id or a photo file), best first, the photo itself included.
+
+        An indexed photo (or a copy of one) is a query by its stored embedding: no model, no torch,
+        and a running daemon may answer. A file the library does not know is encoded by the model.
+        """
+        with self.lock:
+            library = self.library()
+            model_id = library.require_default_model()
+            image_id = resolve_photo(library, target)
+            name = library.model_name(model_id)
+            if image_id is not None and library.has_embedding(image_id, model_id):
+                log.info("similar: photo #%d is in the library: its stored vector of %s", image_id, name)
+                query = Query([QueryPart.indexed(image_id)])
+            elif Path(str(target)).expanduser().is_file():
+                log.info("similar: %s has no vector of %s in the library: the file is encoded", target, name)
+                query = Query.build(image=Path(str(target)).expanduser())
+            else:
+                raise QueryError(f"photo #{image_id} has no embedding of {name}: index it again")
+        return self.run(query, top, filters, threshold)
+
+    def close(self) -> None:
+        """Close the library (a later call opens it again)."""
+        with self.lock:
+            if self._library is not None:
+                self._library.close()
+                self._library = None
+            self._indexes.clear()
+
+    def __enter__(self) -> Searcher:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _file_identity(path: Path):
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def run(
@@ -304,31 +532,8 @@ def run(
     model: str | None = None,
     load_model: Callable[[str, Library], object] | None = None,
     device: str = "auto",
-    daemon: bool = True,
 ) -> Answer:
-    """Answer ``query`` on the library at ``library_path`` (None: the default one), the cheapest way.
-
-    A running ``clipsearch serve`` for the library answers when it can (no ``model`` named, no
-    image files, no accelerator ``device`` named); otherwise the library is opened and
-    :func:`search` runs with the encoder :func:`clipsearch.encoders.choose` picks. After the model
-    had to be loaded for the library's own model, its text tower is exported so the next text query
-    needs no torch. ``load_model(source, library) -> bundle`` loads a model (the CLI's shows a download bar
-    and puts it on ``device``).
-    """
-    from clipsearch import encoders
-    from clipsearch.store import Library
-
-    query.check()
-    torch_free = device in ("auto", "cpu")  # a GPU named explicitly runs the model there
-    if daemon and model is None and torch_free:
-        from clipsearch import serve
-
-        hits = serve.ask(library_path, query, top, filters, threshold, index_kind)
-        if hits is not None:
-            return Answer(hits, encoders.DAEMON)
-    with Library.open(library_path) as library:
-        encoder = encoders.choose(library, query, model=model, load_model=load_model, torch_free=torch_free)
-        hits = search(library, encoder, query, top, filters, threshold, index_kind)
-    if isinstance(encoder, encoders.ModelEncoder) and model is None:
-        encoder.export_text()  # so the next text query can skip torch
-    return Answer(hits, encoder.name)
+    """One query on the library at ``library_path`` (None: the default one), through a
+    :class:`Searcher` made for it: a running daemon, else the cheapest encoder here."""
+    with Searcher(library_path, device=device, load_model=load_model) as searcher:
+        return searcher.run(query, top, filters, threshold, index_kind, model=model)

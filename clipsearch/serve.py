@@ -1,16 +1,15 @@
 """``clipsearch serve``: a local daemon that keeps one library's text queries warm.
 
-A text query process spends most of its time starting: importing numpy, ONNX Runtime and FAISS,
-loading the text tower, opening the vector index. The daemon does that once and then answers text
-queries in milliseconds; :func:`clipsearch.search.run` asks it first (see :func:`ask`) and, when no
-daemon answers for its library, does the work itself (and logs why, shown with ``--verbose``).
+A text query process spends most of its time starting: importing numpy and FAISS, loading the text
+tower, opening the vector index. The daemon does that once and then answers queries of texts and
+indexed photos at once; :meth:`clipsearch.search.Searcher.run` asks it first (see :func:`ask`) and,
+when no daemon answers for its library, does the work itself (and logs why, shown with ``--verbose``).
 
 - One daemon per library, on a unix socket ``home()/serve/<hash of the library path>.sock``. The
   folder is made private (0700) and the socket 0600: only the same user can connect. No network port.
-- It answers queries of texts and indexed photos with the library's own model, exactly as the
-  in-process path does (:func:`clipsearch.search.search` with a torch-free
-  :class:`clipsearch.encoders.ExportedTextEncoder`, the same text-feature cache); a query with
-  image files is the client's to run.
+- It answers queries of texts and indexed photos with the library's own model through the same
+  pipeline as the in-process path, a :class:`clipsearch.search.Searcher` kept warm (the torch-free
+  text encoder, the same text-feature cache); a query with image files is the client's to run.
 - Before each query it checks the library's generation (bumped by every index run), the database
   file's identity and the text export's stamp, and reloads what changed, so a re-index is noticed.
 - A socket left behind by a killed daemon is stale: clients fail to connect and fall back; the next
@@ -42,6 +41,7 @@ MAX_REQUEST = 1 << 20  # a query is a few hundred bytes; anything near this is n
 CONNECT_TIMEOUT_S = 1.0  # a live daemon accepts at once; a hung one must not hold a query up long
 REPLY_TIMEOUT_S = 10.0  # a reload after a large re-index takes seconds; a stuck daemon is given up on
 _MAX_SOCKET_PATH = 107  # sun_path holds 108 bytes with the final NUL
+ASKED_KINDS = ("text", "indexed")  # the query parts a daemon answers (the rest need the model)
 
 
 class ServeError(ClipsearchError):
@@ -80,8 +80,8 @@ def ask(
     from clipsearch.search import Hit
     from clipsearch.store import resolve_path
 
-    if any(p.kind == "image" for p in query.parts):
-        log.info("daemon: not asked (the query has image files, which need the model here)")
+    if any(p.kind not in ASKED_KINDS for p in query.parts):
+        log.info("daemon: not asked (the query has image files or vectors, which need the model here)")
         return None
     if not hasattr(socket, "AF_UNIX"):
         return None
@@ -170,91 +170,48 @@ class QueryServer:
         socket: Path | str | None = None,
         log: Callable[[str], None] | None = None,
     ):
-        from clipsearch.store import resolve_path
+        from clipsearch.search import Searcher
 
-        self.library_path = resolve_path(library_path)
+        # the one query pipeline, kept warm; never asks a daemon (this is it) nor loads the model
+        self.searcher = Searcher(library_path, warm=True, ask_daemon=False, allow_model=False)
+        self.library_path = self.searcher.library_path
         self.socket_path = Path(socket) if socket is not None else socket_path(self.library_path)
         self.answered = 0  # queries answered
         self.refused = 0  # requests answered with an error (the client then runs the query itself)
-        self.reloads = 0  # times the library, the index or the encoder were reloaded after a change
         self.log = log or (lambda message: None)  # one line per refused request, with the reason
-        self._library = None
-        self._identity = None
-        self._encoders: dict = {}
-        self._indexes: dict = {}
         self._server = None
-        self._load()
         try:
+            self.searcher.warm_up(say=self.log)  # everything the queries need, before the socket is bound
             self._bind()
         except BaseException:  # e.g. another daemon already serves this library
             self.close()
             raise
 
-    # --- state ----------------------------------------------------------------------------------
-
-    def _load(self) -> None:
-        """Open the library, the default model's encoder and index (raises what a query would)."""
-        from clipsearch.store import Library
-
-        if self._library is not None:
-            self._library.close()
-        self._library = Library.open(self.library_path)
-        self._identity = _identity(self.library_path)
-        self._indexes.clear()
-        model_id = self._library.require_default_model()
-        self._index(model_id, "auto")
-        self._encoder(model_id).load()  # now, not on the first query
-
-    def _encoder(self, model_id: str):
-        from clipsearch.encoders import ExportedTextEncoder
-
-        held = self._encoders.get(model_id)
-        if held is None or not held.is_current():
-            if held is not None:
-                self.reloads += 1
-            held = self._encoders[model_id] = ExportedTextEncoder(model_id, warm=True)
-        return held
-
-    def _index(self, model_id: str, kind: str):
-        from clipsearch.vectors import VectorIndex
-
-        generation = self._library.generation()
-        held = self._indexes.get((model_id, kind))
-        if held is None or held[1] != generation:
-            if held is not None:
-                self.reloads += 1
-            index = VectorIndex.for_library(self._library, model_id, kind=kind)
-            held = self._indexes[(model_id, kind)] = (index, generation)
-        return held[0]
+    @property
+    def reloads(self) -> int:
+        """Times the library, the index or the text encoder were reloaded after a change."""
+        return self.searcher.reloads
 
     def answer(self, request: dict) -> list:
-        """The hits of one request, as :func:`clipsearch.search.search` gives them in-process."""
+        """The hits of one request, as the pipeline gives them in-process."""
         from clipsearch.filters import PhotoFilter
-        from clipsearch.search import Query, QueryError, QueryPart, search
+        from clipsearch.search import Query, QueryError, QueryPart
 
         if request.get("version") != PROTOCOL:
             raise ValueError(f"protocol version {request.get('version')!r}, this daemon speaks {PROTOCOL}")
         if request.get("library") != os.fsdecode(self.library_path):
             raise ValueError(f"this daemon serves {self.library_path}, not {request.get('library')!r}")
         parts = [QueryPart(str(k), str(v), float(w)) for k, v, w in request["parts"]]
-        if any(p.kind == "image" for p in parts):
-            raise QueryError("image files are encoded by the client (they need the model)")
-        if _identity(self.library_path) != self._identity:  # the file was replaced (or removed)
-            self.reloads += 1
-            self._load()
-        model_id = self._library.require_default_model()  # every photo may be gone since the start
+        if any(p.kind not in ASKED_KINDS for p in parts):
+            raise QueryError("image files and vectors are the client's to encode (they need the model)")
         threshold = request.get("threshold")
-        kind = str(request.get("index_kind", "auto"))
-        return search(
-            self._library,
-            self._encoder(model_id),
+        return self.searcher.run(
             Query(parts),
             int(request.get("top", 20)),
             PhotoFilter.from_json(request.get("filters")),
             None if threshold is None else float(threshold),
-            kind,
-            index=self._index(model_id, kind),
-        )
+            str(request.get("index_kind", "auto")),
+        ).hits
 
     # --- the socket -----------------------------------------------------------------------------
 
@@ -311,9 +268,7 @@ class QueryServer:
             except OSError:
                 pass  # already gone
             self._server = None
-        if self._library is not None:
-            self._library.close()
-            self._library = None
+        self.searcher.close()
 
     def __enter__(self) -> QueryServer:
         return self
@@ -353,14 +308,6 @@ def _handler(server: QueryServer):
                 pass  # the client gave up waiting: it runs the query itself
 
     return Handler
-
-
-def _identity(path: Path):
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return st.st_dev, st.st_ino
 
 
 def _answers(path: Path) -> bool:

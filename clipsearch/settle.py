@@ -13,7 +13,9 @@ so the user never waits for what only later runs profit from:
 (``python -m clipsearch.settle SOURCE``) at the lowest CPU priority, as ``git gc --auto`` does, so the
 command that started it returns at once; its log is ``settle.log`` in the model's cache folder. One
 settle per model at a time (an ``flock`` on ``settle.lock`` there; a second one exits at once).
-Setting ``CLIPSEARCH_BACKGROUND=0`` makes the CLI settle in the foreground instead (tests do).
+Setting ``CLIPSEARCH_BACKGROUND=0`` makes the CLI settle in the foreground instead, as git's
+``gc.autoDetach=false`` does: for a script, container build or batch job whose processes end with
+the command, so that everything is done when ``index`` returns (the tests set it too).
 """
 
 from __future__ import annotations
@@ -72,11 +74,11 @@ def settle(bundle, *, locked: bool = False) -> str | None:
     if not locked:
         fd = _try_lock(bundle.model_id)
         if fd is None:
-            log.info("another process is settling %s", bundle.model_id)
+            log.info("another process is settling %s", bundle.name)
             return None
     try:
         chosen, results = backends.choose_backend(bundle)
-        log.info("backend verdict for %s: %s (%s)", bundle.model_id, chosen, list(results.values()))
+        log.info("backend verdict for %s: %s (%s)", bundle.name, chosen, list(results.values()))
         backends.release_memory()
         export_text_encoder(bundle)  # a failure is a logged warning: queries then load the model
         return chosen
@@ -91,11 +93,11 @@ def start_in_background(source: str, model_id: str) -> subprocess.Popen | None:
     settles on its photos again and tries once more).
 
     The lock is taken here and handed to the child (an inherited ``flock`` belongs to the child's
-    descriptor too), so from the moment this returns, :func:`wait` sees the settle running.
+    descriptor too), so from the moment this returns, another settle of the model sees it running.
     """
     fd = _try_lock(model_id)
     if fd is None:
-        log.info("%s is already being settled", model_id)
+        log.info("%s is already being settled", source)
         return None
     directory = cache_dir(model_id)
     try:
@@ -109,11 +111,11 @@ def start_in_background(source: str, model_id: str) -> subprocess.Popen | None:
                 pass_fds=(fd,),
             )
     except OSError as e:
-        log.warning("could not start the background settle for %s: %s", model_id, e)
+        log.warning("could not start the background settle for %s: %s", source, e)
         return None
     finally:
         os.close(fd)  # the child's copy keeps the lock
-    log.info("settling %s in the background (pid %d, log %s)", model_id, proc.pid, directory / LOG_FILE)
+    log.info("settling %s in the background (pid %d, log %s)", source, proc.pid, directory / LOG_FILE)
     return proc
 
 
@@ -123,29 +125,6 @@ def after_index(bundle, source: str) -> str:
     if background_allowed():
         return "background" if start_in_background(source, bundle.model_id) is not None else "elsewhere"
     return "done" if settle(bundle) is not None else "elsewhere"
-
-
-def wait(model_id: str, timeout: float | None = None) -> bool:
-    """Block until no process holds ``model_id``'s settle lock (benchmarks and tests); False on timeout."""
-    import time
-
-    from clipsearch.atomic import open_lock
-
-    directory = cache_dir(model_id)
-    directory.mkdir(parents=True, exist_ok=True)
-    deadline = None if timeout is None else time.monotonic() + timeout
-    fd = open_lock(directory / LOCK_FILE)
-    try:
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-                return True
-            except BlockingIOError:
-                if deadline is not None and time.monotonic() > deadline:
-                    return False
-                time.sleep(0.2)
-    finally:
-        os.close(fd)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -163,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
 
     bundle = load_bundle(args.source)
     chosen = settle(bundle, locked=args.lock_fd is not None)
-    log.info("settled %s: %s", bundle.model_id, chosen or "another process is at it")
+    log.info("settled %s: %s", bundle.name, chosen or "another process is at it")
     return 0
 
 

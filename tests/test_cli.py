@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from e2e_helpers import make_photo_folder, make_tiny_model, run_cli, write_photo
+from e2e_helpers import make_photo_folder, make_tiny_model, run_cli, sidecar_keywords, write_photo
 
 from clipsearch.cli import cli
 from clipsearch.store import Library
@@ -223,7 +223,7 @@ def test_label_json_relabel_and_multi_label(indexed, tmp_path):
 
 
 def test_label_writes_and_merges_xmp_sidecars(tmp_path, model_dir):
-    from clipsearch.xmp import read_keywords, sidecar_path, write_keywords
+    from clipsearch.xmp import sidecar_path, write_keywords
 
     a = write_photo(tmp_path / "p" / "a.jpg", 1)
     b = write_photo(tmp_path / "p" / "b.jpg", 2)
@@ -238,22 +238,22 @@ def test_label_writes_and_merges_xmp_sidecars(tmp_path, model_dir):
     )
     rows = json.loads(ok("--db", db, "label", "--classes", "cat,dog", "--json", "--write-xmp").stdout)
     by_name = {Path(r["path"]).name: r["label"] for r in rows}
-    assert read_keywords(a) == [by_name["a.jpg"]]
-    assert read_keywords(b) == ["holiday & friends", by_name["b.jpg"]]
+    assert sidecar_keywords(a) == [by_name["a.jpg"]]
+    assert sidecar_keywords(b) == ["holiday & friends", by_name["b.jpg"]]
     rating = ET.parse(sidecar_path(b)).find(".//{http://ns.adobe.com/xap/1.0/}Rating")
     assert rating is not None and rating.text == "4"
     assert "<xmp:Rating>4</xmp:Rating>" in sidecar_path(b).read_text()  # its prefix kept too
     # Relabel: our old keyword goes, the user's stays. (One class is decided on its own: threshold 0
     # gives it to every photo.)
     ok("--db", db, "label", "--classes", "<tree>", "--threshold", "0", "--write-xmp")
-    assert read_keywords(a) == ["<tree>"]
-    assert read_keywords(b) == ["holiday & friends", "<tree>"]
+    assert sidecar_keywords(a) == ["<tree>"]
+    assert sidecar_keywords(b) == ["holiday & friends", "<tree>"]
     assert "&lt;tree&gt;" in sidecar_path(a).read_text()
     # No keywords and no sidecar: nothing is created; no keywords left for an existing one: ours go.
     c = write_photo(tmp_path / "p" / "c.jpg", 3)
     assert write_keywords(c, []) is None and not sidecar_path(c).exists()
     write_keywords(b, [])
-    assert read_keywords(b) == ["holiday & friends"]
+    assert sidecar_keywords(b) == ["holiday & friends"]
     # A sidecar that is not XML is never clobbered.
     sidecar_path(a).write_text("not xml <")
     result = run_cli("--db", str(db), "label", "--classes", "cat", "--write-xmp")
@@ -302,9 +302,11 @@ def test_status_models_and_doctor(indexed, tmp_path):
 
 def test_index_kinds_offered_are_the_vector_index_kinds(indexed, model_dir, tmp_path):
     from clipsearch import vectors
-    from clipsearch.cli import INDEX_KINDS
+    from clipsearch.cli import cli
 
-    assert set(INDEX_KINDS) == {"auto", *vectors.KINDS}
+    for command in ("index", "query"):  # what --help offers is what the vector index builds
+        option = next(p for p in cli.commands[command].params if p.name == "index_kind")
+        assert option.type.choices == ("auto", *vectors.KINDS), command
     db, folder, photos, report = indexed
     copy = tmp_path / "photos"
     shutil.copytree(folder, copy, ignore=shutil.ignore_patterns("library.db*"))
@@ -496,8 +498,9 @@ def test_text_queries_after_index_skip_torch_and_agree(tmp_path, model_dir):
 
 
 def test_query_verbose_says_which_encoder_answered_and_why(tmp_path, model_dir):
-    """Each way a query can go is named on stderr with --verbose, and only then; the text tower is
-    exported again after a query that had to load the model for lack of it."""
+    """Each way a query can go is named on stderr with --verbose, and only then, with the model by its
+    folder (not its internal id); the text tower is exported again after a query that had to load
+    the model for lack of it. `similar` says the same."""
     import shutil
 
     from clipsearch.paths import cache_dir
@@ -508,31 +511,44 @@ def test_query_verbose_says_which_encoder_answered_and_why(tmp_path, model_dir):
     model_id = json.loads(ok("--db", db, "index", tmp_path / "p", "--model", model_dir, "--json").stdout)[
         "model_id"
     ]
+    name = str(Path(model_dir).resolve())  # how the library recorded the model
 
-    def query(*args):
-        out = run_cli("--db", str(db), "query", *args, "--paths")
+    def query(*args, command="query"):
+        out = run_cli("--db", str(db), command, *args, "--paths")
         assert out.returncode == 0, out.stderr
         assert len(out.stdout.splitlines()) == 4
+        assert model_id not in out.stderr  # never the internal id
         return out.stderr
 
     text = query("a red boat", "--verbose")
     assert "daemon: none serves this library" in text
-    assert f"encoder: torch-free text tower of {model_id}" in text
+    assert f"encoder: torch-free text tower of {name}" in text
     assert "in torch" not in text
     assert query("a red boat") == ""  # quiet without --verbose
     assert "encoder: torch-free" in run_cli("--verbose", "--db", str(db), "query", "x", "--paths").stderr
 
     image = query("--image", str(tmp_path / "p" / "1.jpg"), "--verbose")
     assert "daemon: not asked (the query has image files" in image
-    assert f"encoder: the model {model_id} in torch (the query has image files)" in image
+    assert f"encoder: the model {name} in torch (the query has image files)" in image
 
     named = query("a boat", "--model", str(model_dir), "--verbose")
-    assert "in torch (named with --model)" in named and "daemon:" not in named
+    assert "in torch (named with --model)" in named and "daemon: not asked (--model names a model" in named
+
+    indexed = query(str(tmp_path / "p" / "2.jpg"), "--verbose", command="similar")
+    assert "similar: photo #" in indexed and "is in the library: its stored vector" in indexed
+    assert "daemon: none serves this library" in indexed
+    assert f"encoder: none (every part is a stored vector of {name})" in indexed
+    outside = tmp_path / "outside.jpg"
+    write_photo(outside, 200)
+    unknown = query(str(outside), "--verbose", command="similar")
+    assert f"has no vector of {name} in the library: the file is encoded" in unknown
+    assert f"encoder: the model {name} in torch (the query has image files)" in unknown
+    assert query(str(outside), command="similar") == ""
 
     shutil.rmtree(cache_dir(model_id))  # the torch-free export is gone (a cleaned cache)
     missing = query("a red boat", "--verbose")
-    assert f"encoder: the model {model_id} in torch (no torch-free export of {model_id} yet" in missing
-    assert f"encoder: torch-free text tower of {model_id}" in query("a blue boat", "--verbose")
+    assert f"encoder: the model {name} in torch (no torch-free export of {name} yet" in missing
+    assert f"encoder: torch-free text tower of {name}" in query("a blue boat", "--verbose")
 
 
 def test_query_by_indexed_photo_needs_no_model(indexed):
@@ -554,6 +570,20 @@ def test_query_by_indexed_photo_needs_no_model(indexed):
         run(db, Query([QueryPart.indexed(999999)]))
     with pytest.raises(QueryError, match="by its id"):
         run(db, Query([QueryPart("indexed", "a.jpg")]))
+
+
+def test_status_prints_a_long_model_folder_whole_on_one_line(tmp_path):
+    """A model folder longer than the terminal is never folded inside a cell: it ends its line whole."""
+    folder = tmp_path / ("models-of-a-very-patient-photographer-" * 3) / "ViT-B-32-fine-tuned-on-holidays"
+    with Library.open(tmp_path / "lib.db", create=True) as lib:
+        lib.register_model("file:tiny:0123456789abcdef", str(folder), dim=4)
+        image_id = lib.add_image(tmp_path / "a.jpg", size=1, mtime_ns=1, content_hash="a")
+        lib.put_embedding(image_id, "file:tiny:0123456789abcdef", np.array([1, 0, 0, 0], np.float32))
+    out = ok("--db", tmp_path / "lib.db", "status").stdout
+    assert len(str(folder)) > 120
+    line = next(line for line in out.splitlines() if str(folder) in line)
+    assert line.endswith(f"{folder} (default)") and "file:tiny" not in out
+    assert line.split()[:2] == ["4", "1"]  # dim, photos embedded
 
 
 def test_human_output_names_the_model_by_its_folder_not_its_id(indexed, tmp_path, model_dir):

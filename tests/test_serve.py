@@ -273,32 +273,36 @@ def test_cli_query_uses_the_daemon_and_runs_alone_without_it(library, daemon):
 
 
 def test_a_served_query_process_imports_neither_numpy_nor_the_model(library, daemon):
+    """`query TEXT` and `similar ID` (an indexed photo) are answered by the daemon: the process that
+    asks imports nothing heavy."""
     lib = library[0]
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-X",
-            "importtime",
-            "-m",
-            "clipsearch",
-            "--db",
-            str(lib.path),
-            "query",
-            "a dog",
-            "--paths",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=os.environ.copy(),
-    )
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert len(out.stdout.splitlines()) == 20 and daemon.answered == 1
-    imported = {
-        line.split("|")[-1].strip() for line in out.stderr.splitlines() if line.startswith("import time:")
-    }
-    heavy = {"numpy", "torch", "faiss", "onnxruntime", "rich", "tokenizers"}
-    assert imported and not (heavy & imported), heavy & imported
+    photo = lib.images()[3].id
+    for n, command in enumerate((["query", "a dog"], ["similar", str(photo)]), start=1):
+        out = subprocess.run(
+            [
+                sys.executable,
+                "-X",
+                "importtime",
+                "-m",
+                "clipsearch",
+                "--db",
+                str(lib.path),
+                *command,
+                "--paths",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=os.environ.copy(),
+        )
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert len(out.stdout.splitlines()) == 20 and daemon.answered == n, command
+        imported = {
+            line.split("|")[-1].strip() for line in out.stderr.splitlines() if line.startswith("import time:")
+        }
+        heavy = {"numpy", "torch", "faiss", "onnxruntime", "rich", "tokenizers"}
+        assert imported and not (heavy & imported), (command, heavy & imported)
+    assert out.stdout.splitlines()[0] == str(lib.images()[3].path)  # the photo itself first
 
 
 def _wait_for(predicate, seconds=60):

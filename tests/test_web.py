@@ -285,7 +285,9 @@ def test_status_page(site, app_client):
     with Library.open(site.db) as lib:
         stats = lib.stats()
     assert f'<dd id="photo-count">{stats.images}</dd>' in html
-    assert stats.models[0].id in html
+    model = stats.models[0]  # named by its folder, as the CLI names it; never by the internal id
+    assert f'<td class="path">{model.name} (default)</td>' in html and model.name != model.id
+    assert model.id not in html
 
 
 def test_pictures_by_id_with_caching_headers(site, app_client):

@@ -114,11 +114,9 @@ def create_app(
         page = None
         notice = None
         if upload:
-            vector = live.upload_vector(upload)
-            if vector is None:
+            page = live.search_upload(upload, offset=offset, limit=PAGE_SIZE, filters=filters)
+            if page is None:
                 notice = "That uploaded picture is no longer remembered: drop it again."
-            else:
-                page = live.search_vector(vector, offset=offset, limit=PAGE_SIZE, filters=filters)
         elif text:
             page = live.search_text(text, offset=offset, limit=PAGE_SIZE, filters=filters)
         params = {k: v for k, v in (("q", text), ("image", upload)) if v} | filter_args

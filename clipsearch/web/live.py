@@ -1,12 +1,14 @@
 """A library kept open for many requests: its text encoder and vector index warm, in step with SQLite.
 
-Every request asks :class:`LiveLibrary`; it reads the library's generation first and reopens the
-FAISS index when an ``index`` run has committed since (SQLite's WAL lets it read while the indexer
-writes). Searches go through the library's own search functions with the warm parts handed in, so
-the web answers exactly what ``clipsearch query`` answers. One lock serialises use of the single
-SQLite connection and the index; the slow work (thumbnails, sending files) happens outside it.
+Every request asks :class:`LiveLibrary`. Searches (words, "more like this", an uploaded picture) go
+through the library's one query pipeline, a :class:`clipsearch.search.Searcher` kept warm: it reads
+the library's generation first and reopens the FAISS index when an ``index`` run has committed
+since (SQLite's WAL lets it read while the indexer writes), so the web answers exactly what
+``clipsearch query`` answers. The searcher's lock serialises use of the single SQLite connection
+and the index; the slow work (thumbnails, sending files) happens outside it.
 
-Image queries (an uploaded picture) need the model itself; it is loaded on the first one only.
+Image queries (an uploaded picture) need the model itself; it is loaded on the first one only,
+outside that lock.
 """
 
 from __future__ import annotations
@@ -15,12 +17,10 @@ import hashlib
 import logging
 import os
 import tempfile
-import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
-from clipsearch.errors import LibraryError
 from clipsearch.store import ImageRow
 
 log = logging.getLogger(__name__)
@@ -72,137 +72,74 @@ class LiveLibrary:
     """The library at ``library_path``, open and warm; safe to use from several threads."""
 
     def __init__(self, library_path: Path | str | None = None):
-        from clipsearch.store import Library
+        from clipsearch.search import Searcher
 
-        self.library = Library.open(library_path)
-        self.path = self.library.path
-        self._lock = threading.RLock()
-        self._index = None  # (model_id, generation, VectorIndex)
-        self._encoder = None  # clipsearch.encoders.ExportedTextEncoder, kept warm
-        self._bundle = None
-        self._model_lock = threading.Lock()  # loading and running the torch model
+        self.searcher = Searcher(library_path, warm=True, ask_daemon=False)
+        self.path = self.searcher.library_path
+        self._lock = self.searcher.lock
+        self.searcher.library()  # opened now: a missing library fails here
         self._uploads: OrderedDict[str, object] = OrderedDict()
         self._duplicates = None  # ((generation, model_id, threshold), [DuplicateGroup])
-        self.reloads = 0  # times the index was reopened because the library changed
+
+    @property
+    def library(self):
+        """The open :class:`clipsearch.store.Library` (reopened when its file is replaced)."""
+        return self.searcher.library()
+
+    @property
+    def reloads(self) -> int:
+        """Times the index (or the library, or the text encoder) was reopened because it changed."""
+        return self.searcher.reloads
 
     def close(self) -> None:
-        with self._lock:
-            self.library.close()
-
-    # --- the warm parts -------------------------------------------------------------------------
+        self.searcher.close()
 
     def model_id(self) -> str:
         return self.library.require_default_model()
 
     def warm_up(self) -> None:
         """Load the text encoder and open the index now, so the first search does not wait."""
-        with self._lock:
-            model_id = self.model_id()
-            self._vector_index(model_id)
-            self._text_encoder(model_id).load()  # pages the memory-mapped weights in
-
-    def _vector_index(self, model_id: str):
-        from clipsearch.vectors import VectorIndex
-
-        generation = self.library.generation()
-        held = self._index
-        if held is None or held[0] != model_id or held[1] != generation:
-            if held is not None:
-                self.reloads += 1
-                log.info("library changed (generation %s -> %s): index reopened", held[1], generation)
-            held = self._index = (model_id, generation, VectorIndex.for_library(self.library, model_id))
-        return held[2]
-
-    def _text_encoder(self, model_id: str):
-        from clipsearch import fastquery
-        from clipsearch.encoders import ExportedTextEncoder
-
-        held = self._encoder
-        if held is not None and held.model_id == model_id and held.is_current():
-            return held
-        try:
-            encoder = ExportedTextEncoder(model_id, warm=True)
-        except fastquery.TextEncoderMissing:
-            log.info("no torch-free text encoder of %s yet: exporting it once from the model", model_id)
-            with self._model_lock:
-                fastquery.ensure_text_encoder(self._model(model_id, self.library.model_source(model_id)))
-            encoder = ExportedTextEncoder(model_id, warm=True)
-        self._encoder = encoder
-        return encoder
-
-    def _model(self, model_id: str, source: str):
-        """The model itself (torch), loaded once; callers hold ``_model_lock``, not ``_lock``, so
-        searches and thumbnails go on while it loads."""
-        if self._bundle is None or self._bundle.model_id != model_id:
-            from clipsearch.checkpoints import load_bundle
-
-            log.info("loading the model %s (image queries need it)", model_id)
-            self._bundle = load_bundle(source, library=self.library)
-        return self._bundle
+        self.searcher.warm_up()
 
     # --- searching ------------------------------------------------------------------------------
 
     def search_text(self, text: str, *, offset: int = 0, limit: int = 60, filters=None) -> Page:
         """A text query, as ``clipsearch query TEXT`` ranks it; ``filters``: a
         :class:`clipsearch.filters.PhotoFilter` applied inside the vector search."""
-        from clipsearch.search import Query, search
+        from clipsearch.search import Query
+
+        return self._search(Query.build(text), offset, limit, filters)
+
+    def search_upload(self, key: str, *, offset: int = 0, limit: int = 60, filters=None) -> Page | None:
+        """Photos like an uploaded picture (:meth:`remember_upload`), or None when it is no longer
+        remembered."""
+        from clipsearch.search import Query, QueryPart
 
         with self._lock:
-            model_id = self.model_id()
-            hits = search(
-                self.library,
-                self._text_encoder(model_id),
-                Query.build(text),
-                offset + limit + 1,
-                filters,
-                index=self._vector_index(model_id),
-            )
-            return self._page(hits, offset, limit)
+            vector = self._uploads.get(key)
+        if vector is None:
+            return None
+        return self._search(Query([QueryPart.given(vector, "the uploaded picture")]), offset, limit, filters)
 
-    def search_vector(
-        self,
-        vector,
-        *,
-        offset: int = 0,
-        limit: int = 60,
-        filters=None,
-        exclude: int | None = None,
-    ) -> Page:
-        """Photos closest to a query vector (float32 [D], normalised) of the library's model."""
-        from clipsearch.search import search_vector
+    def similar(self, image_id: int, *, offset: int = 0, limit: int = 60, filters=None) -> Page:
+        """Photos like library photo ``image_id`` (its stored embedding; the photo itself left out)."""
+        from clipsearch.search import Query, QueryPart
 
+        return self._search(Query([QueryPart.indexed(image_id)]), offset, limit, filters, exclude=image_id)
+
+    def _search(self, query, offset: int, limit: int, filters, exclude: int | None = None) -> Page:
         with self._lock:
-            model_id = self.model_id()
             extra = 1 if exclude is not None else 0
-            hits = search_vector(
-                self.library,
-                self._vector_index(model_id),
-                vector,
-                offset + limit + 1 + extra,
-                None,
-                filters,
-            )
+            hits = self.searcher.run(query, offset + limit + 1 + extra, filters).hits
             hits = [h for h in hits if h.image_id != exclude]
             return self._page(hits, offset, limit)
 
-    def similar(self, image_id: int, **kwargs) -> Page:
-        """Photos like library photo ``image_id`` (its stored embedding; the photo itself left out)."""
-        return self.search_vector(self.stored_vector(image_id), exclude=image_id, **kwargs)
-
-    def stored_vector(self, image_id: int):
-        with self._lock:
-            vector = self.library.embedding(image_id, self.model_id())  # float32 [D]
-        if vector is None:
-            raise LibraryError(f"photo {image_id} has no embedding of the library's model")
-        return vector
-
     def remember_upload(self, data: bytes, uploads_dir: Path) -> str:
-        """Encode an uploaded picture with the model; returns a key for :meth:`upload_vector`.
+        """Encode an uploaded picture with the model; returns a key for :meth:`search_upload`.
 
         The bytes go to a private temporary file under ``uploads_dir`` (in the clipsearch home, never
         beside the photos) only while they are decoded, and are deleted at once.
         """
-        from clipsearch.encoders import ModelEncoder, encode
         from clipsearch.errors import ImageDecodeError
         from clipsearch.search import Query, QueryError
 
@@ -211,22 +148,19 @@ class LiveLibrary:
             if key in self._uploads:
                 self._uploads.move_to_end(key)
                 return key
+            source = self.library.model_source(self.model_id())
+        self.searcher.model(source)  # loaded (the first time) without holding the searcher's lock
         uploads_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         fd, tmp = tempfile.mkstemp(dir=uploads_dir, prefix="upload-", suffix=".img")
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
-            with self._lock:
-                model_id = self.model_id()
-                source = self.library.model_source(model_id)
-            with self._model_lock:
-                try:
-                    bundle = self._model(model_id, source)
-                    vector = encode(Query.build(image=tmp), ModelEncoder(bundle), None)
-                except QueryError as e:  # not a picture: the decoder's reason, not our temp file's name
-                    if isinstance(e.__cause__, ImageDecodeError):
-                        raise e.__cause__ from None
-                    raise
+            try:
+                vector = self.searcher.run(Query.build(image=tmp), top=1).vector
+            except QueryError as e:  # not a picture: the decoder's reason, not our temp file's name
+                if isinstance(e.__cause__, ImageDecodeError):
+                    raise e.__cause__ from None
+                raise
             with self._lock:
                 self._uploads[key] = vector
                 while len(self._uploads) > MAX_UPLOADS_KEPT:
@@ -234,11 +168,6 @@ class LiveLibrary:
         finally:
             os.unlink(tmp)
         return key
-
-    def upload_vector(self, key: str):
-        """The vector of an uploaded picture, or None when it is no longer remembered."""
-        with self._lock:
-            return self._uploads.get(key)
 
     # --- photos, labels, status -----------------------------------------------------------------
 
@@ -292,7 +221,7 @@ class LiveLibrary:
             key = (self.library.generation(), model_id, threshold)
             if self._duplicates is None or self._duplicates[0] != key:
                 groups = find_duplicates(
-                    self.library, model_id, threshold, index=self._vector_index(model_id)
+                    self.library, model_id, threshold, index=self.searcher.index(model_id)
                 )
                 found = [
                     DuplicateGroup([Photo(r) for r in g.photos], g.similarity, g.identical) for g in groups
