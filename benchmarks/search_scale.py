@@ -149,6 +149,8 @@ def run(n: int, args) -> list[dict]:
         del ivf
 
     if "hnsw" in args.kinds and n <= args.hnsw_max:
+        vectors.HNSW_M = args.hnsw_m
+        vectors.HNSW_EF_CONSTRUCTION = args.ef_construction
         t = time.perf_counter()
         hnsw = VectorIndex.build(ids, data, kind="hnsw")
         build = time.perf_counter() - t
@@ -161,7 +163,7 @@ def run(n: int, args) -> list[dict]:
                 row(
                     n,
                     args.data,
-                    f"hnsw M={vectors.HNSW_M} ef={ef}",
+                    f"hnsw M={vectors.HNSW_M} efC={vectors.HNSW_EF_CONSTRUCTION} ef={ef}",
                     build,
                     saved,
                     lat,
@@ -188,7 +190,11 @@ def main() -> None:
     )
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--nprobe", type=int, nargs="+", default=[8, 16, 64], help="IVF nprobe values to sweep")
-    ap.add_argument("--ef", type=int, nargs="+", default=[64, 128])
+    ap.add_argument("--ef", type=int, nargs="+", default=[64, 128], help="HNSW efSearch values to sweep")
+    ap.add_argument("--hnsw-m", type=int, default=vectors.HNSW_M, help="HNSW graph degree M")
+    ap.add_argument(
+        "--ef-construction", type=int, default=vectors.HNSW_EF_CONSTRUCTION, help="HNSW build beam"
+    )
     ap.add_argument(
         "--threads", type=int, default=0, help="FAISS OpenMP threads for builds (0: FAISS default)"
     )

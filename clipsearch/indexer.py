@@ -267,8 +267,9 @@ def index_paths(
             if update_vectors:
                 from clipsearch.vectors import VectorIndex
 
-                # Bring the saved FAISS index in step now (by id), so the next query just maps it.
-                VectorIndex.for_library(library, model_id)
+                # Bring the saved FAISS index in step now (by id), so the next query just maps it;
+                # an IVF tuned before the model had a text export is retuned with its text probes.
+                VectorIndex.for_library(library, model_id, retune=True)
         except LibraryWriteError as e:
             # Disk full, I/O error, a lock held past the busy timeout: what was committed is kept.
             raise LibraryError(

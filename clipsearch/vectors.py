@@ -50,7 +50,7 @@ import numpy as np
 
 from clipsearch.atomic import atomic_path, remove_stale_temps, write_text
 from clipsearch.choices import INDEX_KINDS
-from clipsearch.errors import LibraryError
+from clipsearch.errors import ClipsearchError, LibraryError
 
 log = logging.getLogger(__name__)
 
@@ -70,11 +70,21 @@ IVF_LISTS_PER_SQRT = (
 )
 IVF_TRAIN_PER_LIST = 32  # k-means sample: 32 vectors per cell (training costs sample × nlist)
 IVF_TRAIN_ITERS = 10  # k-means iterations; more changes recall by < 0.01 and costs linearly
-IVF_TARGET_RECALL = (
-    0.97  # nprobe is tuned at build to this recall@10 on sampled vectors (margin for text queries)
-)
+IVF_TARGET_RECALL = 0.97  # nprobe is tuned until each tuning set finds this share of its exact top 10
+IVF_TARGET_P5 = 0.8  # ... and its 5th-percentile query at least this (the mean hides the worst queries)
+# Without text probes the image self-queries stand in for text, with a margin: text queries sit
+# away from the images (the modality gap) and need ~2x the cells (benchmarks/text_recall.md).
+IVF_IMAGE_ONLY_TARGET = (0.995, 1.0)  # (mean, 5th percentile)
 IVF_TUNE_QUERIES = 200  # sampled vectors the tuning searches for (exact answers cost 200 × N dot products)
 IVF_NPROBES = (8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)  # tried in order; else every cell
+# Text-like tuning queries: generic things people search for, as typed and as a caption. Only
+# their region of the embedding space matters (where the model puts text), not what they name.
+TEXT_PROBE_SUBJECTS = (
+    "person", "people", "child", "dog", "cat", "bird", "flower", "tree", "car", "house", "city",
+    "beach", "mountain", "food", "cake", "drink", "book", "phone", "shoes", "shirt", "dress", "bag",
+    "face", "hand", "heart", "flag", "sign", "sun", "snow", "night", "party", "sports",
+)  # fmt: skip
+TEXT_PROBE_TEMPLATES = ("{}", "a photo of a {}.", "a picture of {} outdoors", "a red {}")
 REBUILD_FRACTION = 0.2  # rebuild an HNSW index once a fifth of it is tombstones
 EXACT_SUBSET = 20_000  # a subtree filter with at most this many ids is searched exactly
 GPU_MAX_K = 2048  # faiss-gpu's limit on k and nprobe
@@ -134,34 +144,93 @@ def ivf_lists(n: int) -> int:
     return max(1, min(int(IVF_LISTS_PER_SQRT * math.sqrt(n)), n // IVF_TRAIN_PER_LIST))
 
 
-def tune_nprobe(ivf, ids: np.ndarray, vectors: np.ndarray, k: int = 10, seed: int = 0) -> float:
-    """Set ``ivf.nprobe`` to the fewest cells that reach ``IVF_TARGET_RECALL``; returns that recall.
+def tune_nprobe(
+    ivf, ids: np.ndarray, vectors: np.ndarray, text_like: np.ndarray | None = None, k: int = 10, seed: int = 0
+) -> float:
+    """Set ``ivf.nprobe`` to the fewest cells at which every tuning set reaches its target; returns
+    the lowest mean recall@10 of the sets there.
 
-    Measured, not assumed: ``IVF_TUNE_QUERIES`` of the indexed ``vectors`` (float32 [N, D] under
-    ``ids`` int64 [N]) search for their ``k`` nearest *other* vectors, checked against the exact
-    answer. Clustered data stops at a few cells; data without structure scans many (up to all).
+    Measured, not assumed, against the exact answer (tie-aware: a result counts when its score
+    reaches the exact ``k``-th score). The sets: ``IVF_TUNE_QUERIES`` of the indexed ``vectors``
+    (float32 [N, D] under ``ids`` int64 [N]) searching for their ``k`` nearest *other* vectors, as
+    ``similar`` does; and with ``text_like`` (float32 [T, D], the model's text embeddings of
+    :data:`TEXT_PROBE_SUBJECTS`), those texts plus as many sampled vectors moved by the modality gap
+    (the mean text minus the mean image): text queries sit away from the images, where a query's
+    nearest cells hold fewer of its neighbours. Each set must reach a mean of ``IVF_TARGET_RECALL``
+    and a 5th percentile of ``IVF_TARGET_P5``; without text the images alone must reach the stricter
+    ``IVF_IMAGE_ONLY_TARGET``. Clustered data stops at a few cells; data without structure scans
+    many (up to all).
     """
-    import faiss
-
     n = len(ids)
     if ivf.nlist == 1 or n <= k + 1:
         ivf.nprobe = 1
         return 1.0
-    picks = np.sort(np.random.default_rng(seed).choice(n, min(IVF_TUNE_QUERIES, n), replace=False))
-    queries = np.ascontiguousarray(vectors[picks])  # [T, D]
-    _, rows = faiss.knn(queries, vectors, k + 1, metric=faiss.METRIC_INNER_PRODUCT)  # [T, k+1]
-    want = [set(ids[r[r != p]][:k].tolist()) for r, p in zip(rows, picks, strict=True)]
-    recall = 0.0
+    rng = np.random.default_rng(seed)
+    picks = np.sort(rng.choice(n, min(IVF_TUNE_QUERIES, n), replace=False))
+    images = np.ascontiguousarray(vectors[picks])  # [T, D]
+    # (queries [T, D], exact k-th score [T], own id [T] or None, mean target, p5 target)
+    sets = [(images, _kth_score(images, vectors, k, own=picks), ids[picks], *IVF_IMAGE_ONLY_TARGET)]
+    if text_like is not None and len(text_like):
+        text = np.ascontiguousarray(text_like, dtype=np.float32)  # [P, D]
+        gap = text.mean(axis=0) - vectors[picks].mean(axis=0)  # [D]
+        shifted = vectors[np.sort(rng.choice(n, min(IVF_TUNE_QUERIES, n), replace=False))] + gap
+        shifted = np.ascontiguousarray(shifted / np.linalg.norm(shifted, axis=1, keepdims=True), np.float32)
+        queries = np.concatenate([text, shifted])  # [P + T, D]
+        sets = [
+            (images, sets[0][1], ids[picks], IVF_TARGET_RECALL, IVF_TARGET_P5),
+            (queries, _kth_score(queries, vectors, k), None, IVF_TARGET_RECALL, IVF_TARGET_P5),
+        ]
+    worst = 0.0
     for nprobe in [*(p for p in IVF_NPROBES if p < ivf.nlist), ivf.nlist]:
         ivf.nprobe = nprobe
-        _, got = ivf.search(queries, k + 1)  # [T, k+1], each query finds itself too
-        hits = sum(
-            len(w & set(g[g != own][:k].tolist())) for w, g, own in zip(want, got, ids[picks], strict=True)
-        )
-        recall = hits / (k * len(picks))
-        if recall >= IVF_TARGET_RECALL:
+        worst, met = 1.0, True
+        for queries, kth, own, want_mean, want_p5 in sets:
+            extra = 0 if own is None else 1  # a vector querying itself finds itself too
+            scores, got = ivf.search(queries, k + extra)  # [Q, k+extra]
+            found = (scores >= kth[:, None] - 1e-5) & (got >= 0)
+            if own is not None:
+                found &= got != own[:, None]
+            recall = np.minimum(found.sum(axis=1), k) / k  # [Q]
+            worst = min(worst, float(recall.mean()))
+            met &= recall.mean() >= want_mean and np.percentile(recall, 5) >= want_p5
+        if met:
             break
-    return recall
+    log.info(
+        "IVF nprobe %d of %d cells, tuned on %s (lowest mean recall@10 %.3f)",
+        ivf.nprobe,
+        ivf.nlist,
+        "images and text" if len(sets) > 1 else "images only",
+        worst,
+    )
+    return worst
+
+
+def _kth_score(queries: np.ndarray, vectors: np.ndarray, k: int, own: np.ndarray | None = None) -> np.ndarray:
+    """The exact ``k``-th best inner product of each query (float32 [Q]); with ``own`` (rows of
+    ``vectors`` that are the queries themselves) among the other vectors."""
+    import faiss
+
+    extra = 0 if own is None else 1
+    scores, rows = faiss.knn(queries, vectors, k + extra, metric=faiss.METRIC_INNER_PRODUCT)  # [Q, k+extra]
+    if own is None:
+        return scores[:, k - 1]
+    # Drop each query's own row (or, should ties have pushed it out, the last one).
+    keep = rows != own[:, None]
+    keep[keep.all(axis=1), -1] = False
+    return scores[keep].reshape(len(queries), k)[:, k - 1]
+
+
+def text_probes(model_id: str) -> np.ndarray | None:
+    """The model's text embeddings of the probe texts (float32 [T, D]) for tuning, from its
+    torch-free text export; None (logged) when the model has none yet."""
+    from clipsearch import fastquery
+
+    texts = [t.format(s) for s in TEXT_PROBE_SUBJECTS for t in TEXT_PROBE_TEMPLATES]
+    try:
+        return fastquery.text_features(model_id, texts, cache=False)
+    except ClipsearchError as e:  # not exported (yet), or unsupported tower
+        log.info("no text export for %s (%s): IVF tuned on images only, with a margin", model_id, e)
+        return None
 
 
 def _new_index(kind: str, dim: int):
@@ -229,13 +298,19 @@ class VectorIndex:
         self.rebuilt = False  # set by for_library when it had to build from SQLite
         self.updated = False  # set by for_library when it applied an incremental update
         self.mapped = False  # memory-mapped read-only: the first update reads the file into memory
+        self.tuned_with: str | None = None  # IVF: "text" or "images" (tune_nprobe's sets); None: unknown
         self._gpu = None
 
     # --- building -----------------------------------------------------------------------------
 
     @classmethod
-    def build(cls, ids: np.ndarray, vectors: np.ndarray, *, kind: str = "auto") -> VectorIndex:
-        """A fresh index of ``vectors`` (float32 [N, D], normalised) under ``ids`` (int64 [N])."""
+    def build(
+        cls, ids: np.ndarray, vectors: np.ndarray, *, kind: str = "auto", text_like: np.ndarray | None = None
+    ) -> VectorIndex:
+        """A fresh index of ``vectors`` (float32 [N, D], normalised) under ``ids`` (int64 [N]).
+
+        ``text_like``: the model's text embeddings (float32 [T, D], :func:`text_probes`) an IVF
+        index tunes its ``nprobe`` with, besides the vectors themselves (:func:`tune_nprobe`)."""
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         ids = np.ascontiguousarray(ids, dtype=np.int64)
         if vectors.ndim != 2 or len(ids) != len(vectors):
@@ -244,9 +319,11 @@ class VectorIndex:
         index = _new_ivf(vectors) if kind == "ivf" else _new_index(kind, vectors.shape[1])
         if len(ids):
             index.add_with_ids(vectors, ids)
+        built = cls(index, kind, vectors.shape[1])
         if kind == "ivf":
-            tune_nprobe(index, ids, vectors)
-        return cls(index, kind, vectors.shape[1])
+            tune_nprobe(index, ids, vectors, text_like)
+            built.tuned_with = "images" if text_like is None or not len(text_like) else "text"
+        return built
 
     @classmethod
     def for_library(
@@ -257,6 +334,7 @@ class VectorIndex:
         kind: str = "auto",
         save: bool = True,
         rebuild: bool = False,
+        retune: bool = False,
     ) -> VectorIndex:
         """The index of ``model_id`` in ``library``, in step with SQLite.
 
@@ -264,6 +342,9 @@ class VectorIndex:
         and id range; otherwise updates it by id (or rebuilds it, also with ``rebuild``) and, with
         ``save`` and a writable library, saves it atomically. ``kind``: ``auto`` keeps the saved
         index's kind within policy (:func:`resolve_kind`); an explicit kind rebuilds another.
+        An IVF index is tuned with the model's text probes when it has a text export
+        (:func:`text_probes`); ``retune`` (the indexer) retunes one that was tuned without them
+        once they exist (its sidecar records the new ``nprobe``; the file is unchanged).
         """
         import faiss
 
@@ -302,9 +383,15 @@ class VectorIndex:
                     raw = None  # unreadable: rebuilt below
                 if raw is not None and raw.ntotal == sidecar["ntotal"] and raw.d == sidecar["dim"]:
                     index = cls(raw, existing, raw.d, set(sidecar.get("tombstones", [])))
+                    if existing == "ivf":
+                        index.tuned_with = sidecar.get("tuned_with")
+                        if isinstance(sidecar.get("nprobe"), int):  # retuned after the file was written
+                            raw.nprobe = max(1, min(sidecar["nprobe"], raw.nlist))
                     if fresh:
                         index.path = path
                         index.mapped = True
+                        if retune and not library.readonly and index._retune(library, model_id):
+                            _write_sidecar(path, {**sidecar, **index._tuning()})
                         return index
         if index is not None:
             sql_ids = library.embedding_ids(model_id)
@@ -315,8 +402,12 @@ class VectorIndex:
             ids, _, vectors = library.embeddings(model_id, ids=None)
             if not len(ids):
                 vectors = np.zeros((0, dim or 0), dtype=np.float32)
-            index = cls.build(ids, vectors, kind=resolve_kind(kind, len(ids), existing))
+            kind = resolve_kind(kind, len(ids), existing)
+            text_like = text_probes(model_id) if choose_kind(kind, len(ids)) == "ivf" else None
+            index = cls.build(ids, vectors, kind=kind, text_like=text_like)
             index.rebuilt = True
+        elif retune:
+            index._retune(library, model_id)
         index.path = path
         if save and not library.readonly:
             try:
@@ -330,6 +421,26 @@ class VectorIndex:
             except OSError:
                 pass  # a read-only folder: the index still works from memory
         return index
+
+    def _retune(self, library: Library, model_id: str) -> bool:
+        """Retune an IVF index tuned without text probes, once the model has them; whether it did."""
+        if self.kind != "ivf" or self.tuned_with == "text":
+            return False
+        text_like = text_probes(model_id)
+        if text_like is None:
+            return False
+        ids, _, vectors = library.embeddings(model_id, ids=None)
+        if len(ids) != len(self):
+            return False  # not in step (cannot happen after _sync): leave it for the next run
+        tune_nprobe(self.index, ids, vectors, text_like)
+        self.tuned_with = "text"
+        return True
+
+    def _tuning(self) -> dict:
+        """What the sidecar records of an IVF index's tuning."""
+        if self.kind != "ivf":
+            return {}
+        return {"nprobe": int(self.index.nprobe), "tuned_with": self.tuned_with}
 
     def _out_of_policy(self, requested: str, n: int) -> bool:
         """Whether an index just brought in step with ``n`` vectors should be rebuilt."""
@@ -453,8 +564,9 @@ class VectorIndex:
             "file_size": st.st_size,
             "file_mtime_ns": st.st_mtime_ns,
             "owner_mac": _owner_mac(st, model_id, library_id),
+            **self._tuning(),
         }
-        write_text(_sidecar_path(path), json.dumps(meta))
+        _write_sidecar(path, meta)
         self.path = path
 
     # --- search -------------------------------------------------------------------------------
@@ -565,6 +677,10 @@ class VectorIndex:
 
 def _sidecar_path(path: Path) -> Path:
     return path.with_suffix(".json")
+
+
+def _write_sidecar(path: Path, meta: dict) -> None:
+    write_text(_sidecar_path(path), json.dumps(meta))
 
 
 def _read_sidecar(path: Path, any_version: bool = False) -> dict | None:
