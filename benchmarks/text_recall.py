@@ -15,8 +15,10 @@ recall, and single-query latency (p50/p99, one query at a time, one FAISS thread
 of a sweep and for the nprobe the build's tuning chose: ``before`` (image vectors querying
 themselves, the mean recall) and ``after`` (what ``VectorIndex.build`` now does).
 
-    clipsearch --db /tmp/ann/lib.db index --model CKPT --index-kind flat /tmp/emoji-set/images /tmp/fashion-set/images
-    python benchmarks/text_recall.py --db /tmp/ann/lib.db --model CKPT --emoji /tmp/emoji-set
+    export CLIPSEARCH_HOME=/tmp/tr/home   # the model's text export lands here; the benchmark reads it
+    clipsearch --db /tmp/tr/lib.db index --model CKPT --backend torch-fp32 --index-kind flat \
+        /tmp/emoji-set/images /tmp/fashion-set/images
+    python benchmarks/text_recall.py --db /tmp/tr/lib.db --emoji /tmp/emoji-set
 
 Results: ``benchmarks/text_recall.md``.
 """
@@ -113,19 +115,15 @@ FREE_TEXT = (
 )
 
 
-def text_features(bundle, texts: list[str]) -> np.ndarray:
-    """L2-normalised text embeddings float32 [T, D] from the model itself."""
-    import torch
+def text_features(model_id: str, texts: list[str]) -> np.ndarray:
+    """L2-normalised text embeddings float32 [T, D], as a text query gets them (the model's
+    torch-free export, written by the index run: run with the same CLIPSEARCH_HOME)."""
+    from clipsearch import fastquery
 
-    out = []
-    with torch.no_grad():
-        for start in range(0, len(texts), 256):
-            f = bundle.model.encode_text(bundle.tokenizer(texts[start : start + 256])).float()
-            out.append((f / f.norm(dim=-1, keepdim=True)).numpy())
-    return np.concatenate(out).astype(np.float32)
+    return fastquery.text_features(model_id, texts, cache=False)
 
 
-def query_sets(args, bundle, data: np.ndarray, rng) -> dict[str, np.ndarray]:
+def query_sets(args, model_id: str, data: np.ndarray, rng) -> dict[str, np.ndarray]:
     from clipsearch.zeroshot import DEFAULT_TEMPLATES
 
     with open(Path(args.emoji) / "val.csv", newline="") as f:
@@ -135,9 +133,9 @@ def query_sets(args, bundle, data: np.ndarray, rng) -> dict[str, np.ndarray]:
     prompts = [prompts[i] for i in np.sort(rng.choice(len(prompts), min(args.queries, len(prompts)), False))]
     images = data[np.sort(rng.choice(len(data), args.queries, replace=False))]
     return {
-        "emoji names": text_features(bundle, names),
-        "fashion prompts": text_features(bundle, prompts),
-        "free text": text_features(bundle, list(FREE_TEXT)),
+        "emoji names": text_features(model_id, names),
+        "fashion prompts": text_features(model_id, prompts),
+        "free text": text_features(model_id, list(FREE_TEXT)),
         "images": images,
     }
 
@@ -178,7 +176,7 @@ def measure(index: VectorIndex, data, ids, queries, k: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--db", required=True, help="library indexed with --model")
-    ap.add_argument("--model", required=True, help="the model the library was indexed with")
+    ap.add_argument("--model", help="model id in the library (default: the library's model)")
     ap.add_argument("--emoji", default="/tmp/emoji-set", help="the emoji set (benchmarks/real_data.py)")
     ap.add_argument("--queries", type=int, default=300, help="queries per set (free text: all)")
     ap.add_argument("--nprobe", type=int, nargs="+", default=[4, 8, 16, 32, 64, 128])
@@ -187,20 +185,17 @@ def main() -> None:
     ap.add_argument("--json", help="also write the rows to this JSON file")
     args = ap.parse_args()
 
-    from clipsearch.checkpoints import load_bundle
     from clipsearch.store import Library
 
     rng = np.random.default_rng(args.seed)
     library = Library.open(args.db, readonly=True)
-    bundle = load_bundle(args.model, library=library)
-    ids, _, data = library.embeddings(bundle.model_id)
-    sets = query_sets(args, bundle, data, rng)
+    model_id = args.model or library.default_model_id()
+    ids, _, data = library.embeddings(model_id)
+    sets = query_sets(args, model_id, data, rng)
     load_before = os.getloadavg()[0]
 
-    # The probes the library tunes with, from the model itself (the library reads them from the
-    # model's torch-free text export, tested equal to it).
-    texts = [t.format(s) for s in vectors.TEXT_PROBE_SUBJECTS for t in vectors.TEXT_PROBE_TEMPLATES]
-    probes = text_features(bundle, texts)
+    probes = vectors.text_probes(model_id)  # what the library tunes with
+    assert probes is not None, "no text export of the model under this CLIPSEARCH_HOME"
     t = time.perf_counter()
     index = VectorIndex.build(ids, data, kind="auto", text_like=probes)
     build_s = time.perf_counter() - t

@@ -8,9 +8,13 @@ Kinds (vectors are L2-normalised, so inner product is cosine similarity):
 
 - ``flat``: exact search, O(N) per query.
 - ``ivf``: IVF-flat: spherical k-means cells (``2·sqrt(N)`` of them, trained on a sample), a query
-  scans the ``nprobe`` nearest cells with exact scores; ``nprobe`` is tuned at build time until a
-  sample of the vectors finds its true top 10 (recall@10 >= ``IVF_TARGET_RECALL``). Builds in
-  minutes at 1M, answers in a few ms on clustered (CLIP-like) data; removes for real.
+  scans the ``nprobe`` nearest cells with exact scores; ``nprobe`` is tuned at build time until
+  sampled vectors querying their neighbours *and* text-like queries (the model's text embeddings
+  of a few generic prompts, and sampled vectors moved across the modality gap) find their true top
+  10 (mean recall@10 >= ``IVF_TARGET_RECALL``, 5th percentile >= ``IVF_TARGET_P5``): text queries
+  sit away from the images and need more cells than images querying themselves
+  (benchmarks/text_recall.md). Builds in minutes at 1M, answers in a few ms on clustered
+  (CLIP-like) data; removes for real.
 - ``hnsw``: HNSW graph (M=32): fast queries on any data, also without cluster structure (low-rank
   vectors, where IVF must scan many cells), but a slower build, a slower open (the graph is read,
   not mapped) and no deletes: removed
