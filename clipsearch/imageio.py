@@ -174,7 +174,8 @@ def open_image(source, max_pixels: int | None = DEFAULT_MAX_PIXELS, draft_size: 
     integer factor that keeps its shorter side >= ``draft_size`` (much faster for a model that
     resizes to that size anyway): JPEGs are decoded at 1/2, 1/4 or 1/8 scale (libjpeg's DCT
     scaling), WebPs through libwebp's scaler (:mod:`clipsearch.webpscale`), and every other format
-    is decoded in full and then box-reduced before anything else touches its pixels (transparency,
+    is decoded in full (8-bit PNGs by libvips where it is installed, :mod:`clipsearch.pngvips`:
+    the same pixels, faster) and then box-reduced before anything else touches its pixels (transparency,
     orientation, the model's bicubic resize). Orientation from EXIF is applied; transparency is
     flattened on white; an animation gives its first frame. Raises :class:`ImageDecodeError` with a
     ``reason`` in :data:`REASONS`.
@@ -203,6 +204,8 @@ def open_image(source, max_pixels: int | None = DEFAULT_MAX_PIXELS, draft_size: 
             im = _webp_scaled(im, f, start, draft_size)
             if im.size != full_size:
                 covers = (0, 0, *full_size)  # libwebp's rescaler spans the whole picture evenly
+        elif im.format == "PNG":
+            im = _png_by_vips(im, f, start)
         try:
             im.load()
         except _pil().DecompressionBombError as e:  # a frame or tile larger than the header said
@@ -261,6 +264,81 @@ def reduce_to_cover(im, min_side: int):
     out = im.reduce(factor)
     out.info.update(info)
     return out
+
+
+_PNG_LATE_CHUNKS_MAX = 1 << 16  # chunks walked after the image data before giving up (a crafted file)
+_LATE_CHUNK_MAX_BYTES = 1 << 20  # a larger eXIf or XMP chunk is skipped (as metadata.MAX_XMP_BYTES)
+
+
+def read_png_late_chunks(im) -> None:
+    """Put the eXIf and XMP chunks that follow a PNG's image data into ``im.info``, as Pillow does
+    when it decodes the pixels, but by seeking over the compressed data instead of inflating it.
+
+    The walk starts at the first IDAT chunk (the offset of Pillow's decoder tile) and stops at IEND,
+    at the first malformed chunk header, or at an APNG frame (``fcTL``: later frames' chunks are no
+    metadata of the picture shown). Chunk CRCs are not checked, as Pillow does not check them there.
+    """
+    import struct
+
+    fp = getattr(im, "fp", None)
+    if fp is None or not im.tile:
+        return
+    pos = im.tile[0][2] - 8  # the tile starts at the first IDAT chunk's data, after length and type
+    for _ in range(_PNG_LATE_CHUNKS_MAX):
+        fp.seek(pos)
+        header = fp.read(8)
+        if len(header) < 8:
+            return
+        length, kind = struct.unpack(">I4s", header)
+        if kind in (b"IEND", b"fcTL") or length > 0x7FFFFFFF:
+            return
+        if kind == b"eXIf" and "exif" not in im.info and length <= _LATE_CHUNK_MAX_BYTES:
+            im.info["exif"] = b"Exif\x00\x00" + fp.read(length)
+        elif kind == b"iTXt" and "xmp" not in im.info and length <= _LATE_CHUNK_MAX_BYTES:
+            xmp = _png_xmp(fp.read(length))
+            if xmp:
+                im.info["xmp"] = xmp
+        pos += 12 + length  # length, type, data, CRC
+
+
+def _png_xmp(chunk: bytes) -> bytes | None:
+    """The XMP packet of an iTXt chunk's data, or None when the chunk holds other text."""
+    import zlib
+
+    keyword, _, rest = chunk.partition(b"\0")
+    if keyword != b"XML:com.adobe.xmp" or len(rest) < 2:
+        return None
+    compressed, method = rest[0], rest[1]
+    parts = rest[2:].split(b"\0", 2)  # language tag, translated keyword, text
+    if len(parts) < 3:
+        return None
+    if not compressed:
+        return parts[2]
+    if method != 0:
+        return None
+    try:  # bounded: a small chunk must not inflate into gigabytes
+        return zlib.decompressobj().decompress(parts[2], _LATE_CHUNK_MAX_BYTES)
+    except zlib.error:
+        return None
+
+
+def _png_by_vips(im, f, start: int):
+    """The PNG ``im`` decoded by libvips when it takes it (:mod:`clipsearch.pngvips`), else ``im``."""
+    from clipsearch import pngvips
+
+    if not pngvips.takes(im) or not pngvips.available():
+        return im
+    try:
+        read_png_late_chunks(im)  # an eXIf after the pixels (orientation), as Pillow's load reads it
+        f.seek(start)
+        data = f.read()
+    except OSError:
+        return im  # Pillow reads it again below and reports the I/O error in its words
+    decoded = pngvips.decode(data, im)
+    if decoded is None:
+        return im
+    decoded.info.update(im.info)  # EXIF, ICC profile, text chunks
+    return decoded
 
 
 def _webp_scaled(im, f, start: int, draft_size: int):

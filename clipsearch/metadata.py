@@ -352,61 +352,6 @@ def merge(*sources: dict) -> dict:
     return out
 
 
-_PNG_LATE_CHUNKS_MAX = 1 << 16  # chunks walked after the image data before giving up (a crafted file)
-
-
-def _read_png_chunks_after_idat(im) -> None:
-    """Put the eXIf and XMP chunks that follow a PNG's image data into ``im.info``, as Pillow does
-    when it decodes the pixels, but by seeking over the compressed data instead of inflating it.
-
-    The walk starts at the first IDAT chunk (the offset of Pillow's decoder tile) and stops at IEND,
-    at the first malformed chunk header, or at an APNG frame (``fcTL``: later frames' chunks are no
-    metadata of the picture shown). Chunk CRCs are not checked, as Pillow does not check them there.
-    """
-    import struct
-
-    fp = getattr(im, "fp", None)
-    if fp is None or not im.tile:
-        return
-    pos = im.tile[0][2] - 8  # the tile starts at the first IDAT chunk's data, after length and type
-    for _ in range(_PNG_LATE_CHUNKS_MAX):
-        fp.seek(pos)
-        header = fp.read(8)
-        if len(header) < 8:
-            return
-        length, kind = struct.unpack(">I4s", header)
-        if kind in (b"IEND", b"fcTL") or length > 0x7FFFFFFF:
-            return
-        if kind == b"eXIf" and "exif" not in im.info and length <= MAX_XMP_BYTES:
-            im.info["exif"] = b"Exif\x00\x00" + fp.read(length)
-        elif kind == b"iTXt" and "xmp" not in im.info and length <= MAX_XMP_BYTES:
-            xmp = _png_xmp(fp.read(length))
-            if xmp:
-                im.info["xmp"] = xmp
-        pos += 12 + length  # length, type, data, CRC
-
-
-def _png_xmp(chunk: bytes) -> bytes | None:
-    """The XMP packet of an iTXt chunk's data, or None when the chunk holds other text."""
-    import zlib
-
-    keyword, _, rest = chunk.partition(b"\0")
-    if keyword != b"XML:com.adobe.xmp" or len(rest) < 2:
-        return None
-    compressed, method = rest[0], rest[1]
-    parts = rest[2:].split(b"\0", 2)  # language tag, translated keyword, text
-    if len(parts) < 3:
-        return None
-    if not compressed:
-        return parts[2]
-    if method != 0:
-        return None
-    try:  # bounded: a small chunk must not inflate into gigabytes
-        return zlib.decompressobj().decompress(parts[2], MAX_XMP_BYTES)
-    except zlib.error:
-        return None
-
-
 def from_image(im, path: Path | None = None) -> PhotoMetadata:
     """The metadata of a PIL image opened (header only is enough) from the file at ``path``.
 
@@ -414,14 +359,14 @@ def from_image(im, path: Path | None = None) -> PhotoMetadata:
     """
     from PIL import Image
 
-    from clipsearch.imageio import FULL_SIZE_KEY
+    from clipsearch.imageio import FULL_SIZE_KEY, read_png_late_chunks
 
     try:
         if im.format == "PNG" and "exif" not in im.info:
             # Pillow's PNG getexif() decodes every pixel to look for an eXIf chunk after the image
             # data; the chunks there are read here without inflating anything, then Pillow's own
             # getexif() of the base class runs on what was found.
-            _read_png_chunks_after_idat(im)
+            read_png_late_chunks(im)
             exif = Image.Image.getexif(im)
         else:
             exif = im.getexif()

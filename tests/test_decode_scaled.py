@@ -11,13 +11,14 @@ pairing that shows each check can fail.
 from __future__ import annotations
 
 import importlib.util
+from unittest import mock
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from clipsearch import backends, webpscale
+from clipsearch import backends, pngvips, webpscale
 from clipsearch.backends import MIN_COSINE
 from clipsearch.checkpoints import ModelBundle
 from clipsearch.configs import get_config
@@ -86,12 +87,59 @@ def write(path, kind: str, seed: int, size=(W, H)):
         rgb.save(path, "HEIF", quality=90)
     elif kind == "tiff":
         rgb.save(path, "TIFF")
+    elif kind == "l.png":
+        rgb.convert("L").save(path, "PNG")
+    elif kind == "la.png":
+        rgba.convert("LA").save(path, "PNG")
+    elif kind == "16.png":  # 16 bits per sample, RGB: Pillow cannot write these, so by hand
+        low = (np.arange(size[0], dtype=np.uint16) % 256)[None, :, None]  # a low byte Pillow drops
+        wide = (_photo(seed, size).astype(np.uint16) * 256 + low).astype(">u2")
+        path.write_bytes(png_bytes(wide, bit_depth=16, colour_type=2))
+    elif kind == "i16.png":  # 16-bit greyscale (a scan, an astronomy frame)
+        grey = np.asarray(rgb.convert("L"), np.uint16) * 257
+        Image.fromarray(grey).save(path, "PNG")
+    elif kind == "l.jpg":
+        rgb.convert("L").save(path, "JPEG", quality=90)
+    elif kind == "cmyk.jpg":  # print workflows; Adobe's inverted CMYK as Photoshop writes it
+        rgb.convert("CMYK").save(path, "JPEG", quality=90)
+    elif kind == "o6.jpg":  # a phone photo stored sideways with EXIF orientation 6
+        exif = Image.Exif()
+        exif[0x0112] = 6
+        rgb.save(path, "JPEG", quality=90, exif=exif.tobytes())
     else:
         raise ValueError(kind)
     return path
 
 
+def png_bytes(pixels: np.ndarray, bit_depth: int, colour_type: int) -> bytes:
+    """A PNG of ``pixels`` ``[H, W, C]`` (big-endian samples), each row unfiltered."""
+    import struct
+    import zlib
+
+    h, w = pixels.shape[:2]
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    rows = b"".join(b"\0" + row.tobytes() for row in pixels.reshape(h, -1))
+    header = struct.pack(">IIBBBBB", w, h, bit_depth, colour_type, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(rows))
+        + chunk(b"IEND", b"")
+    )
+
+
 KINDS = ["jpg", "png", "rgba.png", "p.png", "webp", "rgba.webp", "lossless.webp", "heic", "tiff"]
+KINDS += ["l.png", "la.png", "16.png", "i16.png", "l.jpg", "cmyk.jpg", "o6.jpg"]
+TURNED = {"o6.jpg"}  # stored landscape, upright portrait
+
+
+def reference(path):
+    """The reference decode: the whole picture, by Pillow alone (no libvips, no reduced scale)."""
+    with mock.patch.object(pngvips, "decode", lambda data, im: None):
+        return open_image(path)
 
 
 def _need(kind):
@@ -115,10 +163,11 @@ def test_reduced_decode_gives_the_full_decodes_pixels(tmp_path, kind):
     path = write(tmp_path / f"photo.{kind}", kind, seed=1)
     t = image_transform(PreprocessConfig(224))
     reduced = open_image(path, draft_size=224)
-    # the reduced path was taken: shorter side 800 -> 266 (800 // 224 = 3; JPEG: 1/2 scale, 400)
-    assert 224 <= min(reduced.size) < 2 * 224, reduced.size
-    assert reduced.mode == "RGB" and reduced.info[FULL_SIZE_KEY] == (W, H)
-    full, small = t(open_image(path)), t(reduced)
+    # the reduced path was taken: shorter side 800 -> 266 (800 // 224 = 3; JPEG: 1/2 scale, 400),
+    # except for 16-bit grey, left at full size for its own conversion (reduce_to_cover)
+    assert 224 <= min(reduced.size) < 2 * 224 or kind == "i16.png", reduced.size
+    assert reduced.mode == "RGB" and reduced.info[FULL_SIZE_KEY] == ((H, W) if kind in TURNED else (W, H))
+    full, small = t(reference(path)), t(reduced)
     assert full.shape == small.shape == (3, 224, 224)
     # normalised units (one 8-bit level is ~0.015): the per-pixel grain averages a little differently
     assert (full - small).abs().mean().item() < 0.05
@@ -254,7 +303,7 @@ def test_indexed_embeddings_of_every_format_match_full_decodes(tmp_path, tiny):
     row = {str(p): i for i, p in enumerate(stored_paths)}
     stored = vectors[[row[str(p)] for p in paths]]
     with torch.no_grad():
-        x = torch.stack([tiny.preprocess(open_image(p)) for p in paths])  # full decodes [N, 3, 64, 64]
+        x = torch.stack([tiny.preprocess(reference(p)) for p in paths])  # full decodes [N, 3, 64, 64]
         want = torch.nn.functional.normalize(tiny.model.encode_image(x), dim=-1).numpy()
     cos = backends.cosine_rows(stored, want)
     assert cos.min() >= MIN_COSINE, dict(zip(kinds, cos.round(5), strict=True))
