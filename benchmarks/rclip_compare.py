@@ -37,6 +37,7 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -166,31 +167,27 @@ def main() -> None:
     )
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--work", type=Path, default=Path("/tmp/clipsearch-bench"))
+    ap.add_argument("--prepare", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
 
     set_home(args.work)
     env = dict(os.environ)
-    model_dir = model_dir_256(args.work)
-    models = rclip_models(args.work, model_dir)
-    if args.folder is not None:
-        folder = args.folder.resolve()
-        n_photos = sum(1 for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
-        what = (
-            f"{n_photos} files of {folder} ("
-            + ", ".join(f"{k} {v}" for k, v in sorted(_formats(folder).items()))
-            + ")"
-        )
-    else:
-        photos = args.work / f"photos-{args.megapixels:g}mp"
-        make_photos(photos, args.photos, args.megapixels)
-        folder = args.work / f"rclip-compare-{args.photos}"
-        folder.mkdir(exist_ok=True)
-        for p in sorted(photos.glob("*.jpg"))[: args.photos]:  # the same files for both tools
-            if not (folder / p.name).exists():
-                os.link(p, folder / p.name)
-        n_photos = args.photos
-        what = f"{n_photos} JPEGs of {args.megapixels:g} MP"
-    print(machine())
+    if args.prepare:
+        print(json.dumps(_prepare(args)))
+        return
+    # The model, rclip's ONNX files and the photos are made in a child process: the timed tools are
+    # children of this one, and a child's peak RSS (wait4) starts from its parent's size at the fork,
+    # so this process must stay small (torch and a model in it made every figure read 2 GB).
+    made = subprocess.run(
+        [sys.executable, __file__, *sys.argv[1:], "--prepare"], env=env, capture_output=True, text=True
+    )
+    if made.returncode != 0:
+        raise SystemExit(f"preparing the model and photos failed:\n{made.stderr[-2000:]}")
+    prepared = json.loads(made.stdout.splitlines()[-1])
+    model_dir, models, folder = (Path(prepared[k]) for k in ("model_dir", "models", "folder"))
+    n_photos, what = prepared["n_photos"], prepared["what"]
+    print(prepared["machine"])
+    print(f"clipsearch commit {_commit()}; load average {os.getloadavg()[0]:.1f} at start")
     clip = [sys.executable, "-m", "clipsearch"]
     if not args.first_run:
         # clipsearch's one-time work for a new model, done before the timed runs as rclip's download is
@@ -214,70 +211,160 @@ def main() -> None:
             f"clipsearch's one-time work for this model (settled before the timed runs): {t:.1f} s + background"
         )
 
-    query = "a red boat at sunset"
-    keys = ("rc_all", "rc_q", "cs_idx", "cs_q", "cs_settle")
-    rows: dict[str, list[tuple[float, float, float]]] = {k: [] for k in keys}
+    bench = Bench(args, env, clip, model_dir, models, folder, n_photos)
+    rows: dict[str, list[tuple[float, float, float]]] = {k: [] for k in ROWS}
+    loads = []
     for run in range(args.runs):
-        data = fresh_rclip_datadir(args.work, models, run)
-        renv = {**env, "RCLIP_DATADIR": str(data)}
-        wall, cpu, _, rss = timed([args.rclip, "-f", "-t", "5", query], renv, cwd=folder)
-        n = rclip_count(data)
-        if n != n_photos:
-            raise SystemExit(f"rclip indexed {n} of {n_photos} photos: the comparison would be wrong")
-        rows["rc_all"].append((wall, cpu, rss))
-        w, c, _, r = timed([args.rclip, "-n", "-f", "-t", "5", f"{query} {run}"], renv, cwd=folder)
-        rows["rc_q"].append((w, c, r))
-
-        db = args.work / f"rclip-compare-cs-{run}.db"
-        for suffix in ("", "-wal", "-shm"):
-            Path(f"{db}{suffix}").unlink(missing_ok=True)
-        shutil.rmtree(f"{db}.faiss", ignore_errors=True)
-        cenv = env
-        if args.first_run:
-            home = args.work / f"first-run-home-{run}"
-            shutil.rmtree(home, ignore_errors=True)
-            cenv = {**env, "CLIPSEARCH_HOME": str(home)}
-        cs = [*clip, "--db", str(db)]
-        w, c, out, r = timed([*cs, "index", str(folder), "--model", str(model_dir), "--json"], cenv)
-        report = json.loads(out)
-        if report["new"] != n_photos:
-            raise SystemExit(f"clipsearch indexed {report['new']} of {n_photos} photos: {report}")
-        rows["cs_idx"].append((w, c, r))
-        if args.first_run:
-            start = time.perf_counter()
-            _wait_settled(report["model_id"], cenv)  # the background work, timed, before anything else runs
-            rows["cs_settle"].append((time.perf_counter() - start, 0.0, 0.0))
-        w, c, _, r = timed([*cs, "query", "--paths", "--top", "5", f"{query} {run}"], cenv)
-        rows["cs_q"].append((w, c, r))
+        loads.append(os.getloadavg()[0])
+        # alternate which tool goes first, so a change of load within a round hits both alike
+        steps = [_run_rclip, _run_clipsearch] if run % 2 == 0 else [_run_clipsearch, _run_rclip]
+        backend = ""
+        for step in steps:
+            backend = step(bench, run, rows) or backend
+        rc_index = rows["rc_all"][-1][0] - rows["rc_q"][-1][0]
         print(
-            f"run {run}: rclip {rows['rc_all'][-1][0]:.1f} s (index+query), clipsearch index {rows['cs_idx'][-1][0]:.1f} s "
-            f"({report['backend']}), load {os.getloadavg()[0]:.1f}",
+            f"run {run}: rclip index {rc_index:.1f} s ({rows['rc_all'][-1][0]:.1f} s index+query), "
+            f"clipsearch index {rows['cs_idx'][-1][0]:.1f} s ({backend}), "
+            f"ratio {rows['cs_idx'][-1][0] / rc_index:.2f}, load {loads[-1]:.1f} -> {os.getloadavg()[0]:.1f}",
             flush=True,
         )
+    loads.append(os.getloadavg()[0])
+    _summary(args, rows, n_photos, what, loads)
 
+
+QUERY = "a red boat at sunset"
+ROWS = ("rc_all", "rc_q", "cs_idx", "cs_q", "cs_settle")  # (wall s, CPU s, peak RSS MB) per run
+
+
+@dataclass
+class Bench:
+    args: argparse.Namespace
+    env: dict
+    clip: list  # how to run clipsearch
+    model_dir: Path
+    models: Path  # rclip's model files
+    folder: Path
+    n_photos: int
+
+
+def _run_rclip(b: Bench, run: int, rows: dict) -> str:
+    """rclip's index+query process in a new data folder, then its query-only process."""
+    data = fresh_rclip_datadir(b.args.work, b.models, run)
+    renv = {**b.env, "RCLIP_DATADIR": str(data)}
+    wall, cpu, _, rss = timed([b.args.rclip, "-f", "-t", "5", QUERY], renv, cwd=b.folder)
+    n = rclip_count(data)
+    if n != b.n_photos:
+        raise SystemExit(f"rclip indexed {n} of {b.n_photos} photos: the comparison would be wrong")
+    rows["rc_all"].append((wall, cpu, rss))
+    w, c, _, r = timed([b.args.rclip, "-n", "-f", "-t", "5", f"{QUERY} {run}"], renv, cwd=b.folder)
+    rows["rc_q"].append((w, c, r))
+    return ""
+
+
+def _run_clipsearch(b: Bench, run: int, rows: dict) -> str:
+    """clipsearch's index into a new library, then a new text query on it; returns the backend."""
+    db = b.args.work / f"rclip-compare-cs-{run}.db"
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{db}{suffix}").unlink(missing_ok=True)
+    shutil.rmtree(f"{db}.faiss", ignore_errors=True)
+    cenv = b.env
+    if b.args.first_run:
+        home = b.args.work / f"first-run-home-{run}"
+        shutil.rmtree(home, ignore_errors=True)
+        cenv = {**b.env, "CLIPSEARCH_HOME": str(home)}
+    cs = [*b.clip, "--db", str(db)]
+    w, c, out, r = timed([*cs, "index", str(b.folder), "--model", str(b.model_dir), "--json"], cenv)
+    report = json.loads(out)
+    if report["new"] != b.n_photos:
+        raise SystemExit(f"clipsearch indexed {report['new']} of {b.n_photos} photos: {report}")
+    rows["cs_idx"].append((w, c, r))
+    if b.args.first_run:
+        start = time.perf_counter()
+        _wait_settled(report["model_id"], cenv)  # the background work, timed, before anything else runs
+        rows["cs_settle"].append((time.perf_counter() - start, 0.0, 0.0))
+    w, c, _, r = timed([*cs, "query", "--paths", "--top", "5", f"{QUERY} {run}"], cenv)
+    rows["cs_q"].append((w, c, r))
+    return report["backend"]
+
+
+def _summary(args, rows, n_photos, what, loads) -> None:
     med = {k: tuple(_median([row[i] for row in v]) for i in range(3)) for k, v in rows.items()}
-    rc_index = med["rc_all"][0] - med["rc_q"][0]
-    cs_index = med["cs_idx"][0]
+    # rclip cannot index without querying: its index is its index+query process minus its query-only one
+    rc = [(a[0] - q[0], a[1] - q[1]) for a, q in zip(rows["rc_all"], rows["rc_q"], strict=True)]
+    rc_index, rc_cpu = _median([x[0] for x in rc]), _median([x[1] for x in rc])
+    cs_index, cs_cpu = med["cs_idx"][0], med["cs_idx"][1]
+    ratios = [c[0] / r[0] for c, r in zip(rows["cs_idx"], rc, strict=True)]
     first = " (first run: new CLIPSEARCH_HOME each time)" if args.first_run else ""
-    print(f"\n{what}, ViT-B/32 at 256 px (same weights), median of {args.runs}{first}\n")
-    print("| tool | index s | images/s | index peak RSS MB | query s (new text) | query CPU s |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print(f"\n{what}, ViT-B/32 at 256 px (same weights), median of {args.runs}{first}")
+    print(f"load average (1 min) before each round and at the end: {', '.join(f'{x:.1f}' for x in loads)}\n")
     print(
-        f"| rclip 3.3.0 | {rc_index:.1f} | {n_photos / rc_index:.2f} | {med['rc_all'][2]:.0f} | "
+        "| tool | index s | index CPU s | images/s | index peak RSS MB | query s (new text) | query CPU s |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    print(
+        f"| rclip 3.3.0 | {rc_index:.1f} | {rc_cpu:.1f} | {n_photos / rc_index:.2f} | {med['rc_all'][2]:.0f} | "
         f"{med['rc_q'][0]:.2f} | {med['rc_q'][1]:.2f} |"
     )
     print(
-        f"| clipsearch | {cs_index:.1f} | {n_photos / cs_index:.2f} | {med['cs_idx'][2]:.0f} | "
+        f"| clipsearch | {cs_index:.1f} | {cs_cpu:.1f} | {n_photos / cs_index:.2f} | {med['cs_idx'][2]:.0f} | "
         f"{med['cs_q'][0]:.2f} | {med['cs_q'][1]:.2f} |"
     )
     print(
-        f"\nindex wall time, clipsearch / rclip: {cs_index / rc_index:.2f} (clipsearch {rc_index / cs_index:.2f}x faster)"
+        f"\nindex wall time, clipsearch / rclip: {cs_index / rc_index:.2f} at the medians; per round "
+        f"{', '.join(f'{x:.2f}' for x in ratios)} (median {_median(ratios):.2f}); CPU time {cs_cpu / rc_cpu:.2f}"
     )
     print(f"rclip index+query process {med['rc_all'][0]:.1f} s, of which query ~{med['rc_q'][0]:.2f} s")
     if args.first_run:
         print(
             f"clipsearch's background settle after each first index: median {med['cs_settle'][0]:.1f} s more (niced)"
         )
+
+
+def _prepare(args) -> dict:
+    """The model folder, rclip's files and the photo folder (made once), with the machine's line."""
+    model_dir = model_dir_256(args.work)
+    models = rclip_models(args.work, model_dir)
+    if args.folder is not None:
+        folder = args.folder.resolve()
+        n_photos = sum(1 for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+        what = (
+            f"{n_photos} files of {folder} ("
+            + ", ".join(f"{k} {v}" for k, v in sorted(_formats(folder).items()))
+            + ")"
+        )
+    else:
+        photos = args.work / f"photos-{args.megapixels:g}mp"
+        make_photos(photos, args.photos, args.megapixels)
+        folder = args.work / f"rclip-compare-{args.photos}"
+        folder.mkdir(exist_ok=True)
+        for p in sorted(photos.glob("*.jpg"))[: args.photos]:  # the same files for both tools
+            if not (folder / p.name).exists():
+                os.link(p, folder / p.name)
+        n_photos = args.photos
+        what = f"{n_photos} JPEGs of {args.megapixels:g} MP"
+    return {
+        "model_dir": str(model_dir),
+        "models": str(models),
+        "folder": str(folder),
+        "n_photos": n_photos,
+        "what": what,
+        "machine": machine(),
+    }
+
+
+def _commit() -> str:
+    """The clipsearch commit measured (with a mark when the tree has changes)."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+        )
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "-uno"], capture_output=True, text=True
+        )
+    except OSError:
+        return "?"
+    return head.stdout.strip() + (" (with uncommitted changes)" if dirty.stdout.strip() else "")
 
 
 def _formats(folder: Path) -> dict:

@@ -9,11 +9,12 @@ The job, in order:
 4. The rest are read and hashed (blake2b, streamed) in a thread pool. A hash that already has an
    embedding of this model is reused without decoding: a file that vanished from the scan with the
    same hash was *moved* (its row keeps its id, embeddings and labels); otherwise it is a
-   *duplicate* (a new row with a copy of the embedding). Unknown content is decoded (JPEGs at a
-   reduced draft scale that still covers the model's input) and preprocessed in the same pool while
-   the main thread runs the image backend (``clipsearch.backends``; ``auto``: the fastest one
-   measured faithful) on the previous batch; at most ``2 * batch_size + workers`` files are in
-   flight, so memory does not grow with the collection.
+   *duplicate* (a new row with a copy of the embedding). Unknown content is decoded (at a reduced
+   scale that still covers the model's input, see ``imageio.open_image``) and preprocessed in the
+   same pool while the main thread runs the image backend (``clipsearch.backends``; ``auto``: the
+   fastest one measured faithful, loaded while the first files decode) on the previous batch; at
+   most ``2 * batch_size + workers`` files are in flight, so memory does not grow with the
+   collection.
 5. Each batch is committed in one transaction with its images and embeddings together, so an
    interrupted run loses at most one batch and the next run resumes where it stopped.
 6. Rows under the scanned paths whose files are gone are deleted with their embeddings and labels,
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import logging
 import os
 import stat
@@ -224,12 +226,13 @@ def index_paths(
     ``prune`` removes the rows :func:`removal_hold` would keep (a folder missing, emptied, on another
     device, or most of it gone); a missing path that holds indexed photos is allowed either way.
 
-    ``progress`` receives ``{"event": "scan", "found": n}``, ``{"event": "backend", "status":
-    "settling"}`` (a first ``auto`` for this model and machine: it starts on torch fp32 and keeps the
-    fastest faithful quick backend measured on the first batch, :class:`~clipsearch.backends.
-    SettlingEncoder`; :func:`clipsearch.settle.settle` measures the rest later), ``{"event":
-    "backend", "name": str}``, ``{"event": "start", "total": n}``,
-    ``{"event": "advance", "n": k}`` and ``{"event": "done"}``; a consumer should ignore events it
+    ``progress`` receives, in this order, ``{"event": "scan", "found": n}``, ``{"event": "start",
+    "total": n}``, once some file needs the model (the backend loads while the first files decode)
+    ``{"event": "backend", "status": "settling"}`` (a first ``auto`` for this model and machine: it
+    starts on torch fp32 and keeps the fastest faithful quick backend measured on the first batch,
+    :class:`~clipsearch.backends.SettlingEncoder`; :func:`clipsearch.settle.settle` measures the
+    rest later) and ``{"event": "backend", "name": str}``, then ``{"event": "advance", "n": k}``
+    and ``{"event": "done"}``; a consumer should ignore events it
     does not know. Raises :class:`IndexPathError` for a missing path and ``LibraryError`` when
     another index run holds the library or the database cannot be written (e.g. a full disk;
     committed batches are kept).
@@ -401,13 +404,6 @@ class _Run:
             for path, reason, detail in found.failed:
                 lib.record_error(path, reason, detail)
                 self.report.failed.append((path, reason))
-        if jobs:  # measuring backends costs seconds: not for a run with nothing to read
-            self.encoder = _image_encoder(self.bundle, self.backend, self.emit, self.report)
-            if self.encoder is not None:
-                from clipsearch.backends import build_failures
-
-                self.encoder_failures = build_failures()
-            self.emit({"event": "backend", "name": self.encoder.name if self.encoder else "model"})
         self.emit({"event": "start", "total": len(jobs)})
         self._pipeline(jobs)
         self._finish(found)
@@ -442,12 +438,26 @@ class _Run:
 
     # --- the pipeline -------------------------------------------------------------------------
 
+    def _choose_encoder(self) -> None:
+        """The image backend for this run (loading it takes seconds: only for a run with files to read)."""
+        self.encoder = _image_encoder(self.bundle, self.backend, self.emit, self.report)
+        if self.encoder is not None:
+            from clipsearch.backends import build_failures
+
+            self.encoder_failures = build_failures()
+        self.emit({"event": "backend", "name": self.encoder.name if self.encoder else "model"})
+
     def _pipeline(self, jobs: list[_Job]) -> None:
         window = 2 * self.batch_size + self.workers  # bounded: files in flight at most
         pending: deque[Future] = deque()
         todo = iter(jobs)
         with ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="clipsearch-decode") as pool:
             try:
+                # The first photos decode while the backend loads (an ONNX session, or the model):
+                # otherwise the decode threads would wait for it with the cores idle.
+                pending.extend(pool.submit(self._prepare, job) for job in itertools.islice(todo, window))
+                if pending:
+                    self._choose_encoder()
                 for job in todo:
                     pending.append(pool.submit(self._prepare, job))
                     if len(pending) >= window:

@@ -85,8 +85,8 @@ def test_first_run_indexes_everything_and_records_the_model(lib, photos):
     assert (report.new, report.unchanged, report.failed, report.model_id) == (6, 0, [], "fake/v1")
     assert bundle.model.images_seen == 6
     assert events[0] == {"event": "scan", "found": 6}
-    assert events[1] == {"event": "backend", "name": "model"}  # a bare model runs as given
-    assert events[2] == {"event": "start", "total": 6}
+    assert events[1] == {"event": "start", "total": 6}
+    assert events[2] == {"event": "backend", "name": "model"}  # a bare model runs as given
     assert report.backend == "model" and report.backend_note == ""
     assert sum(e["n"] for e in events if e["event"] == "advance") == 6
     assert events[-1] == {"event": "done"}
