@@ -155,15 +155,17 @@ def run(n: int, args) -> list[dict]:
         hnsw = VectorIndex.build(ids, data, kind="hnsw")
         build = time.perf_counter() - t
         saved = saved_size_and_open_ms(hnsw)
-        for ef in args.ef:
-            vectors.HNSW_EF_SEARCH = ef  # the search-time beam; the graph is unchanged
+        tuned = hnsw.ef_search  # chosen by the build's tuning (build time includes it)
+        for ef in sorted(set(args.ef) | {tuned}):
+            hnsw.ef_search = ef  # the search-time beam; the graph is unchanged
             _, got = hnsw.search(queries, k)
             lat = latencies_ms(hnsw, queries, k)
+            mark = " (tuned)" if ef == tuned else ""
             rows.append(
                 row(
                     n,
                     args.data,
-                    f"hnsw M={vectors.HNSW_M} efC={vectors.HNSW_EF_CONSTRUCTION} ef={ef}",
+                    f"hnsw M={vectors.HNSW_M} efC={vectors.HNSW_EF_CONSTRUCTION} ef={ef}{mark}",
                     build,
                     saved,
                     lat,

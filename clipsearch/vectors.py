@@ -16,8 +16,9 @@ Kinds (vectors are L2-normalised, so inner product is cosine similarity):
   (benchmarks/text_recall.md). Builds in minutes at 1M, answers in a few ms on clustered
   (CLIP-like) data; removes for real.
 - ``hnsw``: HNSW graph (M=32): fast queries on any data, also without cluster structure (low-rank
-  vectors, where IVF must scan many cells), but a slower build, a slower open (the graph is read,
-  not mapped) and no deletes: removed
+  vectors, where IVF must scan many cells); its search beam ``efSearch`` is tuned at build with
+  the same query sets as IVF's ``nprobe`` (never below ``HNSW_EF_SEARCH``). A slower build, a
+  slower open (the graph is read, not mapped) and no deletes: removed
   ids become *tombstones* kept in the sidecar and filtered at search time; past
   ``REBUILD_FRACTION`` of the index it is rebuilt from SQLite. On request only.
 
@@ -68,7 +69,8 @@ SCALABLE_THRESHOLD = (
 FLAT_KEEP_MAX = 2 * SCALABLE_THRESHOLD  # under auto, an existing flat index is kept up to here
 HNSW_M = 32  # graph degree: recall@10 >= 0.95 on 512-d CLIP-like vectors (benchmarks/search_scale.md)
 HNSW_EF_CONSTRUCTION = 80
-HNSW_EF_SEARCH = 128  # tuned in benchmarks/search_scale.py for recall@10 >= 0.95
+HNSW_EF_SEARCH = 128  # the least beam: vectors querying themselves flatter a graph they are nodes of
+HNSW_EF_SEARCHES = (128, 192, 256, 384, 512, 768, 1024)  # tried in order at build until recall holds
 IVF_LISTS_PER_SQRT = (
     2  # nlist = 2·sqrt(N): 2,000 cells of ~500 at 1M; training costs nlist², so not 4·sqrt(N)
 )
@@ -165,10 +167,57 @@ def tune_nprobe(
     ``IVF_IMAGE_ONLY_TARGET``. Clustered data stops at a few cells; data without structure scans
     many (up to all).
     """
-    n = len(ids)
-    if ivf.nlist == 1 or n <= k + 1:
+    if ivf.nlist == 1 or len(ids) <= k + 1:
         ivf.nprobe = 1
         return 1.0
+
+    def search(nprobe: int, queries: np.ndarray, kk: int):
+        ivf.nprobe = nprobe
+        return ivf.search(queries, kk)
+
+    candidates = [*(p for p in IVF_NPROBES if p < ivf.nlist), ivf.nlist]  # all cells: exact
+    nprobe, worst, tuned_on = _tune(search, candidates, ids, vectors, text_like, k, seed)
+    ivf.nprobe = nprobe
+    log.info(
+        "IVF nprobe %d of %d cells, tuned on %s (lowest mean recall@10 %.3f)",
+        nprobe,
+        ivf.nlist,
+        tuned_on,
+        worst,
+    )
+    return worst
+
+
+def tune_ef_search(
+    index,
+    ids: np.ndarray,
+    vectors: np.ndarray,
+    text_like: np.ndarray | None = None,
+    k: int = 10,
+    seed: int = 0,
+) -> tuple[int, float]:
+    """The smallest HNSW ``efSearch`` of ``HNSW_EF_SEARCHES`` at which every tuning set of
+    :func:`tune_nprobe` reaches its target (else the largest), and the lowest mean recall@10 there.
+    ``index``: the ``IndexIDMap(IndexHNSWFlat)`` holding ``vectors`` under ``ids``. It only ever
+    widens the beam past ``HNSW_EF_SEARCH``: a vector querying itself starts at its own node, whose
+    links are its neighbours, so image self-queries say little; text-like ones and hard data do."""
+    import faiss
+
+    if len(ids) <= k + 1:
+        return HNSW_EF_SEARCH, 1.0
+
+    def search(ef: int, queries: np.ndarray, kk: int):
+        return index.search(queries, kk, params=faiss.SearchParametersHNSW(efSearch=max(ef, kk)))
+
+    ef, worst, tuned_on = _tune(search, HNSW_EF_SEARCHES, ids, vectors, text_like, k, seed)
+    log.info("HNSW efSearch %d, tuned on %s (lowest mean recall@10 %.3f)", ef, tuned_on, worst)
+    return ef, worst
+
+
+def _tune(search, candidates, ids, vectors, text_like, k: int, seed: int) -> tuple[int, float, str]:
+    """The first of ``candidates`` (cheapest first) at which ``search(value, queries, k')`` meets
+    every tuning set's target (else the last): ``(value, lowest mean recall, what it was tuned on)``."""
+    n = len(ids)
     rng = np.random.default_rng(seed)
     picks = np.sort(rng.choice(n, min(IVF_TUNE_QUERIES, n), replace=False))
     images = np.ascontiguousarray(vectors[picks])  # [T, D]
@@ -185,12 +234,11 @@ def tune_nprobe(
             (queries, _kth_score(queries, vectors, k), None, IVF_TARGET_RECALL, IVF_TARGET_P5),
         ]
     worst = 0.0
-    for nprobe in [*(p for p in IVF_NPROBES if p < ivf.nlist), ivf.nlist]:
-        ivf.nprobe = nprobe
+    for value in candidates:
         worst, met = 1.0, True
         for queries, kth, own, want_mean, want_p5 in sets:
             extra = 0 if own is None else 1  # a vector querying itself finds itself too
-            scores, got = ivf.search(queries, k + extra)  # [Q, k+extra]
+            scores, got = search(value, queries, k + extra)  # [Q, k+extra]
             found = (scores >= kth[:, None] - 1e-5) & (got >= 0)
             if own is not None:
                 found &= got != own[:, None]
@@ -199,14 +247,9 @@ def tune_nprobe(
             met &= recall.mean() >= want_mean and np.percentile(recall, 5) >= want_p5
         if met:
             break
-    log.info(
-        "IVF nprobe %d of %d cells, tuned on %s (lowest mean recall@10 %.3f)",
-        ivf.nprobe,
-        ivf.nlist,
-        "images and text" if len(sets) > 1 else "images only",
-        worst,
-    )
-    return worst
+    else:
+        log.warning("no tried setting reached the recall target (lowest mean recall@10 %.3f)", worst)
+    return value, worst, "images and text" if len(sets) > 1 else "images only"
 
 
 def _kth_score(queries: np.ndarray, vectors: np.ndarray, k: int, own: np.ndarray | None = None) -> np.ndarray:
@@ -302,7 +345,8 @@ class VectorIndex:
         self.rebuilt = False  # set by for_library when it had to build from SQLite
         self.updated = False  # set by for_library when it applied an incremental update
         self.mapped = False  # memory-mapped read-only: the first update reads the file into memory
-        self.tuned_with: str | None = None  # IVF: "text" or "images" (tune_nprobe's sets); None: unknown
+        self.tuned_with: str | None = None  # IVF/HNSW: "text" or "images" (the tuning sets); None: unknown
+        self.ef_search = HNSW_EF_SEARCH  # HNSW: the search beam, tuned at build (tune_ef_search)
         self._gpu = None
 
     # --- building -----------------------------------------------------------------------------
@@ -324,10 +368,20 @@ class VectorIndex:
         if len(ids):
             index.add_with_ids(vectors, ids)
         built = cls(index, kind, vectors.shape[1])
-        if kind == "ivf":
-            tune_nprobe(index, ids, vectors, text_like)
-            built.tuned_with = "images" if text_like is None or not len(text_like) else "text"
+        if kind in ("ivf", "hnsw"):
+            built._tune(ids, vectors, text_like)
         return built
+
+    def _tune(self, ids: np.ndarray, vectors: np.ndarray, text_like: np.ndarray | None) -> None:
+        """Tune nprobe (IVF) or efSearch (HNSW) on these vectors, with ``text_like`` when given."""
+        import faiss
+
+        if self.kind == "ivf":
+            tune_nprobe(self.index, ids, vectors, text_like)
+        else:
+            self.ef_search, _ = tune_ef_search(self.index, ids, vectors, text_like)
+            faiss.downcast_index(self.index.index).hnsw.efSearch = self.ef_search  # kept in the file too
+        self.tuned_with = "images" if text_like is None or not len(text_like) else "text"
 
     @classmethod
     def for_library(
@@ -387,10 +441,7 @@ class VectorIndex:
                     raw = None  # unreadable: rebuilt below
                 if raw is not None and raw.ntotal == sidecar["ntotal"] and raw.d == sidecar["dim"]:
                     index = cls(raw, existing, raw.d, set(sidecar.get("tombstones", [])))
-                    if existing == "ivf":
-                        index.tuned_with = sidecar.get("tuned_with")
-                        if isinstance(sidecar.get("nprobe"), int):  # retuned after the file was written
-                            raw.nprobe = max(1, min(sidecar["nprobe"], raw.nlist))
+                    index._apply_tuning(sidecar)
                     if fresh:
                         index.path = path
                         index.mapped = True
@@ -407,7 +458,7 @@ class VectorIndex:
             if not len(ids):
                 vectors = np.zeros((0, dim or 0), dtype=np.float32)
             kind = resolve_kind(kind, len(ids), existing)
-            text_like = text_probes(model_id) if choose_kind(kind, len(ids)) == "ivf" else None
+            text_like = text_probes(model_id) if choose_kind(kind, len(ids)) != "flat" else None
             index = cls.build(ids, vectors, kind=kind, text_like=text_like)
             index.rebuilt = True
         elif retune:
@@ -427,8 +478,9 @@ class VectorIndex:
         return index
 
     def _retune(self, library: Library, model_id: str) -> bool:
-        """Retune an IVF index tuned without text probes, once the model has them; whether it did."""
-        if self.kind != "ivf" or self.tuned_with == "text":
+        """Retune an IVF or HNSW index tuned without text probes, once the model has them; whether
+        it did (an HNSW index with tombstones waits for its rebuild)."""
+        if self.kind == "flat" or self.tuned_with == "text" or self.tombstones:
             return False
         text_like = text_probes(model_id)
         if text_like is None:
@@ -436,15 +488,26 @@ class VectorIndex:
         ids, _, vectors = library.embeddings(model_id, ids=None)
         if len(ids) != len(self):
             return False  # not in step (cannot happen after _sync): leave it for the next run
-        tune_nprobe(self.index, ids, vectors, text_like)
-        self.tuned_with = "text"
+        self._tune(ids, vectors, text_like)
         return True
 
     def _tuning(self) -> dict:
-        """What the sidecar records of an IVF index's tuning."""
-        if self.kind != "ivf":
-            return {}
-        return {"nprobe": int(self.index.nprobe), "tuned_with": self.tuned_with}
+        """What the sidecar records of the tuning (the file's own setting may be older)."""
+        if self.kind == "ivf":
+            return {"nprobe": int(self.index.nprobe), "tuned_with": self.tuned_with}
+        if self.kind == "hnsw":
+            return {"ef_search": int(self.ef_search), "tuned_with": self.tuned_with}
+        return {}
+
+    def _apply_tuning(self, sidecar: dict) -> None:
+        """Take the tuning a sidecar records (absent from sidecars written before it was)."""
+        if self.kind == "flat":
+            return
+        self.tuned_with = sidecar.get("tuned_with")
+        if self.kind == "ivf" and isinstance(sidecar.get("nprobe"), int):
+            self.index.nprobe = max(1, min(sidecar["nprobe"], self.index.nlist))
+        if self.kind == "hnsw" and isinstance(sidecar.get("ef_search"), int):
+            self.ef_search = max(1, sidecar["ef_search"])
 
     def _out_of_policy(self, requested: str, n: int) -> bool:
         """Whether an index just brought in step with ``n`` vectors should be rebuilt."""
@@ -619,14 +682,14 @@ class VectorIndex:
         elif allowed is not None:
             sel = faiss.IDSelectorBatch(allowed)
             # A selective filter starves the graph walk; widen the beam as the filter narrows.
-            ef = max(HNSW_EF_SEARCH, kk, int(HNSW_EF_SEARCH * len(self) / max(1, n)))
+            ef = max(self.ef_search, kk, int(self.ef_search * len(self) / max(1, n)))
             params = faiss.SearchParametersHNSW(sel=sel, efSearch=min(ef, 4096))
         elif self.tombstones:
             excluded = faiss.IDSelectorBatch(np.array(sorted(self.tombstones), dtype=np.int64))
             sel = faiss.IDSelectorNot(excluded)
-            params = faiss.SearchParametersHNSW(sel=sel, efSearch=max(HNSW_EF_SEARCH, kk))
+            params = faiss.SearchParametersHNSW(sel=sel, efSearch=max(self.ef_search, kk))
         elif self.kind == "hnsw":
-            params = faiss.SearchParametersHNSW(efSearch=max(HNSW_EF_SEARCH, kk))
+            params = faiss.SearchParametersHNSW(efSearch=max(self.ef_search, kk))
         # FAISS scans a flat index for fewer than 20 queries one query per thread, yet still wakes
         # every OpenMP thread, whose barrier costs a single query more than the scan on a loaded box
         # (benchmarks/search_scale.md). The setting is the calling thread's own.
