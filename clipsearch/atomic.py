@@ -43,7 +43,8 @@ class SymlinkLockError(OSError):
     """A lock file's path is a symlink (or not a regular file): it is never opened for writing."""
 
 
-def _umask() -> int:
+def umask() -> int:
+    """This process's umask (read by setting it and back: there is no other way)."""
     mask = os.umask(0)
     os.umask(mask)
     return mask
@@ -87,7 +88,7 @@ def _carry_over(fd: int, previous: os.stat_result | None, private: bool) -> None
         os.fchmod(fd, 0o600)
         return
     if previous is None:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes it 0600; a plain new file is not private
+        os.fchmod(fd, 0o666 & ~umask())  # mkstemp makes it 0600; a plain new file is not private
         return
     os.fchmod(fd, stat.S_IMODE(previous.st_mode))
     if previous.st_gid != os.fstat(fd).st_gid:

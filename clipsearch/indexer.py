@@ -51,7 +51,7 @@ from clipsearch.errors import ClipsearchError, ImageDecodeError, LibraryError
 from clipsearch.imageio import DEFAULT_MAX_PIXELS, check_header, open_image
 from clipsearch.metadata import METADATA_VERSION
 from clipsearch.store import ImageRow, Library, LibraryWriteError
-from clipsearch.walk import walk
+from clipsearch.walk import oserror_reason, walk
 
 logger = logging.getLogger(__name__)
 
@@ -183,16 +183,6 @@ def _decoder_settings(max_pixels: int | None) -> str:
         f"clipsearch {__version__}; pillow {PIL.__version__}; heif {heif}; rawpy {libraw}; "
         f"max_pixels {max_pixels}"
     )
-
-
-def _oserror_reason(e: OSError) -> str:
-    import errno
-
-    if e.errno in (errno.EACCES, errno.EPERM):
-        return "permission denied"
-    if e.errno == errno.ENOENT:
-        return "vanished"
-    return "unreadable"
 
 
 def index_paths(
@@ -476,7 +466,7 @@ class _Run:
             # O_NONBLOCK: should a FIFO replace the file after the walk, opening it cannot hang.
             fd = os.open(job.path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
         except OSError as e:
-            res.error = (_oserror_reason(e), e.strerror or str(e))
+            res.error = (oserror_reason(e), e.strerror or str(e))
             return res
         try:
             st = os.fstat(fd)
@@ -498,7 +488,7 @@ class _Run:
             res.error = (e.reason, e.detail)
             return res
         except OSError as e:
-            res.error = (_oserror_reason(e), e.strerror or str(e))
+            res.error = (oserror_reason(e), e.strerror or str(e))
             return res
         finally:
             os.close(fd)
@@ -512,7 +502,7 @@ class _Run:
         except ImageDecodeError as e:
             res.error = (e.reason, e.detail)
         except OSError as e:
-            res.error = (_oserror_reason(e), e.strerror or str(e))
+            res.error = (oserror_reason(e), e.strerror or str(e))
         except Exception as e:  # a decoder bug on one odd file must not end the run: counted below
             res.error = ("decode-failed", f"{type(e).__name__}: {e}")
         return res

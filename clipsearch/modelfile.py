@@ -16,7 +16,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from clipsearch.atomic import commit, fsync_dir
+from clipsearch.atomic import commit, fsync_dir, umask
 from clipsearch.errors import ModelLoadError
 
 MODEL_JSON = "clipsearch_model.json"
@@ -106,7 +106,7 @@ def save_model(
         if fresh:  # the whole folder appears at once
             for name in names:
                 commit(work / name, work / name)  # fsync'd, a plain file's mode
-            os.chmod(work, 0o777 & ~_umask())  # mkdtemp makes it private; a model is as readable as any
+            os.chmod(work, 0o777 & ~umask())  # mkdtemp makes it private; a model is as readable as any
             os.replace(work, directory)
             fsync_dir(directory.parent)
         else:  # file by file, the JSON last: a reader never sees a config without its weights
@@ -117,9 +117,3 @@ def save_model(
         if work.exists():
             shutil.rmtree(work, ignore_errors=True)
     return directory
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask

@@ -54,13 +54,28 @@ def thumbnail_data_uri(path: Path, size: int = THUMB_SIZE) -> str | None:
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
+def _escape(text: str, quote: bool = True) -> str:
+    """HTML-escaped ``text``; a name that is not UTF-8 (lone surrogates) shows U+FFFD instead of failing."""
+    return html.escape(text.encode("utf-8", "surrogateescape").decode("utf-8", "replace"), quote)
+
+
+def _page(title: str, css: str, header: str, main: str) -> str:
+    """A self-contained page: ``header`` and ``main`` are HTML already escaped."""
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        # Nothing on the page needs the network or scripts: forbid both.
+        '<meta http-equiv="Content-Security-Policy" content="default-src \'none\'; '
+        "img-src data:; style-src 'unsafe-inline'\">"
+        f"<title>{_escape(title)}</title><style>{css}</style></head>\n<body>"
+        f"<header><h1>{_escape(title)}</h1><p>{header}</p></header>\n{main}</body></html>\n"
+    )
+
+
 def render_html(hits: Sequence, title: str, query_desc: str) -> str:
     """The page as a string. ``hits`` have ``path``, ``score`` (and optionally ``label``)."""
 
-    def e(text: str, quote: bool = True) -> str:
-        # Non-UTF-8 file names (lone surrogates in Python) show U+FFFD instead of failing to encode.
-        return html.escape(text.encode("utf-8", "surrogateescape").decode("utf-8", "replace"), quote)
-
+    e = _escape
     tiles = []
     for rank, hit in enumerate(hits, start=1):
         path = Path(hit.path)
@@ -77,16 +92,7 @@ def render_html(hits: Sequence, title: str, query_desc: str) -> str:
         )
     count = f"{len(hits)} result{'s' if len(hits) != 1 else ''}"
     body = "\n".join(tiles) if tiles else "<p>No results.</p>"
-    return (
-        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-        '<meta name="viewport" content="width=device-width, initial-scale=1">'
-        # Nothing on the page needs the network or scripts: forbid both.
-        '<meta http-equiv="Content-Security-Policy" content="default-src \'none\'; '
-        "img-src data:; style-src 'unsafe-inline'\">"
-        f"<title>{e(title)}</title><style>{_CSS}</style></head>\n<body>"
-        f"<header><h1>{e(title)}</h1><p>{e(query_desc)} &middot; {count}</p></header>\n"
-        f'<main class="grid">\n{body}\n</main></body></html>\n'
-    )
+    return _page(title, _CSS, f"{e(query_desc)} &middot; {count}", f'<main class="grid">\n{body}\n</main>')
 
 
 def write_html(hits: Sequence, out_path: str | Path, title: str, query_desc: str) -> Path:
@@ -114,9 +120,7 @@ def render_duplicates_html(groups: Sequence, title: str = "clipsearch: duplicate
     size, format and bytes. ``groups`` are :class:`clipsearch.duplicates.DuplicateGroup`. The page
     only shows: nothing on it deletes or moves a file."""
 
-    def e(text: str) -> str:
-        return html.escape(text.encode("utf-8", "surrogateescape").decode("utf-8", "replace"), True)
-
+    e = _escape
     sections = []
     for n, group in enumerate(groups, start=1):
         tiles = []
@@ -146,16 +150,8 @@ def render_duplicates_html(groups: Sequence, title: str = "clipsearch: duplicate
     copies = sum(len(g.photos) - 1 for g in groups)
     summary = f"{len(groups)} group{'s' if len(groups) != 1 else ''}, {copies} extra cop{'ies' if copies != 1 else 'y'}"
     body = "\n".join(sections) if sections else "<p>No duplicates found.</p>"
-    return (
-        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-        '<meta name="viewport" content="width=device-width, initial-scale=1">'
-        '<meta http-equiv="Content-Security-Policy" content="default-src \'none\'; '
-        "img-src data:; style-src 'unsafe-inline'\">"
-        f"<title>{e(title)}</title><style>{_CSS}{_DUPLICATES_CSS}</style></head>\n<body>"
-        f"<header><h1>{e(title)}</h1><p>{summary} &middot; the best copy of each group comes first; "
-        "clipsearch never deletes or moves a file</p></header>\n"
-        f"<main>\n{body}\n</main></body></html>\n"
-    )
+    header = f"{summary} &middot; the best copy of each group comes first; clipsearch never deletes or moves a file"
+    return _page(title, _CSS + _DUPLICATES_CSS, header, f"<main>\n{body}\n</main>")
 
 
 def write_duplicates_html(groups: Sequence, out_path: str | Path) -> Path:

@@ -42,7 +42,8 @@ def _excluded(rel: str, name: str, exclude: Sequence[str]) -> bool:
     return any(fnmatch.fnmatchcase(rel, g) or fnmatch.fnmatchcase(name, g) for g in exclude)
 
 
-def _reason(e: OSError) -> str:
+def oserror_reason(e: OSError) -> str:
+    """The reason a failed file or folder is listed with (``permission denied``, ``vanished``...)."""
     if e.errno in (errno.EACCES, errno.EPERM):
         return "permission denied"
     if e.errno == errno.ELOOP:
@@ -91,7 +92,7 @@ def walk(
             if os.path.islink(path):
                 result.failed.append((path, "dead symlink", f"{os.readlink(path)}: {e.strerror}"))
             else:
-                result.failed.append((path, _reason(e), e.strerror or str(e)))
+                result.failed.append((path, oserror_reason(e), e.strerror or str(e)))
             return
         if not stat.S_ISREG(st.st_mode):
             # Never opened (a FIFO would block a reader forever), but reported: the user named it a photo.
@@ -107,7 +108,7 @@ def walk(
         try:
             st = os.stat(directory)
         except OSError as e:
-            result.failed.append((directory, _reason(e), e.strerror or str(e)))
+            result.failed.append((directory, oserror_reason(e), e.strerror or str(e)))
             result.unreadable_dirs.append(directory)
             return None
         key = (st.st_dev, st.st_ino)
@@ -118,7 +119,7 @@ def walk(
             with os.scandir(directory) as it:
                 return sorted(it, key=lambda e: e.name)
         except OSError as e:
-            result.failed.append((directory, _reason(e), e.strerror or str(e)))
+            result.failed.append((directory, oserror_reason(e), e.strerror or str(e)))
             result.unreadable_dirs.append(directory)
             return None
 
