@@ -10,7 +10,7 @@ similarity through the library's FAISS index, within the ids a
 Every caller goes through one pipeline, :class:`Searcher` (``clipsearch query``, ``similar``,
 the query daemon, the web interface), and it goes one way down::
 
-    Searcher.run  --(a daemon serves this library?)-->  clipsearch.serve.ask  (a socket; None: answer here)
+    Searcher.run  --(a daemon serves this library?)-->  clipsearch.daemon_client.ask  (None: answer here)
       |  no: the library, opened here (kept open by the daemon and the web)
       v
     clipsearch.encoders.choose  ->  search()  ->  clipsearch.encoders.encode  ->  clipsearch.vectors (FAISS)
@@ -439,11 +439,11 @@ class Searcher:
         if top < 1:
             raise QueryError(f"--top must be at least 1, got {top}")
         if self._daemon_may_answer(model):
-            from clipsearch import serve
+            from clipsearch import daemon_client
 
-            hits = serve.ask(self.library_path, query, top, filters, threshold, index_kind)
+            hits = daemon_client.ask(self.library_path, query, top, filters, threshold, index_kind)
             if hits is not None:
-                return Answer(hits, encoders.DAEMON)
+                return Answer([Hit(*h) for h in hits], encoders.DAEMON)
         with self.lock:
             library = self.library()
             encoder = encoders.choose(

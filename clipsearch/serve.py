@@ -2,8 +2,9 @@
 
 A text query process spends most of its time starting: importing numpy and FAISS, loading the text
 tower, opening the vector index. The daemon does that once and then answers queries of texts and
-indexed photos at once; :meth:`clipsearch.search.Searcher.run` asks it first (see :func:`ask`) and,
-when no daemon answers for its library, does the work itself (and logs why, shown with ``--verbose``).
+indexed photos at once; :meth:`clipsearch.search.Searcher.run` asks it first (through
+:func:`clipsearch.daemon_client.ask`) and, when no daemon answers for its library, does the work
+itself (and logs why, shown with ``--verbose``).
 
 - One daemon per library, on a unix socket ``home()/serve/<hash of the library path>.sock``. The
   folder is made private (0700) and the socket 0600: only the same user can connect. No network port.
@@ -15,15 +16,11 @@ when no daemon answers for its library, does the work itself (and logs why, show
 - A socket left behind by a killed daemon is stale: clients fail to connect and fall back; the next
   daemon replaces it.
 
-The protocol is one JSON line each way per connection: a request ``{"version", "library", "parts":
-[[kind, value, weight], ...], "top", "filters": PhotoFilter.to_json() or null, "threshold",
-"index_kind"}`` and
-a reply ``{"ok": true, "hits": [[path, score, image_id], ...]}`` or ``{"ok": false, "error": message}``.
+The socket's place and the protocol (one JSON line each way) are :mod:`clipsearch.daemon_client`'s.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -32,123 +29,21 @@ import stat
 from collections.abc import Callable
 from pathlib import Path
 
+from clipsearch.daemon_client import (
+    ASKED_KINDS,
+    CONNECT_TIMEOUT_S,
+    MAX_REQUEST,
+    MAX_SOCKET_PATH,
+    PROTOCOL,
+    socket_path,
+)
 from clipsearch.errors import ClipsearchError
 
 log = logging.getLogger(__name__)
 
-PROTOCOL = 2  # 2: filters as an object, indexed-photo parts
-MAX_REQUEST = 1 << 20  # a query is a few hundred bytes; anything near this is not a client of ours
-CONNECT_TIMEOUT_S = 1.0  # a live daemon accepts at once; a hung one must not hold a query up long
-REPLY_TIMEOUT_S = 10.0  # a reload after a large re-index takes seconds; a stuck daemon is given up on
-_MAX_SOCKET_PATH = 107  # sun_path holds 108 bytes with the final NUL
-ASKED_KINDS = ("text", "indexed")  # the query parts a daemon answers (the rest need the model)
-
 
 class ServeError(ClipsearchError):
     """The daemon cannot start: one is already serving the library, or the socket cannot be made."""
-
-
-def socket_path(library_path: Path | str | None = None) -> Path:
-    """Where the daemon of the library at ``library_path`` (default: the default library) listens."""
-    from clipsearch import paths
-    from clipsearch.store import resolve_path
-
-    key = hashlib.sha256(os.fsencode(resolve_path(library_path))).hexdigest()[:16]
-    return paths.home() / "serve" / f"{key}.sock"
-
-
-# --------------------------------------------------------------------------------------------------
-# The client side (``clipsearch query``): no numpy, no torch, nothing heavy
-
-
-def ask(
-    library_path: Path | str | None,
-    query,
-    top: int = 20,
-    filters=None,
-    threshold: float | None = None,
-    index_kind: str = "auto",
-    timeout: float = REPLY_TIMEOUT_S,
-):
-    """The hits of ``query`` from the daemon serving this library, or None (then logs why).
-
-    Arguments as for :func:`clipsearch.search.search`. None when the query has image files, no
-    daemon is running, its socket is stale, it does not answer in time, or it cannot answer this
-    query (an error, which the caller then meets itself): the caller runs the query in-process.
-    Returns ``list[clipsearch.search.Hit]``.
-    """
-    from clipsearch.search import Hit
-    from clipsearch.store import resolve_path
-
-    if any(p.kind not in ASKED_KINDS for p in query.parts):
-        log.info("daemon: not asked (the query has image files or vectors, which need the model here)")
-        return None
-    if not hasattr(socket, "AF_UNIX"):
-        return None
-    library = resolve_path(library_path)
-    path = socket_path(library)
-    request = {
-        "version": PROTOCOL,
-        "library": os.fsdecode(library),
-        "parts": [[p.kind, p.value, p.weight] for p in query.parts],
-        "top": top,
-        "filters": None if filters is None else filters.to_json(),
-        "threshold": threshold,
-        "index_kind": index_kind,
-    }
-    try:
-        if len(os.fsencode(path)) > _MAX_SOCKET_PATH:
-            return None
-        if not _ours(path):
-            log.warning("daemon: %s is not a private socket of this user: not asked", path)
-            return None
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.settimeout(CONNECT_TIMEOUT_S)
-            sock.connect(os.fspath(path))
-            sock.settimeout(timeout)
-            sock.sendall(json.dumps(request).encode() + b"\n")
-            reply = json.loads(_read_line(sock))
-        if not reply.get("ok"):
-            log.info("daemon: refused the query (%s); answering here", reply.get("error"))
-            return None
-        hits = [Hit(Path(p), float(s), int(i)) for p, s, i in reply["hits"]]
-    except FileNotFoundError:
-        log.info("daemon: none serves this library (no %s); answering here", path)
-        return None
-    except (OSError, ValueError, TypeError, KeyError) as e:  # a stale socket, a timeout, garbage
-        log.info("daemon: no answer (%s: %s); answering here", type(e).__name__, e)
-        return None
-    log.info("daemon: answered (%s)", path)
-    return hits
-
-
-def _ours(path: Path) -> bool:
-    """Whether ``path`` is a socket of this user in a folder only this user can open: anything else
-    (another user's daemon on a shared home, a planted socket) is never asked."""
-    folder, sock = os.stat(path.parent), os.stat(path)
-    uid = os.getuid()
-    return (
-        stat.S_ISSOCK(sock.st_mode)
-        and sock.st_uid == uid
-        and folder.st_uid == uid
-        and stat.S_IMODE(folder.st_mode) & 0o077 == 0
-    )
-
-
-def _read_line(sock) -> bytes:
-    chunks = []
-    size = 0
-    while True:
-        chunk = sock.recv(65536)
-        if not chunk:
-            break
-        chunks.append(chunk)
-        size += len(chunk)
-        if chunk.endswith(b"\n"):
-            break
-        if size > 64 * MAX_REQUEST:
-            raise ValueError("reply too long")
-    return b"".join(chunks)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -221,7 +116,7 @@ class QueryServer:
         path = self.socket_path
         if not hasattr(socket, "AF_UNIX") or not hasattr(os, "getuid"):
             raise ServeError("clipsearch serve needs unix sockets, which this system does not have")
-        if len(os.fsencode(path)) > _MAX_SOCKET_PATH:
+        if len(os.fsencode(path)) > MAX_SOCKET_PATH:
             raise ServeError(
                 f"the socket path {path} is longer than unix sockets allow: set CLIPSEARCH_HOME to a shorter folder"
             )

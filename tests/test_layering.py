@@ -60,3 +60,65 @@ def test_the_sql_check_sees_sql(tmp_path, monkeypatch):
         ["indexer.py", "2"],
         ["indexer.py", "3"],
     ]
+
+
+# The query's route, top to bottom (docs/architecture.md): callers, the pipeline, what it uses.
+_ABOVE_THE_PIPELINE = {"clipsearch.cli", "clipsearch.serve", "clipsearch.web"}
+_BELOW_THE_PIPELINE = (
+    "encoders",
+    "fastquery",
+    "tokenizer_table",
+    "daemon_client",
+    "vectors",
+    "filters",
+    "store",
+)
+
+
+def _imports(path: Path) -> set[str]:
+    """Every clipsearch module ``path`` imports, at its top or inside a function (not those under
+    ``if TYPE_CHECKING:``, which never run: annotations only)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    typing_only = {
+        id(n)
+        for block in ast.walk(tree)
+        if isinstance(block, ast.If) and getattr(block.test, "id", None) == "TYPE_CHECKING"
+        for stmt in block.body
+        for n in ast.walk(stmt)
+    }
+    found = set()
+    for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("clipsearch"):
+            found.add(node.module)
+            found.update(f"{node.module}.{a.name}" for a in node.names)  # `from clipsearch import search`
+        elif isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.startswith("clipsearch"))
+    return found
+
+
+def _reaches(imported: set[str], modules: set[str]) -> set[str]:
+    return {m for m in imported if any(m == t or m.startswith(t + ".") for t in modules)}
+
+
+def test_the_query_route_goes_one_way_down():
+    """Nothing below the pipeline (clipsearch.search) imports it or its callers; the pipeline
+    imports none of its callers."""
+    up = _ABOVE_THE_PIPELINE | {"clipsearch.search"}
+    for name in _BELOW_THE_PIPELINE:
+        assert _reaches(_imports(PACKAGE / f"{name}.py"), up) == set(), name
+    assert _reaches(_imports(PACKAGE / "search.py"), _ABOVE_THE_PIPELINE) == set()
+
+
+def test_the_route_check_sees_an_import_back_up(tmp_path):
+    (tmp_path / "m.py").write_text(
+        "if TYPE_CHECKING:\n    from clipsearch.cli import cli\n"
+        "def f():\n    from clipsearch.search import Query\n    from clipsearch import web\n"
+    )
+    up = {"clipsearch.search", "clipsearch.web", "clipsearch.cli"}
+    assert _reaches(_imports(tmp_path / "m.py"), up) == {
+        "clipsearch.search",
+        "clipsearch.search.Query",
+        "clipsearch.web",
+    }

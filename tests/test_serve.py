@@ -17,14 +17,14 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from clipsearch import fastquery, serve
+from clipsearch import daemon_client, fastquery, serve
 from clipsearch.checkpoints import ModelBundle
 from clipsearch.cli import cli
 from clipsearch.configs import get_config
 from clipsearch.encoders import ExportedTextEncoder, ModelEncoder
 from clipsearch.filters import PhotoFilter
 from clipsearch.model import build_model
-from clipsearch.search import Query, search
+from clipsearch.search import Hit, Query, search
 from clipsearch.store import Library
 from clipsearch.tokenizer import Tokenizer
 from clipsearch.transform import PreprocessConfig
@@ -90,7 +90,9 @@ def _kw(options: dict) -> dict:
 
 
 def _ask(path, query, options: dict):
-    return serve.ask(path, query, **_kw(options))
+    """The daemon's hits, as the pipeline makes them (None: it did not answer)."""
+    hits = daemon_client.ask(path, query, **_kw(options))
+    return None if hits is None else [Hit(*h) for h in hits]
 
 
 def _same(a, b, atol=1e-5):
@@ -115,14 +117,14 @@ def test_served_hits_equal_the_in_process_path_and_the_torch_model(library, daem
 
 def test_the_socket_is_private_and_keyed_by_the_library(library, daemon, tmp_path, monkeypatch):
     lib = library[0]
-    path = serve.socket_path(lib.path)
+    path = daemon_client.socket_path(lib.path)
     assert path == daemon.socket_path and path.parent == fastquery.cache_dir("x").parents[1] / "serve"
     assert stat.S_ISSOCK(os.stat(path).st_mode) and stat.S_IMODE(os.stat(path).st_mode) == 0o600
     assert stat.S_IMODE(os.stat(path.parent).st_mode) == 0o700
     # another spelling of the same file is the same library; another file is another one
     monkeypatch.chdir(tmp_path)
-    assert serve.socket_path("lib.db") == path
-    assert serve.socket_path(tmp_path / "other.db") != path
+    assert daemon_client.socket_path("lib.db") == path
+    assert daemon_client.socket_path(tmp_path / "other.db") != path
     assert _ask(tmp_path / "other.db", Query.build("a dog"), {"top": 3}) is None  # no daemon
 
 
@@ -177,7 +179,7 @@ def test_what_the_daemon_cannot_answer_is_refused_and_it_keeps_serving(library, 
             sock.settimeout(5)
             sock.connect(str(daemon.socket_path))
             sock.sendall(raw)
-            reply = json.loads(serve._read_line(sock))
+            reply = json.loads(daemon_client._read_line(sock))
         assert reply["ok"] is False and "bad request" in reply["error"], raw
     assert daemon.refused == 5
     assert len(_ask(lib.path, Query.build("a dog"), {"top": 3})) == 3  # still serving
@@ -186,7 +188,7 @@ def test_what_the_daemon_cannot_answer_is_refused_and_it_keeps_serving(library, 
 
 def test_a_second_daemon_is_refused_and_a_stale_socket_replaced(library, tmp_path):
     lib = library[0]
-    path = serve.socket_path(lib.path)
+    path = daemon_client.socket_path(lib.path)
     path.parent.mkdir(parents=True, exist_ok=True)
     stale = socket.socket(socket.AF_UNIX)
     stale.bind(str(path))  # bound and closed without listening: what a killed daemon leaves
@@ -208,7 +210,7 @@ def test_a_second_daemon_is_refused_and_a_stale_socket_replaced(library, tmp_pat
 
 def test_an_unsafe_socket_folder_is_made_private_and_a_too_long_path_refused(library, tmp_path):
     lib = library[0]
-    folder = serve.socket_path(lib.path).parent
+    folder = daemon_client.socket_path(lib.path).parent
     folder.mkdir(parents=True)
     folder.chmod(0o777)
     with serve.QueryServer(lib.path):
@@ -219,13 +221,13 @@ def test_an_unsafe_socket_folder_is_made_private_and_a_too_long_path_refused(lib
 
 def test_a_daemon_that_never_replies_is_given_up_on(library):
     lib = library[0]
-    path = serve.socket_path(lib.path)
+    path = daemon_client.socket_path(lib.path)
     path.parent.mkdir(parents=True, mode=0o700)
     with socket.socket(socket.AF_UNIX) as hung:
         hung.bind(str(path))
         hung.listen()  # accepts connections (the kernel does), never answers
         start = time.perf_counter()
-        assert serve.ask(lib.path, Query.build("a dog"), top=3, timeout=0.5) is None
+        assert daemon_client.ask(lib.path, Query.build("a dog"), top=3, timeout=0.5) is None
         assert 0.4 < time.perf_counter() - start < 5
 
 
@@ -233,7 +235,7 @@ def test_a_socket_in_a_folder_others_can_open_is_never_asked(library):
     """On a shared home another user could plant a listener: the client asks only a socket of its
     own user in a folder nobody else can open (the daemon makes it so; see the test above)."""
     lib = library[0]
-    path = serve.socket_path(lib.path)
+    path = daemon_client.socket_path(lib.path)
     path.parent.mkdir(parents=True, mode=0o700)
     os.chmod(path.parent, 0o755)
     with socket.socket(socket.AF_UNIX) as planted:
@@ -244,7 +246,7 @@ def test_a_socket_in_a_folder_others_can_open_is_never_asked(library):
         with pytest.raises(TimeoutError):
             planted.accept()  # no connection was even made
         os.chmod(path.parent, 0o700)  # the same socket in a private folder is asked
-        assert serve.ask(lib.path, Query.build("a dog"), top=3, timeout=0.3) is None
+        assert daemon_client.ask(lib.path, Query.build("a dog"), top=3, timeout=0.3) is None
         conn, _ = planted.accept()
         conn.close()
 
@@ -316,7 +318,7 @@ def _wait_for(predicate, seconds=60):
 
 def test_the_serve_command_stops_cleanly_and_a_killed_one_leaves_queries_working(library):
     lib = library[0]
-    path = serve.socket_path(lib.path)
+    path = daemon_client.socket_path(lib.path)
     command = [sys.executable, "-m", "clipsearch", "--db", str(lib.path), "serve"]
     query = Query.build("a dog")
     reference = search(lib, ExportedTextEncoder(MODEL), query, top=5)
