@@ -381,7 +381,12 @@ def _wait_settled(model_id: str, env: dict) -> None:
 
     ``index`` takes the settle lock before it starts the child, so waiting for the lock is enough.
     """
-    code = "import sys; from clipsearch import settle; sys.exit(0 if settle.wait(sys.argv[1], 1800) else 1)"
+    code = (
+        "import fcntl, os, sys; from clipsearch import settle; from clipsearch.paths import cache_dir; "
+        "d = cache_dir(sys.argv[1]); d.mkdir(parents=True, exist_ok=True); "
+        "fd = os.open(d / settle.LOCK_FILE, os.O_RDONLY | os.O_CREAT, 0o600); "
+        "fcntl.flock(fd, fcntl.LOCK_SH)"  # blocks while the settle child holds its exclusive lock
+    )
     subprocess.run([sys.executable, "-c", code, model_id], env=env, check=True)
 
 
