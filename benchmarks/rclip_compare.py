@@ -14,7 +14,9 @@ rclip must be installed in its own environment (its pins differ from ours)::
     python -m venv /tmp/rclipenv && /tmp/rclipenv/bin/pip install rclip==3.3.0
     python benchmarks/rclip_compare.py --rclip /tmp/rclipenv/bin/rclip --photos 64 --runs 3
 
-Measured, each a fresh process timed from here, the two tools alternating, median of ``--runs``:
+Measured, each a fresh process timed from here (wall time, CPU time and peak RSS from ``wait4``),
+the two tools alternating and taking turns to go first, median of ``--runs`` and the ratio of each
+round (under a varying load the per-round ratios are the steadier figure):
 
 - **index**: a fresh library of ``--photos`` 12 MP JPEGs (``rclip -f -n`` cannot index only, so rclip
   runs ``rclip -f QUERY`` in the folder, which indexes it and answers one query; the query-only time
