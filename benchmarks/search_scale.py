@@ -148,6 +148,9 @@ def run(n: int, args) -> list[dict]:
         print(f"# n={n} ivf done (build {build:.0f} s)", flush=True)
         del ivf
 
+    if "ivffs" in args.kinds:
+        rows += fast_scan_rows(n, args, data, queries, exact)
+
     if "hnsw" in args.kinds and n <= args.hnsw_max:
         vectors.HNSW_M = args.hnsw_m
         vectors.HNSW_EF_CONSTRUCTION = args.ef_construction
@@ -176,10 +179,51 @@ def run(n: int, args) -> list[dict]:
     return rows
 
 
+def fast_scan_rows(n: int, args, data: np.ndarray, queries: np.ndarray, exact: np.ndarray) -> list[dict]:
+    """A candidate, not a clipsearch kind: IVF with 4-bit fast-scan PQ codes (``PQ{d/8}x4fs``, 32 B
+    per 512-d vector) whose top ``kf × k`` are re-ranked by exact inner product with the float32
+    vectors, for each nprobe × kf of the sweep."""
+    import faiss
+
+    d, k = data.shape[1], args.k
+    nlist = vectors.ivf_lists(n)
+    t = time.perf_counter()
+    index = faiss.index_factory(d, f"IVF{nlist},PQ{d // 8}x4fs", faiss.METRIC_INNER_PRODUCT)
+    ivf = faiss.extract_index_ivf(index)
+    ivf.cp.niter = vectors.IVF_TRAIN_ITERS
+    ivf.cp.spherical = True
+    ivf.cp.min_points_per_centroid = 1
+    take = min(n, max(nlist * vectors.IVF_TRAIN_PER_LIST, 65_536))  # PQ codebooks need a sample too
+    index.train(data[np.sort(np.random.default_rng(args.seed).choice(n, take, replace=False))])
+    index.add(data)
+    build = time.perf_counter() - t
+    saved = saved_size_and_open_ms(VectorIndex(index, "ivf", d))
+    ids = np.arange(1, n + 1, dtype=np.int64)  # the ground truth's ids (row + 1)
+    rows = []
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(SEARCH_THREADS)
+    for nprobe in args.nprobe:
+        params = faiss.SearchParametersIVF(nprobe=min(nprobe, nlist))
+        for kf in args.refine:
+            got, lat = [], []
+            for q in queries:
+                t = time.perf_counter()
+                _, cand = index.search(q[None], kf * k, params=params)
+                cand = cand[0][cand[0] >= 0]
+                top = cand[np.argsort(-(data[cand] @ q), kind="stable")[:k]]
+                lat.append((time.perf_counter() - t) * 1000)
+                got.append(ids[top])
+            name = f"ivf-fastscan nlist={nlist} PQ{d // 8}x4fs nprobe={nprobe} rerank={kf * k}"
+            rows.append(row(n, args.data, name, build, saved, lat, recall_at(np.array(got), exact)))
+    faiss.omp_set_num_threads(threads)
+    print(f"# n={n} ivf-fastscan done (build {build:.0f} s)", flush=True)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
-    ap.add_argument("--kinds", nargs="+", default=["flat", "ivf"], choices=["flat", "ivf", "hnsw"])
+    ap.add_argument("--kinds", nargs="+", default=["flat", "ivf"], choices=["flat", "ivf", "hnsw", "ivffs"])
     ap.add_argument("--data", default="clustered", choices=["clustered", "lowrank", "uniform"])
     ap.add_argument("--rank", type=int, default=32, help="intrinsic dimension of --data lowrank")
     ap.add_argument(
@@ -192,6 +236,9 @@ def main() -> None:
     )
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--nprobe", type=int, nargs="+", default=[8, 16, 64], help="IVF nprobe values to sweep")
+    ap.add_argument(
+        "--refine", type=int, nargs="+", default=[10, 20], help="ivffs: re-rank this many × k candidates"
+    )
     ap.add_argument("--ef", type=int, nargs="+", default=[64, 128], help="HNSW efSearch values to sweep")
     ap.add_argument("--hnsw-m", type=int, default=vectors.HNSW_M, help="HNSW graph degree M")
     ap.add_argument(
