@@ -454,6 +454,13 @@ def test_hnsw_widens_its_beam_at_build_where_the_graph_needs_it(tmp_path, monkey
     assert json.loads(built.path.with_suffix(".json").read_text())["ef_search"] == built.ef_search
     again = VectorIndex.for_library(lib, "m/1")
     assert not again.rebuilt and again.kind == "hnsw" and again.ef_search == built.ef_search > 128
+    # A sidecar from before the beam was tuned: the index is kept, searched with the old fixed beam.
+    sidecar = built.path.with_suffix(".json")
+    old = json.loads(sidecar.read_text())
+    del old["ef_search"], old["tuned_with"]
+    sidecar.write_text(json.dumps(old))
+    legacy = VectorIndex.for_library(lib, "m/1")
+    assert not legacy.rebuilt and legacy.ef_search == vectors.HNSW_EF_SEARCH and legacy.tuned_with is None
 
 
 def test_ivf_on_too_few_vectors_to_train_is_exact():
