@@ -318,6 +318,8 @@ def test_index_kinds_offered_are_the_vector_index_kinds(indexed, model_dir, tmp_
     rebuilt = ok("--db", copy / "lib.db", "doctor", "--rebuild").stdout
     assert f"rebuilt from SQLite (--rebuild) ({len(photos)} vectors, ivf)" in rebuilt
     assert index_file.stat().st_mtime_ns != before
+    # Built again once the index run had exported the text tower: tuned with its text probes too.
+    assert json.loads(index_file.with_suffix(".json").read_text())["tuned_with"] == "text"
     assert "in step with SQLite" in ok("--db", copy / "lib.db", "doctor").stdout
     fast = json.loads(ok("--db", copy / "lib.db", "query", "a dog", "--json", "--top", "3").stdout)
     exact = json.loads(ok("--db", db, "query", "a dog", "--json", "--top", "3").stdout)
