@@ -238,7 +238,7 @@ def encode(query: Query, encoder: QueryEncoder, library: Library) -> np.ndarray:
             stored = library.embedding(p.image_id, encoder.model_id)
             if stored is None:
                 raise LibraryError(
-                    f"photo #{p.image_id} has no embedding of {encoder.model_id} in {library.path}: "
+                    f"photo #{p.image_id} has no embedding of {library.model_name(encoder.model_id)} in {library.path}: "
                     "index it with that model first"
                 )
             vectors[i] = stored

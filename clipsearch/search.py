@@ -202,12 +202,11 @@ def _rank(
 
     if top < 1:
         raise QueryError(f"--top must be at least 1, got {top}")
-    model_id = encoder.model_id
-    _check_model(library, model_id)
+    _check_model(library, encoder)
     query.check()
     if index is None:
         with ThreadPoolExecutor(1) as pool:  # open (or bring in step) the FAISS index meanwhile
-            pending = pool.submit(VectorIndex.for_library, library, model_id, kind=index_kind)
+            pending = pool.submit(VectorIndex.for_library, library, encoder.model_id, kind=index_kind)
             q = encode(query, encoder, library)  # a query error wins; leaving waits for the index anyway
             index = pending.result()
     else:
@@ -215,11 +214,15 @@ def _rank(
     return search_vector(library, index, q, top, threshold, filters), q
 
 
-def _check_model(library, model_id: str) -> None:
-    if model_id not in library.model_ids():
-        known = ", ".join(library.model_ids()) or "none"
+def _check_model(library, encoder) -> None:
+    if encoder.model_id not in library.model_ids():
+        from clipsearch.encoders import ModelEncoder
+
+        # only a model named with --model can be one the library never saw: its bundle names it
+        name = encoder.bundle.name if isinstance(encoder, ModelEncoder) else encoder.model_id
+        known = ", ".join(library.model_name(m) for m in library.model_ids()) or "none"
         raise LibraryError(
-            f"the library has no embeddings of model {model_id!r} (it has: {known}): "
+            f"the library has no embeddings of model {name} (it has: {known}): "
             "index with that model first or leave out --model"
         )
 

@@ -588,6 +588,16 @@ def test_status_prints_a_long_model_folder_whole_on_one_line(tmp_path):
     assert line.split()[:2] == ["4", "1"]  # dim, photos embedded
 
 
+def test_a_model_the_library_lacks_is_named_by_its_folder(indexed, tmp_path, model_dir):
+    """--model with a model the library was never indexed with: one line naming both folders."""
+    db, folder, photos, report = indexed
+    other = make_tiny_model(tmp_path / "other-model", seed=1)
+    out = run_cli("--db", str(db), "query", "a boat", "--model", str(other))
+    assert out.returncode == 1, out.stderr
+    assert f"no embeddings of model {other.resolve()} (it has: {Path(model_dir).resolve()})" in out.stderr
+    assert "file:" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+
 def test_human_output_names_the_model_by_its_folder_not_its_id(indexed, tmp_path, model_dir):
     """index, export, status and doctor show the folder the model was loaded from; --json keeps the id."""
     db, folder, photos, report = indexed
