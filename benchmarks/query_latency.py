@@ -187,6 +187,12 @@ def main(argv=None) -> int:
     )
     ap.add_argument("--work", type=Path, default=Path("/tmp/clipsearch-bench"))
     ap.add_argument(
+        "--only",
+        action="append",
+        metavar="QUERY",
+        help="time only this query variant, e.g. 'similar (serve)'",
+    )
+    ap.add_argument(
         "--baseline",
         nargs=2,
         metavar=("TREE", "PYTHON"),
@@ -224,6 +230,9 @@ def main(argv=None) -> int:
             "repeated text (serve)": repeated_text,
             "similar (serve)": similar,
         }
+        if args.only:
+            variants = {k: f for k, f in variants.items() if k in args.only}
+            served = {k: f for k, f in served.items() if k in args.only}
         if args.cli:
             variants["--model DIR (loads torch)"] = lambda v, n=n: v.query(
                 n, "a dog on a beach", "--model", str(model_dirs[v.label])
@@ -238,9 +247,9 @@ def main(argv=None) -> int:
             for name, make in variants.items():
                 for v in versions:
                     times.setdefault((v.label, name), []).append(v.time(make(v)))
-        daemons = [Daemon(v, n) for v in versions]
+        daemons = [Daemon(v, n) for v in versions] if served else []
         try:
-            for _ in range(args.runs):
+            for _ in range(args.runs if served else 0):
                 for name, make in served.items():
                     for v in versions:
                         times.setdefault((v.label, name), []).append(v.time(make(v)))
