@@ -73,7 +73,24 @@ def synth_cmd(out_dir, n, seed, image_size, zeroshot_per_class):
 
 @cli.command("eval", context_settings=HELP)
 @click.option("--model", "source", required=True, help="a clipsearch model dir or any clipsearch.load source")
-@click.option("--zeroshot-data", default=None, help="folder-per-class images or a CSV with a label column")
+@click.option(
+    "--zeroshot-data",
+    "--imagenet-val",
+    default=None,
+    help="folder-per-class images or a CSV with a label column (ImageNet synset folders get ImageNet's names)",
+)
+@click.option(
+    "--zeroshot-classnames",
+    default=None,
+    type=click.Path(dir_okay=False),
+    help="class folder -> name: 'FOLDER NAME' lines (LOC_synset_mapping.txt) or JSON",
+)
+@click.option(
+    "--zeroshot-templates",
+    default=None,
+    type=click.Path(dir_okay=False),
+    help="prompt templates, one with {} per line  [default: templates.txt in the folder, else the paper's 80]",
+)
 @click.option("--retrieval-data", default=None, help="CSV/JSONL of held-out (image, caption) pairs")
 @click.option("--linear-probe-data", default=None, help="folder-per-class images to fit the probe on")
 @click.option("--linear-probe-test", default=None, help="folder-per-class test images (else 30% held out)")
@@ -85,6 +102,8 @@ def synth_cmd(out_dir, n, seed, image_size, zeroshot_per_class):
 def eval_cmd(
     source,
     zeroshot_data,
+    zeroshot_classnames,
+    zeroshot_templates,
     retrieval_data,
     linear_probe_data,
     linear_probe_test,
@@ -106,7 +125,13 @@ def eval_cmd(
     model = bundle.model.to(resolve_device(device)).eval()
     metrics = {}
     if zeroshot_data:
-        data = evaluate.read_labelled(zeroshot_data, csv_img_key, csv_label_key)
+        data = evaluate.read_labelled(
+            zeroshot_data,
+            csv_img_key,
+            csv_label_key,
+            classnames=zeroshot_classnames,
+            templates=zeroshot_templates,
+        )
         metrics.update(evaluate.zeroshot(model, bundle.tokenizer, bundle.preprocess_cfg, data))
     if retrieval_data:
         from trainer.data import read_csv, read_jsonl

@@ -19,7 +19,9 @@ puts its inputs there, so a model on a GPU is evaluated on that GPU.
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,8 +44,16 @@ class LabelledImages:
     templates: list[str] | None = None
 
 
-def read_class_folders(root) -> LabelledImages:
-    """Images in ``root/<class>/``; the class name is the folder name with ``_`` read as a space."""
+def read_class_folders(root, classnames=None, templates=None) -> LabelledImages:
+    """Images in ``root/<class>/``, with the class names and prompt templates to classify them by.
+
+    Class names: from ``classnames`` (a mapping file, see :func:`read_classname_file`), else a
+    ``classnames.txt``/``classnames.json`` in ``root``, else ImageNet's names when every folder is an
+    ImageNet-1k synset ID (``n01440764`` -> ``tench``, from the file shipped in
+    ``trainer/zeroshot_sets/``), else the folder name with ``_`` read as a space. Templates: the
+    ``templates`` file, else a ``templates.txt`` in ``root`` (one template with ``{}`` per line), else
+    None (the caller's default).
+    """
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"{root}: not a folder of class folders")
@@ -56,11 +66,100 @@ def read_class_folders(root) -> LabelledImages:
                 labels.append(i)
     if len(classes) < 2 or not paths:
         raise DataError(f"{root}: need at least 2 class folders with images")
-    templates = None
-    tfile = root / "templates.txt"
-    if tfile.is_file():
-        templates = [t for t in tfile.read_text(encoding="utf-8").splitlines() if "{}" in t]
-    return LabelledImages(paths, labels, [d.name.replace("_", " ") for d in classes], templates or None)
+    folders = [d.name for d in classes]
+    names = class_names(folders, classnames or _beside(root, "classnames.txt", "classnames.json"))
+    tfile = templates or _beside(root, "templates.txt")
+    return LabelledImages(paths, labels, names, read_templates(tfile) if tfile else None)
+
+
+def _beside(root: Path, *names: str) -> Path | None:
+    return next((root / n for n in names if (root / n).is_file()), None)
+
+
+SYNSET = re.compile(r"n\d{8}")
+IMAGENET_CLASSNAMES = Path(__file__).parent / "zeroshot_sets" / "imagenet.tsv"
+
+
+def read_templates(path) -> list[str]:
+    """Prompt templates from a file: one per line, ``{}`` where the class name goes."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: cannot read the templates ({e})") from e
+    templates = [t.strip() for t in lines if "{}" in t]
+    if not templates:
+        raise DataError(f"{path}: no template with {{}} in it (one per line, e.g. 'a photo of a {{}}.')")
+    return templates
+
+
+def read_classname_file(path) -> dict[str, str] | list[str]:
+    """A class-name mapping: folder name -> class name (a dict), or names in folder order (a list).
+
+    Accepted: text lines ``FOLDER NAME`` (whitespace after the folder name; the name ends at the
+    first comma, so ImageNet's ``LOC_synset_mapping.txt`` line ``n01440764 tench, Tinca tinca`` gives
+    ``tench``); JSON ``{"FOLDER": "name"}``, Keras' ``{"0": ["n01440764", "tench"], ...}``, or a list
+    of names in sorted folder order.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: cannot read the class names ({e})") from e
+    if path.suffix.lower() == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: not JSON ({e})") from e
+        if isinstance(data, list) and all(isinstance(n, str) for n in data):
+            return data
+        if isinstance(data, dict):
+            if all(isinstance(v, str) for v in data.values()):
+                return dict(data)
+            if all(isinstance(v, list) and len(v) == 2 for v in data.values()):
+                return {str(folder): str(name) for folder, name in data.values()}
+        raise DataError(
+            f'{path}: expected {{"folder": "name"}}, {{"0": ["folder", "name"]}} or ["name", ...]'
+        )
+    mapping = {}
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        parts = line.strip().split(None, 1)
+        if len(parts) < 2:
+            raise DataError(f"{path}, line {n}: expected 'FOLDER NAME', got {line.strip()!r}")
+        mapping[parts[0]] = parts[1].split(",")[0].strip()
+    if not mapping:
+        raise DataError(f"{path}: no 'FOLDER NAME' lines")
+    return mapping
+
+
+def class_names(folders: list[str], mapping_file=None) -> list[str]:
+    """The class name of each folder (see :func:`read_class_folders` for the order of sources)."""
+    if mapping_file is not None:
+        mapping = read_classname_file(mapping_file)
+        if isinstance(mapping, list):
+            if len(mapping) != len(folders):
+                raise DataError(f"{mapping_file}: {len(mapping)} names for {len(folders)} class folders")
+            log.info("class names: %s (in folder order)", mapping_file)
+            return list(mapping)
+        missing = [f for f in folders if f not in mapping]
+        if missing:
+            raise DataError(
+                f"{mapping_file} has no name for {len(missing)} class folder(s), e.g. {missing[0]!r}"
+            )
+        log.info("class names: %s", mapping_file)
+        return [mapping[f] for f in folders]
+    if all(SYNSET.fullmatch(f) for f in folders):
+        imagenet = read_classname_file(IMAGENET_CLASSNAMES)
+        if all(f in imagenet for f in folders):
+            log.info("class names: ImageNet's, for %d synset folders (%s)", len(folders), IMAGENET_CLASSNAMES)
+            return [imagenet[f] for f in folders]
+        log.warning(
+            "class folders are WordNet IDs not all in ImageNet-1k: classifying by the IDs themselves; "
+            "give a mapping file (--zeroshot-classnames) for real names"
+        )
+    return [f.replace("_", " ") for f in folders]
 
 
 def read_class_csv(
@@ -75,9 +174,19 @@ def read_class_csv(
     return LabelledImages([p for p, _ in pairs], [index[c] for _, c in pairs], names)
 
 
-def read_labelled(source, img_key="filepath", label_key="label", sep=",") -> LabelledImages:
+def read_labelled(
+    source, img_key="filepath", label_key="label", sep=",", classnames=None, templates=None
+) -> LabelledImages:
+    """A folder-per-class set (:func:`read_class_folders`) or a labelled CSV (:func:`read_class_csv`)."""
     p = Path(source)
-    return read_class_folders(p) if p.is_dir() else read_class_csv(p, img_key, label_key, sep)
+    if p.is_dir():
+        return read_class_folders(p, classnames, templates)
+    data = read_class_csv(p, img_key, label_key, sep)
+    if classnames:
+        data.classnames = class_names(data.classnames, classnames)
+    if templates:
+        data.templates = read_templates(templates)
+    return data
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -351,13 +460,16 @@ def during_training(
     img_key="filepath",
     caption_key="title",
     separator=None,
+    classnames=None,
+    templates=None,
 ) -> dict:
     """The evaluations the trainer runs at epoch ends (whichever data were given)."""
     out = {}
     was_training = model.training
     try:
         if zeroshot_data:
-            out.update(zeroshot(model, tokenizer, preprocess_cfg, read_labelled(zeroshot_data)))
+            data = read_labelled(zeroshot_data, classnames=classnames, templates=templates)
+            out.update(zeroshot(model, tokenizer, preprocess_cfg, data))
         if val_data:
             from trainer.data import read_csv, read_jsonl
 

@@ -142,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("Evaluation")
     a = g.add_argument
     a("--zeroshot-data", "--imagenet-val", default=None, help="folder-per-class images for zero-shot")
+    a("--zeroshot-classnames", default=None, metavar="FILE", help="folder -> class name (e.g. synset IDs)")
+    a("--zeroshot-templates", default=None, metavar="FILE", help="prompt templates, one with {} per line")
     a("--zeroshot-frequency", type=int, default=1, help="evaluate every N epochs (0: never)")
     g = p.add_argument_group("Output")
     a = g.add_argument

@@ -341,6 +341,8 @@ def run(args, reporter=None) -> Path | None:
                         img_key=args.csv_img_key,
                         caption_key=args.csv_caption_key,
                         separator=args.csv_separator,
+                        classnames=args.zeroshot_classnames,
+                        templates=args.zeroshot_templates,
                     )
                     fwd_model.train()
                     if m:
