@@ -86,3 +86,39 @@ def test_force_quick_gelu_is_the_activation_of_the_trained_model(shapes, tmp_pat
             other = F.gelu(h) if quick else h * torch.sigmoid(1.702 * h)
             torch.testing.assert_close(seen["post"], by_hand, rtol=1e-5, atol=1e-6)
             assert (seen["post"] - other).abs().max() > 1e-4  # the two activations are told apart
+
+
+def test_unlocked_groups_of_locked_towers_train_as_openclips(shapes, tmp_path):
+    """--lock-text-unlocked-layers 2: the projection, the last block and ln_final train; the first block
+    and the embeddings do not. --lock-image-unlocked-groups 1: only the image projection trains."""
+    trained = _train(shapes, tmp_path / "run", "--lock-text", "--lock-text-unlocked-layers", "2",
+                     "--lock-image", "--lock-image-unlocked-groups", "1").state_dict()  # fmt: skip
+    initial = _initial_weights()
+    last = (
+        len([k for k in initial if k.startswith("transformer.resblocks.") and k.endswith(".ln_1.weight")]) - 1
+    )
+
+    def moved(prefix):
+        keys = [k for k in initial if k.startswith(prefix)]
+        assert keys, prefix
+        return any(not torch.equal(trained[k], initial[k]) for k in keys)
+
+    assert moved("text_projection") and moved("ln_final.") and moved(f"transformer.resblocks.{last}.")
+    assert not moved("transformer.resblocks.0.") and not moved("token_embedding.")
+    assert not moved("positional_embedding")
+    assert moved("visual.proj") and not moved("visual.ln_post.") and not moved("visual.conv1.")
+
+
+def test_val_frequency_and_zeroshot_frequency_are_separate(shapes, tmp_path):
+    argv = ["--train-data", str(shapes.train_csv), "--val-data", str(shapes.val_csv), "--zeroshot-data",
+            str(shapes.zeroshot_dir), "--model", "demo-vit", "--batch-size", "8", "--epochs", "2",
+            "--val-frequency", "2", "--output", str(tmp_path / "run"), "--device", "cpu"]  # fmt: skip
+    assert train_mod.main(argv) == 0
+    import json
+
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if "zeroshot_top1" in r or "val_loss" in r]
+    assert [(r["epoch"], "zeroshot_top1" in r, "val_loss" in r) for r in evals] == [
+        (1, True, False),
+        (2, True, True),
+    ]

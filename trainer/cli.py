@@ -46,7 +46,12 @@ def train_cmd(ctx):
         reporter = RichReporter()
     from trainer.options import parse
 
-    model_dir = train.run(parse(ctx.args), reporter)
+    args = parse(ctx.args)
+    if args.debug:
+        import logging
+
+        logging.basicConfig(level=logging.DEBUG, format="%(levelname)s %(name)s: %(message)s")
+    model_dir = train.run(args, reporter)
     if model_dir is not None:
         click.echo(f"model saved to {model_dir}  (use: clipsearch index --model {model_dir} PATH)")
 

@@ -57,6 +57,7 @@ def run_demo(
     argv = [
         "--train-data", str(data.train_csv), "--val-data", str(data.val_csv),
         "--zeroshot-data", str(data.zeroshot_dir), "--zeroshot-frequency", str(math.ceil(epochs / 4)),
+        "--val-frequency", str(math.ceil(epochs / 4)),
         "--model", DEMO_MODEL, "--batch-size", str(batch_size), "--epochs", str(epochs),
         "--lr", str(LR), "--wd", "0.1", "--warmup", str(min(50, steps_per_epoch * epochs // 10)),
         "--seed", str(seed), "--output", str(out / "run"), "--device", "cpu", "--overwrite",

@@ -22,39 +22,62 @@ class OptionError(ClipsearchError):
     """A flag is not supported as given (the message names the equivalent)."""
 
 
-# OpenCLIP flags that clipsearch-train refuses, with what to use instead.
+# OpenCLIP flags that clipsearch-train refuses, with what to use instead. Every flag of OpenCLIP's
+# parser is either accepted with its meaning or listed here (tests/test_trainer_options.py checks it
+# against open_clip_train.params); "--flag=value" refuses one value of an accepted flag.
 OPENCLIP_REFUSED = {
     "--horovod": "launch with torchrun (one process per GPU); clipsearch-train reads RANK/WORLD_SIZE",
     "--dist-url": "torchrun sets the rendezvous (MASTER_ADDR/MASTER_PORT)",
     "--dist-backend": "the backend follows the device: nccl on CUDA, gloo on the CPU",
+    "--no-set-device-rank": "with one GPU visible per process, pass --device cuda:0",
     "--siglip": "only the CLIP softmax loss is implemented",
+    "--loss-dist-impl": "the one distributed loss gathers features (--local-loss, --gather-with-grad)",
     "--coca-caption-loss-weight": "CoCa models are not supported",
     "--coca-contrastive-loss-weight": "CoCa models are not supported",
     "--distill-model": "distillation is not supported",
     "--distill-pretrained": "distillation is not supported",
-    "--lock-image-unlocked-groups": "--lock-image freezes the whole image tower",
-    "--lock-text-unlocked-layers": "--lock-text freezes the whole text tower",
-    "--image-mean": "put mean/std in the model JSON's preprocess_cfg",
-    "--image-std": "put mean/std in the model JSON's preprocess_cfg",
+    "--image-mean": "put mean/std in the model JSON's preprocess_cfg and pass its path as --model",
+    "--image-std": "put mean/std in the model JSON's preprocess_cfg and pass its path as --model",
+    "--image-interpolation": "put interpolation in the model JSON's preprocess_cfg (--model path.json)",
+    "--image-resize-mode": "put resize_mode in the model JSON's preprocess_cfg (--model path.json)",
     "--force-image-size": "set vision_cfg.image_size in a model JSON and pass its path as --model",
+    "--force-context-length": "set text_cfg.context_length in a model JSON and pass its path as --model",
+    "--force-custom-text": "the text tower has one layout (OpenAI's names); custom text towers are not supported",
     "--force-patch-dropout": "patch dropout is not supported",
+    "--aug-cfg": "training uses the paper's random square crop (scale 0.9-1) only",
+    "--pretrained-image": "timm ImageNet weights are not used; --pretrained loads a whole CLIP model",
     "--use-bn-sync": "only the ResNet towers have BatchNorm; SyncBatchNorm is not supported",
+    "--use-bnb-linear": "bitsandbytes int8 layers are not supported; use --precision amp_bf16",
+    "--torchscript": "use --torchcompile",
+    "--trace": "use --torchcompile",
+    "--momentum": "only AdamW (--beta1, --beta2, --eps)",
+    "--skip-scheduler": "the learning rate always follows --warmup then cosine; use --lr-scheduler cosine",
+    "--epochs-cooldown": "only --lr-scheduler cosine (no const-cooldown schedule)",
+    "--lr-cooldown-end": "only --lr-scheduler cosine (no const-cooldown schedule)",
+    "--lr-cooldown-power": "only --lr-scheduler cosine (no const-cooldown schedule)",
+    "--lr-scheduler=const": "only --lr-scheduler cosine (warm-up then cosine)",
+    "--lr-scheduler=const-cooldown": "only --lr-scheduler cosine (warm-up then cosine)",
+    "--save-most-recent": "--resume latest finds the newest checkpoint; --keep-checkpoints N keeps N",
     "--wandb-project-name": "use --report-to tensorboard (metrics.jsonl is always written)",
+    "--wandb-notes": "use --report-to tensorboard (metrics.jsonl is always written)",
     "--remote-sync": "write --output to a synced folder instead",
+    "--remote-sync-frequency": "write --output to a synced folder instead",
+    "--remote-sync-protocol": "write --output to a synced folder instead",
+    "--log-local": "only rank 0 logs (metrics.jsonl in --output)",
+    "--copy-codebase": "args.json in --output records the flags; the code is the installed clipsearch",
+    "--cache-dir": "set $CLIPSEARCH_HOME; downloaded weights go under it",
     "--val-num-samples": "--val-data is read whole",
+    "--imagenet-v2": "one zero-shot set during training (--imagenet-val/--zeroshot-data); evaluate "
+    "others with `clipsearch-train eval --zeroshot-data DIR`",
+    "--train-data-upsampling-factors": "sources joined with :: are read in proportion to their size",
     "--dataset-type=synthetic": "generate data with `clipsearch-train synth`",
 }
 # OpenCLIP spellings read as clipsearch-train flags ("flag": "what it becomes").
 OPENCLIP_ALIASES = {
     "--logs": "--output LOGS/NAME (with --name)",
     "--name": "--output LOGS/NAME (with --logs)",
-    "--imagenet-val": "--zeroshot-data",
-    "--gather-with-grad": "the default (--no-gather-with-grad to turn it off)",
-    "--lr-scheduler cosine": "the only schedule (warm-up then cosine)",
-    "--save-frequency N": "a checkpoint every N epochs (default 1)",
+    "--imagenet-val": "--zeroshot-data (synset folders get ImageNet's class names)",
     "--delete-previous-checkpoint": "--keep-checkpoints 1",
-    "--force-quick-gelu": "QuickGELU in the architecture, as OpenAI's models",
-    "--precision pure_bf16/pure_fp16": "refused with the reason (see --precision)",
 }
 
 # The CLIP paper's training tables (Radford et al. 2021, Tables 19 and 20): learning rate per
@@ -111,7 +134,11 @@ def build_parser() -> argparse.ArgumentParser:
     a("--pretrained", default=None, help="any clipsearch.load source to fine-tune from")
     a("--force-quick-gelu", action="store_true", help="QuickGELU activations (OpenAI's models)")
     a("--lock-image", action="store_true", help="freeze the image tower (LiT)")
+    a("--lock-image-unlocked-groups", type=int, default=0, help="with --lock-image: last N groups train")
+    a("--lock-image-freeze-bn-stats", action="store_true", help="with --lock-image: BatchNorm stats too")
     a("--lock-text", action="store_true", help="freeze the text tower")
+    a("--lock-text-unlocked-layers", type=int, default=0, help="with --lock-text: last N groups train")
+    a("--lock-text-freeze-layer-norm", action="store_true", help="(always: LayerNorms lock with the tower)")
     a("--train-tokenizer", type=int, default=None, metavar="VOCAB_SIZE", help="learn a BPE on the captions")
     g = p.add_argument_group("Optimisation")
     a = g.add_argument
@@ -122,9 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
     a("--wd", type=float, default=0.2)
     a("--warmup", type=int, default=100, help="warm-up steps")
     a("--lr-scheduler", default="cosine", choices=["cosine"], help="warm-up then cosine (the only one)")
+    a("--opt", default="adamw", choices=["adamw"], help="the optimiser (AdamW only)")
     a("--beta1", type=float, default=0.9)
-    a("--beta2", type=float, default=0.98)
-    a("--eps", type=float, default=1e-6)
+    a("--beta2", type=float, default=None, help="default: 0.98 for ViTs, 0.999 for ResNets (as OpenCLIP)")
+    a("--eps", type=float, default=None, help="default: 1e-6 for ViTs, 1e-8 for ResNets (as OpenCLIP)")
     a("--grad-clip-norm", type=float, default=None)
     a("--accum-freq", type=int, default=1, help="micro-batches per step; the loss sees all of them")
     a("--seed", type=int, default=0)
@@ -135,6 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--device", default=None, help="cpu, cuda, cuda:N or mps (default: the best available)")
     a("--grad-checkpointing", action="store_true")
     a("--torchcompile", action="store_true")
+    a("--ddp-static-graph", action="store_true", help="DDP's static-graph optimisation")
     a("--gather-with-grad", dest="gather_with_grad", action="store_true", default=True, help="(default)")
     a("--no-gather-with-grad", dest="gather_with_grad", action="store_false")
     a("--local-loss", dest="local_loss", action="store_true", default=None, help="(default when exact)")
@@ -144,7 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--zeroshot-data", "--imagenet-val", default=None, help="folder-per-class images for zero-shot")
     a("--zeroshot-classnames", default=None, metavar="FILE", help="folder -> class name (e.g. synset IDs)")
     a("--zeroshot-templates", default=None, metavar="FILE", help="prompt templates, one with {} per line")
-    a("--zeroshot-frequency", type=int, default=1, help="evaluate every N epochs (0: never)")
+    a("--zeroshot-frequency", type=int, default=1, help="zero-shot every N epochs (0: never)")
+    a("--val-frequency", type=int, default=1, help="--val-data loss and retrieval every N epochs (0: never)")
     g = p.add_argument_group("Output")
     a = g.add_argument
     a("--output", default=None, help="checkpoints, metrics.jsonl, curves.png, model/ (default runs/clip)")
@@ -158,6 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--delete-previous-checkpoint", action="store_true", help="OpenCLIP's: --keep-checkpoints 1")
     a("--log-every-n-steps", type=int, default=1)
     a("--report-to", default="", help="'tensorboard' to also write TensorBoard events")
+    a("--debug", action="store_true", help="log at DEBUG level")
     g = p.add_argument_group("Other")
     g.add_argument("-h", "--help", action="help", help="Show this message and exit.")
     return p
@@ -170,7 +201,7 @@ def refuse_unsupported(argv: list[str]) -> None:
         value = arg.split("=", 1)[1] if "=" in arg else (argv[i + 1] if i + 1 < len(argv) else "")
         for key in (f"{flag}={value}", flag):
             if key in OPENCLIP_REFUSED:
-                raise OptionError(f"{arg}: not supported; {OPENCLIP_REFUSED[key]}")
+                raise OptionError(f"{key.replace('=', ' ')}: not supported; {OPENCLIP_REFUSED[key]}")
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -187,10 +218,28 @@ def parse(argv: list[str]) -> argparse.Namespace:
         args.keep_checkpoints = 1
     if args.local_loss is None:
         args.local_loss = args.gather_with_grad  # exact (same gradients) only with gathered gradients
+    unknown = [r for r in args.report_to.split(",") if r.strip() and r.strip() != "tensorboard"]
+    if unknown:
+        raise OptionError(f"--report-to {unknown[0]}: not supported; use --report-to tensorboard")
     if args.recipe:
         given = {a.split("=", 1)[0] for a in argv if a.startswith("--")}
         apply_paper_recipe(args, given)
+    if args.beta2 is None or args.eps is None:  # OpenCLIP's defaults: they differ for the ResNets
+        adam = PAPER["resnet" if _is_resnet(args.model) else "vit"]
+        args.beta2 = adam["beta2"] if args.beta2 is None else args.beta2
+        args.eps = adam["eps"] if args.eps is None else args.eps
     return args
+
+
+def _is_resnet(model: str) -> bool:
+    """Whether ``--model`` names a ResNet image tower (False when it is not a config we can read)."""
+    from clipsearch.configs import get_config
+
+    try:
+        return isinstance(get_config(str(model))["vision_cfg"].get("layers"), list)
+    except ClipsearchError as e:  # an unknown name fails later, where the model is built, with its message
+        log.debug("--model %s: config not readable here (%s); ViT Adam defaults", model, e)
+        return False
 
 
 def apply_paper_recipe(args, given: set[str], world_size: int | None = None) -> dict:
@@ -203,8 +252,8 @@ def apply_paper_recipe(args, given: set[str], world_size: int | None = None) -> 
     from clipsearch.configs import get_config
 
     name = str(args.model)
-    cfg = get_config(name)
-    resnet = isinstance(cfg["vision_cfg"].get("layers"), list)
+    get_config(name)  # an unknown --model fails here, with its message
+    resnet = _is_resnet(name)
     lr = PAPER_LR.get(name.removesuffix("-quickgelu"))
     if lr is None:
         raise OptionError(

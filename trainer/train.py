@@ -209,9 +209,9 @@ def run(args, reporter=None) -> Path | None:
         total_steps = steps_per_epoch * args.epochs
 
         if args.lock_image:
-            model.lock_image_tower()
+            model.lock_image_tower(args.lock_image_unlocked_groups, args.lock_image_freeze_bn_stats)
         if args.lock_text:
-            lock_text_tower(model)
+            lock_text_tower(model, args.lock_text_unlocked_layers)
         if args.grad_checkpointing:
             model.set_grad_checkpointing()
         placement.put_model(model)
@@ -242,7 +242,9 @@ def run(args, reporter=None) -> Path | None:
         fwd_model = model
         if env.distributed:
             ids = [env.device.index] if env.device.type == "cuda" else None
-            fwd_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+            fwd_model = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=ids, static_graph=args.ddp_static_graph
+            )
         if args.torchcompile:
             fwd_model = torch.compile(fwd_model)
         loss_fn = ClipLoss(args.local_loss, args.gather_with_grad, env.rank, env.world_size)
@@ -329,15 +331,16 @@ def run(args, reporter=None) -> Path | None:
                 epoch, pos = epoch + 1, 0
                 if epoch % args.save_frequency == 0 or epoch == args.epochs:
                     save_checkpoint()
-                freq = args.zeroshot_frequency
-                if env.is_main and freq and (epoch % freq == 0 or epoch == args.epochs):
+                zs_due = _due(epoch, args.zeroshot_frequency, args.epochs)
+                val_due = _due(epoch, args.val_frequency, args.epochs)
+                if env.is_main and (zs_due or val_due):
                     fwd_model.eval()
                     m = evaluate.during_training(
                         raw_model,
                         tokenizer,
                         preprocess_cfg,
-                        args.zeroshot_data,
-                        args.val_data,
+                        args.zeroshot_data if zs_due else None,
+                        args.val_data if val_due else None,
                         img_key=args.csv_img_key,
                         caption_key=args.csv_caption_key,
                         separator=args.csv_separator,
@@ -452,11 +455,34 @@ def _truncate_metrics(path: Path, step: int) -> None:
     write_text(path, "".join(line + "\n" for line in keep))
 
 
-def lock_text_tower(model) -> None:
-    """Freeze the text tower (OpenCLIP's --lock-text): everything but the image tower and temperature."""
+def _due(epoch: int, every: int, last: int) -> bool:
+    """Whether an evaluation run every ``every`` epochs (0: never) is due after ``epoch`` (1-based)."""
+    return bool(every) and (epoch % every == 0 or epoch == last)
+
+
+def lock_text_tower(model, unlocked_layers: int = 0) -> None:
+    """Freeze the text tower (OpenCLIP's --lock-text): everything but the image tower and temperature.
+
+    ``unlocked_layers`` (OpenCLIP's --lock-text-unlocked-layers) leaves the last N of OpenCLIP's groups
+    trainable, counted from the output: the projection; the last block with the final LayerNorm; then
+    one block each; then the token and position embeddings.
+    """
+    if unlocked_layers < 0:
+        raise TrainError(f"--lock-text-unlocked-layers must be >= 0, got {unlocked_layers}")
     for name, p in model.named_parameters():
         if not name.startswith("visual.") and name != "logit_scale":
             p.requires_grad_(False)
+    blocks = list(model.transformer.resblocks)
+    groups = [
+        [model.token_embedding, model.positional_embedding],
+        *[[b] for b in blocks[:-1]],
+        [blocks[-1], model.ln_final],
+        [model.text_projection],
+    ]
+    for group in groups[len(groups) - unlocked_layers :] if unlocked_layers else []:
+        for item in group:
+            for p in [item] if isinstance(item, torch.nn.Parameter) else item.parameters():
+                p.requires_grad_(True)
 
 
 def main(argv: list[str] | None = None, reporter=None) -> int:
