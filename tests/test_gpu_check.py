@@ -37,3 +37,29 @@ def test_the_cpu_half_of_the_gpu_check(tmp_path):
         )
     assert "zeroshot_top1" in md and "text_to_image_R@1" in md
     assert "images/s" in md and "5 hits" in md
+
+
+def test_the_fp16_step_with_its_loss_scaler_against_fp32(monkeypatch):
+    """The GPU half's `amp` comparison (fp16 autocast, scaled then unscaled gradients), run on the CPU."""
+    import importlib.util
+
+    import torch
+
+    from clipsearch.configs import get_config
+    from clipsearch.model import build_model
+    from trainer.data import Batch
+
+    spec = importlib.util.spec_from_file_location("gpu_check", REPO / "benchmarks" / "gpu_check.py")
+    gpu_check = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "gpu_check", gpu_check)  # its dataclasses look their module up
+    spec.loader.exec_module(gpu_check)
+    torch.manual_seed(0)
+    model = build_model(get_config("demo-vit")).train()
+    batch = Batch(torch.randn(8, 3, 32, 32), torch.randint(1, 5000, (8, 16)), {})
+    cpu = torch.device("cpu")
+    ref_loss, ref = gpu_check.step_gradients(model, [batch], "fp32", cpu, 1, False)
+    loss, grad = gpu_check.step_gradients(model, [batch], "amp", cpu, 2, True)
+    b_loss, b_cos, b_rel = gpu_check.BOUNDS["amp"]
+    assert abs(loss - ref_loss) / ref_loss <= b_loss
+    assert torch.nn.functional.cosine_similarity(grad, ref, dim=0) >= b_cos
+    assert (grad - ref).norm() / ref.norm() <= b_rel  # unscaled: 2**16 times too large otherwise
