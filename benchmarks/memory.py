@@ -42,7 +42,10 @@ import json, sys, tempfile, time
 from pathlib import Path
 model_dir, backend, out = sys.argv[1], sys.argv[2], sys.argv[3]
 folders = [Path(p) for p in sys.argv[4:]]
-from clipsearch.checkpoints import load_bundle
+try:  # as `clipsearch index` opens it: the torch model is built only if a step needs it
+    from clipsearch.checkpoints import open_bundle as load_bundle
+except ImportError:  # an older checkout (--before runs): loaded up front
+    from clipsearch.checkpoints import load_bundle
 from clipsearch.indexer import index_paths
 from clipsearch.store import Library
 
@@ -59,7 +62,7 @@ with tempfile.TemporaryDirectory() as tmp, Library.open(Path(tmp) / "lib.db", cr
 elapsed = time.perf_counter() - start
 hwm = next(int(l.split()[1]) / 1024 for l in open("/proc/self/status") if l.startswith("VmHWM"))
 Path(out).write_text(json.dumps({
-    "loaded_mb": loaded, "hwm_mb": hwm, "images": report.embedded, "failed": len(report.failed),
+    "loaded_mb": loaded, "torch": "torch" in sys.modules, "hwm_mb": hwm, "images": report.embedded, "failed": len(report.failed),
     "duplicates": report.duplicates, "seconds": elapsed, "backend": report.backend,
 }))
 """
@@ -149,8 +152,18 @@ def main(argv=None) -> int:
         help="two more rows: the smallest size with an empty CLIPSEARCH_HOME (settles on its photos), then "
         "the background settle that exports and measures, as a process of its own",
     )
+    ap.add_argument(
+        "--tree",
+        type=Path,
+        help="measure the clipsearch of another checkout (put first on PYTHONPATH of every child; give "
+        "it its own --work): before/after side by side",
+    )
     ap.add_argument("--prepare", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.tree is not None:
+        os.environ["PYTHONPATH"] = os.pathsep.join(
+            [str(args.tree.resolve()), os.environ.get("PYTHONPATH", "")]
+        )
     set_home(args.work)
     sizes = sorted(int(s) for s in args.sizes.split(","))
     if args.prepare:
@@ -209,10 +222,11 @@ def main(argv=None) -> int:
         f"(random weights), batch 32; photos on disk {prep['disk_gb']:.1f} GB"
     )
     print(f"# {prep['machine']}; load average {load_start:.1f} before, {load_end:.1f} after")
+    print(f"# clipsearch from {args.tree or 'this checkout'}")
     print(
-        "| backend | photos | RSS after model load MB | peak RSS MB (rusage) | peak (VmHWM) MB | images/s |"
+        "| backend | photos | RSS after model open MB | torch imported | peak RSS MB (rusage) | peak (VmHWM) MB | images/s |"
     )
-    print("|---|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---|---:|---:|---:|")
     for name, n, peak, r in rows:
         ips = r["images"] / r["seconds"] if r["seconds"] else float("nan")
         label = name if name == r["backend"] else f"{name} ({r['backend']})"
@@ -220,7 +234,10 @@ def main(argv=None) -> int:
             label = f"auto ({r['backend']}), first run: settles on its photos, exports nothing"
         if name == "settle":
             label = f"then `python -m clipsearch.settle` (exports, quantises, measures: {r['seconds']:.0f} s; background)"
-        print(f"| {label} | {n} | {r['loaded_mb']:.0f} | {peak:.0f} | {r['hwm_mb']:.0f} | {ips:.1f} |")
+        imported = {True: "yes", False: "no"}.get(r.get("torch"), "yes")  # settle always does
+        print(
+            f"| {label} | {n} | {r['loaded_mb']:.0f} | {imported} | {peak:.0f} | {r['hwm_mb']:.0f} | {ips:.1f} |"
+        )
     print(f"\n({time.perf_counter() - started:.0f} s in all, photos made and deleted included)")
     return 0
 

@@ -34,6 +34,7 @@ import json
 import logging
 import os
 import re
+import sys
 import time
 import warnings
 from collections.abc import Callable, Mapping
@@ -51,7 +52,12 @@ log = logging.getLogger(__name__)
 
 MIN_COSINE = 0.995  # the fidelity every fast path must keep against torch-fp32, on every image
 VERDICT_FILE = "verdict.json"
-_VERDICT_VERSION = 4  # 2: the device is part of the environment; 3: ONNX sessions do not spin; 4: int8 export
+_VERDICT_VERSION = (
+    5  # 2: device in the environment; 3: ONNX sessions do not spin; 4: int8 export; 5: read without torch
+)
+# A process that embeds with ONNX Runtime never imports PyTorch (seconds on a small CPU) nor holds the
+# torch model; so ONNX is kept unless a torch backend is more than this much faster per image.
+TORCH_FREE_MARGIN = 0.15
 # ONNX int8 weights: one scale per output channel, 7-bit range. With the full 8-bit range ONNX
 # Runtime's u8 x s8 kernels can saturate their 16-bit intermediate sums on CPUs without VNNI, and
 # ViT-B/32 fell to cosine 0.990 to fp32 (tiny-vit 0.990); with these, 0.9997 (tiny-vit 0.9999).
@@ -226,18 +232,28 @@ def _make_torch_int8(bundle, threads, directory):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.ao.quantization announces its move to torchao
         visual = quantize_dynamic(
-            copy.deepcopy(_fp32_visual(bundle.model)), {torch.nn.Linear}, dtype=torch.qint8
+            _shallow_tower(_fp32_visual(bundle.model)), {torch.nn.Linear}, dtype=torch.qint8, inplace=True
         )
     return TorchImageEncoder("torch-int8", visual, torch.float32, torch.device("cpu"), threads)
 
 
+def _shallow_tower(tower):
+    """A copy of ``tower``'s module tree that shares every parameter and buffer with it.
+
+    Quantising it in place swaps its own ``nn.Linear`` modules for int8 ones and leaves the model's
+    untouched, so the int8 tower costs its int8 weights only, not a second fp32 copy of the tower.
+    """
+    shared = {id(t): t for t in [*tower.parameters(), *tower.buffers()]}
+    return copy.deepcopy(tower, memo=shared)
+
+
 def image_onnx_path(bundle, directory: Path | None = None) -> Path:
     """Export the image tower to ``<cache>/image-fp32.onnx`` unless it is there; returns its path."""
-    import torch
-
     directory = Path(directory or cache_dir(bundle.model_id))
     target = directory / "image-fp32.onnx"
     if not target.is_file():
+        import torch
+
         size = bundle.model.visual.input_resolution
         example = torch.zeros(2, 3, size, size)  # [B, 3, H, W]; B stays free in the graph
         tower = _fp32_visual(bundle.model)
@@ -309,19 +325,46 @@ def cpu_has_fast_bf16() -> bool:
     """Whether this CPU computes bf16 matrix products natively (AVX512-bf16 or AMX).
 
     Elsewhere PyTorch emulates bf16 and it is slower than fp32, so ``auto`` does not even try it.
+    Read from ``/proc/cpuinfo`` (no torch import); elsewhere asked of PyTorch only when it is loaded.
     """
-    try:
-        import torch
-
-        if torch.backends.cpu.get_cpu_capability() == "AMX":  # reported only on Sapphire Rapids and later
-            return True
-    except (ImportError, AttributeError):
-        pass
     try:
         flags = Path("/proc/cpuinfo").read_text(errors="replace")
     except OSError:
-        return False
+        torch = sys.modules.get("torch")
+        try:
+            return torch is not None and torch.backends.cpu.get_cpu_capability() == "AMX"
+        except AttributeError:
+            return False
     return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", flags))
+
+
+# The CPU features that decide which kernels PyTorch and ONNX Runtime run (and so a verdict's speeds).
+_KERNEL_FLAGS = (
+    "avx",
+    "avx2",
+    "fma",
+    "avx512f",
+    "avx512_vnni",
+    "avx_vnni",
+    "avx512_bf16",
+    "amx_bf16",
+    "amx_int8",
+)
+
+
+def cpu_description() -> str:
+    """This CPU as a verdict depends on it, without importing torch: model name and kernel features."""
+    import platform
+
+    try:
+        info = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        return f"{platform.machine()} {platform.processor()}".strip()
+    name = re.search(r"^model name\s*:\s*(.+)$", info, re.M)
+    flags = re.search(r"^flags\s*:\s*(.+)$", info, re.M)
+    have = set(flags.group(1).split()) if flags else set()
+    kept = [f for f in _KERNEL_FLAGS if f in have]
+    return " ".join([name.group(1).strip() if name else platform.machine(), *kept])
 
 
 def cuda_has_bf16() -> bool:
@@ -357,12 +400,23 @@ def plan_backends(
     return names
 
 
+def placement(bundle) -> tuple[str, str]:
+    """``(device, dtype name)`` of ``bundle``'s model, e.g. ``("cpu", "float32")``: asked of the
+    bundle when it knows them without loading (:class:`clipsearch.checkpoints.LazyBundle`), else of
+    the model."""
+    known = getattr(bundle, "placement", None)
+    if known is not None:
+        return known
+    return str(bundle.model.device), str(bundle.model.dtype).removeprefix("torch.")
+
+
 def auto_plan(bundle) -> list[str] | None:
     """:func:`plan_backends` for ``bundle``'s model on this machine."""
-    device_type = bundle.model.device.type
+    device, dtype_name = placement(bundle)
+    device_type = device.split(":")[0]
     return plan_backends(
         device_type,
-        str(bundle.model.dtype).removeprefix("torch."),
+        dtype_name,
         cpu_fast_bf16=device_type == "cpu" and cpu_has_fast_bf16(),
         cuda_bf16=device_type == "cuda" and cuda_has_bf16(),
     )
@@ -459,29 +513,37 @@ def measure(
 
 
 def _environment(threads: int | None, device=None) -> dict:
-    """What a cached verdict depends on besides the model: a change means measuring again."""
+    """What a cached verdict depends on besides the model: a change means measuring again.
+
+    Read without importing torch (versions from the installed packages' metadata, the CPU from the
+    system), so a run whose verdict says ONNX never loads PyTorch. ``device``: a ``torch.device``
+    or its name (``"cpu"``, ``"cuda:0"``).
+    """
     import importlib.metadata
 
-    import torch
+    def version(package: str) -> str | None:
+        try:
+            return importlib.metadata.version(package)  # without importing it (slow imports both)
+        except importlib.metadata.PackageNotFoundError:
+            return None  # its backends then fail to build: recorded, never chosen
 
-    try:
-        ort_version = importlib.metadata.version("onnxruntime")  # without importing it (a slow import)
-    except importlib.metadata.PackageNotFoundError:
-        ort_version = None  # the ONNX backends then fail to build: recorded, never chosen
     env = {
         "version": _VERDICT_VERSION,
-        "torch": torch.__version__,
-        "onnxruntime": ort_version,
-        "cpu": torch.backends.cpu.get_cpu_capability(),
+        "torch": version("torch"),
+        "onnxruntime": version("onnxruntime"),
+        "cpu": cpu_description(),
         "cores": os.cpu_count(),
         "threads": threads,
         "device": "cpu",
     }
-    if device is not None and device.type != "cpu":
+    name = "cpu" if device is None else str(device)
+    if name != "cpu":
         # a verdict measured on the CPU (or another GPU) says nothing about this one
-        env["device"] = str(device)
-        if device.type == "cuda":
-            env["gpu"] = torch.cuda.get_device_name(device)
+        env["device"] = name
+        if name.startswith("cuda"):
+            import torch  # loaded already: the model is on that GPU
+
+            env["gpu"] = torch.cuda.get_device_name(torch.device(name))
     return env
 
 
@@ -531,24 +593,46 @@ def release_memory() -> None:
     trim(0)
 
 
+def pick(measured, margin: float = TORCH_FREE_MARGIN) -> str:
+    """The backend to keep among ``measured`` (:class:`Measurement`): the fastest faithful one, except
+    that the fastest faithful ONNX backend is kept over a torch one less than ``margin`` faster (an
+    ONNX run neither imports PyTorch nor holds the torch model: start-up and memory count too).
+    ``torch-fp32`` when nothing is faithful. A pure function."""
+    faithful = [m for m in measured if m.faithful and m.images_per_s]
+    if not faithful:
+        return "torch-fp32"
+    best = max(faithful, key=lambda m: m.images_per_s)
+    onnx = [m for m in faithful if m.name.startswith("onnx-")]
+    if onnx and not best.name.startswith("onnx-"):
+        best_onnx = max(onnx, key=lambda m: m.images_per_s)
+        if best_onnx.images_per_s * (1 + margin) >= best.images_per_s:
+            return best_onnx.name
+    return best.name
+
+
 def choose_backend(
     bundle,
     *,
     threads: int | None = None,
     candidates: Mapping[str, Factory] | None = None,
     batch=None,
+    done_with_model: Callable[[], None] | None = None,
 ) -> tuple[str, dict[str, Measurement]]:
     """Measure the candidates once (cached) and return ``(fastest faithful name, all measurements)``.
 
     ``candidates`` maps names to factories (default: :func:`default_candidates` from
     :data:`BACKENDS`); ``torch-fp32`` is always measured, as the reference. A backend whose worst
     calibration image falls below :data:`MIN_COSINE`, or that fails to build or run, is never chosen.
+    The torch backends are measured first, then the image tower is exported to ONNX, then the ONNX
+    backends (quantisation included) are built from that file alone: ``done_with_model()``, when
+    given, is called in between, so a caller that owns the model (:mod:`clipsearch.settle`) can free
+    it before ONNX Runtime's quantiser needs its own gigabyte.
     """
     if candidates is None:
         candidates = {name: _all_backends()[name] for name in default_candidates(bundle)}
     candidates = {"torch-fp32": BACKENDS["torch-fp32"], **candidates}
     directory = cache_dir(bundle.model_id)
-    env = _environment(threads, bundle.model.device)
+    env = _environment(threads, placement(bundle)[0])
     verdict_path = directory / VERDICT_FILE
     results = {k: v for k, v in _read_verdict(verdict_path, env).items() if k in candidates}
     missing = [name for name in candidates if name not in results]
@@ -557,7 +641,17 @@ def choose_backend(
             batch = calibration_batch(bundle)
         reference = candidates["torch-fp32"](bundle, threads, directory)(batch)
         release_memory()
+        from_file = [n for n in missing if candidates[n] in (_make_onnx_fp32, _make_onnx_int8)]
+        missing = [n for n in missing if n not in from_file] + from_file  # those needing the model first
         for name in missing:
+            if name == (from_file or [None])[0] and done_with_model is not None:
+                try:
+                    image_onnx_path(bundle, directory)
+                except build_failures() as e:  # the ONNX factories fail and record it below
+                    log.info("no ONNX export of the image tower: %s", describe_error(e))
+                else:
+                    done_with_model()
+                    release_memory()
             try:
                 encoder = candidates[name](bundle, threads, directory)
                 results[name] = measure(encoder, batch, reference, name=name)
@@ -568,8 +662,8 @@ def choose_backend(
                 # One candidate at a time: the next export starts from the model's own footprint.
                 encoder = None
                 release_memory()
-    faithful = [m for m in results.values() if m.faithful and m.images_per_s]
-    chosen = max(faithful, key=lambda m: m.images_per_s).name if faithful else "torch-fp32"
+            log.info("measured %s", results[name])
+    chosen = pick(results.values())
     if missing:
         _write_verdict(verdict_path, env, results, chosen)
     return chosen, results
@@ -611,9 +705,17 @@ def make_image_encoder(
         order = [name, *(m.name for m in faithful if m.name != "torch-fp32")]
         for candidate in order:
             try:
-                return table[candidate](bundle, threads, directory)
-            except build_failures():
+                encoder = table[candidate](bundle, threads, directory)
+            except build_failures() as e:
+                log.info(
+                    "backend %s cannot run now (%s); trying the next faithful one",
+                    candidate,
+                    describe_error(e),
+                )
                 continue  # the next faithful backend, torch-fp32 at the end
+            log.info("image backend: %s (the measured verdict for this model and machine)", candidate)
+            return encoder
+        log.info("image backend: torch-fp32 (no faithful backend of the verdict builds)")
         return table["torch-fp32"](bundle, threads, directory)
     if backend not in table:
         raise BackendError(f"unknown inference backend {backend!r}; use auto or one of {', '.join(table)}")
@@ -720,9 +822,18 @@ def backend_names() -> tuple[str, ...]:
     return tuple(_all_backends())
 
 
+def cached_choice(bundle, *, threads: int | None = None) -> str | None:
+    """The backend ``auto`` would take for ``bundle`` from its cached verdict (no measuring, no torch
+    import), None when the verdict is missing or stale."""
+    if needs_measuring(bundle, threads=threads):
+        return None
+    env = _environment(threads, placement(bundle)[0])
+    return pick(_read_verdict(cache_dir(bundle.model_id) / VERDICT_FILE, env).values())
+
+
 def needs_measuring(bundle, *, threads: int | None = None) -> bool:
     """Whether ``make_image_encoder(bundle, "auto")`` will measure (seconds to a minute) first."""
-    env = _environment(threads, bundle.model.device)
+    env = _environment(threads, placement(bundle)[0])
     known = _read_verdict(cache_dir(bundle.model_id) / VERDICT_FILE, env)
     return any(name not in known for name in ["torch-fp32", *default_candidates(bundle)])
 

@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "ModelBundle",
+    "LazyBundle",
+    "open_bundle",
     "load",
     "load_bundle",
     "save_model",
@@ -85,6 +87,87 @@ class ModelBundle:
         from clipsearch.transform import image_transform
 
         return image_transform(self.preprocess_cfg)
+
+
+class LazyBundle:
+    """A :class:`ModelBundle` whose torch model is built only when something first asks for it.
+
+    Everything a run may need without the model is known from the identity, without torch:
+    ``model_id``, ``config``, ``preprocess_cfg``/``preprocess``, ``identity`` and ``placement``
+    (``("cpu", "float32")``). An index run whose backend verdict says ONNX embeds with ONNX Runtime
+    from the exported tower and never touches ``model``; the first access to ``model`` or
+    ``tokenizer`` loads the real bundle (``load()``, which may import torch) and says so in the log.
+    Only for models on the CPU in fp32 whose architecture is known without reading the weights:
+    :func:`open_bundle` decides.
+    """
+
+    def __init__(self, identity: ModelIdentity, load: Callable[[], ModelBundle]):
+        self.identity = identity
+        self.model_id = identity.model_id
+        self.config = identity.model_cfg
+        self.preprocess_cfg = identity.preprocess_cfg
+        self.placement = ("cpu", "float32")
+        self._load = load
+        self._bundle: ModelBundle | None = None
+
+    @property
+    def loaded(self) -> bool:
+        """Whether the torch model has been built (by an access to ``model`` or ``tokenizer``)."""
+        return self._bundle is not None
+
+    def _loaded(self) -> ModelBundle:
+        if self._bundle is None:
+            log.info("loading %s in torch (a step needs the model itself)", self.identity.source)
+            self._bundle = self._load()
+        return self._bundle
+
+    @property
+    def model(self):
+        return self._loaded().model
+
+    @property
+    def tokenizer(self):
+        return self._loaded().tokenizer
+
+    @property
+    def preprocess(self) -> Callable:
+        from clipsearch.transform import image_transform
+
+        return image_transform(self.preprocess_cfg)
+
+
+def open_bundle(
+    source: str | Path,
+    device: str = "cpu",
+    *,
+    library=None,
+    load: Callable[[str], ModelBundle] | None = None,
+) -> ModelBundle | LazyBundle:
+    """``source`` as a bundle whose model loads when first used (:class:`LazyBundle`) where that is
+    possible without torch, else loaded now (:func:`load_bundle`, or ``load(device)``: the CLI's, with
+    its download progress bar).
+
+    Lazy when the device is the CPU (``auto`` counts when :func:`clipsearch.devices.resolve_device_without_torch`
+    can tell there is no accelerator), the weights are on this machine and the architecture is known
+    without reading them; otherwise (a download, a GPU, a bare weights file never loaded) the
+    model is loaded here, as before.
+    """
+    from clipsearch.devices import resolve_device_without_torch
+
+    def load_now(on: str) -> ModelBundle:
+        if load is not None:
+            return load(on)
+        from clipsearch.devices import resolve_device
+
+        return load_bundle(source, device=resolve_device(on), library=library)
+
+    cpu = resolve_device_without_torch(device) == "cpu"
+    identity = identify(source)
+    if not cpu or not identity.weights.is_file() or identity.model_cfg is None:  # a download, a GPU, a guess
+        return load_now(device)
+    if library is not None:
+        identity = dataclasses.replace(identity, model_id=library_model_id(library, identity))
+    return LazyBundle(identity, lambda: load_now("cpu"))
 
 
 def load(source: str | Path, device: str = "cpu", **kwargs) -> tuple[Any, Callable, Callable]:

@@ -349,18 +349,24 @@ def _model_loader(device: str):
     return lambda source, library: _load_bundle(source, device=device, library=library)
 
 
+def _open_bundle(source: str, quiet: bool = False, device: str = "cpu", library=None):
+    """The model as :func:`clipsearch.checkpoints.open_bundle` gives it: built in torch only when a
+    step needs it (an ONNX export answers otherwise), loaded through :func:`_load_bundle` (progress
+    bar, errors in one line) when it is."""
+    from clipsearch.checkpoints import open_bundle
+
+    return open_bundle(
+        source,
+        device,
+        library=library,
+        load=lambda on: _load_bundle(source, quiet=quiet, device=on, library=library),
+    )
+
+
 def _source_for_record(source: str) -> str:
     """How to find the model again later: a path model is recorded as an absolute path."""
     p = Path(source).expanduser()
     return str(p.resolve()) if p.exists() else source
-
-
-def _library_bundle(library, model: str | None, device: str = "cpu"):
-    """The model to query with: ``--model`` when given, else the one the library was indexed with."""
-    if model is not None:
-        return _load_bundle(model, device=device, library=library)
-    model_id = library.require_default_model()
-    return _load_bundle(library.model_source(model_id), device=device, library=library)
 
 
 def _device_option(help_text: str):
@@ -587,7 +593,7 @@ def index(
 
             if not walk(list(paths), exclude=exclude, include_hidden=include_hidden).files:
                 raise _no_images(paths)
-        bundle = _load_bundle(model, quiet=as_json, device=device, library=library)
+        bundle = _open_bundle(model, quiet=as_json, device=device, library=library)
         progress = _IndexProgress(enabled=not as_json)
         try:
             report = index_paths(
@@ -1146,6 +1152,7 @@ def label(
 
     Results are stored in the library; labelling again with the same classes replaces them.
     """
+    from clipsearch.encoders import ModelEncoder, for_texts
     from clipsearch.zeroshot import DEFAULT_TEMPLATES, check_classes, check_templates, label_images
 
     names = check_classes(_read_classes(classes, classes_file))
@@ -1161,10 +1168,13 @@ def label(
                 style="dim",
             )
     with _open_existing(state) as library:
-        bundle = _library_bundle(library, model, device=device)
+        if model is not None:  # a model named: in torch, as for query --model
+            texts = ModelEncoder(_load_bundle(model, device=device, library=library))
+        else:  # the library's model: its torch-free text export when there is one
+            texts = for_texts(library, load_model=_model_loader(device), torch_free=device in ("auto", "cpu"))
         results = label_images(
             library,
-            bundle,
+            texts,
             names,
             templates=chosen,
             top_k=top_k if top_k is not None else (None if multi_label else 1),

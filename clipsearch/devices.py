@@ -42,6 +42,30 @@ def pick_device(requested: str, *, cuda: bool, mps: bool) -> str:
     return requested
 
 
+def accelerator_possible(system: str, exists) -> bool:
+    """Whether PyTorch could see an accelerator on this machine, judged without importing it: a pure
+    function of the OS name (``platform.system()``) and ``exists(path)``. False only where no GPU
+    driver is present (Linux without NVIDIA's or ROCm's device nodes, Windows-WSL without /dev/dxg);
+    macOS may have MPS, and other systems are not judged (True: ask torch)."""
+    if system != "Linux":
+        return True
+    return any(exists(p) for p in ("/proc/driver/nvidia", "/dev/nvidiactl", "/dev/kfd", "/dev/dxg"))
+
+
+def resolve_device_without_torch(requested: str = "auto") -> str | None:
+    """``requested`` resolved where that needs no torch (``cpu``, or ``auto`` on a machine with no GPU
+    driver: the CPU), else None (ask :func:`resolve_device`)."""
+    import os
+    import platform
+
+    if requested == "cpu":
+        return "cpu"
+    if requested == "auto" and not accelerator_possible(platform.system(), os.path.exists):
+        logger.info("device: cpu (asked for auto; no GPU driver on this machine)")
+        return "cpu"
+    return None
+
+
 def resolve_device(requested: str = "auto") -> str:
     """:func:`pick_device` for this machine (imports torch; ``cpu`` never asks it)."""
     if requested == "cpu":

@@ -192,11 +192,31 @@ def choose(
     name = library.model_name(model_id)
     kinds = {p.kind for p in query.parts}
     if "image" in kinds:
-        log.info("encoder: the model %s in torch (the query has image files)", name)
-        return ModelEncoder(load_model(library.model_source(model_id), library))
+        return for_images(
+            library,
+            load_model=load_model,
+            torch_free=torch_free,
+            texts="text" in kinds,
+            text_encoder=text_encoder,
+        )
     if "text" not in kinds:
         log.info("encoder: none (every part is a stored vector of %s)", name)
         return QueryEncoder(model_id)
+    return for_texts(library, load_model=load_model, torch_free=torch_free, text_encoder=text_encoder)
+
+
+def for_texts(
+    library: Library,
+    *,
+    load_model: LoadModel,
+    torch_free: bool = True,
+    text_encoder: Callable[[str], ExportedTextEncoder] = ExportedTextEncoder,
+) -> QueryEncoder:
+    """The text encoder of ``library``'s own model: its torch-free export when there is one (and
+    ``torch_free``), else the model loaded in torch (``load_model``, as in :func:`choose`). Logs which
+    and why. Queries and zero-shot labels (``clipsearch label``) both come here."""
+    model_id = library.require_default_model()
+    name = library.model_name(model_id)
     if not torch_free:
         log.info("encoder: the model %s in torch (a device was named with --device)", name)
         return ModelEncoder(load_model(library.model_source(model_id), library))
@@ -213,6 +233,83 @@ def choose(
         return encoder
     log.info("encoder: the model %s in torch (%s)", name, why)
     return ModelEncoder(load_model(library.model_source(model_id), library))
+
+
+class ExportedImageEncoder(QueryEncoder):
+    """Image files through the model's ONNX export (the backend its verdict chose), texts through
+    ``texts`` (another :class:`QueryEncoder`): no torch when both are exports."""
+
+    name = TORCH_FREE
+
+    def __init__(self, model_id: str, preprocess_cfg, image_encoder, texts: QueryEncoder | None = None):
+        from clipsearch.transform import image_transform
+
+        super().__init__(model_id)
+        self._transform = image_transform(preprocess_cfg)
+        self._images = image_encoder
+        self._texts = texts
+
+    def texts(self, texts: Sequence[str]) -> np.ndarray:
+        if self._texts is None:
+            return super().texts(texts)
+        return self._texts.texts(texts)
+
+    def images(self, paths: Sequence[str]) -> np.ndarray:
+        import numpy as np
+
+        pixels = np.stack([self._transform.array(_open_query_image(p)) for p in paths])  # [I, 3, H, W]
+        feats = self._images(pixels)  # [I, D]
+        return feats / np.maximum(np.linalg.norm(feats, axis=1, keepdims=True), 1e-12)
+
+
+def for_images(
+    library: Library,
+    *,
+    load_model: LoadModel,
+    torch_free: bool = True,
+    texts: bool = False,
+    text_encoder: Callable[[str], ExportedTextEncoder] = ExportedTextEncoder,
+) -> QueryEncoder:
+    """The encoder of ``library``'s own model for image files (and texts when ``texts``): its ONNX
+    image export when the model's backend verdict on this machine chose one (and ``torch_free``),
+    else the model in torch. Logs which and why."""
+    model_id = library.require_default_model()
+    name = library.model_name(model_id)
+    source = library.model_source(model_id)
+    why = "a device was named with --device"
+    if torch_free:
+        from clipsearch import backends
+        from clipsearch.checkpoints import LazyBundle, open_bundle
+        from clipsearch.errors import ClipsearchError
+
+        try:
+            bundle = open_bundle(source, "cpu", library=library, load=lambda on: load_model(source, library))
+        except ClipsearchError as e:
+            bundle, why = None, f"its model cannot be opened without torch: {e}"
+        if isinstance(bundle, LazyBundle):
+            chosen = backends.cached_choice(bundle)
+            if chosen is not None and chosen.startswith("onnx-"):
+                try:
+                    images = backends.make_image_encoder(bundle, chosen)
+                except backends.BackendError as e:
+                    why = f"its {chosen} export does not run here ({e})"
+                else:
+                    words = None
+                    if texts:
+                        words = for_texts(library, load_model=load_model, text_encoder=text_encoder)
+                    log.info("encoder: image files through the %s export of %s", chosen, name)
+                    return ExportedImageEncoder(model_id, bundle.preprocess_cfg, images, words)
+            else:
+                why = f"its backend verdict here is {chosen or 'not measured yet'}, not ONNX"
+        elif (
+            bundle is not None
+        ):  # loaded already: a GPU, a download, an architecture known from its weights only
+            log.info(
+                "encoder: the model %s in torch (the query has image files; it opens only in torch)", name
+            )
+            return ModelEncoder(bundle)
+    log.info("encoder: the model %s in torch (the query has image files; %s)", name, why)
+    return ModelEncoder(load_model(source, library))
 
 
 def encode(query: Query, encoder: QueryEncoder, library: Library) -> np.ndarray:

@@ -254,7 +254,10 @@ def index_paths(
             present = [p for p in paths if os.path.lexists(p)]
             found = walk(present, exclude=exclude, include_hidden=include_hidden)
             emit({"event": "scan", "found": len(found.files)})
-            n_workers = workers or default_workers(bundle.model.device.type, os.cpu_count() or 1)
+            from clipsearch.backends import placement
+
+            device_type = placement(bundle)[0].split(":")[0]
+            n_workers = workers or default_workers(device_type, os.cpu_count() or 1)
             run = _Run(library, bundle, report, batch_size, n_workers, emit, max_pixels, backend)
             run.execute(found, missing, prune)
             if update_vectors:
@@ -269,6 +272,8 @@ def index_paths(
                 f"{e}; the batches done so far are saved: fix the cause and run index again"
             ) from e
     report.seconds = time.monotonic() - started
+    if not getattr(bundle, "loaded", True):  # a LazyBundle whose exports did all the work
+        logger.info("model %s not loaded: its ONNX export embedded (torch not needed)", model_id)
     emit({"event": "done"})
     return report
 
@@ -331,11 +336,16 @@ class _Run:
         self.batch_size = batch_size
         self.workers = max(1, workers)
         self.emit = emit
-        self.preprocess = bundle.preprocess
+        cfg = getattr(bundle, "preprocess_cfg", None)
+        if cfg is not None:  # numpy pixels: the same for every backend, and no torch for ONNX Runtime
+            from clipsearch.transform import image_transform
+
+            self.preprocess = image_transform(cfg).array
+        else:  # a bare model with its own transform (tensors)
+            self.preprocess = bundle.preprocess
         self.backend = backend
         self.encoder = None  # chosen in execute(), once some file needs the model
         self.encoder_failures: tuple[type[BaseException], ...] = ()  # what means "the backend broke"
-        cfg = getattr(bundle, "preprocess_cfg", None)
         # JPEGs decode at a reduced scale that still covers the model's input (see open_image).
         self.draft_size = getattr(cfg, "image_size", None)
         self.max_pixels = max_pixels
@@ -539,11 +549,9 @@ class _Run:
         self.emit({"event": "advance", "n": 1})
 
     def _embed(self, results: list[_Result]) -> np.ndarray:
-        import torch
-
         if self.encoder is not None:
             try:
-                feats = self.encoder(torch.stack([r.tensor for r in results]))  # [B, D] numpy
+                feats = self.encoder(_stack([r.tensor for r in results]))  # [B, D] numpy
             except self.encoder_failures as e:
                 from clipsearch.backends import BackendError, describe_error
 
@@ -559,10 +567,14 @@ class _Run:
             else:
                 self.report.backend = self.encoder.name
                 return feats / np.maximum(np.linalg.norm(feats, axis=1, keepdims=True), 1e-12)
+        import torch
+
         self.report.backend = "model"
         model = self.bundle.model
         with torch.inference_mode():
-            x = torch.stack([r.tensor for r in results]).to(model.device, model.dtype)  # [B, 3, H, W]
+            x = torch.as_tensor(_stack([r.tensor for r in results])).to(
+                model.device, model.dtype
+            )  # [B, 3, H, W]
             feats = model.encode_image(x).float()  # [B, D]
             feats = feats / feats.norm(dim=-1, keepdim=True).clamp_min(1e-12)
         return feats.cpu().numpy()
@@ -659,6 +671,16 @@ class _Run:
 
 
 METADATA_BATCH = 500  # rows per transaction while filling metadata in
+
+
+def _stack(pixels: list):
+    """Preprocessed images ``[3, H, W]`` -> one batch ``[B, 3, H, W]``: numpy arrays stay numpy (no
+    torch import on the ONNX path); tensors (a bare model's own transform) stay tensors."""
+    if all(isinstance(p, np.ndarray) for p in pixels):
+        return np.stack(pixels)
+    import torch
+
+    return torch.stack([torch.as_tensor(p) for p in pixels])
 
 
 def refresh_metadata(library: Library, roots: Sequence[Path], workers: int = 4) -> int:

@@ -63,10 +63,13 @@ def _try_lock(model_id: str) -> int | None:
     return fd
 
 
-def settle(bundle, *, locked: bool = False) -> str | None:
-    """Measure the backends (exports and quantisation included) and export the text tower, unless
+def settle(bundle, *, locked: bool = False, own_model: bool = False) -> str | None:
+    """Export the text tower and measure the backends (exports and quantisation included), unless
     another process is doing it. Returns the chosen backend's name, None when another process holds
-    the lock. ``locked``: the caller already holds it (the background child inherits it)."""
+    the lock. ``locked``: the caller already holds it (the background child inherits it).
+    ``own_model``: nothing else uses ``bundle`` (the background child): its text tower is dropped once
+    exported and the whole model once the ONNX export is written, which keeps the peak of this
+    process down (``benchmarks/memory.md``); ``bundle.model`` is None afterwards."""
     from clipsearch import backends
     from clipsearch.encoders import export_text_encoder
 
@@ -77,14 +80,29 @@ def settle(bundle, *, locked: bool = False) -> str | None:
             log.info("another process is settling %s", bundle.name)
             return None
     try:
-        chosen, results = backends.choose_backend(bundle)
+        export_text_encoder(bundle)  # a failure is a logged warning: queries then load the model
+        if own_model:
+            _drop_text_tower(bundle.model)
+            backends.release_memory()
+
+        def drop_model():
+            bundle.model = None  # the reference features are taken; ONNX Runtime needs only the file
+
+        chosen, results = backends.choose_backend(bundle, done_with_model=drop_model if own_model else None)
         log.info("backend verdict for %s: %s (%s)", bundle.name, chosen, list(results.values()))
         backends.release_memory()
-        export_text_encoder(bundle)  # a failure is a logged warning: queries then load the model
         return chosen
     finally:
         if fd is not None:
             os.close(fd)
+
+
+def _drop_text_tower(model) -> None:
+    """Free ``model``'s text tower in place (what remains still encodes images)."""
+    for name in ("transformer", "token_embedding", "ln_final"):
+        setattr(model, name, None)
+    for name in ("positional_embedding", "text_projection"):
+        setattr(model, name, None)
 
 
 def start_in_background(source: str, model_id: str) -> subprocess.Popen | None:
@@ -141,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     from clipsearch.checkpoints import load_bundle
 
     bundle = load_bundle(args.source)
-    chosen = settle(bundle, locked=args.lock_fd is not None)
+    chosen = settle(bundle, locked=args.lock_fd is not None, own_model=True)
     log.info("settled %s: %s", bundle.name, chosen or "another process is at it")
     return 0
 

@@ -76,16 +76,25 @@ def _resample(name: str):
     return Image.Resampling.BICUBIC if name == "bicubic" else Image.Resampling.BILINEAR
 
 
-def _to_normalised_tensor(img, mean, std):
-    """RGB PIL image -> float Tensor [3, H, W]: /255 then (x - mean) / std, as ToTensor + Normalize."""
+def to_normalised_array(img, mean, std):
+    """RGB PIL image -> ``float32 [3, H, W]`` numpy: /255 then (x - mean) / std, as ToTensor + Normalize.
+
+    The one implementation: the torch transform wraps this array (torch-free callers use it as it is).
+    """
     import numpy as np
+
+    x = np.asarray(img, dtype=np.uint8).transpose(2, 0, 1).astype(np.float32)  # [3, H, W]
+    x /= np.float32(255)
+    x -= np.asarray(mean, np.float32).reshape(3, 1, 1)
+    x /= np.asarray(std, np.float32).reshape(3, 1, 1)
+    return x
+
+
+def _to_normalised_tensor(img, mean, std):
+    """RGB PIL image -> float Tensor [3, H, W] (:func:`to_normalised_array`)."""
     import torch
 
-    arr = np.asarray(img, dtype=np.uint8)  # [H, W, 3]
-    x = torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div(255)  # [3, H, W]
-    m = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
-    s = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
-    return x.sub_(m).div_(s)
+    return torch.from_numpy(to_normalised_array(img, mean, std))
 
 
 class EvalTransform:
@@ -137,6 +146,10 @@ class EvalTransform:
 
     def __call__(self, img):
         return _to_normalised_tensor(self.resize_and_crop(img), self.cfg.mean, self.cfg.std)
+
+    def array(self, img):
+        """The same as a call, as ``float32 [3, S, S]`` numpy (no torch: ONNX Runtime's input)."""
+        return to_normalised_array(self.resize_and_crop(img), self.cfg.mean, self.cfg.std)
 
 
 def _box_of_full_image(covers, size, full):

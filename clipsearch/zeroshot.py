@@ -152,6 +152,30 @@ def check_classes(classnames: Sequence[str]) -> list[str]:
     return out
 
 
+def ensemble_classifier(
+    encode_texts,
+    classnames: Sequence[str],
+    templates: Sequence[str] = DEFAULT_TEMPLATES,
+    batch_size: int = 256,
+) -> np.ndarray:
+    """The zero-shot weights ``float32 [D, C]`` from ``encode_texts(texts) -> normalised [n, D]``: per
+    class, the normalised mean of the normalised embeddings of every template filled with the class
+    name (the paper's ensembling). Any text encoder: the model in torch, or its torch-free export."""
+    classnames = check_classes(classnames)
+    templates = check_templates(templates)
+    texts = [t.format(c) for c in classnames for t in templates]  # class-major: [C * T]
+    feats = np.concatenate(
+        [
+            np.asarray(encode_texts(texts[start : start + batch_size]), np.float32)
+            for start in range(0, len(texts), batch_size)
+        ]
+    )
+    feats = feats.reshape(len(classnames), len(templates), -1)  # [C, T, D]
+    mean = feats.mean(axis=1)  # [C, D]
+    mean /= np.linalg.norm(mean, axis=-1, keepdims=True)
+    return np.ascontiguousarray(mean.T)  # [D, C]
+
+
 def build_classifier(
     model,
     tokenizer,
@@ -160,38 +184,33 @@ def build_classifier(
     device="cpu",
     batch_size: int = 256,
 ):
-    """The zero-shot weights ``Tensor [D, C]``: per class, the normalised mean of the normalised
-    text embeddings of every template filled with the class name (the paper's ensembling)."""
+    """:func:`ensemble_classifier` of ``model``'s text tower in torch: ``Tensor [D, C]`` on ``device``."""
     import torch
 
-    classnames = check_classes(classnames)
-    templates = check_templates(templates)
-    texts = [t.format(c) for c in classnames for t in templates]  # class-major: [C * T]
-    chunks = []
-    with torch.no_grad():
-        for start in range(0, len(texts), batch_size):
-            tokens = tokenizer(texts[start : start + batch_size]).to(device)
-            feats = model.encode_text(tokens).float()  # [b, D]
-            chunks.append(feats / feats.norm(dim=-1, keepdim=True))
-    feats = torch.cat(chunks).reshape(len(classnames), len(templates), -1)  # [C, T, D]
-    mean = feats.mean(dim=1)  # [C, D]
-    mean = mean / mean.norm(dim=-1, keepdim=True)
-    return mean.T.contiguous()  # [D, C]
+    def encode(texts):
+        with torch.no_grad():
+            feats = model.encode_text(tokenizer(texts).to(device)).float()  # [b, D]
+            return (feats / feats.norm(dim=-1, keepdim=True)).cpu().numpy()
+
+    return torch.from_numpy(ensemble_classifier(encode, classnames, templates, batch_size)).to(device)
 
 
 def classify(image_features, classifier, logit_scale: float = DEFAULT_LOGIT_SCALE):
     """Softmax class probabilities ``[N, C]`` of L2-normalised ``image_features [N, D]``.
 
-    Accepts numpy arrays or tensors (returns the same kind as ``image_features``).
+    Accepts numpy arrays (computed in numpy) or tensors (returns the same kind as ``image_features``).
     """
+    if isinstance(image_features, np.ndarray):
+        x = image_features.astype(np.float32, copy=False)
+        logits = logit_scale * (x @ np.asarray(classifier, np.float32))  # [N, C]
+        logits -= logits.max(axis=-1, keepdims=True)
+        e = np.exp(logits)
+        return e / e.sum(axis=-1, keepdims=True)
     import torch
 
-    as_numpy = isinstance(image_features, np.ndarray)
-    x = torch.as_tensor(np.asarray(image_features)) if as_numpy else image_features
     w = torch.as_tensor(np.asarray(classifier)) if isinstance(classifier, np.ndarray) else classifier
-    logits = logit_scale * (x.float() @ w.float().to(x.device))  # [N, C]
-    probs = logits.softmax(dim=-1)
-    return probs.numpy() if as_numpy else probs
+    logits = logit_scale * (image_features.float() @ w.float().to(image_features.device))  # [N, C]
+    return logits.softmax(dim=-1)
 
 
 def multi_label_probabilities(image_features, classifier, background, logit_scale=DEFAULT_LOGIT_SCALE):
@@ -222,7 +241,7 @@ class ImageLabels:
 
 def label_images(
     library,
-    bundle,
+    encoder,
     classes: Sequence[str],
     templates: Sequence[str] = DEFAULT_TEMPLATES,
     top_k: int = 1,
@@ -233,8 +252,10 @@ def label_images(
     logit_scale: float = DEFAULT_LOGIT_SCALE,
     filters=None,
 ) -> list[ImageLabels]:
-    """Zero-shot label the library's images from their stored embeddings of ``bundle.model_id``.
+    """Zero-shot label the library's images from their stored embeddings of ``encoder.model_id``.
 
+    ``encoder``: the text side, a :class:`clipsearch.encoders.QueryEncoder` (the torch-free export or
+    the model: :func:`clipsearch.encoders.for_texts` picks), or a model bundle (run in torch).
     Single-label: softmax over ``classes``, keep the ``top_k`` best (those at least ``threshold``).
     Multi-label: every class whose independent probability is at least ``threshold`` (default 0.5),
     best first, at most ``top_k`` when given. Images with no label left are returned with an empty
@@ -242,13 +263,17 @@ def label_images(
     ``under`` (a folder) and ``filters`` (a :class:`clipsearch.filters.PhotoFilter`) label only the
     photos they select.
     """
+    if not hasattr(encoder, "texts"):  # a bundle
+        from clipsearch.encoders import ModelEncoder
+
+        encoder = ModelEncoder(encoder)
     classes = check_classes(classes)
     templates = check_templates(templates)
     if top_k is not None and top_k < 1:
         raise LabelError(f"top-k must be at least 1, got {top_k}")
     if threshold is not None and not 0.0 <= threshold <= 1.0:
         raise LabelError(f"threshold is a probability between 0 and 1, got {threshold}")
-    model_id = bundle.model_id
+    model_id = encoder.model_id
     if model_id not in library.model_ids():
         raise LibraryError(f"the library has no embeddings of model {model_id!r}: index with it first")
     allowed = filters.allowed_ids(library) if filters is not None else None
@@ -256,16 +281,15 @@ def label_images(
         ids, paths, vectors = library.embeddings(model_id, under=under)
     else:
         ids, paths, vectors = library.embeddings(model_id, under=under, ids=sorted(allowed))
-    device = bundle.model.device
-    classifier = build_classifier(bundle.model, bundle.tokenizer, classes, templates, device=device).cpu()
+    classifier = ensemble_classifier(encoder.texts, classes, templates)  # [D, C]
     results: list[ImageLabels] = []
     if len(ids) == 0:
         probs = np.zeros((0, len(classes)))
     elif multi_label:
-        bg = build_classifier(bundle.model, bundle.tokenizer, [BACKGROUND_CLASS], templates, device=device)
-        probs = multi_label_probabilities(vectors, classifier.numpy(), bg.cpu().numpy(), logit_scale)
+        bg = ensemble_classifier(encoder.texts, [BACKGROUND_CLASS], templates)  # [D, 1]
+        probs = multi_label_probabilities(vectors, classifier, bg, logit_scale)
     else:
-        probs = classify(vectors, classifier.numpy(), logit_scale)
+        probs = classify(np.asarray(vectors, np.float32), classifier, logit_scale)
     cut = 0.5 if (multi_label and threshold is None) else threshold
     k = len(classes) if (multi_label and top_k is None) else min(top_k or 1, len(classes))
     for row, (image_id, path) in enumerate(zip(ids.tolist(), paths, strict=True)):
