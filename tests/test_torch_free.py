@@ -161,6 +161,18 @@ def test_without_a_verdict_index_loads_the_model_and_says_so(settled, tmp_path):
     assert out.returncode != 0
 
 
+def test_index_of_a_folder_without_photos_loads_no_model(settled, tmp_path):
+    """Even on a new home (no verdict, no exports: any model load would need torch)."""
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("no photos here")
+    env = {**settled["env"], "CLIPSEARCH_HOME": str(tmp_path / "home")}
+    args = ["--db", tmp_path / "l.db", "index", tmp_path / "empty", "--model", settled["model"]]
+    out = _run(args, env, settled["shim"])
+    assert out.returncode == 1 and "no images found" in out.stderr and "Traceback" not in out.stderr, (
+        out.stderr[-2000:]
+    )
+
+
 class _CountingServer(http.server.BaseHTTPRequestHandler):
     hits: list[str] = []
 
