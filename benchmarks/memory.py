@@ -107,9 +107,25 @@ def make_unique_photos(root: Path, sizes: list[int], megapixels: float, bases: i
     return folders
 
 
-def peak_of_child(cmd: list[str], env: dict | None = None) -> tuple[float, int]:
-    """Run ``cmd``; return (its peak RSS in MB from the kernel's rusage for it, exit status)."""
+def peak_of_child(cmd: list[str], env: dict | None = None, unnice: bool = False) -> tuple[float, int]:
+    """Run ``cmd``; return (its peak RSS in MB from the kernel's rusage for it, exit status).
+
+    ``unnice``: set the child back to normal priority once it started (``clipsearch.settle`` nices
+    itself to 19, which on a busy machine stretches this benchmark by many minutes; memory is the same).
+    """
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    if unnice:
+        import threading
+
+        def back_to_normal():
+            for _ in range(20):
+                time.sleep(0.5)
+                try:
+                    os.setpriority(os.PRIO_PROCESS, proc.pid, 0)
+                except OSError:  # gone already, or not allowed: it keeps the lowest priority
+                    return
+
+        threading.Thread(target=back_to_normal, daemon=True).start()
     err = proc.stderr.read()
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
@@ -207,7 +223,9 @@ def main(argv=None) -> int:
                 # then the one-time work the CLI starts after it (clipsearch.settle), as its own process
                 start = time.perf_counter()
                 settle_cmd = [sys.executable, "-m", "clipsearch.settle", prep["model_dir"]]
-                settle_peak, _ = peak_of_child(settle_cmd, env={**os.environ, "CLIPSEARCH_HOME": home})
+                settle_peak, _ = peak_of_child(
+                    settle_cmd, env={**os.environ, "CLIPSEARCH_HOME": home}, unnice=True
+                )
                 settled = {"backend": "settle", "seconds": time.perf_counter() - start, "images": 0}
                 rows.append(
                     ("settle", 0, settle_peak, {**settled, "loaded_mb": float("nan"), "hwm_mb": float("nan")})

@@ -111,6 +111,13 @@ class LazyBundle:
         self._bundle: ModelBundle | None = None
 
     @property
+    def name(self) -> str:
+        """How output names the model (as :attr:`ModelBundle.name`)."""
+        from clipsearch.store import model_label
+
+        return model_label(self.model_id, self.identity.source)
+
+    @property
     def loaded(self) -> bool:
         """Whether the torch model has been built (by an access to ``model`` or ``tokenizer``)."""
         return self._bundle is not None

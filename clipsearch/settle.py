@@ -145,6 +145,31 @@ def after_index(bundle, source: str) -> str:
     return "done" if settle(bundle) is not None else "elsewhere"
 
 
+def wait(model_id: str, timeout: float | None = None) -> bool:
+    """Block until no process holds ``model_id``'s settle lock; False on timeout. For a script that
+    needs everything done before it goes on (``benchmarks/rclip_compare.py --first-run`` times the
+    background work this way; the tests wait for it)."""
+    import time
+
+    from clipsearch.atomic import open_lock
+
+    directory = cache_dir(model_id)
+    directory.mkdir(parents=True, exist_ok=True)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    fd = open_lock(directory / LOCK_FILE)
+    try:
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                return True
+            except BlockingIOError:
+                if deadline is not None and time.monotonic() > deadline:
+                    return False
+                time.sleep(0.2)
+    finally:
+        os.close(fd)
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m clipsearch.settle SOURCE [--lock-fd N]``: settle one model at the lowest priority."""
     import argparse
