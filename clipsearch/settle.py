@@ -64,12 +64,12 @@ def _try_lock(model_id: str) -> int | None:
 
 
 def settle(bundle, *, locked: bool = False, own_model: bool = False) -> str | None:
-    """Export the text tower and measure the backends (exports and quantisation included), unless
+    """Measure the backends (exports and quantisation included) and export the text tower, unless
     another process is doing it. Returns the chosen backend's name, None when another process holds
     the lock. ``locked``: the caller already holds it (the background child inherits it).
-    ``own_model``: nothing else uses ``bundle`` (the background child): its text tower is dropped once
-    exported and the whole model once the ONNX export is written, which keeps the peak of this
-    process down (``benchmarks/memory.md``); ``bundle.model`` is None afterwards."""
+    ``own_model``: nothing else uses ``bundle`` (the background child): once the image tower's ONNX
+    export is written, the text tower is exported and the model freed before ONNX Runtime quantises,
+    which lowers this process's peak (``benchmarks/memory.md``); ``bundle.model`` is None afterwards."""
     from clipsearch import backends
     from clipsearch.encoders import export_text_encoder
 
@@ -80,29 +80,25 @@ def settle(bundle, *, locked: bool = False, own_model: bool = False) -> str | No
             log.info("another process is settling %s", bundle.name)
             return None
     try:
-        export_text_encoder(bundle)  # a failure is a logged warning: queries then load the model
-        if own_model:
-            _drop_text_tower(bundle.model)
-            backends.release_memory()
+        text_done = False
 
-        def drop_model():
+        def done_with_model():  # the image tower is exported: the model's last use is the text export
+            nonlocal text_done
+            export_text_encoder(bundle)
+            text_done = True
             bundle.model = None  # the reference features are taken; ONNX Runtime needs only the file
 
-        chosen, results = backends.choose_backend(bundle, done_with_model=drop_model if own_model else None)
+        chosen, results = backends.choose_backend(
+            bundle, done_with_model=done_with_model if own_model else None
+        )
         log.info("backend verdict for %s: %s (%s)", bundle.name, chosen, list(results.values()))
         backends.release_memory()
+        if not text_done:
+            export_text_encoder(bundle)  # a failure is a logged warning: queries then load the model
         return chosen
     finally:
         if fd is not None:
             os.close(fd)
-
-
-def _drop_text_tower(model) -> None:
-    """Free ``model``'s text tower in place (what remains still encodes images)."""
-    for name in ("transformer", "token_embedding", "ln_final"):
-        setattr(model, name, None)
-    for name in ("positional_embedding", "text_projection"):
-        setattr(model, name, None)
 
 
 def start_in_background(source: str, model_id: str) -> subprocess.Popen | None:
