@@ -169,7 +169,10 @@ def open_bundle(
         return load_bundle(source, device=resolve_device(on), library=library)
 
     cpu = resolve_device_without_torch(device) == "cpu"
-    identity = identify(source)
+    try:
+        identity = identify(source)
+    except ModelLoadError:
+        return load_now(device)  # the loader reports what is wrong with the source, as without this
     if not cpu or not identity.weights.is_file() or identity.model_cfg is None:  # a download, a GPU, a guess
         return load_now(device)
     if library is not None:

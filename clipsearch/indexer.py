@@ -273,7 +273,7 @@ def index_paths(
             ) from e
     report.seconds = time.monotonic() - started
     if not getattr(bundle, "loaded", True):  # a LazyBundle whose exports did all the work
-        logger.info("model %s not loaded: its ONNX export embedded (torch not needed)", model_id)
+        logger.info("model %s not loaded: its ONNX export embedded (torch not needed)", bundle.name)
     emit({"event": "done"})
     return report
 
