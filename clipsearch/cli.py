@@ -615,6 +615,9 @@ def index(
             # Bring the FAISS index in step now, so the first query does not pay for it.
             VectorIndex.for_library(library, bundle.model_id, kind=index_kind)
             _settle_or_export(bundle, model, backend, as_json)
+            # An approximate index built before the text tower was exported (just now, unless in
+            # the background) is retuned with the model's text probes (vectors.py: modality gap).
+            VectorIndex.for_library(library, bundle.model_id, retune=True)
         if progress.found or (report.removed and not report.kept):
             if as_json:
                 _echo_json(_report_json(report, library.model_name(report.model_id)))

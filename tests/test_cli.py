@@ -312,13 +312,14 @@ def test_index_kinds_offered_are_the_vector_index_kinds(indexed, model_dir, tmp_
     shutil.copytree(folder, copy, ignore=shutil.ignore_patterns("library.db*"))
     ok("--db", copy / "lib.db", "index", copy, "--model", model_dir, "--index-kind", "ivf", "--json")
     assert f"({len(photos)} vectors, ivf)" in ok("--db", copy / "lib.db", "doctor").stdout
-    # --rebuild rebuilds the same kind, and the rebuilt file is what the next open maps
+    # Built before the run exported the text tower, then retuned with the model's text probes.
     index_file = next((copy / "lib.db.faiss").glob("*.index"))
+    assert json.loads(index_file.with_suffix(".json").read_text())["tuned_with"] == "text"
+    # --rebuild rebuilds the same kind, and the rebuilt file is what the next open maps
     before = index_file.stat().st_mtime_ns
     rebuilt = ok("--db", copy / "lib.db", "doctor", "--rebuild").stdout
     assert f"rebuilt from SQLite (--rebuild) ({len(photos)} vectors, ivf)" in rebuilt
     assert index_file.stat().st_mtime_ns != before
-    # Built again once the index run had exported the text tower: tuned with its text probes too.
     assert json.loads(index_file.with_suffix(".json").read_text())["tuned_with"] == "text"
     assert "in step with SQLite" in ok("--db", copy / "lib.db", "doctor").stdout
     fast = json.loads(ok("--db", copy / "lib.db", "query", "a dog", "--json", "--top", "3").stdout)
