@@ -401,8 +401,8 @@ class VectorIndex:
         ``save`` and a writable library, saves it atomically. ``kind``: ``auto`` keeps the saved
         index's kind within policy (:func:`resolve_kind`); an explicit kind rebuilds another.
         An IVF index is tuned with the model's text probes when it has a text export
-        (:func:`text_probes`); ``retune`` (the indexer) retunes one that was tuned without them
-        once they exist (its sidecar records the new ``nprobe``; the file is unchanged).
+        (:func:`text_probes`); ``retune`` (index runs) retunes one that was tuned without them
+        once they exist (its sidecar records the new setting; the file is unchanged).
         """
         import faiss
 
