@@ -105,8 +105,8 @@ def score(model, tokenizer, preprocess_cfg, data: Path) -> dict:
     }
 
 
-def run_seed(args, seed: int, work: Path) -> dict:
-    from clipsearch.checkpoints import load_bundle
+def start_seed(args, seed: int, work: Path) -> tuple[Path, list[subprocess.Popen]]:
+    """Start both trainers on ``seed``; returns the seed's folder and the two processes."""
     from clipsearch.configs import get_config
 
     out = work / f"seed{seed}"
@@ -114,12 +114,18 @@ def run_seed(args, seed: int, work: Path) -> dict:
     cfg_dir = work / "configs"
     cfg_dir.mkdir(exist_ok=True)
     (cfg_dir / f"{args.model}.json").write_text(json.dumps(get_config(args.model)))
-    procs = [start_ours(args, seed, out), start_open_clip(args, seed, out, cfg_dir)]
+    return out, [start_ours(args, seed, out), start_open_clip(args, seed, out, cfg_dir)]
+
+
+def finish_seed(args, seed: int, work: Path, out: Path, procs) -> dict:
+    """Wait for both trainers of ``seed``, then score both final models with the same code."""
+    from clipsearch.checkpoints import load_bundle
+
     for p, log in zip(procs, ("ours.log", "openclip.log"), strict=True):
         if p.wait() != 0:
             raise SystemExit(f"seed {seed}: {log} failed:\n{(out / log).read_text()[-3000:]}")
     bundle = load_bundle(str(out / "ours" / "model"))
-    oc_model, oc_tok = load_open_clip(args, out, cfg_dir)
+    oc_model, oc_tok = load_open_clip(args, out, work / "configs")
     return {
         "clipsearch-train": {
             **score(bundle.model.eval(), bundle.tokenizer, bundle.preprocess_cfg, args.data),
@@ -143,21 +149,29 @@ def main() -> None:
     p.add_argument("--wd", type=float, default=0.1)
     p.add_argument("--warmup", type=int, default=50)
     p.add_argument("--work", type=Path, default=None, help="keep the runs here (default: a temp folder)")
+    p.add_argument(
+        "--concurrent", type=int, default=1, help="seeds trained at the same time (2 processes each)"
+    )
     args = p.parse_args()
     args.data = args.data.resolve()
     torch.set_num_threads(2)
     work = args.work or Path(tempfile.mkdtemp(prefix="train-quality-"))
     keys = ("names_top1", "category_top1", "i2t_R@1", "t2i_R@1", "samples/s")
     print(f"{args.model}, {args.epochs} epochs, batch {args.batch_size}, lr {args.lr}, wd {args.wd}, "
-          f"warmup {args.warmup}, 1 thread each, load {os.getloadavg()[0]:.1f}; runs in {work}")  # fmt: skip
+          f"warmup {args.warmup}, 1 thread each, {args.concurrent} seed(s) at a time, "
+          f"load {os.getloadavg()[0]:.1f}; runs in {work}")  # fmt: skip
     print("| seed | trainer | " + " | ".join(keys) + " |")
     print("|---" * (len(keys) + 2) + "|")
     results = []
-    for seed in args.seeds:
-        r = run_seed(args, seed, work)
-        results.append(r)
-        for name, m in r.items():
-            print(f"| {seed} | {name} | " + " | ".join(f"{m[k]:.3f}" for k in keys) + " |", flush=True)
+    pending = list(args.seeds)
+    while pending:
+        group, pending = pending[: args.concurrent], pending[args.concurrent :]
+        started = [(seed, *start_seed(args, seed, work)) for seed in group]
+        for seed, out, procs in started:
+            r = finish_seed(args, seed, work, out, procs)
+            results.append(r)
+            for name, m in r.items():
+                print(f"| {seed} | {name} | " + " | ".join(f"{m[k]:.3f}" for k in keys) + " |", flush=True)
     for name in results[0]:
         means = [statistics.mean(r[name][k] for r in results) for k in keys]
         print(f"| mean | {name} | " + " | ".join(f"{v:.3f}" for v in means) + " |")
