@@ -213,8 +213,16 @@ class Tokenizer:
         return self.encode_batch([text])[0]
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        """:meth:`encode` for many texts at once (the merging runs in parallel, in Rust)."""
+        """:meth:`encode` for many texts at once (the merging runs in parallel, in Rust).
+
+        One text is encoded on the calling thread: ``tokenizers``' batch call hands even a single
+        text to its thread pool, and on a busy machine the caller then waits for a pool thread to
+        be scheduled (a training data loader tokenizes one caption per sample; see
+        benchmarks/train_throughput.md).
+        """
         pieces = [words(t) for t in texts]
+        if len(pieces) == 1:
+            return [self._tk.encode(pieces[0], is_pretokenized=True, add_special_tokens=False).ids]
         return [e.ids for e in self._tk.encode_batch(pieces, is_pretokenized=True, add_special_tokens=False)]
 
     def rows(self, texts: list[str], context_length: int | None = None) -> list[list[int]]:

@@ -168,6 +168,32 @@ def test_loader_over_csv_with_workers(tmp_path):
     assert sum(batches[0].skipped.values()) == 1
 
 
+def test_loader_workers_persist_and_epochs_still_differ(tmp_path):
+    # the workers outlive an epoch; each epoch's order and crops still follow (seed, epoch), as
+    # without workers
+    _images(tmp_path, 6)
+    rows = "".join(f"imgs/{i}.png,caption {i}\n" for i in range(6))
+    (tmp_path / "t.csv").write_text("filepath,title\n" + rows)
+
+    def epochs(workers):
+        data = make_loader(
+            str(tmp_path / "t.csv"), transform=transform, tokenizer=tokenizer, batch_size=3, workers=workers
+        )
+        out = []
+        for epoch in range(2):
+            data.set_epoch(epoch, 0)
+            out.append([(b.images, b.texts) for b in data.loader])
+        return data, out
+
+    data, with_workers = epochs(1)
+    assert data.loader.persistent_workers
+    _, in_process = epochs(0)
+    for a, b in zip(with_workers, in_process, strict=True):
+        for (ia, ta), (ib, tb) in zip(a, b, strict=True):
+            assert torch.equal(ia, ib) and torch.equal(ta, tb)
+    assert not torch.equal(with_workers[0][0][0], with_workers[1][0][0])
+
+
 def _tar(path, members):
     with tarfile.open(path, "w") as tar:
         for name, data in members:
