@@ -43,27 +43,32 @@ def common_flags(args, seed: int) -> list[str]:
     return [
         "--train-data", "train.csv", "--model", args.model, "--batch-size", str(args.batch_size),
         "--epochs", str(args.epochs), "--lr", str(args.lr), "--wd", str(args.wd),
-        "--warmup", str(args.warmup), "--seed", str(seed), "--workers", "1",
+        "--warmup", str(args.warmup), "--seed", str(seed), "--workers", str(getattr(args, "workers", 1)),
         "--precision", "fp32", "--csv-img-key", "filepath", "--csv-caption-key", "title",
     ]  # fmt: skip
 
 
 def start_ours(args, seed: int, out: Path) -> subprocess.Popen:
     argv = [sys.executable, "-m", "trainer.cli", *common_flags(args, seed), "--output", str(out / "ours"),
-            "--zeroshot-frequency", "0", "--device", "cpu", "--log-every-n-steps", "10"]  # fmt: skip
-    return _start(argv, args.data, out / "ours.log")
+            "--zeroshot-frequency", "0", "--device", "cpu", "--log-every-n-steps", _log_every(args)]  # fmt: skip
+    return _start(argv, args.data, out / "ours.log", getattr(args, "threads", 1))
 
 
 def start_open_clip(args, seed: int, out: Path, cfg_dir: Path) -> subprocess.Popen:
     argv = [sys.executable, "-c", OPEN_CLIP_MAIN, str(cfg_dir), *common_flags(args, seed),
             "--dataset-type", "csv", "--csv-separator", ",", "--logs", str(out), "--name", "openclip",
             "--save-frequency", str(args.epochs), "--zeroshot-frequency", "0",
-            "--log-every-n-steps", "10", "--report-to", ""]  # fmt: skip
-    return _start(argv, args.data, out / "openclip.log")
+            "--log-every-n-steps", _log_every(args), "--report-to", ""]  # fmt: skip
+    return _start(argv, args.data, out / "openclip.log", getattr(args, "threads", 1))
 
 
-def _start(argv, cwd: Path, log: Path) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+def _log_every(args) -> str:
+    return str(getattr(args, "log_every_n_steps", 10))
+
+
+def _start(argv, cwd: Path, log: Path, threads: int) -> subprocess.Popen:
+    n = str(threads)
+    env = {**os.environ, "OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n, "PYTHONPATH": str(ROOT)}
     return subprocess.Popen(argv, cwd=cwd, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
 
 

@@ -1,202 +1,132 @@
-"""Training throughput and final zero-shot accuracy: clipsearch-train vs an OpenCLIP training loop.
+"""Training throughput: clipsearch-train against OpenCLIP's own trainer (``open_clip_train.main``), on a CPU.
 
-``open_clip_train`` (OpenCLIP's trainer package) is not installable here, so the reference is a loop
-built from OpenCLIP's own parts exactly as its trainer wires them: ``open_clip.create_model_and_transforms``
-with the same architecture JSON, its training transform and tokenizer, ``open_clip.ClipLoss``, AdamW with
-its weight-decay exclusion rule, warm-up + cosine, and a torch DataLoader over the same CSV. Both run the
-same steps on the same synthetic data, batch size, seed and thread count, alternating epoch by epoch
-(ours stops with --max-steps and continues with --resume) so that load from other processes on the
-machine hits both alike; samples/s is the median over steps (data loading included) after 3 warm-up steps. Zero-shot accuracy of both models is measured by the same
-function below on the held-out folder-per-class set.
+Both trainers run at the same time, side by side, as subprocesses started by
+``benchmarks/train_quality.py``'s launchers: same architecture JSON, same flags (OpenCLIP's names),
+same CSV of real image-caption pairs (the emoji set of ``benchmarks/real_data.py emoji``, or the first
+``--rows`` rows of it in a seeded order), the same number of threads and loader workers. Running them
+together is the point: the machine is shared, and load from other processes then hits both alike.
 
-    python benchmarks/train_throughput.py --n 1200 --epochs 6 --threads 2
+Per trainer and repeat: ``samples/s`` is the median over steps of each trainer's own per-step figure
+(batch size / time from the end of the previous step to the end of this one, so waiting for data
+counts; OpenCLIP's ``Batch (t)`` log line, our ``metrics.jsonl``), the first step of the run left out
+(the loader's workers start then). Also: the wall time and CPU time (user + system, loader workers
+included) of the whole process, start-up and saving included. The repeats alternate which trainer
+starts first. The summary is the median over repeats of each figure and of the per-repeat ratio.
+
+    python benchmarks/real_data.py emoji /tmp/emo /tmp/emoji-set      # once
+    python benchmarks/train_throughput.py /tmp/emoji-set --rows 2560 --repeats 5
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
-import json
-import math
 import os
+import random
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-
-MODEL = "demo-vit"
-TEMPLATES = ["a {}", "a photo of a {}"]
+import train_quality as tq  # the two trainers' launchers and log readers (benchmarks/ is on sys.path)
 
 
-def zeroshot_accuracy(encode_image, encode_text, tokenize, transform, zs_dir: Path) -> float:
-    """Top-1 accuracy with class prompts averaged over TEMPLATES (same code for both models)."""
-    from PIL import Image
-
-    classes = sorted(d for d in zs_dir.iterdir() if d.is_dir())
-    names = [d.name.replace("_", " ") for d in classes]
-    with torch.no_grad():
-        weights = []
-        for name in names:
-            t = F.normalize(encode_text(tokenize([tpl.format(name) for tpl in TEMPLATES])).float(), dim=-1)
-            weights.append(F.normalize(t.mean(0), dim=-1))
-        classifier = torch.stack(weights, dim=1)  # [D, C]
-        correct = total = 0
-        for label, d in enumerate(classes):
-            images = torch.stack([transform(Image.open(p).convert("RGB")) for p in sorted(d.glob("*.png"))])
-            pred = (F.normalize(encode_image(images).float(), dim=-1) @ classifier).argmax(1)
-            correct += (pred == label).sum().item()
-            total += len(images)
-    return correct / total
+def subset(data: Path, rows: int | None, seed: int, out: Path) -> int:
+    """Write ``out/train.csv``: ``rows`` rows of the set's train.csv in a seeded order (all if None),
+    with absolute image paths so both trainers read it from any folder. Returns the number of rows."""
+    with open(data / "train.csv", newline="", encoding="utf-8") as f:
+        table = list(csv.DictReader(f))
+    if rows is not None:
+        random.Random(seed).shuffle(table)
+        table = table[:rows]
+    with open(out / "train.csv", "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["filepath", "title"])
+        for r in table:
+            w.writerow([str(data / r["filepath"]), r["title"]])
+    return len(table)
 
 
-def run_ours(data, out: Path, epochs: int, batch: int, lr: float, seed: int):
-    """A generator: trains one more epoch per ``next()`` (stopping with --max-steps, then --resume)."""
-    from clipsearch.checkpoints import load_bundle
-    from clipsearch.transform import image_transform
-    from trainer import train
-
-    n_train = sum(1 for _ in open(data.train_csv, encoding="utf-8")) - 1
-    per_epoch = n_train // batch
-    argv = ["--train-data", str(data.train_csv), "--model", MODEL, "--batch-size", str(batch),
-            "--epochs", str(epochs), "--lr", str(lr), "--wd", "0.1", "--warmup", "20", "--seed", str(seed),
-            "--output", str(out), "--zeroshot-frequency", "0", "--device", "cpu"]  # fmt: skip
-    wall = 0.0
-    for e in range(epochs):
-        t0 = time.perf_counter()
-        resume = ["--resume", "latest"] if e else []
-        model_dir = train.run(
-            train.build_parser().parse_args(argv + ["--max-steps", str((e + 1) * per_epoch)] + resume)
-        )
-        wall += time.perf_counter() - t0
-        yield
-    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    rates = [r["samples_per_s"] for r in rows if "samples_per_s" in r][3:]
-    b = load_bundle(str(model_dir))
-    b.model.eval()
-    acc = zeroshot_accuracy(
-        b.model.encode_image,
-        b.model.encode_text,
-        b.tokenizer,
-        image_transform(b.preprocess_cfg),
-        data.zeroshot_dir,
-    )
-    yield {"samples_per_s": statistics.median(rates), "wall_s": wall, "zeroshot_top1": acc,
-           "final_loss": rows[-1]["loss"], "steps": rows[-1]["step"]}  # fmt: skip
-
-
-def run_open_clip(data, epochs: int, batch: int, lr: float, seed: int) -> dict:
-    import open_clip
-    from PIL import Image
-
+def run_pair(args, work: Path, ours_first: bool) -> dict:
+    """Both trainers on the same flags at the same time; each one's figures."""
+    work.mkdir(parents=True)
+    cfg_dir = work / "configs"
+    cfg_dir.mkdir()
     from clipsearch.configs import get_config
 
-    cfg_dir = Path(tempfile.mkdtemp())
-    (cfg_dir / f"oc-{MODEL}.json").write_text(json.dumps(get_config(MODEL)))
-    open_clip.add_model_config(cfg_dir)
-    torch.manual_seed(seed)
-    model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(f"oc-{MODEL}")
-    tokenizer = open_clip.get_tokenizer(f"oc-{MODEL}")
-
-    root = data.train_csv.parent
-    with open(data.train_csv, newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))
-
-    class CsvDataset(torch.utils.data.Dataset):  # open_clip_train.data.CsvDataset, in substance
-        def __len__(self):
-            return len(rows)
-
-        def __getitem__(self, i):
-            image = preprocess_train(Image.open(root / rows[i]["filepath"]))
-            return image, tokenizer([rows[i]["title"]])[0]
-
-    g = torch.Generator().manual_seed(seed)
-    loader = torch.utils.data.DataLoader(
-        CsvDataset(), batch_size=batch, shuffle=True, drop_last=True, generator=g
-    )
-    # open_clip_train.main: exclude = ndim < 2 or bn/ln/bias/logit_scale in the name.
-    excl = [
-        p
-        for n, p in model.named_parameters()
-        if p.ndim < 2 or any(s in n for s in ("bn", "ln", "bias", "logit_scale"))
-    ]
-    rest = [
-        p
-        for n, p in model.named_parameters()
-        if not (p.ndim < 2 or any(s in n for s in ("bn", "ln", "bias", "logit_scale")))
-    ]
-    opt = torch.optim.AdamW([{"params": excl, "weight_decay": 0.0}, {"params": rest, "weight_decay": 0.1}],
-                            lr=lr, betas=(0.9, 0.98), eps=1e-6)  # fmt: skip
-    total = len(loader) * epochs
-    loss_fn = open_clip.ClipLoss()
-    rates, step, wall = [], 0, 0.0
-    model.train()
-    for _ in range(epochs):
-        yield
-        it = iter(loader)
-        while True:
-            t0 = time.perf_counter()
-            try:
-                images, texts = next(it)
-            except StopIteration:
-                break
-            e, es = step - 20, total - 20
-            lr_now = lr * (step + 1) / 20 if step < 20 else 0.5 * (1 + math.cos(math.pi * e / es)) * lr
-            for group in opt.param_groups:
-                group["lr"] = lr_now
-            opt.zero_grad()
-            img, txt, scale = model(images, texts)
-            loss = loss_fn(img, txt, scale)
-            loss.backward()
-            opt.step()
-            with torch.no_grad():
-                model.logit_scale.clamp_(0, math.log(100))
-            rates.append(len(images) / (time.perf_counter() - t0))
-            wall += time.perf_counter() - t0
-            step += 1
-    model.eval()
-    acc = zeroshot_accuracy(
-        model.encode_image, model.encode_text, tokenizer, preprocess_val, data.zeroshot_dir
-    )
-    yield {"samples_per_s": statistics.median(rates[3:]), "wall_s": wall, "zeroshot_top1": acc,
-            "final_loss": loss.item(), "steps": step}  # fmt: skip
+    (cfg_dir / f"{args.model}.json").write_text(__import__("json").dumps(get_config(args.model)))
+    starts = [("clipsearch-train", lambda: tq.start_ours(args, args.seed, work)),
+              ("open_clip_train", lambda: tq.start_open_clip(args, args.seed, work, cfg_dir))]  # fmt: skip
+    if not ours_first:
+        starts.reverse()
+    t0 = time.perf_counter()
+    procs = {name: start() for name, start in starts}
+    result = {}
+    waiting = {p.pid: name for name, p in procs.items()}
+    while waiting:
+        pid, status, usage = os.wait4(-1, 0)  # the rusage of a child includes its loader workers
+        if pid not in waiting:
+            continue
+        name = waiting.pop(pid)
+        procs[name].returncode = os.waitstatus_to_exitcode(status)
+        if procs[name].returncode != 0:
+            log = work / ("ours.log" if name == "clipsearch-train" else "openclip.log")
+            raise SystemExit(f"{name} failed:\n{log.read_text()[-3000:]}")
+        result[name] = {"wall_s": time.perf_counter() - t0, "cpu_s": usage.ru_utime + usage.ru_stime}
+    result["clipsearch-train"]["rates"] = tq.rates_ours(work)
+    result["open_clip_train"]["rates"] = tq.rates_open_clip(work)
+    for r in result.values():
+        r["steps"] = len(r["rates"])
+        r["samples/s"] = statistics.median(r["rates"][1:])
+    return result
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--n", type=int, default=1200)
-    p.add_argument("--epochs", type=int, default=6)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("data", type=Path, help="the output of `benchmarks/real_data.py emoji`")
+    p.add_argument("--rows", type=int, default=2560, help="train on this many rows of train.csv (all: 0)")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--model", default="demo-vit")
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--threads", type=int, default=1, help="torch threads per trainer (OMP_NUM_THREADS)")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--wd", type=float, default=0.1)
+    p.add_argument("--warmup", type=int, default=50)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
-    torch.set_num_threads(args.threads)
-    from trainer.synthetic import classnames, generate
-
-    loads = [os.getloadavg()[0]]
-    with tempfile.TemporaryDirectory() as tmp:
-        data = generate(Path(tmp) / "data", n=args.n, seed=args.seed)
-        ours = run_ours(data, Path(tmp) / "ours", args.epochs, args.batch_size, args.lr, args.seed)
-        ref = run_open_clip(data, args.epochs, args.batch_size, args.lr, args.seed)
-        next(ref)  # build the reference model before timing starts
-        # Alternate epochs of the two trainers, so that load from other processes hits both alike.
-        for _ in range(args.epochs):
-            next(ours)
-            loads.append(os.getloadavg()[0])
-            ref_result = next(ref)  # the last epoch also evaluates and returns the metrics
-            loads.append(os.getloadavg()[0])
-        ours, ref = next(ours), ref_result
-    # Other processes on the machine skew a sequential comparison: report the 1-minute load average.
-    print(f"1-minute load average after each epoch: {' '.join(f'{x:.1f}' for x in loads)}")
-    print(f"{MODEL}, {args.n} synthetic images, {args.epochs} epochs, batch {args.batch_size}, "
-          f"{args.threads} threads, chance {1 / len(classnames()):.3f}")  # fmt: skip
-    print("| trainer | samples/s (median) | final loss | zero-shot top-1 |")
-    print("|---|---|---|---|")
-    for name, r in (("clipsearch-train", ours), ("open_clip loop", ref)):
-        print(f"| {name} | {r['samples_per_s']:.0f} | {r['final_loss']:.3f} | {r['zeroshot_top1']:.3f} |")
+    args.data = args.data.resolve()
+    args.log_every_n_steps = 1
+    with tempfile.TemporaryDirectory(prefix="train-throughput-") as tmp:
+        tmp = Path(tmp)
+        n = subset(args.data, args.rows or None, args.seed, tmp)
+        args.data = tmp  # both trainers read tmp/train.csv
+        print(f"{args.model}, {n} rows of {p.parse_args().data}/train.csv, {args.epochs} epoch(s), batch "
+              f"{args.batch_size}, {args.workers} loader worker(s) and {args.threads} thread(s) each, "
+              f"fp32, CPU: {os.cpu_count()} cores; python {sys.version.split()[0]}")  # fmt: skip
+        print("| repeat | load before | trainer | steps | samples/s (median) | wall s | CPU s | ratio |")
+        print("|---|---|---|---|---|---|---|---|")
+        runs = []
+        for k in range(args.repeats):
+            load = os.getloadavg()[0]
+            r = run_pair(args, tmp / f"run{k}", ours_first=k % 2 == 0)
+            runs.append(r)
+            ratio = r["clipsearch-train"]["samples/s"] / r["open_clip_train"]["samples/s"]
+            for name, m in r.items():
+                tail = f"{ratio:.2f}" if name == "clipsearch-train" else ""
+                print(f"| {k} | {load:.1f} | {name} | {m['steps']} | {m['samples/s']:.1f} | "
+                      f"{m['wall_s']:.0f} | {m['cpu_s']:.0f} | {tail} |", flush=True)  # fmt: skip
+        print(f"1-minute load average at the end: {os.getloadavg()[0]:.1f}")
+        for name in runs[0]:
+            med = {k: statistics.median(r[name][k] for r in runs) for k in ("samples/s", "wall_s", "cpu_s")}
+            print(
+                f"| median | | {name} | | {med['samples/s']:.1f} | {med['wall_s']:.0f} | {med['cpu_s']:.0f} | |"
+            )
+        ratios = [r["clipsearch-train"]["samples/s"] / r["open_clip_train"]["samples/s"] for r in runs]
+        print(f"median ratio of samples/s (clipsearch-train / open_clip_train): {statistics.median(ratios):.2f} "
+              f"(per repeat: {' '.join(f'{x:.2f}' for x in ratios)})")  # fmt: skip
 
 
 if __name__ == "__main__":
