@@ -42,9 +42,18 @@ def available() -> bool:
     return _pyvips() is not None
 
 
+# Smaller PNGs stay with Pillow: libvips costs about 1 ms of CPU per file before it inflates a
+# row, more than Pillow's whole decode of a small image (a 64 x 64 training image: 6x Pillow's CPU;
+# benchmarks/train_throughput.md). Its faster inflate only pays from about this size on.
+MIN_PIXELS = 512 * 512
+
+
 def takes(im) -> bool:
-    """Whether the PNG ``im`` (opened by Pillow, header only) is one :func:`decode` handles."""
+    """Whether the PNG ``im`` (opened by Pillow, header only) is one :func:`decode` handles: a plain
+    8-bit layout of at least :data:`MIN_PIXELS` pixels."""
     if im.format != "PNG" or getattr(im, "is_animated", False) or len(im.tile) != 1:
+        return False
+    if im.size[0] * im.size[1] < MIN_PIXELS:
         return False
     rawmode = im.tile[0][3]
     return rawmode == im.mode and rawmode in _PLAIN and "transparency" not in im.info

@@ -96,6 +96,18 @@ def test_layouts_libvips_would_convert_differently_stay_with_pillow(tmp_path, ki
     np.testing.assert_array_equal(np.asarray(open_image(path)), np.asarray(reference(path)))
 
 
+def test_small_pngs_stay_with_pillow(tmp_path):
+    """Below MIN_PIXELS libvips' fixed cost per file is more than Pillow's whole decode."""
+    path = tmp_path / "small.png"
+    Image.fromarray(_photo(2, (64, 64))).save(path)
+    with Image.open(path) as im:
+        assert not pngvips.takes(im)
+    with mock.patch.object(pngvips, "decode", side_effect=AssertionError("libvips was asked")):
+        got = open_image(path)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(reference(path)))
+    assert SIZE[0] * SIZE[1] >= pngvips.MIN_PIXELS  # the other tests' images are libvips'
+
+
 def test_a_truncated_png_is_still_reported_as_truncated(tmp_path):
     """libvips would fill a cut-off PNG with grey; it must give the file back to Pillow instead."""
     path = _write(tmp_path / "cut.png", "rgb")
