@@ -12,7 +12,7 @@ the same preprocessing:
 - ``samples/s``: median over logged steps of each trainer's own per-step figure (data loading included).
 
     python benchmarks/real_data.py emoji /tmp/emo /tmp/emoji-set
-    python benchmarks/train_quality.py /tmp/emoji-set --seeds 0 1 2 --epochs 6
+    python benchmarks/train_quality.py /tmp/emoji-set --seeds 0 1 2 --epochs 4 --concurrent 3
 """
 
 from __future__ import annotations
