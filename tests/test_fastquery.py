@@ -188,7 +188,7 @@ def test_search_gives_the_torch_path_results(tiny, tmp_path):
         search(lib, fast, Query.build("  "))
     with pytest.raises(QueryError, match="cancel out"):
         search(lib, fast, Query.build("dog", minus=["dog"]))
-    with pytest.raises(LibraryError, match="no embeddings of model 'other'"):
+    with pytest.raises(LibraryError, match=r"no embeddings of model other \(it has: test\)"):
         search(lib, QueryEncoder("other"), Query.build("dog"))
     lib.close()
 
