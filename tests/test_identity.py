@@ -141,7 +141,7 @@ def test_identify_never_imports_torch(tmp_path, tiny):
 
 def test_registered_identity_needs_no_download(tmp_path):
     ident = identify("ViT-B-32/openai")
-    assert not ident.downloaded and ident.weights == paths.models_dir() / "openai-ViT-B-32.pt"
+    assert not ident.weights.is_file() and ident.weights == paths.models_dir() / "openai-ViT-B-32.pt"
     assert ident.preprocess_cfg.image_size == 224 and ident.tokenizer_cfg["context_length"] == 77
     assert ident.model_cfg["quick_gelu"] is True
 
