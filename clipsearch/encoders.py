@@ -167,6 +167,15 @@ def _open_query_image(path: str):
 
 # (model source, the library) -> bundle: clipsearch.search.Searcher.model
 LoadModel = Callable[[str, "Library"], object]
+# (lazy bundle, ONNX backend name) -> the image encoder running that export: a warm Searcher keeps it
+ImageExport = Callable[[object, str], Callable]
+
+
+def make_image_export(bundle, backend: str):
+    """The image encoder running ``bundle``'s ``backend`` export (an ONNX session: built per call)."""
+    from clipsearch import backends
+
+    return backends.make_image_encoder(bundle, backend)
 
 
 def choose(
@@ -177,13 +186,15 @@ def choose(
     model: str | None = None,
     torch_free: bool = True,
     text_encoder: Callable[[str], ExportedTextEncoder] = ExportedTextEncoder,
+    image_export: ImageExport = make_image_export,
 ) -> QueryEncoder:
     """The encoder for ``query`` on ``library``, cheapest first (see the module doc); logs which and why.
 
     ``model``: a model source the user named (``--model``): it is loaded in torch. Otherwise the
     library's own model (:meth:`Library.default_model_id`) answers. ``load_model(source, library)``
     loads a bundle. ``torch_free=False`` (an accelerator named with ``--device``) runs the model even
-    for text. ``text_encoder(model_id)`` gives the torch-free one (a warm caller's is kept loaded).
+    for text. ``text_encoder(model_id)`` gives the torch-free one, ``image_export(bundle, backend)``
+    the ONNX image encoder (a warm caller keeps both loaded).
     """
     if model is not None:
         log.info("encoder: the model %s in torch (named with --model)", model)
@@ -198,6 +209,7 @@ def choose(
             torch_free=torch_free,
             texts="text" in kinds,
             text_encoder=text_encoder,
+            image_export=image_export,
         )
     if "text" not in kinds:
         log.info("encoder: none (every part is a stored vector of %s)", name)
@@ -269,10 +281,11 @@ def for_images(
     torch_free: bool = True,
     texts: bool = False,
     text_encoder: Callable[[str], ExportedTextEncoder] = ExportedTextEncoder,
+    image_export: ImageExport = make_image_export,
 ) -> QueryEncoder:
     """The encoder of ``library``'s own model for image files (and texts when ``texts``): its ONNX
-    image export when the model's backend verdict on this machine chose one (and ``torch_free``),
-    else the model in torch. Logs which and why."""
+    image export (run by ``image_export``) when the model's backend verdict on this machine chose
+    one (and ``torch_free``), else the model in torch. Logs which and why."""
     model_id = library.require_default_model()
     name = library.model_name(model_id)
     source = library.model_source(model_id)
@@ -290,7 +303,7 @@ def for_images(
             chosen = backends.cached_choice(bundle)
             if chosen is not None and chosen.startswith("onnx-"):
                 try:
-                    images = backends.make_image_encoder(bundle, chosen)
+                    images = image_export(bundle, chosen)
                 except backends.BackendError as e:
                     why = f"its {chosen} export does not run here ({e})"
                 else:

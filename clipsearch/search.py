@@ -290,7 +290,8 @@ class Searcher:
 
     A command makes one for its one query (:func:`run`). The daemon and the web interface keep one
     (``warm=True``): the library stays open (reopened when its file is replaced), and the text
-    encoder, the model and each vector index are kept while they are current. Calls are serialised
+    encoder, the image export's session, the model and each vector index are kept while they are
+    current. Calls are serialised
     (``lock``); the daemon passes ``allow_model=False``: a query that needs the model is refused
     (:class:`QueryError`) and its client answers it itself.
 
@@ -322,6 +323,7 @@ class Searcher:
         self._library = None
         self._file = None  # (st_dev, st_ino) of the library file when it was opened
         self._text_encoders: dict = {}  # model_id -> ExportedTextEncoder (warm)
+        self._image_exports: dict = {}  # (model_id, backend) -> its ONNX image encoder (warm)
         self._indexes: dict = {}  # (model_id, kind) -> (generation, VectorIndex) (warm)
         self._bundle = None  # (source, bundle) (warm)
         self._model_lock = threading.Lock()
@@ -401,6 +403,19 @@ class Searcher:
             self._text_encoders[model_id] = encoder
         return encoder
 
+    def _image_export(self, bundle, backend: str):
+        """The image encoder running ``bundle``'s ONNX ``backend`` export (kept by a warm searcher:
+        an uploaded picture after the first does not build its session again)."""
+        from clipsearch.encoders import make_image_export
+
+        key = (bundle.model_id, backend)
+        held = self._image_exports.get(key)
+        if held is None:
+            held = make_image_export(bundle, backend)
+            if self.warm:
+                self._image_exports[key] = held
+        return held
+
     def warm_up(self, say: Callable[[str], None] | None = None) -> None:
         """Open the library, its model's index and torch-free text encoder now, so the first query
         does not wait. A model never exported is exported once (loads it: seconds; ``say`` tells)."""
@@ -456,6 +471,7 @@ class Searcher:
                 load_model=self._load_for_query,
                 torch_free=self.torch_free,
                 text_encoder=self._text_encoder,
+                image_export=self._image_export,
             )
             index = self.index(encoder.model_id, index_kind) if self.warm else None
             hits, q = _rank(library, encoder, query, top, filters, threshold, index_kind, index)

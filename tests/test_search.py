@@ -139,3 +139,23 @@ def test_query_errors(setup, tmp_path):
     other = load_bundle(make_tiny_model(tmp_path / "other", seed=1))
     with pytest.raises(LibraryError, match="no embeddings of model"):
         search(lib, ModelEncoder(other), Query.build("x"))
+
+
+def test_a_warm_searcher_builds_an_image_export_once(monkeypatch, tmp_path):
+    """The web keeps its searcher warm: the ONNX session of uploaded pictures is built once."""
+    from types import SimpleNamespace
+
+    from clipsearch import encoders
+    from clipsearch.search import Searcher
+
+    built = []
+    monkeypatch.setattr(encoders, "make_image_export", lambda bundle, name: built.append(name) or object())
+    bundle = SimpleNamespace(model_id="m1")
+    warm = Searcher(tmp_path / "lib.db", warm=True)
+    assert warm._image_export(bundle, "onnx-fp32") is warm._image_export(bundle, "onnx-fp32")
+    assert built == ["onnx-fp32"]
+    warm._image_export(bundle, "onnx-int8")  # another backend is another session
+    cold = Searcher(tmp_path / "lib.db")  # a command's: nothing kept
+    cold._image_export(bundle, "onnx-fp32")
+    cold._image_export(bundle, "onnx-fp32")
+    assert built == ["onnx-fp32", "onnx-int8", "onnx-fp32", "onnx-fp32"]

@@ -3,20 +3,26 @@
 Tested as a user meets it: real ``python -m clipsearch`` processes in which ``import torch`` is made
 impossible (a ``sitecustomize`` on ``PYTHONPATH`` puts ``None`` in ``sys.modules["torch"]``), after a
 first index with torch settled the model (verdict, ONNX export, text export). Their answers are
-checked against the model itself in torch, in this process. Also: ``index`` on a folder without photos
+checked against the model itself in torch, in this process; a picture uploaded to ``clipsearch web``
+is checked against ``query --image`` with the model. Also: ``index`` on a folder without photos
 starts no model download (a registry entry pointed at a server on 127.0.0.1 that counts requests).
 """
 
 from __future__ import annotations
 
+import http.client
 import http.server
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
 import threading
+import types
+import urllib.request
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import numpy as np
 import pytest
@@ -148,6 +154,55 @@ def test_similar_and_image_queries_encode_a_new_file_through_the_export(settled)
     assert mixed.returncode == 0 and len(mixed.stdout.splitlines()) == 3, mixed.stderr[-3000:]
     text = _run([*base, "query", "a dog", "-n", "3"], settled["env"], settled["shim"])
     assert text.returncode == 0 and len(text.stdout.splitlines()) == 3, text.stderr[-3000:]
+
+
+def _post_upload(url: str, token: str, picture: bytes) -> tuple[int, str]:
+    """POST ``picture`` to the web's /upload as the page's form does: ``(status, Location)``."""
+    boundary = "clipsearch-test-boundary"
+    body = (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="csrf"\r\n\r\n{token}\r\n'
+            f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="q.jpg"\r\n'
+            "Content-Type: image/jpeg\r\n\r\n"
+        ).encode()
+        + picture
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=120)
+    conn.request("POST", "/upload", body, {"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    response = conn.getresponse()
+    response.read()
+    conn.close()
+    return response.status, response.getheader("Location") or ""
+
+
+def test_web_upload_encodes_the_picture_through_the_export(settled):
+    """A picture dropped on ``clipsearch web`` goes the way ``query --image`` does: no torch."""
+    from web_helpers import ServerProcess
+
+    query = settled["root"] / "query.jpg"
+    path = os.pathsep.join([str(settled["shim"]), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    site = types.SimpleNamespace(db=settled["lib"], env={**settled["env"], "PYTHONPATH": path})
+    server = ServerProcess(site)
+    try:
+        with urllib.request.urlopen(server.url, timeout=60) as page:
+            token = re.search(r'name="csrf" value="([^"]+)"', page.read().decode()).group(1)
+        status, location = _post_upload(server.url, token, query.read_bytes())
+        assert status == 303 and location.startswith("/?image="), (status, location)
+        with urllib.request.urlopen(server.url + location, timeout=60) as page:
+            html = page.read().decode()
+    finally:
+        err = server.stop()
+    assert "Traceback" not in err, err[-3000:]
+    ids = [int(i) for i in re.findall(r'<a href="/photo/(\d+)"', html)]
+    scores = [float(s) for s in re.findall(r'class="score">([-0-9.]+)<', html)]
+    base = ["--db", settled["lib"], "query", "--image", query, "--json", "-n", "5"]
+    with_torch = _run([*base, "--model", settled["model"]], settled["env"])
+    assert with_torch.returncode == 0, with_torch.stderr[-3000:]
+    expected = json.loads(with_torch.stdout)
+    assert ids[:5] == [h["image_id"] for h in expected]
+    assert scores[:5] == pytest.approx([h["score"] for h in expected], abs=3e-3)
 
 
 def test_without_a_verdict_index_loads_the_model_and_says_so(settled, tmp_path):

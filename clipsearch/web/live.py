@@ -7,8 +7,10 @@ since (SQLite's WAL lets it read while the indexer writes), so the web answers e
 ``clipsearch query`` answers. The searcher's lock serialises use of the single SQLite connection
 and the index; the slow work (thumbnails, sending files) happens outside it.
 
-Image queries (an uploaded picture) need the model itself; it is loaded on the first one only,
-outside that lock.
+An uploaded picture is a query of an image file, answered the way ``clipsearch query --image`` is:
+through the model's ONNX image export when its backend verdict on this machine chose one (no torch;
+the warm searcher keeps its session), else the model in torch, loaded on the first upload (other
+searches wait for that load).
 """
 
 from __future__ import annotations
@@ -135,7 +137,8 @@ class LiveLibrary:
             return self._page(hits, offset, limit)
 
     def remember_upload(self, data: bytes, uploads_dir: Path) -> str:
-        """Encode an uploaded picture with the model; returns a key for :meth:`search_upload`.
+        """Encode an uploaded picture as ``clipsearch query --image`` would; returns a key for
+        :meth:`search_upload`.
 
         The bytes go to a private temporary file under ``uploads_dir`` (in the clipsearch home, never
         beside the photos) only while they are decoded, and are deleted at once.
@@ -148,8 +151,6 @@ class LiveLibrary:
             if key in self._uploads:
                 self._uploads.move_to_end(key)
                 return key
-            source = self.library.model_source(self.model_id())
-        self.searcher.model(source)  # loaded (the first time) without holding the searcher's lock
         uploads_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         fd, tmp = tempfile.mkstemp(dir=uploads_dir, prefix="upload-", suffix=".img")
         try:
