@@ -20,10 +20,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from clipsearch.errors import ClipsearchError, LibraryError
+
+if TYPE_CHECKING:
+    from clipsearch.encoders import QueryEncoder
 
 # The 80 prompts OpenAI used for ImageNet (the CLIP paper's prompt-engineering notebook).
 DEFAULT_TEMPLATES: tuple[str, ...] = (
@@ -241,7 +245,7 @@ class ImageLabels:
 
 def label_images(
     library,
-    encoder,
+    encoder: QueryEncoder,
     classes: Sequence[str],
     templates: Sequence[str] = DEFAULT_TEMPLATES,
     top_k: int = 1,
@@ -255,7 +259,8 @@ def label_images(
     """Zero-shot label the library's images from their stored embeddings of ``encoder.model_id``.
 
     ``encoder``: the text side, a :class:`clipsearch.encoders.QueryEncoder` (the torch-free export or
-    the model: :func:`clipsearch.encoders.for_texts` picks), or a model bundle (run in torch).
+    the model: :func:`clipsearch.encoders.for_texts` picks; a bundle in hand is
+    ``ModelEncoder(bundle)``).
     Single-label: softmax over ``classes``, keep the ``top_k`` best (those at least ``threshold``).
     Multi-label: every class whose independent probability is at least ``threshold`` (default 0.5),
     best first, at most ``top_k`` when given. Images with no label left are returned with an empty
@@ -263,10 +268,6 @@ def label_images(
     ``under`` (a folder) and ``filters`` (a :class:`clipsearch.filters.PhotoFilter`) label only the
     photos they select.
     """
-    if not hasattr(encoder, "texts"):  # a bundle
-        from clipsearch.encoders import ModelEncoder
-
-        encoder = ModelEncoder(encoder)
     classes = check_classes(classes)
     templates = check_templates(templates)
     if top_k is not None and top_k < 1:

@@ -12,6 +12,7 @@ from e2e_helpers import make_tiny_model
 
 from clipsearch import zeroshot
 from clipsearch.checkpoints import load_bundle
+from clipsearch.encoders import ModelEncoder
 from clipsearch.errors import LibraryError
 from clipsearch.store import Library
 
@@ -133,7 +134,7 @@ def test_label_images_uses_stored_embeddings_and_relabel_replaces(tmp_path, bund
     w = zeroshot.build_classifier(bundle.model, bundle.tokenizer, CLASSES, TEMPLATES).numpy()
     # Image n *is* class n's text direction: its top label must be class n.
     lib = _library_with(tmp_path, bundle, w.T.copy())
-    results = zeroshot.label_images(lib, bundle, CLASSES, templates=TEMPLATES, top_k=2)
+    results = zeroshot.label_images(lib, ModelEncoder(bundle), CLASSES, templates=TEMPLATES, top_k=2)
     assert [r.label for r in results] == CLASSES
     probs = zeroshot.classify(w.T.copy(), w, logit_scale=100.0)
     for n, r in enumerate(results):
@@ -144,20 +145,22 @@ def test_label_images_uses_stored_embeddings_and_relabel_replaces(tmp_path, bund
     assert len(stored) == 6 and {s.rank for s in stored} == {1, 2}
 
     # Same class set (any order): replaced, not added to. Another class set: kept apart.
-    zeroshot.label_images(lib, bundle, list(reversed(CLASSES)), templates=TEMPLATES, top_k=1)
+    zeroshot.label_images(lib, ModelEncoder(bundle), list(reversed(CLASSES)), templates=TEMPLATES, top_k=1)
     assert len(lib.labels(bundle.model_id, CLASSES)) == 3
-    zeroshot.label_images(lib, bundle, ["dog", "cat on a sofa"], templates=TEMPLATES)
+    zeroshot.label_images(lib, ModelEncoder(bundle), ["dog", "cat on a sofa"], templates=TEMPLATES)
     assert len(lib.labels(bundle.model_id, CLASSES)) == 3
     assert len(lib.labels(bundle.model_id)) == 6
 
     # A threshold keeps only labels at least that probable: here each image's own class alone.
-    results = zeroshot.label_images(lib, bundle, CLASSES, templates=TEMPLATES, top_k=3, threshold=0.5)
+    results = zeroshot.label_images(
+        lib, ModelEncoder(bundle), CLASSES, templates=TEMPLATES, top_k=3, threshold=0.5
+    )
     for n, r in enumerate(results):
         want = [CLASSES[c] for c in np.argsort(-probs[n]) if probs[n, c] >= 0.5]
         assert [lab for lab, _ in r.labels] == want == [CLASSES[n]]
     assert len(lib.labels(bundle.model_id, CLASSES)) == 3
     # store=False leaves the library alone.
-    zeroshot.label_images(lib, bundle, ["dog"], templates=TEMPLATES, store=False)
+    zeroshot.label_images(lib, ModelEncoder(bundle), ["dog"], templates=TEMPLATES, store=False)
     assert lib.labels(bundle.model_id, ["dog"]) == []
     lib.close()
 
@@ -167,7 +170,9 @@ def test_multi_label_keeps_every_class_that_beats_the_background(tmp_path, bundl
     bg = zeroshot.build_classifier(bundle.model, bundle.tokenizer, ["something"], TEMPLATES).numpy()
     vectors = np.stack([w[:, 0] + w[:, 1], w[:, 2], bg[:, 0]])
     lib = _library_with(tmp_path, bundle, vectors)
-    results = zeroshot.label_images(lib, bundle, CLASSES, templates=TEMPLATES, multi_label=True, top_k=None)
+    results = zeroshot.label_images(
+        lib, ModelEncoder(bundle), CLASSES, templates=TEMPLATES, multi_label=True, top_k=None
+    )
     unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
     cos, cos_bg = unit @ w, unit @ bg  # [3, C], [3, 1]
     expected_p = 1 / (1 + np.exp(-100 * (cos - cos_bg)))
@@ -186,9 +191,9 @@ def test_multi_label_keeps_every_class_that_beats_the_background(tmp_path, bundl
 def test_label_images_errors(tmp_path, bundle):
     lib = Library.open(tmp_path / "lib.db", create=True)
     with pytest.raises(LibraryError, match="index with it first"):
-        zeroshot.label_images(lib, bundle, CLASSES, templates=TEMPLATES)
+        zeroshot.label_images(lib, ModelEncoder(bundle), CLASSES, templates=TEMPLATES)
     with pytest.raises(zeroshot.LabelError, match="top-k"):
-        zeroshot.label_images(lib, bundle, CLASSES, top_k=0)
+        zeroshot.label_images(lib, ModelEncoder(bundle), CLASSES, top_k=0)
     with pytest.raises(zeroshot.LabelError, match="between 0 and 1"):
-        zeroshot.label_images(lib, bundle, CLASSES, threshold=1.5)
+        zeroshot.label_images(lib, ModelEncoder(bundle), CLASSES, threshold=1.5)
     lib.close()

@@ -76,7 +76,7 @@ def run_demo(
         echo(f"indexed {report.embedded} held-out images into {db}")
         hits = search.search(library, ModelEncoder(bundle), search.Query.build(text=QUERY), top=8)
         echo(f"query {QUERY!r}: " + ", ".join(f"{h.path.parent.name}/{h.path.name}" for h in hits[:5]))
-        labels = zeroshot.label_images(library, bundle, data.classnames, templates=zs.templates)
+        labels = zeroshot.label_images(library, ModelEncoder(bundle), data.classnames, templates=zs.templates)
     finally:
         library.close()
     # The library's labels against the folder each image sits in (its true class).
