@@ -225,11 +225,11 @@ def open_image(source, max_pixels: int | None = DEFAULT_MAX_PIXELS, draft_size: 
         if im is stored:
             orientation = 1  # a malformed EXIF block: left as stored
         turned = orientation in (5, 6, 7, 8)  # a 90-degree orientation was applied
-        exif = im.info.get("exif")  # orientation now cleared; the capture date is for image_metadata
+        exif = im.info.get("exif")  # orientation now cleared; the capture date is for metadata.from_image
         im = _to_rgb(im, name)
         if exif is not None:
             im.info["exif"] = exif
-        # image_metadata reports the photo's upright size, not the draft's
+        # metadata.from_image reports the photo's upright size, not the draft's
         im.info[FULL_SIZE_KEY] = full_size[::-1] if turned else full_size
         if covers is not None:
             im.info[COVERS_KEY] = _turn_box(covers, orientation, *full_size)
@@ -425,45 +425,3 @@ def _deep_to_rgb(im):
         grey = arr / top * 255.0
     grey = np.clip(np.rint(grey), 0, 255).astype(np.uint8)
     return Image.fromarray(grey, mode="L").convert("RGB")
-
-
-def _exif_taken_at(exif) -> str | None:
-    """When the photo was taken (see :func:`clipsearch.metadata.exif_taken_at`)."""
-    from clipsearch.metadata import exif_taken_at
-
-    return exif_taken_at(exif)
-
-
-def image_metadata(image_or_path) -> dict:
-    """``{"width", "height", "taken_at"}``: the upright size in pixels and the capture time.
-
-    For a path only the header is read (no pixels are decoded); an image may be :func:`open_image`'s
-    result or one still carrying its EXIF orientation. ``taken_at`` is EXIF DateTimeOriginal as an
-    ISO string (with the UTC offset when the camera recorded one), or ``None``.
-    """
-    if hasattr(image_or_path, "size") and hasattr(image_or_path, "getexif"):
-        return _metadata_of(image_or_path)
-    f, name, owned = _open_stream(image_or_path)
-    try:
-        return _metadata_of(_identify(f, name, max_pixels=None))
-    finally:
-        if owned:
-            f.close()
-
-
-def _metadata_of(im) -> dict:
-    try:
-        exif = im.getexif()
-    except Exception:  # a broken EXIF block means no metadata, not no image
-        exif = None
-    if FULL_SIZE_KEY in im.info:  # open_image's result: upright, maybe decoded at a reduced scale
-        w, h = im.info[FULL_SIZE_KEY]
-    else:
-        w, h = im.size
-        if exif is not None and exif.get(0x0112) in (5, 6, 7, 8):
-            w, h = h, w  # still to be turned by 90 degrees
-    try:
-        taken = _exif_taken_at(exif)
-    except Exception:
-        taken = None
-    return {"width": w, "height": h, "taken_at": taken}

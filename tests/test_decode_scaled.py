@@ -22,8 +22,9 @@ from clipsearch import backends, pngvips, webpscale
 from clipsearch.backends import MIN_COSINE
 from clipsearch.checkpoints import ModelBundle
 from clipsearch.configs import get_config
-from clipsearch.imageio import FULL_SIZE_KEY, image_metadata, open_image, reduce_to_cover
+from clipsearch.imageio import FULL_SIZE_KEY, open_image, reduce_to_cover
 from clipsearch.indexer import index_paths
+from clipsearch.metadata import read_metadata
 from clipsearch.model import build_model
 from clipsearch.store import Library
 from clipsearch.transform import PreprocessConfig, image_transform
@@ -205,7 +206,9 @@ def test_orientation_and_date_survive_the_reduction(tmp_path, kind):
     Image.fromarray(_photo(3)).save(path, exif=exif.tobytes(), **({"quality": 90} if kind == "webp" else {}))
     im = open_image(path, draft_size=224)
     assert im.size == (267, 400)  # reduced by 3, then turned upright
-    assert image_metadata(im) == {"width": H, "height": W, "taken_at": "2022-03-04T05:06:07"}
+    meta = read_metadata(path)
+    assert (meta.width, meta.height, meta.taken_at) == (H, W, "2022-03-04T05:06:07")
+    assert im.info[FULL_SIZE_KEY] == (meta.width, meta.height)  # what the transform crops by
     full = open_image(path)
     t = image_transform(PreprocessConfig(224))
     assert _cosine(t(full), t(im)) > 0.999

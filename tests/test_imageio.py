@@ -16,10 +16,16 @@ from clipsearch.imageio import (
     DEFAULT_MAX_PIXELS,
     IMAGE_EXTENSIONS,
     REASONS,
-    image_metadata,
     open_image,
 )
+from clipsearch.metadata import read_metadata
 from clipsearch.transform import PreprocessConfig, image_transform
+
+
+def image_metadata(source, path=None) -> dict:
+    """What the indexer stores of a photo's size and date (:func:`read_metadata`, headers only)."""
+    meta = read_metadata(source, path)
+    return {"width": meta.width, "height": meta.height, "taken_at": meta.taken_at}
 
 
 def _pattern(w, h, seed=0):
@@ -421,35 +427,35 @@ def test_draft_pixels_after_the_clip_transform_are_close_to_full_decode(tmp_path
 # --- metadata and names -----------------------------------------------------------------------
 
 
-def test_metadata_from_path_and_from_image(tmp_path):
+def test_metadata_from_a_path_and_from_the_bytes(tmp_path):
     path = tmp_path / "dated.jpg"
     exif = _exif(orientation=6, taken="2021:05:06 07:08:09", offset="+02:00")
     Image.fromarray(_pattern(60, 40)).save(path, exif=exif)
     expected = {"width": 40, "height": 60, "taken_at": "2021-05-06T07:08:09+02:00"}
     assert image_metadata(path) == expected
-    assert image_metadata(open_image(path)) == expected
+    assert image_metadata(io.BytesIO(path.read_bytes()), path) == expected  # as the indexer reads it
+    assert open_image(path).size == (40, 60)  # the decoded pixels agree
 
 
 @pytest.mark.parametrize("orientation, upright", [(None, (1600, 1200)), (6, (1200, 1600)), (3, (1600, 1200))])
-def test_metadata_of_a_draft_decoded_jpeg_is_the_full_upright_size(tmp_path, orientation, upright):
+def test_metadata_of_a_big_jpeg_is_the_full_upright_size(tmp_path, orientation, upright):
     path = tmp_path / "big.jpg"
     Image.fromarray(_pattern(1600, 1200)).save(
         path, exif=_exif(orientation=orientation, taken="2020:01:02 03:04:05")
     )
     im = open_image(path, draft_size=100)
     assert sorted(im.size) == [150, 200]  # decoded at 1/8 scale
-    assert image_metadata(im) == {
+    assert image_metadata(path) == {
         "width": upright[0],
         "height": upright[1],
         "taken_at": "2020-01-02T03:04:05",
     }
-    assert image_metadata(path) == image_metadata(im)  # the header-only path agrees
+    assert im.size == (upright[0] // 8, upright[1] // 8)  # the draft is upright as the metadata says
 
 
-def test_metadata_of_an_image_that_still_has_its_orientation(tmp_path):
+def test_metadata_of_an_image_stored_on_its_side(tmp_path):
     Image.fromarray(_pattern(60, 40)).save(tmp_path / "r.jpg", exif=_exif(orientation=8))
-    with Image.open(tmp_path / "r.jpg") as raw:  # not turned upright yet: the sizes swap
-        assert image_metadata(raw) == {"width": 40, "height": 60, "taken_at": None}
+    assert image_metadata(tmp_path / "r.jpg") == {"width": 40, "height": 60, "taken_at": None}
 
 
 def test_metadata_without_or_with_bad_dates(tmp_path):
