@@ -36,8 +36,9 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 def make_optimizer(model: nn.Module, lr: float, wd: float, beta1: float, beta2: float, eps: float):
     """AdamW over :func:`param_groups`; the fused kernel where the parameters' device has one.
 
-    Fused AdamW is the same update in one kernel: on a CPU it is ~30x faster than the per-tensor loop
-    for a model with CLIP's 49k x width token embedding (measured: 4 ms vs 136 ms a step for demo-vit).
+    Fused AdamW is the same update in one kernel; the per-tensor loop is slow for CLIP's 49k x width
+    token embedding, which dominates the update of a small model (the model step against OpenCLIP's
+    is in ``benchmarks/train_throughput.md``).
     """
     groups = param_groups(model, wd)
     params = [p for g in groups for p in g["params"]]
