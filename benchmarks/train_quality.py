@@ -92,16 +92,43 @@ def load_open_clip(args, out: Path, cfg_dir: Path):
     return model.eval(), open_clip.get_tokenizer(args.model)
 
 
+class EncodedOnce:
+    """``trainer.evaluate.image_features`` that encodes each image file once (by its real path): the
+    three scores below read the same held-out images (``zeroshot/`` holds links to them)."""
+
+    def __init__(self):
+        self._rows: dict[Path, torch.Tensor | None] = {}  # None: unreadable
+
+    def __call__(self, model, preprocess_cfg, paths):
+        from collections import Counter
+
+        from trainer import evaluate
+        from trainer.data import DataError
+
+        real = [Path(p).resolve() for p in paths]
+        new = list(dict.fromkeys(p for p in real if p not in self._rows))
+        if new:
+            feats, kept, _ = evaluate.image_features(model, preprocess_cfg, new)  # [K, D]
+            self._rows.update(dict.fromkeys(new))
+            self._rows.update((new[i], f) for i, f in zip(kept, feats, strict=True))
+        kept = [i for i, p in enumerate(real) if self._rows[p] is not None]
+        if not kept:
+            raise DataError("none of the evaluation images could be read")
+        skipped = Counter({"unreadable": len(real) - len(kept)} if len(kept) < len(real) else {})
+        return torch.stack([self._rows[real[i]] for i in kept]), kept, skipped
+
+
 def score(model, tokenizer, preprocess_cfg, data: Path) -> dict:
-    """The same evaluation code for both trainers' models."""
+    """The same evaluation code for both trainers' models; each held-out image is encoded once."""
     from trainer import evaluate
     from trainer.data import read_csv
 
     names = evaluate.read_class_csv(data / "val.csv", "filepath", "title")
     cats = evaluate.read_class_folders(data / "zeroshot")
-    n = evaluate.zeroshot(model, tokenizer, preprocess_cfg, names, templates=["{}"])
-    c = evaluate.zeroshot(model, tokenizer, preprocess_cfg, cats)
-    r = evaluate.retrieval(model, tokenizer, preprocess_cfg, read_csv(data / "val.csv"))
+    once = EncodedOnce()
+    n = evaluate.zeroshot(model, tokenizer, preprocess_cfg, names, templates=["{}"], encode_images=once)
+    c = evaluate.zeroshot(model, tokenizer, preprocess_cfg, cats, encode_images=once)
+    r = evaluate.retrieval(model, tokenizer, preprocess_cfg, read_csv(data / "val.csv"), encode_images=once)
     return {
         "names_top1": n["zeroshot_top1"],
         "category_top1": c["zeroshot_top1"],

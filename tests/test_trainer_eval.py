@@ -144,7 +144,16 @@ def test_retrieval_with_five_captions_per_image_equals_a_reference(tmp_path):
 
     pp = PreprocessConfig.from_dict({"image_size": 8})
     names = list(caption_vec)
-    out = evaluate.retrieval(Stub(), lambda texts: torch.tensor([names.index(t) for t in texts]), pp, rows)
+    tokenize = lambda texts: torch.tensor([names.index(t) for t in texts])  # noqa: E731
+    out = evaluate.retrieval(Stub(), tokenize, pp, rows)
+    asked = []  # a caller's image encoder (train_quality's encodes each file once) is the one used
+
+    def remembered(model, cfg, paths):
+        asked.append(list(paths))
+        return evaluate.image_features(model, cfg, paths)
+
+    assert evaluate.retrieval(Stub(), tokenize, pp, rows, encode_images=remembered) == out
+    assert [sorted(a) for a in asked] == [sorted({p for p, _ in rows})]
     images = sorted({p for p, _ in rows}, key=lambda p: [p for p, _ in rows].index(p))
     sims = torch.nn.functional.normalize(torch.stack([image_vecs[int(p.stem)] for p in images]), dim=-1)
     texts = [c for _, c in rows]

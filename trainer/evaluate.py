@@ -250,8 +250,14 @@ def text_features(model, tokenizer, texts, batch_size=256) -> torch.Tensor:
 # The three evaluations
 
 
-def zeroshot(model, tokenizer, preprocess_cfg, data: LabelledImages, templates=None) -> dict:
-    """Top-1/top-5 accuracy of the zero-shot classifier built from the class names; chance beside it."""
+def zeroshot(
+    model, tokenizer, preprocess_cfg, data: LabelledImages, templates=None, *, encode_images=None
+) -> dict:
+    """Top-1/top-5 accuracy of the zero-shot classifier built from the class names; chance beside it.
+
+    ``encode_images(model, preprocess_cfg, paths)``: :func:`image_features` by default (a caller
+    scoring several sets of the same images passes one that remembers them).
+    """
     from clipsearch.zeroshot import DEFAULT_TEMPLATES, build_classifier
 
     templates = templates or data.templates or DEFAULT_TEMPLATES
@@ -261,7 +267,7 @@ def zeroshot(model, tokenizer, preprocess_cfg, data: LabelledImages, templates=N
             model, tokenizer, data.classnames, templates, device=model_device(model)
         )
         classifier = classifier.float().cpu()  # [D, C]
-    feats, kept, skipped = image_features(model, preprocess_cfg, data.paths)
+    feats, kept, skipped = (encode_images or image_features)(model, preprocess_cfg, data.paths)
     labels = torch.tensor([data.labels[i] for i in kept])
     logits = feats @ classifier  # [N, C]
     k = min(5, logits.shape[1])
@@ -299,17 +305,17 @@ def group_captions(pairs) -> tuple[list, list[str], list[int]]:
     return images, captions, owner
 
 
-def retrieval(model, tokenizer, preprocess_cfg, pairs) -> dict:
+def retrieval(model, tokenizer, preprocess_cfg, pairs, *, encode_images=None) -> dict:
     """Recall@1/5/10 image->text and text->image over (image, caption) rows, and the CLIP loss.
 
     Rows sharing an image are that image's captions. Images that cannot be read are dropped with their
-    captions (counted in ``val_skipped``).
+    captions (counted in ``val_skipped``). ``encode_images``: as in :func:`zeroshot`.
     """
     from clipsearch.loss import contrastive_loss
 
     model.eval()
     images, captions, owner = group_captions(pairs)
-    img, kept, skipped = image_features(model, preprocess_cfg, images)  # [I, D]
+    img, kept, skipped = (encode_images or image_features)(model, preprocess_cfg, images)  # [I, D]
     row_of = {image_index: row for row, image_index in enumerate(kept)}
     rows = [(row_of[o], c) for o, c in zip(owner, captions, strict=True) if o in row_of]
     txt = text_features(model, tokenizer, [c for _, c in rows])  # [T, D]
