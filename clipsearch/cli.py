@@ -728,7 +728,7 @@ def query(
     # numpy's OpenBLAS starts a thread per core when imported (a query's numpy work is a few 512-d
     # vectors); an explicit setting of the user's wins.
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-    from clipsearch.search import Query, run
+    from clipsearch.search import Query, Searcher
 
     _check_output_options(as_json, as_paths, null, as_table)
     if text is None and image is None and not add and not add_image:
@@ -737,17 +737,8 @@ def query(
         if p is not None and not Path(p).is_file():
             raise ClipsearchError(f"query image not found: {p}")
     q = Query.build(text, image, add, minus, add_image, minus_image, minus_weight=minus_weight)
-    hits = run(
-        state.db_path(),
-        q,
-        top,
-        photo_filter,
-        threshold,
-        index_kind,
-        model=model,
-        load_model=_model_loader(device),
-        device=device,
-    ).hits
+    with Searcher(state.db_path(), device=device, load_model=_model_loader(device)) as searcher:
+        hits = searcher.run(q, top, photo_filter, threshold, index_kind, model=model).hits
     _note_cut_texts(state, q)
     _show_hits(
         state, hits, q.describe(), photo_filter, threshold, as_json, as_paths, null, as_table, html_out

@@ -15,8 +15,8 @@ the query daemon, the web interface), and it goes one way down::
       v
     clipsearch.encoders.choose  ->  search()  ->  clipsearch.encoders.encode  ->  clipsearch.vectors (FAISS)
 
-:func:`run` is one query of a command (a :class:`Searcher` made for it); :func:`search` is the
-in-process step on an open library with a chosen encoder. Which way answered is logged
+:meth:`Searcher.run` answers a query (a command makes a :class:`Searcher` for its one query);
+:func:`search` is the in-process step on an open library with a chosen encoder. Which way answered is logged
 (``--verbose``) and returned in :class:`Answer`.
 """
 
@@ -288,7 +288,7 @@ class Searcher:
     indexed photo (its stored vector) or a photo file. Each choice is a ``logging`` line
     (``--verbose``).
 
-    A command makes one for its one query (:func:`run`). The daemon and the web interface keep one
+    A command makes one for its one query. The daemon and the web interface keep one
     (``warm=True``): the library stays open (reopened when its file is replaced), and the text
     encoder, the image export's session, the model and each vector index are kept while they are
     current. Calls are serialised
@@ -538,21 +538,3 @@ def _file_identity(path: Path):
     except OSError:
         return None
     return st.st_dev, st.st_ino
-
-
-def run(
-    library_path: Path | str | None,
-    query: Query,
-    top: int = 20,
-    filters: PhotoFilter | None = None,
-    threshold: float | None = None,
-    index_kind: str = "auto",
-    *,
-    model: str | None = None,
-    load_model: Callable[[str, Library], object] | None = None,
-    device: str = "auto",
-) -> Answer:
-    """One query on the library at ``library_path`` (None: the default one), through a
-    :class:`Searcher` made for it: a running daemon, else the cheapest encoder here."""
-    with Searcher(library_path, device=device, load_model=load_model) as searcher:
-        return searcher.run(query, top, filters, threshold, index_kind, model=model)

@@ -563,23 +563,25 @@ def test_query_verbose_says_which_encoder_answered_and_why(tmp_path, model_dir):
 
 def test_query_by_indexed_photo_needs_no_model(indexed):
     """A query part that is an indexed photo is its stored vector: no model is loaded for it."""
-    from clipsearch.search import Query, QueryPart, run
+    from clipsearch.search import Query, QueryPart, Searcher
 
     db, folder, photos, report = indexed
     with Library.open(db) as lib:
         rows = lib.images()
         stored = lib.embedding(rows[2].id, report["model_id"])
-    answer = run(db, Query([QueryPart.indexed(rows[2].id)]), top=3)
-    assert answer.encoder == "stored-vectors"
-    assert answer.hits[0].image_id == rows[2].id and answer.hits[0].score == pytest.approx(1.0, abs=1e-5)
-    np.testing.assert_allclose(np.linalg.norm(stored), 1.0, atol=1e-5)
     from clipsearch.errors import LibraryError
     from clipsearch.search import QueryError
 
-    with pytest.raises(LibraryError, match="photo #999999 has no embedding"):
-        run(db, Query([QueryPart.indexed(999999)]))
-    with pytest.raises(QueryError, match="by its id"):
-        run(db, Query([QueryPart("indexed", "a.jpg")]))
+    with Searcher(db) as searcher:
+        answer = searcher.run(Query([QueryPart.indexed(rows[2].id)]), top=3)
+        assert answer.encoder == "stored-vectors"
+        assert answer.hits[0].image_id == rows[2].id
+        assert answer.hits[0].score == pytest.approx(1.0, abs=1e-5)
+        np.testing.assert_allclose(np.linalg.norm(stored), 1.0, atol=1e-5)
+        with pytest.raises(LibraryError, match="photo #999999 has no embedding"):
+            searcher.run(Query([QueryPart.indexed(999999)]))
+        with pytest.raises(QueryError, match="by its id"):
+            searcher.run(Query([QueryPart("indexed", "a.jpg")]))
 
 
 def test_status_prints_a_long_model_folder_whole_on_one_line(tmp_path):

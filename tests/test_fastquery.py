@@ -198,8 +198,8 @@ def test_a_query_process_never_imports_torch(tiny, tmp_path):
     script = textwrap.dedent(
         f"""
         import sys
-        from clipsearch.search import Query, run
-        answer = run({str(tmp_path / "lib.db")!r}, Query.build("a dog on a beach"), top=3)
+        from clipsearch.search import Query, Searcher
+        answer = Searcher({str(tmp_path / "lib.db")!r}).run(Query.build("a dog on a beach"), top=3)
         assert len(answer.hits) == 3 and answer.encoder == "torch-free", answer
         loaded = sorted(m for m in sys.modules if m == "torch" or m.startswith("torch."))
         print("TORCH", loaded)
