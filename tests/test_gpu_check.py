@@ -1,6 +1,7 @@
 """benchmarks/gpu_check.py runs its CPU half end to end, so the GPU check cannot rot between GPU runs."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -27,10 +28,10 @@ def test_the_cpu_half_of_the_gpu_check(tmp_path):
     assert "5/5 stages passed" in md
     # One step against fp32: fp32 with accumulation + checkpointing, and bf16 autocast, within bounds.
     assert "| fp32 |" in md and "| amp_bf16 |" in md and "**no**" not in md
-    for precision in ("fp32", "amp_bf16"):
-        assert f"| {precision} | clipsearch-train |" in md
+    # Training: both trainers in bf16 autocast, each in its own process, every step logged.
+    assert re.search(r"\| amp_bf16 \| clipsearch-train \| [\d.]+ \| \d+ MiB \| 4 \|", md), md
     if _openclip_trainer_importable():
-        assert "| fp32 | open_clip_train |" in md and "| amp_bf16 | open_clip_train |" in md
+        assert re.search(r"\| amp_bf16 \| open_clip_train \| [\d.]+ \| \d+ MiB \| 4 \|", md), md
     elif os.environ.get("CI"):
         pytest.fail(
             "open_clip_train (open-clip-torch with webdataset, pandas, fsspec) must be importable in CI"
