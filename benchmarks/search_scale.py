@@ -50,15 +50,22 @@ def make_data(
 
 
 def saved_size_and_open_ms(index: VectorIndex) -> tuple[int, float]:
-    """Size of the saved index file, and the time to open it as an in-step open does (mapped)."""
+    """Size of the saved index files, and the time to open them as an in-step open does (mapped;
+    ivfpq: its codes read, its exact store mapped)."""
     import faiss
 
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "x.index")
         faiss.write_index(index.index, path)
+        size = os.path.getsize(path)
+        if index.exact is not None:
+            faiss.write_index(index.exact, path + ".vectors")
+            size += os.path.getsize(path + ".vectors")
         t = time.perf_counter()
         faiss.read_index(path, vectors._read_flags(index.kind))
-        return os.path.getsize(path), (time.perf_counter() - t) * 1000
+        if index.exact is not None:
+            faiss.read_index(path + ".vectors", vectors._read_flags("flat"))
+        return size, (time.perf_counter() - t) * 1000
 
 
 def latencies_ms(index: VectorIndex, queries: np.ndarray, k: int) -> list[float]:
@@ -75,9 +82,11 @@ def latencies_ms(index: VectorIndex, queries: np.ndarray, k: int) -> list[float]
     return times
 
 
-def recall_at(got: np.ndarray, want: np.ndarray) -> float:
-    k = want.shape[1]
-    return float(np.mean([len(set(g) & set(w)) / k for g, w in zip(got, want, strict=True)]))
+def recall_tie_aware(scores: np.ndarray, kth: np.ndarray) -> float:
+    """Mean recall@k: a result counts when its score reaches the exact ``k``-th score ``kth`` [Q]
+    (every kind here returns exact inner products: flat, IVF-flat, HNSW-flat, ivfpq's re-rank)."""
+    k = scores.shape[1]
+    return float(np.mean(np.minimum((scores >= kth[:, None] - 1e-5).sum(axis=1), k) / k))
 
 
 def row(n, data, name, build, saved, lat, recall, **extra) -> dict:
@@ -114,7 +123,8 @@ def run(n: int, args) -> list[dict]:
     t = time.perf_counter()
     flat = VectorIndex.build(ids, data, kind="flat")
     build = time.perf_counter() - t
-    _, exact = flat.search(queries, k)  # batched: the ground truth for every query
+    exact_scores, _ = flat.search(queries, k)  # batched: the ground truth for every query
+    kth = exact_scores[:, k - 1]
     if "flat" in args.kinds:
         lat = latencies_ms(flat, queries[: args.flat_queries], k)
         rows.append(row(n, args.data, "flat", build, saved_size_and_open_ms(flat), lat, 1.0))
@@ -131,7 +141,7 @@ def run(n: int, args) -> list[dict]:
             if nprobe > nlist:
                 continue
             ivf.index.nprobe = nprobe
-            _, got = ivf.search(queries, k)
+            scores, _ = ivf.search(queries, k)
             lat = latencies_ms(ivf, queries, k)
             mark = " (default)" if nprobe == default else ""
             rows.append(
@@ -142,14 +152,14 @@ def run(n: int, args) -> list[dict]:
                     build,
                     saved,
                     lat,
-                    recall_at(got, exact),
+                    recall_tie_aware(scores, kth),
                 )
             )
         print(f"# n={n} ivf done (build {build:.0f} s)", flush=True)
         del ivf
 
-    if "ivffs" in args.kinds:
-        rows += fast_scan_rows(n, args, data, queries, exact)
+    if "ivfpq" in args.kinds:
+        rows += ivfpq_rows(n, args, ids, data, queries, kth)
 
     if "hnsw" in args.kinds and n <= args.hnsw_max:
         vectors.HNSW_M = args.hnsw_m
@@ -161,7 +171,7 @@ def run(n: int, args) -> list[dict]:
         tuned = hnsw.ef_search  # chosen by the build's tuning (build time includes it)
         for ef in sorted(set(args.ef) | {tuned}):
             hnsw.ef_search = ef  # the search-time beam; the graph is unchanged
-            _, got = hnsw.search(queries, k)
+            scores, _ = hnsw.search(queries, k)
             lat = latencies_ms(hnsw, queries, k)
             mark = " (tuned)" if ef == tuned else ""
             rows.append(
@@ -172,58 +182,39 @@ def run(n: int, args) -> list[dict]:
                     build,
                     saved,
                     lat,
-                    recall_at(got, exact),
+                    recall_tie_aware(scores, kth),
                 )
             )
         print(f"# n={n} hnsw done (build {build:.0f} s)", flush=True)
     return rows
 
 
-def fast_scan_rows(n: int, args, data: np.ndarray, queries: np.ndarray, exact: np.ndarray) -> list[dict]:
-    """A candidate, not a clipsearch kind: IVF with 4-bit fast-scan PQ codes (``PQ{d/8}x4fs``, 32 B
-    per 512-d vector) whose top ``kf × k`` are re-ranked by exact inner product with the float32
-    vectors, for each nprobe × kf of the sweep."""
-    import faiss
-
-    d, k = data.shape[1], args.k
-    nlist = vectors.ivf_lists(n)
+def ivfpq_rows(n: int, args, ids, data: np.ndarray, queries: np.ndarray, kth: np.ndarray) -> list[dict]:
+    """``ivfpq`` as ``VectorIndex.build`` makes it (IVF fast-scan PQ codes, exact re-rank of the
+    shortlist, (nprobe, re-rank) tuned at build), then a sweep of nprobe × re-rank depth."""
     t = time.perf_counter()
-    index = faiss.index_factory(d, f"IVF{nlist},PQ{d // 8}x4fs", faiss.METRIC_INNER_PRODUCT)
-    ivf = faiss.extract_index_ivf(index)
-    ivf.cp.niter = vectors.IVF_TRAIN_ITERS
-    ivf.cp.spherical = True
-    ivf.cp.min_points_per_centroid = 1
-    take = min(n, max(nlist * vectors.IVF_TRAIN_PER_LIST, 65_536))  # PQ codebooks need a sample too
-    index.train(data[np.sort(np.random.default_rng(args.seed).choice(n, take, replace=False))])
-    index.add(data)
+    index = VectorIndex.build(ids, data, kind="ivfpq")
     build = time.perf_counter() - t
-    saved = saved_size_and_open_ms(VectorIndex(index, "ivf", d))
-    ids = np.arange(1, n + 1, dtype=np.int64)  # the ground truth's ids (row + 1)
+    saved = saved_size_and_open_ms(index)
+    nlist = index.index.nlist
+    tuned = (index.index.nprobe, index.rerank)
     rows = []
-    threads = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(SEARCH_THREADS)
-    for nprobe in args.nprobe:
-        params = faiss.SearchParametersIVF(nprobe=min(nprobe, nlist))
-        for kf in args.refine:
-            got, lat = [], []
-            for q in queries:
-                t = time.perf_counter()
-                _, cand = index.search(q[None], kf * k, params=params)
-                cand = cand[0][cand[0] >= 0]
-                top = cand[np.argsort(-(data[cand] @ q), kind="stable")[:k]]
-                lat.append((time.perf_counter() - t) * 1000)
-                got.append(ids[top])
-            name = f"ivf-fastscan nlist={nlist} PQ{d // 8}x4fs nprobe={nprobe} rerank={kf * k}"
-            rows.append(row(n, args.data, name, build, saved, lat, recall_at(np.array(got), exact)))
-    faiss.omp_set_num_threads(threads)
-    print(f"# n={n} ivf-fastscan done (build {build:.0f} s)", flush=True)
+    sweep = {(p, r) for p in args.nprobe for r in args.rerank if p <= nlist} | {tuned}
+    for nprobe, rerank in sorted(sweep):
+        index.index.nprobe, index.rerank = nprobe, rerank
+        scores, _ = index.search(queries, args.k)
+        lat = latencies_ms(index, queries, args.k)
+        mark = " (tuned)" if (nprobe, rerank) == tuned else ""
+        name = f"ivfpq nlist={nlist} PQ{vectors.pq_codes(data.shape[1])}x4fs nprobe={nprobe} rerank={rerank}{mark}"
+        rows.append(row(n, args.data, name, build, saved, lat, recall_tie_aware(scores, kth)))
+    print(f"# n={n} ivfpq done (build {build:.0f} s, tuned nprobe/rerank {tuned})", flush=True)
     return rows
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
-    ap.add_argument("--kinds", nargs="+", default=["flat", "ivf"], choices=["flat", "ivf", "hnsw", "ivffs"])
+    ap.add_argument("--kinds", nargs="+", default=["flat", "ivf"], choices=["flat", "ivf", "ivfpq", "hnsw"])
     ap.add_argument("--data", default="clustered", choices=["clustered", "lowrank", "uniform"])
     ap.add_argument("--rank", type=int, default=32, help="intrinsic dimension of --data lowrank")
     ap.add_argument(
@@ -237,7 +228,7 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--nprobe", type=int, nargs="+", default=[8, 16, 64], help="IVF nprobe values to sweep")
     ap.add_argument(
-        "--refine", type=int, nargs="+", default=[10, 20], help="ivffs: re-rank this many × k candidates"
+        "--rerank", type=int, nargs="+", default=[200, 400], help="ivfpq re-rank depths to sweep (at k=10)"
     )
     ap.add_argument("--ef", type=int, nargs="+", default=[64, 128], help="HNSW efSearch values to sweep")
     ap.add_argument("--hnsw-m", type=int, default=vectors.HNSW_M, help="HNSW graph degree M")

@@ -12,4 +12,4 @@ IMAGE_BACKENDS = ("torch-fp32", "torch-bf16", "torch-int8", "onnx-fp32", "onnx-i
 # Backends that only pay off on a GPU: ``auto`` measures them there; the library can force them.
 GPU_IMAGE_BACKENDS = ("torch-fp16",)
 # Vector index kinds (clipsearch.vectors); ``auto`` picks one by the library's size.
-INDEX_KINDS = ("flat", "ivf", "hnsw")
+INDEX_KINDS = ("flat", "ivf", "ivfpq", "hnsw")

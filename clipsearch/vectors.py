@@ -91,6 +91,11 @@ TEXT_PROBE_SUBJECTS = (
     "face", "hand", "heart", "flag", "sign", "sun", "snow", "night", "party", "sports",
 )  # fmt: skip
 TEXT_PROBE_TEMPLATES = ("{}", "a photo of a {}.", "a picture of {} outdoors", "a red {}")
+# ivfpq: IVF cells of 4-bit product-quantised codes scanned with SIMD lookup tables (faiss "fast
+# scan"), whose best ``rerank`` candidates are re-scored exactly against the float32 vectors.
+PQ_DIMS_PER_CODE = 8  # one 4-bit code per 8 dimensions: 32 bytes for a 512-d vector
+PQ_TRAIN_MIN = 65_536  # the PQ codebooks (16 centroids per sub-vector) train on at least this sample
+RERANK_DEPTHS = (100, 200, 400, 800, 1600)  # shortlists re-scored exactly, tried per nprobe at build
 REBUILD_FRACTION = 0.2  # rebuild an HNSW index once a fifth of it is tombstones
 EXACT_SUBSET = 20_000  # a subtree filter with at most this many ids is searched exactly
 GPU_MAX_K = 2048  # faiss-gpu's limit on k and nprobe
@@ -117,7 +122,7 @@ def choose_kind(kind: str, n: int) -> str:
     """The kind a fresh index of ``n`` vectors gets: ``kind`` itself unless it is ``auto``."""
     _check_kind(kind)
     if kind == "auto":
-        return "ivf" if n >= SCALABLE_THRESHOLD else "flat"
+        return "ivfpq" if n >= SCALABLE_THRESHOLD else "flat"
     return kind
 
 
@@ -140,7 +145,7 @@ def resolve_kind(requested: str, n: int, existing: str | None = None) -> str:
         return requested
     if existing == "flat":
         return "flat" if n < FLAT_KEEP_MAX else choose_kind("auto", n)
-    if existing in ("ivf", "hnsw"):
+    if existing in ("ivf", "ivfpq", "hnsw"):
         return existing
     return choose_kind("auto", n)
 
@@ -293,8 +298,16 @@ def _new_index(kind: str, dim: int):
     return faiss.IndexIDMap(base)
 
 
-def _new_ivf(vectors: np.ndarray, seed: int = 0):
-    """An IVF-flat index trained on a sample of ``vectors`` (float32 [N, D]), still empty."""
+def pq_codes(dim: int) -> int:
+    """4-bit codes per ``ivfpq`` vector: one per ``PQ_DIMS_PER_CODE`` dimensions (the largest
+    divisor of ``dim`` up to ``dim / PQ_DIMS_PER_CODE``; FAISS splits a vector into equal parts)."""
+    return next(m for m in range(max(1, dim // PQ_DIMS_PER_CODE), 0, -1) if dim % m == 0)
+
+
+def _new_ivf(vectors: np.ndarray, seed: int = 0, codes: bool = False):
+    """An IVF index trained on a sample of ``vectors`` (float32 [N, D]), still empty: IVF-flat, or
+    with ``codes`` IVF-PQ fast scan (4-bit codes of the residuals, :func:`pq_codes` per vector)
+    on the same cells."""
     import faiss
 
     n, dim = vectors.shape
@@ -314,6 +327,29 @@ def _new_ivf(vectors: np.ndarray, seed: int = 0):
             vectors if take == n else vectors[np.sort(np.random.default_rng(seed).choice(n, take, False))]
         )
         ivf.train(np.ascontiguousarray(sample))
+    return _with_codes(ivf, vectors, seed) if codes else ivf
+
+
+def _with_codes(cells, vectors: np.ndarray, seed: int):
+    """An empty ``ivfpq`` code index on the trained IVF ``cells``' centroids, its PQ codebooks
+    trained on the residuals of a sample of at least ``PQ_TRAIN_MIN`` vectors; tiny samples are
+    padded with random unit vectors (k-means needs 16 points per codebook; a library that small
+    is re-ranked whole)."""
+    import faiss
+
+    n, dim = vectors.shape
+    ivf = faiss.index_factory(dim, f"IVF{cells.nlist},PQ{pq_codes(dim)}x4fs", faiss.METRIC_INNER_PRODUCT)
+    centroids = faiss.downcast_index(cells.quantizer).reconstruct_n(0, cells.nlist)  # [nlist, D]
+    ivf.quantizer.add(centroids)  # a trained quantizer holding nlist centroids is not retrained
+    ivf.pq.cp.min_points_per_centroid = 1  # no warnings on stderr for small libraries
+    ivf.pq.cp.seed = seed
+    rng = np.random.default_rng(seed)
+    take = min(n, max(cells.nlist * IVF_TRAIN_PER_LIST, PQ_TRAIN_MIN))
+    sample = vectors if take == n else vectors[np.sort(rng.choice(n, take, replace=False))]
+    if len(sample) < 256:
+        pad = rng.standard_normal((256 - len(sample), dim)).astype(np.float32)
+        sample = np.concatenate([sample, pad / np.linalg.norm(pad, axis=1, keepdims=True)])
+    ivf.train(np.ascontiguousarray(sample, dtype=np.float32))
     return ivf
 
 
@@ -321,6 +357,8 @@ def _read_flags(kind: str) -> int:
     """faiss read flags that map the file instead of reading it (flat codes / inverted lists)."""
     import faiss
 
+    if kind == "ivfpq":
+        return 0  # fast-scan lists are read (their codes are small); the exact store is mapped as flat
     if kind == "ivf":
         return faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY  # inverted lists as OnDiskInvertedLists
     # IO_FLAG_MMAP alone still copies a flat index's vectors (benchmarks/search_scale.md); MMAP_IFC maps them.
@@ -336,8 +374,12 @@ def _id_range(library: Library, model_id: str) -> list[int] | None:
 class VectorIndex:
     """A FAISS index of one model's embeddings, keyed by image ids."""
 
-    def __init__(self, index, kind: str, dim: int, tombstones: set[int] | None = None):
+    def __init__(self, index, kind: str, dim: int, tombstones: set[int] | None = None, exact=None):
         self.index = index
+        # ivfpq: the same vectors in float32 under the same ids, ascending (IndexIDMap(IndexFlatIP)),
+        # for the exact re-rank of the shortlist the codes find; None for the other kinds.
+        self.exact = exact
+        self.rerank = RERANK_DEPTHS[0]  # ivfpq: candidates re-scored exactly (at k=10), tuned at build
         self.kind = kind
         self.dim = dim
         self.tombstones: set[int] = set(tombstones or ())
@@ -364,11 +406,22 @@ class VectorIndex:
         if vectors.ndim != 2 or len(ids) != len(vectors):
             raise ValueError(f"ids {ids.shape} and vectors {vectors.shape} disagree")
         kind = choose_kind(kind, len(ids))
-        index = _new_ivf(vectors) if kind == "ivf" else _new_index(kind, vectors.shape[1])
+        exact = None
+        if kind == "ivfpq":
+            if np.any(ids[1:] <= ids[:-1]):  # the exact store keeps its ids ascending (re-rank lookups)
+                order = np.argsort(ids, kind="stable")
+                ids, vectors = ids[order], vectors[order]
+            index = _new_ivf(vectors, codes=True)
+            exact = _new_index("flat", vectors.shape[1])
+            exact.add_with_ids(vectors, ids)
+        elif kind == "ivf":
+            index = _new_ivf(vectors)
+        else:
+            index = _new_index(kind, vectors.shape[1])
         if len(ids):
             index.add_with_ids(vectors, ids)
-        built = cls(index, kind, vectors.shape[1])
-        if kind in ("ivf", "hnsw"):
+        built = cls(index, kind, vectors.shape[1], exact=exact)
+        if kind != "flat":
             built._tune(ids, vectors, text_like)
         return built
 
@@ -378,10 +431,57 @@ class VectorIndex:
 
         if self.kind == "ivf":
             tune_nprobe(self.index, ids, vectors, text_like)
+        elif self.kind == "ivfpq":
+            self.index.nprobe, self.rerank = self._tune_shortlist(ids, vectors, text_like)
         else:
             self.ef_search, _ = tune_ef_search(self.index, ids, vectors, text_like)
             faiss.downcast_index(self.index.index).hnsw.efSearch = self.ef_search  # kept in the file too
         self.tuned_with = "images" if text_like is None or not len(text_like) else "text"
+
+    def _tune_shortlist(
+        self, ids: np.ndarray, vectors: np.ndarray, text_like: np.ndarray | None, k: int = 10, seed: int = 0
+    ) -> tuple[int, int]:
+        """ivfpq: the cheapest (``nprobe``, re-rank depth) at which every tuning set of
+        :func:`tune_nprobe` reaches its target, scanning fewer cells first and, per ``nprobe``,
+        re-ranking ``RERANK_DEPTHS`` in turn (a deeper shortlist costs less than more cells)."""
+        import faiss
+
+        ivf = self.index
+        if len(ids) <= k + 1:
+            return ivf.nlist, RERANK_DEPTHS[0]  # every cell, every vector re-ranked: exact
+        nprobes = [*(p for p in IVF_NPROBES if p < ivf.nlist), ivf.nlist]
+        # (nprobe, id of the query set) -> (candidate ids [Q, deepest], their exact scores so far):
+        # one scan per nprobe; deeper re-ranks only score the candidates they add.
+        shortlists: dict = {}
+
+        def search(value: tuple[int, int], queries: np.ndarray, kk: int):
+            nprobe, depth = value
+            depth = max(depth, kk)
+            key = (nprobe, id(queries))
+            if key not in shortlists:
+                if any(p != nprobe for p, _ in shortlists):
+                    shortlists.clear()  # the ladder moved on to more cells
+                params = faiss.SearchParametersIVF(nprobe=nprobe)
+                cand = ivf.search(queries, max(RERANK_DEPTHS[-1], kk), params=params)[1]
+                shortlists[key] = (cand, np.zeros((len(queries), 0), np.float32))
+            cand, sims = shortlists[key]
+            if sims.shape[1] < depth:
+                more = self._exact_scores(queries, np.ascontiguousarray(cand[:, sims.shape[1] : depth]))
+                sims = np.concatenate([sims, more], axis=1)
+                shortlists[key] = (cand, sims)
+            return _top_k(sims[:, :depth], cand[:, :depth], kk)
+
+        ladder = [(p, r) for p in nprobes for r in RERANK_DEPTHS]
+        (nprobe, depth), worst, tuned_on = _tune(search, ladder, ids, vectors, text_like, k, seed)
+        log.info(
+            "IVF-PQ nprobe %d of %d cells, re-rank %d, tuned on %s (lowest mean recall@10 %.3f)",
+            nprobe,
+            ivf.nlist,
+            depth,
+            tuned_on,
+            worst,
+        )
+        return nprobe, depth
 
     @classmethod
     def for_library(
@@ -439,8 +539,11 @@ class VectorIndex:
                     raw = faiss.read_index(str(path), _read_flags(existing) if fresh else 0)
                 except RuntimeError:
                     raw = None  # unreadable: rebuilt below
+                exact = _read_exact(path, sidecar, fresh) if existing == "ivfpq" and raw is not None else None
+                if existing == "ivfpq" and (exact is None or exact.ntotal != sidecar["ntotal"]):
+                    raw = None  # its exact vectors are missing or another save's: rebuilt below
                 if raw is not None and raw.ntotal == sidecar["ntotal"] and raw.d == sidecar["dim"]:
-                    index = cls(raw, existing, raw.d, set(sidecar.get("tombstones", [])))
+                    index = cls(raw, existing, raw.d, set(sidecar.get("tombstones", [])), exact=exact)
                     index._apply_tuning(sidecar)
                     if fresh:
                         index.path = path
@@ -495,6 +598,12 @@ class VectorIndex:
         """What the sidecar records of the tuning (the file's own setting may be older)."""
         if self.kind == "ivf":
             return {"nprobe": int(self.index.nprobe), "tuned_with": self.tuned_with}
+        if self.kind == "ivfpq":
+            return {
+                "nprobe": int(self.index.nprobe),
+                "rerank": int(self.rerank),
+                "tuned_with": self.tuned_with,
+            }
         if self.kind == "hnsw":
             return {"ef_search": int(self.ef_search), "tuned_with": self.tuned_with}
         return {}
@@ -504,8 +613,10 @@ class VectorIndex:
         if self.kind == "flat":
             return
         self.tuned_with = sidecar.get("tuned_with")
-        if self.kind == "ivf" and isinstance(sidecar.get("nprobe"), int):
+        if self.kind in ("ivf", "ivfpq") and isinstance(sidecar.get("nprobe"), int):
             self.index.nprobe = max(1, min(sidecar["nprobe"], self.index.nlist))
+        if self.kind == "ivfpq" and isinstance(sidecar.get("rerank"), int):
+            self.rerank = max(1, sidecar["rerank"])
         if self.kind == "hnsw" and isinstance(sidecar.get("ef_search"), int):
             self.ef_search = max(1, sidecar["ef_search"])
 
@@ -515,7 +626,7 @@ class VectorIndex:
             return True
         if self.kind == "hnsw":
             return self._tombstone_fraction() > REBUILD_FRACTION
-        if self.kind == "ivf":
+        if self.kind in ("ivf", "ivfpq"):
             # Trained for another size: cells grew too full (slow) or too sparse (poor recall).
             have, ideal = self.index.nlist, ivf_lists(n)
             return ideal >= 2 * have or 2 * ideal <= have
@@ -540,6 +651,8 @@ class VectorIndex:
         """Every id stored in the index, tombstones included (int64, index order)."""
         import faiss
 
+        if self.kind == "ivfpq":
+            return faiss.vector_to_array(self.exact.id_map)  # the same ids as the codes', ascending
         if self.kind != "ivf":
             return faiss.vector_to_array(self.index.id_map)
         invlists = self.index.invlists
@@ -558,9 +671,11 @@ class VectorIndex:
         """A memory-mapped index is read-only: read the file into memory before changing it."""
         import faiss
 
-        if self.mapped:
+        if self.mapped and self.kind == "ivfpq":
+            self.exact = faiss.read_index(str(_exact_path(self.path)))  # the codes are read already
+        elif self.mapped:
             self.index = faiss.read_index(str(self.path))
-            self.mapped = False
+        self.mapped = False
 
     def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
         ids = np.ascontiguousarray(ids, dtype=np.int64)
@@ -569,9 +684,26 @@ class VectorIndex:
         revived = self.tombstones.intersection(ids.tolist())
         if revived:  # cannot happen with SQLite's never-reused ids; be safe anyway
             raise ValueError(f"ids {sorted(revived)[:5]} were removed from this HNSW index; rebuild it")
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         self._writable()
-        self.index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), ids)
+        self.index.add_with_ids(vectors, ids)
+        if self.kind == "ivfpq":
+            self._add_exact(ids, vectors)
         self._gpu = None
+
+    def _add_exact(self, ids: np.ndarray, vectors: np.ndarray) -> None:
+        """Add to the exact store, keeping its ids ascending: appended when all are newer (SQLite's
+        new ids are), else the store is rebuilt in order."""
+        order = np.argsort(ids, kind="stable")
+        ids, vectors = ids[order], vectors[order]
+        have, xb = self._stored()
+        if len(have) and ids[0] <= have[-1]:
+            ids = np.concatenate([have, ids])
+            vectors = np.concatenate([xb, vectors])
+            order = np.argsort(ids, kind="stable")
+            ids, vectors = ids[order], np.ascontiguousarray(vectors[order])
+            self.exact = _new_index("flat", self.dim)
+        self.exact.add_with_ids(vectors, ids)
 
     def remove(self, ids: np.ndarray) -> int:
         """Remove ``ids``: really for flat and IVF, as tombstones for HNSW. Returns how many were present."""
@@ -585,7 +717,10 @@ class VectorIndex:
             self.tombstones |= present
         else:
             self._writable()
-            self.index.remove_ids(faiss.IDSelectorBatch(np.array(sorted(present), dtype=np.int64)))
+            gone = np.array(sorted(present), dtype=np.int64)
+            self.index.remove_ids(faiss.IDSelectorBatch(gone))
+            if self.kind == "ivfpq":
+                self.exact.remove_ids(faiss.IDSelectorBatch(gone))  # compacts in order: still ascending
         self._gpu = None
         return len(present)
 
@@ -610,6 +745,18 @@ class VectorIndex:
         import faiss
 
         path.parent.mkdir(parents=True, exist_ok=True)
+        exact = {}
+        if self.kind == "ivfpq":  # first: a crash before the index file leaves a sidecar mismatching both
+            with atomic_path(_exact_path(path)) as tmp:
+                faiss.write_index(self.exact, str(tmp))
+            st = _exact_path(path).stat()
+            exact = {
+                "exact": {
+                    "file_size": st.st_size,
+                    "file_mtime_ns": st.st_mtime_ns,
+                    "owner_mac": _owner_mac(st, model_id, library_id),
+                }
+            }
         with atomic_path(path) as tmp:
             faiss.write_index(self.index, str(tmp))
         st = path.stat()
@@ -632,6 +779,7 @@ class VectorIndex:
             "file_mtime_ns": st.st_mtime_ns,
             "owner_mac": _owner_mac(st, model_id, library_id),
             **self._tuning(),
+            **exact,
         }
         _write_sidecar(path, meta)
         self.path = path
@@ -676,6 +824,10 @@ class VectorIndex:
             params = faiss.SearchParametersIVF(sel=sel, nprobe=nprobe)
         elif allowed is not None and n <= EXACT_SUBSET:
             return self._exact_subset(q, kk, allowed)
+        elif allowed is not None and self.kind == "ivfpq":
+            widened = math.ceil(self.index.nprobe * len(self) / max(1, n))
+            nprobe = min(self.index.nlist, max(self.index.nprobe, widened))
+            params = faiss.SearchParametersIVF(sel=faiss.IDSelectorBatch(allowed), nprobe=nprobe)
         elif allowed is not None and self.kind == "flat":
             sel = faiss.IDSelectorBatch(allowed)
             params = faiss.SearchParameters(sel=sel)  # a flat scan with a filter is still exact
@@ -690,6 +842,8 @@ class VectorIndex:
             params = faiss.SearchParametersHNSW(sel=sel, efSearch=max(self.ef_search, kk))
         elif self.kind == "hnsw":
             params = faiss.SearchParametersHNSW(efSearch=max(self.ef_search, kk))
+        elif self.kind == "ivfpq":
+            params = faiss.SearchParametersIVF(nprobe=self.index.nprobe)
         # FAISS scans a flat index for fewer than 20 queries one query per thread, yet still wakes
         # every OpenMP thread, whose barrier costs a single query more than the scan on a loaded box
         # (benchmarks/search_scale.md). The setting is the calling thread's own.
@@ -698,7 +852,10 @@ class VectorIndex:
         if one_thread:
             faiss.omp_set_num_threads(1)
         try:
-            if params is not None:
+            if self.kind == "ivfpq":
+                depth = min(n, max(kk, math.ceil(self.rerank * kk / 10)))  # tuned for k=10
+                scores, ids = self._rescore(q, self.index.search(q, depth, params=params)[1], kk)
+            elif params is not None:
                 scores, ids = self.index.search(q, kk, params=params)
             else:
                 scores, ids = self._searcher(kk).search(q, kk)
@@ -709,15 +866,51 @@ class VectorIndex:
         scores = np.where(ids < 0, -np.inf, scores).astype(np.float32)
         return scores, ids.astype(np.int64)
 
-    def _exact_subset(self, q: np.ndarray, k: int, allowed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Brute force over the stored vectors of ``allowed`` (flat and HNSW keep them in a flat array)."""
+    def _stored(self) -> tuple[np.ndarray, np.ndarray]:
+        """Views of the float32 vectors flat, HNSW and the ivfpq exact store keep in a flat array:
+        ``(ids int64 [N], vectors float32 [N, D])`` in slot order (ivfpq: ids ascending). Valid
+        until the index changes."""
         import faiss
 
-        base = faiss.downcast_index(self.index.index)
-        storage = base if self.kind == "flat" else faiss.downcast_index(base.storage)
-        all_ids = self._all_ids()  # [N], slot order
+        holder = self.exact if self.kind == "ivfpq" else self.index  # an IndexIDMap
+        base = faiss.downcast_index(holder.index)
+        storage = faiss.downcast_index(base.storage) if self.kind == "hnsw" else base
+        n = storage.ntotal
+        if n == 0:
+            return np.zeros(0, np.int64), np.zeros((0, self.dim), np.float32)
+        ids = faiss.rev_swig_ptr(holder.id_map.data(), n)  # [N]
+        xb = faiss.rev_swig_ptr(storage.get_xb(), n * self.dim).reshape(n, self.dim)  # [N, D]
+        return ids, xb
+
+    def _rescore(self, q: np.ndarray, candidates: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """ivfpq: the exact top ``k`` of each query's ``candidates`` (int64 [Q, R] ids, -1 empty)
+        by inner product with the stored float32 vectors: ``(scores [Q, k], ids [Q, k])``."""
+        return _top_k(self._exact_scores(q, candidates), candidates, k)
+
+    def _exact_scores(self, q: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+        """Inner products of each query (float32 [Q, D]) with its ``candidates`` (int64 [Q, R]
+        ids) from the exact store: float32 [Q, R], -inf where a candidate is empty or unknown."""
+        import faiss
+
+        store_ids, xb = self._stored()
+        if not len(store_ids) or not candidates.size:
+            return np.full(candidates.shape, -np.inf, np.float32)
+        rows = np.minimum(np.searchsorted(store_ids, candidates), len(store_ids) - 1)  # [Q, R]
+        rows = np.ascontiguousarray(np.where(store_ids[rows] == candidates, rows, -1), dtype=np.int64)
+        q = np.ascontiguousarray(q, dtype=np.float32)
+        sims = np.empty(rows.shape, np.float32)
+        # Gathers each query's rows itself (no [Q, R, D] copy); a row of -1 scores -inf.
+        faiss.fvec_inner_products_by_idx(
+            faiss.swig_ptr(sims), faiss.swig_ptr(q), faiss.swig_ptr(xb), faiss.swig_ptr(rows), self.dim,
+            len(q), rows.shape[1],
+        )  # fmt: skip
+        return sims
+
+    def _exact_subset(self, q: np.ndarray, k: int, allowed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Brute force over the stored vectors of ``allowed`` (flat, HNSW and ivfpq keep them in a
+        flat array)."""
+        all_ids, xb = self._stored()  # [N], [N, D] in slot order
         slots = np.flatnonzero(np.isin(all_ids, allowed))  # [n]
-        xb = faiss.rev_swig_ptr(storage.get_xb(), storage.ntotal * self.dim).reshape(-1, self.dim)  # [N, D]
         sims = q @ xb[slots].T  # [Q, n]
         top = np.argsort(-sims, axis=1, kind="stable")[:, :k]  # [Q, k]
         return np.take_along_axis(sims, top, axis=1).astype(np.float32), all_ids[slots][top]
@@ -730,7 +923,7 @@ class VectorIndex:
         import faiss
 
         if (
-            self.kind == "hnsw"
+            self.kind in ("hnsw", "ivfpq")
             or k > GPU_MAX_K
             or (self.kind == "ivf" and self.index.nprobe > GPU_MAX_K)
             or not hasattr(faiss, "get_num_gpus")
@@ -794,3 +987,37 @@ def _file_matches(path: Path, meta: dict) -> bool:
         log.info("FAISS index %s was not written by this user here: rebuilding it from the library", path)
         return False
     return True
+
+
+def _top_k(sims: np.ndarray, candidates: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The best ``k`` of each row of ``sims`` (float32 [Q, R], -inf: none) with their ids from
+    ``candidates`` (int64 [Q, R]): ``(scores [Q, k], ids [Q, k])``, -inf / -1 where rows run out."""
+    top = np.argsort(-sims, axis=1, kind="stable")[:, :k]  # [Q, k'] (k' <= k when R < k)
+    scores = np.full((len(sims), k), -np.inf, np.float32)
+    ids = np.full((len(sims), k), -1, np.int64)
+    best = np.take_along_axis(sims, top, axis=1)
+    scores[:, : top.shape[1]] = best
+    ids[:, : top.shape[1]] = np.where(np.isfinite(best), np.take_along_axis(candidates, top, axis=1), -1)
+    return scores, ids
+
+
+def _exact_path(path: Path) -> Path:
+    """The ivfpq exact store beside ``path``: the float32 vectors its shortlists are re-ranked with."""
+    return path.with_suffix(".vectors")
+
+
+def _read_exact(path: Path, sidecar: dict, fresh: bool):
+    """The ivfpq exact store of the index at ``path`` when the sidecar's record of it matches the
+    file this user wrote (mapped when ``fresh``), else None (logged; the index is rebuilt)."""
+    import faiss
+
+    exact_path = _exact_path(path)
+    record = sidecar.get("exact")
+    if not isinstance(record, dict) or not _file_matches(exact_path, {**sidecar, **record}):
+        log.info("the exact vectors of %s are missing or another save's: rebuilding", path)
+        return None
+    try:
+        return faiss.read_index(str(exact_path), _read_flags("flat") if fresh else 0)
+    except RuntimeError:
+        log.info("the exact vectors of %s are unreadable: rebuilding", path)
+        return None
