@@ -167,7 +167,17 @@ def main() -> None:
     ap.add_argument("--model", help="model id in the library (default: the library's model)")
     ap.add_argument("--emoji", default="/tmp/emoji-set", help="the emoji set (benchmarks/real_data.py)")
     ap.add_argument("--queries", type=int, default=300, help="queries per set (free text: all)")
-    ap.add_argument("--nprobe", type=int, nargs="+", default=[4, 8, 16, 32, 64, 128])
+    ap.add_argument("--kind", default="auto", choices=["auto", *vectors.KINDS], help="index kind to build")
+    ap.add_argument(
+        "--nprobe", type=int, nargs="+", default=[4, 8, 16, 32, 64, 128], help="IVF cells to sweep"
+    )
+    ap.add_argument(
+        "--rerank-sweep",
+        type=lambda v: tuple(int(x) for x in v.split(",")),
+        nargs="*",
+        default=[],
+        help="ivfpq: extra NPROBE,RERANK settings to measure",
+    )
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", help="also write the rows to this JSON file")
@@ -185,42 +195,35 @@ def main() -> None:
     probes = vectors.text_probes(model_id)  # what the library tunes with
     assert probes is not None, "no text export of the model under this CLIPSEARCH_HOME"
     t = time.perf_counter()
-    index = VectorIndex.build(ids, data, kind="auto", text_like=probes)
+    index = VectorIndex.build(ids, data, kind=args.kind, text_like=probes)
     build_s = time.perf_counter() - t
     kind = index.kind
+    tuned = tuned_settings(index, ids, data)
     rows = []
-    tuned = {}
-    if kind == "ivf":
-        tuned["after"] = index.index.nprobe
-        vectors.tune_nprobe(index.index, ids, data)
-        tuned["no text export"] = index.index.nprobe
-        # The rule before issue 15: image self-queries, mean recall 0.97, no percentile.
-        vectors.IVF_IMAGE_ONLY_TARGET = (0.97, 0.0)
-        vectors.tune_nprobe(index.index, ids, data)
-        tuned["before"] = index.index.nprobe
-    for nprobe in sorted(set(args.nprobe) | set(tuned.values())):
-        if kind == "ivf":
-            index.index.nprobe = nprobe
+    sweep = [(p, tuned["after"][1]) if kind == "ivfpq" else p for p in args.nprobe] if tuned else [None]
+    sweep += [r for r in args.rerank_sweep if kind == "ivfpq"]
+    for setting in sorted(set(sweep) | set(tuned.values()), key=lambda v: (v is not None, v)):
+        apply(index, setting)
         for name, queries in sets.items():
             m = measure(index, data, ids, queries, args.k)
-            which = ",".join(w for w, p in tuned.items() if p == nprobe)
-            rows.append({"nprobe": nprobe, "tuned": which, "set": name, "queries": len(queries), **m})
-        print(f"# nprobe {nprobe} done", flush=True)
-        if kind != "ivf":
-            break
+            which = ",".join(w for w, v in tuned.items() if v == setting)
+            rows.append({"setting": setting, "tuned": which, "set": name, "queries": len(queries), **m})
+        print(f"# {setting} done", flush=True)
 
     print(
         f"\n{len(ids):,} images, d={data.shape[1]}, index {kind}"
-        + (f" nlist={index.index.nlist}" if kind == "ivf" else "")
-        + f", build {build_s:.1f} s (tuning included), tuned nprobe {tuned}, "
+        + (f" nlist={index.index.nlist}" if kind != "flat" and kind != "hnsw" else "")
+        + f", build {build_s:.1f} s (tuning included), tuned {tuned}, "
         f"load average {load_before:.1f} -> {os.getloadavg()[0]:.1f}\n"
     )
-    print("| nprobe | query set | queries | mean | worst | p5 | p50 (ms) | p99 (ms) |")
+    label = {"ivf": "nprobe", "ivfpq": "nprobe, re-rank", "hnsw": "efSearch"}.get(kind, "")
+    print(f"| {label} | query set | queries | mean | worst | p5 | p50 (ms) | p99 (ms) |")
     print("|---:|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         mark = f" ({r['tuned']})" if r["tuned"] else ""
+        setting = "" if r["setting"] is None else ", ".join(map(str, np.atleast_1d(r["setting"])))
         print(
-            f"| {r['nprobe']}{mark} | {r['set']} | {r['queries']} | {r['mean']:.3f} | {r['worst']:.2f} | "
+            f"| {setting}{mark} | {r['set']} | {r['queries']} | {r['mean']:.3f} | {r['worst']:.2f} | "
             f"{r['p5']:.2f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} |"
         )
     if args.json:
@@ -228,6 +231,41 @@ def main() -> None:
             json.dump(
                 {"n": len(ids), "kind": kind, "build_s": build_s, "tuned": tuned, "rows": rows}, f, indent=1
             )
+
+
+def tuned_settings(index: VectorIndex, ids: np.ndarray, data: np.ndarray) -> dict:
+    """The search setting the build's tuning chose (``after``: with the text probes), what it
+    chooses without a text export (image self-queries, stricter target), and for IVF the rule
+    before issue 15 (image self-queries, mean recall 0.97); the index is left at ``after``."""
+    if index.kind == "ivf":
+        tuned = {"after": index.index.nprobe}
+        vectors.tune_nprobe(index.index, ids, data)
+        tuned["no text export"] = index.index.nprobe
+        target = vectors.IVF_IMAGE_ONLY_TARGET
+        vectors.IVF_IMAGE_ONLY_TARGET = (0.97, 0.0)
+        vectors.tune_nprobe(index.index, ids, data)
+        vectors.IVF_IMAGE_ONLY_TARGET = target
+        tuned["before"] = index.index.nprobe
+    elif index.kind == "ivfpq":
+        tuned = {"after": (index.index.nprobe, index.rerank)}
+        tuned["no text export"] = index._tune_shortlist(ids, data, None)[:2]
+    elif index.kind == "hnsw":
+        tuned = {"after": index.ef_search}
+        tuned["no text export"] = vectors.tune_ef_search(index.index, ids, data)[0]
+    else:
+        return {}
+    apply(index, tuned["after"])
+    return tuned
+
+
+def apply(index: VectorIndex, setting) -> None:
+    """Set the index's search setting: IVF nprobe, ivfpq (nprobe, re-rank depth), HNSW efSearch."""
+    if index.kind == "ivf":
+        index.index.nprobe = setting
+    elif index.kind == "ivfpq":
+        index.index.nprobe, index.rerank = setting
+    elif index.kind == "hnsw":
+        index.ef_search = setting
 
 
 if __name__ == "__main__":

@@ -181,7 +181,7 @@ def tune_nprobe(
         return ivf.search(queries, kk)
 
     candidates = [*(p for p in IVF_NPROBES if p < ivf.nlist), ivf.nlist]  # all cells: exact
-    nprobe, worst, tuned_on = _tune(search, candidates, ids, vectors, text_like, k, seed)
+    nprobe, worst, tuned_on, _ = _tune(search, candidates, ids, vectors, text_like, k, seed)
     ivf.nprobe = nprobe
     log.info(
         "IVF nprobe %d of %d cells, tuned on %s (lowest mean recall@10 %.3f)",
@@ -214,14 +214,15 @@ def tune_ef_search(
     def search(ef: int, queries: np.ndarray, kk: int):
         return index.search(queries, kk, params=faiss.SearchParametersHNSW(efSearch=max(ef, kk)))
 
-    ef, worst, tuned_on = _tune(search, HNSW_EF_SEARCHES, ids, vectors, text_like, k, seed)
+    ef, worst, tuned_on, _ = _tune(search, HNSW_EF_SEARCHES, ids, vectors, text_like, k, seed)
     log.info("HNSW efSearch %d, tuned on %s (lowest mean recall@10 %.3f)", ef, tuned_on, worst)
     return ef, worst
 
 
-def _tune(search, candidates, ids, vectors, text_like, k: int, seed: int) -> tuple[int, float, str]:
+def _tune(search, candidates, ids, vectors, text_like, k: int, seed: int) -> tuple:
     """The first of ``candidates`` (cheapest first) at which ``search(value, queries, k')`` meets
-    every tuning set's target (else the last): ``(value, lowest mean recall, what it was tuned on)``."""
+    every tuning set's target (else the last): ``(value, lowest mean recall, what it was tuned on,
+    whether the targets were met)``."""
     n = len(ids)
     rng = np.random.default_rng(seed)
     picks = np.sort(rng.choice(n, min(IVF_TUNE_QUERIES, n), replace=False))
@@ -249,12 +250,14 @@ def _tune(search, candidates, ids, vectors, text_like, k: int, seed: int) -> tup
                 found &= got != own[:, None]
             recall = np.minimum(found.sum(axis=1), k) / k  # [Q]
             worst = min(worst, float(recall.mean()))
-            met &= recall.mean() >= want_mean and np.percentile(recall, 5) >= want_p5
+            met = bool(recall.mean() >= want_mean and np.percentile(recall, 5) >= want_p5)
+            if not met:
+                break  # the next setting, without searching the other sets
         if met:
             break
     else:
         log.warning("no tried setting reached the recall target (lowest mean recall@10 %.3f)", worst)
-    return value, worst, "images and text" if len(sets) > 1 else "images only"
+    return value, worst, "images and text" if len(sets) > 1 else "images only", met
 
 
 def _kth_score(queries: np.ndarray, vectors: np.ndarray, k: int, own: np.ndarray | None = None) -> np.ndarray:
@@ -380,6 +383,7 @@ class VectorIndex:
         # for the exact re-rank of the shortlist the codes find; None for the other kinds.
         self.exact = exact
         self.rerank = RERANK_DEPTHS[0]  # ivfpq: candidates re-scored exactly (at k=10), tuned at build
+        self.meets_target = True  # ivfpq: whether its last tuning reached the recall targets
         self.kind = kind
         self.dim = dim
         self.tombstones: set[int] = set(tombstones or ())
@@ -405,50 +409,63 @@ class VectorIndex:
         ids = np.ascontiguousarray(ids, dtype=np.int64)
         if vectors.ndim != 2 or len(ids) != len(vectors):
             raise ValueError(f"ids {ids.shape} and vectors {vectors.shape} disagree")
-        kind = choose_kind(kind, len(ids))
-        exact = None
+        requested, kind = kind, choose_kind(kind, len(ids))
         if kind == "ivfpq":
             if np.any(ids[1:] <= ids[:-1]):  # the exact store keeps its ids ascending (re-rank lookups)
                 order = np.argsort(ids, kind="stable")
                 ids, vectors = ids[order], vectors[order]
-            index = _new_ivf(vectors, codes=True)
+            cells = _new_ivf(vectors)
             exact = _new_index("flat", vectors.shape[1])
             exact.add_with_ids(vectors, ids)
+            built = cls(_with_codes(cells, vectors, seed=0), kind, vectors.shape[1], exact=exact)
+            built.index.add_with_ids(vectors, ids)
+            if built._tune(ids, vectors, text_like) or requested != "auto":
+                return built
+            # Neighbours closer together than 4-bit codes tell apart (tightly packed embeddings):
+            # IVF-flat on the same cells, whose scans are exact, serves them better.
+            log.info("auto: IVF-PQ codes miss these vectors' neighbours: building IVF-flat instead")
+            del built, exact
+            index, kind = cells, "ivf"
         elif kind == "ivf":
             index = _new_ivf(vectors)
         else:
             index = _new_index(kind, vectors.shape[1])
         if len(ids):
             index.add_with_ids(vectors, ids)
-        built = cls(index, kind, vectors.shape[1], exact=exact)
+        built = cls(index, kind, vectors.shape[1])
         if kind != "flat":
             built._tune(ids, vectors, text_like)
         return built
 
-    def _tune(self, ids: np.ndarray, vectors: np.ndarray, text_like: np.ndarray | None) -> None:
-        """Tune nprobe (IVF) or efSearch (HNSW) on these vectors, with ``text_like`` when given."""
+    def _tune(self, ids: np.ndarray, vectors: np.ndarray, text_like: np.ndarray | None) -> bool:
+        """Tune nprobe (IVF), nprobe and re-rank depth (ivfpq) or efSearch (HNSW) on these vectors,
+        with ``text_like`` when given; whether ivfpq met its recall targets (the others: True)."""
         import faiss
 
+        met = True
         if self.kind == "ivf":
             tune_nprobe(self.index, ids, vectors, text_like)
         elif self.kind == "ivfpq":
-            self.index.nprobe, self.rerank = self._tune_shortlist(ids, vectors, text_like)
+            self.index.nprobe, self.rerank, met = self._tune_shortlist(ids, vectors, text_like)
+            self.meets_target = met
         else:
             self.ef_search, _ = tune_ef_search(self.index, ids, vectors, text_like)
             faiss.downcast_index(self.index.index).hnsw.efSearch = self.ef_search  # kept in the file too
         self.tuned_with = "images" if text_like is None or not len(text_like) else "text"
+        return met
 
     def _tune_shortlist(
         self, ids: np.ndarray, vectors: np.ndarray, text_like: np.ndarray | None, k: int = 10, seed: int = 0
-    ) -> tuple[int, int]:
+    ) -> tuple[int, int, bool]:
         """ivfpq: the cheapest (``nprobe``, re-rank depth) at which every tuning set of
         :func:`tune_nprobe` reaches its target, scanning fewer cells first and, per ``nprobe``,
-        re-ranking ``RERANK_DEPTHS`` in turn (a deeper shortlist costs less than more cells)."""
+        re-ranking ``RERANK_DEPTHS`` in turn (a deeper shortlist costs less than more cells); with
+        whether it was reached (else the deepest search of all cells)."""
         import faiss
 
         ivf = self.index
         if len(ids) <= k + 1:
-            return ivf.nlist, RERANK_DEPTHS[0]  # every cell, every vector re-ranked: exact
+            return ivf.nlist, RERANK_DEPTHS[0], True  # every cell, every vector re-ranked: exact
         nprobes = [*(p for p in IVF_NPROBES if p < ivf.nlist), ivf.nlist]
         # (nprobe, id of the query set) -> (candidate ids [Q, deepest], their exact scores so far):
         # one scan per nprobe; deeper re-ranks only score the candidates they add.
@@ -472,7 +489,7 @@ class VectorIndex:
             return _top_k(sims[:, :depth], cand[:, :depth], kk)
 
         ladder = [(p, r) for p in nprobes for r in RERANK_DEPTHS]
-        (nprobe, depth), worst, tuned_on = _tune(search, ladder, ids, vectors, text_like, k, seed)
+        (nprobe, depth), worst, tuned_on, met = _tune(search, ladder, ids, vectors, text_like, k, seed)
         log.info(
             "IVF-PQ nprobe %d of %d cells, re-rank %d, tuned on %s (lowest mean recall@10 %.3f)",
             nprobe,
@@ -481,7 +498,7 @@ class VectorIndex:
             tuned_on,
             worst,
         )
-        return nprobe, depth
+        return nprobe, depth, met
 
     @classmethod
     def for_library(
@@ -548,24 +565,30 @@ class VectorIndex:
                     if fresh:
                         index.path = path
                         index.mapped = True
-                        if retune and not library.readonly and index._retune(library, model_id):
+                        if not (retune and not library.readonly and index._retune(library, model_id)):
+                            return index
+                        if not index._misses_target(kind):
                             _write_sidecar(path, {**sidecar, **index._tuning()})
-                        return index
+                            return index
+                        index = None  # rebuilt below, as auto chooses with the text probes
         if index is not None:
             sql_ids = library.embedding_ids(model_id)
             index._sync(library, model_id, sql_ids)
             if index._out_of_policy(kind, len(sql_ids)):
                 index = None
+            elif retune and index._retune(library, model_id) and index._misses_target(kind):
+                index = None
         if index is None:
             ids, _, vectors = library.embeddings(model_id, ids=None)
             if not len(ids):
                 vectors = np.zeros((0, dim or 0), dtype=np.float32)
-            kind = resolve_kind(kind, len(ids), existing)
-            text_like = text_probes(model_id) if choose_kind(kind, len(ids)) != "flat" else None
-            index = cls.build(ids, vectors, kind=kind, text_like=text_like)
+            resolved = resolve_kind(kind, len(ids), existing)
+            # Under auto an index of the kind auto builds is rebuilt by auto, which may then choose
+            # otherwise (ivfpq falls back to IVF-flat where its codes miss the neighbours).
+            auto = kind == "auto" and resolved == choose_kind("auto", len(ids))
+            text_like = text_probes(model_id) if choose_kind(resolved, len(ids)) != "flat" else None
+            index = cls.build(ids, vectors, kind="auto" if auto else resolved, text_like=text_like)
             index.rebuilt = True
-        elif retune:
-            index._retune(library, model_id)
         index.path = path
         if save and not library.readonly:
             try:
@@ -593,6 +616,11 @@ class VectorIndex:
             return False  # not in step (cannot happen after _sync): leave it for the next run
         self._tune(ids, vectors, text_like)
         return True
+
+    def _misses_target(self, requested: str) -> bool:
+        """Whether an ivfpq index auto chose missed its recall targets when (re)tuned: auto then
+        rebuilds it (as IVF-flat, see :meth:`build`); an explicit request keeps it."""
+        return requested == "auto" and self.kind == "ivfpq" and not self.meets_target
 
     def _tuning(self) -> dict:
         """What the sidecar records of the tuning (the file's own setting may be older)."""
@@ -853,7 +881,7 @@ class VectorIndex:
             faiss.omp_set_num_threads(1)
         try:
             if self.kind == "ivfpq":
-                depth = min(n, max(kk, math.ceil(self.rerank * kk / 10)))  # tuned for k=10
+                depth = min(n, math.ceil(self.rerank * max(kk, 10) / 10))  # tuned for k=10, deeper for more
                 scores, ids = self._rescore(q, self.index.search(q, depth, params=params)[1], kk)
             elif params is not None:
                 scores, ids = self.index.search(q, kk, params=params)

@@ -59,12 +59,12 @@ def test_hnsw_recall_at_10_against_exact():
 def test_auto_kind_follows_the_threshold(monkeypatch):
     monkeypatch.setattr(vectors, "SCALABLE_THRESHOLD", 100)
     assert VectorIndex.build(np.arange(99), clustered(99, 8)).kind == "flat"
-    assert VectorIndex.build(np.arange(100), clustered(100, 8)).kind == "ivf"
+    assert VectorIndex.build(np.arange(100), clustered(100, 8)).kind == "ivfpq"
     with pytest.raises(LibraryError, match="unknown index kind"):
         VectorIndex.build(np.arange(3), clustered(3, 8), kind="annoy")
 
 
-@pytest.mark.parametrize("kind", ["flat", "ivf", "hnsw"])
+@pytest.mark.parametrize("kind", ["flat", "ivf", "ivfpq", "hnsw"])
 def test_remove_by_id(kind):
     x = clustered(300, 8)
     ids = np.arange(300, dtype=np.int64)
@@ -76,7 +76,7 @@ def test_remove_by_id(kind):
     assert got[0, 0] != -1
 
 
-@pytest.mark.parametrize("kind", ["flat", "ivf", "hnsw"])
+@pytest.mark.parametrize("kind", ["flat", "ivf", "ivfpq", "hnsw"])
 def test_allowed_ids_give_the_exact_answer_within_the_subset(kind):
     x = clustered(2000, 16)
     ids = np.arange(2000, dtype=np.int64) + 1
@@ -94,7 +94,7 @@ def test_allowed_ids_give_the_exact_answer_within_the_subset(kind):
     assert index.search(q, 10, allowed_ids=set())[1].shape == (5, 0)
 
 
-@pytest.mark.parametrize("kind", ["flat", "ivf", "hnsw"])
+@pytest.mark.parametrize("kind", ["flat", "ivf", "ivfpq", "hnsw"])
 def test_large_filter_uses_the_selector(monkeypatch, kind):
     monkeypatch.setattr(vectors, "EXACT_SUBSET", 10)
     x = clustered(3000, 16)
@@ -501,6 +501,125 @@ def test_ivf_follows_sqlite_by_id_and_is_retrained_when_it_outgrows_its_cells(tm
     assert again.mapped and not again.rebuilt and again.ids() == index.ids()
 
 
+# --- ivfpq: fast-scan codes, exact re-rank ---------------------------------------------------------
+
+
+def lowrank(n, d=64, rank=8, seed=0, draw=None):
+    """Data without clusters: a low-dimensional Gaussian in ``d`` dimensions plus a little noise
+    (benchmarks/search_scale.py's hard case, where IVF-flat must scan many cells)."""
+    basis = np.random.default_rng(seed).normal(size=(rank, d))
+    rng = np.random.default_rng([seed, 1 if draw is None else draw])
+    x = rng.normal(size=(n, rank)) @ basis + 0.3 * rng.normal(size=(n, d))
+    return _unit(x).astype(np.float32)
+
+
+def test_ivfpq_finds_what_exact_search_finds_on_data_without_clusters():
+    x = lowrank(6000)
+    ids = np.arange(6000, dtype=np.int64) * 7 + 3
+    q = lowrank(100, draw=2)  # fresh queries, not the tuning sample
+    index = VectorIndex.build(ids, x, kind="ivfpq")
+    assert index.kind == "ivfpq" and index.index.nlist == vectors.ivf_lists(6000)
+    assert index.rerank in vectors.RERANK_DEPTHS and index.tuned_with == "images"
+    assert index.index.code_size == vectors.pq_codes(64) // 2 == 4  # 4-bit codes: 8 per 64-d vector
+    scores, got = index.search(q, 10)
+    assert tie_aware_recall(q, x, ids, got).mean() >= 0.95
+    # Scores are the exact inner products of what was found (re-ranked with the float32 vectors).
+    np.testing.assert_allclose(scores, np.einsum("qd,qkd->qk", q, x[(got - 3) // 7]), atol=1e-5)
+    assert (np.diff(scores, axis=1) <= 1e-6).all()  # best first
+    # A larger k searches a proportionally deeper shortlist; k beyond the index shrinks to it.
+    big = index.search(q[:3], 100)[1]
+    assert tie_aware_recall(q[:3], x, ids, big, k=100).mean() >= 0.9
+    assert index.search(q[:1], 10**5)[1].shape == (1, 6000)
+
+
+def test_auto_builds_ivf_flat_where_the_codes_miss_the_neighbours(monkeypatch, caplog):
+    """Vectors without any structure (uniform on the sphere): no (nprobe, re-rank) of the ladder
+    reaches the image-only target with 4-bit codes, so auto builds IVF-flat on the same cells
+    instead (exact scans; here of every cell); an explicit ivfpq is kept, at its deepest search."""
+    monkeypatch.setattr(vectors, "SCALABLE_THRESHOLD", 100)
+    rng = np.random.default_rng(0)
+    u = _unit(rng.normal(size=(5000, 32))).astype(np.float32)
+    ids = np.arange(5000, dtype=np.int64) + 1
+    with caplog.at_level("INFO", logger="clipsearch.vectors"):
+        auto = VectorIndex.build(ids, u)
+    assert auto.kind == "ivf" and "IVF-flat instead" in caplog.text
+    asked = VectorIndex.build(ids, u, kind="ivfpq")
+    assert asked.kind == "ivfpq" and not asked.meets_target
+    assert (asked.index.nprobe, asked.rerank) == (asked.index.nlist, vectors.RERANK_DEPTHS[-1])
+    q = _unit(rng.normal(size=(50, 32))).astype(np.float32)
+    assert tie_aware_recall(q, u, ids, auto.search(q, 10)[1]).mean() == 1.0
+
+
+def test_ivfpq_on_few_vectors_is_exact_and_takes_more():
+    x = clustered(40, 8)
+    ids = np.arange(40, dtype=np.int64) + 100
+    index = VectorIndex.build(ids, x, kind="ivfpq")
+    q = clustered(3, 8, seed=4)
+    np.testing.assert_array_equal(index.search(q, 5)[1], brute(q, x, ids, 5)[1])
+    empty = VectorIndex.build(np.zeros(0, np.int64), np.zeros((0, 8), np.float32), kind="ivfpq")
+    assert len(empty) == 0 and empty.search(q, 5)[1].shape == (3, 0)
+    empty.add(ids[::-1].copy(), x[::-1].copy())  # in any order: the exact store sorts its ids
+    np.testing.assert_array_equal(empty.search(q, 5)[1], brute(q, x, ids, 5)[1])
+    empty.add(np.array([7, 5]), x[:2])  # older ids than it has: the exact store is rebuilt in order
+    assert empty.ids() == set(ids.tolist()) | {5, 7}
+    assert empty.search(x[1:2], 2)[1][0].tolist() in ([5, 101], [101, 5])
+
+
+def test_ivfpq_saves_its_exact_vectors_beside_it_and_follows_sqlite(tmp_path):
+    lib, ids, x = _library(tmp_path, 400, d=16)
+    built = VectorIndex.for_library(lib, "m/1", kind="ivfpq")
+    exact_file = built.path.with_suffix(".vectors")
+    sidecar = json.loads(built.path.with_suffix(".json").read_text())
+    assert built.kind == "ivfpq" and exact_file.exists()
+    assert sidecar["nprobe"] == built.index.nprobe and sidecar["rerank"] == built.rerank
+    assert sidecar["exact"]["file_size"] == exact_file.stat().st_size
+    again = VectorIndex.for_library(lib, "m/1")  # in step: codes read, exact vectors mapped
+    assert again.kind == "ivfpq" and again.mapped and not again.rebuilt
+    assert (again.index.nprobe, again.rerank) == (built.index.nprobe, built.rerank)
+    assert again.search(x[:5], 1)[1][:, 0].tolist() == ids[:5].tolist()  # re-ranked from the map
+    q = clustered(5, 16, seed=0, draw=9)
+    sub = ids[::4]
+    np.testing.assert_array_equal(again.search(q, 3, set(sub.tolist()))[1], brute(q, x[::4], sub, 3)[1])
+    # Photos removed and added: removed for real from both files, the new ones found.
+    more = clustered(20, 16, seed=0, draw=12)  # new photos of the same collection
+    new_ids = _add_more(lib, tmp_path, more, 400)
+    with lib.transaction():
+        lib.remove_images(ids[:10])
+    index = VectorIndex.for_library(lib, "m/1")
+    assert index.kind == "ivfpq" and index.updated and not index.rebuilt and not index.tombstones
+    assert index.ids() == set(ids[10:].tolist()) | set(new_ids) and len(index) == index.exact.ntotal == 410
+    assert index.search(more, 1, set(new_ids))[1][:, 0].tolist() == new_ids  # exact: in the store
+    now = np.concatenate([x[10:], more])
+    now_ids = np.concatenate([ids[10:], new_ids])
+    assert tie_aware_recall(more, now, now_ids, index.search(more, 10)[1]).mean() >= 0.9  # in the codes
+    assert not set(index.search(x[:10], 10)[1].ravel().tolist()) & set(ids[:10].tolist())
+    reopened = VectorIndex.for_library(lib, "m/1")
+    assert reopened.mapped and reopened.ids() == index.ids()
+    # The exact vectors gone, or from another save: rebuilt from SQLite, the kind kept.
+    exact_file.unlink()
+    lost = VectorIndex.for_library(lib, "m/1")
+    assert lost.rebuilt and lost.kind == "ivfpq" and exact_file.exists()
+    exact_file.write_bytes(exact_file.read_bytes())  # same bytes, another file: not this save's
+    assert VectorIndex.for_library(lib, "m/1").rebuilt
+
+
+def test_ivfpq_that_text_probes_find_wanting_is_rebuilt_by_auto(tmp_path, monkeypatch):
+    """Tuned on images before the text export existed, then retuned with the text probes: where
+    the codes miss the text queries' neighbours, the indexer's open rebuilds it as auto chooses."""
+    monkeypatch.setattr(vectors, "SCALABLE_THRESHOLD", 100)
+    lib, ids, x = _library(tmp_path, 300)
+    monkeypatch.setattr(vectors, "text_probes", lambda model_id: None)
+    first = VectorIndex.for_library(lib, "m/1", retune=True)
+    assert first.kind == "ivfpq" and first.tuned_with == "images"
+    monkeypatch.setattr(vectors, "text_probes", lambda model_id: clustered(20, 8, seed=3))
+    assert VectorIndex.for_library(lib, "m/1").kind == "ivfpq"  # a query's open never retunes
+    tune = VectorIndex._tune_shortlist
+    monkeypatch.setattr(VectorIndex, "_tune_shortlist", lambda self, *a: (*tune(self, *a)[:2], False))
+    rebuilt = VectorIndex.for_library(lib, "m/1", retune=True)
+    assert rebuilt.rebuilt and rebuilt.kind == "ivf" and rebuilt.tuned_with == "text"
+    assert VectorIndex.for_library(lib, "m/1").kind == "ivf"
+
+
 # --- the kind an auto open keeps -----------------------------------------------------------------
 
 
@@ -508,16 +627,17 @@ def test_resolve_kind_keeps_an_existing_kind_within_policy(monkeypatch):
     monkeypatch.setattr(vectors, "SCALABLE_THRESHOLD", 100)
     monkeypatch.setattr(vectors, "FLAT_KEEP_MAX", 200)
     r = vectors.resolve_kind
-    assert r("auto", 10) == "flat" and r("auto", 150) == "ivf"  # no index yet: the policy
-    assert r("auto", 10, "hnsw") == "hnsw" and r("auto", 10, "ivf") == "ivf"  # small is fine for both
-    assert r("auto", 10**6, "hnsw") == "hnsw"
-    assert r("auto", 199, "flat") == "flat" and r("auto", 200, "flat") == "ivf"  # flat, far out of policy
+    assert r("auto", 10) == "flat" and r("auto", 150) == "ivfpq"  # no index yet: the policy
+    assert r("auto", 10, "hnsw") == "hnsw" and r("auto", 10, "ivf") == "ivf"  # small is fine for all
+    assert r("auto", 10**6, "hnsw") == "hnsw" and r("auto", 10**6, "ivf") == "ivf"
+    assert r("auto", 10, "ivfpq") == "ivfpq"
+    assert r("auto", 199, "flat") == "flat" and r("auto", 200, "flat") == "ivfpq"  # far out of policy
     assert r("flat", 10**6, "ivf") == "flat" and r("hnsw", 5, "flat") == "hnsw"  # asked for: done
-    with pytest.raises(LibraryError, match="unknown index kind 'ivfpq'"):
-        r("ivfpq", 5)
+    with pytest.raises(LibraryError, match="unknown index kind 'annoy'"):
+        r("annoy", 5)
 
 
-@pytest.mark.parametrize("kind", ["hnsw", "ivf"])
+@pytest.mark.parametrize("kind", ["hnsw", "ivf", "ivfpq"])
 def test_an_explicit_kind_survives_later_auto_opens(tmp_path, kind):
     """`index --index-kind hnsw` then plain queries and index runs on a small library keep HNSW."""
     lib, ids, x = _library(tmp_path, 100)
@@ -532,7 +652,7 @@ def test_an_explicit_kind_survives_later_auto_opens(tmp_path, kind):
     assert VectorIndex.for_library(lib, "m/1", kind="flat").kind == "flat"  # until asked otherwise
 
 
-def test_flat_far_out_of_policy_becomes_ivf_when_next_brought_in_step(tmp_path, monkeypatch):
+def test_flat_far_out_of_policy_becomes_ivfpq_when_next_brought_in_step(tmp_path, monkeypatch):
     lib, ids, x = _library(tmp_path, 60)
     assert VectorIndex.for_library(lib, "m/1").kind == "flat"
     monkeypatch.setattr(vectors, "SCALABLE_THRESHOLD", 50)
@@ -544,13 +664,13 @@ def test_flat_far_out_of_policy_becomes_ivf_when_next_brought_in_step(tmp_path, 
     assert VectorIndex.for_library(lib, "m/1").kind == "flat"  # in step: a query never rebuilds
     _add_more(lib, tmp_path, clustered(2, 8, seed=5), 90)
     index = VectorIndex.for_library(lib, "m/1")
-    assert index.kind == "ivf" and index.rebuilt and len(index) == 92
+    assert index.kind == "ivfpq" and index.rebuilt and len(index) == 92
 
 
 # --- cheap, safe opens -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", ["flat", "ivf", "hnsw"])
+@pytest.mark.parametrize("kind", ["flat", "ivf", "ivfpq", "hnsw"])
 def test_in_step_open_maps_the_file_and_reads_no_embeddings(tmp_path, monkeypatch, kind):
     lib, ids, x = _library(tmp_path, 300)
     VectorIndex.for_library(lib, "m/1", kind=kind)
