@@ -1315,16 +1315,20 @@ def export(state: _State, file: Path, model_id: str | None):
 @pass_state
 def status(state: _State, as_json: bool, n_errors: int):
     """Show the library: where it is, its models, how many photos, and the files that failed."""
+    from clipsearch.vectors import describe_index
+
     with _open_existing(state) as library:
         stats = library.stats()
         errors = library.errors(limit=n_errors)
         default = library.default_model_id()
+        indexes = {m.id: describe_index(library, m.id) for m in stats.models}
     if as_json:
         data = dataclasses.asdict(stats)
         data["default_model"] = default
         names = {m.id: m.name for m in stats.models}
         for row in data["models"]:
             row["name"] = names[row["id"]]
+            row["index"] = indexes[row["id"]]
         data["default_model_name"] = names.get(default)
         data["recent_errors"] = [dataclasses.asdict(e) for e in errors]
         _echo_json(data)
@@ -1344,11 +1348,30 @@ def status(state: _State, as_json: bool, n_errors: int):
             name = m.name + (" (default)" if m.id == default else "")
             facts = f"  {m.dim or '?':>5}  {m.embedded:>9,}  {m.last_used or '':<25}  "
             out.print(Text(facts) + Text(name), soft_wrap=True)
+        for m in stats.models:
+            if indexes[m.id] is not None:
+                out.print(f"Index of {m.name}: {_index_summary(indexes[m.id])}", markup=False, soft_wrap=True)
     if errors:
         out.print(f"Files that could not be indexed ({stats.errors}, newest first):")
         for e in errors:
             detail = f" ({e.detail})" if e.detail else ""
             out.print(f"  {e.reason}: {e.path}{detail}", markup=False)
+
+
+def _index_summary(info: dict) -> str:
+    """One line for a model's vector index (:func:`clipsearch.vectors.describe_index`)."""
+    tuning = []
+    if "nprobe" in info:
+        tuning.append(f"scans {info['nprobe']} of {info.get('cells', '?')} cells")
+    if "rerank" in info:
+        tuning.append(f"re-ranks {info['rerank']} exactly")
+    if "ef_search" in info:
+        tuning.append(f"efSearch {info['ef_search']}")
+    if "tuned_with" in info:
+        tuning.append(f"tuned on {'text and images' if info['tuned_with'] == 'text' else 'images'}")
+    step = "" if info["in_step"] else ", behind the library until the next index run or search"
+    details = f" ({', '.join(tuning)})" if tuning else ""
+    return f"{info['kind']}, {info['vectors']:,} vectors, {info['bytes'] / 1e6:,.1f} MB{details}{step}"
 
 
 @cli.command()

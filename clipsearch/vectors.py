@@ -181,7 +181,9 @@ def tune_nprobe(
         return ivf.search(queries, kk)
 
     candidates = [*(p for p in IVF_NPROBES if p < ivf.nlist), ivf.nlist]  # all cells: exact
-    nprobe, worst, tuned_on, _ = _tune(search, candidates, ids, vectors, text_like, k, seed)
+    nprobe, worst, tuned_on, met = _tune(search, candidates, ids, vectors, text_like, k, seed)
+    if not met:
+        log.warning("IVF: no nprobe reached the recall target (lowest mean recall@10 %.3f)", worst)
     ivf.nprobe = nprobe
     log.info(
         "IVF nprobe %d of %d cells, tuned on %s (lowest mean recall@10 %.3f)",
@@ -214,7 +216,9 @@ def tune_ef_search(
     def search(ef: int, queries: np.ndarray, kk: int):
         return index.search(queries, kk, params=faiss.SearchParametersHNSW(efSearch=max(ef, kk)))
 
-    ef, worst, tuned_on, _ = _tune(search, HNSW_EF_SEARCHES, ids, vectors, text_like, k, seed)
+    ef, worst, tuned_on, met = _tune(search, HNSW_EF_SEARCHES, ids, vectors, text_like, k, seed)
+    if not met:
+        log.warning("HNSW: no efSearch reached the recall target (lowest mean recall@10 %.3f)", worst)
     log.info("HNSW efSearch %d, tuned on %s (lowest mean recall@10 %.3f)", ef, tuned_on, worst)
     return ef, worst
 
@@ -255,8 +259,6 @@ def _tune(search, candidates, ids, vectors, text_like, k: int, seed: int) -> tup
                 break  # the next setting, without searching the other sets
         if met:
             break
-    else:
-        log.warning("no tried setting reached the recall target (lowest mean recall@10 %.3f)", worst)
     return value, worst, "images and text" if len(sets) > 1 else "images only", met
 
 
@@ -419,7 +421,12 @@ class VectorIndex:
             exact.add_with_ids(vectors, ids)
             built = cls(_with_codes(cells, vectors, seed=0), kind, vectors.shape[1], exact=exact)
             built.index.add_with_ids(vectors, ids)
-            if built._tune(ids, vectors, text_like) or requested != "auto":
+            if built._tune(ids, vectors, text_like):
+                return built
+            if requested != "auto":
+                log.warning(
+                    "ivfpq: no (nprobe, re-rank) reached the recall target: --index-kind ivf may serve better"
+                )
                 return built
             # Neighbours closer together than 4-bit codes tell apart (tightly packed embeddings):
             # IVF-flat on the same cells, whose scans are exact, serves them better.
@@ -624,14 +631,10 @@ class VectorIndex:
 
     def _tuning(self) -> dict:
         """What the sidecar records of the tuning (the file's own setting may be older)."""
-        if self.kind == "ivf":
-            return {"nprobe": int(self.index.nprobe), "tuned_with": self.tuned_with}
-        if self.kind == "ivfpq":
-            return {
-                "nprobe": int(self.index.nprobe),
-                "rerank": int(self.rerank),
-                "tuned_with": self.tuned_with,
-            }
+        if self.kind in ("ivf", "ivfpq"):
+            cells = {"nprobe": int(self.index.nprobe), "cells": int(self.index.nlist)}
+            rerank = {"rerank": int(self.rerank)} if self.kind == "ivfpq" else {}
+            return {**cells, **rerank, "tuned_with": self.tuned_with}
         if self.kind == "hnsw":
             return {"ef_search": int(self.ef_search), "tuned_with": self.tuned_with}
         return {}
@@ -1027,6 +1030,35 @@ def _top_k(sims: np.ndarray, candidates: np.ndarray, k: int) -> tuple[np.ndarray
     scores[:, : top.shape[1]] = best
     ids[:, : top.shape[1]] = np.where(np.isfinite(best), np.take_along_axis(candidates, top, axis=1), -1)
     return scores, ids
+
+
+def describe_index(library: Library, model_id: str) -> dict | None:
+    """What ``clipsearch status`` shows of a model's saved index, from its sidecar (nothing is
+    read or built): ``kind``, ``vectors``, ``bytes`` on disk, ``in_step`` with SQLite, and the
+    tuning (``nprobe`` of ``cells`` and ``rerank`` for IVF kinds, ``ef_search`` for HNSW,
+    ``tuned_with``); None when there is no index (it is built by the next index run or query)."""
+    path = library.path.with_name(library.path.name + ".faiss") / f"{model_slug(model_id)}.index"
+    meta = _read_sidecar(path)
+    if meta is None or meta.get("model_id") != model_id or meta.get("kind") not in KINDS:
+        return None
+    try:
+        size = path.stat().st_size
+        if meta["kind"] == "ivfpq":
+            size += _exact_path(path).stat().st_size
+    except OSError:
+        return None
+    in_step = meta.get("library_id") == library.library_id() and (
+        meta.get("generation") == library.generation()
+        and meta.get("id_range") == _id_range(library, model_id)
+    )
+    keys = ("nprobe", "cells", "rerank", "ef_search", "tuned_with")
+    return {
+        "kind": meta["kind"],
+        "vectors": meta.get("count"),
+        "bytes": size,
+        "in_step": in_step,
+        **{k: meta[k] for k in keys if meta.get(k) is not None},
+    }
 
 
 def _exact_path(path: Path) -> Path:

@@ -325,6 +325,17 @@ def test_index_kinds_offered_are_the_vector_index_kinds(indexed, model_dir, tmp_
     fast = json.loads(ok("--db", copy / "lib.db", "query", "a dog", "--json", "--top", "3").stdout)
     exact = json.loads(ok("--db", db, "query", "a dog", "--json", "--top", "3").stdout)
     assert [Path(h["path"]).name for h in fast] == [Path(h["path"]).name for h in exact]  # one cell: exact
+    # status shows the index and its tuning, from the sidecar
+    shown = json.loads(ok("--db", copy / "lib.db", "status", "--json").stdout)["models"][0]["index"]
+    assert shown["kind"] == "ivf" and shown["in_step"] and shown["tuned_with"] == "text"
+    assert shown["vectors"] == len(photos) and shown["nprobe"] <= shown["cells"]
+    # ivfpq: codes plus the exact vectors beside them; the same answers on a library this small
+    ok("--db", copy / "lib.db", "index", copy, "--model", model_dir, "--index-kind", "ivfpq", "--json")
+    assert f"({len(photos)} vectors, ivfpq)" in ok("--db", copy / "lib.db", "doctor").stdout
+    assert index_file.with_suffix(".vectors").exists()
+    assert "Index of " in (line := ok("--db", copy / "lib.db", "status").stdout) and "ivfpq" in line
+    fast = json.loads(ok("--db", copy / "lib.db", "query", "a dog", "--json", "--top", "3").stdout)
+    assert [Path(h["path"]).name for h in fast] == [Path(h["path"]).name for h in exact]
 
 
 def test_every_command_has_help():

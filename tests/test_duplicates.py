@@ -168,6 +168,27 @@ def test_ivf_range_search_finds_the_planted_copies(monkeypatch):
     assert len(found) >= 0.97 * len(truth) and len(truth) >= 200
 
 
+@pytest.mark.parametrize("kind", ["ivf", "ivfpq", "hnsw"])
+def test_the_scan_through_the_library_index_finds_the_planted_copies(planted, tmp_path, monkeypatch, kind):
+    """Above EXACT_MAX the library's own IVF index is range-searched; other kinds (ivfpq's codes
+    give approximate scores) go through a temporary IVF-flat: the same group either way."""
+    from clipsearch.duplicates import find_duplicates
+    from clipsearch.store import Library
+
+    db, photos = planted
+    copy = tmp_path / "lib.db"
+    shutil.copy(db, copy)
+    monkeypatch.setattr(duplicates, "EXACT_MAX", 2)
+    lib = Library.open(copy)
+    model_id = lib.default_model_id()
+    assert VectorIndex.for_library(lib, model_id, kind=kind).kind == kind
+    groups = find_duplicates(lib, model_id, float(THRESHOLD))
+    found = {
+        p.path.relative_to(tmp_path / "photos").as_posix() for p in groups[0].photos
+    }  # paths: db-relative
+    assert len(groups) == 1 and found == COPIES
+
+
 def test_errors(planted, tmp_path):
     db, _ = planted
     result = run_cli("--db", str(tmp_path / "none.db"), "duplicates")

@@ -595,6 +595,15 @@ def test_ivfpq_saves_its_exact_vectors_beside_it_and_follows_sqlite(tmp_path):
     assert not set(index.search(x[:10], 10)[1].ravel().tolist()) & set(ids[:10].tolist())
     reopened = VectorIndex.for_library(lib, "m/1")
     assert reopened.mapped and reopened.ids() == index.ids()
+    shown = vectors.describe_index(lib, "m/1")  # what `status` prints
+    size = reopened.path.stat().st_size + exact_file.stat().st_size
+    assert shown == {
+        "kind": "ivfpq", "vectors": 410, "bytes": size, "in_step": True, "nprobe": reopened.index.nprobe,
+        "cells": reopened.index.nlist, "rerank": reopened.rerank, "tuned_with": "images",
+    }  # fmt: skip
+    _add_more(lib, tmp_path, clustered(1, 16, seed=0, draw=13), 420)
+    assert not vectors.describe_index(lib, "m/1")["in_step"]
+    assert vectors.describe_index(lib, "m/2") is None
     # The exact vectors gone, or from another save: rebuilt from SQLite, the kind kept.
     exact_file.unlink()
     lost = VectorIndex.for_library(lib, "m/1")
