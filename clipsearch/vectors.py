@@ -14,7 +14,15 @@ Kinds (vectors are L2-normalised, so inner product is cosine similarity):
   10 (mean recall@10 >= ``IVF_TARGET_RECALL``, 5th percentile >= ``IVF_TARGET_P5``): text queries
   sit away from the images and need more cells than images querying themselves
   (benchmarks/text_recall.md). Builds in minutes at 1M, answers in a few ms on clustered
-  (CLIP-like) data; removes for real.
+  (CLIP-like) data; removes for real. On data without cluster structure the tuning must scan
+  many cells of full float32 vectors: slow at 1M.
+- ``ivfpq``: the same cells holding 4-bit product-quantised codes (:func:`pq_codes`: 32 bytes
+  for 512-d) that FAISS scans with SIMD lookup tables ("fast scan"), many times faster per cell
+  than IVF-flat's float32 vectors; each query's best ``rerank`` candidates (scaled with k beyond 10) are re-scored
+  exactly against the float32 vectors, kept in an ``IndexIDMap(IndexFlatIP)`` beside it
+  (``<slug>.vectors``, ids ascending, memory-mapped on open), so scores are exact and deletes
+  are real in both. ``nprobe`` and the re-rank depth are tuned together at build with the sets
+  and targets of IVF's ``nprobe`` (fewest cells first, then the shallowest re-rank).
 - ``hnsw``: HNSW graph (M=32): fast queries on any data, also without cluster structure (low-rank
   vectors, where IVF must scan many cells); its search beam ``efSearch`` is tuned at build with
   the same query sets as IVF's ``nprobe`` (never below ``HNSW_EF_SEARCH``). A slower build, a
@@ -22,10 +30,14 @@ Kinds (vectors are L2-normalised, so inner product is cosine similarity):
   ids become *tombstones* kept in the sidecar and filtered at search time; past
   ``REBUILD_FRACTION`` of the index it is rebuilt from SQLite. On request only.
 
-``auto`` (see :func:`resolve_kind`): flat below ``SCALABLE_THRESHOLD`` vectors, IVF from there.
+``auto`` (see :func:`resolve_kind`): flat below ``SCALABLE_THRESHOLD`` vectors, ``ivfpq`` from
+there, unless no tuned setting reaches the recall targets (neighbours closer together than 4-bit
+codes tell apart: tightly packed embeddings of a small model, or no structure at all): then
+IVF-flat on the same cells, whose scans are exact (:meth:`VectorIndex.build`; an index run that
+retunes an auto-built ``ivfpq`` with text probes it misses rebuilds it the same way).
 Every figure behind these choices (query, build and open times, recall) is in
 benchmarks/search_scale.md with the command that measured it. An existing index keeps its kind under ``auto`` unless it is out of
-policy by a wide margin (a flat index past ``FLAT_KEEP_MAX``), and an IVF index whose library grew
+policy by a wide margin (a flat index past ``FLAT_KEEP_MAX``), and an IVF(-PQ) index whose library grew
 or shrank so much that its ideal cell count is twice or half what it has is retrained. These
 changes happen when the index is brought in step (after an index run), never on an in-step open.
 
@@ -36,8 +48,8 @@ id, so the id sets say everything); one that cannot be trusted (unreadable, of a
 dimension, sidecar mismatching the file) is rebuilt from SQLite.
 
 Saving writes a temporary file (flock-ed while it is written) and renames it over the old one, then
-the sidecar likewise; a crash between the two leaves a sidecar that mismatches the file, which is
-detected and rebuilt. Temporary files left by a killed save are removed on the next open.
+the sidecar likewise (``ivfpq`` writes its exact vectors first, and the sidecar records both
+files); a crash in between leaves a sidecar that mismatches a file, which is detected and rebuilt. Temporary files left by a killed save are removed on the next open.
 """
 
 from __future__ import annotations
@@ -96,6 +108,11 @@ TEXT_PROBE_TEMPLATES = ("{}", "a photo of a {}.", "a picture of {} outdoors", "a
 PQ_DIMS_PER_CODE = 8  # one 4-bit code per 8 dimensions: 32 bytes for a 512-d vector
 PQ_TRAIN_MIN = 65_536  # the PQ codebooks (16 centroids per sub-vector) train on at least this sample
 RERANK_DEPTHS = (100, 200, 400, 800, 1600)  # shortlists re-scored exactly, tried per nprobe at build
+# auto's choice between IVF-flat and ivfpq compares what a query reads (VectorIndex.scan_cost), in
+# bytes of IVF-flat's sequential float32 scan: a fast-scan code byte costs about 3 of them, and a
+# re-ranked row (a random read from a store of GBs) about 4x its own bytes (search_scale.md).
+FAST_SCAN_BYTE_COST = 3
+RERANK_ROW_COST = 4
 REBUILD_FRACTION = 0.2  # rebuild an HNSW index once a fifth of it is tombstones
 EXACT_SUBSET = 20_000  # a subtree filter with at most this many ids is searched exactly
 GPU_MAX_K = 2048  # faiss-gpu's limit on k and nprobe
@@ -122,7 +139,7 @@ def choose_kind(kind: str, n: int) -> str:
     """The kind a fresh index of ``n`` vectors gets: ``kind`` itself unless it is ``auto``."""
     _check_kind(kind)
     if kind == "auto":
-        return "ivfpq" if n >= SCALABLE_THRESHOLD else "flat"
+        return "ivf" if n >= SCALABLE_THRESHOLD else "flat"  # build() may make it ivfpq
     return kind
 
 
@@ -133,12 +150,13 @@ def resolve_kind(requested: str, n: int, existing: str | None = None) -> str:
     policy by a wide margin: HNSW and IVF serve any size well (HNSW on 10 vectors is fine), a flat
     index is kept up to ``FLAT_KEEP_MAX`` vectors (twice the threshold, so a library hovering around
     it is not rebuilt back and forth) and replaced by IVF beyond. Without an index, the policy of
-    :func:`choose_kind`: flat below ``SCALABLE_THRESHOLD`` (exact, free to build), IVF above. On
-    clustered (photo-like) 512-d vectors IVF answers at recall@10 near 1.0, opens memory-mapped,
-    deletes for real and retunes itself; HNSW builds and opens several times slower and needs
-    tombstone rebuilds (benchmarks/search_scale.md has the figures). HNSW is the better choice for data without cluster structure
-    (IVF's tuning then scans many cells to keep its recall): ``--index-kind hnsw``, which later
-    ``auto`` opens keep.
+    :func:`choose_kind`: flat below ``SCALABLE_THRESHOLD`` (exact, free to build), ``ivfpq``
+    above (which :meth:`VectorIndex.build` turns into IVF-flat where its codes miss the
+    neighbours). ``ivfpq`` answers 1M vectors within a few ms with or without cluster structure,
+    deletes for real and retunes itself; IVF-flat opens fully mapped and scans exactly, fast on
+    clustered data only; HNSW builds and opens several times slower, holds its graph in RAM and
+    needs tombstone rebuilds (benchmarks/search_scale.md has the figures). An existing index of
+    any kind is kept under ``auto`` (``--index-kind`` converts it).
     """
     _check_kind(requested)
     if requested != "auto":
@@ -413,27 +431,8 @@ class VectorIndex:
             raise ValueError(f"ids {ids.shape} and vectors {vectors.shape} disagree")
         requested, kind = kind, choose_kind(kind, len(ids))
         if kind == "ivfpq":
-            if np.any(ids[1:] <= ids[:-1]):  # the exact store keeps its ids ascending (re-rank lookups)
-                order = np.argsort(ids, kind="stable")
-                ids, vectors = ids[order], vectors[order]
-            cells = _new_ivf(vectors)
-            exact = _new_index("flat", vectors.shape[1])
-            exact.add_with_ids(vectors, ids)
-            built = cls(_with_codes(cells, vectors, seed=0), kind, vectors.shape[1], exact=exact)
-            built.index.add_with_ids(vectors, ids)
-            if built._tune(ids, vectors, text_like):
-                return built
-            if requested != "auto":
-                log.warning(
-                    "ivfpq: no (nprobe, re-rank) reached the recall target: --index-kind ivf may serve better"
-                )
-                return built
-            # Neighbours closer together than 4-bit codes tell apart (tightly packed embeddings):
-            # IVF-flat on the same cells, whose scans are exact, serves them better.
-            log.info("auto: IVF-PQ codes miss these vectors' neighbours: building IVF-flat instead")
-            del built, exact
-            index, kind = cells, "ivf"
-        elif kind == "ivf":
+            return cls._build_ivfpq(ids, vectors, _new_ivf(vectors), text_like, warn=True)
+        if kind == "ivf":
             index = _new_ivf(vectors)
         else:
             index = _new_index(kind, vectors.shape[1])
@@ -442,7 +441,67 @@ class VectorIndex:
         built = cls(index, kind, vectors.shape[1])
         if kind != "flat":
             built._tune(ids, vectors, text_like)
+        # Only where IVF-flat reads more than ivfpq's deepest re-rank alone would is ivfpq tried.
+        deepest = RERANK_DEPTHS[-1] * vectors.shape[1] * 4 * RERANK_ROW_COST
+        if requested == "auto" and kind == "ivf" and built.scan_cost() > deepest:
+            return built._or_ivfpq(ids, vectors, text_like)
         return built
+
+    @classmethod
+    def _build_ivfpq(cls, ids, vectors, cells, text_like, warn: bool) -> VectorIndex:
+        """An ``ivfpq`` index of ``vectors`` under ``ids`` on the trained IVF ``cells``, tuned."""
+        if np.any(ids[1:] <= ids[:-1]):  # the exact store keeps its ids ascending (re-rank lookups)
+            order = np.argsort(ids, kind="stable")
+            ids, vectors = ids[order], vectors[order]
+        exact = _new_index("flat", vectors.shape[1])
+        exact.add_with_ids(vectors, ids)
+        built = cls(_with_codes(cells, vectors, seed=0), "ivfpq", vectors.shape[1], exact=exact)
+        built.index.add_with_ids(vectors, ids)
+        if not built._tune(ids, vectors, text_like) and warn:
+            log.warning(
+                "ivfpq: no (nprobe, re-rank) reached the recall target: --index-kind ivf may serve better"
+            )
+        return built
+
+    def _or_ivfpq(self, ids: np.ndarray, vectors: np.ndarray, text_like: np.ndarray | None) -> VectorIndex:
+        """auto, for this tuned IVF-flat index that scans much per query (data without cluster
+        structure): ``ivfpq`` on the same cells when it reaches the recall targets at a lower
+        :meth:`scan_cost`, else this index again. Its vectors are dropped while ivfpq is built
+        and tuned (one copy of the vectors in memory besides ``vectors``), and added back if
+        IVF-flat stays."""
+        flat_cost, nprobe = self.scan_cost(), self.index.nprobe
+        self.index.reset()  # keeps the trained cells
+        pq = self._build_ivfpq(ids, vectors, self.index, text_like, warn=False)
+        if pq.meets_target and pq.scan_cost() < flat_cost:
+            log.info(
+                "auto: ivfpq (scan cost %.1f MB) rather than IVF-flat (%.1f MB)",
+                pq.scan_cost() / 1e6,
+                flat_cost / 1e6,
+            )
+            return pq
+        log.info(
+            "auto: IVF-flat (scan cost %.1f MB) rather than ivfpq (%.1f MB, recall target %s)",
+            flat_cost / 1e6,
+            pq.scan_cost() / 1e6,
+            "met" if pq.meets_target else "missed",
+        )
+        del pq
+        self.index.add_with_ids(vectors, ids)
+        self.index.nprobe = nprobe
+        return self
+
+    def scan_cost(self) -> float:
+        """What one query (k=10) reads, in bytes of IVF-flat's sequential float32 scan: the cells'
+        vectors (IVF-flat) or codes (ivfpq, ``FAST_SCAN_BYTE_COST`` each) plus the re-ranked rows
+        (``RERANK_ROW_COST`` times their bytes). A model of the figures in benchmarks/search_scale.md, used to
+        choose between the two; 0 for other kinds."""
+        if self.kind not in ("ivf", "ivfpq") or not len(self):
+            return 0.0
+        scanned = self.index.nprobe / self.index.nlist * len(self)  # vectors in the cells scanned
+        if self.kind == "ivf":
+            return scanned * self.dim * 4
+        rows = min(self.rerank, len(self))
+        return scanned * self.index.code_size * FAST_SCAN_BYTE_COST + rows * self.dim * 4 * RERANK_ROW_COST
 
     def _tune(self, ids: np.ndarray, vectors: np.ndarray, text_like: np.ndarray | None) -> bool:
         """Tune nprobe (IVF), nprobe and re-rank depth (ivfpq) or efSearch (HNSW) on these vectors,
@@ -592,7 +651,7 @@ class VectorIndex:
             resolved = resolve_kind(kind, len(ids), existing)
             # Under auto an index of the kind auto builds is rebuilt by auto, which may then choose
             # otherwise (ivfpq falls back to IVF-flat where its codes miss the neighbours).
-            auto = kind == "auto" and resolved == choose_kind("auto", len(ids))
+            auto = kind == "auto" and resolved in ("ivf", "ivfpq") and choose_kind("auto", len(ids)) == "ivf"
             text_like = text_probes(model_id) if choose_kind(resolved, len(ids)) != "flat" else None
             index = cls.build(ids, vectors, kind="auto" if auto else resolved, text_like=text_like)
             index.rebuilt = True

@@ -59,7 +59,7 @@ def test_hnsw_recall_at_10_against_exact():
 def test_auto_kind_follows_the_threshold(monkeypatch):
     monkeypatch.setattr(vectors, "SCALABLE_THRESHOLD", 100)
     assert VectorIndex.build(np.arange(99), clustered(99, 8)).kind == "flat"
-    assert VectorIndex.build(np.arange(100), clustered(100, 8)).kind == "ivfpq"
+    assert VectorIndex.build(np.arange(100), clustered(100, 8)).kind == "ivf"  # few cells: not ivfpq
     with pytest.raises(LibraryError, match="unknown index kind"):
         VectorIndex.build(np.arange(3), clustered(3, 8), kind="annoy")
 
@@ -532,17 +532,42 @@ def test_ivfpq_finds_what_exact_search_finds_on_data_without_clusters():
     assert index.search(q[:1], 10**5)[1].shape == (1, 6000)
 
 
-def test_auto_builds_ivf_flat_where_the_codes_miss_the_neighbours(monkeypatch, caplog):
-    """Vectors without any structure (uniform on the sphere): no (nprobe, re-rank) of the ladder
-    reaches the image-only target with 4-bit codes, so auto builds IVF-flat on the same cells
-    instead (exact scans; here of every cell); an explicit ivfpq is kept, at its deepest search."""
+def test_auto_chooses_ivfpq_where_ivf_flat_would_scan_much_and_the_codes_suffice(monkeypatch, caplog):
+    """auto tunes IVF-flat first; where it scans many cells (no clusters) ivfpq is built on the same
+    cells and kept when it reaches the targets at a lower scan cost. Here the sizes are small, so
+    the row cost is scaled down to let the choice happen (at 1M it does by itself: search_scale.md)."""
     monkeypatch.setattr(vectors, "SCALABLE_THRESHOLD", 100)
+    monkeypatch.setattr(vectors, "RERANK_ROW_COST", 0.01)
+    x = lowrank(6000)
+    ids = np.arange(6000, dtype=np.int64) + 1
+    with caplog.at_level("INFO", logger="clipsearch.vectors"):
+        auto = VectorIndex.build(ids, x)
+    assert auto.kind == "ivfpq" and "auto: ivfpq" in caplog.text
+    flat_cost = VectorIndex.build(ids, x, kind="ivf").scan_cost()
+    assert 0 < auto.scan_cost() < flat_cost
+    q = lowrank(100, draw=2)
+    assert tie_aware_recall(q, x, ids, auto.search(q, 10)[1]).mean() >= 0.95
+    # Clustered data: IVF-flat scans few cells, ivfpq is not even tried at the real row cost.
+    monkeypatch.undo()
+    monkeypatch.setattr(vectors, "SCALABLE_THRESHOLD", 100)
+    caplog.clear()
+    with caplog.at_level("INFO", logger="clipsearch.vectors"):
+        assert VectorIndex.build(ids, clustered(6000, 64)).kind == "ivf"
+    assert "IVF-PQ" not in caplog.text
+
+
+def test_auto_keeps_ivf_flat_where_the_codes_miss_the_neighbours(monkeypatch, caplog):
+    """Vectors without any structure (uniform on the sphere): no (nprobe, re-rank) of the ladder
+    reaches the image-only target with 4-bit codes, so auto keeps IVF-flat (exact scans; here of
+    every cell), vectors added back; an explicit ivfpq is kept, at its deepest search."""
+    monkeypatch.setattr(vectors, "SCALABLE_THRESHOLD", 100)
+    monkeypatch.setattr(vectors, "RERANK_ROW_COST", 0.01)
     rng = np.random.default_rng(0)
     u = _unit(rng.normal(size=(5000, 32))).astype(np.float32)
     ids = np.arange(5000, dtype=np.int64) + 1
     with caplog.at_level("INFO", logger="clipsearch.vectors"):
         auto = VectorIndex.build(ids, u)
-    assert auto.kind == "ivf" and "IVF-flat instead" in caplog.text
+    assert auto.kind == "ivf" and "recall target missed" in caplog.text and len(auto) == 5000
     asked = VectorIndex.build(ids, u, kind="ivfpq")
     assert asked.kind == "ivfpq" and not asked.meets_target
     assert (asked.index.nprobe, asked.rerank) == (asked.index.nlist, vectors.RERANK_DEPTHS[-1])
@@ -616,6 +641,7 @@ def test_ivfpq_that_text_probes_find_wanting_is_rebuilt_by_auto(tmp_path, monkey
     """Tuned on images before the text export existed, then retuned with the text probes: where
     the codes miss the text queries' neighbours, the indexer's open rebuilds it as auto chooses."""
     monkeypatch.setattr(vectors, "SCALABLE_THRESHOLD", 100)
+    monkeypatch.setattr(vectors, "RERANK_ROW_COST", 0.0)  # let auto choose ivfpq on a small library
     lib, ids, x = _library(tmp_path, 300)
     monkeypatch.setattr(vectors, "text_probes", lambda model_id: None)
     first = VectorIndex.for_library(lib, "m/1", retune=True)
@@ -636,11 +662,11 @@ def test_resolve_kind_keeps_an_existing_kind_within_policy(monkeypatch):
     monkeypatch.setattr(vectors, "SCALABLE_THRESHOLD", 100)
     monkeypatch.setattr(vectors, "FLAT_KEEP_MAX", 200)
     r = vectors.resolve_kind
-    assert r("auto", 10) == "flat" and r("auto", 150) == "ivfpq"  # no index yet: the policy
+    assert r("auto", 10) == "flat" and r("auto", 150) == "ivf"  # no index yet (build may make it ivfpq)
     assert r("auto", 10, "hnsw") == "hnsw" and r("auto", 10, "ivf") == "ivf"  # small is fine for all
     assert r("auto", 10**6, "hnsw") == "hnsw" and r("auto", 10**6, "ivf") == "ivf"
     assert r("auto", 10, "ivfpq") == "ivfpq"
-    assert r("auto", 199, "flat") == "flat" and r("auto", 200, "flat") == "ivfpq"  # far out of policy
+    assert r("auto", 199, "flat") == "flat" and r("auto", 200, "flat") == "ivf"  # far out of policy
     assert r("flat", 10**6, "ivf") == "flat" and r("hnsw", 5, "flat") == "hnsw"  # asked for: done
     with pytest.raises(LibraryError, match="unknown index kind 'annoy'"):
         r("annoy", 5)
@@ -661,7 +687,7 @@ def test_an_explicit_kind_survives_later_auto_opens(tmp_path, kind):
     assert VectorIndex.for_library(lib, "m/1", kind="flat").kind == "flat"  # until asked otherwise
 
 
-def test_flat_far_out_of_policy_becomes_ivfpq_when_next_brought_in_step(tmp_path, monkeypatch):
+def test_flat_far_out_of_policy_becomes_ivf_when_next_brought_in_step(tmp_path, monkeypatch):
     lib, ids, x = _library(tmp_path, 60)
     assert VectorIndex.for_library(lib, "m/1").kind == "flat"
     monkeypatch.setattr(vectors, "SCALABLE_THRESHOLD", 50)
@@ -673,7 +699,7 @@ def test_flat_far_out_of_policy_becomes_ivfpq_when_next_brought_in_step(tmp_path
     assert VectorIndex.for_library(lib, "m/1").kind == "flat"  # in step: a query never rebuilds
     _add_more(lib, tmp_path, clustered(2, 8, seed=5), 90)
     index = VectorIndex.for_library(lib, "m/1")
-    assert index.kind == "ivfpq" and index.rebuilt and len(index) == 92
+    assert index.kind == "ivf" and index.rebuilt and len(index) == 92
 
 
 # --- cheap, safe opens -----------------------------------------------------------------------------
