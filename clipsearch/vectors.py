@@ -30,11 +30,14 @@ Kinds (vectors are L2-normalised, so inner product is cosine similarity):
   ids become *tombstones* kept in the sidecar and filtered at search time; past
   ``REBUILD_FRACTION`` of the index it is rebuilt from SQLite. On request only.
 
-``auto`` (see :func:`resolve_kind`): flat below ``SCALABLE_THRESHOLD`` vectors, ``ivfpq`` from
-there, unless no tuned setting reaches the recall targets (neighbours closer together than 4-bit
-codes tell apart: tightly packed embeddings of a small model, or no structure at all): then
-IVF-flat on the same cells, whose scans are exact (:meth:`VectorIndex.build`; an index run that
-retunes an auto-built ``ivfpq`` with text probes it misses rebuilds it the same way).
+``auto`` (see :func:`resolve_kind`): flat below ``SCALABLE_THRESHOLD`` vectors; from there IVF-flat,
+tuned, and where it then scans much per query (data without cluster structure: more than
+ivfpq's deepest re-rank alone would read), ``ivfpq`` on the same cells, kept when it reaches the
+recall targets at a lower :meth:`VectorIndex.scan_cost` (:meth:`VectorIndex.build`). On clustered
+data IVF-flat scans a few cells exactly and ivfpq is not tried; where 4-bit codes cannot tell the
+neighbours apart (tightly packed embeddings, no structure at all) ivfpq misses its targets and
+IVF-flat stays. An index run that retunes an auto-built ``ivfpq`` with text probes it then misses
+rebuilds it the same way.
 Every figure behind these choices (query, build and open times, recall) is in
 benchmarks/search_scale.md with the command that measured it. An existing index keeps its kind under ``auto`` unless it is out of
 policy by a wide margin (a flat index past ``FLAT_KEEP_MAX``), and an IVF(-PQ) index whose library grew
@@ -136,7 +139,8 @@ def _check_kind(kind: str) -> None:
 
 
 def choose_kind(kind: str, n: int) -> str:
-    """The kind a fresh index of ``n`` vectors gets: ``kind`` itself unless it is ``auto``."""
+    """The kind a fresh index of ``n`` vectors starts as: ``kind`` itself unless it is ``auto``
+    (flat, or IVF, which :meth:`VectorIndex.build` may turn into ``ivfpq``)."""
     _check_kind(kind)
     if kind == "auto":
         return "ivf" if n >= SCALABLE_THRESHOLD else "flat"  # build() may make it ivfpq
@@ -150,11 +154,10 @@ def resolve_kind(requested: str, n: int, existing: str | None = None) -> str:
     policy by a wide margin: HNSW and IVF serve any size well (HNSW on 10 vectors is fine), a flat
     index is kept up to ``FLAT_KEEP_MAX`` vectors (twice the threshold, so a library hovering around
     it is not rebuilt back and forth) and replaced by IVF beyond. Without an index, the policy of
-    :func:`choose_kind`: flat below ``SCALABLE_THRESHOLD`` (exact, free to build), ``ivfpq``
-    above (which :meth:`VectorIndex.build` turns into IVF-flat where its codes miss the
-    neighbours). ``ivfpq`` answers 1M vectors within a few ms with or without cluster structure,
-    deletes for real and retunes itself; IVF-flat opens fully mapped and scans exactly, fast on
-    clustered data only; HNSW builds and opens several times slower, holds its graph in RAM and
+    :func:`choose_kind`: flat below ``SCALABLE_THRESHOLD`` (exact, free to build), IVF above,
+    which :meth:`VectorIndex.build` makes ``ivfpq`` where that reads less per query. IVF-flat opens
+    fully mapped and scans exactly, fast on clustered data; ``ivfpq`` answers 1M vectors without
+    cluster structure within a few ms; both delete for real and retune themselves; HNSW builds and opens several times slower, holds its graph in RAM and
     needs tombstone rebuilds (benchmarks/search_scale.md has the figures). An existing index of
     any kind is kept under ``auto`` (``--index-kind`` converts it).
     """
