@@ -330,10 +330,8 @@ def pq_codes(dim: int) -> int:
     return next(m for m in range(max(1, dim // PQ_DIMS_PER_CODE), 0, -1) if dim % m == 0)
 
 
-def _new_ivf(vectors: np.ndarray, seed: int = 0, codes: bool = False):
-    """An IVF index trained on a sample of ``vectors`` (float32 [N, D]), still empty: IVF-flat, or
-    with ``codes`` IVF-PQ fast scan (4-bit codes of the residuals, :func:`pq_codes` per vector)
-    on the same cells."""
+def _new_ivf(vectors: np.ndarray, seed: int = 0):
+    """An IVF-flat index trained on a sample of ``vectors`` (float32 [N, D]), still empty."""
     import faiss
 
     n, dim = vectors.shape
@@ -353,7 +351,7 @@ def _new_ivf(vectors: np.ndarray, seed: int = 0, codes: bool = False):
             vectors if take == n else vectors[np.sort(np.random.default_rng(seed).choice(n, take, False))]
         )
         ivf.train(np.ascontiguousarray(sample))
-    return _with_codes(ivf, vectors, seed) if codes else ivf
+    return ivf
 
 
 def _with_codes(cells, vectors: np.ndarray, seed: int):
@@ -496,8 +494,8 @@ class VectorIndex:
     def scan_cost(self) -> float:
         """What one query (k=10) reads, in bytes of IVF-flat's sequential float32 scan: the cells'
         vectors (IVF-flat) or codes (ivfpq, ``FAST_SCAN_BYTE_COST`` each) plus the re-ranked rows
-        (``RERANK_ROW_COST`` times their bytes). A model of the figures in benchmarks/search_scale.md, used to
-        choose between the two; 0 for other kinds."""
+        (``RERANK_ROW_COST`` times their bytes). A model of the figures in
+        benchmarks/search_scale.md that auto chooses between the two by; 0 for other kinds."""
         if self.kind not in ("ivf", "ivfpq") or not len(self):
             return 0.0
         scanned = self.index.nprobe / self.index.nlist * len(self)  # vectors in the cells scanned
