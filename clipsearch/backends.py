@@ -53,7 +53,8 @@ log = logging.getLogger(__name__)
 MIN_COSINE = 0.995  # the fidelity every fast path must keep against torch-fp32, on every image
 VERDICT_FILE = "verdict.json"
 _VERDICT_VERSION = (
-    5  # 2: device in the environment; 3: ONNX sessions do not spin; 4: int8 export; 5: read without torch
+    6  # 2: device in the environment; 3: ONNX sessions do not spin; 4: int8 export; 5: read without torch;
+    # 6: the int8 graph keeps its patch Conv in float (a new file, measured again)
 )
 # A process that embeds with ONNX Runtime never imports PyTorch (seconds on a small CPU) nor holds the
 # torch model; so ONNX is kept unless a torch backend is more than this much faster per image.
@@ -61,8 +62,11 @@ TORCH_FREE_MARGIN = 0.15
 # ONNX int8 weights: one scale per output channel, 7-bit range. With the full 8-bit range ONNX
 # Runtime's u8 x s8 kernels can saturate their 16-bit intermediate sums on CPUs without VNNI, and
 # ViT-B/32 fell to cosine 0.990 to fp32 (tiny-vit 0.990); with these, 0.9997 (tiny-vit 0.9999).
-_INT8_OPTIONS = {"per_channel": True, "reduce_range": True}
-_INT8_FILE = "image-int8-pc7.onnx"  # a new name: an int8 file made with the old options is not reused
+# Only the MatMuls are quantised: ONNX Runtime's ConvInteger kernel for the patch embedding is slower
+# than its float Conv (benchmarks/int8_graph.py), and the float patch embedding is also more faithful.
+_INT8_OPTIONS = {"per_channel": True, "reduce_range": True, "op_types_to_quantize": ["MatMul"]}
+_INT8_FILE = "image-int8-mm.onnx"  # a new name: an int8 file made with other options is not reused
+_OLD_INT8_FILES = ("image-int8.onnx", "image-int8-pc7.onnx")  # deleted once the new one exists
 _CALIBRATION_IMAGES = 8  # enough images to see a bad backend, few enough to measure in seconds
 _ONNX_OPSET = 17
 
@@ -164,20 +168,43 @@ class TorchImageEncoder(ImageEncoder):
 
 
 class OnnxImageEncoder(ImageEncoder):
-    """Runs an exported image tower in ONNX Runtime."""
+    """Runs an exported image tower in ONNX Runtime.
 
-    def __init__(self, name: str, path: Path, threads: int | None = None):
+    ``throughput=True`` (the indexer's choice): the session runs one thread, and a batch is cut into
+    one part per core, the parts running at once on threads of their own. Whole batches of a
+    transformer then keep every core busy without the per-operator hand-offs of intra-op threads,
+    which cost CPU time, most of all while decode threads share the cores (figures in
+    ``benchmarks/rclip_compare.md``). A batch of one image gets no faster that way, so queries
+    keep intra-op threads (the default).
+    """
+
+    def __init__(self, name: str, path: Path, threads: int | None = None, *, throughput: bool = False):
         self.name = name
         self.path = Path(path)
+        cores = int(threads or os.cpu_count() or 1)
+        self._parts = cores if throughput else 1
         # Image batches run while the indexer's threads decode the next photos: no busy-waiting.
-        self._session = ort_session(self.path, threads, spin=False)
+        self._session = ort_session(self.path, 1 if throughput else cores, spin=False)
         self._input = self._session.get_inputs()[0].name
+        self._pool = None
+        if self._parts > 1:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(self._parts, thread_name_prefix="clipsearch-onnx")
+
+    def _run(self, x: np.ndarray) -> np.ndarray:
+        return self._session.run(None, {self._input: x})[0]  # [b, D]; ONNX Runtime releases the GIL
 
     def __call__(self, batch) -> np.ndarray:
         if hasattr(batch, "detach"):
             batch = batch.detach().cpu().numpy()
         x = np.ascontiguousarray(batch, dtype=np.float32)  # [B, 3, H, W]
-        return self._session.run(None, {self._input: x})[0].astype(np.float32, copy=False)
+        if self._pool is not None and len(x) > 1:
+            parts = np.array_split(x, min(self._parts, len(x)))  # [b, 3, H, W] each, in order
+            out = np.concatenate(list(self._pool.map(self._run, parts)))  # [B, D]
+        else:
+            out = self._run(x)
+        return out.astype(np.float32, copy=False)
 
 
 def _fp32_visual(model):
@@ -270,11 +297,11 @@ def image_onnx_path(bundle, directory: Path | None = None) -> Path:
     return target
 
 
-def _make_onnx_fp32(bundle, threads, directory):
-    return OnnxImageEncoder("onnx-fp32", image_onnx_path(bundle, directory), threads)
+def _make_onnx_fp32(bundle, threads, directory, *, throughput: bool = False):
+    return OnnxImageEncoder("onnx-fp32", image_onnx_path(bundle, directory), threads, throughput=throughput)
 
 
-def _make_onnx_int8(bundle, threads, directory):
+def _make_onnx_int8(bundle, threads, directory, *, throughput: bool = False):
     directory = Path(directory or cache_dir(bundle.model_id))
     target = directory / _INT8_FILE
     if not target.is_file():
@@ -284,7 +311,9 @@ def _make_onnx_int8(bundle, threads, directory):
         with atomic_path(target) as tmp, warnings.catch_warnings(), _quiet_root_logger():
             warnings.simplefilter("ignore")
             quantize_dynamic(str(source), str(tmp), weight_type=QuantType.QInt8, **_INT8_OPTIONS)
-    return OnnxImageEncoder("onnx-int8", target, threads)
+        for old in _OLD_INT8_FILES:  # what earlier versions quantised: ~90 MB each, never read again
+            (directory / old).unlink(missing_ok=True)
+    return OnnxImageEncoder("onnx-int8", target, threads, throughput=throughput)
 
 
 @contextlib.contextmanager
@@ -676,12 +705,15 @@ def make_image_encoder(
     threads: int | None = None,
     candidates: Mapping[str, Factory] | None = None,
     settle: bool = False,
+    throughput: bool = False,
 ) -> ImageEncoder:
     """An image encoder for ``bundle`` (a :class:`clipsearch.checkpoints.ModelBundle`).
 
     ``settle=True`` (the indexer's choice): an ``auto`` with no verdict yet for this model measures
     nothing up front and returns a :class:`SettlingEncoder` instead, which settles on the caller's
-    first batch among the quick backends.
+    first batch among the quick backends. ``throughput=True`` (the indexer's choice too): the caller
+    sends large batches, so an ONNX backend runs parts of each batch side by side, one thread each
+    (:class:`OnnxImageEncoder`), instead of spreading each operator over the cores.
 
     ``backend``: ``auto`` (the fastest backend measured faithful on this machine: cosine >= 0.995 to
     fp32), or one of :data:`BACKENDS` (or :data:`GPU_BACKENDS`) by name to force it. ``threads``:
@@ -692,6 +724,13 @@ def make_image_encoder(
     """
     directory = cache_dir(bundle.model_id)
     table = {**_all_backends(), **(candidates or {})}
+
+    def build(name: str) -> ImageEncoder:
+        factory = table[name]
+        if throughput and factory in (_make_onnx_fp32, _make_onnx_int8):
+            return factory(bundle, threads, directory, throughput=True)
+        return factory(bundle, threads, directory)
+
     if backend == "auto":
         if settle and candidates is None and needs_measuring(bundle, threads=threads):
             return SettlingEncoder(bundle, threads)
@@ -705,7 +744,7 @@ def make_image_encoder(
         order = [name, *(m.name for m in faithful if m.name != "torch-fp32")]
         for candidate in order:
             try:
-                encoder = table[candidate](bundle, threads, directory)
+                encoder = build(candidate)
             except build_failures() as e:
                 log.info(
                     "backend %s cannot run now (%s); trying the next faithful one",
@@ -716,11 +755,11 @@ def make_image_encoder(
             log.info("image backend: %s (the measured verdict for this model and machine)", candidate)
             return encoder
         log.info("image backend: torch-fp32 (no faithful backend of the verdict builds)")
-        return table["torch-fp32"](bundle, threads, directory)
+        return build("torch-fp32")
     if backend not in table:
         raise BackendError(f"unknown inference backend {backend!r}; use auto or one of {', '.join(table)}")
     try:
-        return table[backend](bundle, threads, directory)
+        return build(backend)
     except BackendError:
         raise
     except build_failures() as e:

@@ -293,7 +293,8 @@ def _image_encoder(bundle, backend: str, emit, report: IndexReport):
     from clipsearch import backends
 
     if backend != "auto":
-        return backends.make_image_encoder(bundle, backend)  # forced: its BackendError reaches the user
+        # forced: its BackendError reaches the user
+        return backends.make_image_encoder(bundle, backend, throughput=True)
     if getattr(bundle, "preprocess_cfg", None) is None:
         return None  # a bare model (no pixel settings to calibrate with)
     try:
@@ -307,7 +308,7 @@ def _image_encoder(bundle, backend: str, emit, report: IndexReport):
             # No verdict for this model here yet: settle on the first batch of these photos rather
             # than make the user wait for exports and measurements (clipsearch.settle does those).
             emit({"event": "backend", "status": "settling"})
-        return backends.make_image_encoder(bundle, "auto", settle=True)
+        return backends.make_image_encoder(bundle, "auto", settle=True, throughput=True)
     except backends.build_failures() as e:  # a fast path that fails must never end the index run
         report.backend_note = (
             f"auto backend unavailable ({backends.describe_error(e)}); ran the model as loaded"

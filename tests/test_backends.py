@@ -60,6 +60,40 @@ def test_encoders_accept_numpy_and_any_batch_size(tiny, images):
     assert make_image_encoder(tiny, "torch-fp32")(images.numpy()).shape == (6, 32)
 
 
+@pytest.mark.parametrize("name", ["onnx-fp32", "onnx-int8"])
+def test_throughput_mode_runs_parts_side_by_side_with_the_same_features(tiny, images, name):
+    # The indexer's ONNX encoder cuts a batch into one part per core, each on its own single-threaded
+    # run; the rows must come back in order and as faithful as the one-run encoder's.
+    encoder = make_image_encoder(tiny, name, threads=3, throughput=True)
+    assert encoder.name == name and encoder._parts == 3
+    assert encoder._session.get_session_options().intra_op_num_threads == 1
+    ref = _reference(tiny, images)
+    for b in (1, 2, 5, 6):  # fewer rows than parts, uneven parts, even parts
+        out = encoder(images[:b].numpy())
+        assert out.dtype == np.float32 and out.shape == (b, 32)
+        cos = backends.cosine_rows(out, ref[:b])
+        assert cos.min() >= MIN_COSINE, (name, b, cos)
+        if name == "onnx-fp32":
+            np.testing.assert_allclose(out, ref[:b], rtol=1e-4, atol=1e-5)
+    # a query's encoder (the default) spreads each operator over the cores instead
+    default = make_image_encoder(tiny, name, threads=3)
+    assert default._parts == 1 and default._session.get_session_options().intra_op_num_threads == 3
+    # a torch backend has no parts: the flag changes nothing there
+    assert make_image_encoder(tiny, "torch-fp32", throughput=True)(images.numpy()).shape == (6, 32)
+
+
+def test_int8_graph_keeps_the_patch_conv_in_float_and_replaces_the_old_one(tiny, tmp_path):
+    import onnx
+
+    old = tmp_path / "image-int8-pc7.onnx"  # what the last version quantised (Conv included)
+    old.write_bytes(b"an old int8 graph")
+    encoder = backends._make_onnx_int8(tiny, 1, tmp_path)
+    ops = {node.op_type for node in onnx.load(str(encoder.path)).graph.node}
+    assert "ConvInteger" not in ops and "Conv" in ops  # ORT's ConvInteger is the slow one
+    assert "DynamicQuantizeLinear" in ops or "DynamicQuantizeMatMul" in ops  # the MatMuls are int8
+    assert not old.exists() and encoder.path.name != old.name
+
+
 def test_export_is_cached_by_model_id(tiny):
     first = backends.image_onnx_path(tiny)
     assert first.parent == backends.cache_dir("test/tiny-vit")
