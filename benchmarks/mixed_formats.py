@@ -170,7 +170,7 @@ def decode_benchmark(folder: Path, size: int, repeats: int) -> None:
     pixels = getattr(t, "array", t)  # numpy where the transform has it (what the indexer runs)
 
     def old(data: bytes):
-        with mock.patch.object(pngvips, "decode", lambda data, im: None):
+        with mock.patch.object(pngvips, "decode", lambda data, im, shrink=1: None):
             x = pixels(open_image(io.BytesIO(data)))
         _identify(io.BytesIO(data), "old", None).getexif()
         return x

@@ -205,7 +205,7 @@ def open_image(source, max_pixels: int | None = DEFAULT_MAX_PIXELS, draft_size: 
             if im.size != full_size:
                 covers = (0, 0, *full_size)  # libwebp's rescaler spans the whole picture evenly
         elif im.format == "PNG":
-            im = _png_by_vips(im, f, start)
+            im, factor = _png_by_vips(im, f, start, draft_size)
         try:
             im.load()
         except _pil().DecompressionBombError as e:  # a frame or tile larger than the header said
@@ -322,23 +322,26 @@ def _png_xmp(chunk: bytes) -> bytes | None:
         return None
 
 
-def _png_by_vips(im, f, start: int):
-    """The PNG ``im`` decoded by libvips when it takes it (:mod:`clipsearch.pngvips`), else ``im``."""
+def _png_by_vips(im, f, start: int, draft_size: int | None):
+    """``(image, factor)``: the PNG ``im`` decoded by libvips when it takes it
+    (:mod:`clipsearch.pngvips`), already reduced by ``factor`` (the factor of
+    :func:`reduce_to_cover`) when ``draft_size`` asks for it; else ``(im, 1)``."""
     from clipsearch import pngvips
 
     if not pngvips.takes(im) or not pngvips.available():
-        return im
+        return im, 1
     try:
         read_png_late_chunks(im)  # an eXIf after the pixels (orientation), as Pillow's load reads it
         f.seek(start)
         data = f.read()
     except OSError:
-        return im  # Pillow reads it again below and reports the I/O error in its words
-    decoded = pngvips.decode(data, im)
+        return im, 1  # Pillow reads it again below and reports the I/O error in its words
+    shrink = max(1, min(im.size) // int(draft_size)) if draft_size else 1
+    decoded = pngvips.decode(data, im, shrink)
     if decoded is None:
-        return im
+        return im, 1
     decoded.info.update(im.info)  # EXIF, ICC profile, text chunks
-    return decoded
+    return decoded, shrink
 
 
 def _webp_scaled(im, f, start: int, draft_size: int):

@@ -59,9 +59,17 @@ def takes(im) -> bool:
     return rawmode == im.mode and rawmode in _PLAIN and "transparency" not in im.info
 
 
-def decode(data: bytes, im):
+def decode(data: bytes, im, shrink: int = 1):
     """The pixels of the PNG ``data`` (whose Pillow header image is ``im``, see :func:`takes`) as a
-    ``PIL.Image`` in ``im``'s mode, or ``None`` when Pillow should decode it instead."""
+    ``PIL.Image`` in ``im``'s mode, or ``None`` when Pillow should decode it instead.
+
+    ``shrink`` > 1: box-averaged by that integer factor inside libvips as the rows are inflated
+    (sizes rounded up, as Pillow's ``reduce``), so the full-size picture is never held; a picture
+    with alpha is first flattened on white and comes out without it (``RGB`` or ``L``). That is the
+    picture :func:`clipsearch.imageio.open_image` makes from a full decode (Pillow averages the
+    premultiplied pixels, then flattens on white): flattening is linear, so averaging before or
+    after it gives the same values, up to rounding.
+    """
     from PIL import Image
 
     pyvips = _pyvips()
@@ -72,8 +80,14 @@ def decode(data: bytes, im):
         v = pyvips.Image.pngload_buffer(data, access="sequential", fail_on="warning")
         if (v.width, v.height) != im.size or v.bands != _PLAIN[im.mode] or v.format != "uchar":
             return None
+        mode = im.mode
+        if shrink > 1:
+            if mode in ("LA", "RGBA"):
+                v = v.flatten(background=[255] * (v.bands - 1)).cast("uchar")
+                mode = mode[:-1] if mode == "RGBA" else "L"
+            v = v.shrink(shrink, shrink, ceil=True)
         pixels = v.write_to_memory()
     except pyvips.Error as e:
         log.debug("libvips did not decode a PNG (%s): Pillow decodes it", str(e).strip()[:200])
         return None
-    return Image.frombuffer(im.mode, im.size, pixels, "raw", im.mode, 0, 1)
+    return Image.frombuffer(mode, (v.width, v.height), pixels, "raw", mode, 0, 1)

@@ -139,7 +139,7 @@ TURNED = {"o6.jpg"}  # stored landscape, upright portrait
 
 def reference(path):
     """The reference decode: the whole picture, by Pillow alone (no libvips, no reduced scale)."""
-    with mock.patch.object(pngvips, "decode", lambda data, im: None):
+    with mock.patch.object(pngvips, "decode", lambda data, im, shrink=1: None):
         return open_image(path)
 
 

@@ -17,7 +17,7 @@ from test_decode_scaled import _alpha, _photo, png_bytes, reference
 
 from clipsearch import pngvips
 from clipsearch.errors import ImageDecodeError
-from clipsearch.imageio import open_image
+from clipsearch.imageio import COVERS_KEY, open_image
 
 if not pngvips.available():
     if os.environ.get("CI"):
@@ -69,8 +69,8 @@ def test_libvips_gives_pillows_pixels(tmp_path, kind, draft):
     calls = []
     real = pngvips.decode
 
-    def spy(data, im):
-        calls.append(out := real(data, im))
+    def spy(data, im, shrink=1):
+        calls.append(out := real(data, im, shrink))
         return out
 
     with mock.patch.object(pngvips, "decode", spy):
@@ -78,13 +78,20 @@ def test_libvips_gives_pillows_pixels(tmp_path, kind, draft):
     assert len(calls) == 1 and calls[0] is not None  # libvips decoded it
     want = reference(path) if draft is None else _reduced_by_pillow(path, draft)
     assert got.size == want.size and got.mode == want.mode == "RGB"
-    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    assert got.info.get(COVERS_KEY) == want.info.get(COVERS_KEY)  # the same geometry for the transform
+    if draft is None:
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    else:
+        # libvips averaged (and flattened) while decoding, Pillow after: the same values up to the
+        # rounding of each step, a level or two here and there (edges of the transparent corner).
+        diff = np.abs(np.asarray(got, np.int16) - np.asarray(want, np.int16))
+        assert diff.mean() < 0.5 and np.percentile(diff, 99.9) <= 2, (diff.mean(), diff.max())
     if kind == "turned":
         assert got.size == SIZE[::-1] if draft is None else got.size[0] < got.size[1]
 
 
 def _reduced_by_pillow(path, draft):
-    with mock.patch.object(pngvips, "decode", lambda data, im: None):
+    with mock.patch.object(pngvips, "decode", lambda data, im, shrink=1: None):
         return open_image(path, draft_size=draft)
 
 
