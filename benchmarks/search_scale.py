@@ -110,6 +110,31 @@ def row(n, data, name, build, saved, lat, recall, **extra) -> dict:
     }
 
 
+def peak_memory(n: int, args) -> None:
+    """``--peak-memory``: the process's peak RSS (GB) after making the data, and after building
+    ``args.kinds[0]`` from it as ``VectorIndex.build`` does in an index run (no ground truth)."""
+    import resource
+
+    rng = np.random.default_rng(args.seed)
+    d = args.dim
+    basis = (
+        rng.standard_normal((args.rank, d), dtype=np.float32) / np.sqrt(d) if args.data == "lowrank" else None
+    )
+    centres = (
+        rng.standard_normal((1000, d), dtype=np.float32) / np.sqrt(d) if args.data == "clustered" else None
+    )
+    data = make_data(n, d, rng, centres, args.spread / np.sqrt(d), basis)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KB -> GB
+    t = time.perf_counter()
+    index = VectorIndex.build(np.arange(1, n + 1, dtype=np.int64), data, kind=args.kinds[0])
+    build = time.perf_counter() - t
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+    print(
+        f"n={n:,} {args.data}: built {index.kind} in {build:.0f} s; peak RSS {before:.2f} GB with the data "
+        f"({data.nbytes / 1e9:.2f} GB), {after:.2f} GB after the build (+{after - before:.2f} GB)"
+    )
+
+
 def run(n: int, args) -> list[dict]:
     d, k = args.dim, args.k
     rng = np.random.default_rng(args.seed)
@@ -268,6 +293,9 @@ def main() -> None:
         "--hnsw-max", type=int, default=100_000, help="skip the HNSW build above this many vectors"
     )
     ap.add_argument("--json", help="also write the rows to this JSON file")
+    ap.add_argument(
+        "--peak-memory", action="store_true", help="only build the first --kinds and report the peak RSS"
+    )
     args = ap.parse_args()
     import logging
 
@@ -280,6 +308,10 @@ def main() -> None:
     SEARCH_THREADS = args.search_threads
     if args.threads:
         faiss.omp_set_num_threads(args.threads)
+    if args.peak_memory:
+        for n in args.sizes:
+            peak_memory(n, args)
+        return
     load_before = os.getloadavg()
     rows = []
     for n in args.sizes:
