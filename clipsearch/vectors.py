@@ -244,9 +244,10 @@ def tune_ef_search(
     return ef, worst
 
 
-def _tune(search, candidates, ids, vectors, text_like, k: int, seed: int) -> tuple:
+def _tune(search, candidates, ids, vectors, text_like, k: int, seed: int, give_up=None) -> tuple:
     """The first of ``candidates`` (cheapest first) at which ``search(value, queries, k')`` meets
-    every tuning set's target (else the last): ``(value, lowest mean recall, what it was tuned on,
+    every tuning set's target (else the last, or the one at which ``give_up(value, lowest mean
+    recall)`` said further ones cannot help): ``(value, lowest mean recall, what it was tuned on,
     whether the targets were met)``."""
     n = len(ids)
     rng = np.random.default_rng(seed)
@@ -278,7 +279,7 @@ def _tune(search, candidates, ids, vectors, text_like, k: int, seed: int) -> tup
             met = bool(recall.mean() >= want_mean and np.percentile(recall, 5) >= want_p5)
             if not met:
                 break  # the next setting, without searching the other sets
-        if met:
+        if met or (give_up is not None and give_up(value, worst)):
             break
     return value, worst, "images and text" if len(sets) > 1 else "images only", met
 
@@ -555,8 +556,20 @@ class VectorIndex:
                 shortlists[key] = (cand, sims)
             return _top_k(sims[:, :depth], cand[:, :depth], kk)
 
+        deepest: list[float] = []  # recall at the deepest re-rank, per nprobe tried
+
+        def give_up(value: tuple[int, int], recall: float) -> bool:
+            # Codes too coarse for these neighbours: more cells only crowd the shortlist, and recall
+            # at the deepest re-rank falls (benchmarks/text_recall.md); stop instead of scanning all.
+            if value[1] != RERANK_DEPTHS[-1]:
+                return False
+            deepest.append(recall)
+            return len(deepest) > 1 and recall < deepest[-2] - 0.01
+
         ladder = [(p, r) for p in nprobes for r in RERANK_DEPTHS]
-        (nprobe, depth), worst, tuned_on, met = _tune(search, ladder, ids, vectors, text_like, k, seed)
+        (nprobe, depth), worst, tuned_on, met = _tune(
+            search, ladder, ids, vectors, text_like, k, seed, give_up
+        )
         log.info(
             "IVF-PQ nprobe %d of %d cells, re-rank %d, tuned on %s (lowest mean recall@10 %.3f)",
             nprobe,

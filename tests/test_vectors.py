@@ -575,6 +575,28 @@ def test_auto_keeps_ivf_flat_where_the_codes_miss_the_neighbours(monkeypatch, ca
     assert tie_aware_recall(q, u, ids, auto.search(q, 10)[1]).mean() == 1.0
 
 
+def test_ivfpq_tuning_gives_up_when_more_cells_lower_recall_at_the_deepest_re_rank(monkeypatch):
+    """Codes too coarse for the data: more cells crowd the true neighbours out of the shortlist
+    (benchmarks/text_recall.md); the ladder stops there instead of scanning every cell."""
+    x = lowrank(3000, d=16)
+    ids = np.arange(3000, dtype=np.int64)
+    index = VectorIndex.build(ids, x, kind="ivfpq")
+    deepest = vectors.RERANK_DEPTHS[-1]
+    seen = []
+
+    def crowded(search, ladder, ids, x, text_like, k, seed, give_up):
+        for value in ladder:  # recall falls by 0.1 with each nprobe
+            seen.append(value)
+            if give_up(value, 0.8 - 0.1 * (len(seen) // len(vectors.RERANK_DEPTHS))):
+                break
+        return value, 0.0, "images only", False
+
+    monkeypatch.setattr(vectors, "_tune", crowded)
+    nprobe, depth, met = index._tune_shortlist(ids, x, None)
+    assert not met and depth == deepest and nprobe == vectors.IVF_NPROBES[1]  # the second nprobe
+    assert len(seen) == 2 * len(vectors.RERANK_DEPTHS)
+
+
 def test_ivfpq_on_few_vectors_is_exact_and_takes_more():
     x = clustered(40, 8)
     ids = np.arange(40, dtype=np.int64) + 100
