@@ -535,8 +535,10 @@ def _kept_lines(report) -> list[str]:
     type=click.Choice(("auto", *choices.INDEX_KINDS)),
     default="auto",
     show_default=True,
-    help="Vector index to build now: exact 'flat', approximate 'ivf' (fast to build) or 'hnsw' (fastest "
-    "to search, slow to build), or 'auto' (flat below 50,000 photos, else ivf; an existing index keeps its kind).",
+    help="Vector index to build now: exact 'flat', approximate 'ivf' (exact scans of a few cells), 'ivfpq' "
+    "(compact codes, exact re-rank: fast without cluster structure) or 'hnsw' (a graph, slow to build), or "
+    "'auto' (flat below 50,000 photos, else ivf, or ivfpq where that reads less at the same recall; an "
+    "existing index keeps its kind).",
 )
 @click.option(
     "--backend",
