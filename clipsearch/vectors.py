@@ -471,8 +471,14 @@ class VectorIndex:
         :meth:`scan_cost`, else this index again. Its vectors are dropped while ivfpq is built
         and tuned (one copy of the vectors in memory besides ``vectors``), and added back if
         IVF-flat stays."""
-        flat_cost, nprobe = self.scan_cost(), self.index.nprobe
-        self.index.reset()  # keeps the trained cells
+        import faiss
+
+        flat_cost, nprobe, nlist = self.scan_cost(), self.index.nprobe, self.index.nlist
+        centroids = faiss.downcast_index(self.index.quantizer).reconstruct_n(0, nlist)  # [nlist, D]
+        # A new empty index on the same cells frees the vectors (reset() keeps their allocation).
+        self.index = faiss.index_factory(self.dim, f"IVF{nlist},Flat", faiss.METRIC_INNER_PRODUCT)
+        faiss.downcast_index(self.index.quantizer).add(centroids)
+        self.index.is_trained = True
         pq = self._build_ivfpq(ids, vectors, self.index, text_like, warn=False)
         if pq.meets_target and pq.scan_cost() < flat_cost:
             log.info(
