@@ -28,7 +28,6 @@ versions change. Nothing here imports torch or onnxruntime until it is needed.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import logging
@@ -84,23 +83,123 @@ def export_onnx(module, example_args: tuple, target: Path, input_names, output_n
 
     The tracing exporter records shapes symbolically, so the axes named in ``dynamic_axes`` (the batch,
     and the sequence length of the text tower) stay free in the graph.
+
+    The graph is traced without its weights, which are then written to the file one tensor at a time
+    (:func:`_write_streamed`): with its weights, the exporter holds several copies of all of them at
+    once (folded, in the ONNX proto, serialised), about a gigabyte for ViT-B/32's image tower. A model
+    whose weights the streamed file cannot hold (over protobuf's 2 GB, or a dtype numpy lacks) is
+    exported by torch as a whole, as before.
     """
+    import io
+
     import torch
 
-    with atomic_path(target) as tmp, warnings.catch_warnings(), torch.inference_mode(False):
+    weights = {**dict(module.named_buffers()), **dict(module.named_parameters())}
+    size = sum(t.numel() * t.element_size() for t in weights.values())
+    numpy_dtypes = {torch.float32, torch.float16, torch.float64, torch.int64, torch.int32, torch.bool}
+    streamable = size < _STREAMED_MAX_BYTES and all(t.dtype in numpy_dtypes for t in weights.values())
+    with warnings.catch_warnings(), torch.inference_mode(False):
         warnings.simplefilter("ignore")  # tracer and deprecation warnings about shape checks
+        if not streamable:
+            log.info("exporting %s with its weights in one piece (%d MB)", target.name, size >> 20)
+            with atomic_path(target) as tmp:
+                torch.onnx.export(
+                    module,
+                    example_args,
+                    str(tmp),
+                    **_export_options(input_names, output_names, dynamic_axes),
+                    do_constant_folding=True,
+                )
+            return target
+        graph = io.BytesIO()
         torch.onnx.export(
             module,
             example_args,
-            str(tmp),
-            dynamo=False,
-            input_names=list(input_names),
-            output_names=list(output_names),
-            dynamic_axes=dynamic_axes,
-            opset_version=_ONNX_OPSET,
-            do_constant_folding=True,
+            graph,
+            **_export_options(input_names, output_names, dynamic_axes),
+            export_params=False,  # weights become graph inputs named as in named_parameters()
+            keep_initializers_as_inputs=True,
+            do_constant_folding=False,  # it needs the weights; _write_streamed folds the transposes
         )
+    _write_streamed(graph.getvalue(), weights, set(input_names), target)
     return target
+
+
+# The streamed export: protobuf cannot hold more in one message; its field numbers, from onnx.proto.
+_STREAMED_MAX_BYTES = (2 << 30) - (64 << 20)
+_MODEL_GRAPH_FIELD = 7  # ModelProto.graph
+_GRAPH_INITIALIZER_FIELD = 5  # GraphProto.initializer
+
+
+def _export_options(input_names, output_names, dynamic_axes) -> dict:
+    return {
+        "dynamo": False,
+        "input_names": list(input_names),
+        "output_names": list(output_names),
+        "dynamic_axes": dynamic_axes,
+        "opset_version": _ONNX_OPSET,
+    }
+
+
+def _write_streamed(graph_bytes: bytes, weights: Mapping, inputs: set[str], target: Path) -> None:
+    """Write ``graph_bytes`` (an ONNX model whose weights are graph inputs) to ``target`` with each
+    weight as an initializer, appended one tensor at a time.
+
+    Protobuf merges a message field that occurs more than once in the encoding (its specification:
+    "as if with MergeFrom"), and repeated fields concatenate: so each tensor is written as one more
+    ``ModelProto.graph`` holding just that initializer, and every reader sees one graph with all of
+    them. A weight only a ``Transpose`` reads (every ``nn.Linear``: ``x @ W.T``) is stored transposed
+    under the transpose's output name and the node dropped, as the exporter's constant folding did:
+    ONNX Runtime's int8 quantiser only quantises a ``MatMul`` whose weight is an initializer.
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load_model_from_string(graph_bytes)
+    graph = model.graph
+    given = [i.name for i in graph.input if i.name not in inputs]
+    unknown = [name for name in given if name not in weights]
+    if unknown:
+        raise ValueError(f"the traced graph reads inputs that are not the module's weights: {unknown[:3]}")
+    given_set = set(given)
+    kept, plan = [], []  # plan: (initializer name, weight name, permutation or None)
+    for node in graph.node:
+        if node.op_type == "Transpose" and node.input[0] in given_set:
+            perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
+            plan.append((node.output[0], node.input[0], perm or "reverse"))
+        else:
+            kept.append(node)
+    read = {name for node in kept for name in node.input} | {o.name for o in graph.output}
+    plan += [(name, name, None) for name in given if name in read]
+    del graph.node[:]
+    graph.node.extend(kept)
+    real = [i for i in graph.input if i.name not in given_set]
+    del graph.input[:]
+    graph.input.extend(real)  # weights are initializers now, not inputs a caller could override
+    with atomic_path(target) as tmp, open(tmp, "wb") as f:
+        f.write(model.SerializeToString())
+        for name, source, perm in plan:
+            array = weights[source].detach().cpu().numpy()
+            if perm is not None:
+                array = array.T if perm == "reverse" else array.transpose(perm)
+            tensor = numpy_helper.from_array(np.ascontiguousarray(array), name).SerializeToString()
+            entry = _protobuf_key(_GRAPH_INITIALIZER_FIELD) + _varint(len(tensor))
+            f.write(_protobuf_key(_MODEL_GRAPH_FIELD) + _varint(len(entry) + len(tensor)) + entry)
+            f.write(tensor)
+
+
+def _protobuf_key(field: int) -> bytes:
+    """The key of a length-delimited protobuf field (wire type 2)."""
+    return _varint(field << 3 | 2)
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
 
 
 def ort_session(path: Path, threads: int | None = None, *, quick_start: bool = False, spin: bool = True):
@@ -305,29 +404,12 @@ def _make_onnx_int8(bundle, threads, directory, *, throughput: bool = False):
     directory = Path(directory or cache_dir(bundle.model_id))
     target = directory / _INT8_FILE
     if not target.is_file():
-        from onnxruntime.quantization import QuantType, quantize_dynamic
+        from clipsearch.quantise import quantise
 
-        source = image_onnx_path(bundle, directory)
-        with atomic_path(target) as tmp, warnings.catch_warnings(), _quiet_root_logger():
-            warnings.simplefilter("ignore")
-            quantize_dynamic(str(source), str(tmp), weight_type=QuantType.QInt8, **_INT8_OPTIONS)
+        quantise(image_onnx_path(bundle, directory), target, _INT8_OPTIONS)  # in a torch-free child
         for old in _OLD_INT8_FILES:  # what earlier versions quantised: ~90 MB each, never read again
             (directory / old).unlink(missing_ok=True)
     return OnnxImageEncoder("onnx-int8", target, threads, throughput=throughput)
-
-
-@contextlib.contextmanager
-def _quiet_root_logger():
-    """ONNX Runtime's quantiser logs advice on the root logger; the library never prints."""
-    import logging
-
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        root.setLevel(level)
 
 
 Factory = Callable[..., ImageEncoder]  # (bundle, threads, directory) -> ImageEncoder
@@ -778,14 +860,16 @@ def is_quick(name: str) -> bool:
 class SettlingEncoder(ImageEncoder):
     """The encoder of a first index run for a model that has no verdict on this machine yet.
 
-    Nothing is measured before the user's photos: the first batch runs on ``torch-fp32`` (the
-    reference, so its features are stored as they are), then the quick candidates of
-    :func:`default_candidates` (on a CPU ``torch-int8``, and ``torch-bf16`` where it is fast; on a
-    GPU the fp16/bf16 copies) run on that same
-    batch and are checked against it, every photo at cosine >= :data:`MIN_COSINE`; the run goes on
-    with the fastest faithful one. ``measurements`` holds what was seen. The full measurement (ONNX
-    export and quantisation included) is :func:`choose_backend`, which the CLI runs after the index
-    (in the background); until its verdict exists, every index run settles this way again.
+    Nothing is measured before the user's photos. On the first batch, each quick candidate of
+    :func:`default_candidates` (on a CPU ``torch-int8``, and ``torch-bf16`` where it is fast; on a GPU
+    the fp16/bf16 copies) embeds the whole batch, and ``torch-fp32``, the reference, embeds
+    :data:`_CALIBRATION_IMAGES` photos spread over it (as many as the full measurement's calibration
+    batch): a candidate faithful on every one of them (cosine >= :data:`MIN_COSINE`) and faster per
+    photo than fp32 keeps its features and the run goes on with it; else fp32 embeds the rest of the
+    batch and stays. So the check costs the first batch a handful of fp32 photos, not a second pass.
+    ``measurements`` holds what was seen. The full measurement (ONNX export and quantisation
+    included) is :func:`choose_backend`, which the CLI runs after the index (in the background);
+    until its verdict exists, every index run settles this way again.
     """
 
     def __init__(self, bundle, threads: int | None = None, candidates: list[str] | None = None):
@@ -801,33 +885,49 @@ class SettlingEncoder(ImageEncoder):
     def __call__(self, batch) -> np.ndarray:
         if not self._pending:
             return self._encoder(batch)
+        n = len(batch)
+        sample = sample_rows(n, _CALIBRATION_IMAGES)
         start = time.perf_counter()
-        reference = self._encoder(batch)  # [B, D]: stored as it is
-        speed = len(batch) / (time.perf_counter() - start)
+        reference = self._encoder(batch[sample])  # [S, D]: the fp32 features of the sampled photos
+        speed = len(sample) / (time.perf_counter() - start)
         self.measurements[self.name] = Measurement(self.name, cosine=1.0, images_per_s=speed)
-        best = (speed, self._encoder)
+        best = (speed, self._encoder, None)  # (images/s, encoder, its features of the whole batch)
         for name in self._pending:
-            encoder = None
             try:
                 encoder = _all_backends()[name](self._bundle, self._threads, None)
                 start = time.perf_counter()
-                features = encoder(batch)
+                features = encoder(batch)  # [B, D]
                 took = time.perf_counter() - start
                 finite = np.all(np.isfinite(features))
-                cosine = float(cosine_rows(features, reference).min()) if finite else -1.0
-                m = Measurement(name, cosine=cosine, images_per_s=len(batch) / took)
+                cosine = float(cosine_rows(features[sample], reference).min()) if finite else -1.0
+                m = Measurement(name, cosine=cosine, images_per_s=n / took)
             except build_failures() as e:
                 m = Measurement(name, error=describe_error(e))
             self.measurements[name] = m
-            log.info("first run, %s on %d of its photos: %s", name, len(batch), m)
+            log.info("first run, %s on %d of its photos (checked on %d): %s", name, n, len(sample), m)
             if m.faithful and m.images_per_s > best[0]:
-                best = (m.images_per_s, encoder)
+                best = (m.images_per_s, encoder, features)
+            encoder = features = None
         self._pending = []
         self._encoder = best[1]
         self.name = self._encoder.name
         log.info("first run goes on with %s; the full measurement comes after it", self.name)
         release_memory()
-        return reference
+        if best[2] is not None:
+            return best[2]
+        out = np.empty((n, reference.shape[1]), np.float32)  # fp32 stays: the rest of the batch too
+        out[sample] = reference
+        rest = [i for i in range(n) if i not in set(sample)]
+        if rest:
+            out[rest] = self._encoder(batch[rest])
+        return out
+
+
+def sample_rows(n: int, k: int) -> list[int]:
+    """``min(n, k)`` row indices spread evenly over ``range(n)``, first and last included."""
+    if n <= k:
+        return list(range(n))
+    return sorted({round(i * (n - 1) / max(k - 1, 1)) for i in range(k)})
 
 
 def build_failures() -> tuple[type[BaseException], ...]:

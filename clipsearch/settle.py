@@ -26,6 +26,7 @@ import logging
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 
 from clipsearch.paths import cache_dir
 
@@ -63,13 +64,18 @@ def _try_lock(model_id: str) -> int | None:
     return fd
 
 
-def settle(bundle, *, locked: bool = False, own_model: bool = False) -> str | None:
+def settle(bundle, *, locked: bool = False, reload: Callable[[], object] | None = None) -> str | None:
     """Measure the backends (exports and quantisation included) and export the text tower, unless
     another process is doing it. Returns the chosen backend's name, None when another process holds
     the lock. ``locked``: the caller already holds it (the background child inherits it).
-    ``own_model``: nothing else uses ``bundle`` (the background child): once the image tower's ONNX
-    export is written, the text tower is exported and the model freed before ONNX Runtime quantises,
-    which lowers this process's peak (``benchmarks/memory.md``); ``bundle.model`` is None afterwards."""
+
+    ``reload``: nothing else uses ``bundle`` (the background child), and ``reload()`` loads its
+    model again. The text tower is then exported first and the model freed and reloaded: a model's
+    weights are mapped from its file as they are first read, so the image work brings back only the
+    image tower's pages. The model is freed again once the image tower's ONNX export is written,
+    before ONNX Runtime measures; ``bundle.model`` is None afterwards. Each step thus starts from
+    the least this process can hold (``benchmarks/memory.md``).
+    """
     from clipsearch import backends
     from clipsearch.encoders import export_text_encoder
 
@@ -80,21 +86,27 @@ def settle(bundle, *, locked: bool = False, own_model: bool = False) -> str | No
             log.info("another process is settling %s", bundle.name)
             return None
     try:
-        text_done = False
+        from clipsearch.atomic import remove_stale_temps
 
-        def done_with_model():  # the image tower is exported: the model's last use is the text export
-            nonlocal text_done
-            export_text_encoder(bundle)
-            text_done = True
-            bundle.model = None  # the reference features are taken; ONNX Runtime needs only the file
+        # a settle killed while writing (the OOM killer, a reboot) leaves its temporary exports behind
+        for stale in remove_stale_temps(cache_dir(bundle.model_id)):
+            log.info("removed %s, left by a settle that did not finish", stale.name)
+        if reload is not None:
+            export_text_encoder(bundle)  # a failure is a logged warning: queries then load the model
+            bundle.model = None
+            backends.release_memory()
+            bundle.model = reload()
+
+        def done_with_model():  # the image tower is exported: ONNX Runtime needs only the file now
+            bundle.model = None
 
         chosen, results = backends.choose_backend(
-            bundle, done_with_model=done_with_model if own_model else None
+            bundle, done_with_model=done_with_model if reload is not None else None
         )
         log.info("backend verdict for %s: %s (%s)", bundle.name, chosen, list(results.values()))
         backends.release_memory()
-        if not text_done:
-            export_text_encoder(bundle)  # a failure is a logged warning: queries then load the model
+        if reload is None:
+            export_text_encoder(bundle)
         return chosen
     finally:
         if fd is not None:
@@ -180,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     from clipsearch.checkpoints import load_bundle
 
     bundle = load_bundle(args.source)
-    chosen = settle(bundle, locked=args.lock_fd is not None, own_model=True)
+    chosen = settle(bundle, locked=args.lock_fd is not None, reload=lambda: load_bundle(args.source).model)
     log.info("settled %s: %s", bundle.name, chosen or "another process is at it")
     return 0
 

@@ -230,3 +230,132 @@ def test_vit_b32_sized_onnx_and_torch_int8_stay_faithful():
     for name in ("onnx-fp32", "torch-int8"):
         cos = backends.cosine_rows(make_image_encoder(bundle, name)(batch), ref)
         assert cos.min() >= MIN_COSINE, (name, cos)
+
+
+# --------------------------------------------------------------------------------------------------
+# The streamed export and the quantiser's own process
+
+
+def _weight_matmuls(path) -> int:
+    """MatMul nodes whose second input is an initializer: the ones ONNX Runtime's quantiser takes."""
+    import onnx
+
+    model = onnx.load(str(path))
+    inits = {i.name for i in model.graph.initializer}
+    return sum(1 for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in inits)
+
+
+def _torch_own_export(module, example, path):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            module, (example,), str(path), dynamo=False, input_names=["image"], output_names=["features"],
+            dynamic_axes={"image": {0: "batch"}, "features": {0: "batch"}}, opset_version=17,
+        )  # fmt: skip
+
+
+def test_streamed_export_equals_torchs_own_export(tiny, images, tmp_path):
+    import onnx
+    import onnxruntime as ort
+
+    visual = tiny.model.visual.eval()
+    example = torch.zeros(2, *images.shape[1:])
+    streamed = backends.export_onnx(
+        visual, (example,), tmp_path / "streamed.onnx", ["image"], ["features"], {"image": {0: "batch"}}
+    )
+    _torch_own_export(visual, example, tmp_path / "whole.onnx")
+    outputs = []
+    for path in (streamed, tmp_path / "whole.onnx"):
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        outputs.append(session.run(None, {"image": images.numpy()})[0])
+    np.testing.assert_allclose(outputs[0], outputs[1], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(outputs[0], _reference(tiny, images), rtol=1e-4, atol=1e-5)
+    model = onnx.load(str(streamed))
+    onnx.checker.check_model(model)
+    assert [i.name for i in model.graph.input] == ["image"]  # weights are initializers, not inputs
+    # every Linear reaches its MatMul as a (transposed) initializer, as in torch's constant-folded export
+    assert _weight_matmuls(streamed) == _weight_matmuls(tmp_path / "whole.onnx") > 0
+    weights = dict(visual.named_parameters())
+    by_name = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    np.testing.assert_array_equal(by_name["conv1.weight"], weights["conv1.weight"].detach().numpy())
+
+
+def test_int8_export_quantises_every_weight_matmul(tmp_path):
+    import onnx
+
+    bundle = _bundle("tiny-vit", "test/int8-matmuls", seed=4)
+    encoder = make_image_encoder(bundle, "onnx-int8")
+    ops = [n.op_type for n in onnx.load(str(encoder.path)).graph.node]
+    assert ops.count("MatMulInteger") == _weight_matmuls(backends.image_onnx_path(bundle)) > 0
+
+
+def test_an_export_that_fails_halfway_leaves_no_file(tiny, tmp_path, monkeypatch):
+    from onnx import numpy_helper
+
+    real, calls = numpy_helper.from_array, []
+
+    def failing(array, name=None):
+        calls.append(name)
+        if len(calls) == 3:
+            raise OSError(28, "No space left on device (made by the test)")
+        return real(array, name)
+
+    monkeypatch.setattr(numpy_helper, "from_array", failing)
+    target = tmp_path / "image-fp32.onnx"
+    size = tiny.model.visual.input_resolution
+    example = (torch.zeros(1, 3, size, size),)
+    with pytest.raises(OSError, match="No space left"):
+        backends.export_onnx(tiny.model.visual, example, target, ["image"], ["features"], {})
+    assert not target.exists() and list(tmp_path.iterdir()) == []  # nor a temporary left behind
+    monkeypatch.setattr(numpy_helper, "from_array", real)
+    backends.export_onnx(tiny.model.visual, example, target, ["image"], ["features"], {})
+    assert target.is_file()
+
+
+def test_quantising_a_broken_export_is_a_typed_error(tiny, tmp_path):
+    from clipsearch.quantise import QuantiseError, quantise
+
+    whole = backends.image_onnx_path(tiny)
+    half = tmp_path / "half.onnx"
+    half.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])  # a half-written export
+    target = tmp_path / "int8.onnx"
+    with pytest.raises(QuantiseError, match=r"quantising half.onnx failed \(exit status 1\)"):
+        quantise(half, target, {"per_channel": True})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["half.onnx"]  # nothing written, no temporary
+
+
+def test_a_killed_quantiser_is_reported_and_never_chosen(monkeypatch):
+    import subprocess
+
+    from clipsearch import quantise
+
+    def killed(cmd, **kwargs):
+        assert "torch" not in " ".join(cmd)
+        return subprocess.CompletedProcess(cmd, -9, "", "")
+
+    monkeypatch.setattr(quantise.subprocess, "run", killed)
+    bundle = _bundle("tiny-vit", "test/quantiser-killed", seed=5)
+    chosen, results = backends.choose_backend(bundle)
+    assert "killed by SIGKILL" in results["onnx-int8"].error
+    assert chosen != "onnx-int8" and results["onnx-fp32"].faithful
+    assert not (backends.cache_dir(bundle.model_id) / backends._INT8_FILE).exists()
+
+
+def test_the_quantiser_process_imports_no_torch(tiny, tmp_path):
+    import subprocess
+    import sys
+
+    source = backends.image_onnx_path(tiny)
+    code = (
+        "import sys; from clipsearch.quantise import main; main(sys.argv[1:]); "
+        "assert 'torch' not in sys.modules, 'torch imported'"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(source), str(tmp_path / "q.onnx"), "--per-channel"],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "q.onnx").stat().st_size > 0

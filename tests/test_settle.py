@@ -54,22 +54,76 @@ class _Noise(ImageEncoder):
         return np.random.default_rng(0).normal(size=(len(batch), self.dim)).astype(np.float32)
 
 
-def test_first_batch_is_fp32_then_a_faithful_quick_backend_takes_over(monkeypatch):
+class _Close(ImageEncoder):
+    """A fast and faithful backend: the fp32 features with a little noise, counting what it embeds."""
+
+    name = "close"
+
+    def __init__(self, bundle):
+        self.bundle = bundle
+        self.rows = 0
+
+    def __call__(self, batch):
+        self.rows += len(batch)
+        noise = np.random.default_rng(1).normal(
+            scale=1e-4, size=(len(batch), self.bundle.config["embed_dim"])
+        )
+        return (_fp32(self.bundle, torch.as_tensor(batch)) + noise).astype(np.float32)
+
+
+def _counting_fp32(monkeypatch, bundle):
+    """Make SettlingEncoder's torch-fp32 reference count the photos it embeds."""
+    seen = []
+    make = backends._make_torch_fp32
+
+    def counting(*args):
+        encoder = make(*args)
+        run = encoder.__call__
+
+        class Counted(ImageEncoder):
+            name = encoder.name
+
+            def __call__(self, batch):
+                seen.append(len(batch))
+                return run(batch)
+
+        return Counted()
+
+    monkeypatch.setattr(backends, "_make_torch_fp32", counting)
+    return seen
+
+
+def test_first_batch_checks_the_quick_backend_on_a_sample_and_keeps_its_features(monkeypatch):
     bundle = _bundle("test/settle-encoder")
-    batch = _batch(bundle)
+    batch = _batch(bundle, n=20)
+    close = _Close(bundle)
+    monkeypatch.setitem(backends.BACKENDS, "torch-int8", lambda *a: close)
+    seen = _counting_fp32(monkeypatch, bundle)
     encoder = SettlingEncoder(bundle)
     assert encoder.name == "torch-fp32"
     first = encoder(batch)
-    np.testing.assert_allclose(first, _fp32(bundle, batch), rtol=1e-5, atol=1e-5)  # the reference itself
-    assert set(encoder.measurements) == {"torch-fp32", "torch-int8"}
+    # the quick backend embedded the whole batch once; fp32 only the 8 photos it was checked on
+    assert close.rows == 20 and seen == [8]
+    assert encoder.name == "close" and set(encoder.measurements) == {"torch-fp32", "torch-int8"}
+    assert encoder.measurements["torch-int8"].cosine >= MIN_COSINE
+    assert backends.cosine_rows(first, _fp32(bundle, batch)).min() >= MIN_COSINE
+    encoder(batch[:3])
+    assert close.rows == 23 and seen == [8]  # settled: fp32 is not asked again
+    assert backends.needs_measuring(bundle)  # nothing written: the verdict is settle's job
+
+
+def test_the_real_int8_backend_settles_faithfully_on_a_first_batch():
+    bundle = _bundle("test/settle-real-int8")
+    batch = _batch(bundle, n=12)
+    encoder = SettlingEncoder(bundle)
+    first = encoder(batch)
     m = encoder.measurements["torch-int8"]
     assert m.error is None and m.cosine >= MIN_COSINE and m.images_per_s > 0
-    # the run goes on with the faster of the two; whichever it is, it stays faithful
-    faster = max(encoder.measurements.values(), key=lambda m: m.images_per_s).name
-    assert encoder.name == faster
+    # whichever was faster goes on; every photo of the first batch is faithful either way
+    assert encoder.name == max(encoder.measurements.values(), key=lambda m: m.images_per_s).name
+    assert backends.cosine_rows(first, _fp32(bundle, batch)).min() >= MIN_COSINE
     later = _batch(bundle, seed=9)
     assert backends.cosine_rows(encoder(later), _fp32(bundle, later)).min() >= MIN_COSINE
-    assert backends.needs_measuring(bundle)  # nothing written: the verdict is settle's job
 
 
 def test_an_unfaithful_or_broken_quick_backend_is_never_taken(monkeypatch):
@@ -80,13 +134,24 @@ def test_an_unfaithful_or_broken_quick_backend_is_never_taken(monkeypatch):
 
     monkeypatch.setitem(backends.BACKENDS, "torch-int8", lambda *a: _Noise(bundle.config["embed_dim"]))
     monkeypatch.setitem(backends.BACKENDS, "torch-bf16", broken)
+    seen = _counting_fp32(monkeypatch, bundle)
     encoder = SettlingEncoder(bundle, candidates=["torch-int8", "torch-bf16"])
-    batch = _batch(bundle)
-    encoder(batch)
+    batch = _batch(bundle, n=11)
+    first = encoder(batch)
     assert encoder.name == "torch-fp32"
     assert encoder.measurements["torch-int8"].cosine < MIN_COSINE  # fast, but wrong: refused
     assert "made to fail" in encoder.measurements["torch-bf16"].error
+    # fp32 embedded the 3 photos outside the sample too, each photo once; all are the reference's
+    assert seen == [8, 3]
+    np.testing.assert_allclose(first, _fp32(bundle, batch), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(encoder(batch), _fp32(bundle, batch), rtol=1e-5, atol=1e-5)
+
+
+def test_sample_rows_spreads_over_the_batch():
+    assert backends.sample_rows(32, 8) == [0, 4, 9, 13, 18, 22, 27, 31]  # round(i * 31 / 7)
+    assert backends.sample_rows(8, 8) == list(range(8))
+    assert backends.sample_rows(3, 8) == [0, 1, 2]
+    assert backends.sample_rows(1, 8) == [0]
 
 
 def test_the_first_index_measures_nothing_up_front(monkeypatch, tmp_path, photos):
@@ -165,3 +230,50 @@ def test_cli_first_index_settles_in_a_background_process(tmp_path, monkeypatch):
     assert second.returncode == 0, second.stderr
     assert json.loads(second.stdout)["backend"] == verdict["chosen"]
     assert Path(cache_dir(bundle.model_id) / settle.LOCK_FILE).is_file()
+
+
+def test_the_background_settle_frees_the_model_and_removes_a_killed_settles_leftovers(tmp_path):
+    source = str(make_tiny_model(tmp_path / "model"))
+    bundle = load_bundle(source)
+    directory = cache_dir(bundle.model_id)
+    directory.mkdir(parents=True, exist_ok=True)
+    # what a settle killed while writing its export leaves: atomic_path's temporary, no lock on it
+    stale = directory / ".image-fp32.onnx.k1ll3d_x.tmp"
+    stale.write_bytes(b"\x08\x07" * 1000)
+    old = time.time() - 3600
+    os.utime(stale, (old, old))
+    reloads = []
+
+    def reload():
+        reloads.append(1)
+        return load_bundle(source).model
+
+    chosen = settle.settle(bundle, reload=reload)
+    assert reloads == [1] and bundle.model is None  # reloaded once after the text export, then freed
+    fresh = load_bundle(source)
+    assert chosen in backends.BACKENDS and not settle.needed(fresh)
+    assert not stale.exists()
+    assert (directory / fastquery.TEXT_WEIGHTS).is_file()
+    verdict = json.loads((directory / backends.VERDICT_FILE).read_text())
+    assert all(m["error"] is None for m in verdict["backends"].values()), verdict
+    # the features the verdict's backend gives are the model's own
+    batch = _batch(fresh)
+    encoder = backends.make_image_encoder(fresh, "auto")
+    assert encoder.name == chosen
+    assert backends.cosine_rows(encoder(batch), _fp32(fresh, batch)).min() >= MIN_COSINE
+
+
+def test_a_settle_child_that_dies_leaves_the_model_to_settle_again(tmp_path, monkeypatch):
+    source = str(make_tiny_model(tmp_path / "model"))
+    bundle = load_bundle(source)
+    monkeypatch.setenv("CLIPSEARCH_BACKGROUND", "1")
+    # the child is started for a model folder that is gone by the time it loads it
+    proc = settle.start_in_background(str(tmp_path / "moved-away"), bundle.model_id)
+    assert proc is not None
+    assert proc.wait(timeout=240) != 0
+    assert settle.wait(bundle.model_id, timeout=5)  # its lock died with it
+    log = (cache_dir(bundle.model_id) / settle.LOG_FILE).read_text()
+    assert "moved-away" in log and settle.needed(bundle)  # no verdict: the next index settles again
+    assert settle.after_index(bundle, source) == "background"
+    assert settle.wait(bundle.model_id, timeout=240)
+    assert not settle.needed(bundle), (cache_dir(bundle.model_id) / settle.LOG_FILE).read_text()
