@@ -804,6 +804,7 @@ def make_image_encoder(
     backend fail to build now, the next faithful one (at worst ``torch-fp32``) is used. Raises
     :class:`BackendError` for an unknown name, or a forced backend that cannot run here.
     """
+    sleeping_openmp_threads()
     directory = cache_dir(bundle.model_id)
     table = {**_all_backends(), **(candidates or {})}
 
@@ -848,6 +849,22 @@ def make_image_encoder(
         raise BackendError(
             f"the {backend} backend cannot run on this machine ({describe_error(e)}); use auto or another backend"
         ) from e
+
+
+def sleeping_openmp_threads() -> None:
+    """Make PyTorch's OpenMP threads sleep when they wait, instead of spinning (``OMP_WAIT_POLICY=PASSIVE``),
+    unless the user set the policy or PyTorch is loaded already (OpenMP reads it once, as torch loads).
+
+    An index run embeds in the main thread while its decode threads share the same cores: threads
+    that spin at the end of every operator take the cores the decoders need, and an operator waits
+    for its slowest thread whenever one is descheduled (measured on a first run, torch-int8 while
+    settling: ``benchmarks/first_run.md``). The setting is inherited by the background settle, and
+    FAISS's OpenMP threads gain from it too (``benchmarks/search_scale.md``).
+    """
+    if "torch" in sys.modules or "OMP_WAIT_POLICY" in os.environ:
+        return
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    log.info("OpenMP threads sleep while they wait (OMP_WAIT_POLICY=PASSIVE): the decoders share the cores")
 
 
 def is_quick(name: str) -> bool:

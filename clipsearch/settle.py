@@ -24,6 +24,7 @@ import contextlib
 import fcntl
 import logging
 import os
+import resource
 import subprocess
 import sys
 from collections.abc import Callable
@@ -189,12 +190,27 @@ def main(argv: list[str] | None = None) -> int:
     with contextlib.suppress(OSError, AttributeError):
         os.nice(19)  # the user's own work comes first
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    from clipsearch.backends import sleeping_openmp_threads
     from clipsearch.checkpoints import load_bundle
 
+    sleeping_openmp_threads()  # before torch loads; the user's own work shares the cores
     bundle = load_bundle(args.source)
     chosen = settle(bundle, locked=args.lock_fd is not None, reload=lambda: load_bundle(args.source).model)
-    log.info("settled %s: %s", bundle.name, chosen or "another process is at it")
+    own, children = _peak_mb(resource.RUSAGE_SELF), _peak_mb(resource.RUSAGE_CHILDREN)
+    log.info(
+        "settled %s: %s (peak memory %.0f MB; its quantiser process %.0f MB)",
+        bundle.name,
+        chosen or "another process is at it",
+        own,
+        children,
+    )
     return 0
+
+
+def _peak_mb(who: int) -> float:
+    """Peak resident memory in MB of this process (``RUSAGE_SELF``) or its largest child."""
+    peak = resource.getrusage(who).ru_maxrss
+    return peak / 1024 if sys.platform != "darwin" else peak / 2**20  # kB on Linux, bytes on macOS
 
 
 if __name__ == "__main__":

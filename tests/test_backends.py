@@ -359,3 +359,24 @@ def test_the_quantiser_process_imports_no_torch(tiny, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "q.onnx").stat().st_size > 0
+
+
+@pytest.mark.parametrize(
+    ("given", "torch_first", "expected"),
+    [(None, False, "PASSIVE"), ("ACTIVE", False, "ACTIVE"), (None, True, None)],
+)
+def test_openmp_threads_sleep_unless_the_user_chose_or_torch_is_loaded(given, torch_first, expected):
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if given:
+        env["OMP_WAIT_POLICY"] = given
+    code = (
+        ("import torch; " if torch_first else "")
+        + "import os; from clipsearch import backends; backends.sleeping_openmp_threads(); "
+        "print(os.environ.get('OMP_WAIT_POLICY'))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == str(expected)
