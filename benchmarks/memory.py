@@ -231,10 +231,12 @@ def main(argv=None) -> int:
                     settle_cmd, env={**os.environ, "CLIPSEARCH_HOME": home}, unnice=True
                 )
                 settled = {"backend": "settle", "seconds": time.perf_counter() - start, "images": 0}
-                # its own log line: "peak memory N MB; its quantiser process M MB"
-                own = re.search(r"peak memory (\d+) MB; its quantiser process (\d+) MB", settle_log)
-                if own:
-                    settled["own_mb"], settled["quantiser_mb"] = int(own.group(1)), int(own.group(2))
+                # their own peaks, from the settle's log (the rusage figure above is the larger of the
+                # two, and the quantiser's own would also count the settle's memory at the fork)
+                own = re.search(r"peak memory of this process (\d+) MB", settle_log)
+                quantiser = re.search(r"quantised .* \(its peak memory (\d+) MB\)", settle_log)
+                if own and quantiser:
+                    settled["own_mb"], settled["quantiser_mb"] = int(own.group(1)), int(quantiser.group(1))
                 rows.append(
                     ("settle", 0, settle_peak, {**settled, "loaded_mb": float("nan"), "hwm_mb": float("nan")})
                 )

@@ -56,7 +56,10 @@ def quantise(source: Path, target: Path, options: dict) -> Path:
             )
         if Path(tmp).stat().st_size == 0:
             raise QuantiseError(f"quantising {source.name} wrote nothing")
-    log.info("quantised %s to int8 (%s) in a child process", source.name, target.name)
+    peak = proc.stdout.split()[-1] if proc.stdout.strip() else "?"
+    log.info(
+        "quantised %s to int8 (%s) in a child process (its peak memory %s MB)", source.name, target.name, peak
+    )
     return target
 
 
@@ -92,6 +95,12 @@ def main(argv: list[str] | None = None) -> int:
             reduce_range=args.reduce_range,
             op_types_to_quantize=args.op_types.split(",") if args.op_types else None,
         )
+    # its own peak, for the parent's log: the kernel's figure for a child (wait4, RUSAGE_CHILDREN)
+    # also counts the parent's memory at the fork
+    with open("/proc/self/status") as f:
+        hwm = next((line.split()[1] for line in f if line.startswith("VmHWM:")), None)
+    if hwm is not None:
+        sys.stdout.write(f"peak_mb {int(hwm) // 1024}\n")
     return 0
 
 

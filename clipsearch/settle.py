@@ -196,21 +196,13 @@ def main(argv: list[str] | None = None) -> int:
     sleeping_openmp_threads()  # before torch loads; the user's own work shares the cores
     bundle = load_bundle(args.source)
     chosen = settle(bundle, locked=args.lock_fd is not None, reload=lambda: load_bundle(args.source).model)
-    own, children = _peak_mb(resource.RUSAGE_SELF), _peak_mb(resource.RUSAGE_CHILDREN)
     log.info(
-        "settled %s: %s (peak memory %.0f MB; its quantiser process %.0f MB)",
+        "settled %s: %s (peak memory of this process %.0f MB)",
         bundle.name,
         chosen or "another process is at it",
-        own,
-        children,
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin" else 1024),
     )
     return 0
-
-
-def _peak_mb(who: int) -> float:
-    """Peak resident memory in MB of this process (``RUSAGE_SELF``) or its largest child."""
-    peak = resource.getrusage(who).ru_maxrss
-    return peak / 1024 if sys.platform != "darwin" else peak / 2**20  # kB on Linux, bytes on macOS
 
 
 if __name__ == "__main__":

@@ -359,6 +359,7 @@ def test_the_quantiser_process_imports_no_torch(tiny, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "q.onnx").stat().st_size > 0
+    assert proc.stdout.split()[0] == "peak_mb" and int(proc.stdout.split()[1]) > 0  # its own peak
 
 
 @pytest.mark.parametrize(
