@@ -441,6 +441,7 @@ class VectorIndex:
         if len(ids):
             index.add_with_ids(vectors, ids)
         built = cls(index, kind, vectors.shape[1])
+        del index  # held by built alone, so that _or_ivfpq can free IVF-flat's vectors
         if kind != "flat":
             built._tune(ids, vectors, text_like)
         # Only where IVF-flat reads more than ivfpq's deepest re-rank alone would is ivfpq tried.
