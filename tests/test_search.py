@@ -30,7 +30,9 @@ def setup(tmp_path_factory):
     write_photo(photos / "50x_off" / "other.png", 21)
     write_photo(photos / "5000off" / "third.png", 22)
     lib = Library.open(photos / "lib.db", create=True)
-    index_paths(lib, bundle, [photos], workers=1)
+    # torch-fp32: the queries below encode with the model itself, and module fixtures share one home,
+    # where another module's index may have left a verdict for this tiny model (e.g. torch-int8)
+    index_paths(lib, bundle, [photos], workers=1, backend="torch-fp32")
     yield lib, bundle, photos
     lib.close()
 
