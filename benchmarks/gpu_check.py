@@ -475,6 +475,18 @@ def compare_training(check: Check, s: Stage) -> bool:
     return ok
 
 
+def own_peak_rss() -> int:
+    """This process's own peak RSS in bytes: ``VmHWM`` starts anew at exec, while ``ru_maxrss`` of a
+    child started from a big parent begins at the parent's size at the fork."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+
+
 def trainer_process(who: str, config_dir: str, argv: list[str]) -> int:
     """Inside a child process: run one trainer, then print what it used (``RESULT_TAG``)."""
     import torch
@@ -494,7 +506,7 @@ def trainer_process(who: str, config_dir: str, argv: list[str]) -> int:
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         info["peak_bytes"] = torch.cuda.max_memory_allocated()
     else:
-        info["peak_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+        info["peak_bytes"] = own_peak_rss()
     print(RESULT_TAG + json.dumps(info), flush=True)
     return int(rc)
 
