@@ -179,6 +179,23 @@ def wait(model_id: str, timeout: float | None = None) -> bool:
         os.close(fd)
 
 
+def lowest_priority() -> None:
+    """Run this process, and the children it starts, below the user's own work.
+
+    ``nice 19`` alone is not enough where the kernel groups processes by session (autogroup, on by
+    default in most desktop Linux distributions): the nice value then only weighs against the same
+    session, and the settle child, started in a session of its own, took a full share of the cores
+    from the user's next command. So the session's group is lowered too (``/proc/self/autogroup``,
+    which any process may do for its own group), when this process leads its session (the background
+    child does): run by hand from a shell, it leaves the shell's session as it is.
+    """
+    with contextlib.suppress(OSError, AttributeError):
+        os.nice(19)
+    if os.getsid(0) == os.getpid():
+        with contextlib.suppress(OSError), open("/proc/self/autogroup", "w") as f:
+            f.write("19")
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m clipsearch.settle SOURCE [--lock-fd N]``: settle one model at the lowest priority."""
     import argparse
@@ -187,8 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("source", help="the model, as clipsearch index --model takes it")
     ap.add_argument("--lock-fd", type=int, help="the settle lock, already held (from start_in_background)")
     args = ap.parse_args(argv)
-    with contextlib.suppress(OSError, AttributeError):
-        os.nice(19)  # the user's own work comes first
+    lowest_priority()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     from clipsearch.backends import sleeping_openmp_threads
     from clipsearch.checkpoints import load_bundle

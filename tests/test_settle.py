@@ -277,3 +277,33 @@ def test_a_settle_child_that_dies_leaves_the_model_to_settle_again(tmp_path, mon
     assert settle.after_index(bundle, source) == "background"
     assert settle.wait(bundle.model_id, timeout=240)
     assert not settle.needed(bundle), (cache_dir(bundle.model_id) / settle.LOG_FILE).read_text()
+
+
+@pytest.mark.parametrize("own_session", [True, False])
+def test_the_background_settle_yields_to_the_users_session(own_session):
+    """nice 19 alone weighs only inside a session's autogroup; the detached settle (its own session)
+    lowers its group too, and run by hand in the user's session it leaves that group alone."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import os; from clipsearch.settle import lowest_priority; lowest_priority(); "
+        "g = open('/proc/self/autogroup').read().split()[-1] if os.path.exists('/proc/self/autogroup') else '-'; "
+        "print(os.nice(0), g)"
+    )
+    before = (
+        Path("/proc/self/autogroup").read_text().split()[-1] if Path("/proc/self/autogroup").exists() else "-"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe],
+        capture_output=True,
+        text=True,
+        check=True,
+        start_new_session=own_session,
+    ).stdout.split()
+    assert out[0] == "19"
+    if out[1] == "-":
+        pytest.skip("this kernel has no autogroup (/proc/self/autogroup)")
+    assert out[1] == ("19" if own_session else before)
+    if not own_session:  # this test's own session is untouched
+        assert Path("/proc/self/autogroup").read_text().split()[-1] == before
