@@ -235,6 +235,8 @@ class ImageEncoder:
     """``encoder(batch [B, 3, H, W] float32) -> np.ndarray [B, D] float32``, unnormalised features."""
 
     name: str = "?"
+    _parts = 1
+    _pool = None
 
     def __call__(self, batch) -> np.ndarray:
         raise NotImplementedError
@@ -242,54 +244,103 @@ class ImageEncoder:
     def __repr__(self) -> str:
         return f"<ImageEncoder {self.name}>"
 
+    def _split_batches(self, cores: int, initializer: Callable[[], None] | None = None) -> None:
+        """Run every batch as ``cores`` parts side by side, each on a thread of its own (the
+        ``throughput=True`` mode of the CPU encoders below; each part then runs single-threaded).
+
+        A transformer's ~300 operators per forward pass are small: spread over intra-op threads, each
+        one ends in a hand-off between threads, which costs CPU time and waits for a descheduled
+        thread whenever the indexer's decode threads hold the cores. Whole parts keep every core busy
+        without those hand-offs (figures in ``benchmarks/rclip_compare.md`` and ``first_run.md``).
+        A batch of one image gets no faster that way, so queries keep intra-op threads.
+        """
+        self._parts = max(1, cores)
+        if self._parts > 1:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(
+                self._parts, thread_name_prefix="clipsearch-embed", initializer=initializer
+            )
+
+    def _in_parts(self, x: np.ndarray, run) -> np.ndarray:
+        """``run(x)``, or ``run`` on each part of ``x`` [B, ...] at once when the batches are split."""
+        if self._pool is None or len(x) < 2:
+            return run(x)
+        parts = np.array_split(x, min(self._parts, len(x)))  # [b, ...] each, in order
+        return np.concatenate(list(self._pool.map(run, parts)))  # [B, D]
+
 
 class TorchImageEncoder(ImageEncoder):
-    """Runs an image tower (``module(x) -> [B, D]``) in PyTorch, casting the input to ``dtype``."""
+    """Runs an image tower (``module(x) -> [B, D]``) in PyTorch, casting the input to ``dtype``.
 
-    def __init__(self, name: str, module, dtype, device, threads: int | None = None):
+    ``throughput=True`` on the CPU: each batch is cut into one part per core, each part running
+    single-threaded on a thread of its own (:meth:`ImageEncoder._split_batches`; torch releases the
+    GIL inside its operators). The caller's own intra-op threads are left as they were.
+    """
+
+    def __init__(
+        self, name: str, module, dtype, device, threads: int | None = None, *, throughput: bool = False
+    ):
         import torch
 
         if threads:
             torch.set_num_threads(int(threads))
+        if throughput and torch.device(device).type == "cpu":
+            self._split_batches(int(threads or os.cpu_count() or 1), _one_torch_thread)
         self.name = name
         self._module = module.eval()
         self._dtype = dtype
         self._device = device
 
-    def __call__(self, batch) -> np.ndarray:
+    def _run(self, x: np.ndarray) -> np.ndarray:
         import torch
 
-        x = torch.as_tensor(batch)
-        with torch.inference_mode():
-            x = x.to(device=self._device, dtype=self._dtype)  # [B, 3, H, W]
-            out = self._module(x)  # [B, D]
-        return out.float().cpu().numpy()
+        with torch.inference_mode():  # thread-local: set in each part's thread
+            x = torch.as_tensor(x).to(device=self._device, dtype=self._dtype)  # [b, 3, H, W]
+            return self._module(x).float().cpu().numpy()  # [b, D]
+
+    def __call__(self, batch) -> np.ndarray:
+        if hasattr(batch, "detach"):
+            batch = batch.detach().cpu().numpy()
+        out = self._in_parts(np.ascontiguousarray(batch, dtype=np.float32), self._run)
+        if self._pool is not None:
+            import torch
+
+            torch.set_num_threads(torch.get_num_threads())  # see _one_torch_thread
+        return out
+
+
+def _one_torch_thread() -> None:
+    """Make the calling (new) thread's PyTorch operators single-threaded, and only its own.
+
+    With OpenMP (PyTorch's CPU builds) the thread count is a per-thread setting, initialised from a
+    process-wide one on a thread's first parallel operator; ``set_num_threads`` writes both. So this
+    thread's own setting is initialised first, then set to 1; the caller, whose threads keep their
+    count, writes its own back as the process-wide value after each batch, for threads started later.
+    """
+    import torch
+
+    torch.get_num_threads()  # initialises this thread's setting from the process-wide one
+    torch.set_num_threads(1)
 
 
 class OnnxImageEncoder(ImageEncoder):
     """Runs an exported image tower in ONNX Runtime.
 
     ``throughput=True`` (the indexer's choice): the session runs one thread, and a batch is cut into
-    one part per core, the parts running at once on threads of their own. Whole batches of a
-    transformer then keep every core busy without the per-operator hand-offs of intra-op threads,
-    which cost CPU time, most of all while decode threads share the cores (figures in
-    ``benchmarks/rclip_compare.md``). A batch of one image gets no faster that way, so queries
-    keep intra-op threads (the default).
+    one part per core, the parts running at once on threads of their own
+    (:meth:`ImageEncoder._split_batches`). Queries keep intra-op threads (the default).
     """
 
     def __init__(self, name: str, path: Path, threads: int | None = None, *, throughput: bool = False):
         self.name = name
         self.path = Path(path)
         cores = int(threads or os.cpu_count() or 1)
-        self._parts = cores if throughput else 1
         # Image batches run while the indexer's threads decode the next photos: no busy-waiting.
         self._session = ort_session(self.path, 1 if throughput else cores, spin=False)
         self._input = self._session.get_inputs()[0].name
-        self._pool = None
-        if self._parts > 1:
-            from concurrent.futures import ThreadPoolExecutor
-
-            self._pool = ThreadPoolExecutor(self._parts, thread_name_prefix="clipsearch-onnx")
+        if throughput:
+            self._split_batches(cores)
 
     def _run(self, x: np.ndarray) -> np.ndarray:
         return self._session.run(None, {self._input: x})[0]  # [b, D]; ONNX Runtime releases the GIL
@@ -298,12 +349,7 @@ class OnnxImageEncoder(ImageEncoder):
         if hasattr(batch, "detach"):
             batch = batch.detach().cpu().numpy()
         x = np.ascontiguousarray(batch, dtype=np.float32)  # [B, 3, H, W]
-        if self._pool is not None and len(x) > 1:
-            parts = np.array_split(x, min(self._parts, len(x)))  # [b, 3, H, W] each, in order
-            out = np.concatenate(list(self._pool.map(self._run, parts)))  # [B, D]
-        else:
-            out = self._run(x)
-        return out.astype(np.float32, copy=False)
+        return self._in_parts(x, self._run).astype(np.float32, copy=False)
 
 
 def _fp32_visual(model):
@@ -315,11 +361,16 @@ def _fp32_visual(model):
     return copy.deepcopy(model.visual).float()
 
 
-def _make_torch_fp32(bundle, threads, directory):
+def _make_torch_fp32(bundle, threads, directory, *, throughput: bool = False):
     import torch
 
     return TorchImageEncoder(
-        "torch-fp32", _fp32_visual(bundle.model), torch.float32, bundle.model.device, threads
+        "torch-fp32",
+        _fp32_visual(bundle.model),
+        torch.float32,
+        bundle.model.device,
+        threads,
+        throughput=throughput,
     )
 
 
@@ -335,32 +386,60 @@ def _half_visual(model, dtype):
     return visual
 
 
-def _make_torch_bf16(bundle, threads, directory):
+def _make_torch_bf16(bundle, threads, directory, *, throughput: bool = False):
     import torch
 
     visual = _half_visual(bundle.model, torch.bfloat16)
-    return TorchImageEncoder("torch-bf16", visual, torch.bfloat16, bundle.model.device, threads)
+    return TorchImageEncoder(
+        "torch-bf16", visual, torch.bfloat16, bundle.model.device, threads, throughput=throughput
+    )
 
 
-def _make_torch_fp16(bundle, threads, directory):
+def _make_torch_fp16(bundle, threads, directory, *, throughput: bool = False):
     import torch
 
     visual = _half_visual(bundle.model, torch.float16)
-    return TorchImageEncoder("torch-fp16", visual, torch.float16, bundle.model.device, threads)
+    return TorchImageEncoder(
+        "torch-fp16", visual, torch.float16, bundle.model.device, threads, throughput=throughput
+    )
 
 
-def _make_torch_int8(bundle, threads, directory):
+def _make_torch_int8(bundle, threads, directory, *, throughput: bool = False):
     import torch
     from torch.ao.quantization import quantize_dynamic
 
     if bundle.model.device.type != "cpu":
         raise BackendError("torch-int8 runs on the CPU only; use torch-fp32 or torch-bf16 on a GPU")
+    tower = _packed_in_projections(_shallow_tower(_fp32_visual(bundle.model)))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.ao.quantization announces its move to torchao
-        visual = quantize_dynamic(
-            _shallow_tower(_fp32_visual(bundle.model)), {torch.nn.Linear}, dtype=torch.qint8, inplace=True
-        )
-    return TorchImageEncoder("torch-int8", visual, torch.float32, torch.device("cpu"), threads)
+        visual = quantize_dynamic(tower, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
+    return TorchImageEncoder(
+        "torch-int8", visual, torch.float32, torch.device("cpu"), threads, throughput=throughput
+    )
+
+
+def _packed_in_projections(tower):
+    """``tower`` (a :func:`_shallow_tower` copy) with each attention's packed q/k/v projection also
+    held as an ``nn.Linear`` sharing its weights, which the attention then uses.
+
+    ``quantize_dynamic`` swaps ``nn.Linear`` modules only, and the projection is a bare parameter
+    (``in_proj_weight``, as in ``nn.MultiheadAttention``): left in fp32 it was a quarter of each
+    block's matrix work, and the int8 tower took 130 instead of 104 ms of CPU per image (ViT-B/32
+    at 256 px, one thread).
+    """
+    import torch
+
+    from clipsearch.model import MultiheadSelfAttention
+
+    for attention in tower.modules():
+        if isinstance(attention, MultiheadSelfAttention):
+            width = attention.in_proj_weight.shape[1]
+            with torch.device("meta"):  # no fp32 copy of the weights: they are set just below
+                packed = torch.nn.Linear(width, 3 * width)
+            packed.weight, packed.bias = attention.in_proj_weight, attention.in_proj_bias
+            attention.in_proj = packed
+    return tower
 
 
 def _shallow_tower(tower):
@@ -412,7 +491,7 @@ def _make_onnx_int8(bundle, threads, directory, *, throughput: bool = False):
     return OnnxImageEncoder("onnx-int8", target, threads, throughput=throughput)
 
 
-Factory = Callable[..., ImageEncoder]  # (bundle, threads, directory) -> ImageEncoder
+Factory = Callable[..., ImageEncoder]  # (bundle, threads, directory, *, throughput=False) -> ImageEncoder
 
 _FACTORIES: dict[str, Factory] = {
     "torch-fp32": _make_torch_fp32,
@@ -704,6 +783,43 @@ def release_memory() -> None:
     trim(0)
 
 
+_M_MMAP_THRESHOLD, _M_ARENA_MAX = -3, -8  # glibc's mallopt parameters (malloc.h)
+HEAP_ARENAS = 2
+HEAP_MMAP_THRESHOLD = 4 << 20
+
+
+def bounded_heap() -> None:
+    """Keep glibc's heap from growing per thread (once per process; glibc only; the user's own
+    ``MALLOC_ARENA_MAX`` / ``MALLOC_MMAP_THRESHOLD_`` win). The indexer calls it before it starts
+    its threads.
+
+    By default glibc gives each new thread that allocates an arena of its own (up to 8 per core),
+    and raises its mmap threshold to the largest block freed so far (up to 32 MB), so that freed
+    activations of a forward pass stay in the heap. A first index run's torch parts, on threads of
+    their own beside four decode threads, raised its peak RSS to 1505-1580 MB that way (ViT-B/32,
+    100 mixed photos; the goal is 1.5 GB); with at most :data:`HEAP_ARENAS` arenas and a fixed
+    :data:`HEAP_MMAP_THRESHOLD` it peaked at 1389-1421 MB, at the same CPU per image within noise
+    (``benchmarks/first_run.md``).
+    """
+    global _heap_bounded
+    if _heap_bounded:
+        return
+    _heap_bounded = True
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # not glibc
+        return
+    if "MALLOC_ARENA_MAX" not in os.environ:
+        mallopt(_M_ARENA_MAX, HEAP_ARENAS)
+    if "MALLOC_MMAP_THRESHOLD_" not in os.environ:
+        mallopt(_M_MMAP_THRESHOLD, HEAP_MMAP_THRESHOLD)
+
+
+_heap_bounded = False
+
+
 def pick(measured, margin: float = TORCH_FREE_MARGIN) -> str:
     """The backend to keep among ``measured`` (:class:`Measurement`): the fastest faithful one, except
     that the fastest faithful ONNX backend is kept over a torch one less than ``margin`` faster (an
@@ -794,8 +910,8 @@ def make_image_encoder(
     ``settle=True`` (the indexer's choice): an ``auto`` with no verdict yet for this model measures
     nothing up front and returns a :class:`SettlingEncoder` instead, which settles on the caller's
     first batch among the quick backends. ``throughput=True`` (the indexer's choice too): the caller
-    sends large batches, so an ONNX backend runs parts of each batch side by side, one thread each
-    (:class:`OnnxImageEncoder`), instead of spreading each operator over the cores.
+    sends large batches, so a CPU backend runs parts of each batch side by side, one thread each
+    (:meth:`ImageEncoder._split_batches`), instead of spreading each operator over the cores.
 
     ``backend``: ``auto`` (the fastest backend measured faithful on this machine: cosine >= 0.995 to
     fp32), or one of :data:`BACKENDS` (or :data:`GPU_BACKENDS`) by name to force it. ``threads``:
@@ -809,14 +925,11 @@ def make_image_encoder(
     table = {**_all_backends(), **(candidates or {})}
 
     def build(name: str) -> ImageEncoder:
-        factory = table[name]
-        if throughput and factory in (_make_onnx_fp32, _make_onnx_int8):
-            return factory(bundle, threads, directory, throughput=True)
-        return factory(bundle, threads, directory)
+        return table[name](bundle, threads, directory, throughput=throughput)
 
     if backend == "auto":
         if settle and candidates is None and needs_measuring(bundle, threads=threads):
-            return SettlingEncoder(bundle, threads)
+            return SettlingEncoder(bundle, threads, throughput=throughput)
         name, results = choose_backend(bundle, threads=threads, candidates=candidates)
         # The chosen one first, then the other faithful ones by speed: a cached verdict can outlive
         # what it measured (an export deleted, a runtime broken since), and auto must still give one.
@@ -889,12 +1002,20 @@ class SettlingEncoder(ImageEncoder):
     until its verdict exists, every index run settles this way again.
     """
 
-    def __init__(self, bundle, threads: int | None = None, candidates: list[str] | None = None):
+    def __init__(
+        self,
+        bundle,
+        threads: int | None = None,
+        candidates: list[str] | None = None,
+        *,
+        throughput: bool = False,
+    ):
         if candidates is None:
             candidates = [n for n in default_candidates(bundle) if n != "torch-fp32" and is_quick(n)]
         self._bundle = bundle
         self._threads = threads
-        self._encoder = _make_torch_fp32(bundle, threads, None)
+        self._throughput = throughput
+        self._encoder = _make_torch_fp32(bundle, threads, None, throughput=throughput)
         self._pending = list(candidates)
         self.name = self._encoder.name
         self.measurements: dict[str, Measurement] = {}
@@ -911,7 +1032,9 @@ class SettlingEncoder(ImageEncoder):
         best = (speed, self._encoder, None)  # (images/s, encoder, its features of the whole batch)
         for name in self._pending:
             try:
-                encoder = _all_backends()[name](self._bundle, self._threads, None)
+                encoder = _all_backends()[name](
+                    self._bundle, self._threads, None, throughput=self._throughput
+                )
                 start = time.perf_counter()
                 features = encoder(batch)  # [B, D]
                 took = time.perf_counter() - start

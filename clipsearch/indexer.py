@@ -449,6 +449,9 @@ class _Run:
         self.emit({"event": "backend", "name": self.encoder.name if self.encoder else "model"})
 
     def _pipeline(self, jobs: list[_Job]) -> None:
+        from clipsearch.backends import bounded_heap
+
+        bounded_heap()  # before the decode threads start: each would otherwise grow an arena of its own
         window = 2 * self.batch_size + self.workers  # bounded: files in flight at most
         pending: deque[Future] = deque()
         todo = iter(jobs)

@@ -197,7 +197,11 @@ class MultiheadSelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         B, L, D = x.shape
         h = self.num_heads
-        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # [B, L, 3D]
+        packed = self._modules.get("in_proj")  # an int8 copy's quantised projection (clipsearch.backends)
+        if packed is not None:
+            qkv = packed(x)  # [B, L, 3D]
+        else:
+            qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # [B, L, 3D]
         qkv = qkv.view(B, L, 3, h, D // h).permute(2, 0, 3, 1, 4)  # [3, B, h, L, D/h]
         q, k, v = qkv.unbind(0)
         if attn_mask is not None and attn_mask.dtype != torch.bool:

@@ -1,7 +1,10 @@
 """Every inference backend gives the fp32 features of the same weights; auto never picks an unfaithful one."""
 
+import ctypes
 import json
+import os
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -60,26 +63,74 @@ def test_encoders_accept_numpy_and_any_batch_size(tiny, images):
     assert make_image_encoder(tiny, "torch-fp32")(images.numpy()).shape == (6, 32)
 
 
-@pytest.mark.parametrize("name", ["onnx-fp32", "onnx-int8"])
+@pytest.mark.parametrize("name", ["onnx-fp32", "onnx-int8", "torch-fp32", "torch-int8"])
 def test_throughput_mode_runs_parts_side_by_side_with_the_same_features(tiny, images, name):
-    # The indexer's ONNX encoder cuts a batch into one part per core, each on its own single-threaded
+    # The indexer's CPU encoder cuts a batch into one part per core, each on its own single-threaded
     # run; the rows must come back in order and as faithful as the one-run encoder's.
+    torch_threads = torch.get_num_threads()
     encoder = make_image_encoder(tiny, name, threads=3, throughput=True)
     assert encoder.name == name and encoder._parts == 3
-    assert encoder._session.get_session_options().intra_op_num_threads == 1
+    if name.startswith("onnx-"):
+        assert encoder._session.get_session_options().intra_op_num_threads == 1
     ref = _reference(tiny, images)
     for b in (1, 2, 5, 6):  # fewer rows than parts, uneven parts, even parts
         out = encoder(images[:b].numpy())
         assert out.dtype == np.float32 and out.shape == (b, 32)
         cos = backends.cosine_rows(out, ref[:b])
         assert cos.min() >= MIN_COSINE, (name, b, cos)
-        if name == "onnx-fp32":
+        if name.endswith("fp32"):
             np.testing.assert_allclose(out, ref[:b], rtol=1e-4, atol=1e-5)
+    if name.startswith("torch-"):
+        # each part ran single-threaded on its own thread; the caller's threads were left as they were
+        counts = set(encoder._pool.map(lambda _: torch.get_num_threads(), range(6)))
+        assert counts == {1} and torch.get_num_threads() == 3
+        torch.set_num_threads(torch_threads)
+        return
     # a query's encoder (the default) spreads each operator over the cores instead
     default = make_image_encoder(tiny, name, threads=3)
     assert default._parts == 1 and default._session.get_session_options().intra_op_num_threads == 3
-    # a torch backend has no parts: the flag changes nothing there
-    assert make_image_encoder(tiny, "torch-fp32", throughput=True)(images.numpy()).shape == (6, 32)
+    torch.set_num_threads(torch_threads)
+
+
+def test_a_thread_started_after_a_split_batch_keeps_the_process_thread_count(tiny, images):
+    import threading
+
+    before = torch.get_num_threads()
+    encoder = make_image_encoder(tiny, "torch-fp32", throughput=True)
+    assert encoder._parts == (os.cpu_count() or 1)
+    encoder(images.numpy())
+    seen = []
+    later = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+    later.start()
+    later.join()
+    assert seen == [before] and torch.get_num_threads() == before
+
+
+def test_torch_int8_quantises_the_attention_projections_and_leaves_the_model_as_it_was(tiny, images):
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
+
+    from clipsearch.model import MultiheadSelfAttention
+
+    before = {k: v.clone() for k, v in tiny.model.state_dict().items()}
+    encoder = make_image_encoder(tiny, "torch-int8")
+    attentions = [m for m in encoder._module.modules() if isinstance(m, MultiheadSelfAttention)]
+    assert attentions and all(isinstance(m.in_proj, DynamicInt8Linear) for m in attentions)
+    assert all(isinstance(m.out_proj, DynamicInt8Linear) for m in attentions)
+    # the int8 projections are really used: garbling the fp32 copies does not move the int8 features
+    out = encoder(images.numpy())
+    with torch.no_grad():
+        for m in attentions:
+            m.in_proj_weight.add_(1.0)  # the model's own parameter, shared with the int8 copy's
+        try:
+            np.testing.assert_array_equal(encoder(images.numpy()), out)
+        finally:
+            for m in attentions:
+                m.in_proj_weight.sub_(1.0)
+    assert not any(isinstance(m, DynamicInt8Linear) for m in tiny.model.modules())
+    assert not any("in_proj" in m._modules for m in tiny.model.modules())
+    for key, value in tiny.model.state_dict().items():
+        torch.testing.assert_close(value, before[key], rtol=0, atol=1e-6)
+    assert backends.cosine_rows(out, _reference(tiny, images)).min() >= MIN_COSINE
 
 
 def test_int8_graph_keeps_the_patch_conv_in_float_and_replaces_the_old_one(tiny, tmp_path):
@@ -139,7 +190,7 @@ class _Slow(ImageEncoder):
 
 def test_auto_excludes_a_fast_backend_below_the_fidelity_threshold():
     bundle = _bundle("tiny-vit", "test/auto-bad")
-    candidates = {"noisy": lambda b, t, d: _Noisy(b, 0.5), "slow-exact": lambda b, t, d: _Slow(b)}
+    candidates = {"noisy": lambda b, t, d, **kw: _Noisy(b, 0.5), "slow-exact": lambda b, t, d, **kw: _Slow(b)}
     name, results = backends.choose_backend(bundle, candidates=candidates)
     assert (
         results["noisy"].cosine < MIN_COSINE
@@ -154,7 +205,7 @@ def test_auto_excludes_a_fast_backend_below_the_fidelity_threshold():
 
 def test_auto_picks_the_fastest_faithful_backend_and_caches_the_verdict():
     bundle = _bundle("tiny-vit", "test/auto-good")
-    candidates = {"close": lambda b, t, d: _Noisy(b, 1e-4)}
+    candidates = {"close": lambda b, t, d, **kw: _Noisy(b, 1e-4)}
     name, results = backends.choose_backend(bundle, candidates=candidates)
     assert results["close"].cosine >= MIN_COSINE and name == "close"
     verdict = json.loads((backends.cache_dir("test/auto-good") / backends.VERDICT_FILE).read_text())
@@ -381,3 +432,73 @@ def test_openmp_threads_sleep_unless_the_user_chose_or_torch_is_loaded(given, to
     )
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == str(expected)
+
+
+_HEAP_PROBE = """
+import ctypes, sys, threading
+from clipsearch.backends import bounded_heap
+if sys.argv[1] == "bounded":
+    bounded_heap()
+    bounded_heap()  # once per process: a second call changes nothing
+
+
+def rss_mb():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS"):
+            return int(line.split()[1]) // 1024
+
+
+big = bytearray(16 << 20)
+del big  # freed from mmap: by default glibc now keeps blocks up to 16 MB in the heap
+before = rss_mb()
+block = bytearray(8 << 20)
+del block
+kept = rss_mb() - before
+libc = ctypes.CDLL(None)
+libc.malloc.restype = ctypes.c_void_p
+together = threading.Barrier(6)
+held = []
+
+
+def allocate():
+    together.wait()
+    held.append(libc.malloc(1000))
+    together.wait()  # all alive at once: an exited thread's arena would go to the next one
+
+
+threads = [threading.Thread(target=allocate) for _ in range(6)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+print(kept, flush=True)
+libc.malloc_stats()  # one "Arena N:" section per arena, on stderr
+"""
+
+
+@pytest.mark.skipif(
+    not Path("/proc/self/status").exists() or not hasattr(ctypes.CDLL(None), "malloc_stats"),
+    reason="glibc on Linux only",
+)
+@pytest.mark.parametrize(
+    "mode, env, kept_mb, arenas",
+    [
+        ("default", {}, 8, 7),  # glibc's own behaviour: the probe can tell the two apart
+        ("bounded", {}, 0, backends.HEAP_ARENAS),
+        ("bounded", {"MALLOC_ARENA_MAX": "4"}, 0, 4),  # the user's own setting wins
+    ],
+)
+def test_bounded_heap_returns_freed_blocks_and_shares_arenas(mode, env, kept_mb, arenas):
+    import subprocess
+    import sys
+
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    done = subprocess.run(
+        [sys.executable, "-c", _HEAP_PROBE, mode],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**clean, **env},
+    )
+    assert int(done.stdout) == kept_mb
+    assert done.stderr.count("Arena ") == arenas

@@ -76,8 +76,8 @@ def _counting_fp32(monkeypatch, bundle):
     seen = []
     make = backends._make_torch_fp32
 
-    def counting(*args):
-        encoder = make(*args)
+    def counting(*args, **kwargs):
+        encoder = make(*args, **kwargs)
         run = encoder.__call__
 
         class Counted(ImageEncoder):
@@ -97,7 +97,7 @@ def test_first_batch_checks_the_quick_backend_on_a_sample_and_keeps_its_features
     bundle = _bundle("test/settle-encoder")
     batch = _batch(bundle, n=20)
     close = _Close(bundle)
-    monkeypatch.setitem(backends.BACKENDS, "torch-int8", lambda *a: close)
+    monkeypatch.setitem(backends.BACKENDS, "torch-int8", lambda *a, **kw: close)
     seen = _counting_fp32(monkeypatch, bundle)
     encoder = SettlingEncoder(bundle)
     assert encoder.name == "torch-fp32"
@@ -129,10 +129,10 @@ def test_the_real_int8_backend_settles_faithfully_on_a_first_batch():
 def test_an_unfaithful_or_broken_quick_backend_is_never_taken(monkeypatch):
     bundle = _bundle("test/settle-unfaithful")
 
-    def broken(*args):
+    def broken(*args, **kwargs):
         raise RuntimeError("cannot build here (made to fail by the test)")
 
-    monkeypatch.setitem(backends.BACKENDS, "torch-int8", lambda *a: _Noise(bundle.config["embed_dim"]))
+    monkeypatch.setitem(backends.BACKENDS, "torch-int8", lambda *a, **kw: _Noise(bundle.config["embed_dim"]))
     monkeypatch.setitem(backends.BACKENDS, "torch-bf16", broken)
     seen = _counting_fp32(monkeypatch, bundle)
     encoder = SettlingEncoder(bundle, candidates=["torch-int8", "torch-bf16"])
