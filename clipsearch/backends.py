@@ -52,8 +52,9 @@ log = logging.getLogger(__name__)
 MIN_COSINE = 0.995  # the fidelity every fast path must keep against torch-fp32, on every image
 VERDICT_FILE = "verdict.json"
 _VERDICT_VERSION = (
-    6  # 2: device in the environment; 3: ONNX sessions do not spin; 4: int8 export; 5: read without torch;
-    # 6: the int8 graph keeps its patch Conv in float (a new file, measured again)
+    7  # 2: device in the environment; 3: ONNX sessions do not spin; 4: int8 export; 5: read without torch;
+    # 6: the int8 graph keeps its patch Conv in float (a new file, measured again); 7: the exports'
+    # last block computes the class token alone (new files, measured again)
 )
 # A process that embeds with ONNX Runtime never imports PyTorch (seconds on a small CPU) nor holds the
 # torch model; so ONNX is kept unless a torch backend is more than this much faster per image.
@@ -64,8 +65,12 @@ TORCH_FREE_MARGIN = 0.15
 # Only the MatMuls are quantised: ONNX Runtime's ConvInteger kernel for the patch embedding is slower
 # than its float Conv (benchmarks/int8_graph.py), and the float patch embedding is also more faithful.
 _INT8_OPTIONS = {"per_channel": True, "reduce_range": True, "op_types_to_quantize": ["MatMul"]}
-_INT8_FILE = "image-int8-mm.onnx"  # a new name: an int8 file made with other options is not reused
-_OLD_INT8_FILES = ("image-int8.onnx", "image-int8-pc7.onnx")  # deleted once the new one exists
+# New names whenever what the files hold changes: an older export or int8 file is not reused, and
+# is deleted once its successor exists (~350 and ~90 MB for ViT-B/32, never read again).
+_FP32_FILE = "image-fp32-c1.onnx"  # c1: the last block computes the class token alone
+_OLD_FP32_FILES = ("image-fp32.onnx",)
+_INT8_FILE = "image-int8-mm-c1.onnx"  # MatMuls only, from the c1 export
+_OLD_INT8_FILES = ("image-int8.onnx", "image-int8-pc7.onnx", "image-int8-mm.onnx")
 _CALIBRATION_IMAGES = 8  # enough images to see a bad backend, few enough to measure in seconds
 _ONNX_OPSET = 17
 
@@ -453,9 +458,9 @@ def _shallow_tower(tower):
 
 
 def image_onnx_path(bundle, directory: Path | None = None) -> Path:
-    """Export the image tower to ``<cache>/image-fp32.onnx`` unless it is there; returns its path."""
+    """Export the image tower to ``<cache>/`` :data:`_FP32_FILE` unless it is there; returns its path."""
     directory = Path(directory or cache_dir(bundle.model_id))
-    target = directory / "image-fp32.onnx"
+    target = directory / _FP32_FILE
     if not target.is_file():
         import torch
 
@@ -472,6 +477,8 @@ def image_onnx_path(bundle, directory: Path | None = None) -> Path:
             ["features"],
             {"image": {0: "batch"}, "features": {0: "batch"}},
         )
+        for old in _OLD_FP32_FILES:
+            (directory / old).unlink(missing_ok=True)
     return target
 
 
@@ -486,7 +493,7 @@ def _make_onnx_int8(bundle, threads, directory, *, throughput: bool = False):
         from clipsearch.quantise import quantise
 
         quantise(image_onnx_path(bundle, directory), target, _INT8_OPTIONS)  # in a torch-free child
-        for old in _OLD_INT8_FILES:  # what earlier versions quantised: ~90 MB each, never read again
+        for old in _OLD_INT8_FILES:
             (directory / old).unlink(missing_ok=True)
     return OnnxImageEncoder("onnx-int8", target, threads, throughput=throughput)
 

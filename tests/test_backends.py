@@ -136,13 +136,16 @@ def test_torch_int8_quantises_the_attention_projections_and_leaves_the_model_as_
 def test_int8_graph_keeps_the_patch_conv_in_float_and_replaces_the_old_one(tiny, tmp_path):
     import onnx
 
-    old = tmp_path / "image-int8-pc7.onnx"  # what the last version quantised (Conv included)
+    old = tmp_path / "image-int8-pc7.onnx"  # what an earlier version quantised (Conv included)
     old.write_bytes(b"an old int8 graph")
+    old_export = tmp_path / "image-fp32.onnx"  # the export before the class-token-only last block
+    old_export.write_bytes(b"an old export")
     encoder = backends._make_onnx_int8(tiny, 1, tmp_path)
     ops = {node.op_type for node in onnx.load(str(encoder.path)).graph.node}
     assert "ConvInteger" not in ops and "Conv" in ops  # ORT's ConvInteger is the slow one
     assert "DynamicQuantizeLinear" in ops or "DynamicQuantizeMatMul" in ops  # the MatMuls are int8
     assert not old.exists() and encoder.path.name != old.name
+    assert not old_export.exists() and backends.image_onnx_path(tiny, tmp_path).name != old_export.name
 
 
 def test_export_is_cached_by_model_id(tiny):

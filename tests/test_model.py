@@ -20,6 +20,7 @@ from clipsearch.model import (
     Bottleneck,
     LayerNorm,
     ModifiedResNet,
+    MultiheadSelfAttention,
     QuickGELU,
     VisionTransformer,
     build_model,
@@ -261,6 +262,53 @@ def test_eot_cut_gives_the_uncut_features(name):
         _assert_close_rows(full[i : i + 1], alone, cos_min=0.999999, rel=1e-5)
     del model
     gc.collect()
+
+
+def _last_block_rows(model: CLIP, images: torch.Tensor, class_token_only: bool):
+    """(image features, the rows the last ViT block's MLP computed, grads of every image-tower weight)."""
+    rows = []
+    handle = model.visual.transformer.resblocks[-1].mlp.register_forward_pre_hook(
+        lambda m, args: rows.append(args[0].shape[1])
+    )
+    model.visual._class_token_only = class_token_only
+    try:
+        model.zero_grad()
+        feats = model.encode_image(images)
+        feats.square().sum().backward()
+    finally:
+        model.visual._class_token_only = True
+        handle.remove()
+    grads = {n: p.grad.clone() for n, p in model.visual.named_parameters()}
+    return feats.detach(), rows[0], grads
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_class_token_only_last_block_gives_the_full_features_and_gradients(checkpointing):
+    torch.manual_seed(9)
+    model = build_model(get_config("tiny-vit"))
+    _roughen(model)
+    model.set_grad_checkpointing(checkpointing)
+    images = torch.randn(3, 3, 64, 64)
+    cut, cut_rows, cut_grads = _last_block_rows(model, images, class_token_only=True)
+    full, full_rows, full_grads = _last_block_rows(model, images, class_token_only=False)
+    assert (cut_rows, full_rows) == (1, (64 // 16) ** 2 + 1)  # the saving is real
+    _assert_close_rows(full, cut, cos_min=0.999999, rel=1e-5)
+    assert cut_grads.keys() == full_grads.keys()
+    for name, grad in full_grads.items():  # training sees the same gradients, every weight included
+        torch.testing.assert_close(cut_grads[name], grad, atol=1e-6, rtol=1e-4, msg=name)
+
+
+def test_first_only_attention_is_the_first_row_of_the_full_attention_with_a_mask():
+    # the text tower never asks for it, but the mask path must still be right: row 0 of the mask
+    torch.manual_seed(3)
+    attention = MultiheadSelfAttention(32, 4)
+    x = torch.randn(2, 7, 32)
+    mask = torch.full((7, 7), float("-inf")).triu_(1)
+    with torch.no_grad():
+        full = attention(x, attn_mask=mask)
+        first = attention(x, attn_mask=mask, first_only=True)
+    assert first.shape == (2, 1, 32)
+    torch.testing.assert_close(first, full[:, :1], atol=1e-6, rtol=1e-5)
 
 
 def test_eot_cut_shortens_only_to_the_batch_maximum():
