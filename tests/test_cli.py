@@ -665,3 +665,43 @@ def test_label_prints_long_paths_whole_in_a_narrow_terminal(tmp_path, model_dir)
     start = lines[0].index("path")
     assert all(line[start:].startswith(str(deep.resolve())) for line in rows)
     assert lines[0].split() == ["label", "score", "others", "path"]
+
+
+_LEAVE = """
+import atexit, sys
+if sys.argv[1] == "torch":
+    import torch
+from clipsearch.cli import _leave
+
+
+class Teardown:
+    def __del__(self):
+        print("teardown ran", file=sys.stderr)
+
+
+keep = Teardown()  # a module global: only the interpreter's own teardown finalises it
+atexit.register(lambda: print("atexit ran", file=sys.stderr))
+print("no newline yet", end="")  # still buffered: must reach the reader all the same
+_leave(int(sys.argv[2]) if sys.argv[2].isdigit() else sys.argv[2])
+"""
+
+
+@pytest.mark.parametrize(
+    "torch_loaded, code, rc, message",
+    [(True, "0", 0, ""), (True, "3", 3, ""), (True, "bad things", 1, "bad things"), (False, "3", 3, "")],
+)
+def test_leaving_after_torch_skips_only_the_interpreters_teardown(torch_loaded, code, rc, message):
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", _LEAVE, "torch" if torch_loaded else "plain", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == rc
+    assert done.stdout == "no newline yet"
+    assert "atexit ran" in done.stderr and message in done.stderr
+    # the shortcut is taken only where torch is loaded (its teardown is what costs ~0.7 s)
+    assert ("teardown ran" in done.stderr) is not torch_loaded
