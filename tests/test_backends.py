@@ -484,14 +484,14 @@ libc.malloc_stats()  # one "Arena N:" section per arena, on stderr
     reason="glibc on Linux only",
 )
 @pytest.mark.parametrize(
-    "mode, env, kept_mb, arenas",
+    "mode, env, kept, arenas",
     [
-        ("default", {}, 8, 7),  # glibc's own behaviour: the probe can tell the two apart
-        ("bounded", {}, 0, backends.HEAP_ARENAS),
-        ("bounded", {"MALLOC_ARENA_MAX": "4"}, 0, 4),  # the user's own setting wins
+        ("default", {}, True, 7),  # glibc's own behaviour: the probe can tell the two apart
+        ("bounded", {}, False, backends.HEAP_ARENAS),
+        ("bounded", {"MALLOC_ARENA_MAX": "4"}, False, 4),  # the user's own setting wins
     ],
 )
-def test_bounded_heap_returns_freed_blocks_and_shares_arenas(mode, env, kept_mb, arenas):
+def test_bounded_heap_returns_freed_blocks_and_shares_arenas(mode, env, kept, arenas):
     import subprocess
     import sys
 
@@ -503,5 +503,6 @@ def test_bounded_heap_returns_freed_blocks_and_shares_arenas(mode, env, kept_mb,
         check=True,
         env={**clean, **env},
     )
-    assert int(done.stdout) == kept_mb
+    kept_mb = int(done.stdout)  # of the 8 MB block freed (whole MB, so +-1)
+    assert kept_mb >= 6 if kept else kept_mb <= 1, kept_mb
     assert done.stderr.count("Arena ") == arenas
