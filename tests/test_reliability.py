@@ -282,7 +282,10 @@ def _train_main(argv, capsys):
     return Result
 
 
-def test_every_clipsearch_train_subcommand_with_bad_arguments_fails_in_one_line(tmp_path, capsys):
+def test_every_clipsearch_train_subcommand_with_bad_arguments_fails_in_one_line(
+    tmp_path, capsys, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)  # the default --output (runs/clip) is relative: not the checkout's own
     missing = tmp_path / "nope"
     write_photo(tmp_path / "zs" / "red" / "a.png", 1)
     calls = [
