@@ -793,6 +793,7 @@ def release_memory() -> None:
 _M_MMAP_THRESHOLD, _M_ARENA_MAX = -3, -8  # glibc's mallopt parameters (malloc.h)
 HEAP_ARENAS = 2
 HEAP_MMAP_THRESHOLD = 4 << 20
+_heap_bounded = False  # bounded_heap() ran in this process
 
 
 def bounded_heap() -> None:
@@ -822,9 +823,6 @@ def bounded_heap() -> None:
         mallopt(_M_ARENA_MAX, HEAP_ARENAS)
     if "MALLOC_MMAP_THRESHOLD_" not in os.environ:
         mallopt(_M_MMAP_THRESHOLD, HEAP_MMAP_THRESHOLD)
-
-
-_heap_bounded = False
 
 
 def pick(measured, margin: float = TORCH_FREE_MARGIN) -> str:
