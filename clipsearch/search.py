@@ -202,7 +202,7 @@ def _rank(
 
     if top < 1:
         raise QueryError(f"--top must be at least 1, got {top}")
-    _check_model(library, encoder)
+    check_model(library, encoder)
     query.check()
     if index is None:
         with ThreadPoolExecutor(1) as pool:  # open (or bring in step) the FAISS index meanwhile
@@ -214,7 +214,9 @@ def _rank(
     return search_vector(library, index, q, top, threshold, filters), q
 
 
-def _check_model(library, encoder) -> None:
+def check_model(library, encoder) -> None:
+    """Raise :class:`LibraryError` naming the model as the user gave it, and the library's own models,
+    unless the library holds embeddings of ``encoder.model_id``."""
     if encoder.model_id not in library.model_ids():
         from clipsearch.encoders import ModelEncoder
 

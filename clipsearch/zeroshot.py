@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from clipsearch.errors import ClipsearchError, LibraryError
+from clipsearch.errors import ClipsearchError
 
 if TYPE_CHECKING:
     from clipsearch.encoders import QueryEncoder
@@ -274,9 +274,10 @@ def label_images(
         raise LabelError(f"top-k must be at least 1, got {top_k}")
     if threshold is not None and not 0.0 <= threshold <= 1.0:
         raise LabelError(f"threshold is a probability between 0 and 1, got {threshold}")
+    from clipsearch.search import check_model
+
+    check_model(library, encoder)
     model_id = encoder.model_id
-    if model_id not in library.model_ids():
-        raise LibraryError(f"the library has no embeddings of model {model_id!r}: index with it first")
     allowed = filters.allowed_ids(library) if filters is not None else None
     if allowed is None:
         ids, paths, vectors = library.embeddings(model_id, under=under)

@@ -613,10 +613,11 @@ def test_a_model_the_library_lacks_is_named_by_its_folder(indexed, tmp_path, mod
     """--model with a model the library was never indexed with: one line naming both folders."""
     db, folder, photos, report = indexed
     other = make_tiny_model(tmp_path / "other-model", seed=1)
-    out = run_cli("--db", str(db), "query", "a boat", "--model", str(other))
-    assert out.returncode == 1, out.stderr
-    assert f"no embeddings of model {other.resolve()} (it has: {Path(model_dir).resolve()})" in out.stderr
-    assert "file:" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
+    for command in (["query", "a boat"], ["label", "--classes", "boat,car"]):
+        out = run_cli("--db", str(db), *command, "--model", str(other))
+        assert out.returncode == 1, (command, out.stderr)
+        assert f"no embeddings of model {other.resolve()} (it has: {Path(model_dir).resolve()})" in out.stderr
+        assert "file:" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
 
 
 def test_human_output_names_the_model_by_its_folder_not_its_id(indexed, tmp_path, model_dir):

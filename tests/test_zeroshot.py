@@ -190,7 +190,9 @@ def test_multi_label_keeps_every_class_that_beats_the_background(tmp_path, bundl
 
 def test_label_images_errors(tmp_path, bundle):
     lib = Library.open(tmp_path / "lib.db", create=True)
-    with pytest.raises(LibraryError, match="index with it first"):
+    with pytest.raises(
+        LibraryError, match=r"no embeddings of model .* \(it has: none\): index with that model"
+    ):
         zeroshot.label_images(lib, ModelEncoder(bundle), CLASSES, templates=TEMPLATES)
     with pytest.raises(zeroshot.LabelError, match="top-k"):
         zeroshot.label_images(lib, ModelEncoder(bundle), CLASSES, top_k=0)
