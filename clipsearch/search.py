@@ -388,6 +388,9 @@ class Searcher:
     def _load_for_query(self, source: str, library) -> object:
         if not self.allow_model:
             raise QueryError("this query needs the model, which is not loaded here")
+        held = self._bundle  # read without its lock: a loading thread holds that for seconds
+        if self.warm and (held is None or held[0] != source):
+            raise _ModelNeeded(source)  # run() loads it without holding the searcher's lock
         return self.model(source)
 
     def _text_encoder(self, model_id: str):
@@ -464,19 +467,28 @@ class Searcher:
             hits = daemon_client.ask(self.library_path, query, top, filters, threshold, index_kind)
             if hits is not None:
                 return Answer([Hit(*h) for h in hits], encoders.DAEMON)
-        with self.lock:
-            library = self.library()
-            encoder = encoders.choose(
-                library,
-                query,
-                model=model,
-                load_model=self._load_for_query,
-                torch_free=self.torch_free,
-                text_encoder=self._text_encoder,
-                image_export=self._image_export,
-            )
-            index = self.index(encoder.model_id, index_kind) if self.warm else None
-            hits, q = _rank(library, encoder, query, top, filters, threshold, index_kind, index)
+        for _ in range(_MODEL_LOAD_TRIES):
+            try:
+                with self.lock:
+                    library = self.library()
+                    encoder = encoders.choose(
+                        library,
+                        query,
+                        model=model,
+                        load_model=self._load_for_query,
+                        torch_free=self.torch_free,
+                        text_encoder=self._text_encoder,
+                        image_export=self._image_export,
+                    )
+                    index = self.index(encoder.model_id, index_kind) if self.warm else None
+                    hits, q = _rank(library, encoder, query, top, filters, threshold, index_kind, index)
+                break
+            except _ModelNeeded as needed:
+                # A warm searcher (the web's) loads a model for seconds: not under the lock every
+                # search takes, so texts and indexed photos are answered meanwhile; then again.
+                self.model(needed.source)
+        else:
+            raise QueryError("the model was replaced by another query's while loading; try again")
         if isinstance(encoder, encoders.ModelEncoder) and model is None:
             encoder.export_text()  # so the next text query can skip torch
         return Answer(hits, encoder.name, q)
@@ -532,6 +544,18 @@ class Searcher:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+_MODEL_LOAD_TRIES = 3  # another query may swap the warm searcher's one model between two tries
+
+
+class _ModelNeeded(Exception):
+    """Raised inside :meth:`Searcher.run`'s lock when the query needs a model the warm searcher
+    does not hold yet; ``run`` loads it outside the lock and tries again."""
+
+    def __init__(self, source: str):
+        super().__init__(source)
+        self.source = source
 
 
 def _file_identity(path: Path):

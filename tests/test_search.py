@@ -161,3 +161,52 @@ def test_a_warm_searcher_builds_an_image_export_once(monkeypatch, tmp_path):
     cold._image_export(bundle, "onnx-fp32")
     cold._image_export(bundle, "onnx-fp32")
     assert built == ["onnx-fp32", "onnx-int8", "onnx-fp32", "onnx-fp32"]
+
+
+def test_a_warm_searcher_loads_a_model_without_holding_up_other_searches(setup):
+    """The web's searcher is warm and shared: a query that needs the model (an uploaded picture,
+    --model) loads it for seconds, and searches by indexed photos or texts must not wait for that."""
+    import threading
+
+    from clipsearch.search import Searcher
+
+    lib, bundle, photos = setup
+    source = lib.model_source(lib.default_model_id())
+    loading, release = threading.Event(), threading.Event()
+    loads = []
+
+    def slow_load(src, library):
+        loads.append(src)
+        loading.set()
+        assert release.wait(60), "the test never let the load finish"
+        return bundle
+
+    searcher = Searcher(photos / "lib.db", warm=True, ask_daemon=False, load_model=slow_load)
+    needs_model = {}
+    upload = threading.Thread(
+        target=lambda: needs_model.update(
+            answer=searcher.run(Query.build(image=photos / "p2.jpg"), top=3, model=source)
+        )
+    )
+    upload.start()
+    try:
+        assert loading.wait(60)
+        (other_id,) = lib.image_ids_under(photos / "p4.jpg")
+        done = threading.Event()
+        meanwhile = {}
+
+        def search_by_photo():
+            meanwhile["answer"] = searcher.run(Query([QueryPart.indexed(other_id)]), top=3)
+            done.set()
+
+        threading.Thread(target=search_by_photo, daemon=True).start()
+        assert done.wait(30), "a search by an indexed photo waited for the model to load"
+        assert meanwhile["answer"].hits[0].image_id == other_id
+    finally:
+        release.set()
+        upload.join(60)
+    assert needs_model["answer"].hits[0].path == photos / "p2.jpg"
+    assert loads == [source]  # loaded once, outside the lock, then used
+    searcher.run(Query.build(image=photos / "p3.jpg"), top=1, model=source)
+    assert loads == [source]  # kept warm
+    searcher.close()
