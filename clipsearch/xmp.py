@@ -1,7 +1,9 @@
 """Labels as keywords in XMP sidecars, where photo managers read them, losing nothing of what is there.
 
 Convention: the sidecar of ``photo.jpg`` is ``photo.jpg.xmp`` (darktable's and digiKam's default;
-unlike ``photo.xmp`` it cannot clash between ``photo.jpg`` and ``photo.raw`` in one folder).
+unlike ``photo.xmp`` it cannot clash between ``photo.jpg`` and ``photo.raw`` in one folder). Where
+Lightroom, Capture One or ACDSee already keep ``photo.xmp`` for a photo (and no ``photo.jpg.xmp``
+exists), that file is edited instead: see :func:`sidecar_path`.
 Keywords go into ``dc:subject`` (every XMP reader: digiKam, darktable, Lightroom, Immich, exiftool's
 ``Subject``) and into ``lr:hierarchicalSubject`` (where darktable, digiKam and Lightroom keep their
 tag trees, exiftool's ``HierarchicalSubject``), as top-level tags.
@@ -65,9 +67,42 @@ class XmpError(ClipsearchError):
 
 
 def sidecar_path(image: str | Path) -> Path:
-    """``photo.jpg`` -> ``photo.jpg.xmp``."""
+    """The sidecar ``image``'s keywords go to: ``photo.cr3`` -> ``photo.cr3.xmp`` (darktable, digiKam;
+    made when there is none), unless there is no such file but a ``photo.xmp`` (Lightroom, Capture
+    One, ACDSee) that is this photo's: then that one, so the labels show in the program that keeps it,
+    and the dates and places it holds are not hidden behind a new sidecar (``clipsearch.metadata``
+    reads the first of the two it finds).
+
+    ``photo.xmp`` is this photo's when no other file of the folder shares the stem, or, as Lightroom
+    pairs them, when this photo is the one RAW file among those that do (``photo.cr3`` beside
+    ``photo.jpg``: the RAW's; the JPEG gets ``photo.jpg.xmp``).
+    """
+    from clipsearch.metadata import sidecar_candidates
+
     image = Path(image)
-    return image.with_name(image.name + ".xmp")
+    full, by_stem = sidecar_candidates(image)
+    if by_stem == full or os.path.lexists(full) or not os.path.lexists(by_stem):
+        return full
+    return by_stem if _owns_stem_sidecar(image) else full
+
+
+def _owns_stem_sidecar(image: Path) -> bool:
+    import glob
+
+    from clipsearch.raw import RAW_EXTENSIONS
+
+    try:
+        others = [
+            p
+            for p in image.parent.glob(glob.escape(image.stem) + ".*")
+            if p.name != image.name and p.suffix.lower() != ".xmp" and p.stem == image.stem
+        ]
+    except OSError:  # an unreadable folder: the sidecar clipsearch names itself
+        return False
+    if not others:
+        return True
+    is_raw = image.suffix.lower() in RAW_EXTENSIONS
+    return is_raw and not any(p.suffix.lower() in RAW_EXTENSIONS for p in others)
 
 
 # --- where things are in the file -------------------------------------------------------------------

@@ -224,3 +224,76 @@ def test_label_write_xmp_writes_only_labels_sure_enough(tmp_path, tmp_path_facto
     result = invoke("label", "--classes", classes, "--threshold", "0", "--write-xmp", "--json", db=db)
     for row in json.loads(result.stdout):
         assert row["xmp"]["keywords"] == [row["label"]] and sidecar_keywords(row["path"]) == [row["label"]]
+
+
+# A sidecar in the layout Lightroom Classic writes beside a RAW file (``photo.xmp``, attributes on
+# one rdf:Description, develop settings in crs:), written here by hand.
+LIGHTROOM_SIDECAR = """<x:xmpmeta xmlns:x="adobe:ns:meta/" x:xmptk="Adobe XMP Core 7.0-c000 1.000000, 0000/00/00-00:00:00        ">
+ <rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">
+  <rdf:Description rdf:about=""
+    xmlns:xmp="http://ns.adobe.com/xap/1.0/"
+    xmlns:exif="http://ns.adobe.com/exif/1.0/"
+    xmlns:dc="http://purl.org/dc/elements/1.1/"
+    xmlns:crs="http://ns.adobe.com/camera-raw-settings/1.0/"
+   xmp:Rating="3"
+   exif:DateTimeOriginal="2024-06-01T18:30:00"
+   exif:GPSLatitude="48,51.5N"
+   exif:GPSLongitude="2,17.6E"
+   crs:Exposure2012="+0.35">
+   <dc:subject>
+    <rdf:Bag>
+     <rdf:li>Paris</rdf:li>
+    </rdf:Bag>
+   </dc:subject>
+  </rdf:Description>
+ </rdf:RDF>
+</x:xmpmeta>
+"""  # noqa: E501
+
+
+def test_a_lightroom_sidecar_of_a_raw_file_is_edited_where_lightroom_reads_it(tmp_path, exiftool):
+    from clipsearch.metadata import _sidecar_xmp
+
+    raw = tmp_path / "IMG_0001.CR3"
+    raw.write_bytes(b"not read by the sidecar writer")
+    side = tmp_path / "IMG_0001.xmp"
+    side.write_text(LIGHTROOM_SIDECAR)
+    before, tags_before = side.read_bytes(), read_xmp(exiftool, side)
+    assert write_keywords(raw, ["beach", "sunset"]) == side
+    assert not (tmp_path / "IMG_0001.CR3.xmp").exists()  # no second sidecar Lightroom would not see
+    tags = read_xmp(exiftool, side)
+    assert tags["XMP-dc:Subject"] == ["Paris", "beach", "sunset"]
+    assert tags["XMP-xmp:Rating"] == 3 and tags["XMP-crs:Exposure2012"] == "+0.35"
+    assert {k: v for k, v in tags.items() if k not in CHANGED} == {
+        k: v for k, v in tags_before.items() if k not in CHANGED
+    }  # nothing Lightroom wrote was lost...
+    # ...byte for byte: only the start tag's end moved, for the namespaces declared after it
+    assert _only_added(before, side.read_bytes()) == ['   crs:Exposure2012="+0.35">']
+    assert b'   crs:Exposure2012="+0.35"\n' in side.read_bytes()
+    # the date and place it holds are still what clipsearch reads for the photo
+    found = _sidecar_xmp(raw)
+    assert found["taken_at"].startswith("2024-06-01") and found["lat"] == pytest.approx(48.858, abs=1e-3)
+    write_keywords(raw, [])  # a relabel to nothing takes back only clipsearch's own keywords
+    assert read_xmp(exiftool, side)["XMP-dc:Subject"] == ["Paris"]
+
+
+@pytest.mark.parametrize(
+    "files, photo, expected",
+    [
+        (["p.cr3"], "p.cr3", "p.xmp"),  # the only photo with that stem: Lightroom's sidecar is its own
+        (["p.cr3", "p.jpg"], "p.cr3", "p.xmp"),  # Lightroom's RAW+JPEG pair: the RAW's
+        (["p.cr3", "p.jpg"], "p.jpg", "p.jpg.xmp"),
+        (["p.jpg", "p.png"], "p.jpg", "p.jpg.xmp"),  # whose it is cannot be told: one of our own
+        (["p.cr3", "p.nef"], "p.cr3", "p.cr3.xmp"),
+        (["p.cr3", "p.backup.jpg"], "p.cr3", "p.xmp"),  # another stem
+        (["p.cr3", "p.cr3.xmp"], "p.cr3", "p.cr3.xmp"),  # darktable's own is there: it wins
+        (["p.jpg", "[p].jpg"], "[p].jpg", "[p].jpg.xmp"),  # glob characters in a name: no p.xmp for it
+    ],
+)
+def test_which_sidecar_a_photo_gets(tmp_path, files, photo, expected):
+    for name in files:
+        (tmp_path / name).write_bytes(b"x")
+    (tmp_path / "p.xmp").write_text(LIGHTROOM_SIDECAR)
+    assert sidecar_path(tmp_path / photo) == tmp_path / expected
+    (tmp_path / "p.xmp").unlink()
+    assert sidecar_path(tmp_path / photo) == tmp_path / (photo + ".xmp")  # none: darktable's name
