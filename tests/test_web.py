@@ -223,6 +223,46 @@ def test_more_like_this_uses_the_stored_vector_and_leaves_the_photo_out(site, ap
     np.testing.assert_allclose([score[i] for i in got[1:]], [score[i] for i in expected], atol=1e-5)
 
 
+def test_a_search_that_loads_the_model_does_not_hold_up_the_others(site, monkeypatch):
+    """Where a text search needs the model (no torch-free path: a GPU named, say), its seconds of
+    loading must not stop "more like this" and the other searches of the same warm library."""
+    import threading
+
+    from clipsearch.checkpoints import load_bundle
+
+    monkeypatch.setenv("CLIPSEARCH_HOME", str(site.home))
+    live = LiveLibrary(site.db)
+    loading, release, answered = threading.Event(), threading.Event(), threading.Event()
+
+    def slow_load(source, library):
+        loading.set()
+        assert release.wait(60), "the test never let the load finish"
+        return load_bundle(source, library=library)
+
+    live.searcher._load_model = slow_load
+    live.searcher.torch_free = False  # so this text search needs the model
+    out = {}
+    text = threading.Thread(target=lambda: out.update(text=live.search_text("a red photo")))
+    text.start()
+    try:
+        assert loading.wait(60)
+        with Library.open(site.db) as lib:
+            source = int(lib.embeddings(lib.default_model_id())[0][3])
+
+        def more_like_this():
+            out["similar"] = live.similar(source)
+            answered.set()
+
+        threading.Thread(target=more_like_this, daemon=True).start()
+        assert answered.wait(30), "'more like this' waited for another search's model to load"
+    finally:
+        release.set()
+        text.join(60)
+    assert out["similar"].photos and source not in [p.id for p in out["similar"].photos]
+    assert out["text"].photos
+    live.close()
+
+
 def test_photo_page_and_hostile_name_are_escaped(site, app_client):
     with Library.open(site.db) as lib:
         hostile = next(r for r in lib.images() if r.path.name == HOSTILE_NAME)

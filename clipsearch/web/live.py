@@ -130,11 +130,12 @@ class LiveLibrary:
         return self._search(Query([QueryPart.indexed(image_id)]), offset, limit, filters, exclude=image_id)
 
     def _search(self, query, offset: int, limit: int, filters, exclude: int | None = None) -> Page:
+        extra = 1 if exclude is not None else 0
+        # run() takes the lock itself, and leaves it while a model loads (seconds): not held here
+        hits = self.searcher.run(query, offset + limit + 1 + extra, filters).hits
+        hits = [h for h in hits if h.image_id != exclude]
         with self._lock:
-            extra = 1 if exclude is not None else 0
-            hits = self.searcher.run(query, offset + limit + 1 + extra, filters).hits
-            hits = [h for h in hits if h.image_id != exclude]
-            return self._page(hits, offset, limit)
+            return self._page(hits, offset, limit)  # a photo removed meanwhile is left out
 
     def remember_upload(self, data: bytes, uploads_dir: Path) -> str:
         """Encode an uploaded picture as ``clipsearch query --image`` would; returns a key for
