@@ -4,7 +4,8 @@ The eval transform is OpenAI's: resize the shorter side to ``S`` (bicubic), crop
 ``S x S``, RGB, scale to [0, 1], subtract the mean and divide by the std of OpenAI's training set.
 It is written with PIL and torch directly (no torchvision import on the query path) and equals
 torchvision's/OpenCLIP's to the last bit; the tests check that. ``train=True`` gives the random
-square crop of the paper as OpenCLIP trains with it (torchvision, seeded from torch's generator).
+square crop of the paper as OpenCLIP trains with it (torchvision's, seeded from torch's generator,
+again without importing torchvision).
 """
 
 from __future__ import annotations
@@ -184,22 +185,63 @@ def _center_crop_or_pad(img, s: int):
     return img.crop((left, top, left + s, top + s))
 
 
+TRAIN_RATIO = (3 / 4, 4 / 3)  # RandomResizedCrop's aspect range (width / height)
+
+
 class TrainTransform:
     """The paper's augmentation as OpenCLIP trains: a random crop of 90-100% of the area, any aspect
-    in [3/4, 4/3], resized to ``S x S``. Draws from torch's global generator (seed it per sample)."""
+    in [3/4, 4/3], resized to ``S x S``. Draws from torch's global generator (seed it per sample).
 
-    def __init__(self, cfg: PreprocessConfig, scale=TRAIN_SCALE):
-        from torchvision.transforms import InterpolationMode, RandomResizedCrop
+    The crop is torchvision's ``RandomResizedCrop``, drawn from the same generator in the same
+    order with the same float32 arithmetic, so a seed gives the same crop to the pixel (tested
+    against torchvision and OpenCLIP); written here so that a training run, and each of its data
+    loader processes, does not import torchvision for it (~0.6 s of CPU on this machine beyond
+    ``torch._dynamo``, which PyTorch's optimizers import at their first step anyway).
+    """
+
+    def __init__(self, cfg: PreprocessConfig, scale=TRAIN_SCALE, ratio=TRAIN_RATIO):
+        from PIL import Image
 
         self.cfg = cfg
-        mode = InterpolationMode.BICUBIC if cfg.interpolation == "bicubic" else InterpolationMode.BILINEAR
-        self.crop = RandomResizedCrop(cfg.image_size, scale=tuple(scale), interpolation=mode)
+        self.scale = (float(scale[0]), float(scale[1]))
+        self.ratio = (float(ratio[0]), float(ratio[1]))
+        self._resample = Image.BICUBIC if cfg.interpolation == "bicubic" else Image.BILINEAR
 
     def __repr__(self) -> str:
-        return f"TrainTransform({self.cfg}, {self.crop})"
+        return f"TrainTransform({self.cfg}, scale={self.scale}, ratio={self.ratio})"
+
+    def crop_box(self, width: int, height: int) -> tuple[int, int, int, int]:
+        """``(left, top, right, bottom)`` of the random crop of a ``width x height`` image.
+
+        Ten tries of an area fraction uniform in ``scale`` and a log-uniform aspect in ``ratio``;
+        the first that fits is placed uniformly at random. When none fits (a very long image), the
+        centre crop of the whole image clamped to ``ratio``.
+        """
+        import math
+
+        import torch
+
+        log_lo, log_hi = torch.log(torch.tensor(self.ratio)).tolist()  # float32, as torchvision
+        for _ in range(10):
+            area = width * height * torch.empty(1).uniform_(*self.scale).item()
+            aspect = torch.exp(torch.empty(1).uniform_(log_lo, log_hi)).item()
+            w = int(round(math.sqrt(area * aspect)))
+            h = int(round(math.sqrt(area / aspect)))
+            if 0 < w <= width and 0 < h <= height:
+                top = int(torch.randint(0, height - h + 1, size=(1,)).item())
+                left = int(torch.randint(0, width - w + 1, size=(1,)).item())
+                return left, top, left + w, top + h
+        w, h = width, height
+        if width / height < min(self.ratio):
+            h = int(round(width / min(self.ratio)))
+        elif width / height > max(self.ratio):
+            w = int(round(height * max(self.ratio)))
+        left, top = (width - w) // 2, (height - h) // 2
+        return left, top, left + w, top + h
 
     def __call__(self, img):
-        out = self.crop(img)
+        s = self.cfg.image_size
+        out = img.crop(self.crop_box(*img.size)).resize((s, s), self._resample)
         if out.mode != "RGB":
             out = out.convert("RGB")
         return _to_normalised_tensor(out, self.cfg.mean, self.cfg.std)

@@ -1,5 +1,6 @@
 """Preprocessing against OpenCLIP's transforms and OpenAI's definition, to the last bit."""
 
+import itertools
 import json
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from clipsearch.transform import (
     OPENAI_MEAN,
     OPENAI_STD,
     PreprocessConfig,
+    TrainTransform,
     image_transform,
 )
 
@@ -101,6 +103,34 @@ def test_train_transform_equals_open_clip_with_the_same_seed():
     assert any(not torch.equal(outs[0], o) for o in outs[1:])  # a random crop, not the centre one
 
 
+@pytest.mark.parametrize("interpolation", ["bicubic", "bilinear"])
+def test_train_crop_equals_torchvision_random_resized_crop(interpolation):
+    # the tall and wide strips exhaust the ten tries and take the centre fallback; 1 x 1 and 3 x 2 the
+    # smallest crops; RGBA and P crop in their own mode first, as torchvision's PIL path does
+    from torchvision.transforms import RandomResizedCrop
+
+    mode = InterpolationMode.BICUBIC if interpolation == "bicubic" else InterpolationMode.BILINEAR
+    ours = TrainTransform(PreprocessConfig(24, interpolation=interpolation), scale=(0.08, 1.0))
+    reference = Compose(
+        [
+            RandomResizedCrop(24, scale=(0.08, 1.0), interpolation=mode),
+            lambda im: im.convert("RGB"),
+            ToTensor(),
+            Normalize(OPENAI_MEAN, OPENAI_STD),
+        ]
+    )
+    sizes = [(300, 200), (201, 333), (1000, 41), (41, 1000), (1, 1), (3, 2), (64, 64)]
+    for (w, h), im_mode in itertools.product(sizes, ["RGB", "RGBA", "P"]):
+        im = _image(w, h, im_mode)
+        for seed in range(4):
+            torch.manual_seed(seed)
+            a = ours(im)
+            after_ours = torch.get_rng_state()
+            torch.manual_seed(seed)
+            assert torch.equal(a, reference(im)), ((w, h), im_mode, seed)
+            assert torch.equal(after_ours, torch.get_rng_state())  # the same draws, no more, no fewer
+
+
 def test_train_crop_keeps_most_of_the_image():
     # left half black, right half white: a crop of >= 90% of the area keeps both halves
     arr = np.zeros((200, 200, 3), dtype=np.uint8)
@@ -154,10 +184,11 @@ def test_from_dict_rejects_unknown_and_missing_keys():
         PreprocessConfig.from_dict({"mean": [0, 0, 0]})
 
 
-def test_eval_path_does_not_import_torchvision():
+@pytest.mark.parametrize("train", [False, True])
+def test_transforms_do_not_import_torchvision(train):
     code = (
         "import sys; from PIL import Image; from clipsearch.transform import PreprocessConfig, image_transform;"
-        "image_transform(PreprocessConfig(8))(Image.new('RGB', (9, 9)));"
+        f"image_transform(PreprocessConfig(8), train={train})(Image.new('RGB', (9, 9)));"
         "assert 'torchvision' not in sys.modules, 'torchvision imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
