@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from clipsearch.errors import ClipsearchError, LibraryError
+from clipsearch.raw import RAW_TYPES
 
 if TYPE_CHECKING:
     import numpy as np
@@ -46,8 +47,6 @@ DEFAULT_THRESHOLD = 0.95
 EXACT_MAX = 20_000  # up to here the scan is exact (N² products); IVF above (benchmarks/photo_features.md)
 QUERY_BLOCK = 4096  # vectors searched per range-search call: bounds the result buffers
 
-_RAW = {"dng", "cr2", "cr3", "crw", "nef", "nrw", "arw", "srf", "sr2", "orf", "rw2", "raf", "pef", "srw"}
-_RAW |= {"rwl", "3fr", "iiq", "erf", "mef", "mos", "x3f", "raw"}
 _LOSSLESS = {"png", "tiff", "bmp"}
 
 
@@ -66,7 +65,7 @@ class DuplicatesError(ClipsearchError):
 
 def format_rank(file_type: str | None) -> int:
     """How original a file type is: RAW 0, lossless 1, JPEG 2, other lossy 3, unknown 4."""
-    if file_type in _RAW:
+    if file_type in RAW_TYPES:
         return 0
     if file_type in _LOSSLESS:
         return 1

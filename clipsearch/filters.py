@@ -28,12 +28,11 @@ from datetime import datetime
 from pathlib import Path
 
 from clipsearch.errors import ClipsearchError
+from clipsearch.raw import RAW_TYPES
 
 EARTH_RADIUS_KM = 6371.0088  # the mean radius (IUGG)
 DEFAULT_WITHIN_KM = 5.0  # a town and its surroundings, when --near comes without --within
 
-RAW_TYPES = ("dng", "cr2", "cr3", "crw", "nef", "nrw", "arw", "srf", "sr2", "orf", "rw2", "raf", "pef")
-RAW_TYPES += ("srw", "rwl", "3fr", "iiq", "erf", "mef", "mos", "x3f", "raw")
 _TYPE_ALIASES = {
     "jpg": ("jpeg",),
     "jpeg": ("jpeg",),

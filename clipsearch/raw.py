@@ -33,11 +33,13 @@ from clipsearch.errors import ImageDecodeError
 
 logger = logging.getLogger(__name__)
 
-# Names the indexer looks at (the format itself comes from the content)
-RAW_EXTENSIONS = frozenset(
-    {".dng", ".cr2", ".cr3", ".crw", ".nef", ".nrw", ".arw", ".srf", ".sr2", ".orf", ".rw2", ".raf"}
-    | {".pef", ".srw", ".rwl", ".3fr", ".iiq", ".erf", ".mef", ".mos", ".x3f"}
-)
+# The file types of camera RAW photos (``file_type`` in the library: the format from the content,
+# named after its extension; "raw" for a TIFF-based raw no camera maker's name fits), and the
+# extensions the indexer looks at (the format itself comes from the content). The one list: filters
+# (``--type raw``) and the duplicates ranking read it too.
+RAW_TYPES = ("dng", "cr2", "cr3", "crw", "nef", "nrw", "arw", "srf", "sr2", "orf", "rw2", "raf", "pef")
+RAW_TYPES += ("srw", "rwl", "3fr", "iiq", "erf", "mef", "mos", "x3f", "raw")
+RAW_EXTENSIONS = frozenset("." + t for t in RAW_TYPES if t != "raw")
 
 MAX_IFDS = 64  # more than any camera writes; a longer chain is a loop or a hostile file
 MAX_ENTRIES = 4096
