@@ -207,6 +207,11 @@ def _varint(n: int) -> bytes:
             return bytes(out)
 
 
+def _cores(threads: int | None) -> int:
+    """The threads a CPU backend uses: ``threads`` when given, else one per core."""
+    return int(threads or os.cpu_count() or 1)
+
+
 def ort_session(path: Path, threads: int | None = None, *, quick_start: bool = False, spin: bool = True):
     """An ONNX Runtime CPU session over ``path`` with ``threads`` intra-op threads (default: all cores).
 
@@ -219,7 +224,7 @@ def ort_session(path: Path, threads: int | None = None, *, quick_start: bool = F
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
-    opts.intra_op_num_threads = int(threads or os.cpu_count() or 1)
+    opts.intra_op_num_threads = _cores(threads)
     opts.inter_op_num_threads = 1  # one graph at a time; the parallelism is inside each operator
     opts.log_severity_level = 3  # errors only: the library never prints
     if quick_start:
@@ -291,7 +296,7 @@ class TorchImageEncoder(ImageEncoder):
         if threads:
             torch.set_num_threads(int(threads))
         if throughput and torch.device(device).type == "cpu":
-            self._split_batches(int(threads or os.cpu_count() or 1), _one_torch_thread)
+            self._split_batches(_cores(threads), _one_torch_thread)
         self.name = name
         self._module = module.eval()
         self._dtype = dtype
@@ -340,7 +345,7 @@ class OnnxImageEncoder(ImageEncoder):
     def __init__(self, name: str, path: Path, threads: int | None = None, *, throughput: bool = False):
         self.name = name
         self.path = Path(path)
-        cores = int(threads or os.cpu_count() or 1)
+        cores = _cores(threads)
         # Image batches run while the indexer's threads decode the next photos: no busy-waiting.
         self._session = ort_session(self.path, 1 if throughput else cores, spin=False)
         self._input = self._session.get_inputs()[0].name
