@@ -860,7 +860,8 @@ def choose_backend(
     ``candidates`` maps names to factories (default: :func:`default_candidates` from
     :data:`BACKENDS`); ``torch-fp32`` is always measured, as the reference. A backend whose worst
     calibration image falls below :data:`MIN_COSINE`, or that fails to build or run, is never chosen.
-    The torch backends are measured first, then the image tower is exported to ONNX, then the ONNX
+    Each runs as the indexer runs it (``throughput=True``: on the CPU, one single-threaded part of the
+    batch per core), so the speeds compared are the ones indexing gets. The torch backends are measured first, then the image tower is exported to ONNX, then the ONNX
     backends (quantisation included) are built from that file alone: ``done_with_model()``, when
     given, is called in between, so a caller that owns the model (:mod:`clipsearch.settle`) can free
     it before ONNX Runtime's quantiser needs its own gigabyte.
@@ -876,7 +877,7 @@ def choose_backend(
     if missing:
         if batch is None:
             batch = calibration_batch(bundle)
-        reference = candidates["torch-fp32"](bundle, threads, directory)(batch)
+        reference = candidates["torch-fp32"](bundle, threads, directory, throughput=True)(batch)
         release_memory()
         from_file = [n for n in missing if candidates[n] in (_make_onnx_fp32, _make_onnx_int8)]
         missing = [n for n in missing if n not in from_file] + from_file  # those needing the model first
@@ -890,7 +891,7 @@ def choose_backend(
                     done_with_model()
                     release_memory()
             try:
-                encoder = candidates[name](bundle, threads, directory)
+                encoder = candidates[name](bundle, threads, directory, throughput=True)
                 results[name] = measure(encoder, batch, reference, name=name)
             except build_failures() as e:
                 # the export, quantisation or runtime failed on this machine: recorded, never chosen

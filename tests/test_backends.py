@@ -206,6 +206,27 @@ def test_auto_excludes_a_fast_backend_below_the_fidelity_threshold():
     assert make_image_encoder(bundle, "auto", candidates=candidates).name == name
 
 
+def test_auto_measures_each_backend_as_the_indexer_runs_it():
+    # the verdict ranks backends by the speed indexing gets: every candidate, the fp32 reference
+    # included, is built in throughput mode (one single-threaded part of the batch per core)
+    bundle = _bundle("tiny-vit", "test/auto-throughput")
+    built = []
+
+    def factory(name, make):
+        def build(b, t, d, **kw):
+            built.append((name, kw.get("throughput")))
+            return make(b, t, d, **kw)
+
+        return build
+
+    candidates = {
+        "torch-fp32": factory("torch-fp32", backends.BACKENDS["torch-fp32"]),
+        "close": factory("close", lambda b, t, d, **kw: _Noisy(b, 1e-4)),
+    }
+    backends.choose_backend(bundle, candidates=candidates)
+    assert sorted(built) == [("close", True), ("torch-fp32", True), ("torch-fp32", True)]
+
+
 def test_auto_picks_the_fastest_faithful_backend_and_caches_the_verdict():
     bundle = _bundle("tiny-vit", "test/auto-good")
     candidates = {"close": lambda b, t, d, **kw: _Noisy(b, 1e-4)}
@@ -214,7 +235,7 @@ def test_auto_picks_the_fastest_faithful_backend_and_caches_the_verdict():
     verdict = json.loads((backends.cache_dir("test/auto-good") / backends.VERDICT_FILE).read_text())
     assert verdict["chosen"] == "close" and set(verdict["backends"]) == {"torch-fp32", "close"}
 
-    def boom(*args):
+    def boom(*args, **kwargs):
         raise AssertionError("the cached verdict must be used, not measured again")
 
     assert backends.choose_backend(bundle, candidates={"close": boom})[0] == "close"
@@ -228,7 +249,7 @@ def test_auto_picks_the_fastest_faithful_backend_and_caches_the_verdict():
 def test_a_backend_that_fails_to_build_is_recorded_and_never_chosen():
     bundle = _bundle("tiny-vit", "test/auto-broken")
 
-    def broken(*args):
+    def broken(*args, **kwargs):
         raise RuntimeError("no such runtime here")
 
     name, results = backends.choose_backend(bundle, candidates={"broken": broken})
@@ -243,7 +264,7 @@ def test_onnx_runtime_errors_count_as_build_failures_but_bugs_do_not():
     assert not issubclass(Fail, RuntimeError)
     bundle = _bundle("tiny-vit", "test/auto-ort-broken")
 
-    def ort_broken(*args):
+    def ort_broken(*args, **kwargs):
         raise InvalidGraph("[ONNXRuntimeError] : 10 : INVALID_GRAPH : made to fail by the test")
 
     name, results = backends.choose_backend(bundle, candidates={"ort": ort_broken})
