@@ -222,7 +222,7 @@ def test_bogus_backend_is_a_typed_library_error(lib, tiny, jpegs):
 # --- fallbacks ------------------------------------------------------------------------------------
 
 
-def _fails_to_build(*args):
+def _fails_to_build(*args, **kwargs):
     raise RuntimeError("this backend cannot be built here (made to fail by the test)")
 
 
