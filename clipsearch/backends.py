@@ -861,8 +861,9 @@ def choose_backend(
     :data:`BACKENDS`); ``torch-fp32`` is always measured, as the reference. A backend whose worst
     calibration image falls below :data:`MIN_COSINE`, or that fails to build or run, is never chosen.
     Each runs as the indexer runs it (``throughput=True``: on the CPU, one single-threaded part of the
-    batch per core), so the speeds compared are the ones indexing gets. The torch backends are measured first, then the image tower is exported to ONNX, then the ONNX
-    backends (quantisation included) are built from that file alone: ``done_with_model()``, when
+    batch per core), so the speeds compared are the ones indexing gets. The torch backends are
+    measured first, then the image tower is exported to ONNX, then the ONNX backends (quantisation
+    included) are built from that file alone: ``done_with_model()``, when
     given, is called in between, so a caller that owns the model (:mod:`clipsearch.settle`) can free
     it before ONNX Runtime's quantiser needs its own gigabyte.
     """
