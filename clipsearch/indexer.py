@@ -60,8 +60,10 @@ _PHOTO_GONE_REASONS = ("dead symlink", "not a regular file")  # walk failures th
 # A run removes at most this many of a folder's photos freely; more, and more than half of them, at
 # once looks like a drive that is not all there rather than a user's deletion (see removal_hold).
 MASS_REMOVAL_MIN = 10
-# Failures that say nothing about a file's content: an indexed photo that fails so keeps its row.
-_NOT_READ = ("permission denied", "unreadable", "vanished", "not a regular file", "empty file")
+# Failures that say nothing final about a file's content: an indexed photo that fails so keeps its
+# row. A file cut short ("truncated") is most often one still being copied or synced in place: its
+# row waits for the next run, which reads it again once its size or time has changed.
+_NOT_READ = ("permission denied", "unreadable", "vanished", "not a regular file", "empty file", "truncated")
 
 
 class IndexPathError(ClipsearchError):
@@ -540,7 +542,7 @@ class _Run:
             if job.row is not None and verdict and res.content_hash != job.row.content_hash:
                 # Its new content is no photo: the old embedding describes nothing. A file that could
                 # not be read this time (permission, I/O error, vanished, mid-copy) keeps its row.
-                self.lib.remove_images([job.row.id])
+                self.report.removed += self.lib.remove_images([job.row.id])
             self.lib.record_error(
                 job.path,
                 res.error[0],
@@ -659,7 +661,7 @@ class _Run:
     def _finish(self, found) -> None:
         lib = self.lib
         with lib.transaction():
-            self.report.removed = lib.remove_images(sorted(self.gone_ids))
+            self.report.removed += lib.remove_images(sorted(self.gone_ids))
             for folder, device in self.devices.items():
                 lib.record_folder_device(folder, device)
             held = [k.path for k in self.report.kept]

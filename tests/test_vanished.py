@@ -12,6 +12,7 @@ import errno
 import json
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 from test_indexer import FakeBundle, write_image
@@ -165,6 +166,33 @@ def test_a_file_that_cannot_be_read_this_time_keeps_its_row_and_embedding(tmp_pa
         assert report.failed == [(folder / "0.png", "unreadable")] and report.removed == 0
         after = lib.embeddings("fake/v1")
         assert after[0].tolist() == before[0].tolist() and (after[2] == before[2]).all()
+
+
+def test_a_photo_cut_short_keeps_its_row_and_one_overwritten_by_text_is_counted_removed(tmp_path):
+    # A photo half-written by a copy or sync in progress reads as truncated: its row waits for the
+    # next run. A photo whose file now holds something else entirely is no photo any more: its row
+    # goes, and the run's report counts it as removed.
+    folder = tmp_path / "photos"
+    for i in range(3):
+        write_image(folder / f"{i}.png", i)
+    whole = (folder / "0.png").read_bytes()
+    with Library.open(tmp_path / "lib.db", create=True) as lib:
+        _index(lib, folder)
+        before = lib.embeddings("fake/v1")
+        (folder / "0.png").write_bytes(whole[: len(whole) // 2])
+        (folder / "1.png").write_text("not a photo any more")
+        report = _index(lib, folder)
+        assert sorted(report.failed) == [(folder / "0.png", "truncated"), (folder / "1.png", "not an image")]
+        assert report.removed == 1
+        rows = {Path(r.path).name for r in lib.images()}
+        assert rows == {"0.png", "2.png"}
+        ids, _, vectors = lib.embeddings("fake/v1")
+        assert ids.tolist() == [before[0][0], before[0][2]]  # 0.png's embedding is the one it had
+        assert vectors[0].tolist() == before[2][0].tolist()
+        (folder / "0.png").write_bytes(whole)  # the copy completes
+        report = _index(lib, folder)
+        assert report.failed == [(folder / "1.png", "not an image")] and report.removed == 0
+        assert {Path(r.path).name for r in lib.images()} == {"0.png", "2.png"}
 
 
 # --- first runs that fail leave nothing behind ------------------------------------------------------
