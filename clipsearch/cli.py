@@ -178,6 +178,34 @@ _verbose_option = click.option(
 )
 
 
+class _BadValue(click.ClickException):
+    """A bad value of an option that only the command can judge (a filter): one line, and the exit
+    status of a usage error, as click gives its own bad values (docs/cli.md's table)."""
+
+    exit_code = 2
+
+
+class _Text(click.ParamType):
+    """Free text (a query, a class name, a camera): it is embedded and matched against the library's
+    own text, so it must be valid UTF-8. Bytes that are not (a terminal set to another encoding)
+    are refused as a bad value, instead of failing deep inside."""
+
+    name = "text"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                shown = value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+                self.fail(
+                    f"'{shown}' is not UTF-8 text (is the terminal set to another encoding?)", param, ctx
+                )
+        return value
+
+
+TEXT = _Text()
+
 _FILTER_KEYS = ("after", "before", "camera", "near", "within_km", "types", "under")
 
 
@@ -186,12 +214,15 @@ def filter_options(func):
     one ``photo_filter`` (a :class:`clipsearch.filters.PhotoFilter`)."""
     import functools
 
-    from clipsearch.filters import DEFAULT_WITHIN_KM, PhotoFilter
+    from clipsearch.filters import DEFAULT_WITHIN_KM, FilterError, PhotoFilter
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         values = {k: kwargs.pop(k) for k in _FILTER_KEYS}
-        kwargs["photo_filter"] = PhotoFilter.parse(**values)
+        try:
+            kwargs["photo_filter"] = PhotoFilter.parse(**values)
+        except FilterError as e:
+            raise _BadValue(str(e)) from None
         return func(*args, **kwargs)
 
     options = [
@@ -201,6 +232,7 @@ def filter_options(func):
         click.option("--before", metavar="DATE", help="Only photos taken before DATE (not on it)."),
         click.option(
             "--camera",
+            type=TEXT,
             metavar="TEXT",
             help="Only photos whose camera make or model contains TEXT (any case).",
         ),
@@ -663,10 +695,12 @@ def _no_images(paths) -> ClipsearchError:
 
 
 @cli.command()
-@click.argument("text", required=False)
+@click.argument("text", required=False, type=TEXT)
 @click.option("--image", type=click.Path(path_type=Path), help="Query by example: photos like this image.")
-@click.option("--add", multiple=True, metavar="TEXT", help="Add a text to the query (repeatable).")
-@click.option("--minus", multiple=True, metavar="TEXT", help="Subtract a text from the query (repeatable).")
+@click.option("--add", multiple=True, type=TEXT, metavar="TEXT", help="Add a text to the query (repeatable).")
+@click.option(
+    "--minus", multiple=True, type=TEXT, metavar="TEXT", help="Subtract a text from the query (repeatable)."
+)
 @click.option(
     "--add-image", multiple=True, type=click.Path(path_type=Path), help="Add an image (repeatable)."
 )
@@ -781,6 +815,8 @@ def _show_hits(
                 records = library.images_by_id([h.image_id for h in hits])
         _echo_json([_hit_json(n, h, records.get(h.image_id)) for n, h in enumerate(hits, start=1)])
     elif as_paths or null:
+        if not hits:  # stdout stays empty (zero results, zero paths); the reason goes to stderr
+            _say_why_nothing(description, photo_filter, threshold, to_stderr=True)
         end = b"\0" if null else b"\n"
         for h in hits:
             click.echo(os.fsencode(h.path) + end, nl=False)  # the exact bytes, for xargs and friends
@@ -877,21 +913,28 @@ def duplicates(state: _State, threshold, photo_filter, as_json, html_out):
     if as_json:
         _echo_json([{"paths": [str(p.path) for p in g.photos], "similarity": g.similarity} for g in groups])
     elif not sys.stdout.isatty() and not groups:
-        _console(stderr=True).print(f"No duplicates at similarity {threshold:g} or above.", markup=False)
+        _console(stderr=True).print(_no_duplicates(threshold, photo_filter), markup=False)
     elif not sys.stdout.isatty():
         for n, g in enumerate(groups, start=1):
             for p in g.photos:
                 click.echo(f"{n}\t{g.similarity:.4f}\t".encode() + os.fsencode(p.path) + b"\n", nl=False)
     elif html_out is None or groups:
-        _render_duplicates(groups, threshold)
+        _render_duplicates(groups, threshold, photo_filter)
 
 
-def _render_duplicates(groups, threshold: float) -> None:
+def _no_duplicates(threshold: float, photo_filter) -> str:
+    among = ""
+    if photo_filter is not None and not photo_filter.is_empty():
+        among = f" among the photos that pass the filters ({photo_filter.describe()})"
+    return f"No duplicates at similarity {threshold:g} or above{among}."
+
+
+def _render_duplicates(groups, threshold: float, photo_filter) -> None:
     from rich.text import Text
 
     out = _console()
     if not groups:
-        out.print(f"No duplicates at similarity {threshold:g} or above.", markup=False)
+        out.print(_no_duplicates(threshold, photo_filter), markup=False)
         return
     copies = sum(len(g.photos) - 1 for g in groups)
     out.print(
@@ -1090,7 +1133,9 @@ def _read_classes(classes: str | None, classes_file: Path | None) -> list[str]:
 
 
 @cli.command()
-@click.option("--classes", metavar="A,B,C", help="Comma-separated class names, e.g. 'dog,cat,beach'.")
+@click.option(
+    "--classes", type=TEXT, metavar="A,B,C", help="Comma-separated class names, e.g. 'dog,cat,beach'."
+)
 @click.option(
     "--classes-file",
     type=click.Path(dir_okay=False, path_type=Path),
@@ -1100,6 +1145,7 @@ def _read_classes(classes: str | None, classes_file: Path | None) -> list[str]:
     "--template",
     "templates",
     multiple=True,
+    type=TEXT,
     metavar="T",
     help="Prompt template with {} for the class (repeatable; default: the CLIP paper's 80 templates).",
 )

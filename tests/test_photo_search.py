@@ -155,7 +155,7 @@ def test_bad_filters_are_one_line_errors(library):
         (("--near", "91,0"), "latitude"),
     ]:
         result = run_cli("--db", str(db), "query", "x", *args)
-        assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
         assert words in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
@@ -165,6 +165,29 @@ def test_nothing_found_says_why(library):
     assert result.returncode == 0 and "camera ~ 'hasselblad'" in result.stdout
     result = run_cli("--db", str(db), "query", "x", "--threshold", "0.9999", "--table")
     assert result.returncode == 0 and "--threshold 0.9999" in result.stdout
+    # paths for a script: stdout stays empty, and the reason still reaches the person on stderr
+    for flag in ("--paths", "-0"):
+        result = run_cli("--db", str(db), "query", "x", "--camera", "hasselblad", flag)
+        assert result.returncode == 0 and result.stdout == ""
+        assert "No photos match" in result.stderr and "camera ~ 'hasselblad'" in result.stderr
+    result = run_cli("--db", str(db), "duplicates", "--after", "2090")
+    assert (
+        result.returncode == 0 and "among the photos that pass the filters (taken from 2090" in result.stderr
+    )
+
+
+def test_text_that_is_not_utf8_is_a_bad_value(library):
+    # a terminal in another encoding hands over bytes Python keeps as surrogates: refused up front
+    db, _, _ = library
+    for args in (
+        ("query", "caf\udce9"),
+        ("query", "x", "--camera", "\udcff"),
+        ("label", "--classes", "caf\udce9"),
+    ):
+        result = run_cli("--db", str(db), *args)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+        assert "'caf\\xe9' is not UTF-8 text" in result.stderr or "'\\xff' is not UTF-8 text" in result.stderr
+        assert "internal error" not in result.stderr
 
 
 # --- similar --------------------------------------------------------------------------------------
