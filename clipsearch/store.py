@@ -398,6 +398,7 @@ class Library:
         self._depth = 0  # nesting of transaction(): only the outermost begins and commits
         self._lock_fd: int | None = None
         self.created = False  # made by this open (see discard_if_empty)
+        self._may_create = True  # an empty file may become a library (Library.open's create)
 
     # --- opening ------------------------------------------------------------------------------
 
@@ -438,6 +439,7 @@ class Library:
             raise LibraryError(f"{path} is not a clipsearch library or is corrupt ({e})") from e
         lib = cls(path, conn, readonly)
         lib.created = created
+        lib._may_create = create
         try:
             lib._configure()
             lib._migrate()
@@ -469,6 +471,11 @@ class Library:
         c = self._conn
         # Reading the schema is the first access: a non-database file fails here.
         tables = {r[0] for r in c.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if not tables and not self._may_create:
+            # A read command leaves an empty file as it found it (0 bytes: not made a library).
+            raise LibraryError(
+                f"no library at {self.path} (the file is empty): run `clipsearch index PATH` first"
+            )
         if not tables:
             return  # a new (or empty) file: it becomes a library
         try:

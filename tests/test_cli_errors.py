@@ -112,11 +112,20 @@ def test_corrupted_database(tmp_path, content):
         assert r.stderr.startswith("Error:"), (args, r.stderr)
 
 
-def test_zero_length_database_is_an_empty_library(tmp_path):
-    """SQLite treats an empty file as an empty database: it becomes a library with no images."""
+def test_zero_length_database_is_no_library_until_index_makes_it_one(tmp_path):
+    """SQLite treats an empty file as an empty database. A read command leaves it as it is (0 bytes:
+    it does not write a schema into it); `index` makes it a library."""
     db = tmp_path / "lib.db"
     db.write_bytes(b"")
-    assert_one_line_error(run(["--db", db, "query", "x"]), match="has no images yet")
+    for args in (
+        ["query", "x"],
+        ["status"],
+        ["similar", "1"],
+        ["duplicates"],
+        ["export", tmp_path / "e.npz"],
+    ):
+        assert_one_line_error(run(["--db", db, *args]), match="the file is empty")
+        assert db.stat().st_size == 0, args
 
 
 def test_foreign_sqlite_database(tmp_path):
@@ -147,7 +156,8 @@ def test_db_is_a_folder(tmp_path):
 )
 def test_bad_input_on_an_indexed_library(library, tmp_path, monkeypatch, args, match):
     monkeypatch.chdir(tmp_path)
-    assert_one_line_error(run(["--db", library, *args]), match=match)
+    code = 2 if "--in" in args else 1  # a filter's bad value is a usage error, said in one line
+    assert_one_line_error(run(["--db", library, *args]), code=code, match=match)
 
 
 @pytest.mark.parametrize(
