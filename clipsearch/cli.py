@@ -662,7 +662,7 @@ def index(
                 _echo_json(_report_json(report, library.model_name(report.model_id)))
             raise ClipsearchError(" ".join(_kept_lines(report)))
         if progress.found == 0 and not report.removed:
-            raise _no_images(paths)
+            raise _no_images(paths, report.failed)
 
 
 @contextlib.contextmanager
@@ -682,8 +682,12 @@ def _would_download(source: str) -> bool:
     return source in list_pretrained() and source not in cached_pretrained()
 
 
-def _no_images(paths) -> ClipsearchError:
+def _no_images(paths, failed=()) -> ClipsearchError:
     where = ", ".join(str(p) for p in paths)
+    if failed:  # files named like photos that could not be read: say why, not "none found"
+        path, reason = failed[0]
+        more = f" (and {len(failed) - 1} more, listed by `clipsearch status`)" if len(failed) > 1 else ""
+        return ClipsearchError(f"nothing indexed under {where}: {path}: {reason}{more}")
     return ClipsearchError(
         f"no images found under {where}: looked for JPEG, PNG, WebP, GIF, TIFF, BMP, HEIC "
         "and AVIF files (hidden ones only with --include-hidden)"
@@ -769,9 +773,12 @@ def query(
     _check_output_options(as_json, as_paths, null, as_table)
     if text is None and image is None and not add and not add_image:
         raise click.UsageError("give a TEXT, --image PATH, --add TEXT or --add-image PATH")
+    from clipsearch.walk import why_not_a_file
+
     for p in [image, *add_image, *minus_image]:
-        if p is not None and not Path(p).is_file():
-            raise ClipsearchError(f"query image not found: {p}")
+        why = why_not_a_file(p) if p is not None else None
+        if why is not None:
+            raise ClipsearchError(f"query image {p}: {why}")
     q = Query.build(text, image, add, minus, add_image, minus_image, minus_weight=minus_weight)
     with Searcher(state.db_path(), device=device, load_model=_model_loader(device)) as searcher:
         hits = searcher.run(q, top, photo_filter, threshold, index_kind, model=model).hits

@@ -155,10 +155,12 @@ def export_text_encoder(bundle) -> None:
 def _open_query_image(path: str):
     from clipsearch.errors import ImageDecodeError
     from clipsearch.imageio import open_image
+    from clipsearch.walk import why_not_a_file
 
     p = Path(path).expanduser()
-    if not p.is_file():
-        raise QueryError(f"query image not found: {path}")
+    why = why_not_a_file(p)
+    if why is not None:
+        raise QueryError(f"query image {path}: {why}")
     try:
         return open_image(p)
     except ImageDecodeError as e:

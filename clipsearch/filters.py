@@ -170,7 +170,9 @@ class PhotoFilter:
         if f.after is not None and f.before is not None and f.after >= f.before:
             raise FilterError(f"--after {after} is not before --before {before}: no photo can match")
         if f.under is not None and not f.under.is_dir():
-            raise FilterError(f"--in {under}: no such folder")
+            raise FilterError(
+                f"--in {under}: " + ("a file, not a folder" if f.under.exists() else "no such folder")
+            )
         return f
 
     def is_empty(self) -> bool:

@@ -262,8 +262,11 @@ def resolve_photo(library, target: str | Path | int) -> int | None:
         if not library.image_paths([image_id]):
             raise QueryError(f"no photo with id {image_id} in the library (ids are in `query --json`)")
         return image_id
-    if not p.is_file():
-        raise QueryError(f"no such photo: {text} (give a file or a library id)")
+    from clipsearch.walk import why_not_a_file
+
+    why = why_not_a_file(p)
+    if why is not None:
+        raise QueryError(f"{text}: {why} (give a photo file or a library id)")
     found = library.image_at(p)
     if found is not None:
         return found.id

@@ -53,6 +53,23 @@ def oserror_reason(e: OSError) -> str:
     return "unreadable"
 
 
+def why_not_a_file(path: Path | str) -> str | None:
+    """Why ``path`` is not a regular file that can be opened, in a few words, or None when it is one.
+
+    For a path the user gave on its own (a query image, a photo to find copies of): "not found"
+    would hide a folder, a FIFO, a loop or a dangling link behind the wrong cause. Never opens it.
+    """
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "a symlink loop"
+        if e.errno == errno.ENOENT:
+            return "a symlink to nothing" if os.path.islink(path) else "no such file"
+        return oserror_reason(e)
+    return None if stat.S_ISREG(st.st_mode) else _kind(st.st_mode)
+
+
 def _kind(mode: int) -> str:
     """What a non-regular file is, in words."""
     for test, name in (

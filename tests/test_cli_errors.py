@@ -3,6 +3,7 @@ traceback; usage errors exit 2; a bug says it is one; Ctrl-C exits 130."""
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from pathlib import Path
 
@@ -142,7 +143,7 @@ def test_db_is_a_folder(tmp_path):
 @pytest.mark.parametrize(
     "args, match",
     [
-        (["query", "--image", "missing.jpg"], "query image not found"),
+        (["query", "--image", "missing.jpg"], "query image missing.jpg: no such file"),
         (["query", "x", "--in", "no-such-dir"], "no such folder"),
         (["query", "beach", "--minus", "beach"], "cancel out"),
         (["label", "--classes", " , "], "no class names"),
@@ -158,6 +159,27 @@ def test_bad_input_on_an_indexed_library(library, tmp_path, monkeypatch, args, m
     monkeypatch.chdir(tmp_path)
     code = 2 if "--in" in args else 1  # a filter's bad value is a usage error, said in one line
     assert_one_line_error(run(["--db", library, *args]), code=code, match=match)
+
+
+def test_a_path_that_is_not_a_photo_file_is_named_for_what_it_is(library, tmp_path, monkeypatch):
+    # "not found" for a folder, a FIFO, a loop or a dangling link sends the user looking for the wrong thing
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "afolder").mkdir()
+    os.mkfifo(tmp_path / "pipe.jpg")
+    os.symlink("loop.jpg", tmp_path / "loop.jpg")
+    os.symlink("nowhere.jpg", tmp_path / "gone.jpg")
+    (tmp_path / "file.txt").write_text("x")
+    for args, code, match in [
+        (["query", "--image", "afolder"], 1, "query image afolder: a folder"),
+        (["query", "--image", "pipe.jpg"], 1, "query image pipe.jpg: a FIFO"),
+        (["query", "--image", "loop.jpg"], 1, "query image loop.jpg: a symlink loop"),
+        (["query", "x", "--add-image", "gone.jpg"], 1, "query image gone.jpg: a symlink to nothing"),
+        (["similar", "afolder"], 1, "afolder: a folder"),
+        (["query", "x", "--in", "file.txt"], 2, "--in file.txt: a file, not a folder"),
+        (["index", "pipe.jpg"], 1, "nothing indexed under pipe.jpg: "),
+        (["index", "gone.jpg"], 1, "gone.jpg: dead symlink"),
+    ]:
+        assert_one_line_error(run(["--db", library, *args]), code=code, match=match)
 
 
 @pytest.mark.parametrize(

@@ -242,7 +242,10 @@ def test_similar_to_an_unindexed_file_encodes_it(library, tmp_path):
 
 def test_similar_errors(library):
     db, _, _ = library
-    for target, words in [("12345", "no photo with id 12345"), ("/no/such.jpg", "no such photo")]:
+    for target, words in [
+        ("12345", "no photo with id 12345"),
+        ("/no/such.jpg", "/no/such.jpg: no such file"),
+    ]:
         result = run_cli("--db", str(db), "similar", target)
         assert result.returncode == 1 and words in result.stderr and "Traceback" not in result.stderr
 

@@ -215,7 +215,7 @@ def _bad_clipsearch_calls(db: Path, tmp: Path, photos_dir: Path):
         (("query",), "give a TEXT"),
         (("query", "x", "--top", "0"), "--top"),
         (("query", "x", "--threshold", "2"), "--threshold"),
-        (("query", "--image", missing / "q.jpg"), "query image not found"),
+        (("query", "--image", missing / "q.jpg"), "q.jpg: no such file"),
         (("query", "x", "--in", missing), "no such folder"),
         (("query", "x", "--json", "--paths"), "pick one"),
         (("query", "x", "--model", missing / "m.pt"), "nope"),

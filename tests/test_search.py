@@ -129,7 +129,7 @@ def test_query_errors(setup, tmp_path):
         search(lib, ModelEncoder(bundle), Query([]))
     with pytest.raises(QueryError, match="cancel out"):
         search(lib, ModelEncoder(bundle), Query.build("beach", minus=["beach"]))
-    with pytest.raises(QueryError, match="not found"):
+    with pytest.raises(QueryError, match="missing.jpg: no such file"):
         search(lib, ModelEncoder(bundle), Query.build(image=tmp_path / "missing.jpg"))
     (tmp_path / "text.jpg").write_text("hello")
     with pytest.raises(QueryError, match="cannot read the query image"):
