@@ -17,7 +17,15 @@ from urllib.parse import urlsplit
 import numpy as np
 import pytest
 from PIL import Image
-from web_helpers import CAMERA, HOSTILE_NAME, ServerProcess, build_site
+from web_helpers import (
+    CAMERA,
+    HOSTILE_NAME,
+    LATIN1_BROKEN,
+    LATIN1_NAME,
+    ServerProcess,
+    build_site,
+    latin1_photo,
+)
 
 from clipsearch.encoders import ModelEncoder
 from clipsearch.search import Query, search
@@ -271,6 +279,55 @@ def test_photo_page_and_hostile_name_are_escaped(site, app_client):
     assert "&lt;img src=x onerror=alert(1)&gt;.jpg" in html
     assert unescape(re.search(r'<h1 class="filename">(.*?)</h1>', html).group(1)) == HOSTILE_NAME
     assert "More like this" in html and f"/image/{hostile.id}" in html
+
+
+def test_a_name_that_is_not_utf8_shows_readably_on_every_page(site, app_client):
+    """A Latin-1 name (its byte 0xE9 a lone surrogate in Python) shows with U+FFFD in its place, as the
+    HTML report shows it; its links work and its file is served byte for byte."""
+    path = latin1_photo(site)
+    readable = LATIN1_NAME.decode("utf-8", "replace")  # "caf\ufffd.jpg", decoded independently
+    with Library.open(site.db) as lib:
+        row = next(r for r in lib.images() if r.path == path)
+        label = next(r.label for r in lib.labels() if r.image_id == row.id and r.rank == 1)
+    tile_name = f'<span class="name">{readable}</span>'
+
+    pages = {
+        "search": f"/?q=dog&in={os.fsdecode(site.photos / 'latin1')}",
+        "scroll": f"/?q=dog&in={os.fsdecode(site.photos / 'latin1')}&partial=1",
+        "photo": f"/photo/{row.id}",
+        "similar": f"/similar/{row.id}",
+        "duplicates": "/duplicates?threshold=0.9999",
+        "status": "/status",  # lists the file beside it that could not be indexed
+    }
+    html = {}
+    for what, url in pages.items():
+        response = get(app_client, url)
+        assert response.status_code == 200, (what, response.status_code)
+        html[what] = response.get_data(as_text=True)
+    assert tile_ids(html["search"]) == [row.id] and tile_name in html["search"]
+    assert tile_ids(html["scroll"]) == [row.id] and tile_name in html["scroll"]
+    assert f'<h1 class="filename">{readable}</h1>' in html["photo"]
+    assert f"<title>{readable} - clipsearch</title>" in html["photo"]
+    assert f'alt="{readable}"' in html["similar"]
+    group = next(g for g in html["duplicates"].split('<section class="dupgroup">') if f"/photo/{row.id}" in g)
+    shown = os.fsencode(path).decode("utf-8", "replace")
+    assert f'<span class="path">{shown}</span>' in group
+    broken = os.fsencode(latin1_photo(site, LATIN1_BROKEN)).decode("utf-8", "replace")
+    assert f'<td class="path">{broken}</td>' in html["status"]
+    label_pages = [get(app_client, f"/labels?label={label}&page={n}") for n in (1, 2)]
+    assert all(r.status_code == 200 for r in label_pages)
+    assert any(row.id in tile_ids(r.get_data(as_text=True)) for r in label_pages)
+
+    original = get(app_client, f"/image/{row.id}")
+    assert original.status_code == 200 and original.mimetype == "image/jpeg"
+    with open(os.fsencode(path), "rb") as f:
+        assert original.data == f.read()
+    disposition = original.headers["Content-Disposition"]
+    disposition.encode("ascii")  # a header is bytes on the wire: nothing a server cannot send
+    assert disposition == "inline; filename=caf.jpg; filename*=UTF-8''caf%EF%BF%BD.jpg"  # RFC 6266
+    for picture in ("thumb", "preview"):
+        response = get(app_client, f"/{picture}/{row.id}")
+        assert response.status_code == 200 and response.mimetype == "image/jpeg", picture
 
 
 def test_camera_and_date_from_exif_on_tiles_and_photo_page(site, app_client):

@@ -10,6 +10,10 @@ Routes (every photo addressed by its library id, never by a path from the reques
 - ``GET /duplicates?threshold=T``: groups of copies to review side by side (nothing is deleted).
 - ``GET /thumb/ID``, ``GET /preview/ID``: cached JPEGs; ``GET /image/ID``: the original, streamed.
 
+A file name that is not UTF-8 is shown as everywhere else (:func:`clipsearch.names.printable`: U+FFFD
+for each byte that does not decode): every ``{{ value }}`` of a template passes through it before
+autoescaping, so no page can hold a character that UTF-8 cannot encode.
+
 Every response carries the headers of :mod:`clipsearch.web.security`; requests with a foreign
 ``Host`` are refused before routing.
 """
@@ -18,12 +22,13 @@ from __future__ import annotations
 
 import logging
 import mimetypes
-from pathlib import Path
+from pathlib import Path, PurePath
 from urllib.parse import urlencode
 
 from flask import Flask, Response, abort, g, redirect, render_template, request, send_file, url_for
 
 from clipsearch.errors import ClipsearchError, ImageDecodeError
+from clipsearch.names import printable
 from clipsearch.web import security
 from clipsearch.web.live import LiveLibrary
 from clipsearch.web.thumbs import SIZES, ThumbnailCache
@@ -49,6 +54,7 @@ def create_app(
 ) -> Flask:
     """The app serving ``live`` as ``http://host:port``; ``access_token`` required when set."""
     app = Flask(__name__)
+    app.jinja_options = {**Flask.jinja_options, "finalize": _readable}  # before jinja_env is made
     app.config.update(
         MAX_CONTENT_LENGTH=MAX_UPLOAD_BYTES,
         SEND_FILE_MAX_AGE_DEFAULT=3600,
@@ -224,7 +230,7 @@ def create_app(
                 p.path,
                 mimetype=mimetype,
                 as_attachment=mimetype == "application/octet-stream",
-                download_name=_header_safe(p.name),
+                download_name=_header_safe(printable(p.name)),  # werkzeug adds filename*= (RFC 6266)
                 etag=p.content_hash,
                 conditional=True,  # Range requests and 304s; the file is streamed, not read whole
                 max_age=0,
@@ -326,6 +332,16 @@ def _folder(text: str) -> Path | None:
 
 def _mimetype(path: Path) -> str:
     return mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+
+
+def _readable(value):
+    """A template's ``{{ value }}`` as shown, before autoescaping: strings and paths through
+    :func:`printable` (escaped markup stays markup: U+FFFD for a lone surrogate changes no tag)."""
+    if isinstance(value, str):
+        return value if value.isascii() else type(value)(printable(value))
+    if isinstance(value, PurePath):
+        return printable(str(value))
+    return value
 
 
 def _header_safe(name: str) -> str:
