@@ -403,6 +403,13 @@ def test_pictures_by_id_with_caching_headers(site, app_client):
     assert get(app_client, "/photo/999999").status_code == 404
 
 
+def test_ids_beyond_sqlite_integers_are_not_found(app_client):
+    """An id SQLite cannot hold is no photo: 404 on every route that takes one (not an overflow)."""
+    for route in ("photo", "similar", "thumb", "preview", "image"):
+        for image_id in (2**63 - 1, 2**63, 2**64, 99999999999999999999999):
+            assert get(app_client, f"/{route}/{image_id}").status_code == 404, (route, image_id)
+
+
 def test_security_headers_and_refusals(site, app_client):
     page = get(app_client, "/")
     assert page.headers["Content-Security-Policy"].startswith("default-src 'none'; script-src 'self'")
