@@ -540,6 +540,24 @@ def test_cli_web_errors_are_one_line(site, tmp_path):
     assert remote.returncode == 1 and "--allow-remote" in remote.stderr
 
 
+def test_cli_web_says_why_it_cannot_listen_on_a_host(site):
+    """A name that does not resolve, and an address that is not this machine's: one line, exit 1, and
+    advice about --host (the port is not the problem)."""
+    from e2e_helpers import run_cli
+
+    for host, why in (
+        ("no-such-host.invalid", "not a name this machine can resolve"),  # .invalid never resolves
+        ("192.0.2.1", "not an address of this machine"),  # TEST-NET-1: documentation only
+    ):
+        result = run_cli(
+            "--db", str(site.db), "web", "--host", host, "--allow-remote", "--port", "0", env=site.env
+        )
+        assert result.returncode == 1, (host, result.stderr)
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and f"cannot listen on {host}" in lines[0] and why in lines[0], lines
+        assert "--port" not in lines[0] and "internal error" not in lines[0] and "--host" in lines[0]
+
+
 def test_remote_bind_warns_and_requires_the_token(site):
     server = ServerProcess(site, "--host", "0.0.0.0", "--allow-remote")
     try:
