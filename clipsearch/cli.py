@@ -24,6 +24,7 @@ import click
 
 from clipsearch import __version__, choices
 from clipsearch.errors import ClipsearchError, LibraryError, ModelLoadError
+from clipsearch.names import printable
 
 DEFAULT_MODEL = "ViT-B-32/openai"
 MAX_FAILURES_SHOWN = 20
@@ -32,12 +33,6 @@ MAX_LABEL_ROWS = 200  # a table longer than this helps nobody; the summary count
 
 # --------------------------------------------------------------------------------------------------
 # Output helpers
-
-
-def printable(text: str) -> str:
-    """``text`` safe to print: a file name that is not valid UTF-8 (its bytes kept by Python as
-    lone surrogates) shows U+FFFD where the bad bytes are, instead of failing to encode."""
-    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 class _PrintableStream:

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from clipsearch.atomic import write_text
+from clipsearch.names import printable
 
 THUMB_SIZE = 256  # px, longest side: sharp on a 4-column grid, ~10-20 kB per photo as JPEG
 THUMB_QUALITY = 80
@@ -56,7 +57,7 @@ def thumbnail_data_uri(path: Path, size: int = THUMB_SIZE) -> str | None:
 
 def _escape(text: str, quote: bool = True) -> str:
     """HTML-escaped ``text``; a name that is not UTF-8 (lone surrogates) shows U+FFFD instead of failing."""
-    return html.escape(text.encode("utf-8", "surrogateescape").decode("utf-8", "replace"), quote)
+    return html.escape(printable(text), quote)
 
 
 def _page(title: str, css: str, header: str, main: str) -> str:

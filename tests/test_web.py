@@ -17,7 +17,15 @@ from urllib.parse import urlsplit
 import numpy as np
 import pytest
 from PIL import Image
-from web_helpers import CAMERA, HOSTILE_NAME, ServerProcess, build_site
+from web_helpers import (
+    CAMERA,
+    HOSTILE_NAME,
+    LATIN1_BROKEN,
+    LATIN1_NAME,
+    ServerProcess,
+    build_site,
+    latin1_photo,
+)
 
 from clipsearch.encoders import ModelEncoder
 from clipsearch.search import Query, search
@@ -273,6 +281,55 @@ def test_photo_page_and_hostile_name_are_escaped(site, app_client):
     assert "More like this" in html and f"/image/{hostile.id}" in html
 
 
+def test_a_name_that_is_not_utf8_shows_readably_on_every_page(site, app_client):
+    """A Latin-1 name (its byte 0xE9 a lone surrogate in Python) shows with U+FFFD in its place, as the
+    HTML report shows it; its links work and its file is served byte for byte."""
+    path = latin1_photo(site)
+    readable = LATIN1_NAME.decode("utf-8", "replace")  # "caf\ufffd.jpg", decoded independently
+    with Library.open(site.db) as lib:
+        row = next(r for r in lib.images() if r.path == path)
+        label = next(r.label for r in lib.labels() if r.image_id == row.id and r.rank == 1)
+    tile_name = f'<span class="name">{readable}</span>'
+
+    pages = {
+        "search": f"/?q=dog&in={os.fsdecode(site.photos / 'latin1')}",
+        "scroll": f"/?q=dog&in={os.fsdecode(site.photos / 'latin1')}&partial=1",
+        "photo": f"/photo/{row.id}",
+        "similar": f"/similar/{row.id}",
+        "duplicates": "/duplicates?threshold=0.9999",
+        "status": "/status",  # lists the file beside it that could not be indexed
+    }
+    html = {}
+    for what, url in pages.items():
+        response = get(app_client, url)
+        assert response.status_code == 200, (what, response.status_code)
+        html[what] = response.get_data(as_text=True)
+    assert tile_ids(html["search"]) == [row.id] and tile_name in html["search"]
+    assert tile_ids(html["scroll"]) == [row.id] and tile_name in html["scroll"]
+    assert f'<h1 class="filename">{readable}</h1>' in html["photo"]
+    assert f"<title>{readable} - clipsearch</title>" in html["photo"]
+    assert f'alt="{readable}"' in html["similar"]
+    group = next(g for g in html["duplicates"].split('<section class="dupgroup">') if f"/photo/{row.id}" in g)
+    shown = os.fsencode(path).decode("utf-8", "replace")
+    assert f'<span class="path">{shown}</span>' in group
+    broken = os.fsencode(latin1_photo(site, LATIN1_BROKEN)).decode("utf-8", "replace")
+    assert f'<td class="path">{broken}</td>' in html["status"]
+    label_pages = [get(app_client, f"/labels?label={label}&page={n}") for n in (1, 2)]
+    assert all(r.status_code == 200 for r in label_pages)
+    assert any(row.id in tile_ids(r.get_data(as_text=True)) for r in label_pages)
+
+    original = get(app_client, f"/image/{row.id}")
+    assert original.status_code == 200 and original.mimetype == "image/jpeg"
+    with open(os.fsencode(path), "rb") as f:
+        assert original.data == f.read()
+    disposition = original.headers["Content-Disposition"]
+    disposition.encode("ascii")  # a header is bytes on the wire: nothing a server cannot send
+    assert disposition == "inline; filename=caf.jpg; filename*=UTF-8''caf%EF%BF%BD.jpg"  # RFC 6266
+    for picture in ("thumb", "preview"):
+        response = get(app_client, f"/{picture}/{row.id}")
+        assert response.status_code == 200 and response.mimetype == "image/jpeg", picture
+
+
 def test_camera_and_date_from_exif_on_tiles_and_photo_page(site, app_client):
     with Library.open(site.db) as lib:
         row = next(r for r in lib.images() if r.path.name == "camera.jpg")
@@ -344,6 +401,13 @@ def test_pictures_by_id_with_caching_headers(site, app_client):
     ranged = get(app_client, f"/image/{row.id}", headers={"Range": "bytes=0-9"})
     assert ranged.status_code == 206 and ranged.data == row.path.read_bytes()[:10]
     assert get(app_client, "/photo/999999").status_code == 404
+
+
+def test_ids_beyond_sqlite_integers_are_not_found(app_client):
+    """An id SQLite cannot hold is no photo: 404 on every route that takes one (not an overflow)."""
+    for route in ("photo", "similar", "thumb", "preview", "image"):
+        for image_id in (2**63 - 1, 2**63, 2**64, 99999999999999999999999):
+            assert get(app_client, f"/{route}/{image_id}").status_code == 404, (route, image_id)
 
 
 def test_security_headers_and_refusals(site, app_client):
@@ -474,6 +538,24 @@ def test_cli_web_errors_are_one_line(site, tmp_path):
     assert missing.returncode == 1 and "no library at" in missing.stderr and "Traceback" not in missing.stderr
     remote = run_cli("--db", str(site.db), "web", "--host", "0.0.0.0", "--port", "0", env=site.env)
     assert remote.returncode == 1 and "--allow-remote" in remote.stderr
+
+
+def test_cli_web_says_why_it_cannot_listen_on_a_host(site):
+    """A name that does not resolve, and an address that is not this machine's: one line, exit 1, and
+    advice about --host (the port is not the problem)."""
+    from e2e_helpers import run_cli
+
+    for host, why in (
+        ("no-such-host.invalid", "not a name this machine can resolve"),  # .invalid never resolves
+        ("192.0.2.1", "not an address of this machine"),  # TEST-NET-1: documentation only
+    ):
+        result = run_cli(
+            "--db", str(site.db), "web", "--host", host, "--allow-remote", "--port", "0", env=site.env
+        )
+        assert result.returncode == 1, (host, result.stderr)
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and f"cannot listen on {host}" in lines[0] and why in lines[0], lines
+        assert "--port" not in lines[0] and "internal error" not in lines[0] and "--host" in lines[0]
 
 
 def test_remote_bind_warns_and_requires_the_token(site):

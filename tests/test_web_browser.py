@@ -1,6 +1,6 @@
 """`clipsearch web` in a real headless browser: the real server process, Debian's chromium driven
 by playwright. Search, open a photo, "more like this", browse a label, search by a dropped picture,
-a hostile file name shown as text; screenshots are kept as artefacts in test-artifacts/web/ (git
+a hostile file name shown as text, a name that is not UTF-8; screenshots are kept as artefacts in test-artifacts/web/ (git
 ignores it; $CLIPSEARCH_TEST_ARTIFACTS moves it).
 
 Needs chromium (`apt-get install chromium`) and the playwright package (no browser download: it
@@ -12,9 +12,10 @@ import base64
 import os
 import shutil
 from pathlib import Path
+from urllib.parse import urlencode
 
 import pytest
-from web_helpers import HOSTILE_NAME, ServerProcess, build_site
+from web_helpers import HOSTILE_NAME, LATIN1_NAME, ServerProcess, build_site
 
 CHROMIUM = os.environ.get("CLIPSEARCH_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -160,6 +161,20 @@ def test_hostile_file_name_is_shown_as_text(served, page, shots):
     assert page.locator("h1.filename").inner_text() == HOSTILE_NAME
     page.screenshot(path=str(shots / "hostile-name.png"))
     assert page.errors == []  # no alert(1) dialog, no script error
+
+
+def test_a_name_that_is_not_utf8_is_shown_and_served(served, page, shots):
+    site, server = served
+    readable = LATIN1_NAME.decode("utf-8", "replace")  # the byte that is not UTF-8 as U+FFFD
+    page.goto(server.url + "?" + urlencode({"q": "a photo", "in": str(site.photos / "latin1")}))
+    assert page.locator(".tile .name").count() == 1
+    assert page.locator(".tile .name").inner_text() == readable
+    page.locator(".tile a").click()
+    page.wait_for_selector("article.photo")
+    assert page.locator("h1.filename").inner_text() == readable
+    page.wait_for_function("() => document.querySelector('.large img').naturalWidth > 0")  # /image/ID
+    page.screenshot(path=str(shots / "latin1-name.png"))
+    assert page.errors == []
 
 
 def test_drop_a_picture_to_search(served, page, shots):

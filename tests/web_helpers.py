@@ -14,6 +14,8 @@ from pathlib import Path
 from e2e_helpers import REPO, make_photo_folder, make_tiny_model, run_cli, scene, write_photo
 
 HOSTILE_NAME = "<img src=x onerror=alert(1)>.jpg"
+LATIN1_NAME = b"caf\xe9.jpg"  # "café.jpg" in Latin-1: not UTF-8 (Python holds it as "caf\udce9.jpg")
+LATIN1_BROKEN = b"cass\xe9.jpg"  # "cassé.jpg", not a picture
 N_EXTRA = 70  # with the format samples: more than one page of 60 tiles
 
 
@@ -46,9 +48,18 @@ def build_site(root: Path) -> Site:
     write_camera_photo(site.photos / "camera.jpg")
     (site.photos / "copies").mkdir()
     shutil.copyfile(site.photos / "more" / "p000.jpg", site.photos / "copies" / "p000 copy.jpg")
+    (site.photos / "latin1").mkdir()
+    shutil.copyfile(site.photos / "beach.jpg", latin1_photo(site))  # a copy: on the duplicates page too
+    with open(latin1_photo(site, LATIN1_BROKEN), "wb") as f:  # a file that cannot be indexed, on /status
+        f.write(b"not a JPEG")
     site.cli("index", str(site.photos), "--model", str(site.model), "--backend", "torch-fp32")
     site.cli("label", "--classes", "red,green,blue", "--template", "a {} photo.")
     return site
+
+
+def latin1_photo(site: Site, name: bytes = LATIN1_NAME) -> Path:
+    """A file whose name is not UTF-8, in the folder ``latin1`` (the one photo there, and a broken file)."""
+    return Path(os.fsdecode(os.path.join(os.fsencode(site.photos / "latin1"), name)))
 
 
 CAMERA = ("Canon", "Canon EOS R5", "2023:07:14 18:30:00")

@@ -8,6 +8,7 @@ with a thread pool; the caller prints the address and calls ``server.run()``. Lo
 
 from __future__ import annotations
 
+import errno
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,8 +53,6 @@ def make_server(
     thumbs_max_bytes: int | None = None,
 ) -> WebServer:
     """Open the library, warm its search, and bind ``host:port`` (0 picks a free port)."""
-    import waitress.server
-
     from clipsearch.paths import home
     from clipsearch.web import security
     from clipsearch.web.app import create_app
@@ -73,12 +72,7 @@ def make_server(
         live.warm_up()
         thumbs = ThumbnailCache(home() / "thumbnails", thumbs_max_bytes or DEFAULT_MAX_BYTES)
         token = security.new_token() if remote else None
-        try:
-            server = waitress.server.create_server(
-                _Deferred(), host=host, port=port, threads=THREADS, ident="clipsearch"
-            )
-        except OSError as e:
-            raise WebError(f"cannot listen on {host}:{port}: {e.strerror}; try another --port") from e
+        server = _bind(host, port)
         bound_port = int(server.effective_port)
         server.application = create_app(
             live, thumbs, host=host, port=bound_port, uploads_dir=home() / "uploads", access_token=token
@@ -90,6 +84,30 @@ def make_server(
     url = f"http://{shown}:{bound_port}/"
     log.info("serving %s at %s", live.path, url)
     return WebServer(url, host, bound_port, token, live, server)
+
+
+def _bind(host: str, port: int):
+    """waitress bound to ``host:port``, or a :class:`WebError` saying whether the address or the port is wrong."""
+    import waitress.server
+
+    try:
+        return waitress.server.create_server(
+            _Deferred(), host=host, port=port, threads=THREADS, ident="clipsearch"
+        )
+    except ValueError as e:  # waitress's getaddrinfo failed; it re-raises as "Invalid host/port specified."
+        why = getattr(e.__context__, "strerror", None) or str(e)
+        raise WebError(
+            f"cannot listen on {host}: not a name this machine can resolve ({why}); "
+            "give one of this machine's addresses or names with --host"
+        ) from e
+    except OSError as e:
+        if e.errno == errno.EADDRNOTAVAIL:
+            raise WebError(
+                f"cannot listen on {host}: not an address of this machine; give one of its own "
+                "addresses with --host (or leave --host out to serve this machine only)"
+            ) from e
+        advice = "; try another --port" if e.errno in (errno.EADDRINUSE, errno.EACCES) else ""
+        raise WebError(f"cannot listen on {host}:{port}: {e.strerror}{advice}") from e
 
 
 class _Deferred:

@@ -10,6 +10,10 @@ Routes (every photo addressed by its library id, never by a path from the reques
 - ``GET /duplicates?threshold=T``: groups of copies to review side by side (nothing is deleted).
 - ``GET /thumb/ID``, ``GET /preview/ID``: cached JPEGs; ``GET /image/ID``: the original, streamed.
 
+A file name that is not UTF-8 is shown as everywhere else (:func:`clipsearch.names.printable`: U+FFFD
+for each byte that does not decode): every ``{{ value }}`` of a template passes through it before
+autoescaping, so no page can hold a character that UTF-8 cannot encode.
+
 Every response carries the headers of :mod:`clipsearch.web.security`; requests with a foreign
 ``Host`` are refused before routing.
 """
@@ -18,12 +22,14 @@ from __future__ import annotations
 
 import logging
 import mimetypes
-from pathlib import Path
+from pathlib import Path, PurePath
 from urllib.parse import urlencode
 
 from flask import Flask, Response, abort, g, redirect, render_template, request, send_file, url_for
+from werkzeug.routing import IntegerConverter
 
 from clipsearch.errors import ClipsearchError, ImageDecodeError
+from clipsearch.names import printable
 from clipsearch.web import security
 from clipsearch.web.live import LiveLibrary
 from clipsearch.web.thumbs import SIZES, ThumbnailCache
@@ -36,6 +42,7 @@ MAX_PAGE = 1000  # deeper than anyone scrolls; bounds the top-k asked of the ind
 MAX_UPLOAD_BYTES = 25 * 1024 * 1024  # a 50 MP JPEG; anything larger is refused with 413
 BROWSER_IMAGE_TYPES = {"image/jpeg", "image/png", "image/webp", "image/gif", "image/bmp"}
 THUMB_MAX_AGE_S = 7 * 24 * 3600  # an id's content never changes (a changed file gets a new id)
+MAX_PHOTO_ID = 2**63 - 1  # SQLite's largest INTEGER: a larger id is no photo (404), not an overflow
 
 
 def create_app(
@@ -49,6 +56,8 @@ def create_app(
 ) -> Flask:
     """The app serving ``live`` as ``http://host:port``; ``access_token`` required when set."""
     app = Flask(__name__)
+    app.jinja_options = {**Flask.jinja_options, "finalize": _readable}  # before jinja_env is made
+    app.url_map.converters["id"] = _PhotoId
     app.config.update(
         MAX_CONTENT_LENGTH=MAX_UPLOAD_BYTES,
         SEND_FILE_MAX_AGE_DEFAULT=3600,
@@ -149,7 +158,7 @@ def create_app(
             return render_template("error.html", message=message), 400
         return redirect(url_for("search_page", image=key), 303)
 
-    @app.get("/similar/<int:image_id>")
+    @app.get("/similar/<id:image_id>")
     def similar(image_id: int):
         photo = _photo_or_404(image_id)
         page_no = _page_number()
@@ -197,7 +206,7 @@ def create_app(
     def status():
         return render_template("status.html", status=live.status())
 
-    @app.get("/photo/<int:image_id>")
+    @app.get("/photo/<id:image_id>")
     def photo(image_id: int):
         p = _photo_or_404(image_id)
         shown = "original" if _mimetype(p.path) in BROWSER_IMAGE_TYPES else "preview"
@@ -205,15 +214,15 @@ def create_app(
 
     # --- pictures -------------------------------------------------------------------------------
 
-    @app.get("/thumb/<int:image_id>")
+    @app.get("/thumb/<id:image_id>")
     def thumb(image_id: int):
         return _cached(image_id, SIZES["thumb"])
 
-    @app.get("/preview/<int:image_id>")
+    @app.get("/preview/<id:image_id>")
     def preview(image_id: int):
         return _cached(image_id, SIZES["preview"])
 
-    @app.get("/image/<int:image_id>")
+    @app.get("/image/<id:image_id>")
     def original(image_id: int):
         p = _photo_or_404(image_id)
         mimetype = _mimetype(p.path)
@@ -224,7 +233,7 @@ def create_app(
                 p.path,
                 mimetype=mimetype,
                 as_attachment=mimetype == "application/octet-stream",
-                download_name=_header_safe(p.name),
+                download_name=_header_safe(printable(p.name)),  # werkzeug adds filename*= (RFC 6266)
                 etag=p.content_hash,
                 conditional=True,  # Range requests and 304s; the file is streamed, not read whole
                 max_age=0,
@@ -268,6 +277,13 @@ def create_app(
         return render_template(template, page=page, next_url=next_url, **context)
 
     return app
+
+
+class _PhotoId(IntegerConverter):
+    """``<id:image_id>``: a photo's id in a URL, a decimal that SQLite can hold; anything else is a 404."""
+
+    def __init__(self, url_map):
+        super().__init__(url_map, max=MAX_PHOTO_ID)
 
 
 def _page_number() -> int:
@@ -326,6 +342,16 @@ def _folder(text: str) -> Path | None:
 
 def _mimetype(path: Path) -> str:
     return mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+
+
+def _readable(value):
+    """A template's ``{{ value }}`` as shown, before autoescaping: strings and paths through
+    :func:`printable` (escaped markup stays markup: U+FFFD for a lone surrogate changes no tag)."""
+    if isinstance(value, str):
+        return value if value.isascii() else type(value)(printable(value))
+    if isinstance(value, PurePath):
+        return printable(str(value))
+    return value
 
 
 def _header_safe(name: str) -> str:
