@@ -259,7 +259,7 @@ def resolve_photo(library, target: str | Path | int) -> int | None:
     p = Path(text).expanduser()
     if not p.exists() and text.isdigit():
         image_id = int(text)
-        if not library.image_paths([image_id]):
+        if image_id >= 1 << 63 or not library.image_paths([image_id]):  # beyond SQLite's integers: none
             raise QueryError(f"no photo with id {image_id} in the library (ids are in `query --json`)")
         return image_id
     from clipsearch.walk import why_not_a_file
