@@ -244,6 +244,7 @@ def test_similar_errors(library):
     db, _, _ = library
     for target, words in [
         ("12345", "no photo with id 12345"),
+        ("99999999999999999999999", "no photo with id 99999999999999999999999"),  # beyond SQLite's integers
         ("/no/such.jpg", "/no/such.jpg: no such file"),
     ]:
         result = run_cli("--db", str(db), "similar", target)
