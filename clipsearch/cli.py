@@ -1339,11 +1339,10 @@ def export(state: _State, file: Path, model_id: str | None):
         name = library.model_name(model_id)
         ids, paths, vectors = library.embeddings(model_id)
     target = Path(file).expanduser()
-    if not target.parent.is_dir():
-        raise ClipsearchError(f"cannot write {target}: folder {target.parent} does not exist")
     from clipsearch.atomic import atomic_path
 
-    with atomic_path(target) as tmp, open(tmp, "wb") as f:  # a file object: numpy would append .npz
+    # A missing folder is a typo: refused, not made. A file object: numpy would append .npz to a name.
+    with atomic_path(target, make_folder=False) as tmp, open(tmp, "wb") as f:
         np.savez(
             f,
             paths=np.array([str(p) for p in paths], dtype=str),

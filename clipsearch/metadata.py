@@ -21,9 +21,12 @@ Conventions:
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
+import os
 import re
+import stat
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -321,15 +324,35 @@ def sidecar_candidates(path: Path) -> list[Path]:
     return [path.with_name(path.name + ".xmp"), path.with_suffix(".xmp")]
 
 
+def read_sidecar(side: Path | str, max_bytes: int) -> bytes:
+    """The bytes of the sidecar ``side``, never blocking: anything but a regular file (a FIFO, a
+    device, a socket; a folder raises ``IsADirectoryError``) raises ``OSError`` before a byte is
+    read, and so does a file larger than ``max_bytes`` (``EFBIG``)."""
+
+    def check(st: os.stat_result) -> None:
+        if stat.S_ISDIR(st.st_mode):
+            raise IsADirectoryError(errno.EISDIR, "Is a directory", str(side))
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", str(side))
+        if st.st_size > max_bytes:
+            raise OSError(errno.EFBIG, f"larger than {max_bytes} bytes", str(side))
+
+    check(os.stat(side))  # before opening: opening a device may do something
+    # O_NONBLOCK: should the path be swapped for a FIFO after the stat, open() still returns
+    fd = os.open(side, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    with os.fdopen(fd, "rb") as f:
+        check(os.fstat(fd))
+        return f.read(max_bytes + 1)  # one byte more: a file grown since the check stays too large
+
+
 def _sidecar_xmp(path: Path | None) -> dict:
     if path is None:
         return {}
     for side in sidecar_candidates(path):
         try:
-            if side.is_file() and side.stat().st_size <= MAX_XMP_BYTES:
-                return parse_xmp(side.read_bytes())
+            return parse_xmp(read_sidecar(side, MAX_XMP_BYTES))
         except OSError:
-            continue
+            continue  # none there, a FIFO or folder in its place, too large: the next candidate
     return {}
 
 

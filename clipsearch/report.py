@@ -97,10 +97,12 @@ def render_html(hits: Sequence, title: str, query_desc: str) -> str:
 
 
 def write_html(hits: Sequence, out_path: str | Path, title: str, query_desc: str) -> Path:
-    """Write the results page to ``out_path`` atomically; returns the path written."""
+    """Write the results page to ``out_path`` atomically (into it when it is a stream such as
+    ``/dev/stdout``); returns the path written. A missing folder is refused
+    (:class:`clipsearch.atomic.MissingFolderError`), not made."""
     out = Path(out_path).expanduser()
     page = render_html(hits, title, query_desc)
-    write_text(out, page)
+    write_text(out, page, make_folder=False)
     return out
 
 
@@ -156,7 +158,7 @@ def render_duplicates_html(groups: Sequence, title: str = "clipsearch: duplicate
 
 
 def write_duplicates_html(groups: Sequence, out_path: str | Path) -> Path:
-    """Write the duplicates review page to ``out_path`` atomically; returns the path written."""
+    """Write the duplicates review page to ``out_path`` like :func:`write_html`; returns the path."""
     out = Path(out_path).expanduser()
-    write_text(out, render_duplicates_html(groups))
+    write_text(out, render_duplicates_html(groups), make_folder=False)
     return out

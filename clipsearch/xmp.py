@@ -20,11 +20,13 @@ or another program put there. A file whose content would not change is not rewri
 replaces the old through :mod:`clipsearch.atomic` (its mode kept, a symlinked sidecar written through).
 
 A sidecar that is not well-formed XML, not UTF-8, has no ``rdf:Description``, or holds a keyword
-property that is not a list, is left untouched and reported (:class:`XmpError`).
+property that is not a list, is left untouched and reported (:class:`XmpError`); so is one that is
+not a regular file (a FIFO, a device, a folder), found without ever blocking on it.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import xml.parsers.expat
 from collections.abc import Sequence
@@ -364,12 +366,17 @@ def _add_properties(edit: _Edit, holder: _Element, props, declare: dict[str, str
 
 
 def _read(side: Path) -> bytes:
+    from clipsearch.metadata import read_sidecar
+
+    too_large = f"{side}: sidecar larger than {MAX_SIDECAR_BYTES >> 20} MiB, left untouched"
     try:
-        if side.stat().st_size > MAX_SIDECAR_BYTES:
-            raise XmpError(f"{side}: sidecar larger than {MAX_SIDECAR_BYTES >> 20} MiB, left untouched")
-        data = side.read_bytes()
-    except OSError as e:
-        raise XmpError(f"{side}: cannot read it ({e.strerror})") from e
+        data = read_sidecar(side, MAX_SIDECAR_BYTES)
+    except OSError as e:  # a FIFO, device or folder in its place is refused before it is opened
+        raise XmpError(
+            too_large if e.errno == errno.EFBIG else f"{side}: cannot read it ({e.strerror})"
+        ) from e
+    if len(data) > MAX_SIDECAR_BYTES:  # it grew since the check
+        raise XmpError(too_large)
     try:
         data.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -394,5 +401,5 @@ def write_keywords(image: str | Path, keywords: Sequence[str]) -> Path | None:
     merged = merge_keywords(data, keywords, side)
     if exists and merged == data:
         return side  # nothing to change: the file (and its mtime) stays as it is
-    write_bytes(side, merged)
+    write_bytes(side, merged, make_folder=False)  # the photo's folder gone (a drive unmounted): not remade
     return side

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import errno
 import os
+import socket
 import stat
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -139,6 +141,134 @@ def test_commit_moves_a_file_written_elsewhere_with_the_same_guarantees(tmp_path
     (work / "model.onnx").write_text("new")
     atomic.commit(work / "model.onnx", target)
     assert target.read_text() == "new" and _mode(target) == 0o640 and not (work / "model.onnx").exists()
+
+
+# --- targets that are not regular files: written into, never replaced ------------------------------
+
+
+@pytest.fixture
+def stream_temps(tmp_path, monkeypatch):
+    """Where a write into a stream stages its bytes (the system's temporary folder), watched."""
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(staging))
+    return staging
+
+
+def _kind(path) -> int:
+    return stat.S_IFMT(os.stat(path).st_mode)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this platform")
+def test_a_fifo_target_is_written_into_and_stays_a_fifo(tmp_path, stream_temps):
+    fifo = tmp_path / "out.html"
+    os.mkfifo(fifo)
+    # The reader is there first (opened without blocking), so the writer's open cannot block either;
+    # the page is smaller than a pipe's buffer, so its writes cannot block.
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        assert atomic.write_text(fifo, "<p>page</p>") == fifo
+        assert os.read(reader, 1 << 16) == b"<p>page</p>"
+    finally:
+        os.close(reader)
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.html", "staging"]  # no temporary beside
+    assert list(stream_temps.iterdir()) == []  # the staged copy is gone
+
+
+@pytest.mark.parametrize("through_link", [False, True], ids=["dev-null", "link-to-dev-null"])
+def test_dev_null_is_written_into_and_stays_a_device(tmp_path, stream_temps, through_link):
+    if not os.path.exists("/dev/null"):
+        pytest.skip("no /dev/null")
+    target = tmp_path / "out.npz" if through_link else Path("/dev/null")
+    if through_link:
+        target.symlink_to("/dev/null")
+    with atomic.atomic_path(target) as tmp:
+        tmp.write_bytes(b"x" * 100_000)  # a library writing to the path it is given
+    assert stat.S_ISCHR(os.stat("/dev/null").st_mode)
+    assert not through_link or os.readlink(target) == "/dev/null"
+    assert list(stream_temps.iterdir()) == []
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="no /proc/self/fd")
+def test_a_pipe_and_a_socket_through_proc_self_fd_are_written_into(tmp_path, stream_temps):
+    """What ``--html /dev/stdout`` meets when stdout is a pipe (a shell) or a socket (a service)."""
+    r, w = os.pipe()
+    a, b = socket.socketpair()
+    try:
+        link = tmp_path / "out.html"  # as in the field test: a link to /proc/self/fd/N
+        link.symlink_to(f"/proc/self/fd/{w}")
+        atomic.write_text(link, "to the pipe")
+        assert os.read(r, 100) == b"to the pipe"
+        atomic.write_text(f"/proc/self/fd/{a.fileno()}", "to the socket")  # cannot be opened by path
+        assert b.recv(100) == b"to the socket"
+    finally:
+        for fd in (r, w):
+            os.close(fd)
+        a.close()
+        b.close()
+    assert os.readlink(link) == f"/proc/self/fd/{w}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.html", "staging"]
+
+
+def test_a_failed_block_writes_nothing_into_the_stream(tmp_path, stream_temps):
+    r, w = os.pipe()
+    try:
+        os.set_blocking(r, False)
+        with pytest.raises(RuntimeError), atomic.atomic_path(f"/dev/fd/{w}") as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("writer failed")
+        with pytest.raises(BlockingIOError):  # empty: nothing was written
+            os.read(r, 100)
+    finally:
+        os.close(r)
+        os.close(w)
+    assert list(stream_temps.iterdir()) == []
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="no /dev/full")
+def test_dev_full_is_an_enospc_error_naming_it_and_stays_a_device(stream_temps):
+    with pytest.raises(OSError) as e:
+        atomic.write_text("/dev/full", "a page")
+    assert e.value.errno == errno.ENOSPC and e.value.filename == "/dev/full"
+    assert stat.S_ISCHR(os.stat("/dev/full").st_mode)
+    assert list(stream_temps.iterdir()) == []
+
+
+def test_a_folder_target_is_an_error_and_is_left_alone(tmp_path):
+    folder = tmp_path / "out.html"
+    (folder / "inside").mkdir(parents=True)
+    link = tmp_path / "link.html"
+    link.symlink_to(folder)
+    for target in (folder, link):
+        with pytest.raises(IsADirectoryError):
+            atomic.write_text(target, "page")
+    assert [p.name for p in folder.iterdir()] == ["inside"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link.html", "out.html"]  # no temporary
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="no /proc/self/fd")
+def test_a_regular_file_reached_through_proc_self_fd_is_still_replaced_atomically(tmp_path):
+    """``--html /dev/stdout > page.html``: a regular file behind the link keeps the atomic write."""
+    target = tmp_path / "page.html"
+    target.write_text("old")
+    os.chmod(target, 0o640)
+    with open(target) as held:
+        atomic.write_text(f"/proc/self/fd/{held.fileno()}", "new")
+        assert held.read() == "old"  # the old inode, untouched: a new file was renamed over it
+    assert target.read_text() == "new" and _mode(target) == 0o640
+    assert [p.name for p in tmp_path.iterdir()] == ["page.html"]
+
+
+def test_make_folder_false_refuses_a_missing_folder_and_makes_none(tmp_path):
+    target = tmp_path / "nd" / "a" / "b.html"
+    with pytest.raises(atomic.MissingFolderError) as e:
+        atomic.write_text(target, "page", make_folder=False)
+    assert str(e.value) == f"cannot write {target}: folder {target.parent} does not exist"
+    assert isinstance(e.value, FileNotFoundError)  # callers that report OSError per file catch it
+    assert list(tmp_path.iterdir()) == []
+    atomic.write_text(target, "page")  # the default (caches, indexes) still makes it
+    assert target.read_text() == "page"
 
 
 # --- lock files ----------------------------------------------------------------------------------

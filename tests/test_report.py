@@ -60,7 +60,7 @@ def test_names_and_query_are_escaped(tmp_path):
 def test_thumbnails_are_inline_jpegs_at_most_256px(tmp_path):
     big = write_photo(tmp_path / "big.png", 2, size=(800, 400))
     small = write_photo(tmp_path / "small.jpg", 3, size=(100, 60))
-    out = write_html([Hit(big, 0.5, 1), Hit(small, 0.4, 2)], tmp_path / "out" / "r.html", "t", "q")
+    out = write_html([Hit(big, 0.5, 1), Hit(small, 0.4, 2)], tmp_path / "r.html", "t", "q")
     page = out.read_text(encoding="utf-8")
     parsed = _parse(page)
     assert len(parsed.images) == 2

@@ -9,10 +9,11 @@ import os
 import shutil
 import stat
 import subprocess
+import threading
 from pathlib import Path
 
 import pytest
-from e2e_helpers import sidecar_keywords, write_photo
+from e2e_helpers import run_cli, sidecar_keywords, write_photo
 from test_reliability import invoke, tiny_model_dir
 
 from clipsearch.xmp import XmpError, merge_keywords, sidecar_path, write_keywords
@@ -159,6 +160,47 @@ def test_a_sidecar_that_cannot_be_merged_is_left_alone(tmp_path, content, reason
     assert side.read_bytes() == content
 
 
+def _within(seconds: float, fn):
+    """``fn()``'s outcome, or a failure when it has not returned within ``seconds`` (a hang)."""
+    outcome: list = []
+
+    def call():
+        try:
+            outcome.append(("value", fn()))
+        except BaseException as e:  # handed back to the test
+            outcome.append(("error", e))
+
+    thread = threading.Thread(target=call, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert outcome, f"still blocked after {seconds} s"
+    return outcome[0]
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this platform")
+def test_a_sidecar_that_is_a_fifo_is_reported_without_blocking_and_left_alone(tmp_path):
+    from clipsearch.metadata import _sidecar_xmp
+
+    side = tmp_path / "d.jpg.xmp"
+    os.mkfifo(side)
+    kind, value = _within(10, lambda: write_keywords(tmp_path / "d.jpg", ["x"]))
+    assert kind == "error" and isinstance(value, XmpError), value
+    assert str(value) == f"{side}: cannot read it (not a regular file)"
+    assert stat.S_ISFIFO(os.lstat(side).st_mode)
+    # index reads sidecars too: a FIFO is passed over for the next one (photo.xmp), never waited on
+    (tmp_path / "d.xmp").write_text(LIGHTROOM_SIDECAR)
+    kind, value = _within(10, lambda: _sidecar_xmp(tmp_path / "d.jpg"))
+    assert kind == "value" and value["taken_at"].startswith("2024-06-01"), value
+
+
+def test_a_sidecar_of_a_photo_whose_folder_is_gone_does_not_make_the_folder(tmp_path):
+    """A drive that is not mounted: its photos are still in the library, their folder is not there."""
+    gone = tmp_path / "drive" / "photos"
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        write_keywords(gone / "a.jpg", ["dog"])
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_merge_is_idempotent_and_undone_by_an_empty_merge():
     data = FIXTURE.read_bytes()
     once = merge_keywords(data, ["dog"])
@@ -206,6 +248,28 @@ def test_label_write_xmp_on_a_private_symlinked_darktable_sidecar(tmp_path, tmp_
         k: v for k, v in before.items() if k not in CHANGED
     }
     assert sorted(p.name for p in synced.iterdir()) == ["IMG_4711.jpg.xmp"]  # no temporaries left
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this platform")
+def test_label_write_xmp_reports_a_fifo_sidecar_and_does_not_hang(tmp_path, tmp_path_factory):
+    """The field test: `label --write-xmp` used to wait forever on a FIFO named like a sidecar."""
+    sub = tmp_path / "photos" / "sub"
+    write_photo(sub / "deep.jpg", 1)
+    write_photo(sub / "other.jpg", 2)
+    db = tmp_path / "lib.db"
+    assert (
+        invoke("index", "--model", tiny_model_dir(tmp_path_factory), tmp_path / "photos", db=db).exit_code
+        == 0
+    )
+    os.mkfifo(sub / "deep.jpg.xmp")  # after indexing, as a program might make it
+    args = ("--db", str(db), "label", "--classes", "dog,cat", "--in", str(sub), "--write-xmp")
+    proc = run_cli(*args, "--threshold", "0", "--json", timeout=90)  # TimeoutExpired: the hang is back
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    rows = {Path(r["path"]).name: r for r in json.loads(proc.stdout)}
+    assert rows["deep.jpg"]["xmp"]["error"] == f"{sub / 'deep.jpg.xmp'}: cannot read it (not a regular file)"
+    assert rows["other.jpg"]["xmp"]["error"] is None and sidecar_keywords(sub / "other.jpg")
+    assert stat.S_ISFIFO(os.lstat(sub / "deep.jpg.xmp").st_mode)  # left untouched
+    assert "XMP sidecars not written for 1 of 2 photos" in proc.stderr
 
 
 def test_label_write_xmp_writes_only_labels_sure_enough(tmp_path, tmp_path_factory):
