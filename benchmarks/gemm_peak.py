@@ -106,12 +106,14 @@ def main() -> None:
     rng = np.random.default_rng(1)
     with tempfile.TemporaryDirectory() as tmp:
         rates = {}
-        for name, path in zip(("fp32", "int8"), matmul_files(Path(tmp), m)):
+        for name, path in zip(("fp32", "int8"), matmul_files(Path(tmp), m), strict=True):
             s = session(path)
             x = rng.standard_normal((m, WIDTH)).astype(np.float32)
             seconds = median_seconds(lambda s=s, x=x: s.run(None, {"x": x}), args.rounds)
             rates[name] = m * WIDTH * HIDDEN / seconds
-            print(f"MatMul [{m} x {WIDTH}] x [{WIDTH} x {HIDDEN}], {name}: {rates[name] / 1e9:.1f} GMAC/s (one thread)")
+            print(
+                f"MatMul [{m} x {WIDTH}] x [{WIDTH} x {HIDDEN}], {name}: {rates[name] / 1e9:.1f} GMAC/s (one thread)"
+            )
     print(f"int8 / fp32: {rates['int8'] / rates['fp32']:.2f}x")
     if args.onnx:
         s = session(args.onnx)
