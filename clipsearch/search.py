@@ -532,7 +532,10 @@ class Searcher:
                 query = Query.build(image=Path(str(target)).expanduser())
             else:
                 raise QueryError(f"photo #{image_id} has no embedding of {name}: index it again")
-        return self.run(query, top, filters, threshold)
+        answer = self.run(query, top, filters, threshold)
+        # The photo itself first: an identical copy ties with it at 1.0 and may come back before it.
+        answer.hits.sort(key=lambda h: h.image_id != image_id)  # stable: the rest keep their order
+        return answer
 
     def close(self) -> None:
         """Close the library (a later call opens it again)."""

@@ -233,6 +233,21 @@ def test_similar_to_a_copy_elsewhere_uses_the_stored_embedding(library, tmp_path
     assert Path(json.loads(result.stdout)[0]["path"]).name == "paris_2024.jpg"
 
 
+def test_similar_puts_the_photo_itself_before_an_identical_copy(tmp_path):
+    # the copy ties with it at 1.0; a.jpg (the lower id) came back first when b/a.jpg was asked for
+    photos = tmp_path / "photos"
+    write_photo(photos / "a.jpg", 1)
+    (photos / "b").mkdir()
+    (photos / "b" / "a.jpg").write_bytes((photos / "a.jpg").read_bytes())
+    write_photo(photos / "c.jpg", 2)
+    db = tmp_path / "lib.db"
+    invoke("--db", db, "index", photos, "--model", make_tiny_model(tmp_path / "tiny"))
+    for target in (photos / "b" / "a.jpg", photos / "a.jpg"):
+        hits = json.loads(invoke("--db", db, "similar", target, "--json").stdout)
+        assert Path(hits[0]["path"]) == target and hits[0]["score"] == pytest.approx(1.0)
+        assert hits[1]["score"] == pytest.approx(1.0)  # the copy, right after it
+
+
 def test_similar_to_an_unindexed_file_encodes_it(library, tmp_path):
     db, photos, _ = library
     other = write_photo(tmp_path / "new.jpg", 99)
