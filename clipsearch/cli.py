@@ -1487,6 +1487,7 @@ def doctor(state: _State, rebuild: bool):
             )
         out.print(f"SQLite: {library.path} passes the integrity check", markup=False)
         model_ids = library.model_ids()
+        unsaved = []  # models whose index needed a repair that a read-only library cannot keep
         if not model_ids:
             out.print("FAISS: no models indexed yet, nothing to check")
         for model_id in model_ids:
@@ -1502,12 +1503,21 @@ def doctor(state: _State, rebuild: bool):
                 action = "was behind SQLite: brought up to date"
             else:
                 action = "in step with SQLite"
+            if library.readonly and action != "in step with SQLite":
+                unsaved.append(name)
+                action += " in memory only (the library is read-only here: nothing was saved)"
             if len(index) != expected:
                 raise LibraryError(
                     f"FAISS index of {name} holds {len(index)} vectors but SQLite has {expected}; "
                     "run `clipsearch doctor --rebuild`"
                 )
             out.print(f"FAISS: {name}: {action} ({len(index)} vectors, {index.kind})", markup=False)
+    if unsaved:
+        raise LibraryError(
+            f"{library.path} is read-only here, so the FAISS index of {', '.join(unsaved)} could not be "
+            "repaired: queries still work (they rebuild it in memory each time); run `clipsearch doctor` "
+            "where the library can be written"
+        )
     out.print("OK")
 
 

@@ -190,3 +190,20 @@ def test_a_library_on_a_read_only_mount_opens_for_query_status_and_export(librar
         assert {p.name: _digest(p) for p in db.parent.iterdir() if p.is_file()} == before
     finally:
         subprocess.run(["umount", str(mount)], capture_output=True)
+
+
+def test_doctor_on_a_read_only_mount_says_it_could_not_repair(library, tmp_path):
+    # It used to print "rebuilt from SQLite" and OK, on every run, although nothing could be saved.
+    db, _, _ = library
+    shutil.rmtree(db.parent / (db.name + ".faiss"))  # the index is gone: doctor would rebuild it
+    mount = tmp_path / "archive"
+    if not _bind_readonly(db.parent, mount):
+        pytest.skip("cannot make a read-only bind mount here (needs root with CAP_SYS_ADMIN)")
+    try:
+        result = invoke("doctor", db=mount / db.name)
+        assert "in memory only (the library is read-only here: nothing was saved)" in result.stdout
+        assert "OK" not in result.stdout.split()
+        line = one_line_error(result)
+        assert "read-only here" in line and "could not be repaired" in line and "queries still work" in line
+    finally:
+        subprocess.run(["umount", str(mount)], capture_output=True)
