@@ -464,6 +464,8 @@ class Searcher:
         query.check()
         if top < 1:
             raise QueryError(f"--top must be at least 1, got {top}")
+        if model is None:
+            query = self._indexed_images(query)
         if self._daemon_may_answer(model):
             from clipsearch import daemon_client
 
@@ -495,6 +497,32 @@ class Searcher:
         if isinstance(encoder, encoders.ModelEncoder) and model is None:
             encoder.export_text()  # so the next text query can skip torch
         return Answer(hits, encoder.name, q)
+
+    def _indexed_images(self, query: Query) -> Query:
+        """``query`` with each image file the library has indexed (that path, or a copy of its
+        content) as that photo's stored vector: the same vector its own search ranks by (a photo
+        scores 1.0 against itself, as with :meth:`similar`), and no model to load for it."""
+        if not any(p.kind == "image" for p in query.parts):
+            return query
+        parts = []
+        with self.lock:
+            library = self.library()
+            model_id = library.default_model_id()
+            for part in query.parts:
+                if part.kind == "image" and model_id is not None:
+                    try:
+                        image_id = resolve_photo(library, part.value)
+                    except QueryError:
+                        image_id = None  # not readable here: encoding it says why
+                    if image_id is not None and library.has_embedding(image_id, model_id):
+                        log.info(
+                            "query image %s is photo #%d of the library: its stored vector",
+                            part.value,
+                            image_id,
+                        )
+                        part = QueryPart.indexed(image_id, part.weight)
+                parts.append(part)
+        return Query(parts)
 
     def _daemon_may_answer(self, model: str | None) -> bool:
         if not self.ask_daemon:

@@ -208,7 +208,7 @@ def run_without_torch(*args):
     )
 
 
-def test_similar_to_an_indexed_photo_never_imports_torch(library):
+def test_similar_to_an_indexed_photo_never_imports_torch(library, tmp_path):
     db, photos, _ = library
     target = photos / "tokyo.jpg"
     result = run_without_torch("similar", target, "--db", db, "--json", "-n", "3")
@@ -220,8 +220,9 @@ def test_similar_to_an_indexed_photo_never_imports_torch(library):
     by_id = run_without_torch("--db", db, "similar", str(hits[0]["image_id"]), "--json", "--camera", "canon")
     assert by_id.returncode == 0, by_id.stderr
     assert names(json.loads(by_id.stdout), photos) == {"paris_2023.jpg", "trips/newyear.webp", "ny.cr3"}
-    # the poison works: a query that needs the model fails in this process
-    assert run_without_torch("--db", db, "query", "--image", target).returncode != 0
+    # the poison works: a query that needs the model (a photo the library does not know) fails here
+    other = write_photo(tmp_path / "new.jpg", 98)
+    assert run_without_torch("--db", db, "query", "--image", other).returncode != 0
 
 
 def test_similar_to_a_copy_elsewhere_uses_the_stored_embedding(library, tmp_path):
@@ -246,6 +247,20 @@ def test_similar_puts_the_photo_itself_before_an_identical_copy(tmp_path):
         hits = json.loads(invoke("--db", db, "similar", target, "--json").stdout)
         assert Path(hits[0]["path"]) == target and hits[0]["score"] == pytest.approx(1.0)
         assert hits[1]["score"] == pytest.approx(1.0)  # the copy, right after it
+
+
+def test_query_by_an_indexed_photo_uses_its_stored_vector(library, tmp_path):
+    # as `similar` does: the photo scores 1.0 against itself (the int8 index backend's vector, not a
+    # second fp32 encoding of it: 0.998), and no model is loaded for it, a copy elsewhere included
+    db, photos, _ = library
+    copy = tmp_path / "copy.jpg"
+    copy.write_bytes((photos / "tokyo.jpg").read_bytes())
+    for image in (photos / "tokyo.jpg", copy):
+        result = run_without_torch("--db", db, "query", "--image", image, "--json", "-n", "2", "--verbose")
+        assert result.returncode == 0, result.stderr
+        hits = json.loads(result.stdout)
+        assert Path(hits[0]["path"]).name == "tokyo.jpg" and hits[0]["score"] == pytest.approx(1.0, abs=1e-6)
+        assert "its stored vector" in result.stderr
 
 
 def test_similar_to_an_unindexed_file_encodes_it(library, tmp_path):
