@@ -49,7 +49,7 @@ import numpy as np
 
 from clipsearch.errors import ClipsearchError, ImageDecodeError, LibraryError
 from clipsearch.imageio import DEFAULT_MAX_PIXELS, check_header, open_image
-from clipsearch.metadata import METADATA_VERSION
+from clipsearch.metadata import METADATA_VERSION, sidecar_stamp
 from clipsearch.store import ImageRow, Library, LibraryWriteError
 from clipsearch.walk import oserror_reason, walk
 
@@ -367,12 +367,17 @@ class _Run:
         failures = lib.known_failures()
         seen: set[str] = set()
         jobs: list[_Job] = []
+        edited: list[int] = []
         for f in found.files:
             stored = lib.stored_path(f.path)
             seen.add(stored)
             row = rows.get(stored)
             if row is not None and row.size == f.size and row.mtime_ns == f.mtime_ns and row.id in embedded:
                 self.report.unchanged += 1
+                if (found.sidecars or row.sidecar_mtime_ns is not None) and sidecar_stamp(
+                    f.path, found.sidecars
+                ) != row.sidecar_mtime_ns:
+                    edited.append(row.id)  # its sidecar was edited, added or removed since: read again
                 continue
             failure = failures.get(stored) if row is None else None
             if failure is not None and (failure.size, failure.mtime_ns, failure.settings) == (
@@ -407,6 +412,7 @@ class _Run:
             for path, reason, detail in found.failed:
                 lib.record_error(path, reason, detail)
                 self.report.failed.append((path, reason))
+            lib.mark_metadata_stale(edited)  # refresh_metadata below reads them: headers and sidecar only
         self.emit({"event": "start", "total": len(jobs)})
         self._pipeline(jobs)
         self._finish(found)

@@ -21,12 +21,14 @@ Conventions:
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import logging
 import math
 import os
 import re
 import stat
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -74,6 +76,7 @@ class PhotoMetadata:
     width: int | None = None  # upright, in pixels
     height: int | None = None
     file_type: str | None = None
+    sidecar_mtime_ns: int | None = None  # :func:`sidecar_stamp` as the metadata was read
 
     @classmethod
     def from_fields(cls, fields: dict, **known) -> PhotoMetadata:
@@ -324,6 +327,26 @@ def sidecar_candidates(path: Path) -> list[Path]:
     return [path.with_name(path.name + ".xmp"), path.with_suffix(".xmp")]
 
 
+def sidecar_stamp(path: Path | str, mtimes: Mapping[str, int] | None = None) -> int | None:
+    """When the newest of ``path``'s XMP sidecars (:func:`sidecar_candidates`, regular files) last
+    changed, ``st_mtime_ns``; None when it has none. Stored with the metadata read from them, so an
+    index run that finds a sidecar edited since (another program fixed a date) reads it again.
+    ``mtimes``: the sidecars a walk found (path -> mtime), looked up instead of asking the disk."""
+    stamps = []
+    for side in sidecar_candidates(Path(path)):
+        if mtimes is not None:
+            stamp = mtimes.get(str(side))
+        else:
+            try:
+                st = os.stat(side)
+            except OSError:
+                continue
+            stamp = st.st_mtime_ns if stat.S_ISREG(st.st_mode) else None
+        if stamp is not None:
+            stamps.append(stamp)
+    return max(stamps, default=None)
+
+
 def read_sidecar(side: Path | str, max_bytes: int) -> bytes:
     """The bytes of the sidecar ``side``, never blocking: anything but a regular file (a FIFO, a
     device, a socket; a folder raises ``IsADirectoryError``) raises ``OSError`` before a byte is
@@ -418,11 +441,16 @@ def read_metadata(source, path: Path | str | None = None) -> PhotoMetadata:
 
     f, name, owned = _open_stream(source)
     path = Path(path) if path is not None else (Path(source) if not hasattr(source, "read") else None)
+    stamp = (
+        sidecar_stamp(path) if path is not None else None
+    )  # before reading: an edit meanwhile shows next run
     try:
         found = raw.sniff(f, path)
         if found is not None:
-            return raw.read_metadata(f, found, path)
-        return from_image(_identify(f, name, max_pixels=None), path)
+            meta = raw.read_metadata(f, found, path)
+        else:
+            meta = from_image(_identify(f, name, max_pixels=None), path)
+        return dataclasses.replace(meta, sidecar_mtime_ns=stamp)
     finally:
         if owned:
             f.close()

@@ -134,6 +134,12 @@ ALTER TABLE images ADD COLUMN metadata_version INTEGER;
 CREATE INDEX images_taken_at ON images(taken_at);
 """
 
+# When the photo's XMP sidecar was last changed as its metadata was read (NULL: it had none): an
+# index run that finds the sidecar changed since reads the photo's metadata again.
+_M006 = """
+ALTER TABLE images ADD COLUMN sidecar_mtime_ns INTEGER;
+"""
+
 # Named and ordered; a migration never changes once released, new ones are appended.
 MIGRATIONS: list[tuple[str, str]] = [
     ("001_initial", _M001),
@@ -141,6 +147,7 @@ MIGRATIONS: list[tuple[str, str]] = [
     ("003_library_id", _M003),
     ("004_folder_devices", _M004),
     ("005_photo_metadata", _M005),
+    ("006_sidecar_stamp", _M006),
 ]
 
 
@@ -274,6 +281,7 @@ class ImageRow:
     lon: float | None = None
     orientation: int | None = None
     file_type: str | None = None
+    sidecar_mtime_ns: int | None = None  # its XMP sidecar's mtime when its metadata was read (None: none)
 
 
 @dataclass(frozen=True, slots=True)
@@ -367,7 +375,7 @@ class Embeddings(NamedTuple):
 
 _IMAGE_COLUMNS = (
     "id, path, size, mtime_ns, content_hash, width, height, taken_at, indexed_at, "
-    "camera_make, camera_model, lens, lat, lon, orientation, file_type"
+    "camera_make, camera_model, lens, lat, lon, orientation, file_type, sidecar_mtime_ns"
 )
 _CHUNK = 900  # ids per IN (...): under SQLite's default limit of 999 parameters
 
@@ -983,6 +991,14 @@ class Library:
         sql = "SELECT id, lat, lon FROM images" + (" WHERE " + " AND ".join(where) if where else "")
         return [(r[0], r[1], r[2]) for r in self._conn.execute(sql, params)]
 
+    def mark_metadata_stale(self, ids: Iterable[int]) -> None:
+        """Have the next :func:`clipsearch.indexer.refresh_metadata` read these photos' metadata again."""
+        with self.transaction():
+            for chunk in _chunks(ids):
+                self._conn.execute(
+                    f"UPDATE images SET metadata_version = NULL WHERE id IN ({_marks(chunk)})", chunk
+                )
+
     def metadata_stale_ids(self, version: int) -> set[int]:
         """Ids of photos whose metadata was read by an extractor older than ``version`` (or never)."""
         sql = "SELECT id FROM images WHERE metadata_version IS NULL OR metadata_version < ?"
@@ -995,7 +1011,7 @@ class Library:
             self._conn.execute(
                 "UPDATE images SET width = coalesce(?, width), height = coalesce(?, height), "
                 "taken_at = coalesce(?, taken_at), camera_make = ?, camera_model = ?, lens = ?, lat = ?, "
-                "lon = ?, orientation = ?, file_type = ?, metadata_version = ? WHERE id = ?",
+                "lon = ?, orientation = ?, file_type = ?, sidecar_mtime_ns = ?, metadata_version = ? WHERE id = ?",
                 (
                     meta.width,
                     meta.height,
@@ -1007,6 +1023,7 @@ class Library:
                     meta.lon,
                     meta.orientation,
                     meta.file_type,
+                    meta.sidecar_mtime_ns,
                     int(version),
                     int(image_id),
                 ),
@@ -1018,8 +1035,8 @@ class Library:
             self._conn.execute(
                 "UPDATE images SET (width, height, taken_at, camera_make, camera_model, lens, lat, lon, "
                 "orientation, file_type, metadata_version) = (SELECT width, height, taken_at, camera_make, "
-                "camera_model, lens, lat, lon, orientation, file_type, metadata_version FROM images WHERE id = ?) "
-                "WHERE id = ?",
+                "camera_model, lens, lat, lon, orientation, file_type, metadata_version FROM images WHERE id = ?), "
+                "sidecar_mtime_ns = NULL WHERE id = ?",  # its own sidecar, if any, is read by the next run
                 (int(from_id), int(to_id)),
             )
 

@@ -11,6 +11,7 @@ symlinks and unreadable folders are reported as failures with a reason too, inst
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fnmatch
 import os
@@ -36,6 +37,9 @@ class WalkResult:
     # Folders that could not be listed: what was indexed under them must not be treated as gone.
     unreadable_dirs: list[Path] = field(default_factory=list)
     roots: list[Path] = field(default_factory=list)  # the scanned roots that exist
+    # XMP sidecars beside the photos (path -> st_mtime_ns): the indexer notices one edited since
+    # its photo's metadata was read (clipsearch.metadata.sidecar_stamp)
+    sidecars: dict[str, int] = field(default_factory=dict)
 
 
 def _excluded(rel: str, name: str, exclude: Sequence[str]) -> bool:
@@ -99,7 +103,14 @@ def walk(
 
     def consider(path: Path, rel: str) -> None:
         name = path.name
-        if os.path.splitext(name)[1].lower() not in exts:
+        ext = os.path.splitext(name)[1].lower()
+        if ext == ".xmp":
+            with contextlib.suppress(OSError):  # a sidecar that cannot be read is simply not there
+                st = os.stat(path)
+                if stat.S_ISREG(st.st_mode):
+                    result.sidecars[str(path)] = st.st_mtime_ns
+            return
+        if ext not in exts:
             return
         if _excluded(rel, name, exclude):
             return
@@ -173,8 +184,12 @@ def walk(
             result.roots.append(root)
             visit_tree(root)
         elif os.path.lexists(root):
+            from clipsearch.metadata import sidecar_candidates
+
             result.roots.append(root)
             consider(root, root.name)
+            for side in sidecar_candidates(root):  # a photo named alone: its sidecars too
+                consider(side, side.name)
         else:
             result.failed.append((root, "missing", "no such file or folder"))
     return result

@@ -304,3 +304,39 @@ def test_exif_bytes_helper_round_trips():
     exif = Image.Exif()
     exif.load(exif_bytes(make="A", model="B"))
     assert (exif[0x010F], exif[0x0110]) == ("A", "B")
+
+
+def test_a_sidecar_edited_after_indexing_is_read_by_the_next_run(tmp_path):
+    # A date fixed in another program lands in the sidecar; the photo itself is unchanged, so its
+    # size and mtime say nothing: the run notices the sidecar and reads the headers again, no embedding.
+    import os
+
+    from test_indexer import FakeBundle
+
+    from clipsearch.indexer import index_paths
+    from clipsearch.store import Library
+
+    folder = tmp_path / "photos"
+    photo = write_exif_photo(folder / "pic.jpg", 3)  # no date of its own
+    write_exif_photo(folder / "other.jpg", 4)
+    side = folder / "pic.jpg.xmp"
+
+    def run(lib):
+        return index_paths(lib, FakeBundle(), [folder], update_vectors=False)
+
+    def taken(lib):
+        return lib.image_at(photo).taken_at
+
+    with Library.open(tmp_path / "lib.db", create=True) as lib:
+        assert run(lib).new == 2 and taken(lib) is None
+        side.write_text(XMP.replace("2019-09-10T11:12:13.45+09:00", "2019-05-06T07:08:09"))
+        report = run(lib)
+        assert (report.metadata, report.new, report.updated) == (1, 0, 0) and taken(
+            lib
+        ) == "2019-05-06T07:08:09"
+        assert run(lib).metadata == 0  # nothing changed: nothing read again
+        side.write_text(XMP.replace("2019-09-10T11:12:13.45+09:00", "2021-01-02T03:04:05"))
+        os.utime(side, ns=(1, side.stat().st_mtime_ns + 1_000_000))  # a later mtime, even on a coarse clock
+        assert run(lib).metadata == 1 and taken(lib) == "2021-01-02T03:04:05"
+        # indexing the photo on its own finds its sidecar too (no folder walk): nothing is re-read
+        assert index_paths(lib, FakeBundle(), [photo], update_vectors=False).metadata == 0

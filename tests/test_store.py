@@ -299,6 +299,7 @@ def test_an_older_library_is_migrated_on_open(tmp_path):
             "003_library_id",
             "004_folder_devices",
             "005_photo_metadata",
+            "006_sidecar_stamp",
         ]
         assert [e.reason for e in lib.errors()] == ["corrupt"]
         identity = lib.library_id()
