@@ -402,6 +402,11 @@ class _Run:
             and _inside_any(row.path, scanned)
             and not _inside_any(row.path, found.unreadable_dirs)
         ]
+        if not prune:
+            # A photo still on disk that this run did not select (hidden, without --include-hidden;
+            # left out by --exclude) is not gone: its row, embeddings and labels stay (--prune removes).
+            reported = {lib.stored_path(p) for p, _, _ in found.failed}
+            gone_paths = [p for p in gone_paths if p in reported or not os.path.isfile(rows[p].path)]
         gone = [rows[p] for p in self._hold_back(gone_paths, rows, found, missing, prune)]
         for row in gone:
             if row.id in embedded:

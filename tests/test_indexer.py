@@ -184,6 +184,15 @@ def test_hidden_and_excluded_files_are_skipped(lib, photos):
     report = index_paths(lib, FakeBundle(), [photos], include_hidden=True, exclude=["*/y.png"])
     assert {Path(p).name for p in stored_paths(lib)} >= {".hidden.png", "x.png", "thumb_a.png"}
     assert "y.png" not in {Path(p).name for p in stored_paths(lib)}
+    # A run without those options leaves the photos they added: still on disk, so not gone
+    report = index_paths(lib, FakeBundle(), [photos], exclude=["thumb_*"])
+    assert report.removed == 0
+    assert {Path(p).name for p in stored_paths(lib)} >= {".hidden.png", "x.png", "thumb_a.png"}
+    # ... until they are deleted, or --prune asks
+    (photos / ".cache" / "x.png").unlink()
+    assert index_paths(lib, FakeBundle(), [photos]).removed == 1
+    assert index_paths(lib, FakeBundle(), [photos], exclude=["thumb_*"], prune=True).removed == 2
+    assert not {Path(p).name for p in stored_paths(lib)} & {".hidden.png", "x.png", "thumb_a.png"}
 
 
 def test_symlink_loop_fifo_directory_and_dead_link(lib, photos):
