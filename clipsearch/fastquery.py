@@ -230,7 +230,15 @@ class NumpyTextTower:
         return (x - mean) / np.sqrt(var + self.eps) * self.w[name + ".weight"] + self.w[name + ".bias"]
 
     def _linear(self, x: np.ndarray, name: str) -> np.ndarray:
-        return x @ self.w[name + ".weight"].T + self.w[name + ".bias"]
+        """``x [..., in] -> [..., out]`` as one 2-D product over every token of the batch.
+
+        numpy runs a stacked product (``[N, n, in] @ [in, out]``) as one small matrix product per
+        text, each rereading the whole weight matrix (and, with OpenBLAS threads, synchronising
+        them): a batch of prompts then costs about what the prompts cost one at a time.
+        """
+        weight = self.w[name + ".weight"]  # [out, in]
+        y = x.reshape(-1, x.shape[-1]) @ weight.T + self.w[name + ".bias"]  # [N * n, out]
+        return y.reshape(*x.shape[:-1], weight.shape[0])  # [..., out]
 
     def __call__(self, tokens: np.ndarray) -> np.ndarray:
         """Unnormalised features ``float32 [N, D]`` of token ids ``int64 [N, n]``."""
