@@ -325,14 +325,35 @@ class TextEncoder:
         Rows equal :class:`clipsearch.tokenizer.Tokenizer`'s cut after the batch's last end-of-text:
         the tower's sequence length is free, so a 3-word query runs 5 positions, not 77.
         """
-        rows = self.tokenizer.rows(list(texts))
-        out = np.zeros((len(rows), max((len(r) for r in rows), default=2)), np.int64)  # [N, n]
-        for i, row in enumerate(rows):
-            out[i, : len(row)] = row
-        return out
+        return _pad(self.tokenizer.rows(list(texts)))
 
     def __call__(self, texts: Sequence[str]) -> np.ndarray:
-        return self.tower(self.tokenize(texts))  # [N, D]
+        """Unnormalised features ``float32 [N, D]`` of ``texts``, in their order.
+
+        The texts run through the tower in chunks of :data:`CHUNK`, shortest first: every row is
+        padded to its chunk's longest, so sorting wastes little on padding (a prompt ensemble's
+        lengths differ by half), and a chunk still gives each layer one product of hundreds of rows.
+        """
+        rows = self.tokenizer.rows(list(texts))
+        out = np.empty((len(rows), self.meta["dim"]), np.float32)  # [N, D]
+        order = np.argsort([len(r) for r in rows], kind="stable")
+        for start in range(0, len(rows), CHUNK):
+            chunk = order[start : start + CHUNK]
+            out[chunk] = self.tower(_pad([rows[i] for i in chunk]))
+        return out
+
+
+CHUNK = (
+    64  # texts per run of the tower: fewer make smaller products, more pad more (benchmarks/text_encoders.md)
+)
+
+
+def _pad(rows: list[list[int]]) -> np.ndarray:
+    """``rows`` as ``int64 [N, n]``, zeros after each; ``n`` is the longest row (2 for none)."""
+    out = np.zeros((len(rows), max((len(r) for r in rows), default=2)), np.int64)  # [N, n]
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = row
+    return out
 
 
 _ENCODERS: dict[tuple[str, Path], TextEncoder] = {}
