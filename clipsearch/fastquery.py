@@ -194,11 +194,25 @@ def _stamp(directory: Path) -> tuple[int, int, int] | None:
 
 
 def _erf(x: np.ndarray) -> np.ndarray:
-    """erf to ~1.5e-7 (Abramowitz & Stegun 7.1.26); numpy has none, and GELU needs it."""
+    """erf to ~1.5e-7 (Abramowitz & Stegun 7.1.26); numpy has none, and GELU needs it.
+
+    In place on two arrays of ``x``'s shape: on a batch of prompts (``[N, n, 4W]``) a fresh array
+    per operation made erf cost a third of the tower, most of it in memory traffic.
+    """
     a = np.abs(x)
-    t = 1.0 / (1.0 + 0.3275911 * a)
-    poly = t * (0.254829592 + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027 + t * 1.061405429))))
-    return np.copysign(1.0 - poly * np.exp(-a * a), x)
+    t = a * 0.3275911
+    t += 1.0
+    np.reciprocal(t, out=t)  # t = 1 / (1 + p|x|)
+    poly = t * 1.061405429  # Horner: t * (a1 + t * (a2 + t * (a3 + t * (a4 + t * a5))))
+    for c in (-1.453152027, 1.421413741, -0.284496736, 0.254829592):
+        poly += c
+        poly *= t
+    np.square(a, out=a)
+    np.negative(a, out=a)
+    np.exp(a, out=a)
+    poly *= a  # poly * exp(-x^2)
+    np.subtract(1.0, poly, out=poly)
+    return np.copysign(poly, x, out=poly)
 
 
 class NumpyTextTower:
@@ -230,7 +244,15 @@ class NumpyTextTower:
         return (x - mean) / np.sqrt(var + self.eps) * self.w[name + ".weight"] + self.w[name + ".bias"]
 
     def _linear(self, x: np.ndarray, name: str) -> np.ndarray:
-        return x @ self.w[name + ".weight"].T + self.w[name + ".bias"]
+        """``x [..., in] -> [..., out]`` as one 2-D product over every token of the batch.
+
+        numpy runs a stacked product (``[N, n, in] @ [in, out]``) as one small matrix product per
+        text, each rereading the whole weight matrix (and, with OpenBLAS threads, synchronising
+        them): a batch of prompts then costs about what the prompts cost one at a time.
+        """
+        weight = self.w[name + ".weight"]  # [out, in]
+        y = x.reshape(-1, x.shape[-1]) @ weight.T + self.w[name + ".bias"]  # [N * n, out]
+        return y.reshape(*x.shape[:-1], weight.shape[0])  # [..., out]
 
     def __call__(self, tokens: np.ndarray) -> np.ndarray:
         """Unnormalised features ``float32 [N, D]`` of token ids ``int64 [N, n]``."""
@@ -252,8 +274,12 @@ class NumpyTextTower:
             if self.quick_gelu:
                 y = y / (1.0 + np.exp(-1.702 * y))
             else:
-                y = 0.5 * y * (1.0 + _erf(y / np.float32(np.sqrt(2.0))))
-            x = x + self._linear(y.astype(np.float32), f"{i}.c_proj")
+                e = _erf(y / np.float32(np.sqrt(2.0)))
+                e += 1.0
+                e *= y
+                e *= 0.5  # 0.5 * y * (1 + erf(y / sqrt 2)), without a temporary per operation
+                y = e
+            x = x + self._linear(y.astype(np.float32, copy=False), f"{i}.c_proj")
         x = self._ln(x, "ln_final")[np.arange(N), eot]  # [N, W]
         return (x @ self.w["text_projection"]).astype(np.float32)  # [N, D]
 
@@ -299,14 +325,35 @@ class TextEncoder:
         Rows equal :class:`clipsearch.tokenizer.Tokenizer`'s cut after the batch's last end-of-text:
         the tower's sequence length is free, so a 3-word query runs 5 positions, not 77.
         """
-        rows = self.tokenizer.rows(list(texts))
-        out = np.zeros((len(rows), max((len(r) for r in rows), default=2)), np.int64)  # [N, n]
-        for i, row in enumerate(rows):
-            out[i, : len(row)] = row
-        return out
+        return _pad(self.tokenizer.rows(list(texts)))
 
     def __call__(self, texts: Sequence[str]) -> np.ndarray:
-        return self.tower(self.tokenize(texts))  # [N, D]
+        """Unnormalised features ``float32 [N, D]`` of ``texts``, in their order.
+
+        The texts run through the tower in chunks of :data:`CHUNK`, shortest first: every row is
+        padded to its chunk's longest, so sorting wastes little on padding (a prompt ensemble's
+        lengths differ by half), and a chunk still gives each layer one product of hundreds of rows.
+        """
+        rows = self.tokenizer.rows(list(texts))
+        out = np.empty((len(rows), self.meta["dim"]), np.float32)  # [N, D]
+        order = np.argsort([len(r) for r in rows], kind="stable")
+        for start in range(0, len(rows), CHUNK):
+            chunk = order[start : start + CHUNK]
+            out[chunk] = self.tower(_pad([rows[i] for i in chunk]))
+        return out
+
+
+CHUNK = (
+    64  # texts per run of the tower: fewer make smaller products, more pad more (benchmarks/text_encoders.md)
+)
+
+
+def _pad(rows: list[list[int]]) -> np.ndarray:
+    """``rows`` as ``int64 [N, n]``, zeros after each; ``n`` is the longest row (2 for none)."""
+    out = np.zeros((len(rows), max((len(r) for r in rows), default=2)), np.int64)  # [N, n]
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = row
+    return out
 
 
 _ENCODERS: dict[tuple[str, Path], TextEncoder] = {}

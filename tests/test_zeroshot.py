@@ -199,3 +199,60 @@ def test_label_images_errors(tmp_path, bundle):
     with pytest.raises(zeroshot.LabelError, match="between 0 and 1"):
         zeroshot.label_images(lib, ModelEncoder(bundle), CLASSES, threshold=1.5)
     lib.close()
+
+
+def test_label_runs_its_prompts_through_the_numpy_tower_in_batches(tmp_path, bundle, monkeypatch):
+    """2 classes x the 80 templates: a few runs of the tower, each layer one 2-D product over the
+    run's tokens (a stacked [N, n, W] product costs what N queries do), the features those of one
+    prompt at a time, the labels the torch model's, and a second run served from the text cache."""
+    from clipsearch import fastquery
+    from clipsearch.encoders import ExportedTextEncoder
+
+    fastquery.ensure_text_encoder(bundle)
+    classes, templates = ["dog", "cat on a sofa"], zeroshot.DEFAULT_TEMPLATES
+    texts = [t.format(c) for c in classes for t in templates]
+    w = zeroshot.build_classifier(bundle.model, bundle.tokenizer, classes, templates).numpy()  # [D, 2]
+    lib = _library_with(tmp_path, bundle, np.concatenate([w.T, w.T[::-1] + 0.1 * w.T]))
+
+    runs, products = [], []  # texts per run of the tower; activation shapes of products with a weight
+
+    class Weight(np.ndarray):
+        def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
+            if ufunc is np.matmul:
+                products.append(next(np.shape(i) for i in inputs if not isinstance(i, Weight)))
+            return getattr(ufunc, method)(*(np.asarray(i) for i in inputs), **kwargs)
+
+    tower_call = fastquery.NumpyTextTower.__call__
+
+    def spied(tower, tokens):
+        runs.append(len(tokens))
+        tower.w = {name: np.asarray(a).view(Weight) for name, a in tower.w.items()}
+        return tower_call(tower, tokens)
+
+    monkeypatch.setattr(fastquery.NumpyTextTower, "__call__", spied)
+    encoder = ExportedTextEncoder(bundle.model_id)
+    fast = zeroshot.label_images(lib, encoder, classes, templates=templates, top_k=2)
+    assert sum(runs) == len(texts) == 160
+    assert len(runs) == -(-160 // fastquery.CHUNK) and max(runs) <= fastquery.CHUNK
+    layers = encoder._held.tower.layers
+    assert len(products) == len(runs) * (4 * layers + 1)
+    assert all(len(shape) == 2 for shape in products), sorted(set(products))
+
+    slow = zeroshot.label_images(lib, ModelEncoder(bundle), classes, templates=templates, top_k=2)
+    assert [[lab for lab, _ in r.labels] for r in fast] == [[lab for lab, _ in r.labels] for r in slow]
+    for f, s in zip(fast, slow, strict=True):
+        np.testing.assert_allclose([p for _, p in f.labels], [p for _, p in s.labels], rtol=1e-4, atol=1e-5)
+
+    batched = encoder._held(texts)  # [160, D], unnormalised
+    one_by_one = np.concatenate([encoder._held([t]) for t in texts])
+    np.testing.assert_allclose(batched, one_by_one, rtol=1e-4, atol=1e-5)
+    cos = (batched * one_by_one).sum(1) / np.linalg.norm(batched, axis=1) / np.linalg.norm(one_by_one, axis=1)
+    assert cos.min() >= 0.9999
+    got = zeroshot.ensemble_classifier(encoder.texts, classes, templates)
+    assert (got * w).sum(0).min() >= 0.9999  # both columns unit length: the cosine to torch's
+
+    runs.clear()  # labelling again reads every prompt's features from the model's text cache
+    again = zeroshot.label_images(lib, encoder, classes, templates=templates, top_k=2)
+    assert runs == []
+    assert [r.labels for r in again] == [r.labels for r in fast]
+    lib.close()
