@@ -541,7 +541,12 @@ def test_query_verbose_says_which_encoder_answered_and_why(tmp_path, model_dir):
     assert query("a red boat") == ""  # quiet without --verbose
     assert "encoder: torch-free" in run_cli("--verbose", "--db", str(db), "query", "x", "--paths").stderr
 
-    image = query("--image", str(tmp_path / "p" / "1.jpg"), "--verbose")
+    indexed_image = query("--image", str(tmp_path / "p" / "1.jpg"), "--verbose")
+    assert "1.jpg is photo #" in indexed_image and "of the library: its stored vector" in indexed_image
+    assert f"encoder: none (every part is a stored vector of {name})" in indexed_image
+    outside = tmp_path / "outside.jpg"
+    write_photo(outside, 200)
+    image = query("--image", str(outside), "--verbose")
     assert "daemon: not asked (the query has image files" in image
 
     def image_encoder_named(stderr: str) -> bool:
@@ -559,8 +564,6 @@ def test_query_verbose_says_which_encoder_answered_and_why(tmp_path, model_dir):
     assert "similar: photo #" in indexed and "is in the library: its stored vector" in indexed
     assert "daemon: none serves this library" in indexed
     assert f"encoder: none (every part is a stored vector of {name})" in indexed
-    outside = tmp_path / "outside.jpg"
-    write_photo(outside, 200)
     unknown = query(str(outside), "--verbose", command="similar")
     assert f"has no vector of {name} in the library: the file is encoded" in unknown
     assert image_encoder_named(unknown)
