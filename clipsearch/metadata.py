@@ -2,7 +2,8 @@
 
 Sources, most trusted first: EXIF (IFD0, the Exif sub-IFD, the GPS IFD), then the XMP packet
 embedded in the file (Lightroom, darktable and phones write ``exif:``/``tiff:``/``photoshop:``
-properties there), then an XMP sidecar beside it (``photo.jpg.xmp`` or ``photo.xmp``). Only headers
+properties there), then an XMP sidecar beside it (``photo.jpg.xmp`` or ``photo.xmp``), except for
+the capture time, which a sidecar corrects (:func:`with_sidecar`). Only headers
 are read: no pixel is decoded, so a library indexed before metadata existed fills it in on its next
 index run without embedding anything again (:data:`METADATA_VERSION` says which rows are stale).
 
@@ -382,6 +383,24 @@ def _sidecar_xmp(path: Path | None) -> dict:
 # --- putting it together --------------------------------------------------------------------------
 
 
+def with_sidecar(sources: list[dict], side: dict) -> dict:
+    """The fields of the file's own ``sources`` (:func:`merge`d, most trusted first) completed by
+    its XMP sidecar ``side``, whose capture time wins when it names another moment.
+
+    Programs that keep their edits in sidecars (Lightroom, darktable, digiKam) write a corrected
+    capture time there and leave the file as the camera wrote it. The same moment is not another:
+    the file's is kept when the sidecar's has the same wall-clock time (it may lack the UTC offset)
+    or is the same day at midnight (a date-only ``photoshop:DateCreated``)."""
+    fields = merge(*sources)
+    out = merge(fields, side)
+    own, edited = fields.get("taken_at"), side.get("taken_at")
+    if own and edited and own[:19] != edited[:19]:
+        same_day_only = edited[10:19] == "T00:00:00" and own[:10] == edited[:10]
+        if not same_day_only:
+            out["taken_at"] = edited
+    return out
+
+
 def merge(*sources: dict) -> dict:
     """The first non-None value of each field, sources in order of trust."""
     out: dict = {}
@@ -419,7 +438,7 @@ def from_image(im, path: Path | None = None) -> PhotoMetadata:
     except Exception:  # a broken EXIF block means no EXIF metadata, not no photo
         logger.debug("unreadable EXIF block in %s", path, exc_info=True)
         exif = None
-    fields = merge(_from_exif(exif), parse_xmp(_embedded_xmp(im)), _sidecar_xmp(path))
+    fields = with_sidecar([_from_exif(exif), parse_xmp(_embedded_xmp(im))], _sidecar_xmp(path))
     if FULL_SIZE_KEY in im.info:  # open_image's result: upright already
         w, h = im.info[FULL_SIZE_KEY]
     else:

@@ -344,8 +344,7 @@ def read_metadata(f, found: RawFile, path: Path | None):
                 sources.append(metadata._from_exif(im.getexif()))
         except Exception:
             logger.debug("unreadable EXIF in the preview of %s", path, exc_info=True)
-    sources.append(metadata._sidecar_xmp(path))
-    fields = metadata.merge(*sources)
+    fields = metadata.with_sidecar(sources, metadata._sidecar_xmp(path))
     orientation = found.orientation or fields.get("orientation")
     size = found.sensor_size or (previews[0][:2] if previews else None)
     w, h = size if size else (None, None)

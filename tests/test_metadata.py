@@ -340,3 +340,38 @@ def test_a_sidecar_edited_after_indexing_is_read_by_the_next_run(tmp_path):
         assert run(lib).metadata == 1 and taken(lib) == "2021-01-02T03:04:05"
         # indexing the photo on its own finds its sidecar too (no folder walk): nothing is re-read
         assert index_paths(lib, FakeBundle(), [photo], update_vectors=False).metadata == 0
+
+
+def _sidecar_with(date_property: str) -> str:
+    return XMP.replace('exif:DateTimeOriginal="2019-09-10T11:12:13.45+09:00"', date_property)
+
+
+@pytest.mark.parametrize(
+    "camera, sidecar, expected",
+    [
+        # another moment: the sidecar's correction wins, in a JPEG and in a RAW file
+        ("2024:01:15 12:00:00", 'exif:DateTimeOriginal="2023-12-24T18:30:00"', "2023-12-24T18:30:00"),
+        # the same wall-clock time without the offset: the file's, which says more
+        ("2024:06:01 23:30:00", 'exif:DateTimeOriginal="2024-06-01T23:30:00"', "2024-06-01T23:30:00+09:00"),
+        # a date-only DateCreated of the same day: the file's time of day stays
+        ("2024:01:15 12:00:00", 'photoshop:DateCreated="2024-01-15"', "2024-01-15T12:00:00"),
+        # a date-only DateCreated of another day: the correction
+        ("2024:01:15 12:00:00", 'photoshop:DateCreated="2020-02-02"', "2020-02-02T00:00:00"),
+    ],
+)
+@pytest.mark.parametrize("kind", ["jpeg", "dng"])
+def test_a_sidecar_corrects_the_capture_time_the_file_holds(tmp_path, camera, sidecar, expected, kind):
+    if kind == "jpeg":
+        offset = "+09:00" if expected.endswith("+09:00") else None
+        photo = write_exif_photo(tmp_path / "p.jpg", 5, taken=camera, offset=offset, make="SONY", model="A7")
+    else:
+        if expected.endswith("+09:00"):
+            pytest.skip("the RAW sample writes no UTC offset")
+        photo = make_dng(tmp_path / "p.dng", 5, taken=camera)
+    xmp = _sidecar_with(sidecar).replace(
+        "<rdf:Description ", '<rdf:Description xmlns:photoshop="http://ns.adobe.com/photoshop/1.0/" '
+    )
+    (tmp_path / (photo.name + ".xmp")).write_text(xmp)
+    meta = read_metadata(photo)
+    assert meta.taken_at == expected
+    assert meta.make != "FUJIFILM"  # the rest still trusts the file first
