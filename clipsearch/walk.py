@@ -3,7 +3,8 @@
 Rules: image files by extension (case-insensitive); hidden files and folders (a name starting with
 ``.``) skipped unless asked; ``exclude`` globs matched (fnmatch) against the path relative to the
 scanned root and against the bare name; symlinks followed, but a folder already visited (same
-``(st_dev, st_ino)``) is never entered twice, so loops end; anything that is not a regular file
+``(st_dev, st_ino)``) is never entered twice, so loops end, and neither is a folder above a root
+(``sub/up -> ..`` would walk the whole parent under a second name); anything that is not a regular file
 is never opened: a FIFO, socket or device named like a photo (``photo.jpg``) is reported as a failure
 with the reason ``not a regular file`` (a folder named like one is walked like any folder); dead
 symlinks and unreadable folders are reported as failures with a reason too, instead of raising.
@@ -100,6 +101,15 @@ def walk(
     result = WalkResult()
     visited: set[tuple[int, int]] = set()
     seen_files: set[str] = set()
+    roots = [Path(os.path.abspath(os.fspath(raw))) for raw in roots]
+    # The folders above each root: a link inside a root back up to one of them (sub/up -> ..) would
+    # walk the whole parent under a second name; it is not entered, like a loop. A root itself is.
+    above: set[tuple[int, int]] = set()
+    for root in roots:
+        for parent in Path(os.path.realpath(root)).parents:
+            with contextlib.suppress(OSError):
+                st = os.stat(parent)
+                above.add((st.st_dev, st.st_ino))
 
     def consider(path: Path, rel: str) -> None:
         name = path.name
@@ -131,8 +141,9 @@ def walk(
             seen_files.add(key)
             result.files.append(FoundFile(path, st.st_size, st.st_mtime_ns))
 
-    def listing(directory: Path) -> list[os.DirEntry] | None:
-        """The folder's entries sorted by name; None when it cannot be listed or was walked already."""
+    def listing(directory: Path, root: bool = False) -> list[os.DirEntry] | None:
+        """The folder's entries sorted by name; None when it cannot be listed, was walked already, or
+        is (not being a root) a folder above a root."""
         try:
             st = os.stat(directory)
         except OSError as e:
@@ -140,8 +151,8 @@ def walk(
             result.unreadable_dirs.append(directory)
             return None
         key = (st.st_dev, st.st_ino)
-        if key in visited:
-            return None  # a symlink loop or a second link to a folder already walked
+        if key in visited or (not root and key in above):
+            return None  # a symlink loop, a second link to a folder already walked, or a link up
         visited.add(key)
         try:
             with os.scandir(directory) as it:
@@ -154,7 +165,7 @@ def walk(
     def visit_tree(root: Path) -> None:
         # Depth first with a stack of the open folders' remaining entries, not recursion: a tree
         # thousands of folders deep is walked like any other (the order is the recursive one).
-        stack = [iter(listing(root) or ())]
+        stack = [iter(listing(root, root=True) or ())]
         while stack:
             entry = next(stack[-1], None)
             if entry is None:
@@ -175,8 +186,7 @@ def walk(
                 if entries is not None:
                     stack.append(iter(entries))
 
-    for raw in roots:
-        root = Path(os.path.abspath(os.fspath(raw)))
+    for root in roots:
         if os.path.isdir(root):
             # The root is resolved once (like the library's own folder), so a photo folder reached
             # through a symlink is stored relative to a library kept inside it.

@@ -217,6 +217,25 @@ def test_symlink_loop_fifo_directory_and_dead_link(lib, photos):
     assert lib.errors() == []
 
 
+def test_a_link_back_up_out_of_the_folder_is_not_walked(lib, photos):
+    # index photos/sub, where sub/up -> .. (photos): it used to walk all of photos again under
+    # photos/sub/up/..., a second path for every photo. A link to a folder beside it still counts.
+    os.symlink("..", photos / "sub" / "up")
+    write_image(photos / "beside" / "b.png", 40)
+    os.symlink("../beside", photos / "sub" / "over")
+    report = index_paths(lib, FakeBundle(), [photos / "sub"])
+    names = {os.path.relpath(p, photos) for p in stored_paths(lib)}
+    assert not any(n.startswith("sub/up") for n in names), names
+    assert "sub/over/b.png" in names and report.new == len(names)
+    assert all(n.startswith("sub/") for n in names)
+    # both roots at once, the outer one given first or last, walk each photo once
+    for roots in ([photos, photos / "sub"], [photos / "sub", photos]):
+        report = index_paths(lib, FakeBundle(), roots)
+        assert report.failed == [] and not any(
+            os.path.relpath(p, photos).startswith("sub/up") for p in stored_paths(lib)
+        )
+
+
 def test_a_photo_replaced_by_a_fifo_loses_its_row_and_is_reported(lib, photos):
     index_paths(lib, FakeBundle(), [photos])
     (photos / "img0.png").unlink()
