@@ -365,9 +365,8 @@ def test_a_sidecar_corrects_the_capture_time_the_file_holds(tmp_path, camera, si
         offset = "+09:00" if expected.endswith("+09:00") else None
         photo = write_exif_photo(tmp_path / "p.jpg", 5, taken=camera, offset=offset, make="SONY", model="A7")
     else:
-        if expected.endswith("+09:00"):
-            pytest.skip("the RAW sample writes no UTC offset")
         photo = make_dng(tmp_path / "p.dng", 5, taken=camera)
+        expected = expected[:19]  # the RAW sample records no UTC offset: its own time, as it has it
     xmp = _sidecar_with(sidecar).replace(
         "<rdf:Description ", '<rdf:Description xmlns:photoshop="http://ns.adobe.com/photoshop/1.0/" '
     )
