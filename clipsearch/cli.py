@@ -801,6 +801,15 @@ def _hit_json(rank: int, hit, record) -> dict:
     }
 
 
+def _is_stdout(path) -> bool:
+    """Whether ``path`` is this process's standard output (``/dev/stdout``, or the file or pipe it goes to)."""
+    try:
+        a, b = os.stat(path), os.fstat(sys.stdout.fileno())
+    except (OSError, ValueError):
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
 def _show_hits(
     state, hits, description: str, photo_filter, threshold, as_json, as_paths, null, as_table, html_out
 ):
@@ -810,6 +819,8 @@ def _show_hits(
 
         written = write_html(hits, html_out, title=f"clipsearch: {description}", query_desc=description)
         _console(stderr=True).print(f"Wrote {len(hits)} result(s) to {written}", markup=False)
+        if _is_stdout(html_out):
+            return  # the page is the output (`--html /dev/stdout`): no table or lines after it
     if as_json:
         records = {}
         if hits:
@@ -912,6 +923,8 @@ def duplicates(state: _State, threshold, photo_filter, as_json, html_out):
 
         written = write_duplicates_html(groups, html_out)
         _console(stderr=True).print(f"Wrote {len(groups)} group(s) to {written}", markup=False)
+        if _is_stdout(html_out):
+            return  # the page is the output
     if as_json:
         _echo_json([{"paths": [str(p.path) for p in g.photos], "similarity": g.similarity} for g in groups])
     elif not sys.stdout.isatty() and not groups:

@@ -126,7 +126,10 @@ def test_html_to_dev_stdout_and_a_link_to_proc_self_fd_reach_the_pipe(library, t
         proc = run_cli("--db", str(library), "query", "dog", "--html", str(target), timeout=120)
         assert proc.returncode == 0, proc.stderr
         assert proc.stdout.lstrip().lower().startswith("<!doctype html>"), proc.stdout[:200]
+        assert proc.stdout.rstrip().lower().endswith("</html>"), proc.stdout[-200:]  # the page alone
         assert "Traceback" not in proc.stderr
+    duplicates = run_cli("--db", str(library), "duplicates", "--html", "/dev/stdout", timeout=120)
+    assert duplicates.returncode == 0 and duplicates.stdout.rstrip().lower().endswith("</html>")
     assert os.readlink(link) == "/proc/self/fd/1"
     assert [p.name for p in tmp_path.iterdir()] == ["out.html"]
 
