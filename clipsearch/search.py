@@ -269,7 +269,10 @@ def resolve_photo(library, target: str | Path | int) -> int | None:
         raise QueryError(f"{text}: {why} (give a photo file or a library id)")
     found = library.image_at(p)
     if found is not None:
-        return found.id
+        st = p.stat()
+        if (st.st_size, st.st_mtime_ns) == (found.size, found.mtime_ns):  # the indexer's "unchanged"
+            return found.id
+        # changed since it was indexed: its stored vector is the old picture's; known by content, or not
     from clipsearch.indexer import read_and_hash  # the content hash the indexer keys photos by
 
     try:

@@ -263,6 +263,19 @@ def test_query_by_an_indexed_photo_uses_its_stored_vector(library, tmp_path):
         assert "its stored vector" in result.stderr
 
 
+def test_a_photo_changed_since_indexing_is_not_queried_by_its_old_vector(tmp_path):
+    # a.jpg now holds b.jpg's picture (edited, not indexed again): by its content it is b.jpg
+    photos = tmp_path / "photos"
+    write_photo(photos / "a.jpg", 1)
+    write_photo(photos / "b.jpg", 2)
+    db = tmp_path / "lib.db"
+    invoke("--db", db, "index", photos, "--model", make_tiny_model(tmp_path / "tiny"))
+    (photos / "a.jpg").write_bytes((photos / "b.jpg").read_bytes())
+    for command in (("similar", photos / "a.jpg"), ("query", "--image", photos / "a.jpg")):
+        hits = json.loads(invoke("--db", db, *command, "--json").stdout)
+        assert Path(hits[0]["path"]) == photos / "b.jpg" and hits[0]["score"] == pytest.approx(1.0)
+
+
 def test_similar_to_an_unindexed_file_encodes_it(library, tmp_path):
     db, photos, _ = library
     other = write_photo(tmp_path / "new.jpg", 99)
