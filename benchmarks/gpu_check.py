@@ -52,7 +52,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as `python benchmarks/gpu_check.py` from a checkout not pip-installed
     sys.path.insert(0, str(REPO))
 RESULT_TAG = "GPU_CHECK_PROCESS "  # the line a trainer process prints about itself at exit
-STAGES = ("step", "train", "eval", "index")  # --stages; the data is always generated
+STAGES = ("step", "field", "train", "eval", "index")  # --stages; the data is always generated
 
 
 @dataclass(frozen=True)
@@ -70,6 +70,9 @@ class Profile:
     workers: int
     zeroshot_per_class: int
     eval_on_cpu_too: bool
+    field_model: str  # the field stage: random weights of this architecture,
+    field_image_size: int  # at this input size,
+    field_photos: int  # indexing this many camera-sized photos in mixed formats
 
 
 PROFILES = {
@@ -86,6 +89,9 @@ PROFILES = {
         workers=min(8, os.cpu_count() or 1),
         zeroshot_per_class=20,
         eval_on_cpu_too=True,
+        field_model="ViT-B-32",  # the issue 15 model: ViT-B/32 at 256 px
+        field_image_size=256,
+        field_photos=320,
     ),
     # Only keeps the script from rotting (tests/test_gpu_check.py): its figures mean nothing, so it
     # does the least that still runs every stage. 72 training images / (16 x 2) = 2 steps an epoch,
@@ -103,6 +109,9 @@ PROFILES = {
         workers=0,
         zeroshot_per_class=3,
         eval_on_cpu_too=False,
+        field_model="demo-vit",
+        field_image_size=32,
+        field_photos=10,
     ),
 }
 
@@ -190,11 +199,15 @@ class Check:
 
 
 def say(text: str) -> None:
-    print(text, flush=True)
+    from clipsearch.names import printable  # the field stage's file name that is not UTF-8
+
+    print(printable(text), flush=True)
 
 
 def _cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")[:300]
+    from clipsearch.names import printable  # a file name that is not UTF-8 shows as U+FFFD
+
+    return printable(text).replace("|", "\\|").replace("\n", " ")[:300]
 
 
 def environment(device: str) -> list[str]:
@@ -343,17 +356,20 @@ def compare_step(check: Check, s: Stage) -> bool:
 # Stage 2: training, ours and OpenCLIP's
 
 
-def child_env() -> dict:
-    env = dict(os.environ)
+def child_env(extra: dict | None = None) -> dict:
+    env = {**os.environ, **(extra or {})}
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
     return env
 
 
-def run_process(cmd: list[str], *, cwd=None, timeout: float, log: Path) -> tuple[int, str, dict]:
-    """Run a process, its output into ``log``; returns (exit code, output, what it said about itself)."""
+def run_process(
+    cmd: list[str], *, cwd=None, timeout: float, log: Path, env: dict | None = None
+) -> tuple[int, str, dict]:
+    """Run a process, its output into ``log``; returns (exit code, output, what it said about itself).
+    ``env``: variables set for it on top of this process's."""
     say("  $ " + " ".join(cmd))
     try:
-        done = subprocess.run(cmd, cwd=cwd, env=child_env(), capture_output=True, text=True,
+        done = subprocess.run(cmd, cwd=cwd, env=child_env(env), capture_output=True, errors="replace",
                               timeout=max(1.0, timeout))  # fmt: skip
         rc, text = done.returncode, done.stdout + done.stderr
     except subprocess.TimeoutExpired as e:
@@ -588,6 +604,170 @@ def index_and_query(check: Check, s: Stage) -> bool:
     return len(hits) == 5
 
 
+# ---------------------------------------------------------------------------------------------------
+# Stage 2: the user's path on this machine
+
+
+def field_model(work: Path, p: Profile) -> Path:
+    """A model folder: ``p.field_model`` at ``p.field_image_size`` px with random weights."""
+    import torch
+
+    from clipsearch.configs import get_config
+    from clipsearch.model import build_model
+    from clipsearch.modelfile import save_model
+    from clipsearch.tokenizer import Tokenizer
+    from clipsearch.transform import PreprocessConfig
+
+    directory = work / f"model-{p.field_model}-{p.field_image_size}"
+    torch.manual_seed(0)
+    cfg = get_config(p.field_model)
+    cfg["vision_cfg"]["image_size"] = p.field_image_size
+    save_model(directory, build_model(cfg), PreprocessConfig(p.field_image_size), Tokenizer(), model_cfg=cfg)
+    return directory
+
+
+def reference_features(model_dir: Path, paths: list[Path]):
+    """The reference pipeline's L2-normalised features: Pillow's full decode (no libvips, no reduced
+    scale), the model's eval transform, the fp32 model on the CPU."""
+    from unittest import mock
+
+    import torch
+
+    from clipsearch import pngvips
+    from clipsearch.checkpoints import load_bundle
+    from clipsearch.imageio import open_image
+
+    bundle = load_bundle(str(model_dir), device="cpu")
+    with mock.patch.object(pngvips, "decode", lambda data, im, shrink=1: None):
+        pixels = torch.stack([bundle.preprocess(open_image(path)) for path in paths])
+    with torch.no_grad():
+        features = torch.cat([bundle.model.encode_image(b) for b in pixels.split(32)])
+    return torch.nn.functional.normalize(features.double(), dim=-1).numpy()
+
+
+def _json_of(text: str):
+    """The JSON document a command printed on stdout (its --verbose log follows it in ``text``)."""
+    start = min(i for i in (text.find("{"), text.find("[")) if i >= 0)
+    return json.JSONDecoder().raw_decode(text[start:])[0]
+
+
+def field_use(check: Check, s: Stage) -> bool:
+    """What a user meets here: camera-sized photos in mixed formats (JPEG, PNG with and without alpha,
+    WebP, HEIC; one of them cut short mid-copy, one copy under a name that is not UTF-8) indexed with
+    no ``--device`` (auto) into a new home, so the first run settles its backend; a later index into
+    a new library once it has; then ``query`` by text and by image, ``similar`` and ``label``. The
+    stored vectors of both runs are held against the reference pipeline (cosine >= 0.995)."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from mixed_formats import make_folder
+
+    from clipsearch.store import Library
+
+    p, work = check.profile, check.work / "field"
+    photos = work / "photos"
+    t = time.monotonic()
+    counts = make_folder(photos, p.field_photos, workers=os.cpu_count() or 1)
+    made_s = time.monotonic() - t
+    good = sorted(x for x in photos.iterdir() if x.name.startswith("photo_"))
+    jpeg = next(x for x in good if x.suffix == ".jpg")
+    (photos / "cut.jpg").write_bytes(jpeg.read_bytes()[:3000])  # a copy that stopped after 3 KB
+    latin1 = Path(os.fsdecode(os.fsencode(photos) + b"/caf\xe9.jpg"))  # "café.jpg" as Latin-1 bytes
+    shutil.copyfile(jpeg, latin1)
+    model = field_model(work, p)
+    n = len(good) + 1  # the copy under the Latin-1 name is a photo too
+    env = {"CLIPSEARCH_HOME": str(work / "home")}
+    s.lines += [f"{len(good)} synthetic photos ({', '.join(f'{v} {k}' for k, v in sorted(counts.items()))}; "
+                f"2-4 MP, written in {made_s:.0f} s), a JPEG cut short after 3 KB and a copy named "
+                f"`caf\\xe9.jpg` (Latin-1); model {p.field_model} at {p.field_image_size} px, random "
+                "weights. Every command as a user types it: no `--device`, a new `CLIPSEARCH_HOME`.", "",
+                "| command | exit | seconds | what it said |", "|---|---:|---:|---|"]  # fmt: skip
+    ok = True
+
+    def cs(name: str, db: str, *args: str):
+        nonlocal ok
+        t = time.monotonic()
+        rc, text, _ = run_process([sys.executable, "-m", "clipsearch", "--verbose", "--db", str(work / db), *args],
+                                  timeout=check.remaining(), log=work / f"{name}.log", env=env)  # fmt: skip
+        seconds = time.monotonic() - t
+        try:
+            out = _json_of(text) if rc == 0 else None
+        except (ValueError, json.JSONDecodeError):
+            out = None
+        device = re.search(r"device: (\S+)", text)
+        said = f"device {device.group(1)}; " if device else ""
+        if rc != 0 or out is None:
+            ok = False
+            said += "**failed**: " + " / ".join(text.strip().splitlines()[-2:])
+        return out, seconds, rc, said
+
+    reports = {}
+    for run, db in (("first index", "first.db"), ("later index", "library.db")):
+        report, seconds, rc, said = cs(
+            run.replace(" ", "-"), db, "index", str(photos), "--model", str(model), "--json"
+        )
+        if report is not None:
+            failed = [Path(f["path"]).name for f in report.get("failed", [])]
+            said += (f"{report['new']} new, failed {failed}, backend {report['backend']}, indexing "
+                     f"{report['seconds']:.1f} s = **{n / max(report['seconds'], 1e-9):.1f} photos/s** "
+                     f"({n / seconds:.1f} for the whole command)")  # fmt: skip
+            if report["new"] != n or failed != ["cut.jpg"]:
+                ok = False
+                said += " (**expected** " + f"{n} new and cut.jpg failed)"
+            reports[db] = report
+        s.lines.append(
+            f"| `clipsearch index PHOTOS --model M` ({run}) | {rc} | {seconds:.1f} | {_cell(said)} |"
+        )
+        if run == "first index" and report is not None:
+            from clipsearch import settle  # the first run settled its backend in the background
+
+            t = time.monotonic()
+            os.environ["CLIPSEARCH_HOME"] = env["CLIPSEARCH_HOME"]
+            try:
+                settled = settle.wait(report["model_id"], timeout=max(1.0, min(180, check.remaining() - 60)))
+            finally:
+                os.environ.pop("CLIPSEARCH_HOME")
+            verdicts = list((work / "home" / "backends").glob("*/verdict.json"))
+            chosen = json.loads(verdicts[0].read_text()).get("chosen") if verdicts else None
+            s.lines.append(f"| (the background settle, waited for) | - | {time.monotonic() - t:.1f} | "
+                           f"{'done' if settled else '**still running**'}; verdict: {chosen} |")  # fmt: skip
+            ok &= settled
+    searches = [
+        ("query", "query 'a dog on a beach'", ["query", "a dog on a beach", "-n", "5", "--json"]),
+        ("query-image", "query --image PHOTO", ["query", "--image", str(good[1]), "-n", "5", "--json"]),
+        ("similar", "similar caf\\xe9.jpg", ["similar", str(latin1), "-n", "3", "--json"]),
+        ("label", "label --classes dog,cat,beach", ["label", "--classes", "dog,cat,beach", "--json"]),
+    ]
+    for name, shown, args in searches:
+        out, seconds, rc, said = cs(name, "library.db", *args)
+        if out is not None:
+            said += f"{len(out)} results; first: {Path(out[0]['path']).name if out else '-'}"
+            first_expected = {"query-image": good[1].name, "similar": latin1.name}.get(name)
+            want = {"query": 5, "query-image": 5, "similar": 3, "label": n}[name]
+            if len(out) != want or (first_expected and Path(out[0]["path"]).name != first_expected):
+                ok = False
+                said += f" (**expected** {want} results" + (
+                    f", {first_expected} first)" if first_expected else ")"
+                )
+        s.lines.append(f"| `clipsearch {_cell(shown)}` | {rc} | {seconds:.1f} | {_cell(said)} |")
+    # The stored vectors against the reference pipeline, on up to 64 of the photos and the Latin-1 copy.
+    sample = good[:: max(1, len(good) // 64)][:64] + [latin1]
+    t = time.monotonic()
+    reference = dict(zip(sample, reference_features(model, sample), strict=True))
+    s.lines += ["", f"Stored vectors against the reference pipeline (Pillow's full decode, fp32 on the CPU; "
+                f"{len(sample)} photos, reference in {time.monotonic() - t:.0f} s):", ""]  # fmt: skip
+    for db, report in reports.items():
+        with Library.open(work / db, readonly=True) as lib:
+            ids, paths, vectors = lib.embeddings(report["model_id"])
+        stored = dict(zip(map(Path, paths), vectors, strict=True))
+        cos = [float(stored[x] @ reference[x]) for x in sample if x in stored]
+        worst = min(cos) if cos else float("nan")
+        good_enough = len(cos) == len(sample) and worst >= 0.995
+        ok &= good_enough
+        s.lines.append(f"- {db} ({report['backend']}): worst cosine **{worst:.5f}**, median "
+                       f"{statistics.median(cos) if cos else float('nan'):.5f} over {len(cos)} of {len(sample)} "
+                       f"photos{'' if good_enough else ' (**must be >= 0.995 on every photo**)'}")  # fmt: skip
+    return ok
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["_train"]:  # a trainer child process (see trainer_process)
@@ -627,6 +807,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         data = check.stage("generate data", lambda s: make_data(check, s))
         plan = [("step", "one step against fp32", compare_step, 10),
+                ("field", "a user's index and searches", field_use, 60),
                 ("train", "training, side by side", compare_training, 60),
                 ("eval", "zero-shot and retrieval evaluation", evaluate_model, 10),
                 ("index", "index and query", index_and_query, 10)]  # fmt: skip

@@ -97,44 +97,59 @@ def _write(img, path: Path, fmt: str, seed: int) -> Path:
     return path
 
 
-def make_folder(out: Path, n: int, sources: Path | None = None, seed: int = 0) -> dict:
-    """Write ``n`` photos to ``out`` (made once: an existing complete folder is kept); returns counts."""
-    from PIL import Image
+def make_folder(out: Path, n: int, sources: Path | None = None, seed: int = 0, workers: int = 1) -> dict:
+    """Write ``n`` photos to ``out`` (made once: an existing complete folder is kept); returns counts.
 
+    ``workers`` > 1 writes them in that many processes (HEIC encodes take seconds each); each file's
+    content depends only on its number and ``seed``, so the folder is the same either way."""
     out.mkdir(parents=True, exist_ok=True)
     existing = sorted(p for p in out.iterdir() if p.is_file() and not p.name.startswith("."))
     if len(existing) >= n:
         return _describe(existing[:n])
     pictures = source_images(sources) if sources else []
-    rng = np.random.default_rng(seed)
     kind = "wallpapers" if len(pictures) >= 8 else "synthetic"
-    for i in range(n):
-        fmt = FORMATS[i % len(FORMATS)]
-        if (out / f"photo_{i:04d}.{fmt}").is_file():
-            continue  # an interrupted run resumes (each file is written to a temporary name first)
-        if kind == "wallpapers":
-            src = pictures[i % len(pictures)]
-            im = Image.open(src)
-            im.load()
-            w, h = im.size
-            # a different crop each time a picture comes round again: distinct content
-            trim = 0.05 * (i // len(pictures))
-            im = im.crop((int(w * trim), int(h * trim), w - int(w * trim / 2), h - int(h * trim / 2)))
-        else:
-            from clipsearch.backends import synthetic_photo
+    todo = [i for i in range(n) if not (out / f"photo_{i:04d}.{FORMATS[i % len(FORMATS)]}").is_file()]
+    if workers > 1 and len(todo) > 1:  # an interrupted run resumes: finished files are kept
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
 
-            w, h = (2400, 1600) if i % 3 else (1600, 2400)
-            small = Image.fromarray(synthetic_photo(rng, w // 4, h // 4))
-            im = small.resize((w, h), Image.BICUBIC)
-        w, h = im.size
-        scale = (MAX_PIXELS / (w * h)) ** 0.5
-        if scale < 1:
-            im = im.convert("RGB").resize((round(w * scale), round(h * scale)), Image.LANCZOS)
-        tmp = out / f".part_{i:04d}.{fmt}"
-        _write(im, tmp, fmt, i)
-        tmp.rename(out / f"photo_{i:04d}.{fmt}")
+        # spawned, not forked: the caller may hold threads (PyTorch's, CUDA's) that a fork would copy mid-lock
+        spawn = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(min(workers, len(todo)), mp_context=spawn) as pool:
+            list(pool.map(_make_one, todo, [out] * len(todo), [pictures] * len(todo), [seed] * len(todo)))
+    else:
+        for i in todo:
+            _make_one(i, out, pictures, seed)
     (out / ".source").write_text(kind + "\n")
     return _describe(sorted(p for p in out.iterdir() if p.is_file() and not p.name.startswith(".")))
+
+
+def _make_one(i: int, out: Path, pictures: list[Path], seed: int) -> None:
+    """Photo number ``i``: a crop of a real picture when there are enough of them, else synthetic."""
+    from PIL import Image
+
+    fmt = FORMATS[i % len(FORMATS)]
+    if len(pictures) >= 8:
+        src = pictures[i % len(pictures)]
+        im = Image.open(src)
+        im.load()
+        w, h = im.size
+        # a different crop each time a picture comes round again: distinct content
+        trim = 0.05 * (i // len(pictures))
+        im = im.crop((int(w * trim), int(h * trim), w - int(w * trim / 2), h - int(h * trim / 2)))
+    else:
+        from clipsearch.backends import synthetic_photo
+
+        w, h = (2400, 1600) if i % 3 else (1600, 2400)
+        small = Image.fromarray(synthetic_photo(np.random.default_rng([seed, i]), w // 4, h // 4))
+        im = small.resize((w, h), Image.BICUBIC)
+    w, h = im.size
+    scale = (MAX_PIXELS / (w * h)) ** 0.5
+    if scale < 1:
+        im = im.convert("RGB").resize((round(w * scale), round(h * scale)), Image.LANCZOS)
+    tmp = out / f".part_{i:04d}.{fmt}"  # written whole, then renamed: a folder never holds half a file
+    _write(im, tmp, fmt, i)
+    tmp.rename(out / f"photo_{i:04d}.{fmt}")
 
 
 def _fmt_of(path: Path) -> str:
@@ -226,13 +241,14 @@ def main() -> None:
     mk.add_argument("--out", type=Path, required=True)
     mk.add_argument("--n", type=int, default=130)
     mk.add_argument("--sources", type=Path, help="a folder with real photos (the wallpaper packages' files)")
+    mk.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes writing files")
     dec = sub.add_parser("decode", help="time old and new preprocessing per format")
     dec.add_argument("--folder", type=Path, required=True)
     dec.add_argument("--size", type=int, default=224)
     dec.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
     if args.cmd == "make":
-        print(make_folder(args.out, args.n, args.sources))
+        print(make_folder(args.out, args.n, args.sources, workers=args.workers))
     else:
         decode_benchmark(args.folder, args.size, args.repeats)
 

@@ -21,11 +21,11 @@ def test_the_cpu_half_of_the_gpu_check(tmp_path):
     done = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--device", "cpu", "--out", str(out),
          "--work", str(tmp_path / "work")],
-        capture_output=True, text=True, timeout=1800,
+        capture_output=True, errors="replace", timeout=1800,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
     md = out.read_text()
-    assert "5/5 stages passed" in md
+    assert "6/6 stages passed" in md
     # One step against fp32: fp32 with accumulation + checkpointing, and bf16 autocast, within bounds.
     assert "| fp32 |" in md and "| amp_bf16 |" in md and "**no**" not in md
     # Training: both trainers in bf16 autocast, each in its own process, every step logged.
@@ -38,6 +38,14 @@ def test_the_cpu_half_of_the_gpu_check(tmp_path):
         )
     assert "zeroshot_top1" in md and "text_to_image_R@1" in md
     assert "images/s" in md and "5 hits" in md
+    # A user's index and searches: the first run, the settle it started, the later run, four searches,
+    # and both libraries' vectors against the reference pipeline.
+    # (the tiny model's verdict is whichever ONNX graph measured faster: int8 or fp32)
+    assert "failed ['cut.jpg'], backend torch-int8" in md, md
+    verdict = re.search(r"done; verdict: (onnx-\w+) \|", md)
+    assert verdict and f"failed ['cut.jpg'], backend {verdict.group(1)}," in md, md
+    assert "first: caf\ufffd.jpg" in md, md
+    assert md.count("over 11 of 11 photos") == 2, md
 
 
 def test_the_fp16_step_with_its_loss_scaler_against_fp32(monkeypatch):
