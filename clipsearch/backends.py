@@ -50,7 +50,7 @@ from clipsearch.paths import cache_dir  # noqa: F401  (re-exported: part of this
 log = logging.getLogger(__name__)
 
 MIN_COSINE = 0.995  # the fidelity every fast path must keep against torch-fp32, on every image
-VERDICT_FILE = "verdict.json"
+VERDICT_FILE = "verdict.json"  # the CPU's; another device's is verdict_file(device)
 _VERDICT_VERSION = (
     7  # 2: device in the environment; 3: ONNX sessions do not spin; 4: int8 export; 5: read without torch;
     # 6: the int8 graph keeps its patch Conv in float (a new file, measured again); 7: the exports'
@@ -749,6 +749,19 @@ def _environment(threads: int | None, device=None) -> dict:
     return env
 
 
+def verdict_file(device: str) -> str:
+    """The verdict's file name for a model on ``device`` (``"cpu"``, ``"cuda:0"``): one per device, so
+    a machine that indexes on its GPU and, with ``--device cpu``, on its CPU keeps both verdicts
+    instead of each measuring over the other's."""
+    return VERDICT_FILE if device == "cpu" else f"verdict-{re.sub(r'[^A-Za-z0-9]+', '-', device)}.json"
+
+
+def _verdict_of(bundle, threads: int | None) -> tuple[Path, dict]:
+    """``(verdict path, environment)`` of ``bundle``'s model where it is placed."""
+    device = placement(bundle)[0]
+    return cache_dir(bundle.model_id) / verdict_file(device), _environment(threads, device)
+
+
 def _read_verdict(path: Path, env: dict) -> dict[str, Measurement]:
     try:
         data = json.loads(path.read_text())
@@ -871,8 +884,7 @@ def choose_backend(
         candidates = {name: _all_backends()[name] for name in default_candidates(bundle)}
     candidates = {"torch-fp32": BACKENDS["torch-fp32"], **candidates}
     directory = cache_dir(bundle.model_id)
-    env = _environment(threads, placement(bundle)[0])
-    verdict_path = directory / VERDICT_FILE
+    verdict_path, env = _verdict_of(bundle, threads)
     results = {k: v for k, v in _read_verdict(verdict_path, env).items() if k in candidates}
     missing = [name for name in candidates if name not in results]
     if missing:
@@ -1118,14 +1130,12 @@ def cached_choice(bundle, *, threads: int | None = None) -> str | None:
     import), None when the verdict is missing or stale."""
     if needs_measuring(bundle, threads=threads):
         return None
-    env = _environment(threads, placement(bundle)[0])
-    return pick(_read_verdict(cache_dir(bundle.model_id) / VERDICT_FILE, env).values())
+    return pick(_read_verdict(*_verdict_of(bundle, threads)).values())
 
 
 def needs_measuring(bundle, *, threads: int | None = None) -> bool:
     """Whether ``make_image_encoder(bundle, "auto")`` will measure (seconds to a minute) first."""
-    env = _environment(threads, placement(bundle)[0])
-    known = _read_verdict(cache_dir(bundle.model_id) / VERDICT_FILE, env)
+    known = _read_verdict(*_verdict_of(bundle, threads))
     return any(name not in known for name in ["torch-fp32", *default_candidates(bundle)])
 
 

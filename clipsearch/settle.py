@@ -114,9 +114,10 @@ def settle(bundle, *, locked: bool = False, reload: Callable[[], object] | None 
             os.close(fd)
 
 
-def start_in_background(source: str, model_id: str) -> subprocess.Popen | None:
-    """Start ``python -m clipsearch.settle SOURCE`` detached, at the lowest priority. None when
-    another settle of this model runs, or the child could not start (the next index run then
+def start_in_background(source: str, model_id: str, device: str = "cpu") -> subprocess.Popen | None:
+    """Start ``python -m clipsearch.settle SOURCE --device DEVICE`` detached, at the lowest priority:
+    the verdict it writes is for ``device``, where the index run that asked for it embedded. None
+    when another settle of this model runs, or the child could not start (the next index run then
     settles on its photos again and tries once more).
 
     The lock is taken here and handed to the child (an inherited ``flock`` belongs to the child's
@@ -130,7 +131,7 @@ def start_in_background(source: str, model_id: str) -> subprocess.Popen | None:
     try:
         with open(directory / LOG_FILE, "ab") as out:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "clipsearch.settle", source, "--lock-fd", str(fd)],
+                [sys.executable, "-m", "clipsearch.settle", source, "--device", device, "--lock-fd", str(fd)],
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
@@ -150,7 +151,10 @@ def after_index(bundle, source: str) -> str:
     """What an index run does when ``needed(bundle)``: settle in the background when allowed, else
     here and now. Returns ``"background"``, ``"done"`` or ``"elsewhere"`` (another process has it)."""
     if background_allowed():
-        return "background" if start_in_background(source, bundle.model_id) is not None else "elsewhere"
+        from clipsearch.backends import placement
+
+        started = start_in_background(source, bundle.model_id, placement(bundle)[0])
+        return "background" if started is not None else "elsewhere"
     return "done" if settle(bundle) is not None else "elsewhere"
 
 
@@ -197,11 +201,15 @@ def lowest_priority() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m clipsearch.settle SOURCE [--lock-fd N]``: settle one model at the lowest priority."""
+    """``python -m clipsearch.settle SOURCE [--device D] [--lock-fd N]``: settle one model at the lowest
+    priority, for the device its index run embedded on."""
     import argparse
 
     ap = argparse.ArgumentParser(prog="python -m clipsearch.settle", description=main.__doc__)
     ap.add_argument("source", help="the model, as clipsearch index --model takes it")
+    ap.add_argument(
+        "--device", default="cpu", help="where the model embeds (cpu, cuda:0...): the verdict is for it"
+    )
     ap.add_argument("--lock-fd", type=int, help="the settle lock, already held (from start_in_background)")
     args = ap.parse_args(argv)
     lowest_priority()
@@ -210,8 +218,14 @@ def main(argv: list[str] | None = None) -> int:
     from clipsearch.checkpoints import load_bundle
 
     sleeping_openmp_threads()  # before torch loads; the user's own work shares the cores
+    # The text tower is exported from the model on the CPU (queries run it there); the image backends
+    # are measured on the device.
     bundle = load_bundle(args.source)
-    chosen = settle(bundle, locked=args.lock_fd is not None, reload=lambda: load_bundle(args.source).model)
+    chosen = settle(
+        bundle,
+        locked=args.lock_fd is not None,
+        reload=lambda: load_bundle(args.source, device=args.device).model,
+    )
     log.info(
         "settled %s: %s (peak memory of this process %.0f MB)",
         bundle.name,

@@ -42,7 +42,7 @@ def test_the_cpu_half_of_the_gpu_check(tmp_path):
     # and both libraries' vectors against the reference pipeline.
     # (the tiny model's verdict is whichever ONNX graph measured faster: int8 or fp32)
     assert "failed ['cut.jpg'], backend torch-int8" in md, md
-    verdict = re.search(r"done; verdict: (onnx-\w+) \|", md)
+    verdict = re.search(r"done; verdict: (onnx-\w+) \(verdict.json\) \|", md)
     assert verdict and f"failed ['cut.jpg'], backend {verdict.group(1)}," in md, md
     assert "first: caf\ufffd.jpg" in md, md
     assert md.count("over 11 of 11 photos") == 2, md

@@ -279,6 +279,81 @@ def test_a_settle_child_that_dies_leaves_the_model_to_settle_again(tmp_path, mon
     assert not settle.needed(bundle), (cache_dir(bundle.model_id) / settle.LOG_FILE).read_text()
 
 
+class _Placed:
+    """``bundle`` as if its model sat on ``device`` (``placement`` is what the backends ask)."""
+
+    def __init__(self, bundle, device: str):
+        self.__dict__.update(vars(bundle))
+        self.placement = (device, "float32")
+        self.name = bundle.model_id
+
+
+def test_each_device_keeps_its_own_verdict(monkeypatch):
+    """A GPU machine that also indexes with --device cpu keeps both verdicts: neither is measured
+    over the other (one file per device)."""
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "Test GPU")  # in the environment
+    bundle = _bundle("test/verdict-per-device")
+    batch = _batch(bundle)
+    on_gpu = _Placed(bundle, "cuda:1")
+    directory = cache_dir(bundle.model_id)
+    gpu_plan = {
+        "torch-fp16": lambda b, t, d, **kw: _Close(bundle),
+        "torch-bf16": lambda b, t, d, **kw: _Noise(8),
+    }
+    assert backends.choose_backend(on_gpu, candidates=gpu_plan, batch=batch)[0] == "torch-fp16"
+    assert backends.verdict_file("cuda:1") == "verdict-cuda-1.json"
+    assert not (directory / backends.VERDICT_FILE).exists()
+    backends.choose_backend(bundle, candidates={"close": lambda b, t, d, **kw: _Close(bundle)}, batch=batch)
+    cpu = json.loads((directory / backends.VERDICT_FILE).read_text())
+    gpu = json.loads((directory / "verdict-cuda-1.json").read_text())
+    assert (cpu["environment"]["device"], cpu["chosen"]) == ("cpu", "close")
+    assert (gpu["environment"]["device"], gpu["environment"]["gpu"], gpu["chosen"]) == (
+        "cuda:1",
+        "Test GPU",
+        "torch-fp16",
+    )
+
+    def boom(*args, **kwargs):
+        raise AssertionError("the GPU's cached verdict must be used, not measured again")
+
+    assert backends.choose_backend(on_gpu, candidates={"torch-fp16": boom}, batch=batch)[0] == "torch-fp16"
+
+
+def test_the_background_settle_measures_on_the_device_the_index_embedded_on(tmp_path, monkeypatch):
+    """Seen on an H200: `index` embedded on the GPU, but its settle child measured the CPU backends, so
+    the GPU never got a verdict and every later index settled again and started another child."""
+    started = []
+
+    class Child:
+        pid = 4242
+
+    def popen(argv, **kwargs):
+        started.append(argv)
+        return Child()
+
+    monkeypatch.setenv("CLIPSEARCH_BACKGROUND", "1")
+    monkeypatch.setattr(settle.subprocess, "Popen", popen)
+    on_gpu = _Placed(_bundle("test/settle-on-gpu"), "cuda:0")
+    assert settle.after_index(on_gpu, "MODEL") == "background"
+    assert started[0][started[0].index("clipsearch.settle") + 1 :][:3] == ["MODEL", "--device", "cuda:0"]
+    # The child exports the text tower from the model on the CPU, then measures on the device.
+    loads, settled = [], []
+
+    def load(source, device="cpu"):
+        loads.append(device)
+        return _bundle("test/settle-on-gpu")
+
+    def fake_settle(bundle, *, locked, reload):
+        settled.append(locked)
+        reload()
+
+    monkeypatch.setattr("clipsearch.checkpoints.load_bundle", load)
+    monkeypatch.setattr(settle, "settle", fake_settle)
+    monkeypatch.setattr(settle, "lowest_priority", lambda: None)  # not this test process's priority
+    assert settle.main(["MODEL", "--device", "cuda:0", "--lock-fd", "9"]) == 0
+    assert loads == ["cpu", "cuda:0"] and settled == [True]
+
+
 def _autogroup_nice(text: str | None = None) -> str:
     """The session group's nice from ``/proc/self/autogroup`` ('/autogroup-213 nice 0'), or '-' where
     the kernel does not group by session: the file missing, or present and empty (autogroup compiled
