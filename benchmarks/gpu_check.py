@@ -12,16 +12,20 @@ The stages, each timed and reported even when another fails:
    with ``--accum-freq`` micro-batches and gradient checkpointing) in fp32, each autocast precision and,
    on CUDA, ``amp`` with the loss scaler (gradients unscaled). Reported: the loss's relative difference,
    the gradients' cosine and relative L2 error; each has a bound it must stay within.
-2. **training**: ``clipsearch-train`` for a few hundred steps per precision (CUDA: ViT-B/32, ``amp_bf16``
+2. **a user's index and searches** (``field``): camera-sized photos in mixed formats (one cut short,
+   one with a Latin-1 name) indexed with no ``--device`` into a new home (the first run settles in
+   the background), a later index that must use the settled verdict, ``query`` by text and image,
+   ``similar``, ``label``, and both libraries' vectors against the reference pipeline (>= 0.995).
+3. **training**: ``clipsearch-train`` for a few hundred steps per precision (CUDA: ViT-B/32, ``amp_bf16``
    and ``amp``; CPU: demo-vit, 4 steps of ``amp_bf16``), with ``--grad-checkpointing`` and
    ``--accum-freq``, and OpenCLIP's trainer (``python -m open_clip_train.main``, when installed) with
    the same flags on the same CSV, same architecture JSON. Each trainer runs in its own process;
    samples/s is the median of the per-step figures each trainer logs (data loading included, the first
    3 steps left out); peak memory is the process's peak GPU allocation (CUDA) or peak RSS (CPU).
-3. **evaluation**: ``clipsearch-train eval`` of the trained model (zero-shot on the held-out
+4. **evaluation**: ``clipsearch-train eval`` of the trained model (zero-shot on the held-out
    folder-per-class set, image<->text retrieval on the validation CSV) on the device; on CUDA also on the
    CPU, and the two must agree.
-4. **index and query**: ``clipsearch index RUN_DIR`` (the training output folder as ``--model``) of the
+5. **index and query**: ``clipsearch index RUN_DIR`` (the training output folder as ``--model``) of the
    generated images with ``--device``, images/s, then ``clipsearch query`` (faiss-gpu when installed).
 
 The results are written as markdown (``--out``, after every stage, so a run cut short still leaves
