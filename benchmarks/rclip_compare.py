@@ -379,16 +379,9 @@ def _formats(folder: Path) -> dict:
 
 
 def _wait_settled(model_id: str, env: dict) -> None:
-    """Wait until the model's background settle (started by the index that just returned) is done.
-
-    ``index`` takes the settle lock before it starts the child, so waiting for the lock is enough.
-    """
-    code = (
-        "import fcntl, os, sys; from clipsearch import settle; from clipsearch.paths import cache_dir; "
-        "d = cache_dir(sys.argv[1]); d.mkdir(parents=True, exist_ok=True); "
-        "fd = os.open(d / settle.LOCK_FILE, os.O_RDONLY | os.O_CREAT, 0o600); "
-        "fcntl.flock(fd, fcntl.LOCK_SH)"  # blocks while the settle child holds its exclusive lock
-    )
+    """Wait until the model's background settle (started by the index that just returned) is done:
+    ``settle.wait`` in a child, whose ``CLIPSEARCH_HOME`` is the benchmark's."""
+    code = "import sys; from clipsearch import settle; settle.wait(sys.argv[1])"
     subprocess.run([sys.executable, "-c", code, model_id], env=env, check=True)
 
 
