@@ -10,7 +10,8 @@ so the user never waits for what only later runs profit from:
 - the text tower's export for torch-free queries (:func:`clipsearch.fastquery.ensure_text_encoder`).
 
 :func:`settle` does both in this process. :func:`start_in_background` runs it in a detached child
-(``python -m clipsearch.settle SOURCE``) at the lowest CPU priority, as ``git gc --auto`` does, so the
+(``python -m clipsearch.settle SOURCE --device D``, D where the index run embedded: its verdict is
+that device's) at the lowest CPU priority, as ``git gc --auto`` does, so the
 command that started it returns at once; its log is ``settle.log`` in the model's cache folder. One
 settle per model at a time (an ``flock`` on ``settle.lock`` there; a second one exits at once).
 Setting ``CLIPSEARCH_BACKGROUND=0`` makes the CLI settle in the foreground instead, as git's
