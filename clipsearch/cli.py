@@ -24,7 +24,7 @@ import click
 
 from clipsearch import __version__, choices
 from clipsearch.errors import ClipsearchError, LibraryError, ModelLoadError
-from clipsearch.names import printable
+from clipsearch.names import one_line, printable
 
 DEFAULT_MODEL = "ViT-B-32/openai"
 MAX_FAILURES_SHOWN = 20
@@ -71,11 +71,6 @@ def _echo_json(data) -> None:
     click.echo(text)
 
 
-def _one_line(e: BaseException) -> str:
-    text = " ".join(str(e).split()) or type(e).__name__
-    return printable(text)
-
-
 class _Group(click.Group):
     """Turns every failure of a subcommand into one line and an exit code (see the module doc)."""
 
@@ -86,7 +81,7 @@ class _Group(click.Group):
             raise
         except ClipsearchError as e:
             _maybe_trace(ctx)
-            raise click.ClickException(_one_line(e)) from None
+            raise click.ClickException(one_line(e)) from None
         except KeyboardInterrupt:
             click.echo("Interrupted.", err=True)
             raise click.exceptions.Exit(130) from None
@@ -98,12 +93,12 @@ class _Group(click.Group):
             # The environment, not clipsearch: a full disk, a permission, a vanished file.
             _maybe_trace(ctx)
             where = f": {printable(str(e.filename))}" if e.filename else ""
-            raise click.ClickException(printable(e.strerror or _one_line(e)) + where) from None
+            raise click.ClickException(printable(e.strerror or one_line(e)) + where) from None
         except Exception as e:
             _maybe_trace(ctx)
             hint = "" if _verbose(ctx) else " (run again with --verbose to see the traceback)"
             raise click.ClickException(
-                f"internal error, this is a bug in clipsearch: {type(e).__name__}: {_one_line(e)}{hint}"
+                f"internal error, this is a bug in clipsearch: {type(e).__name__}: {one_line(e)}{hint}"
             ) from None
 
 
@@ -1239,7 +1234,16 @@ def label(
             multi_label=multi_label,
             filters=photo_filter,
         )
-    xmp = _write_sidecars(results, threshold) if write_xmp else {}
+    xmp = {}
+    if write_xmp:
+        from clipsearch.xmp import DEFAULT_MIN_PROBABILITY, write_labels
+
+        xmp, stamps = write_labels(results, DEFAULT_MIN_PROBABILITY if threshold is None else threshold)
+        if stamps:  # our own keywords: the next index need not read these photos' headers again
+            from clipsearch.store import LibraryWriteError
+
+            with _open_existing(state) as library, contextlib.suppress(LibraryWriteError):  # speed only
+                library.note_own_sidecar_writes(stamps)
     if as_json:
         _echo_json(
             [
@@ -1265,27 +1269,6 @@ def label(
             f"XMP sidecars not written for {len(failed)} of {len(results)} photos (first: {failed[0][0]}: "
             f"{failed[0][1]}); the labels are stored in the library, the sidecars were left as they were"
         )
-
-
-def _write_sidecars(results, threshold: float | None) -> dict[int, dict]:
-    """Write each photo's labels of probability >= ``threshold`` (default
-    ``xmp.DEFAULT_MIN_PROBABILITY``) to its sidecar: ``{image_id: {"sidecar", "keywords", "error"}}``."""
-    from clipsearch.xmp import DEFAULT_MIN_PROBABILITY, XmpError, write_keywords
-
-    cut = DEFAULT_MIN_PROBABILITY if threshold is None else threshold
-    out = {}
-    for r in results:
-        keywords = [lab for lab, score in r.labels if score >= cut]
-        entry = {"sidecar": None, "keywords": keywords, "error": None}
-        try:
-            side = write_keywords(r.path, keywords)
-            entry["sidecar"] = None if side is None else str(side)
-        except XmpError as e:
-            entry["error"] = _one_line(e)
-        except OSError as e:
-            entry["error"] = printable(e.strerror or str(e))
-        out[r.image_id] = entry
-    return out
 
 
 def _render_labels(results) -> None:

@@ -14,3 +14,8 @@ def printable(text: str) -> str:
     """``text`` safe to show: each byte of a name that is not valid UTF-8 (a lone surrogate) becomes
     U+FFFD, instead of failing to encode; any other text is returned as it is."""
     return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+def one_line(e: BaseException) -> str:
+    """An error's message on one printable line (its type's name when it has none)."""
+    return printable(" ".join(str(e).split()) or type(e).__name__)

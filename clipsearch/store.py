@@ -999,6 +999,22 @@ class Library:
                     f"UPDATE images SET metadata_version = NULL WHERE id IN ({_marks(chunk)})", chunk
                 )
 
+    def note_own_sidecar_writes(self, stamps: Iterable[tuple[int, int | None, int | None]]) -> int:
+        """After clipsearch itself wrote sidecars (``label --write-xmp``): for each ``(image id, the
+        photo's sidecar stamp before the write, after it)``, store the new stamp where the metadata
+        was read at the old one, so the next index run does not read the headers again for its own
+        keywords. A photo whose sidecar another program changed since it was read keeps its old stamp
+        (the next run reads it). Returns how many rows changed."""
+        changed = 0
+        with self.transaction():
+            for image_id, before, after in stamps:
+                changed += self._conn.execute(
+                    "UPDATE images SET sidecar_mtime_ns = ? WHERE id = ? AND sidecar_mtime_ns IS ? "
+                    "AND metadata_version IS NOT NULL",
+                    (after, int(image_id), before),
+                ).rowcount
+        return changed
+
     def metadata_stale_ids(self, version: int) -> set[int]:
         """Ids of photos whose metadata was read by an extractor older than ``version`` (or never)."""
         sql = "SELECT id FROM images WHERE metadata_version IS NULL OR metadata_version < ?"

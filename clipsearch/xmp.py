@@ -403,3 +403,33 @@ def write_keywords(image: str | Path, keywords: Sequence[str]) -> Path | None:
         return side  # nothing to change: the file (and its mtime) stays as it is
     write_bytes(side, merged, make_folder=False)  # the photo's folder gone (a drive unmounted): not remade
     return side
+
+
+def write_labels(
+    results, min_probability: float
+) -> tuple[dict[int, dict], list[tuple[int, int | None, int | None]]]:
+    """Write each labelled photo's labels of probability >= ``min_probability`` to its sidecar
+    (:func:`write_keywords`). Returns ``({image_id: {"sidecar", "keywords", "error"}}, stamps)``:
+    ``stamps`` is ``(image id, sidecar stamp before, after)`` for every sidecar written, for
+    :meth:`clipsearch.store.Library.note_own_sidecar_writes`."""
+    from clipsearch.metadata import sidecar_stamp
+    from clipsearch.names import one_line, printable
+
+    out, stamps = {}, []
+    for r in results:
+        keywords = [lab for lab, score in r.labels if score >= min_probability]
+        entry = {"sidecar": None, "keywords": keywords, "error": None}
+        before = sidecar_stamp(r.path)
+        try:
+            side = write_keywords(r.path, keywords)
+            entry["sidecar"] = None if side is None else str(side)
+        except XmpError as e:
+            entry["error"] = one_line(e)
+        except OSError as e:
+            entry["error"] = printable(e.strerror or str(e))
+        else:
+            after = sidecar_stamp(r.path)
+            if after != before:
+                stamps.append((r.image_id, before, after))
+        out[r.image_id] = entry
+    return out, stamps

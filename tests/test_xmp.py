@@ -361,3 +361,29 @@ def test_which_sidecar_a_photo_gets(tmp_path, files, photo, expected):
     assert sidecar_path(tmp_path / photo) == tmp_path / expected
     (tmp_path / "p.xmp").unlink()
     assert sidecar_path(tmp_path / photo) == tmp_path / (photo + ".xmp")  # none: darktable's name
+
+
+def test_label_write_xmp_does_not_make_the_next_index_read_the_photos_again(tmp_path, tmp_path_factory):
+    """The keywords `label --write-xmp` writes change the sidecars' mtimes; the next index used to take
+    that for another program's edit and read every labelled photo's headers again (minutes on a big
+    library). A sidecar that another program did edit still is read again."""
+    photos = tmp_path / "photos"
+    for i in range(3):
+        write_photo(photos / f"{i}.jpg", i)
+    db = tmp_path / "lib.db"
+    model = tiny_model_dir(tmp_path_factory)
+
+    def index() -> dict:
+        result = invoke("index", "--model", model, photos, "--json", db=db)
+        assert result.exit_code == 0, result.output
+        return json.loads(result.stdout)
+
+    index()
+    # one photo's sidecar is edited by another program after indexing, before the labels are written
+    edited = photos / "2.jpg.xmp"
+    edited.write_text(LIGHTROOM_SIDECAR)
+    result = invoke("label", "--classes", "dog,cat", "--threshold", "0", "--write-xmp", db=db)
+    assert result.exit_code == 0, result.output
+    assert all(sidecar_keywords(photos / f"{i}.jpg") for i in range(3))
+    assert index()["metadata"] == 1  # only the sidecar another program changed
+    assert index()["metadata"] == 0
