@@ -14,8 +14,9 @@ The stages, each timed and reported even when another fails:
    the gradients' cosine and relative L2 error; each has a bound it must stay within.
 2. **a user's index and searches** (``field``): camera-sized photos in mixed formats (one cut short,
    one with a Latin-1 name) indexed with no ``--device`` into a new home (the first run settles in
-   the background), a later index that must use the settled verdict, ``query`` by text and image,
-   ``similar``, ``label``, and both libraries' vectors against the reference pipeline (>= 0.995).
+   the background), a later index that must use the settled verdict (on a GPU, also ``--device cpu``
+   and the GPU again: one verdict each), ``query`` by text and image, ``similar``, ``label``, and
+   every library's vectors against the reference pipeline (>= 0.995).
 3. **training**: ``clipsearch-train`` for a few hundred steps per precision (CUDA: ViT-B/32, ``amp_bf16``
    and ``amp``; CPU: demo-vit, 4 steps of ``amp_bf16``), with ``--grad-checkpointing`` and
    ``--accum-freq``, and OpenCLIP's trainer (``python -m open_clip_train.main``, when installed) with
