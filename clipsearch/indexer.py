@@ -47,7 +47,7 @@ from typing import Any
 
 import numpy as np
 
-from clipsearch.errors import ClipsearchError, ImageDecodeError, LibraryError
+from clipsearch.errors import ClipsearchError, ImageDecodeError, LibraryError, ModelLoadError
 from clipsearch.imageio import DEFAULT_MAX_PIXELS, check_header, open_image
 from clipsearch.metadata import METADATA_VERSION, sidecar_stamp
 from clipsearch.store import ImageRow, Library, LibraryWriteError
@@ -582,8 +582,22 @@ class _Run:
                 )
                 self.encoder = None
             else:
-                self.report.backend = self.encoder.name
-                return feats / np.maximum(np.linalg.norm(feats, axis=1, keepdims=True), 1e-12)
+                if np.all(np.isfinite(feats)):
+                    self.report.backend = self.encoder.name
+                    return feats / np.maximum(np.linalg.norm(feats, axis=1, keepdims=True), 1e-12)
+                # NaN or inf for some photo: a half-precision copy that overflowed on it, or damaged
+                # weights. Never stored (it would poison every search); the model as loaded decides.
+                from clipsearch.backends import BackendError
+
+                if self.backend != "auto":
+                    raise BackendError(
+                        f"the {self.backend} backend gave NaN or infinite features; the batches done so "
+                        "far are saved: run index again with --backend auto"
+                    )
+                self.report.backend_note = (
+                    f"{self.encoder.name} gave NaN or infinite features; ran the model as loaded"
+                )
+                self.encoder = None
         import torch
 
         self.report.backend = "model"
@@ -593,6 +607,12 @@ class _Run:
                 model.device, model.dtype
             )  # [B, 3, H, W]
             feats = model.encode_image(x).float()  # [B, D]
+            if not bool(torch.isfinite(feats).all()):
+                raise ModelLoadError(
+                    f"the model {self.bundle.name} gives NaN or infinite features: its weights are damaged, "
+                    "or the training run that made them diverged. Nothing of it was stored for these photos; "
+                    "the photos indexed before are kept"
+                )
             feats = feats / feats.norm(dim=-1, keepdim=True).clamp_min(1e-12)
         return feats.cpu().numpy()
 

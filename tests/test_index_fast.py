@@ -19,6 +19,7 @@ from clipsearch import backends
 from clipsearch.backends import MIN_COSINE, BackendError, ImageEncoder
 from clipsearch.checkpoints import ModelBundle
 from clipsearch.configs import get_config
+from clipsearch.errors import ModelLoadError
 from clipsearch.imageio import open_image
 from clipsearch.indexer import default_workers, index_paths
 from clipsearch.model import build_model
@@ -287,6 +288,48 @@ def test_forced_backend_that_cannot_run_is_a_typed_error(lib, tiny, jpegs, monke
     with pytest.raises(BackendError, match="backend failed .*batches done so far are saved"):
         index_paths(lib, tiny, [root], batch_size=2, backend="torch-fp32")
     assert lib.stats().images == 2  # the first batch was committed
+
+
+class _OverflowsOnce(ImageEncoder):
+    """A half-precision backend that overflows on one photo of its second batch (inf, then NaN)."""
+
+    name = "overflows"
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, batch):
+        self.calls += 1
+        out = _bundle().model.encode_image(torch.as_tensor(batch)).detach().numpy()
+        if self.calls == 2:
+            out[0] = np.inf
+        return out
+
+
+def test_features_that_are_not_finite_are_never_stored(lib, tiny, jpegs, monkeypatch):
+    """A NaN vector would poison every search of the library: a backend that gives one hands the batch
+    to the model as loaded; a model whose own features are NaN (damaged weights) stops the run, the
+    batches before it kept."""
+    root, paths = jpegs
+    monkeypatch.setattr(backends, "make_image_encoder", lambda *a, **k: _OverflowsOnce())
+    report = index_paths(lib, tiny, [root], batch_size=2, backend="auto")
+    assert report.new == len(paths) and report.backend == "model"
+    assert "overflows gave NaN or infinite features" in report.backend_note
+    stored = _stored(lib, tiny.model_id, paths)
+    assert np.isfinite(stored).all()
+    assert backends.cosine_rows(stored, _fp32_full_decode(tiny, paths)).min() >= MIN_COSINE
+    with Library.open(lib.path.parent / "forced.db", create=True) as forced:
+        with pytest.raises(BackendError, match="gave NaN or infinite features; the batches done so far"):
+            index_paths(forced, tiny, [root], batch_size=2, backend="torch-fp32")
+        assert forced.embedding_count(tiny.model_id) == 2  # the first batch, committed before it
+    monkeypatch.undo()
+    damaged = _bundle("test/damaged-weights")
+    with torch.no_grad():
+        damaged.model.visual.proj[0, 0] = float("nan")
+    with Library.open(lib.path.parent / "damaged.db", create=True) as other:
+        with pytest.raises(ModelLoadError, match="gives NaN or infinite features: its weights are damaged"):
+            index_paths(other, damaged, [root], batch_size=2, backend="auto")
+        assert other.embedding_count(damaged.model_id) == 0
 
 
 # --- GPU and bare models: the choice, tested without a GPU ----------------------------------------
