@@ -24,7 +24,7 @@ from clipsearch.configs import get_config
 from clipsearch.encoders import ExportedTextEncoder, ModelEncoder
 from clipsearch.filters import PhotoFilter
 from clipsearch.model import build_model
-from clipsearch.search import Hit, Query, search
+from clipsearch.search import Hit, Query, Searcher, search
 from clipsearch.store import Library
 from clipsearch.tokenizer import Tokenizer
 from clipsearch.transform import PreprocessConfig
@@ -206,6 +206,29 @@ def test_a_second_daemon_is_refused_and_a_stale_socket_replaced(library, tmp_pat
             first.shutdown()
             thread.join(timeout=10)
     assert not path.exists()  # removed on close
+
+
+def test_two_daemons_started_at_once_never_both_serve(library, monkeypatch):
+    """Both may find the old socket of a killed daemon dead; the second must not then unlink the
+    first's live socket (leaving it serving nobody). The daemon lock decides, before any warm-up."""
+    lib = library[0]
+    with serve.QueryServer(lib.path) as first:
+        thread = threading.Thread(target=first.serve_forever, daemon=True)
+        thread.start()
+        try:
+            warmed = []
+            with monkeypatch.context() as m:
+                m.setattr(serve, "_answers", lambda path: False)  # it looked dead a moment ago
+                m.setattr(Searcher, "warm_up", lambda self, say=None: warmed.append(self))
+                with pytest.raises(serve.ServeError, match="already serving"):
+                    serve.QueryServer(lib.path)
+            assert warmed == []  # refused before loading anything
+            assert len(_ask(lib.path, Query.build("a dog"), {"top": 3})) == 3  # the first still answers
+        finally:
+            first.shutdown()
+            thread.join(timeout=10)
+    with serve.QueryServer(lib.path):  # the lock went with the first: the next daemon starts
+        pass
 
 
 def test_an_unsafe_socket_folder_is_made_private_and_a_too_long_path_refused(library, tmp_path):
