@@ -1499,6 +1499,19 @@ def doctor(state: _State, rebuild: bool):
                 "restore a backup or move it away and index again"
             )
         out.print(f"SQLite: {library.path} passes the integrity check", markup=False)
+        orphans = library.orphan_rows()
+        if orphans and library.readonly:
+            raise LibraryError(
+                f"{library.path} holds {orphans} embedding(s) or label(s) of photos no longer in it (it was "
+                "edited with foreign keys off); run `clipsearch doctor` where the library can be written"
+            )
+        if orphans:
+            removed = library.remove_orphan_rows()
+            out.print(
+                f"SQLite: removed {removed} embedding(s) and label(s) of photos no longer in the library "
+                "(it was edited with foreign keys off)",
+                markup=False,
+            )
         model_ids = library.model_ids()
         unsaved = []  # models whose index needed a repair that a read-only library cannot keep
         if not model_ids:

@@ -531,6 +531,34 @@ class Library:
         found = [r[0] for r in self._conn.execute("PRAGMA integrity_check")]
         return [] if found == ["ok"] else found
 
+    # Rows whose photo is gone: what ON DELETE CASCADE removes, left by a tool that deleted images with
+    # foreign keys off (the sqlite3 shell's default). Unreachable: no path leads to them.
+    _ORPHAN_DELETES = (
+        "DELETE FROM embeddings WHERE image_id NOT IN (SELECT id FROM images)",
+        "DELETE FROM labels WHERE image_id NOT IN (SELECT id FROM images)",
+    )
+
+    def orphan_rows(self) -> int:
+        """How many embeddings and labels belong to no image (see :meth:`remove_orphan_rows`)."""
+        return self._conn.execute(
+            "SELECT (SELECT count(*) FROM embeddings WHERE image_id NOT IN (SELECT id FROM images))"
+            " + (SELECT count(*) FROM labels WHERE image_id NOT IN (SELECT id FROM images))"
+        ).fetchone()[0]
+
+    def remove_orphan_rows(self) -> int:
+        """Delete the embeddings and labels of images that are gone; returns how many rows went.
+
+        Nothing reachable is lost: these rows have no image, so no search, export or label shows them,
+        but they are counted as embedded and make ``doctor`` find the FAISS index short.
+        """
+        n = 0
+        with self.transaction():
+            for statement in self._ORPHAN_DELETES:
+                n += self._conn.execute(statement).rowcount
+            if n:
+                self._bump()
+        return n
+
     def discard_if_empty(self) -> bool:
         """Close, and delete, a library this process created that still holds no image; returns
         whether it did. A first run that fails (no photos, a model that cannot be downloaded)
