@@ -353,6 +353,29 @@ def test_truncated_safetensors_and_torchscript_are_model_load_errors(tmp_path, v
             checkpoints.load_bundle(tmp_path / name)
 
 
+@pytest.mark.parametrize("kind", ["torch-save", "torchscript"])
+def test_a_checkpoint_damaged_inside_a_tensor_is_refused(tmp_path, vit_gelu, kind):
+    """A bit flipped on disk or in a copy inside a zip checkpoint's tensor data: torch's reader does not
+    check the archive's CRCs, so the model loaded with the damaged weights and indexed with them,
+    without a word. The archive's own checksums say it is damaged."""
+    path = tmp_path / "w.pt"
+    if kind == "torch-save":
+        torch.save(dict(vit_gelu.state_dict()), path)
+    else:
+        traced(vit_gelu, VIT_CFG).save(str(path))
+    with zipfile.ZipFile(path) as z:
+        biggest = max(z.infolist(), key=lambda i: i.file_size)
+        assert biggest.compress_type == zipfile.ZIP_STORED
+    data = bytearray(path.read_bytes())
+    start = biggest.header_offset + 30 + len(biggest.filename.encode()) + len(biggest.extra)
+    middle = start + biggest.file_size // 2
+    data[middle : middle + 8] = bytes(8) if any(data[middle : middle + 8]) else b"\xff" * 8
+    path.write_bytes(bytes(data))
+    with pytest.raises(ModelLoadError, match="damaged") as err:
+        checkpoints.load_bundle(path)
+    assert str(path) in str(err.value) and "\n" not in str(err.value)
+
+
 @pytest.mark.parametrize(
     "content, what",
     [
