@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pickle
 import re
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -125,7 +126,11 @@ def _read_pickled(path: Path) -> dict:
     if zipfile.is_zipfile(path):
         _check_crcs(path)
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # Python's default pickle protocol (4, 5) makes torch print a page asking for a bug report
+            # above whatever follows; the load itself is checked and reported here.
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         # torch's message is a page of advice about weights_only; the user needs one line.
         raise ModelLoadError(

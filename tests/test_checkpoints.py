@@ -279,13 +279,20 @@ def test_malicious_torch_save_file_is_refused_without_running(tmp_path):
     assert not marker.exists()
 
 
-def test_malicious_legacy_pickle_is_refused_without_running(tmp_path):
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+def test_malicious_legacy_pickle_is_refused_without_running(tmp_path, protocol):
+    """Refused in one line: torch's "Detected pickle protocol 4 ... please file an issue" warning
+    (a pickle made with Python's default protocol) is not printed above it."""
+    import warnings
+
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.bin"
-    path.write_bytes(pickle.dumps(_malicious_reduce(marker), protocol=2))
-    with pytest.raises(ModelLoadError):
+    path.write_bytes(pickle.dumps(_malicious_reduce(marker), protocol=protocol))
+    with warnings.catch_warnings(record=True) as caught, pytest.raises(ModelLoadError, match="refused"):
+        warnings.simplefilter("always")
         checkpoints.load_bundle(path)
     assert not marker.exists()
+    assert [str(w.message) for w in caught] == []
 
 
 def test_torchscript_with_code_tensors_only_never_calls_torch_jit(tmp_path, monkeypatch):
