@@ -1514,6 +1514,7 @@ def doctor(state: _State, rebuild: bool):
             )
         model_ids = library.model_ids()
         unsaved = []  # models whose index needed a repair that a read-only library cannot keep
+        failed = []  # models whose repaired index could not be written
         if not model_ids:
             out.print("FAISS: no models indexed yet, nothing to check")
         for model_id in model_ids:
@@ -1532,6 +1533,9 @@ def doctor(state: _State, rebuild: bool):
             if library.readonly and action != "in step with SQLite":
                 unsaved.append(name)
                 action += " in memory only (the library is read-only here: nothing was saved)"
+            elif getattr(index, "unsaved", None) is not None:  # e.g. <db>.faiss is a file, a full disk
+                failed.append(f"{name} ({index.unsaved.strerror or index.unsaved})")
+                action += " in memory only (it could not be saved)"
             if len(index) != expected:
                 raise LibraryError(
                     f"FAISS index of {name} holds {len(index)} vectors but SQLite has {expected}; "
@@ -1543,6 +1547,13 @@ def doctor(state: _State, rebuild: bool):
             f"{library.path} is read-only here, so the FAISS index of {', '.join(unsaved)} could not be "
             "repaired: queries still work (they rebuild it in memory each time); run `clipsearch doctor` "
             "where the library can be written"
+        )
+    if failed:
+        folder = library.path.with_name(library.path.name + ".faiss")
+        raise LibraryError(
+            f"the repaired FAISS index of {', '.join(failed)} could not be saved in {folder}: queries still "
+            "work (they rebuild it in memory each time); make it a folder you can write to and run "
+            "`clipsearch doctor` again"
         )
     out.print("OK")
 
