@@ -9,6 +9,7 @@ a full 64-digit digest is accepted: a prefix or no digest would let a changed fi
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import re
@@ -58,10 +59,10 @@ def download(
     except DownloadError:
         raise
     except OSError as e:  # the network's errors became DownloadError in _fetch: this is the disk
-        raise DownloadError(
-            f"cannot write to {dest.parent} ({e.strerror or e}); make it writable or point "
-            f"${paths.ENV_HOME} at a directory that is"
-        ) from e
+        full = e.errno in (errno.ENOSPC, errno.EDQUOT)  # "make it writable" would send them astray
+        fix = "free some space there" if full else "make it writable"
+        fix += f" or point ${paths.ENV_HOME} at a directory that " + ("has room" if full else "is")
+        raise DownloadError(f"cannot write to {dest.parent} ({e.strerror or e}); {fix}") from e
     write_sidecar(dest, got)
     return dest
 

@@ -285,3 +285,21 @@ def test_a_killed_downloads_temporary_is_removed_by_the_next_download(server, tm
         fcntl.flock(held, fcntl.LOCK_EX)  # what a download still running holds
         download(_url(server, "file.bin"), dest, sha256=PAYLOAD_SHA)
         assert _leftovers(dest.parent) == [live.name, "w.bin", "w.bin.sha256"]
+
+
+def test_a_full_disk_says_to_free_space_not_to_make_the_folder_writable(server, tmp_path, monkeypatch):
+    import errno
+
+    from clipsearch import download as download_module
+
+    def full(url, out, dest, progress, timeout):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(download_module, "_fetch", full)
+    dest = tmp_path / "models" / "w.bin"
+    with pytest.raises(DownloadError) as err:
+        download(_url(server, "file.bin"), dest, sha256=PAYLOAD_SHA)
+    message = str(err.value)
+    assert "No space left on device" in message and "free some space" in message
+    assert "writable" not in message
+    assert _leftovers(dest.parent) == []
