@@ -235,7 +235,12 @@ def _connect(path: Path, readonly: bool) -> sqlite3.Connection:
     except sqlite3.OperationalError as e:
         conn.close()
         if os.path.exists(f"{path}-wal") and os.path.getsize(f"{path}-wal"):
-            raise  # committed pages still in the WAL: reading without it would show an older library
+            # committed pages still in the WAL: reading without it would show an older library
+            raise LibraryError(
+                f"cannot open the library {path}: changes it committed are still in {path.name}-wal (it "
+                "was not closed cleanly) and SQLite cannot read them where the folder is read-only; open "
+                "it once where it can be written, or copy the folder, -wal file included, to one that can"
+            ) from e
         log.info("library %s opened immutable (%s)", path, e)
         return sqlite3.connect(f"{uri}&immutable=1", uri=True, isolation_level=None, check_same_thread=False)
 
