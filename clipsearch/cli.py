@@ -1355,14 +1355,19 @@ def export(state: _State, file: Path, model_id: str | None):
     from clipsearch.atomic import atomic_path
 
     # A missing folder is a typo: refused, not made. A file object: numpy would append .npz to a name.
-    with atomic_path(target, make_folder=False) as tmp, open(tmp, "wb") as f:
-        np.savez(
-            f,
-            paths=np.array([str(p) for p in paths], dtype=str),
-            embeddings=vectors.astype(np.float32),
-            ids=ids,
-            model_id=np.array(model_id),
-        )
+    try:
+        with atomic_path(target, make_folder=False) as tmp, open(tmp, "wb") as f:
+            np.savez(
+                f,
+                paths=np.array([str(p) for p in paths], dtype=str),
+                embeddings=vectors.astype(np.float32),
+                ids=ids,
+                model_id=np.array(model_id),
+            )
+    except ClipsearchError:
+        raise
+    except OSError as e:  # numpy's write names no file, and the temporary's name is not the user's
+        raise LibraryError(f"cannot write {target}: {e.strerror or e}") from e
     _console(stderr=True).print(
         f"Exported {len(ids)} embeddings of {name} ({vectors.shape[1] if vectors.ndim == 2 else 0}-d) to {target}",
         markup=False,
