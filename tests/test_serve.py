@@ -242,6 +242,16 @@ def test_an_unsafe_socket_folder_is_made_private_and_a_too_long_path_refused(lib
         serve.QueryServer(lib.path, socket=tmp_path / ("x" * 120) / "s.sock")
 
 
+def test_a_socket_path_too_long_is_said_with_verbose(library, monkeypatch, caplog):
+    """The query ran by itself without a word of why, even with --verbose."""
+    lib = library[0]
+    long_home = lib.path.parent / ("h" * 110)
+    monkeypatch.setenv("CLIPSEARCH_HOME", str(long_home))
+    with caplog.at_level("INFO", logger="clipsearch.daemon_client"):
+        assert daemon_client.ask(lib.path, Query.build("a dog"), top=3) is None
+    assert "too long for unix sockets" in caplog.text
+
+
 def test_a_daemon_that_never_replies_is_given_up_on(library):
     lib = library[0]
     path = daemon_client.socket_path(lib.path)
