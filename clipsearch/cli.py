@@ -1338,14 +1338,19 @@ def export(state: _State, file: Path, model_id: str | None):
     from clipsearch.atomic import atomic_path
 
     # A missing folder is a typo: refused, not made. A file object: numpy would append .npz to a name.
-    with atomic_path(target, make_folder=False) as tmp, open(tmp, "wb") as f:
-        np.savez(
-            f,
-            paths=np.array([str(p) for p in paths], dtype=str),
-            embeddings=vectors.astype(np.float32),
-            ids=ids,
-            model_id=np.array(model_id),
-        )
+    try:
+        with atomic_path(target, make_folder=False) as tmp, open(tmp, "wb") as f:
+            np.savez(
+                f,
+                paths=np.array([str(p) for p in paths], dtype=str),
+                embeddings=vectors.astype(np.float32),
+                ids=ids,
+                model_id=np.array(model_id),
+            )
+    except ClipsearchError:
+        raise
+    except OSError as e:  # numpy's write names no file, and the temporary's name is not the user's
+        raise LibraryError(f"cannot write {target}: {e.strerror or e}") from e
     _console(stderr=True).print(
         f"Exported {len(ids)} embeddings of {name} ({vectors.shape[1] if vectors.ndim == 2 else 0}-d) to {target}",
         markup=False,
@@ -1482,8 +1487,22 @@ def doctor(state: _State, rebuild: bool):
                 "restore a backup or move it away and index again"
             )
         out.print(f"SQLite: {library.path} passes the integrity check", markup=False)
+        orphans = library.orphan_rows()
+        if orphans and library.readonly:
+            raise LibraryError(
+                f"{library.path} holds {orphans} embedding(s) or label(s) of photos no longer in it (it was "
+                "edited with foreign keys off); run `clipsearch doctor` where the library can be written"
+            )
+        if orphans:
+            removed = library.remove_orphan_rows()
+            out.print(
+                f"SQLite: removed {removed} embedding(s) and label(s) of photos no longer in the library "
+                "(it was edited with foreign keys off)",
+                markup=False,
+            )
         model_ids = library.model_ids()
         unsaved = []  # models whose index needed a repair that a read-only library cannot keep
+        failed = []  # models whose repaired index could not be written
         if not model_ids:
             out.print("FAISS: no models indexed yet, nothing to check")
         for model_id in model_ids:
@@ -1502,6 +1521,9 @@ def doctor(state: _State, rebuild: bool):
             if library.readonly and action != "in step with SQLite":
                 unsaved.append(name)
                 action += " in memory only (the library is read-only here: nothing was saved)"
+            elif getattr(index, "unsaved", None) is not None:  # e.g. <db>.faiss is a file, a full disk
+                failed.append(f"{name} ({index.unsaved.strerror or index.unsaved})")
+                action += " in memory only (it could not be saved)"
             if len(index) != expected:
                 raise LibraryError(
                     f"FAISS index of {name} holds {len(index)} vectors but SQLite has {expected}; "
@@ -1513,6 +1535,13 @@ def doctor(state: _State, rebuild: bool):
             f"{library.path} is read-only here, so the FAISS index of {', '.join(unsaved)} could not be "
             "repaired: queries still work (they rebuild it in memory each time); run `clipsearch doctor` "
             "where the library can be written"
+        )
+    if failed:
+        folder = library.path.with_name(library.path.name + ".faiss")
+        raise LibraryError(
+            f"the repaired FAISS index of {', '.join(failed)} could not be saved in {folder}: queries still "
+            "work (they rebuild it in memory each time); make it a folder you can write to and run "
+            "`clipsearch doctor` again"
         )
     out.print("OK")
 

@@ -76,6 +76,7 @@ def ask(
     }
     try:
         if len(os.fsencode(path)) > MAX_SOCKET_PATH:
+            log.info("daemon: none can serve here (the socket path %s is too long for unix sockets)", path)
             return None
         if not _ours(path):
             log.warning("daemon: %s is not a private socket of this user: not asked", path)

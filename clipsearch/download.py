@@ -1,13 +1,15 @@
 """Fetching a file over HTTP(S) into place, verified against a full sha256 before anyone can see it.
 
-The bytes stream into a fresh temporary file beside the destination (:func:`clipsearch.atomic.atomic_path`),
-are hashed on the way, and are renamed into place only when the transfer is complete and the digest is the expected one; nothing is
-left behind otherwise. Only a full 64-digit digest is accepted: a prefix or no digest would let a
-changed file through.
+The bytes stream into a fresh temporary file beside the destination
+(:func:`clipsearch.atomic.atomic_path`), are hashed on the way, and are renamed into place only when
+the transfer is complete and the digest is the expected one; nothing is left behind otherwise, and
+the temporary of a download that was killed is removed by the next download into that folder. Only
+a full 64-digit digest is accepted: a prefix or no digest would let a changed file through.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import re
@@ -15,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from clipsearch import paths
-from clipsearch.atomic import atomic_path
+from clipsearch.atomic import atomic_path, remove_stale_temps
 from clipsearch.errors import DownloadError
 from clipsearch.hashing import CHUNK, write_sidecar
 
@@ -42,6 +44,10 @@ def download(
         raise ValueError(f"download needs the full 64-digit sha256 of {url}, got {sha256!r}")
     dest = Path(dest)
     log.info("downloading %s to %s", url, dest)
+    # A download killed mid-way (Ctrl-C twice, kill -9, a crash) leaves its temporary: never used,
+    # but as large as the part received, so each earlier one is deleted once its writer is gone.
+    for stale in remove_stale_temps(dest.parent):
+        log.info("removed %s, left by a download that was killed", stale)
     try:
         with atomic_path(dest) as tmp, open(tmp, "wb") as out:
             got = _fetch(url, out, dest, progress, timeout)
@@ -53,10 +59,10 @@ def download(
     except DownloadError:
         raise
     except OSError as e:  # the network's errors became DownloadError in _fetch: this is the disk
-        raise DownloadError(
-            f"cannot write to {dest.parent} ({e.strerror or e}); make it writable or point "
-            f"${paths.ENV_HOME} at a directory that is"
-        ) from e
+        full = e.errno in (errno.ENOSPC, errno.EDQUOT)  # "make it writable" would send them astray
+        fix = "free some space there" if full else "make it writable"
+        fix += f" or point ${paths.ENV_HOME} at a directory that " + ("has room" if full else "is")
+        raise DownloadError(f"cannot write to {dest.parent} ({e.strerror or e}); {fix}") from e
     write_sidecar(dest, got)
     return dest
 

@@ -14,13 +14,15 @@ itself (and logs why, shown with ``--verbose``).
 - Before each query it checks the library's generation (bumped by every index run), the database
   file's identity and the text export's stamp, and reloads what changed, so a re-index is noticed.
 - A socket left behind by a killed daemon is stale: clients fail to connect and fall back; the next
-  daemon replaces it.
+  daemon replaces it. Only the holder of ``<socket>.lock`` (an flock) binds, so of two daemons
+  started at once one serves and the other is refused before it loads anything.
 
 The socket's place and the protocol (one JSON line each way) are :mod:`clipsearch.daemon_client`'s.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -75,7 +77,9 @@ class QueryServer:
         self.refused = 0  # requests answered with an error (the client then runs the query itself)
         self.log = log or (lambda message: None)  # one line per refused request, with the reason
         self._server = None
+        self._lock = None
         try:
+            self._claim()  # before the warm-up, which can take a while: a second daemon is told at once
             self.searcher.warm_up(say=self.log)  # everything the queries need, before the socket is bound
             self._bind()
         except BaseException:  # e.g. another daemon already serves this library
@@ -110,8 +114,14 @@ class QueryServer:
 
     # --- the socket -----------------------------------------------------------------------------
 
-    def _bind(self) -> None:
-        import socketserver
+    def _claim(self) -> None:
+        """Check the socket can be made, and hold the library's daemon lock for as long as this runs.
+
+        Only the holder of ``<socket>.lock`` (an flock, released when the process dies) binds the
+        socket, so two daemons started at once cannot both take an old socket for stale: the second
+        would unlink the first's live socket and leave it serving nobody.
+        """
+        from clipsearch.atomic import SymlinkLockError, open_lock
 
         path = self.socket_path
         if not hasattr(socket, "AF_UNIX") or not hasattr(os, "getuid"):
@@ -121,6 +131,24 @@ class QueryServer:
                 f"the socket path {path} is longer than unix sockets allow: set CLIPSEARCH_HOME to a shorter folder"
             )
         _private_folder(path.parent)
+        lock = path.with_name(path.name + ".lock")
+        try:
+            self._lock = open_lock(lock)
+        except (SymlinkLockError, OSError) as e:
+            raise ServeError(f"cannot open the daemon's lock {lock}: {e.strerror or e}") from e
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise ServeError(
+                f"a clipsearch daemon is already serving {self.library_path} (or starting to): {path}"
+            ) from None
+        if os.path.lexists(path) and _answers(path):  # one of a clipsearch that did not take the lock
+            raise ServeError(f"a clipsearch daemon is already serving {self.library_path} ({path})")
+
+    def _bind(self) -> None:
+        import socketserver
+
+        path = self.socket_path
         if os.path.lexists(path):
             if _answers(path):
                 raise ServeError(f"a clipsearch daemon is already serving {self.library_path} ({path})")
@@ -163,6 +191,9 @@ class QueryServer:
             except OSError:
                 pass  # already gone
             self._server = None
+        if self._lock is not None:
+            os.close(self._lock)  # releases the flock; the empty lock file stays for the next daemon
+            self._lock = None
         self.searcher.close()
 
     def __enter__(self) -> QueryServer:

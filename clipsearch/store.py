@@ -235,7 +235,12 @@ def _connect(path: Path, readonly: bool) -> sqlite3.Connection:
     except sqlite3.OperationalError as e:
         conn.close()
         if os.path.exists(f"{path}-wal") and os.path.getsize(f"{path}-wal"):
-            raise  # committed pages still in the WAL: reading without it would show an older library
+            # committed pages still in the WAL: reading without it would show an older library
+            raise LibraryError(
+                f"cannot open the library {path}: changes it committed are still in {path.name}-wal (it "
+                "was not closed cleanly) and SQLite cannot read them where the folder is read-only; open "
+                "it once where it can be written, or copy the folder, -wal file included, to one that can"
+            ) from e
         log.info("library %s opened immutable (%s)", path, e)
         return sqlite3.connect(f"{uri}&immutable=1", uri=True, isolation_level=None, check_same_thread=False)
 
@@ -530,6 +535,34 @@ class Library:
         """What SQLite's integrity check finds wrong (empty when the file is sound)."""
         found = [r[0] for r in self._conn.execute("PRAGMA integrity_check")]
         return [] if found == ["ok"] else found
+
+    # Rows whose photo is gone: what ON DELETE CASCADE removes, left by a tool that deleted images with
+    # foreign keys off (the sqlite3 shell's default). Unreachable: no path leads to them.
+    _ORPHAN_DELETES = (
+        "DELETE FROM embeddings WHERE image_id NOT IN (SELECT id FROM images)",
+        "DELETE FROM labels WHERE image_id NOT IN (SELECT id FROM images)",
+    )
+
+    def orphan_rows(self) -> int:
+        """How many embeddings and labels belong to no image (see :meth:`remove_orphan_rows`)."""
+        return self._conn.execute(
+            "SELECT (SELECT count(*) FROM embeddings WHERE image_id NOT IN (SELECT id FROM images))"
+            " + (SELECT count(*) FROM labels WHERE image_id NOT IN (SELECT id FROM images))"
+        ).fetchone()[0]
+
+    def remove_orphan_rows(self) -> int:
+        """Delete the embeddings and labels of images that are gone; returns how many rows went.
+
+        Nothing reachable is lost: these rows have no image, so no search, export or label shows them,
+        but they are counted as embedded and make ``doctor`` find the FAISS index short.
+        """
+        n = 0
+        with self.transaction():
+            for statement in self._ORPHAN_DELETES:
+                n += self._conn.execute(statement).rowcount
+            if n:
+                self._bump()
+        return n
 
     def discard_if_empty(self) -> bool:
         """Close, and delete, a library this process created that still holds no image; returns

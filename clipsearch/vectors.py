@@ -686,8 +686,8 @@ class VectorIndex:
                     id_range=_id_range(library, model_id),
                     library_id=library.library_id(),
                 )
-            except OSError:
-                pass  # a read-only folder: the index still works from memory
+            except OSError as e:
+                index.unsaved = e  # a read-only folder: the index still works from memory
         return index
 
     def _retune(self, library: Library, model_id: str) -> bool:

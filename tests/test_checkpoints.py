@@ -279,13 +279,20 @@ def test_malicious_torch_save_file_is_refused_without_running(tmp_path):
     assert not marker.exists()
 
 
-def test_malicious_legacy_pickle_is_refused_without_running(tmp_path):
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+def test_malicious_legacy_pickle_is_refused_without_running(tmp_path, protocol):
+    """Refused in one line: torch's "Detected pickle protocol 4 ... please file an issue" warning
+    (a pickle made with Python's default protocol) is not printed above it."""
+    import warnings
+
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.bin"
-    path.write_bytes(pickle.dumps(_malicious_reduce(marker), protocol=2))
-    with pytest.raises(ModelLoadError):
+    path.write_bytes(pickle.dumps(_malicious_reduce(marker), protocol=protocol))
+    with warnings.catch_warnings(record=True) as caught, pytest.raises(ModelLoadError, match="refused"):
+        warnings.simplefilter("always")
         checkpoints.load_bundle(path)
     assert not marker.exists()
+    assert [str(w.message) for w in caught] == []
 
 
 def test_torchscript_with_code_tensors_only_never_calls_torch_jit(tmp_path, monkeypatch):
@@ -351,6 +358,42 @@ def test_truncated_safetensors_and_torchscript_are_model_load_errors(tmp_path, v
         (tmp_path / name).write_bytes(data[: len(data) // 2])
         with pytest.raises(ModelLoadError):
             checkpoints.load_bundle(tmp_path / name)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_weights_with_nan_or_inf_are_refused(tmp_path, vit_gelu, bad):
+    """A NaN weight made every embedding NaN: `index` stored them all and said it succeeded, and
+    each query then failed with "the query parts cancel out"."""
+    from safetensors.torch import save_file
+
+    sd = {k: v.clone().contiguous() for k, v in vit_gelu.state_dict().items()}
+    sd["visual.proj"][0, 0] = bad
+    save_file(sd, str(tmp_path / "w.safetensors"))
+    with pytest.raises(ModelLoadError, match=r"NaN or infinite values \(first in visual.proj\)"):
+        checkpoints.load_bundle(tmp_path / "w.safetensors")
+
+
+@pytest.mark.parametrize("kind", ["torch-save", "torchscript"])
+def test_a_checkpoint_damaged_inside_a_tensor_is_refused(tmp_path, vit_gelu, kind):
+    """A bit flipped on disk or in a copy inside a zip checkpoint's tensor data: torch's reader does not
+    check the archive's CRCs, so the model loaded with the damaged weights and indexed with them,
+    without a word. The archive's own checksums say it is damaged."""
+    path = tmp_path / "w.pt"
+    if kind == "torch-save":
+        torch.save(dict(vit_gelu.state_dict()), path)
+    else:
+        traced(vit_gelu, VIT_CFG).save(str(path))
+    with zipfile.ZipFile(path) as z:
+        biggest = max(z.infolist(), key=lambda i: i.file_size)
+        assert biggest.compress_type == zipfile.ZIP_STORED
+    data = bytearray(path.read_bytes())
+    start = biggest.header_offset + 30 + len(biggest.filename.encode()) + len(biggest.extra)
+    middle = start + biggest.file_size // 2
+    data[middle : middle + 8] = bytes(8) if any(data[middle : middle + 8]) else b"\xff" * 8
+    path.write_bytes(bytes(data))
+    with pytest.raises(ModelLoadError, match="damaged") as err:
+        checkpoints.load_bundle(path)
+    assert str(path) in str(err.value) and "\n" not in str(err.value)
 
 
 @pytest.mark.parametrize(

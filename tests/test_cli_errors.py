@@ -161,6 +161,23 @@ def test_bad_input_on_an_indexed_library(library, tmp_path, monkeypatch, args, m
     assert_one_line_error(run(["--db", library, *args]), code=code, match=match)
 
 
+def test_export_that_cannot_be_written_names_the_file(library, tmp_path, monkeypatch):
+    """A full disk said only "Error: No space left on device"; a read-only folder named the hidden
+    temporary (".x.npz.k2j4h5l6.tmp") instead of the file the user asked for."""
+    import errno
+
+    import numpy as np
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(np, "savez", full)
+        line = assert_one_line_error(run(["--db", library, "export", tmp_path / "x.npz"]))
+    assert line == f"Error: cannot write {tmp_path / 'x.npz'}: No space left on device"
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_path_that_is_not_a_photo_file_is_named_for_what_it_is(library, tmp_path, monkeypatch):
     # "not found" for a folder, a FIFO, a loop or a dangling link sends the user looking for the wrong thing
     monkeypatch.chdir(tmp_path)

@@ -264,3 +264,42 @@ def test_registry_entry_without_a_revision_is_refused(server, registered):
     with pytest.raises(ModelLoadError, match="pinned revision"):
         pretrained.fetch_pretrained("tiny-vit/test")
     assert server.hits == []
+
+
+def test_a_killed_downloads_temporary_is_removed_by_the_next_download(server, tmp_path):
+    """kill -9 mid-download leaves the temporary (up to the model's size); it is never used, and the
+    next download into the folder deletes it once no writer holds it. A live one is kept."""
+    import fcntl
+    import os
+
+    dest = tmp_path / "models" / "w.bin"
+    dest.parent.mkdir()
+    dead = dest.parent / ".w.bin.k1ll3d00.tmp"
+    dead.write_bytes(PAYLOAD[:1000])
+    live = dest.parent / ".w.bin.l1ve0000.tmp"
+    live.write_bytes(PAYLOAD[:1000])
+    old = os.stat(dead).st_mtime - 3600
+    for p in (dead, live):
+        os.utime(p, (old, old))
+    with open(live, "rb") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # what a download still running holds
+        download(_url(server, "file.bin"), dest, sha256=PAYLOAD_SHA)
+        assert _leftovers(dest.parent) == [live.name, "w.bin", "w.bin.sha256"]
+
+
+def test_a_full_disk_says_to_free_space_not_to_make_the_folder_writable(server, tmp_path, monkeypatch):
+    import errno
+
+    from clipsearch import download as download_module
+
+    def full(url, out, dest, progress, timeout):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(download_module, "_fetch", full)
+    dest = tmp_path / "models" / "w.bin"
+    with pytest.raises(DownloadError) as err:
+        download(_url(server, "file.bin"), dest, sha256=PAYLOAD_SHA)
+    message = str(err.value)
+    assert "No space left on device" in message and "free some space" in message
+    assert "writable" not in message
+    assert _leftovers(dest.parent) == []

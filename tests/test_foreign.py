@@ -207,3 +207,27 @@ def test_doctor_on_a_read_only_mount_says_it_could_not_repair(library, tmp_path)
         assert "read-only here" in line and "could not be repaired" in line and "queries still work" in line
     finally:
         subprocess.run(["umount", str(mount)], capture_output=True)
+
+
+def test_a_read_only_library_with_a_wal_left_behind_says_why_it_cannot_be_opened(library, tmp_path):
+    """A library copied (or mounted) read-only while its -wal still held commits: every command said
+    only "cannot open the library ...: unable to open database file"."""
+    db, _, _ = library
+    conn = sqlite3.connect(db)
+    conn.execute("PRAGMA wal_autocheckpoint = 0")
+    # a commit that stays in the WAL (what clipsearch's own writes do to the generation)
+    conn.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'generation'")
+    conn.commit()
+    copy = tmp_path / "copy"
+    shutil.copytree(db.parent, copy)  # while it is open: -wal holds the commit
+    conn.close()
+    (copy / (db.name + "-shm")).unlink(missing_ok=True)
+    assert (copy / (db.name + "-wal")).stat().st_size > 0
+    mount = tmp_path / "archive"
+    if not _bind_readonly(copy, mount):
+        pytest.skip("cannot make a read-only bind mount here (needs root with CAP_SYS_ADMIN)")
+    try:
+        line = one_line_error(invoke("status", db=mount / db.name))
+        assert "library.db-wal (it was not closed cleanly)" in line and "read-only" in line
+    finally:
+        subprocess.run(["umount", str(mount)], capture_output=True)

@@ -193,6 +193,47 @@ def test_faiss_index_behind_sqlite_is_caught_up_by_doctor_and_by_a_query(tmp_pat
     assert sorted(Path(h["path"]).name for h in json.loads(result.stdout)) == sorted(p.name for p in photos)
 
 
+def test_doctor_removes_the_vectors_of_photos_deleted_with_foreign_keys_off(tmp_path, tmp_path_factory):
+    """`sqlite3 library.db "DELETE FROM images WHERE ..."` (the shell leaves foreign keys off) keeps
+    their embeddings: status counted them and doctor passed the library; once the FAISS index was
+    rebuilt (a copied library) doctor found it short and sent the user to `doctor --rebuild`, which
+    failed the same way, for ever. Doctor removes them."""
+    model = tiny_model_dir(tmp_path_factory)
+    db = tmp_path / "lib.db"
+    photos = make_photos(tmp_path / "photos", 4)
+    assert invoke("index", "--model", model, tmp_path / "photos", "--json", db=db).exit_code == 0
+    conn = sqlite3.connect(db)
+    gone = conn.execute("SELECT path FROM images ORDER BY id LIMIT 1").fetchone()[0]
+    conn.execute("DELETE FROM images WHERE path = ?", (gone,))
+    conn.commit()
+    conn.close()
+    assert db_rows(db)["orphans"] == 1
+    out = _doctor(db)
+    assert "removed 1 embedding(s) and label(s) of photos no longer in the library" in out, out
+    assert_complete(db, [p for p in photos if p.name != Path(gone).name])
+    assert "removed" not in _doctor(db)
+
+
+def test_doctor_says_so_when_the_repaired_index_cannot_be_saved(tmp_path, tmp_path_factory):
+    """`<db>.faiss` replaced by a file (or a full disk): doctor printed "rebuilt from SQLite ... OK"
+    on every run while nothing was ever saved."""
+    import shutil
+
+    model = tiny_model_dir(tmp_path_factory)
+    db = tmp_path / "lib.db"
+    make_photos(tmp_path / "photos", 3)
+    assert invoke("index", "--model", model, tmp_path / "photos", "--json", db=db).exit_code == 0
+    folder = tmp_path / "lib.db.faiss"
+    shutil.rmtree(folder)
+    folder.write_text("not a folder")
+    result = invoke("doctor", db=db)
+    assert result.exit_code == 1 and "OK" not in result.stdout
+    assert "rebuilt from SQLite in memory only (it could not be saved) (3 vectors" in result.stdout
+    line = one_line_error(result)
+    assert "could not be saved in" in line and str(folder) in line
+    assert invoke("query", "a photo", db=db).exit_code == 0  # still answers, from memory
+
+
 def test_doctor_on_a_corrupt_database_says_so_in_one_line(tmp_path):
     db = tmp_path / "lib.db"
     db.write_bytes(b"SQLite format 3\x00" + b"\xff" * 2000)

@@ -24,7 +24,7 @@ from clipsearch.configs import get_config
 from clipsearch.encoders import ExportedTextEncoder, ModelEncoder
 from clipsearch.filters import PhotoFilter
 from clipsearch.model import build_model
-from clipsearch.search import Hit, Query, search
+from clipsearch.search import Hit, Query, Searcher, search
 from clipsearch.store import Library
 from clipsearch.tokenizer import Tokenizer
 from clipsearch.transform import PreprocessConfig
@@ -208,6 +208,29 @@ def test_a_second_daemon_is_refused_and_a_stale_socket_replaced(library, tmp_pat
     assert not path.exists()  # removed on close
 
 
+def test_two_daemons_started_at_once_never_both_serve(library, monkeypatch):
+    """Both may find the old socket of a killed daemon dead; the second must not then unlink the
+    first's live socket (leaving it serving nobody). The daemon lock decides, before any warm-up."""
+    lib = library[0]
+    with serve.QueryServer(lib.path) as first:
+        thread = threading.Thread(target=first.serve_forever, daemon=True)
+        thread.start()
+        try:
+            warmed = []
+            with monkeypatch.context() as m:
+                m.setattr(serve, "_answers", lambda path: False)  # it looked dead a moment ago
+                m.setattr(Searcher, "warm_up", lambda self, say=None: warmed.append(self))
+                with pytest.raises(serve.ServeError, match="already serving"):
+                    serve.QueryServer(lib.path)
+            assert warmed == []  # refused before loading anything
+            assert len(_ask(lib.path, Query.build("a dog"), {"top": 3})) == 3  # the first still answers
+        finally:
+            first.shutdown()
+            thread.join(timeout=10)
+    with serve.QueryServer(lib.path):  # the lock went with the first: the next daemon starts
+        pass
+
+
 def test_an_unsafe_socket_folder_is_made_private_and_a_too_long_path_refused(library, tmp_path):
     lib = library[0]
     folder = daemon_client.socket_path(lib.path).parent
@@ -217,6 +240,16 @@ def test_an_unsafe_socket_folder_is_made_private_and_a_too_long_path_refused(lib
         assert stat.S_IMODE(os.stat(folder).st_mode) == 0o700
     with pytest.raises(serve.ServeError, match="longer than unix sockets allow"):
         serve.QueryServer(lib.path, socket=tmp_path / ("x" * 120) / "s.sock")
+
+
+def test_a_socket_path_too_long_is_said_with_verbose(library, monkeypatch, caplog):
+    """The query ran by itself without a word of why, even with --verbose."""
+    lib = library[0]
+    long_home = lib.path.parent / ("h" * 110)
+    monkeypatch.setenv("CLIPSEARCH_HOME", str(long_home))
+    with caplog.at_level("INFO", logger="clipsearch.daemon_client"):
+        assert daemon_client.ask(lib.path, Query.build("a dog"), top=3) is None
+    assert "too long for unix sockets" in caplog.text
 
 
 def test_a_daemon_that_never_replies_is_given_up_on(library):
