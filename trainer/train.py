@@ -81,7 +81,7 @@ def _build(args, env: DistEnv, train_captions):
 
 def _captions_reader(args):
     def read():
-        from trainer.data import detect_type, read_csv, read_folder, read_jsonl
+        from trainer.data import detect_type, read_csv, read_folder, read_jsonl, readable_caption
 
         kind = detect_type(args.train_data) if args.dataset_type == "auto" else args.dataset_type
         if kind == "csv":
@@ -92,7 +92,7 @@ def _captions_reader(args):
             pairs = read_folder(args.train_data)
         else:
             raise TrainError("--train-tokenizer reads captions from csv, jsonl or folder data only")
-        return [c for _, c in pairs]
+        return [c for _, c in pairs if readable_caption(c)]  # the samples training will skip are left out
 
     return read
 
