@@ -169,8 +169,7 @@ def run(args, reporter=None) -> Path | None:
     from trainer.data import make_loader
 
     reporter = reporter or NullReporter()
-    if args.accum_freq < 1 or args.batch_size < 1 or args.epochs < 1:
-        raise TrainError("--accum-freq, --batch-size and --epochs must be at least 1")
+    check_numbers(args)
     env = init_distributed(args.device)
     try:
         check_precision(args.precision, env.device)
@@ -329,7 +328,7 @@ def run(args, reporter=None) -> Path | None:
                     save_checkpoint()
             if pos + args.accum_freq > data.batches_per_epoch:  # the epoch is complete
                 epoch, pos = epoch + 1, 0
-                if epoch % args.save_frequency == 0 or epoch == args.epochs:
+                if epoch == args.epochs or (args.save_frequency and epoch % args.save_frequency == 0):
                     save_checkpoint()
                 zs_due = _due(epoch, args.zeroshot_frequency, args.epochs)
                 val_due = _due(epoch, args.val_frequency, args.epochs)
@@ -367,6 +366,32 @@ def run(args, reporter=None) -> Path | None:
         return final
     finally:
         shutdown(env)
+
+
+def check_numbers(args) -> None:
+    """Refuse a flag value that would crash the run later or silently train nothing (``--batch-size 1``:
+    a contrastive step needs a negative, so every step would be skipped). OpenCLIP's meanings: 0 means
+    never for the frequencies (``--save-frequency 0``: a checkpoint only at the end)."""
+    minimum = {
+        "--batch-size": (args.batch_size, 2),
+        "--accum-freq": (args.accum_freq, 1),
+        "--epochs": (args.epochs, 1),
+        "--max-steps": (args.max_steps, 1),
+        "--log-every-n-steps": (args.log_every_n_steps, 1),
+        "--save-frequency": (args.save_frequency, 0),
+        "--save-every-n-steps": (args.save_every_n_steps, 0),
+        "--workers": (args.workers, 0),
+        "--warmup": (args.warmup, 0),
+        "--lr": (args.lr, 0),
+        "--wd": (args.wd, 0),
+        "--eps": (args.eps, 0),
+    }
+    for flag, (value, low) in minimum.items():
+        if value is not None and value < low:
+            raise TrainError(f"{flag} must be at least {low}, got {value}")
+    for flag, value in (("--beta1", args.beta1), ("--beta2", args.beta2)):
+        if value is not None and not 0 <= value < 1:
+            raise TrainError(f"{flag} must be in [0, 1), got {value}")
 
 
 RUN_OUTPUTS = ("args.json", "metrics.jsonl", "curves.png", "checkpoints", "model", "tensorboard")

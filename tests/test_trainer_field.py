@@ -1,0 +1,56 @@
+"""What a user meets at the train command line: awkward flags, files and interruptions give one line
+on stderr and a non-zero exit (never a traceback), and lose nothing already written."""
+
+import pytest
+
+from trainer.cli import main as cli_main
+from trainer.synthetic import generate
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    return generate(tmp_path_factory.mktemp("shapes"), n=24, seed=1, image_size=32, zeroshot_per_class=1)
+
+
+def _args(shapes, out, *extra):
+    return [
+        "--train-data", str(shapes.train_csv), "--model", "demo-vit", "--batch-size", "4",
+        "--epochs", "1", "--warmup", "1", "--output", str(out), "--zeroshot-frequency", "0",
+        "--device", "cpu", *extra,
+    ]  # fmt: skip
+
+
+def _one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
+    return err
+
+
+@pytest.mark.parametrize(
+    ("flags", "says"),
+    [
+        (["--lr", "-1"], "--lr must be at least 0"),
+        (["--wd", "-0.1"], "--wd must be at least 0"),
+        (["--beta2", "1.5"], "--beta2 must be in [0, 1)"),
+        (["--log-every-n-steps", "0"], "--log-every-n-steps must be at least 1"),
+        (["--save-frequency", "-1"], "--save-frequency must be at least 0"),
+        (["--workers", "-1"], "--workers must be at least 0"),
+        (["--warmup", "-5"], "--warmup must be at least 0"),
+        (["--max-steps", "0"], "--max-steps must be at least 1"),
+        (["--batch-size", "1"], "--batch-size must be at least 2"),  # else every step is skipped
+        (["--accum-freq", "0"], "--accum-freq must be at least 1"),
+        (["--epochs", "0"], "--epochs must be at least 1"),
+    ],
+)
+def test_out_of_range_flags_are_one_line_errors(shapes, tmp_path, capsys, flags, says):
+    assert cli_main(_args(shapes, tmp_path / "run", *flags)) == 1
+    assert says in _one_line_error(capsys)
+    assert not (tmp_path / "run").exists()  # refused before anything is written
+
+
+def test_save_frequency_0_saves_only_at_the_end(shapes, tmp_path):
+    # OpenCLIP's meaning; it divided by zero at the end of the first epoch.
+    assert cli_main(_args(shapes, tmp_path / "run", "--save-frequency", "0", "--epochs", "2")) == 0
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").glob("*.state.pt")] == [
+        "step_00000010.state.pt"
+    ]
