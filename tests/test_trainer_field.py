@@ -54,3 +54,18 @@ def test_save_frequency_0_saves_only_at_the_end(shapes, tmp_path):
     assert [p.name for p in (tmp_path / "run" / "checkpoints").glob("*.state.pt")] == [
         "step_00000010.state.pt"
     ]
+
+
+def test_skipped_samples_are_reported_and_a_run_that_reads_none_fails(shapes, tmp_path, capsys):
+    folder = shapes.train_csv.parent
+    rows = [f"{folder / r}" if i else r for i, r in enumerate(shapes.train_csv.read_text().splitlines())]
+    some_bad = tmp_path / "some_bad.csv"
+    some_bad.write_text("\n".join([*rows, *[f"gone{i}.png,a ghost" for i in range(8)]]) + "\n")
+    assert cli_main(_args(shapes, tmp_path / "a", "--train-data", str(some_bad), "--batch-size", "28")) == 0
+    err = capsys.readouterr().err
+    assert "skipped" in err and "unreadable" in err  # counted in metrics.jsonl, and now said
+    all_bad = tmp_path / "all_bad.csv"
+    all_bad.write_text("filepath,title\n" + "".join(f"gone{i}.png,a ghost\n" for i in range(8)))
+    assert cli_main(_args(shapes, tmp_path / "b", "--train-data", str(all_bad))) == 1
+    assert "no sample of --train-data could be read" in _one_line_error(capsys)
+    assert not (tmp_path / "b" / "model").exists()  # no untrained model passed off as trained

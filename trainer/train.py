@@ -269,6 +269,7 @@ def run(args, reporter=None) -> Path | None:
             barrier(env)
 
         reporter.start(total_steps, step)
+        first_step, trained_steps = step, 0
         stop = args.max_steps if args.max_steps is not None else total_steps
         fwd_model.train()
         while epoch < args.epochs and step < stop:
@@ -292,6 +293,7 @@ def run(args, reporter=None) -> Path | None:
                     counts["skipped_steps_empty"] += 1
                     step += 1
                     continue
+                trained_steps += 1
                 loss = stepper.loss_and_backward(batches, backward)
                 finite = all_reduce_sum(float(torch.isfinite(loss).item()), env) == env.world_size
                 if not finite:
@@ -354,6 +356,17 @@ def run(args, reporter=None) -> Path | None:
                 barrier(env)
         if step >= stop and pos:
             save_checkpoint()  # an interrupted epoch (--max-steps) can be resumed
+        skipped = {k.removeprefix("skipped_"): v for k, v in counts.items() if k.startswith("skipped_")}
+        skipped.pop("steps_empty", None)
+        if step > first_step and not trained_steps:
+            raise TrainError(
+                f"no sample of --train-data could be read ({_count_text(skipped)}); check its image paths"
+            )
+        if skipped:
+            reporter.message(
+                f"skipped {sum(skipped.values())} samples that could not be read ({_count_text(skipped)}); "
+                "per step in metrics.jsonl"
+            )
         final = None
         if env.is_main:
             from clipsearch.checkpoints import save_model
@@ -366,6 +379,10 @@ def run(args, reporter=None) -> Path | None:
         return final
     finally:
         shutdown(env)
+
+
+def _count_text(counts: dict) -> str:
+    return ", ".join(f"{reason} {n}" for reason, n in sorted(counts.items())) or "none skipped"
 
 
 def check_numbers(args) -> None:
