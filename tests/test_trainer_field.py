@@ -69,3 +69,43 @@ def test_skipped_samples_are_reported_and_a_run_that_reads_none_fails(shapes, tm
     assert cli_main(_args(shapes, tmp_path / "b", "--train-data", str(all_bad))) == 1
     assert "no sample of --train-data could be read" in _one_line_error(capsys)
     assert not (tmp_path / "b" / "model").exists()  # no untrained model passed off as trained
+
+
+class _Payload:
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("touch PWNED",))
+
+
+def test_resume_from_a_checkpoint_that_does_not_fit_is_one_line(shapes, tmp_path, capsys, monkeypatch):
+    import torch
+
+    from trainer import checkpointing
+
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "run"
+    assert cli_main(_args(shapes, out, "--save-every-n-steps", "2")) == 0
+    stems = checkpointing.list_checkpoints(out / "checkpoints")
+    assert len(stems) == 3
+    capsys.readouterr()
+    # A state file carrying a pickled callable: refused unexecuted with a clear line (torch's own
+    # message advises weights_only=False), and `latest` falls back to the checkpoint before it.
+    torch.save({"x": _Payload()}, stems[-1].with_suffix(".state.pt"))
+    resume = ["--resume", str(stems[-1].with_suffix(".state.pt")), "--epochs", "2"]
+    assert cli_main(_args(shapes, out, *resume)) == 1
+    err = _one_line_error(capsys)
+    assert "never unpickled" in err and "weights_only" not in err
+    assert not (tmp_path / "PWNED").exists()
+    assert cli_main(_args(shapes, out, "--resume", "latest", "--epochs", "2")) == 0
+    assert f"skipped unreadable checkpoint {stems[-1].name}" in capsys.readouterr().err
+    # Another --model than the checkpoint's, or a state file lacking what a resume needs.
+    assert cli_main(_args(shapes, out, "--resume", "latest", "--epochs", "3", "--model", "tiny-vit")) == 1
+    assert "does not fit this run" in _one_line_error(capsys)
+    latest = checkpointing.list_checkpoints(out / "checkpoints")[-1]
+    torch.save({"step": 3}, latest.with_suffix(".state.pt"))
+    assert (
+        cli_main(_args(shapes, out, "--resume", str(latest.with_suffix(".safetensors")), "--epochs", "3"))
+        == 1
+    )
+    assert "does not fit this run" in _one_line_error(capsys)

@@ -15,6 +15,7 @@ checkpoint with a higher step (left by a run resumed from further back) is never
 from __future__ import annotations
 
 import logging
+import pickle
 import re
 from pathlib import Path
 
@@ -115,6 +116,11 @@ def load(stem: Path) -> tuple[dict, dict]:
     try:
         weights = load_file(str(stem.with_suffix(".safetensors")))
         state = torch.load(stem.with_suffix(".state.pt"), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:  # torch's message suggests weights_only=False: never here
+        raise CheckpointError(
+            f"cannot read checkpoint {stem}: its state file holds Python objects other than tensors, "
+            "dicts, lists and numbers, and a checkpoint is never unpickled"
+        ) from e
     except (OSError, RuntimeError, ValueError, EOFError, SafetensorError) as e:
         raise CheckpointError(f"cannot read checkpoint {stem}: {e}") from e
     return weights, state

@@ -225,13 +225,19 @@ def run(args, reporter=None) -> Path | None:
             counts["checkpoints_unreadable"] += len(bad)
             for b in bad:
                 reporter.message(f"skipped unreadable checkpoint {b.name}")
-            raw_model.load_state_dict(weights)
-            optimizer.load_state_dict(state["optimizer"])
-            if scaler is not None and state.get("scaler"):
-                scaler.load_state_dict(state["scaler"])
-            step, epoch, pos = state["step"], state["epoch"], state["batch_in_epoch"]
-            counts.update(state.get("counts", {}))
-            torch.set_rng_state(state["rng_cpu"])
+            try:
+                raw_model.load_state_dict(weights)
+                optimizer.load_state_dict(state["optimizer"])
+                if scaler is not None and state.get("scaler"):
+                    scaler.load_state_dict(state["scaler"])
+                step, epoch, pos = state["step"], state["epoch"], state["batch_in_epoch"]
+                counts.update(state.get("counts", {}))
+                torch.set_rng_state(state["rng_cpu"])
+            except (KeyError, RuntimeError, ValueError, TypeError, AttributeError) as e:
+                raise TrainError(
+                    f"checkpoint {stem} does not fit this run ({_first_line(e)}); resume with the --model "
+                    "and flags it was written with"
+                ) from e
             if env.device.type == "cuda" and state.get("rng_cuda") is not None:
                 torch.cuda.set_rng_state(state["rng_cuda"], env.device)
             if env.is_main:
@@ -379,6 +385,15 @@ def run(args, reporter=None) -> Path | None:
         return final
     finally:
         shutdown(env)
+
+
+def _first_line(e: Exception, limit: int = 160) -> str:
+    """The informative line of an exception (torch's load_state_dict puts a heading first)."""
+    if isinstance(e, KeyError):
+        return f"it lacks {e}"
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+    line = lines[1] if len(lines) > 1 and lines[0].endswith(":") else lines[0]
+    return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
 def _count_text(counts: dict) -> str:
