@@ -21,9 +21,12 @@ def _args(shapes, out, *extra):
 
 
 def _one_line_error(capsys) -> str:
+    """The error line that ends stderr (after any progress display), without a traceback."""
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
-    return err
+    assert "Traceback" not in err, err
+    last = err.splitlines()[-1] if err else ""
+    assert last.startswith("error: ") and "error: " not in err.removesuffix(last), err
+    return last
 
 
 @pytest.mark.parametrize(
@@ -109,3 +112,38 @@ def test_resume_from_a_checkpoint_that_does_not_fit_is_one_line(shapes, tmp_path
         == 1
     )
     assert "does not fit this run" in _one_line_error(capsys)
+
+
+def test_an_output_that_cannot_be_a_folder_is_one_line(shapes, tmp_path, capsys):
+    (tmp_path / "afile").write_text("mine")
+    assert cli_main(_args(shapes, tmp_path / "afile")) == 1
+    assert "afile" in _one_line_error(capsys)
+    assert cli_main(_args(shapes, tmp_path / "afile" / "run")) == 1
+    assert "afile" in _one_line_error(capsys)
+    assert (tmp_path / "afile").read_text() == "mine"
+
+
+def test_a_full_disk_keeps_the_checkpoints_written_before(shapes, tmp_path, capsys, monkeypatch):
+    import errno
+
+    import torch
+
+    from trainer import checkpointing
+
+    real_save, saves = torch.save, []
+
+    def save(obj, f, *a, **k):  # the second checkpoint's state file meets a full disk
+        saves.append(f)
+        if len(saves) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(torch, "save", save)
+    out = tmp_path / "run"
+    assert cli_main(_args(shapes, out, "--save-every-n-steps", "2")) == 1
+    err = _one_line_error(capsys)
+    assert "No space left on device" in err and "step_00000004" in err
+    assert [s.name for s in checkpointing.list_checkpoints(out / "checkpoints")] == ["step_00000002"]
+    assert not (out / "checkpoints" / "step_00000004.safetensors").exists()  # no half checkpoint left
+    monkeypatch.setattr(torch, "save", real_save)
+    assert cli_main(_args(shapes, out, "--resume", "latest")) == 0

@@ -383,7 +383,13 @@ def run(args, reporter=None) -> Path | None:
             plots.plot_metrics(out / "metrics.jsonl", out / "curves.png")
         reporter.close()
         return final
+    except OSError as e:  # --output cannot be written: read-only, a full disk
+        raise TrainError(
+            f"cannot write {e.filename or args.output}: {e.strerror or e}; the checkpoints written "
+            "before are kept"
+        ) from e
     finally:
+        reporter.close()  # the progress display lets go of the terminal whatever ended the run
         shutdown(env)
 
 
@@ -434,6 +440,9 @@ def claim_output(out: Path, *, resume: bool, overwrite: bool, main: bool = True)
 
     ``--overwrite`` removes only the files a run writes (:data:`RUN_OUTPUTS`), nothing else there.
     """
+    for folder in (out, *out.parents):
+        if folder.exists() and not folder.is_dir():
+            raise TrainError(f"--output {out}: {folder} is a file, not a folder")
     found = [name for name in RUN_OUTPUTS if (out / name).exists()]
     if not found or resume:
         return
