@@ -147,3 +147,24 @@ def test_a_full_disk_keeps_the_checkpoints_written_before(shapes, tmp_path, caps
     assert not (out / "checkpoints" / "step_00000004.safetensors").exists()  # no half checkpoint left
     monkeypatch.setattr(torch, "save", real_save)
     assert cli_main(_args(shapes, out, "--resume", "latest")) == 0
+
+
+def test_ctrl_c_says_where_to_resume_from(shapes, tmp_path, capsys, monkeypatch):
+    from trainer import train as train_mod
+
+    real, calls = train_mod.Stepper.loss_and_backward, []
+
+    def interrupted(self, *a):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real(self, *a)
+
+    monkeypatch.setattr(train_mod.Stepper, "loss_and_backward", interrupted)
+    out = tmp_path / "run"
+    assert cli_main(_args(shapes, out, "--save-every-n-steps", "2")) == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert "interrupted" in err and "step_00000002" in err and "--resume latest" in err
+    monkeypatch.setattr(train_mod.Stepper, "loss_and_backward", real)
+    assert cli_main(_args(shapes, out, "--resume", "latest")) == 0

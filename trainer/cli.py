@@ -51,9 +51,25 @@ def train_cmd(ctx):
         import logging
 
         logging.basicConfig(level=logging.DEBUG, format="%(levelname)s %(name)s: %(message)s")
-    model_dir = train.run(args, reporter)
+    try:
+        model_dir = train.run(args, reporter)
+    except KeyboardInterrupt:
+        _say_where_to_resume(args.output)
+        raise
     if model_dir is not None:
         click.echo(f"model saved to {model_dir}  (use: clipsearch index --model {model_dir} PATH)")
+
+
+def _say_where_to_resume(output: str) -> None:
+    from pathlib import Path
+
+    from trainer.checkpointing import list_checkpoints
+
+    stems = list_checkpoints(Path(output) / "checkpoints")
+    if stems:
+        click.echo(f"interrupted; continue from {stems[-1].name} with --resume latest", err=True)
+    else:
+        click.echo("interrupted before the first checkpoint; nothing to resume", err=True)
 
 
 def _rank() -> int:
