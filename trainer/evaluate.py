@@ -308,8 +308,10 @@ def group_captions(pairs) -> tuple[list, list[str], list[int]]:
 def retrieval(model, tokenizer, preprocess_cfg, pairs, *, encode_images=None) -> dict:
     """Recall@1/5/10 image->text and text->image over (image, caption) rows, and the CLIP loss.
 
-    Rows sharing an image are that image's captions. Images that cannot be read are dropped with their
-    captions (counted in ``val_skipped``). ``encode_images``: as in :func:`zeroshot`.
+    Rows sharing an image are that image's captions. A caption is relevant to every image that has the
+    same text among its captions (identical texts have identical features: a caption shared by several
+    images, or repeated, must not lose to its own copies). Images that cannot be read are dropped with
+    their captions (counted in ``val_skipped``). ``encode_images``: as in :func:`zeroshot`.
     """
     from clipsearch.loss import contrastive_loss
 
@@ -320,7 +322,11 @@ def retrieval(model, tokenizer, preprocess_cfg, pairs, *, encode_images=None) ->
     rows = [(row_of[o], c) for o, c in zip(owner, captions, strict=True) if o in row_of]
     txt = text_features(model, tokenizer, [c for _, c in rows])  # [T, D]
     text_owner = torch.tensor([r for r, _ in rows])  # [T]
-    truth = text_owner[None, :] == torch.arange(len(kept))[:, None]  # [I, T]
+    text_id = {c: k for k, c in enumerate(dict.fromkeys(c for _, c in rows))}
+    ids = torch.tensor([text_id[c] for _, c in rows], dtype=torch.long)  # [T]
+    has_text = torch.zeros(len(kept), len(text_id), dtype=torch.bool)
+    has_text[text_owner, ids] = True
+    truth = has_text[:, ids]  # [I, T]: the image has this caption's text
     sims = img @ txt.T  # [I, T]
     out = {
         **recall_at_k(sims, truth, "image_to_text"),
