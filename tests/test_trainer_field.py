@@ -168,3 +168,27 @@ def test_ctrl_c_says_where_to_resume_from(shapes, tmp_path, capsys, monkeypatch)
     assert "interrupted" in err and "step_00000002" in err and "--resume latest" in err
     monkeypatch.setattr(train_mod.Stepper, "loss_and_backward", real)
     assert cli_main(_args(shapes, out, "--resume", "latest")) == 0
+
+
+def test_wrong_evaluation_data_fails_before_training_not_after_an_epoch(shapes, tmp_path, capsys):
+    one_class = tmp_path / "zs"
+    (one_class / "red").mkdir(parents=True)
+    (one_class / "red" / "a.png").write_bytes((shapes.train_csv.parent / "images" / "00000.png").read_bytes())
+    out = tmp_path / "run"
+    assert cli_main(_args(shapes, out, "--zeroshot-data", str(one_class), "--zeroshot-frequency", "1")) == 1
+    assert "need at least 2 class folders" in _one_line_error(capsys)
+    assert not (out / "checkpoints").exists()  # nothing trained for an epoch, then thrown away
+    header_only = tmp_path / "val.csv"
+    header_only.write_text("filepath,title\n")
+    assert cli_main(_args(shapes, out, "--val-data", str(header_only))) == 1
+    assert "no (image, caption) rows" in _one_line_error(capsys)
+    assert not (out / "checkpoints").exists()
+    assert cli_main(_args(shapes, out, "--model", "no-such-model")) == 1
+    _one_line_error(capsys)
+    assert not out.exists() or not any(out.iterdir())  # a failed start does not claim --output
+    assert cli_main(_args(shapes, out, "--epochs", "1")) == 0
+    args_json = (out / "args.json").read_text()
+    assert cli_main(_args(shapes, out, "--overwrite", "--val-data", str(header_only))) == 1
+    assert (out / "model").is_dir() and (out / "args.json").read_text() == args_json  # the run is kept
+    assert cli_main(_args(shapes, out, "--resume", "latest", "--model", "tiny-vit")) == 1
+    assert (out / "args.json").read_text() == args_json  # not the failed resume's flags

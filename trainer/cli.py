@@ -155,12 +155,9 @@ def eval_cmd(
         )
         metrics.update(evaluate.zeroshot(model, bundle.tokenizer, bundle.preprocess_cfg, data))
     if retrieval_data:
-        from trainer.data import read_csv, read_jsonl
-
-        if retrieval_data.endswith((".jsonl", ".json")):
-            pairs = read_jsonl(retrieval_data, csv_img_key, csv_caption_key)
-        else:
-            pairs = read_csv(retrieval_data, csv_img_key, csv_caption_key)
+        _, pairs = evaluate.read_eval_sets(
+            None, retrieval_data, img_key=csv_img_key, caption_key=csv_caption_key
+        )
         metrics.update(evaluate.retrieval(model, bundle.tokenizer, bundle.preprocess_cfg, pairs))
     if linear_probe_data:
         train = evaluate.read_labelled(linear_probe_data, csv_img_key, csv_label_key)

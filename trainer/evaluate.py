@@ -478,19 +478,46 @@ def during_training(
     """The evaluations the trainer runs at epoch ends (whichever data were given)."""
     out = {}
     was_training = model.training
+    data, pairs = read_eval_sets(
+        zeroshot_data,
+        val_data,
+        img_key=img_key,
+        caption_key=caption_key,
+        separator=separator,
+        classnames=classnames,
+        templates=templates,
+    )
     try:
-        if zeroshot_data:
-            data = read_labelled(zeroshot_data, classnames=classnames, templates=templates)
+        if data is not None:
             out.update(zeroshot(model, tokenizer, preprocess_cfg, data))
-        if val_data:
-            from trainer.data import read_csv, read_jsonl
-
-            reader = read_jsonl if str(val_data).endswith((".jsonl", ".json")) else read_csv
-            if reader is read_csv:
-                pairs = read_csv(val_data, img_key, caption_key, separator)
-            else:
-                pairs = reader(val_data, img_key, caption_key)
+        if pairs is not None:
             out.update(retrieval(model, tokenizer, preprocess_cfg, pairs))
     finally:
         model.train(was_training)
     return out
+
+
+def read_eval_sets(
+    zeroshot_data,
+    pairs_data,
+    *,
+    img_key="filepath",
+    caption_key="title",
+    separator=None,
+    classnames=None,
+    templates=None,
+):
+    """``(LabelledImages or None, [(image, caption)] or None)``: the listings only, no image decoded,
+    so the trainer can check its evaluation data before the first epoch rather than after it."""
+    from trainer.data import read_csv, read_jsonl
+
+    data = read_labelled(zeroshot_data, classnames=classnames, templates=templates) if zeroshot_data else None
+    pairs = None
+    if pairs_data:
+        if str(pairs_data).endswith((".jsonl", ".json")):
+            pairs = read_jsonl(pairs_data, img_key, caption_key)
+        else:
+            pairs = read_csv(pairs_data, img_key, caption_key, separator)
+        if not pairs:
+            raise DataError(f"{pairs_data}: no (image, caption) rows")
+    return data, pairs

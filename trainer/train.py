@@ -176,11 +176,9 @@ def run(args, reporter=None) -> Path | None:
         placement = Placement(env.device, args.precision)
         out = Path(args.output)
         ckpt_dir = out / "checkpoints"
-        claim_output(out, resume=bool(args.resume), overwrite=args.overwrite, main=env.is_main)
-        if env.is_main:
-            out.mkdir(parents=True, exist_ok=True)
-            write_text(out / "args.json", json.dumps(vars(args), indent=2, default=str))
-        barrier(env)
+        # Refused now; the old run is removed (--overwrite) and args.json written only once the set-up
+        # below holds: a wrong --model, data or checkpoint leaves --output as it was.
+        claim_output(out, resume=bool(args.resume), overwrite=args.overwrite, main=False)
 
         model, preprocess_cfg, tokenizer, model_cfg = _build(args, env, _captions_reader(args))
         from clipsearch.transform import image_transform
@@ -206,6 +204,17 @@ def run(args, reporter=None) -> Path | None:
         if steps_per_epoch == 0:
             raise TrainError("fewer batches per epoch than --accum-freq; lower --batch-size or --accum-freq")
         total_steps = steps_per_epoch * args.epochs
+
+        if env.is_main:  # a wrong evaluation set fails now, not after the first epoch
+            evaluate.read_eval_sets(
+                args.zeroshot_data if args.zeroshot_frequency else None,
+                args.val_data if args.val_frequency else None,
+                img_key=args.csv_img_key,
+                caption_key=args.csv_caption_key,
+                separator=args.csv_separator,
+                classnames=args.zeroshot_classnames,
+                templates=args.zeroshot_templates,
+            )
 
         if args.lock_image:
             model.lock_image_tower(args.lock_image_unlocked_groups, args.lock_image_freeze_bn_stats)
@@ -243,6 +252,12 @@ def run(args, reporter=None) -> Path | None:
             if env.is_main:
                 _truncate_metrics(out / "metrics.jsonl", step)
                 reporter.message(f"resumed from {stem.name}: step {step}, epoch {epoch}, batch {pos}")
+
+        claim_output(out, resume=bool(args.resume), overwrite=args.overwrite, main=env.is_main)
+        if env.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            write_text(out / "args.json", json.dumps(vars(args), indent=2, default=str))
+        barrier(env)
 
         fwd_model = model
         if env.distributed:
