@@ -192,3 +192,18 @@ def test_wrong_evaluation_data_fails_before_training_not_after_an_epoch(shapes, 
     assert (out / "model").is_dir() and (out / "args.json").read_text() == args_json  # the run is kept
     assert cli_main(_args(shapes, out, "--resume", "latest", "--model", "tiny-vit")) == 1
     assert (out / "args.json").read_text() == args_json  # not the failed resume's flags
+
+
+def test_a_device_that_is_not_there_is_one_line(shapes, tmp_path, capsys):
+    from clipsearch.devices import DeviceError
+    from trainer.placement import resolve_device
+
+    for requested in ("cuda", "cuda:1"):
+        with pytest.raises(DeviceError, match="no CUDA GPU"):
+            resolve_device(requested, cuda=False, mps=False)
+    with pytest.raises(DeviceError, match="--device tpu: not a device torch knows"):
+        resolve_device("tpu", cuda=True, mps=True)
+    assert cli_main([*_args(shapes, tmp_path / "run"), "--device", "tpu"]) == 1
+    assert "not a device torch knows" in _one_line_error(capsys)
+    assert cli_main(["eval", "--model", "nowhere", "--zeroshot-data", ".", "--device", "tpu"]) == 1
+    _one_line_error(capsys)

@@ -142,8 +142,9 @@ def eval_cmd(
         raise click.UsageError("give at least one of --zeroshot-data, --retrieval-data, --linear-probe-data")
     from trainer.placement import resolve_device
 
+    where = resolve_device(device)  # a device that is not there fails before the model loads
     bundle = load_bundle(source)
-    model = bundle.model.to(resolve_device(device)).eval()
+    model = bundle.model.to(where).eval()
     metrics = {}
     if zeroshot_data:
         data = evaluate.read_labelled(
