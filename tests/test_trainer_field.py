@@ -207,3 +207,21 @@ def test_a_device_that_is_not_there_is_one_line(shapes, tmp_path, capsys):
     assert "not a device torch knows" in _one_line_error(capsys)
     assert cli_main(["eval", "--model", "nowhere", "--zeroshot-data", ".", "--device", "tpu"]) == 1
     _one_line_error(capsys)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["synth", "OUT", "--n", "1"],
+        ["synth", "OUT", "--image-size", "0"],
+        ["synth", "OUT", "--zeroshot-per-class", "-1"],
+        ["demo", "--out", "OUT", "--n", "0"],
+        ["demo", "--out", "OUT", "--epochs", "0"],
+    ],
+)
+def test_synth_and_demo_refuse_sizes_they_cannot_make(tmp_path, capsys, argv):
+    argv = [str(tmp_path / "out") if a == "OUT" else a for a in argv]
+    assert cli_main(argv) == 2  # a usage error, before anything is written
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "Invalid value" in err
+    assert not (tmp_path / "out").exists()

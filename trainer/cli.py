@@ -80,10 +80,14 @@ def _rank() -> int:
 
 @cli.command("synth", context_settings=HELP)
 @click.argument("out_dir", type=click.Path(file_okay=False))
-@click.option("--n", default=2000, show_default=True, help="captioned images (train + val)")
+@click.option(
+    "--n", default=2000, show_default=True, type=click.IntRange(min=2), help="captioned images (train + val)"
+)
 @click.option("--seed", default=0, show_default=True)
-@click.option("--image-size", default=64, show_default=True, help="pixels per side")
-@click.option("--zeroshot-per-class", default=10, show_default=True)
+@click.option(
+    "--image-size", default=64, show_default=True, type=click.IntRange(min=1), help="pixels per side"
+)
+@click.option("--zeroshot-per-class", default=10, show_default=True, type=click.IntRange(min=0))
 def synth_cmd(out_dir, n, seed, image_size, zeroshot_per_class):
     """Write a synthetic captioned dataset of coloured shapes (train.csv, val.csv, zeroshot/)."""
     from trainer.synthetic import generate
@@ -182,8 +186,16 @@ def eval_cmd(
     type=click.Path(file_okay=False),
     help="folder for everything the demo writes  [default: demo/ in the clipsearch home]",
 )
-@click.option("--epochs", default=12, show_default=True, help="training epochs (a fixed amount of work)")
-@click.option("--n", default=2000, show_default=True, help="synthetic captioned images")
+@click.option(
+    "--epochs",
+    default=12,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="training epochs (a fixed amount of work)",
+)
+@click.option(
+    "--n", default=2000, show_default=True, type=click.IntRange(min=2), help="synthetic captioned images"
+)
 @click.option("--seed", default=0, show_default=True)
 def demo_cmd(out, epochs, n, seed):
     """Generate shapes, train a small CLIP on the CPU, index and search the held-out images."""
