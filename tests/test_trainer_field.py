@@ -225,3 +225,24 @@ def test_synth_and_demo_refuse_sizes_they_cannot_make(tmp_path, capsys, argv):
     err = capsys.readouterr().err
     assert "Traceback" not in err and "Invalid value" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_linear_probe_on_too_few_images_or_other_test_classes_is_one_line(shapes, tmp_path, capsys):
+    assert cli_main(_args(shapes, tmp_path / "run")) == 0
+    model = str(tmp_path / "run" / "model")
+    one = tmp_path / "one.csv"
+    one.write_text(f"filepath,label\n{shapes.train_csv.parent / 'images' / '00000.png'},red\n")
+    capsys.readouterr()
+    assert cli_main(["eval", "--model", model, "--linear-probe-data", str(one), "--device", "cpu"]) == 1
+    assert "linear probe" in _one_line_error(capsys)
+    # Test folders with other classes than the training folders: their label numbers mean other
+    # classes, so the accuracy would be silently wrong.
+    zs = shapes.zeroshot_dir
+    other = tmp_path / "other"
+    for d in sorted(p for p in zs.iterdir() if p.is_dir())[1:]:
+        (other / d.name).mkdir(parents=True)
+        for f in d.iterdir():
+            (other / d.name / f.name).write_bytes(f.read_bytes())
+    argv = ["eval", "--model", model, "--linear-probe-data", str(zs), "--linear-probe-test", str(other)]
+    assert cli_main([*argv, "--device", "cpu"]) == 1
+    assert "other classes" in _one_line_error(capsys)

@@ -450,7 +450,15 @@ def pre_projection_features(model, preprocess_cfg, paths):
 def linear_probe_images(
     model, preprocess_cfg, train: LabelledImages, test: LabelledImages | None = None, seed=0
 ) -> dict:
-    """Linear probe on image sets; without ``test``, a seeded 30% of ``train`` is held out."""
+    """Linear probe on image sets; without ``test``, a seeded 30% of ``train`` is held out.
+
+    The test set must have the training set's classes (its labels are numbered by its own classes).
+    """
+    if test is not None and test.classnames != train.classnames:
+        raise DataError(
+            f"linear probe: the test set has other classes than the training set ({len(test.classnames)} "
+            f"vs {len(train.classnames)}); give both the same class folders"
+        )
     x, kept, _ = pre_projection_features(model, preprocess_cfg, train.paths)
     y = torch.tensor([train.labels[i] for i in kept])
     if test is None:
@@ -459,6 +467,11 @@ def linear_probe_images(
     else:
         tx, tkept, _ = pre_projection_features(model, preprocess_cfg, test.paths)
         ty = torch.tensor([test.labels[i] for i in tkept])
+    if len(y) < 2 or len(y.unique()) < 2 or not len(ty):
+        raise DataError(
+            f"linear probe: {len(y)} readable training images of {len(y.unique())} classes and {len(ty)} "
+            "test images; need 2 classes, 2 training images and a test image"
+        )
     return linear_probe(x, y, tx, ty, seed=seed)
 
 
