@@ -234,6 +234,12 @@ def test_linear_probe_on_too_few_images_or_other_test_classes_is_one_line(shapes
     one.write_text(f"filepath,label\n{shapes.train_csv.parent / 'images' / '00000.png'},red\n")
     capsys.readouterr()
     assert cli_main(["eval", "--model", model, "--linear-probe-data", str(one), "--device", "cpu"]) == 1
+    assert "need at least 2 classes" in _one_line_error(capsys)
+    assert cli_main(["eval", "--model", model, "--zeroshot-data", str(one), "--device", "cpu"]) == 1
+    assert "need at least 2 classes" in _one_line_error(capsys)  # not a zero-shot accuracy of 100%
+    two = tmp_path / "two.csv"
+    two.write_text(one.read_text() + f"{tmp_path / 'gone.png'},blue\n")
+    assert cli_main(["eval", "--model", model, "--linear-probe-data", str(two), "--device", "cpu"]) == 1
     assert "linear probe" in _one_line_error(capsys)
     # Test folders with other classes than the training folders: their label numbers mean other
     # classes, so the accuracy would be silently wrong.

@@ -170,6 +170,8 @@ def read_class_csv(
 
     pairs = read_csv(path, img_key, label_key, sep)
     names = sorted({c for _, c in pairs})
+    if len(names) < 2:  # as for class folders: one class is always "right"
+        raise DataError(f"{path}: need at least 2 classes in column {label_key!r}, found {len(names)}")
     index = {c: i for i, c in enumerate(names)}
     return LabelledImages([p for p, _ in pairs], [index[c] for _, c in pairs], names)
 
