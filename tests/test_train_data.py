@@ -381,3 +381,17 @@ def test_a_short_csv_row_is_a_bad_sample_not_a_crash(tmp_path):
     assert isinstance(PairDataset(pairs, transform, tokenizer)[1], Skip)
     (tmp_path / "u.csv").write_text("filepath,title\nimgs/0.png\n")
     assert read_csv(tmp_path / "u.csv")[0][1] == ""  # not the caption "None"
+
+
+def test_a_missing_shard_counts_once_and_does_not_crowd_out_the_samples(tmp_path):
+    # A missing shard was a Skip on every visit: while the shuffle buffer filled with the good shard's
+    # samples, the cycled missing shard filled every batch with Skips, so a run trained no step.
+    urls = _shards(tmp_path, n_shards=1, per_shard=4) + [str(tmp_path / "gone.tar")]
+    ds = WebDatasetShards(urls, transform, tokenizer, seed=0, shuffle_buffer=100)
+    out = []
+    for s in ds:
+        out.append(s)
+        if len(out) == 8:
+            break
+    assert Counter(s.reason for s in out if isinstance(s, Skip)) == {"missing_shard": 1}
+    assert sum(not isinstance(s, Skip) for s in out) == 7

@@ -367,15 +367,16 @@ class WebDatasetShards(IterableDataset):
         for i, url in enumerate(self._shard_stream(worker, num_workers)):
             if i and i % len(self.urls) == 0 and not readable:
                 return  # a whole round of shards without one readable sample
+            first_read = url not in reported
+            reported.add(url)
             try:
                 f = open(url, "rb")
             except OSError as e:
-                log.warning("shard %s skipped: %s", url, e.strerror or e)
-                yield Skip("missing_shard")
+                if first_read:  # once: a Skip per visit would fill the batches while the buffer fills
+                    log.warning("shard %s skipped: %s", url, e.strerror or e)
+                    yield Skip("missing_shard")
                 continue
             with f:
-                first_read = url not in reported
-                reported.add(url)
                 for sample in iter_tar_samples(f):
                     if isinstance(sample, Skip):
                         if not first_read:
