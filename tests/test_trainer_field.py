@@ -43,6 +43,9 @@ def _one_line_error(capsys) -> str:
         (["--batch-size", "1"], "--batch-size must be at least 2"),  # else every step is skipped
         (["--accum-freq", "0"], "--accum-freq must be at least 1"),
         (["--epochs", "0"], "--epochs must be at least 1"),
+        (["--train-num-samples", "-5"], "--train-num-samples must be at least 1"),  # trained nothing
+        (["--lock-image", "--lock-image-unlocked-groups", "-1"], "--lock-image-unlocked-groups must be"),
+        (["--grad-clip-norm", "-1"], "--grad-clip-norm must be above 0"),  # flipped every gradient
     ],
 )
 def test_out_of_range_flags_are_one_line_errors(shapes, tmp_path, capsys, flags, says):

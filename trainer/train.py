@@ -430,6 +430,9 @@ def check_numbers(args) -> None:
         "--accum-freq": (args.accum_freq, 1),
         "--epochs": (args.epochs, 1),
         "--max-steps": (args.max_steps, 1),
+        "--train-num-samples": (args.train_num_samples, 1),
+        "--lock-image-unlocked-groups": (args.lock_image_unlocked_groups, 0),
+        "--lock-text-unlocked-layers": (args.lock_text_unlocked_layers, 0),
         "--log-every-n-steps": (args.log_every_n_steps, 1),
         "--save-frequency": (args.save_frequency, 0),
         "--save-every-n-steps": (args.save_every_n_steps, 0),
@@ -442,6 +445,8 @@ def check_numbers(args) -> None:
     for flag, (value, low) in minimum.items():
         if value is not None and value < low:
             raise TrainError(f"{flag} must be at least {low}, got {value}")
+    if args.grad_clip_norm is not None and not args.grad_clip_norm > 0:  # negative: gradient ascent
+        raise TrainError(f"--grad-clip-norm must be above 0, got {args.grad_clip_norm}")
     for flag, value in (("--beta1", args.beta1), ("--beta2", args.beta2)):
         if value is not None and not 0 <= value < 1:
             raise TrainError(f"{flag} must be in [0, 1), got {value}")
