@@ -255,3 +255,16 @@ def test_linear_probe_on_too_few_images_or_other_test_classes_is_one_line(shapes
     argv = ["eval", "--model", model, "--linear-probe-data", str(zs), "--linear-probe-test", str(other)]
     assert cli_main([*argv, "--device", "cpu"]) == 1
     assert "other classes" in _one_line_error(capsys)
+
+
+def test_a_metrics_line_cut_short_does_not_stop_a_resume(shapes, tmp_path):
+    # A crash or a full disk while appending leaves half a line; resume and the plot read past it.
+    import json
+
+    out = tmp_path / "run"
+    assert cli_main(_args(shapes, out, "--save-every-n-steps", "2", "--max-steps", "3")) == 0
+    with open(out / "metrics.jsonl", "a", encoding="utf-8") as f:
+        f.write('{"step": 4, "lo')
+    assert cli_main(_args(shapes, out, "--resume", "latest")) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]

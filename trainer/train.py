@@ -535,10 +535,12 @@ class _MetricsLog:
 
 def _truncate_metrics(path: Path, step: int) -> None:
     """Drop the metric lines written after the checkpoint being resumed (they will be redone)."""
+    from trainer.plots import read_metrics
+
     if not path.exists():
         return
-    keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-    write_text(path, "".join(line + "\n" for line in keep))
+    keep = [row for row in read_metrics(path) if row.get("step", 0) <= step]
+    write_text(path, "".join(json.dumps(row) + "\n" for row in keep))
 
 
 def _due(epoch: int, every: int, last: int) -> bool:
