@@ -353,3 +353,45 @@ def test_every_rank_takes_the_same_number_of_batches(tmp_path):
         for r in range(2)
     ]  # fmt: skip
     assert sizes == [3, 3]  # 15 // (2 x 2): 12 samples an epoch, exactly, whatever each rank's shards hold
+
+
+def test_non_utf8_captions_and_file_names_are_read_and_a_bad_caption_is_skipped(tmp_path):
+    # A Latin-1 file name listed in the CSV opens (names are bytes on disk); a Latin-1 caption is a
+    # bad sample (skipped and counted, as in tar shards), never a UnicodeDecodeError for the whole run.
+    d = _images(tmp_path, 2)
+    name = "caf\xe9.png".encode("latin-1")
+    (tmp_path / "imgs").joinpath(name.decode("utf-8", "surrogateescape")).write_bytes(_png())
+    (tmp_path / "t.csv").write_bytes(b"filepath,title\nimgs/" + name + b",a cafe\nimgs/0.png,caf\xe9\n")
+    pairs = read_csv(tmp_path / "t.csv")
+    ds = PairDataset(pairs, transform, tokenizer)
+    assert not isinstance(ds[0], Skip) and ds[1] == Skip("bad_caption")
+    (tmp_path / "t.jsonl").write_bytes(b'{"filepath": "imgs/0.png", "title": "caf\xe9"}\n')
+    assert PairDataset(read_jsonl(tmp_path / "t.jsonl"), transform, tokenizer)[0] == Skip("bad_caption")
+    (d / "0.txt").write_bytes(b"caf\xe9")
+    (d / "1.txt").write_text("one")
+    ds = PairDataset(read_folder(d), transform, tokenizer)
+    assert [isinstance(ds[i], Skip) for i in range(2)] == [True, False]
+
+
+def test_a_short_csv_row_is_a_bad_sample_not_a_crash(tmp_path):
+    _images(tmp_path, 1)
+    (tmp_path / "t.csv").write_text("title,filepath\na red thing,imgs/0.png\nno path here\n")
+    pairs = read_csv(tmp_path / "t.csv")
+    assert len(pairs) == 2 and pairs[1][1] == "no path here"
+    assert isinstance(PairDataset(pairs, transform, tokenizer)[1], Skip)
+    (tmp_path / "u.csv").write_text("filepath,title\nimgs/0.png\n")
+    assert read_csv(tmp_path / "u.csv")[0][1] == ""  # not the caption "None"
+
+
+def test_a_missing_shard_counts_once_and_does_not_crowd_out_the_samples(tmp_path):
+    # A missing shard was a Skip on every visit: while the shuffle buffer filled with the good shard's
+    # samples, the cycled missing shard filled every batch with Skips, so a run trained no step.
+    urls = _shards(tmp_path, n_shards=1, per_shard=4) + [str(tmp_path / "gone.tar")]
+    ds = WebDatasetShards(urls, transform, tokenizer, seed=0, shuffle_buffer=100)
+    out = []
+    for s in ds:
+        out.append(s)
+        if len(out) == 8:
+            break
+    assert Counter(s.reason for s in out if isinstance(s, Skip)) == {"missing_shard": 1}
+    assert sum(not isinstance(s, Skip) for s in out) == 7

@@ -202,3 +202,17 @@ def test_checkpoint_files_are_fsynced(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "fsync", lambda fd: synced.append(fd) or real(fd))
     _save(tmp_path / "c", 3)
     assert len(synced) >= 2  # each file (and its folder) reaches the disk before the rename counts
+
+
+def test_a_state_file_of_any_other_content_is_unreadable_not_a_crash(tmp_path):
+    # Text such as /etc/passwd sends torch.load's legacy path into its unpickler (an IndexError).
+    d = tmp_path / "checkpoints"
+    _save(d, 1, 1.0)
+    _save(d, 2, 2.0)
+    (d / "step_00000002.state.pt").write_text("root:x:0:0:root:/root:/bin/bash\n")
+    stem, _, _, skipped = checkpointing.resume_from("latest", d)
+    assert stem.name == "step_00000001" and [s.name for s in skipped] == ["step_00000002"]
+    with pytest.raises(checkpointing.CheckpointError, match="cannot read checkpoint"):
+        checkpointing.resume_from(str(d / "step_00000002.state.pt"), d)
+    with pytest.raises(checkpointing.CheckpointError, match="is a folder"):
+        checkpointing.resume_from(str(d), d)

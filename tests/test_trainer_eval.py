@@ -167,6 +167,41 @@ def test_retrieval_with_five_captions_per_image_equals_a_reference(tmp_path):
     assert out["image_to_text_R@1"] > out["text_to_image_R@1"]  # any of five vs one image each
 
 
+def test_retrieval_counts_an_identical_caption_text_as_relevant(tmp_path):
+    """Three images share the caption "a red circle": its copies have identical features, so a model
+    that ranks that text first for each of them is right, not beaten by ties with its own copies."""
+    from PIL import Image
+
+    from clipsearch.transform import PreprocessConfig
+
+    image_vecs = torch.eye(5)
+    caption_vec = {"a red circle": image_vecs[:3].sum(0), "img3": image_vecs[3], "img4": image_vecs[4]}
+    rows = []
+    for i in range(5):
+        path = tmp_path / f"{i:02d}.png"
+        Image.new("RGB", (8, 8), (i * 20, 0, 0)).save(path)
+        rows.append((path, "a red circle" if i < 3 else f"img{i}"))
+    names = list(caption_vec)
+
+    class Stub(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.p = torch.nn.Parameter(torch.zeros(1))
+            self.logit_scale = torch.nn.Parameter(torch.tensor(2.0))
+
+        def encode_image(self, x):  # red channel encodes the image index
+            idx = (x[:, 0, 0, 0] * 0.26862954 + 0.48145466).mul(255).round().div(20).round().long()
+            return image_vecs[idx]
+
+        def encode_text(self, tokens):
+            return torch.stack([caption_vec[names[t]] for t in tokens.tolist()])
+
+    tokenize = lambda texts: torch.tensor([names.index(t) for t in texts])  # noqa: E731
+    out = evaluate.retrieval(Stub(), tokenize, PreprocessConfig.from_dict({"image_size": 8}), rows)
+    assert out["image_to_text_R@1"] == 1.0 and out["text_to_image_R@1"] == 1.0
+    assert out["val_n"] == 5 and out["val_captions"] == 5
+
+
 def test_class_folders(tmp_path):
     for name in ("red_circle", "blue_square"):
         (tmp_path / name).mkdir()

@@ -15,6 +15,7 @@ checkpoint with a higher step (left by a run resumed from further back) is never
 from __future__ import annotations
 
 import logging
+import pickle
 import re
 from pathlib import Path
 
@@ -36,16 +37,36 @@ def _step(stem: Path) -> int:
 
 
 def save(directory: Path, step: int, state_dict: dict, state: dict, keep: int = 3) -> Path:
-    """Write the checkpoint of ``step`` and prune older ones down to ``keep``. Returns the stem."""
+    """Write the checkpoint of ``step`` and prune older ones down to ``keep``. Returns the stem.
+
+    A write that fails (a full disk) raises :class:`CheckpointError` and leaves no half checkpoint.
+    """
+    import shutil
+
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
-    directory.mkdir(parents=True, exist_ok=True)
     stem = directory / f"step_{step:08d}"
     weights = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
-    with atomic_path(stem.with_suffix(".safetensors")) as tmp:
-        save_file(weights, str(tmp))
-    with atomic_path(stem.with_suffix(".state.pt")) as tmp:
-        torch.save(state, tmp)
+    had_state = stem.with_suffix(".state.pt").is_file()
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with atomic_path(stem.with_suffix(".safetensors")) as tmp:
+            save_file(weights, str(tmp))
+        with atomic_path(stem.with_suffix(".state.pt")) as tmp:
+            torch.save(state, tmp)
+    except (OSError, RuntimeError, SafetensorError) as e:
+        if not had_state:  # weights without a state file are no checkpoint, only used space
+            stem.with_suffix(".safetensors").unlink(missing_ok=True)
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip().splitlines()[0]
+        try:
+            free = f"; {shutil.disk_usage(directory).free / 2**20:.0f} MiB free there"
+        except OSError:
+            free = ""
+        raise CheckpointError(
+            f"cannot write checkpoint {stem.name} in {directory}: {reason}{free}; "
+            "the checkpoints written before are kept"
+        ) from e
     older = [s for s in list_checkpoints(directory) if _step(s) < step]
     for old in older[: max(0, len(older) - (keep - 1))] if keep > 0 else []:
         for suffix in (".state.pt", ".safetensors"):  # the state first: the pair stops counting at once
@@ -97,6 +118,8 @@ def resolve(resume: str, directory: Path) -> Path:
             raise CheckpointError(f"no checkpoint to resume in {directory}; start without --resume")
         return stems[-1]
     p = Path(resume)
+    if p.is_dir():
+        raise CheckpointError(f"--resume {resume} is a folder; give a checkpoint's file or 'latest'")
     name = p.name
     for suffix in (".state.pt", ".safetensors"):
         if name.endswith(suffix):
@@ -109,12 +132,16 @@ def resolve(resume: str, directory: Path) -> Path:
 
 def load(stem: Path) -> tuple[dict, dict]:
     """``(model state dict, training state)`` of a checkpoint, without executing any pickled code."""
-    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     try:
         weights = load_file(str(stem.with_suffix(".safetensors")))
         state = torch.load(stem.with_suffix(".state.pt"), map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, ValueError, EOFError, SafetensorError) as e:
-        raise CheckpointError(f"cannot read checkpoint {stem}: {e}") from e
+    except pickle.UnpicklingError as e:  # torch's message suggests weights_only=False: never here
+        raise CheckpointError(
+            f"cannot read checkpoint {stem}: its state file holds Python objects other than tensors, "
+            "dicts, lists and numbers, and a checkpoint is never unpickled"
+        ) from e
+    except Exception as e:  # noqa: BLE001 - untrusted bytes: any parse failure means "unreadable"
+        raise CheckpointError(f"cannot read checkpoint {stem}: {type(e).__name__}: {e}") from e
     return weights, state

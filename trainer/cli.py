@@ -51,9 +51,25 @@ def train_cmd(ctx):
         import logging
 
         logging.basicConfig(level=logging.DEBUG, format="%(levelname)s %(name)s: %(message)s")
-    model_dir = train.run(args, reporter)
+    try:
+        model_dir = train.run(args, reporter)
+    except KeyboardInterrupt:
+        _say_where_to_resume(args.output)
+        raise
     if model_dir is not None:
         click.echo(f"model saved to {model_dir}  (use: clipsearch index --model {model_dir} PATH)")
+
+
+def _say_where_to_resume(output: str) -> None:
+    from pathlib import Path
+
+    from trainer.checkpointing import list_checkpoints
+
+    stems = list_checkpoints(Path(output) / "checkpoints")
+    if stems:
+        click.echo(f"interrupted; continue from {stems[-1].name} with --resume latest", err=True)
+    else:
+        click.echo("interrupted before the first checkpoint; nothing to resume", err=True)
 
 
 def _rank() -> int:
@@ -64,10 +80,14 @@ def _rank() -> int:
 
 @cli.command("synth", context_settings=HELP)
 @click.argument("out_dir", type=click.Path(file_okay=False))
-@click.option("--n", default=2000, show_default=True, help="captioned images (train + val)")
+@click.option(
+    "--n", default=2000, show_default=True, type=click.IntRange(min=2), help="captioned images (train + val)"
+)
 @click.option("--seed", default=0, show_default=True)
-@click.option("--image-size", default=64, show_default=True, help="pixels per side")
-@click.option("--zeroshot-per-class", default=10, show_default=True)
+@click.option(
+    "--image-size", default=64, show_default=True, type=click.IntRange(min=1), help="pixels per side"
+)
+@click.option("--zeroshot-per-class", default=10, show_default=True, type=click.IntRange(min=0))
 def synth_cmd(out_dir, n, seed, image_size, zeroshot_per_class):
     """Write a synthetic captioned dataset of coloured shapes (train.csv, val.csv, zeroshot/)."""
     from trainer.synthetic import generate
@@ -126,8 +146,9 @@ def eval_cmd(
         raise click.UsageError("give at least one of --zeroshot-data, --retrieval-data, --linear-probe-data")
     from trainer.placement import resolve_device
 
+    where = resolve_device(device)  # a device that is not there fails before the model loads
     bundle = load_bundle(source)
-    model = bundle.model.to(resolve_device(device)).eval()
+    model = bundle.model.to(where).eval()
     metrics = {}
     if zeroshot_data:
         data = evaluate.read_labelled(
@@ -139,12 +160,9 @@ def eval_cmd(
         )
         metrics.update(evaluate.zeroshot(model, bundle.tokenizer, bundle.preprocess_cfg, data))
     if retrieval_data:
-        from trainer.data import read_csv, read_jsonl
-
-        if retrieval_data.endswith((".jsonl", ".json")):
-            pairs = read_jsonl(retrieval_data, csv_img_key, csv_caption_key)
-        else:
-            pairs = read_csv(retrieval_data, csv_img_key, csv_caption_key)
+        _, pairs = evaluate.read_eval_sets(
+            None, retrieval_data, img_key=csv_img_key, caption_key=csv_caption_key
+        )
         metrics.update(evaluate.retrieval(model, bundle.tokenizer, bundle.preprocess_cfg, pairs))
     if linear_probe_data:
         train = evaluate.read_labelled(linear_probe_data, csv_img_key, csv_label_key)
@@ -168,8 +186,16 @@ def eval_cmd(
     type=click.Path(file_okay=False),
     help="folder for everything the demo writes  [default: demo/ in the clipsearch home]",
 )
-@click.option("--epochs", default=12, show_default=True, help="training epochs (a fixed amount of work)")
-@click.option("--n", default=2000, show_default=True, help="synthetic captioned images")
+@click.option(
+    "--epochs",
+    default=12,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="training epochs (a fixed amount of work)",
+)
+@click.option(
+    "--n", default=2000, show_default=True, type=click.IntRange(min=2), help="synthetic captioned images"
+)
 @click.option("--seed", default=0, show_default=True)
 def demo_cmd(out, epochs, n, seed):
     """Generate shapes, train a small CLIP on the CPU, index and search the held-out images."""

@@ -70,8 +70,20 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
     return (seed * 1_000_003 + epoch) * 1_000_000_007 + index & 0x7FFF_FFFF_FFFF_FFFF
 
 
+def readable_caption(caption: str) -> bool:
+    """False for a caption that was not valid UTF-8 (the listing readers keep its bad bytes as
+    surrogates, so that file names, which are bytes on disk, still open)."""
+    try:
+        caption.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def load_pair(path, caption: str, transform, tokenizer, seed: int):
     """Decode, augment (with ``seed``) and tokenize one pair; a :class:`Skip` if it cannot be read."""
+    if not readable_caption(caption):
+        return Skip("bad_caption")
     try:
         image = open_image(path) if not isinstance(path, bytes) else open_image(io.BytesIO(path))
     except (ClipsearchError, OSError, ValueError) as e:
@@ -86,7 +98,8 @@ def load_pair(path, caption: str, transform, tokenizer, seed: int):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Listing the pairs of the file formats
+# Listing the pairs of the file formats. Files are decoded as UTF-8 with surrogateescape: a Latin-1 file
+# name still opens, and a caption with bad bytes becomes one skipped sample (``bad_caption``).
 
 
 def read_csv(path, img_key: str = "filepath", caption_key: str = "title", sep: str | None = None):
@@ -95,8 +108,8 @@ def read_csv(path, img_key: str = "filepath", caption_key: str = "title", sep: s
     if sep is None:
         sep = "\t" if path.suffix.lower() == ".tsv" else ","
     try:
-        with open(path, newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f, delimiter=sep)
+        with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
+            reader = csv.DictReader(f, delimiter=sep, restval="")  # a short row: a bad sample, not None
             fields = reader.fieldnames or []
             for key in (img_key, caption_key):
                 if key not in fields:
@@ -105,6 +118,8 @@ def read_csv(path, img_key: str = "filepath", caption_key: str = "title", sep: s
                         "set --csv-img-key / --csv-caption-key / --csv-separator"
                     )
             rows = [(row[img_key], row[caption_key]) for row in reader]
+    except csv.Error as e:
+        raise DataError(f"{path}: not a readable CSV ({e}); check --csv-separator") from e
     except OSError as e:
         raise DataError(f"cannot read {path}: {e.strerror or e}") from e
     return [(_resolve(path.parent, p), str(c)) for p, c in rows]
@@ -115,7 +130,7 @@ def read_jsonl(path, img_key: str = "filepath", caption_key: str = "title"):
     path = Path(path)
     pairs = []
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8", errors="surrogateescape") as f:
             for n, line in enumerate(f, 1):
                 if not line.strip():
                     continue
@@ -139,7 +154,7 @@ def read_folder(path):
         if p.suffix.lower() in IMAGE_EXTS:
             txt = p.with_suffix(".txt")
             if txt.is_file():
-                pairs.append((p, txt.read_text(encoding="utf-8").strip()))
+                pairs.append((p, txt.read_text(encoding="utf-8", errors="surrogateescape").strip()))
     if not pairs:
         raise DataError(f"{root}: no images with a same-named .txt caption found")
     return pairs
@@ -352,15 +367,16 @@ class WebDatasetShards(IterableDataset):
         for i, url in enumerate(self._shard_stream(worker, num_workers)):
             if i and i % len(self.urls) == 0 and not readable:
                 return  # a whole round of shards without one readable sample
+            first_read = url not in reported
+            reported.add(url)
             try:
                 f = open(url, "rb")
             except OSError as e:
-                log.warning("shard %s skipped: %s", url, e.strerror or e)
-                yield Skip("missing_shard")
+                if first_read:  # once: a Skip per visit would fill the batches while the buffer fills
+                    log.warning("shard %s skipped: %s", url, e.strerror or e)
+                    yield Skip("missing_shard")
                 continue
             with f:
-                first_read = url not in reported
-                reported.add(url)
                 for sample in iter_tar_samples(f):
                     if isinstance(sample, Skip):
                         if not first_read:

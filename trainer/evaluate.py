@@ -170,6 +170,8 @@ def read_class_csv(
 
     pairs = read_csv(path, img_key, label_key, sep)
     names = sorted({c for _, c in pairs})
+    if len(names) < 2:  # as for class folders: one class is always "right"
+        raise DataError(f"{path}: need at least 2 classes in column {label_key!r}, found {len(names)}")
     index = {c: i for i, c in enumerate(names)}
     return LabelledImages([p for p, _ in pairs], [index[c] for _, c in pairs], names)
 
@@ -308,8 +310,10 @@ def group_captions(pairs) -> tuple[list, list[str], list[int]]:
 def retrieval(model, tokenizer, preprocess_cfg, pairs, *, encode_images=None) -> dict:
     """Recall@1/5/10 image->text and text->image over (image, caption) rows, and the CLIP loss.
 
-    Rows sharing an image are that image's captions. Images that cannot be read are dropped with their
-    captions (counted in ``val_skipped``). ``encode_images``: as in :func:`zeroshot`.
+    Rows sharing an image are that image's captions. A caption is relevant to every image that has the
+    same text among its captions (identical texts have identical features: a caption shared by several
+    images, or repeated, must not lose to its own copies). Images that cannot be read are dropped with
+    their captions (counted in ``val_skipped``). ``encode_images``: as in :func:`zeroshot`.
     """
     from clipsearch.loss import contrastive_loss
 
@@ -320,7 +324,11 @@ def retrieval(model, tokenizer, preprocess_cfg, pairs, *, encode_images=None) ->
     rows = [(row_of[o], c) for o, c in zip(owner, captions, strict=True) if o in row_of]
     txt = text_features(model, tokenizer, [c for _, c in rows])  # [T, D]
     text_owner = torch.tensor([r for r, _ in rows])  # [T]
-    truth = text_owner[None, :] == torch.arange(len(kept))[:, None]  # [I, T]
+    text_id = {c: k for k, c in enumerate(dict.fromkeys(c for _, c in rows))}
+    ids = torch.tensor([text_id[c] for _, c in rows], dtype=torch.long)  # [T]
+    has_text = torch.zeros(len(kept), len(text_id), dtype=torch.bool)
+    has_text[text_owner, ids] = True
+    truth = has_text[:, ids]  # [I, T]: the image has this caption's text
     sims = img @ txt.T  # [I, T]
     out = {
         **recall_at_k(sims, truth, "image_to_text"),
@@ -444,7 +452,15 @@ def pre_projection_features(model, preprocess_cfg, paths):
 def linear_probe_images(
     model, preprocess_cfg, train: LabelledImages, test: LabelledImages | None = None, seed=0
 ) -> dict:
-    """Linear probe on image sets; without ``test``, a seeded 30% of ``train`` is held out."""
+    """Linear probe on image sets; without ``test``, a seeded 30% of ``train`` is held out.
+
+    The test set must have the training set's classes (its labels are numbered by its own classes).
+    """
+    if test is not None and test.classnames != train.classnames:
+        raise DataError(
+            f"linear probe: the test set has other classes than the training set ({len(test.classnames)} "
+            f"vs {len(train.classnames)}); give both the same class folders"
+        )
     x, kept, _ = pre_projection_features(model, preprocess_cfg, train.paths)
     y = torch.tensor([train.labels[i] for i in kept])
     if test is None:
@@ -453,6 +469,11 @@ def linear_probe_images(
     else:
         tx, tkept, _ = pre_projection_features(model, preprocess_cfg, test.paths)
         ty = torch.tensor([test.labels[i] for i in tkept])
+    if len(y) < 2 or len(y.unique()) < 2 or not len(ty):
+        raise DataError(
+            f"linear probe: {len(y)} readable training images of {len(y.unique())} classes and {len(ty)} "
+            "test images; need 2 classes, 2 training images and a test image"
+        )
     return linear_probe(x, y, tx, ty, seed=seed)
 
 
@@ -472,19 +493,46 @@ def during_training(
     """The evaluations the trainer runs at epoch ends (whichever data were given)."""
     out = {}
     was_training = model.training
+    data, pairs = read_eval_sets(
+        zeroshot_data,
+        val_data,
+        img_key=img_key,
+        caption_key=caption_key,
+        separator=separator,
+        classnames=classnames,
+        templates=templates,
+    )
     try:
-        if zeroshot_data:
-            data = read_labelled(zeroshot_data, classnames=classnames, templates=templates)
+        if data is not None:
             out.update(zeroshot(model, tokenizer, preprocess_cfg, data))
-        if val_data:
-            from trainer.data import read_csv, read_jsonl
-
-            reader = read_jsonl if str(val_data).endswith((".jsonl", ".json")) else read_csv
-            if reader is read_csv:
-                pairs = read_csv(val_data, img_key, caption_key, separator)
-            else:
-                pairs = reader(val_data, img_key, caption_key)
+        if pairs is not None:
             out.update(retrieval(model, tokenizer, preprocess_cfg, pairs))
     finally:
         model.train(was_training)
     return out
+
+
+def read_eval_sets(
+    zeroshot_data,
+    pairs_data,
+    *,
+    img_key="filepath",
+    caption_key="title",
+    separator=None,
+    classnames=None,
+    templates=None,
+):
+    """``(LabelledImages or None, [(image, caption)] or None)``: the listings only, no image decoded,
+    so the trainer can check its evaluation data before the first epoch rather than after it."""
+    from trainer.data import read_csv, read_jsonl
+
+    data = read_labelled(zeroshot_data, classnames=classnames, templates=templates) if zeroshot_data else None
+    pairs = None
+    if pairs_data:
+        if str(pairs_data).endswith((".jsonl", ".json")):
+            pairs = read_jsonl(pairs_data, img_key, caption_key)
+        else:
+            pairs = read_csv(pairs_data, img_key, caption_key, separator)
+        if not pairs:
+            raise DataError(f"{pairs_data}: no (image, caption) rows")
+    return data, pairs

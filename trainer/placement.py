@@ -32,7 +32,8 @@ def resolve_device(requested: str | None = None, local_rank: int = 0, *, cuda=No
 
     ``None`` or ``"auto"``: ``cuda:<local_rank>`` when CUDA is available, else ``mps``, else ``cpu``.
     ``"cuda"`` without an index gets the local rank's GPU (one process per GPU under torchrun). Anything
-    else is taken as written. ``cuda`` / ``mps`` override the availability checks (for tests).
+    else is taken as written. ``cuda`` / ``mps`` override the availability checks (for tests). CUDA or
+    MPS asked for where it is absent, or a name torch does not know, raises ``DeviceError``.
     """
     cuda = torch.cuda.is_available() if cuda is None else cuda
     if mps is None:
@@ -42,7 +43,14 @@ def resolve_device(requested: str | None = None, local_rank: int = 0, *, cuda=No
         log.info("device: %s (cuda available: %s, mps available: %s)", kind, cuda, mps)
     else:
         kind = requested
-    device = torch.device(kind)
+    from clipsearch.devices import DeviceError, pick_device
+
+    if kind.partition(":")[0] in ("cuda", "mps"):
+        pick_device(kind.partition(":")[0], cuda=cuda, mps=mps)  # not on this machine: says what to use
+    try:
+        device = torch.device(kind)
+    except RuntimeError as e:
+        raise DeviceError(f"--device {kind}: not a device torch knows; use cpu, cuda, cuda:N or mps") from e
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", local_rank)
     return device

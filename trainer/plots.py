@@ -3,17 +3,32 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 EMPTY_EVAL_HINT = "no evaluation in this run:\npass --zeroshot-data DIR (folder per class)\nand/or --val-data FILE (held-out pairs)"
 EVAL_KEYS = ("zeroshot_top1", "image_to_text_R@1", "text_to_image_R@1", "val_loss", "linear_probe_top1")
 
+log = logging.getLogger(__name__)
+
 
 def read_metrics(path) -> list[dict]:
+    """The rows of metrics.jsonl; a line that is not a JSON object (cut short by a crash or a full disk
+    while it was appended) is left out with a warning."""
     path = Path(path)
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = []
+    for n, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        try:
+            row = json.loads(line) if line.strip() else None
+        except json.JSONDecodeError:
+            row = "unreadable"
+        if isinstance(row, dict):
+            rows.append(row)
+        elif row is not None:
+            log.warning("%s:%d: not a JSON object, left out", path, n)
+    return rows
 
 
 def plot_metrics(metrics_path, png_path) -> Path | None:

@@ -81,7 +81,7 @@ def _build(args, env: DistEnv, train_captions):
 
 def _captions_reader(args):
     def read():
-        from trainer.data import detect_type, read_csv, read_folder, read_jsonl
+        from trainer.data import detect_type, read_csv, read_folder, read_jsonl, readable_caption
 
         kind = detect_type(args.train_data) if args.dataset_type == "auto" else args.dataset_type
         if kind == "csv":
@@ -92,7 +92,7 @@ def _captions_reader(args):
             pairs = read_folder(args.train_data)
         else:
             raise TrainError("--train-tokenizer reads captions from csv, jsonl or folder data only")
-        return [c for _, c in pairs]
+        return [c for _, c in pairs if readable_caption(c)]  # the samples training will skip are left out
 
     return read
 
@@ -169,19 +169,16 @@ def run(args, reporter=None) -> Path | None:
     from trainer.data import make_loader
 
     reporter = reporter or NullReporter()
-    if args.accum_freq < 1 or args.batch_size < 1 or args.epochs < 1:
-        raise TrainError("--accum-freq, --batch-size and --epochs must be at least 1")
+    check_numbers(args)
     env = init_distributed(args.device)
     try:
         check_precision(args.precision, env.device)
         placement = Placement(env.device, args.precision)
         out = Path(args.output)
         ckpt_dir = out / "checkpoints"
-        claim_output(out, resume=bool(args.resume), overwrite=args.overwrite, main=env.is_main)
-        if env.is_main:
-            out.mkdir(parents=True, exist_ok=True)
-            write_text(out / "args.json", json.dumps(vars(args), indent=2, default=str))
-        barrier(env)
+        # Refused now; the old run is removed (--overwrite) and args.json written only once the set-up
+        # below holds: a wrong --model, data or checkpoint leaves --output as it was.
+        claim_output(out, resume=bool(args.resume), overwrite=args.overwrite, main=False)
 
         model, preprocess_cfg, tokenizer, model_cfg = _build(args, env, _captions_reader(args))
         from clipsearch.transform import image_transform
@@ -208,6 +205,17 @@ def run(args, reporter=None) -> Path | None:
             raise TrainError("fewer batches per epoch than --accum-freq; lower --batch-size or --accum-freq")
         total_steps = steps_per_epoch * args.epochs
 
+        if env.is_main:  # a wrong evaluation set fails now, not after the first epoch
+            evaluate.read_eval_sets(
+                args.zeroshot_data if args.zeroshot_frequency else None,
+                args.val_data if args.val_frequency else None,
+                img_key=args.csv_img_key,
+                caption_key=args.csv_caption_key,
+                separator=args.csv_separator,
+                classnames=args.zeroshot_classnames,
+                templates=args.zeroshot_templates,
+            )
+
         if args.lock_image:
             model.lock_image_tower(args.lock_image_unlocked_groups, args.lock_image_freeze_bn_stats)
         if args.lock_text:
@@ -226,18 +234,30 @@ def run(args, reporter=None) -> Path | None:
             counts["checkpoints_unreadable"] += len(bad)
             for b in bad:
                 reporter.message(f"skipped unreadable checkpoint {b.name}")
-            raw_model.load_state_dict(weights)
-            optimizer.load_state_dict(state["optimizer"])
-            if scaler is not None and state.get("scaler"):
-                scaler.load_state_dict(state["scaler"])
-            step, epoch, pos = state["step"], state["epoch"], state["batch_in_epoch"]
-            counts.update(state.get("counts", {}))
-            torch.set_rng_state(state["rng_cpu"])
+            try:
+                raw_model.load_state_dict(weights)
+                optimizer.load_state_dict(state["optimizer"])
+                if scaler is not None and state.get("scaler"):
+                    scaler.load_state_dict(state["scaler"])
+                step, epoch, pos = state["step"], state["epoch"], state["batch_in_epoch"]
+                counts.update(state.get("counts", {}))
+                torch.set_rng_state(state["rng_cpu"])
+            except (KeyError, RuntimeError, ValueError, TypeError, AttributeError) as e:
+                raise TrainError(
+                    f"checkpoint {stem} does not fit this run ({_first_line(e)}); resume with the --model "
+                    "and flags it was written with"
+                ) from e
             if env.device.type == "cuda" and state.get("rng_cuda") is not None:
                 torch.cuda.set_rng_state(state["rng_cuda"], env.device)
             if env.is_main:
                 _truncate_metrics(out / "metrics.jsonl", step)
                 reporter.message(f"resumed from {stem.name}: step {step}, epoch {epoch}, batch {pos}")
+
+        claim_output(out, resume=bool(args.resume), overwrite=args.overwrite, main=env.is_main)
+        if env.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            write_text(out / "args.json", json.dumps(vars(args), indent=2, default=str))
+        barrier(env)
 
         fwd_model = model
         if env.distributed:
@@ -270,6 +290,7 @@ def run(args, reporter=None) -> Path | None:
             barrier(env)
 
         reporter.start(total_steps, step)
+        first_step, trained_steps = step, 0
         stop = args.max_steps if args.max_steps is not None else total_steps
         fwd_model.train()
         while epoch < args.epochs and step < stop:
@@ -293,6 +314,7 @@ def run(args, reporter=None) -> Path | None:
                     counts["skipped_steps_empty"] += 1
                     step += 1
                     continue
+                trained_steps += 1
                 loss = stepper.loss_and_backward(batches, backward)
                 finite = all_reduce_sum(float(torch.isfinite(loss).item()), env) == env.world_size
                 if not finite:
@@ -329,7 +351,7 @@ def run(args, reporter=None) -> Path | None:
                     save_checkpoint()
             if pos + args.accum_freq > data.batches_per_epoch:  # the epoch is complete
                 epoch, pos = epoch + 1, 0
-                if epoch % args.save_frequency == 0 or epoch == args.epochs:
+                if epoch == args.epochs or (args.save_frequency and epoch % args.save_frequency == 0):
                     save_checkpoint()
                 zs_due = _due(epoch, args.zeroshot_frequency, args.epochs)
                 val_due = _due(epoch, args.val_frequency, args.epochs)
@@ -355,6 +377,17 @@ def run(args, reporter=None) -> Path | None:
                 barrier(env)
         if step >= stop and pos:
             save_checkpoint()  # an interrupted epoch (--max-steps) can be resumed
+        skipped = {k.removeprefix("skipped_"): v for k, v in counts.items() if k.startswith("skipped_")}
+        skipped.pop("steps_empty", None)
+        if step > first_step and not trained_steps:
+            raise TrainError(
+                f"no sample of --train-data could be read ({_count_text(skipped)}); check its image paths"
+            )
+        if skipped:
+            reporter.message(
+                f"skipped {sum(skipped.values())} samples that could not be read ({_count_text(skipped)}); "
+                "per step in metrics.jsonl"
+            )
         final = None
         if env.is_main:
             from clipsearch.checkpoints import save_model
@@ -365,8 +398,58 @@ def run(args, reporter=None) -> Path | None:
             plots.plot_metrics(out / "metrics.jsonl", out / "curves.png")
         reporter.close()
         return final
+    except OSError as e:  # --output cannot be written: read-only, a full disk
+        raise TrainError(
+            f"cannot write {e.filename or args.output}: {e.strerror or e}; the checkpoints written "
+            "before are kept"
+        ) from e
     finally:
+        reporter.close()  # the progress display lets go of the terminal whatever ended the run
         shutdown(env)
+
+
+def _first_line(e: Exception, limit: int = 160) -> str:
+    """The informative line of an exception (torch's load_state_dict puts a heading first)."""
+    if isinstance(e, KeyError):
+        return f"it lacks {e}"
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+    line = lines[1] if len(lines) > 1 and lines[0].endswith(":") else lines[0]
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def _count_text(counts: dict) -> str:
+    return ", ".join(f"{reason} {n}" for reason, n in sorted(counts.items())) or "none skipped"
+
+
+def check_numbers(args) -> None:
+    """Refuse a flag value that would crash the run later or silently train nothing (``--batch-size 1``:
+    a contrastive step needs a negative, so every step would be skipped). OpenCLIP's meanings: 0 means
+    never for the frequencies (``--save-frequency 0``: a checkpoint only at the end)."""
+    minimum = {
+        "--batch-size": (args.batch_size, 2),
+        "--accum-freq": (args.accum_freq, 1),
+        "--epochs": (args.epochs, 1),
+        "--max-steps": (args.max_steps, 1),
+        "--train-num-samples": (args.train_num_samples, 1),
+        "--lock-image-unlocked-groups": (args.lock_image_unlocked_groups, 0),
+        "--lock-text-unlocked-layers": (args.lock_text_unlocked_layers, 0),
+        "--log-every-n-steps": (args.log_every_n_steps, 1),
+        "--save-frequency": (args.save_frequency, 0),
+        "--save-every-n-steps": (args.save_every_n_steps, 0),
+        "--workers": (args.workers, 0),
+        "--warmup": (args.warmup, 0),
+        "--lr": (args.lr, 0),
+        "--wd": (args.wd, 0),
+        "--eps": (args.eps, 0),
+    }
+    for flag, (value, low) in minimum.items():
+        if value is not None and value < low:
+            raise TrainError(f"{flag} must be at least {low}, got {value}")
+    if args.grad_clip_norm is not None and not args.grad_clip_norm > 0:  # negative: gradient ascent
+        raise TrainError(f"--grad-clip-norm must be above 0, got {args.grad_clip_norm}")
+    for flag, value in (("--beta1", args.beta1), ("--beta2", args.beta2)):
+        if value is not None and not 0 <= value < 1:
+            raise TrainError(f"{flag} must be in [0, 1), got {value}")
 
 
 RUN_OUTPUTS = ("args.json", "metrics.jsonl", "curves.png", "checkpoints", "model", "tensorboard")
@@ -377,6 +460,9 @@ def claim_output(out: Path, *, resume: bool, overwrite: bool, main: bool = True)
 
     ``--overwrite`` removes only the files a run writes (:data:`RUN_OUTPUTS`), nothing else there.
     """
+    for folder in (out, *out.parents):
+        if folder.exists() and not folder.is_dir():
+            raise TrainError(f"--output {out}: {folder} is a file, not a folder")
     found = [name for name in RUN_OUTPUTS if (out / name).exists()]
     if not found or resume:
         return
@@ -449,10 +535,12 @@ class _MetricsLog:
 
 def _truncate_metrics(path: Path, step: int) -> None:
     """Drop the metric lines written after the checkpoint being resumed (they will be redone)."""
+    from trainer.plots import read_metrics
+
     if not path.exists():
         return
-    keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-    write_text(path, "".join(line + "\n" for line in keep))
+    keep = [row for row in read_metrics(path) if row.get("step", 0) <= step]
+    write_text(path, "".join(json.dumps(row) + "\n" for row in keep))
 
 
 def _due(epoch: int, every: int, last: int) -> bool:
