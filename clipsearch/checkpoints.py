@@ -338,14 +338,6 @@ def _build_and_load(cfg: dict, state_dict: dict, origin: str):
                 f"shape mismatch for {key} in {origin}: file has {tuple(tensor.shape)}, "
                 f"architecture expects {tuple(expected[key].shape)}"
             )
-    # One NaN or inf weight (a damaged file, a training run that diverged) makes every embedding NaN:
-    # an index run would store them all and report success, and every query would then fail.
-    for key, tensor in state_dict.items():
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise ModelLoadError(
-                f"the weights in {origin} hold NaN or infinite values (first in {key}): the file is "
-                "damaged, or the training run that made it diverged"
-            )
     model.load_state_dict(state_dict, strict=True, assign=True)
     model.float()  # OpenAI's archives hold fp16 weights; precision is applied by the caller
     # Buffers left out of state dicts (the causal mask) are still on the meta device: rebuild them.
