@@ -57,6 +57,7 @@ files); a crash in between leaves a sidecar that mismatches a file, which is det
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -655,7 +656,7 @@ class VectorIndex:
                         if not (retune and not library.readonly and index._retune(library, model_id)):
                             return index
                         if not index._misses_target(kind):
-                            _write_sidecar(path, {**sidecar, **index._tuning()})
+                            _write_sidecar(path, {**sidecar, **index._tuning()}, _private(library.path))
                             return index
                         index = None  # rebuilt below, as auto chooses with the text probes
         if index is not None:
@@ -685,6 +686,7 @@ class VectorIndex:
                     generation=generation,
                     id_range=_id_range(library, model_id),
                     library_id=library.library_id(),
+                    private=_private(library.path),
                 )
             except OSError as e:
                 index.unsaved = e  # a read-only folder: the index still works from memory
@@ -846,19 +848,25 @@ class VectorIndex:
         generation: int,
         id_range: list[int] | None = None,
         library_id: str | None = None,
+        private: bool = False,
     ) -> None:
         """Write the index to a temp file and rename it into place, then the sidecar likewise.
 
         ``generation`` and ``id_range`` (``[lowest, highest]`` id in SQLite) describe the SQLite
         state the index reflects; ``id_range`` defaults to the index's own ids. ``library_id``
         (:meth:`Library.library_id`) names the database: an index is only ever reused by its own.
+        ``private``: the files ``0600`` and their folder ``0700``, as the library they describe (its
+        vectors say what the photos show).
         """
         import faiss
 
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(mode=0o700 if private else 0o777, parents=True, exist_ok=True)
+        if private and path.parent.stat().st_mode & 0o077:
+            with contextlib.suppress(OSError):  # made before this rule, or not ours to change
+                path.parent.chmod(0o700)
         exact = {}
         if self.kind == "ivfpq":  # first: a crash before the index file leaves a sidecar mismatching both
-            with atomic_path(_exact_path(path)) as tmp:
+            with atomic_path(_exact_path(path), private=private) as tmp:
                 faiss.write_index(self.exact, str(tmp))
             st = _exact_path(path).stat()
             exact = {
@@ -868,7 +876,7 @@ class VectorIndex:
                     "owner_mac": _owner_mac(st, model_id, library_id),
                 }
             }
-        with atomic_path(path) as tmp:
+        with atomic_path(path, private=private) as tmp:
             faiss.write_index(self.index, str(tmp))
         st = path.stat()
         ids = np.sort(np.fromiter(self.ids(), dtype=np.int64))
@@ -892,7 +900,7 @@ class VectorIndex:
             **self._tuning(),
             **exact,
         }
-        _write_sidecar(path, meta)
+        _write_sidecar(path, meta, private=private)
         self.path = path
 
     # --- search -------------------------------------------------------------------------------
@@ -1050,8 +1058,17 @@ def _sidecar_path(path: Path) -> Path:
     return path.with_suffix(".json")
 
 
-def _write_sidecar(path: Path, meta: dict) -> None:
-    write_text(_sidecar_path(path), json.dumps(meta))
+def _write_sidecar(path: Path, meta: dict, private: bool = False) -> None:
+    write_text(_sidecar_path(path), json.dumps(meta), private=private)
+
+
+def _private(db: Path) -> bool:
+    """Whether the library file ``db`` is readable by its owner alone (as clipsearch makes it): its
+    vector index is then kept as private. A library its owner shared (``chmod g+r``) shares it too."""
+    try:
+        return not os.stat(db).st_mode & 0o077
+    except OSError:
+        return True
 
 
 def _read_sidecar(path: Path, any_version: bool = False) -> dict | None:

@@ -242,3 +242,33 @@ def test_labels_with_sql_characters_are_stored_literally(library):
     finally:
         conn.close()
     assert stored and stored <= set(classes)
+
+
+def test_the_vector_index_is_as_private_as_its_library(tmp_path, tmp_path_factory):
+    """The library file is made 0600 (it names every photo); its FAISS index holds the photos' vectors,
+    which say what the pictures show: 0600 files in a 0700 folder too. A library its owner shared
+    with a group shares its index the same way."""
+    import stat
+
+    photos = tmp_path / "photos"
+    for i in range(3):
+        write_photo(photos / f"{i}.jpg", i)
+    model = tiny_model_dir(tmp_path_factory)
+    db = tmp_path / "lib.db"
+    assert invoke("index", "--model", model, photos, db=db).exit_code == 0
+    folder = tmp_path / "lib.db.faiss"
+    assert stat.S_IMODE(db.stat().st_mode) == 0o600 and stat.S_IMODE(folder.stat().st_mode) == 0o700
+    files = list(folder.iterdir())
+    assert files and all(stat.S_IMODE(f.stat().st_mode) == 0o600 for f in files), files
+    # a library its owner shares with a group before indexing: its index is made for the group too
+    shared = tmp_path / "shared.db"
+    shared.touch()
+    os.chmod(shared, 0o640)
+    old = os.umask(0o027)
+    try:
+        assert invoke("index", "--model", model, photos, db=shared).exit_code == 0
+    finally:
+        os.umask(old)
+    folder = tmp_path / "shared.db.faiss"
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o750
+    assert all(stat.S_IMODE(f.stat().st_mode) == 0o640 for f in folder.iterdir())
