@@ -107,6 +107,28 @@ def _reference_recall(sims, owner, k):
     return i2t_hits / n_images, t2i_hits / n_texts
 
 
+def _stub_model(image_vecs: torch.Tensor, caption_vec: dict):
+    """``(model class, tokenize)``: a "model" whose image features are ``image_vecs`` (an image's red
+    channel, in steps of 20, is its index) and whose text features are ``caption_vec`` (a "token" is
+    the caption's index in it)."""
+    names = list(caption_vec)
+
+    class Stub(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.p = torch.nn.Parameter(torch.zeros(1))
+            self.logit_scale = torch.nn.Parameter(torch.tensor(2.0))
+
+        def encode_image(self, x):
+            idx = (x[:, 0, 0, 0] * 0.26862954 + 0.48145466).mul(255).round().div(20).round().long()
+            return image_vecs[idx]
+
+        def encode_text(self, tokens):
+            return torch.stack([caption_vec[names[t]] for t in tokens.tolist()])
+
+    return Stub, lambda texts: torch.tensor([names.index(t) for t in texts])
+
+
 def test_retrieval_with_five_captions_per_image_equals_a_reference(tmp_path):
     """Five captions per image as in Flickr30k/COCO, rows shuffled, with exact ties in the scores."""
     from PIL import Image
@@ -127,24 +149,10 @@ def test_retrieval_with_five_captions_per_image_equals_a_reference(tmp_path):
     order = torch.randperm(len(rows), generator=g).tolist()
     rows = [rows[i] for i in order]
 
-    class Stub(torch.nn.Module):  # a "model" whose features are the vectors above
-        def __init__(self):
-            super().__init__()
-            self.p = torch.nn.Parameter(torch.zeros(1))
-            self.logit_scale = torch.nn.Parameter(torch.tensor(2.0))
-
-        def encode_image(self, x):  # red channel encodes the image index
-            idx = (x[:, 0, 0, 0] * 0.26862954 + 0.48145466).mul(255).round().div(20).round().long()
-            return image_vecs[idx]
-
-        def encode_text(self, tokens):  # a "token" is the caption's index in `names`
-            return torch.stack([caption_vec[names[t]] for t in tokens.tolist()])
-
     from clipsearch.transform import PreprocessConfig
 
     pp = PreprocessConfig.from_dict({"image_size": 8})
-    names = list(caption_vec)
-    tokenize = lambda texts: torch.tensor([names.index(t) for t in texts])  # noqa: E731
+    Stub, tokenize = _stub_model(image_vecs, caption_vec)
     out = evaluate.retrieval(Stub(), tokenize, pp, rows)
     asked = []  # a caller's image encoder (train_quality's encodes each file once) is the one used
 
@@ -181,22 +189,7 @@ def test_retrieval_counts_an_identical_caption_text_as_relevant(tmp_path):
         path = tmp_path / f"{i:02d}.png"
         Image.new("RGB", (8, 8), (i * 20, 0, 0)).save(path)
         rows.append((path, "a red circle" if i < 3 else f"img{i}"))
-    names = list(caption_vec)
-
-    class Stub(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.p = torch.nn.Parameter(torch.zeros(1))
-            self.logit_scale = torch.nn.Parameter(torch.tensor(2.0))
-
-        def encode_image(self, x):  # red channel encodes the image index
-            idx = (x[:, 0, 0, 0] * 0.26862954 + 0.48145466).mul(255).round().div(20).round().long()
-            return image_vecs[idx]
-
-        def encode_text(self, tokens):
-            return torch.stack([caption_vec[names[t]] for t in tokens.tolist()])
-
-    tokenize = lambda texts: torch.tensor([names.index(t) for t in texts])  # noqa: E731
+    Stub, tokenize = _stub_model(image_vecs, caption_vec)
     out = evaluate.retrieval(Stub(), tokenize, PreprocessConfig.from_dict({"image_size": 8}), rows)
     assert out["image_to_text_R@1"] == 1.0 and out["text_to_image_R@1"] == 1.0
     assert out["val_n"] == 5 and out["val_captions"] == 5
