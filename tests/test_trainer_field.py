@@ -38,6 +38,7 @@ def _one_line_error(capsys) -> str:
         (["--log-every-n-steps", "0"], "--log-every-n-steps must be at least 1"),
         (["--save-frequency", "-1"], "--save-frequency must be at least 0"),
         (["--workers", "-1"], "--workers must be at least 0"),
+        (["--keep-checkpoints", "-1"], "--keep-checkpoints must be at least 0"),
         (["--warmup", "-5"], "--warmup must be at least 0"),
         (["--max-steps", "0"], "--max-steps must be at least 1"),
         (["--batch-size", "1"], "--batch-size must be at least 2"),  # else every step is skipped
@@ -145,7 +146,9 @@ def test_a_full_disk_keeps_the_checkpoints_written_before(shapes, tmp_path, caps
     out = tmp_path / "run"
     assert cli_main(_args(shapes, out, "--save-every-n-steps", "2")) == 1
     err = _one_line_error(capsys)
-    assert "No space left on device" in err and "step_00000004" in err
+    assert (
+        "No space left on device" in err and "step_00000004" in err and "the 1 written before are kept" in err
+    )
     assert [s.name for s in checkpointing.list_checkpoints(out / "checkpoints")] == ["step_00000002"]
     assert not (out / "checkpoints" / "step_00000004.safetensors").exists()  # no half checkpoint left
     monkeypatch.setattr(torch, "save", real_save)
@@ -268,3 +271,12 @@ def test_a_metrics_line_cut_short_does_not_stop_a_resume(shapes, tmp_path):
     assert cli_main(_args(shapes, out, "--resume", "latest")) == 0
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
+
+
+def test_a_first_checkpoint_that_cannot_be_written_claims_no_earlier_ones(tmp_path):
+    """The message said "the checkpoints written before are kept" also when there were none."""
+    from trainer import checkpointing
+
+    (tmp_path / "afile").write_text("mine")
+    with pytest.raises(checkpointing.CheckpointError, match="no checkpoint was written before it"):
+        checkpointing.save(tmp_path / "afile" / "checkpoints", 2, {}, {"step": 2}, keep=3)

@@ -14,6 +14,7 @@ checkpoint with a higher step (left by a run resumed from further back) is never
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import pickle
 import re
@@ -57,15 +58,20 @@ def save(directory: Path, step: int, state_dict: dict, state: dict, keep: int = 
             torch.save(state, tmp)
     except (OSError, RuntimeError, SafetensorError) as e:
         if not had_state:  # weights without a state file are no checkpoint, only used space
-            stem.with_suffix(".safetensors").unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # never written, or the folder is not one
+                stem.with_suffix(".safetensors").unlink()
         reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip().splitlines()[0]
         try:
             free = f"; {shutil.disk_usage(directory).free / 2**20:.0f} MiB free there"
         except OSError:
             free = ""
+        try:
+            before = len(list_checkpoints(directory))
+        except OSError:  # the folder cannot even be listed
+            before = 0
+        kept = f"the {before} written before are kept" if before else "no checkpoint was written before it"
         raise CheckpointError(
-            f"cannot write checkpoint {stem.name} in {directory}: {reason}{free}; "
-            "the checkpoints written before are kept"
+            f"cannot write checkpoint {stem.name} in {directory}: {reason}{free}; {kept}"
         ) from e
     older = [s for s in list_checkpoints(directory) if _step(s) < step]
     for old in older[: max(0, len(older) - (keep - 1))] if keep > 0 else []:

@@ -184,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--overwrite", action="store_true", help="replace the run already in --output (else refused)")
     a("--save-frequency", type=int, default=1, help="a checkpoint every N epochs")
     a("--save-every-n-steps", type=int, default=0)
-    a("--keep-checkpoints", type=int, default=3)
+    a("--keep-checkpoints", type=int, default=3, help="the newest N checkpoints are kept (0: all of them)")
     a("--delete-previous-checkpoint", action="store_true", help="OpenCLIP's: --keep-checkpoints 1")
     a("--log-every-n-steps", type=int, default=1)
     a("--report-to", default="", help="'tensorboard' to also write TensorBoard events")

@@ -436,6 +436,7 @@ def check_numbers(args) -> None:
         "--log-every-n-steps": (args.log_every_n_steps, 1),
         "--save-frequency": (args.save_frequency, 0),
         "--save-every-n-steps": (args.save_every_n_steps, 0),
+        "--keep-checkpoints": (args.keep_checkpoints, 0),
         "--workers": (args.workers, 0),
         "--warmup": (args.warmup, 0),
         "--lr": (args.lr, 0),
