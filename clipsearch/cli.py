@@ -1432,21 +1432,16 @@ def models(as_json: bool):
     Only pinned models (a revision and the file's full sha256) are downloaded. Any weights file,
     OpenCLIP hub folder, clipsearch model folder or training run folder works as --model too.
     """
-    from clipsearch.pretrained import (
-        PRETRAINED,
-        cached_pretrained,
-        is_pinned,
-        list_pretrained,
-        pretrained_path,
-    )
+    from clipsearch.pretrained import PRETRAINED, cached_state, is_pinned, list_pretrained, pretrained_path
 
-    cached = set(cached_pretrained())
+    states = {n: cached_state(n) for n in list_pretrained()}
     rows = [
         {
             "name": n,
-            "cached": n in cached,
+            "cached": states[n] is not None,
+            "state": states[n],  # verified, damaged, unchecked, or None
             "pinned": is_pinned(PRETRAINED[n]),
-            "path": str(pretrained_path(n)) if n in cached else None,
+            "path": str(pretrained_path(n)) if states[n] is not None else None,
         }
         for n in list_pretrained()
     ]
@@ -1462,7 +1457,12 @@ def models(as_json: bool):
     table.add_column("path", overflow="fold")
     for r in rows:
         pinned = "yes" if r["pinned"] else "no (refused)"
-        table.add_row(r["name"], "yes" if r["cached"] else "", pinned, r["path"] or "")
+        cached = {
+            "verified": "yes",
+            "unchecked": "yes (checked when loaded)",
+            "damaged": "damaged: delete it",
+        }
+        table.add_row(r["name"], cached.get(r["state"], ""), pinned, r["path"] or "")
     _console().print(table)
 
 

@@ -40,16 +40,27 @@ def write_sidecar(path: Path, digest: str) -> None:
     _write_json(sidecar(path), record)
 
 
+def recorded_sha256(path: str | Path) -> str | None:
+    """The sha256 the ``.sha256`` sidecar records for ``path`` as it is now (same size and mtime), or
+    None when there is none or the file changed since: known without reading the file."""
+    path = Path(path)
+    try:
+        st = path.stat()
+        record = json.loads(sidecar(path).read_text())
+        if record.get("size") == st.st_size and record.get("mtime_ns") == st.st_mtime_ns:
+            digest = record["sha256"]
+            return digest if isinstance(digest, str) else None
+    except (OSError, ValueError, KeyError, AttributeError, TypeError):
+        pass
+    return None
+
+
 def file_sha256(path: str | Path) -> str:
     """The sha256 of a file in the models directory, cached in a ``.sha256`` sidecar by size+mtime."""
     path = Path(path)
-    st = path.stat()
-    try:
-        record = json.loads(sidecar(path).read_text())
-        if record.get("size") == st.st_size and record.get("mtime_ns") == st.st_mtime_ns:
-            return record["sha256"]
-    except (OSError, ValueError, KeyError, AttributeError):
-        pass
+    recorded = recorded_sha256(path)
+    if recorded is not None:
+        return recorded
     digest = sha256_file(path)
     write_sidecar(path, digest)
     return digest

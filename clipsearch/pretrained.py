@@ -221,6 +221,22 @@ def cached_pretrained() -> list[str]:
     return [name for name, entry in PRETRAINED.items() if (directory / entry["filename"]).is_file()]
 
 
+def cached_state(name: str) -> str | None:
+    """What the models directory holds for a registered name, judged without reading the file: None
+    (nothing), ``"verified"`` (its recorded sha256 is the pinned one), ``"damaged"`` (its recorded
+    sha256 is another: loading it is refused) or ``"unchecked"`` (not hashed since it last changed:
+    the first load checks it)."""
+    from clipsearch.hashing import recorded_sha256
+
+    path = pretrained_path(name)
+    if not path.is_file():
+        return None
+    digest = recorded_sha256(path)
+    if digest is None:
+        return "unchecked"
+    return "verified" if digest == PRETRAINED[name].get("sha256") else "damaged"
+
+
 def pretrained_path(name: str) -> Path:
     """Where the weights of a registered name live (or will, once downloaded)."""
     return paths.models_dir() / PRETRAINED[name]["filename"]

@@ -285,8 +285,14 @@ def test_status_models_and_doctor(indexed, tmp_path):
     assert "Images:" in ok("--db", db, "status").stdout
 
     models = json.loads(ok("models", "--json").stdout)
-    assert {"name": "ViT-B-32/openai", "cached": False, "pinned": True, "path": None} in models
-    assert {"name": "ViT-B-16/laion2b_s34b_b88k", "cached": False, "pinned": False, "path": None} in models
+    assert {"name": "ViT-B-32/openai", "cached": False, "state": None, "pinned": True, "path": None} in models
+    assert {
+        "name": "ViT-B-16/laion2b_s34b_b88k",
+        "cached": False,
+        "state": None,
+        "pinned": False,
+        "path": None,
+    } in models
     assert "ViT-B-32/openai" in ok("models").stdout
 
     assert "in step with SQLite" in ok("--db", db, "doctor").stdout

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import hashlib
 import http.server
+import json
 import socket
 import threading
 
 import pytest
+from click.testing import CliRunner
 
 from clipsearch import checkpoints, hashing, paths, pretrained
+from clipsearch.cli import cli
 from clipsearch.download import download
 from clipsearch.errors import DownloadError, ModelLoadError
 from clipsearch.pretrained import PRETRAINED
@@ -303,3 +306,19 @@ def test_a_full_disk_says_to_free_space_not_to_make_the_folder_writable(server, 
     assert "No space left on device" in message and "free some space" in message
     assert "writable" not in message
     assert _leftovers(dest.parent) == []
+
+
+def test_models_tells_a_verified_copy_from_a_damaged_or_unchecked_one(server, registered):
+    """`clipsearch models` said "cached: yes" for a file that fails its checksum (loading it is refused)."""
+    assert pretrained.cached_state("tiny-vit/test") is None
+    path = pretrained.fetch_pretrained("tiny-vit/test")
+    assert pretrained.cached_state("tiny-vit/test") == "verified"  # hashed as it downloaded
+    path.write_bytes(PAYLOAD[:-1] + b"!")  # changed since: not known until read again
+    assert pretrained.cached_state("tiny-vit/test") == "unchecked"
+    with pytest.raises(ModelLoadError, match="does not match the pinned checksum"):
+        pretrained.fetch_pretrained("tiny-vit/test")  # reads it, and records what it found
+    assert pretrained.cached_state("tiny-vit/test") == "damaged"
+    listed = CliRunner().invoke(cli, ["models", "--json"])
+    row = next(r for r in json.loads(listed.output) if r["name"] == "tiny-vit/test")
+    assert row["cached"] and row["state"] == "damaged"
+    assert "damaged: delete it" in CliRunner().invoke(cli, ["models"]).output
