@@ -1501,6 +1501,21 @@ def doctor(state: _State, rebuild: bool):
                 markup=False,
             )
         model_ids = library.model_ids()
+        poisoned = {m: library.nonfinite_embedding_ids(m) for m in model_ids}
+        poisoned = {m: ids for m, ids in poisoned.items() if ids}
+        if poisoned and library.readonly:
+            raise LibraryError(
+                f"{library.path} holds {sum(map(len, poisoned.values()))} vector(s) of NaN or infinite values "
+                "(a damaged model made them); run `clipsearch doctor` where the library can be written"
+            )
+        for model_id, ids in poisoned.items():
+            removed = library.remove_embeddings(model_id, ids)
+            out.print(
+                f"SQLite: removed {removed} vector(s) of {library.model_name(model_id)} holding NaN or infinite "
+                "values (a damaged model made them; every search met them); `clipsearch index` embeds "
+                "those photos again",
+                markup=False,
+            )
         unsaved = []  # models whose index needed a repair that a read-only library cannot keep
         failed = []  # models whose repaired index could not be written
         if not model_ids:
@@ -1509,7 +1524,7 @@ def doctor(state: _State, rebuild: bool):
             name = library.model_name(model_id)
             expected = len(library.embedding_ids(model_id))
             # --rebuild goes through for_library, which reads the generation before the vectors
-            index = VectorIndex.for_library(library, model_id, rebuild=rebuild)
+            index = VectorIndex.for_library(library, model_id, rebuild=rebuild or model_id in poisoned)
             if rebuild:
                 action = "rebuilt from SQLite (--rebuild)"
             elif getattr(index, "rebuilt", False):

@@ -564,6 +564,28 @@ class Library:
                 self._bump()
         return n
 
+    def nonfinite_embedding_ids(self, model_id: str) -> list[int]:
+        """Ids of the photos whose stored ``model_id`` vector holds NaN or infinity (a damaged model
+        made them, before the indexer refused such vectors); read a row at a time."""
+        import numpy as np
+
+        rows = self._conn.execute("SELECT image_id, vector FROM embeddings WHERE model_id = ?", (model_id,))
+        return [i for i, blob in rows if not np.isfinite(np.frombuffer(blob, dtype=np.float32)).all()]
+
+    def remove_embeddings(self, model_id: str, ids: Sequence[int]) -> int:
+        """Delete these photos' ``model_id`` vectors (their rows stay: the next index run embeds them
+        again); returns how many went."""
+        n = 0
+        with self.transaction():
+            for chunk in _chunks(ids):
+                n += self._conn.execute(
+                    f"DELETE FROM embeddings WHERE model_id = ? AND image_id IN ({_marks(chunk)})",
+                    [model_id, *chunk],
+                ).rowcount
+            if n:
+                self._bump()
+        return n
+
     def discard_if_empty(self) -> bool:
         """Close, and delete, a library this process created that still holds no image; returns
         whether it did. A first run that fails (no photos, a model that cannot be downloaded)

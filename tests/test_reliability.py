@@ -161,6 +161,37 @@ def test_damaged_faiss_index_is_rebuilt_and_doctor_says_so(indexed, damage):
     assert "in step with SQLite" in _doctor(db)  # and the repair was saved
 
 
+def test_doctor_removes_nan_vectors_a_damaged_model_stored_and_index_embeds_them_again(
+    tmp_path, tmp_path_factory
+):
+    """Before the indexer refused them, a model with a NaN weight stored NaN vectors for every photo
+    and each search then failed ("the query parts cancel out"). doctor finds and removes them; the
+    photos stay, and the next index run embeds them again."""
+    import sqlite3
+
+    import numpy as np
+
+    model = tiny_model_dir(tmp_path_factory)
+    db = tmp_path / "lib.db"
+    make_photos(tmp_path / "photos", 3)
+    assert invoke("index", "--model", model, tmp_path / "photos", db=db).exit_code == 0
+    with sqlite3.connect(db) as conn:  # what such a model left behind, in one photo's row
+        (image_id, blob) = conn.execute("SELECT image_id, vector FROM embeddings LIMIT 1").fetchone()
+        bad = np.frombuffer(blob, dtype=np.float32).copy()
+        bad[:] = np.nan
+        conn.execute("UPDATE embeddings SET vector = ? WHERE image_id = ?", (bad.tobytes(), image_id))
+    out = _doctor(db)
+    assert "removed 1 vector(s)" in out and "NaN or infinite" in out, out
+    assert "(2 vectors, flat)" in out
+    status = json.loads(invoke("status", "--json", db=db).stdout)
+    assert status["images"] == 3 and status["models"][0]["embedded"] == 2
+    assert (
+        json.loads(invoke("index", "--model", model, tmp_path / "photos", "--json", db=db).stdout)["new"] == 1
+    )
+    assert "in step with SQLite (3 vectors, flat)" in _doctor(db)
+    assert invoke("query", "a photo", db=db).exit_code == 0
+
+
 def test_faiss_index_behind_sqlite_is_caught_up_by_doctor_and_by_a_query(tmp_path, tmp_path_factory):
     model = tiny_model_dir(tmp_path_factory)
     db = tmp_path / "lib.db"
