@@ -65,19 +65,23 @@ def save(directory: Path, step: int, state_dict: dict, state: dict, keep: int = 
             free = f"; {shutil.disk_usage(directory).free / 2**20:.0f} MiB free there"
         except OSError:
             free = ""
-        try:
-            before = len(list_checkpoints(directory))
-        except OSError:  # the folder cannot even be listed
-            before = 0
-        kept = f"the {before} written before are kept" if before else "no checkpoint was written before it"
         raise CheckpointError(
-            f"cannot write checkpoint {stem.name} in {directory}: {reason}{free}; {kept}"
+            f"cannot write checkpoint {stem.name} in {directory}: {reason}{free}; {kept_note(directory)}"
         ) from e
     older = [s for s in list_checkpoints(directory) if _step(s) < step]
     for old in older[: max(0, len(older) - (keep - 1))] if keep > 0 else []:
         for suffix in (".state.pt", ".safetensors"):  # the state first: the pair stops counting at once
             old.with_suffix(suffix).unlink(missing_ok=True)
     return stem
+
+
+def kept_note(directory: Path) -> str:
+    """What a failed write leaves of the run's checkpoints in ``directory``, for its message."""
+    try:
+        before = len(list_checkpoints(directory))
+    except OSError:  # the folder cannot even be listed
+        before = 0
+    return f"the {before} written before are kept" if before else "no checkpoint was written before it"
 
 
 def list_checkpoints(directory: Path) -> list[Path]:

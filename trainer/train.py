@@ -396,13 +396,12 @@ def run(args, reporter=None) -> Path | None:
             save_model(final, raw_model.float(), preprocess_cfg, tokenizer)
             logger.close()
             plots.plot_metrics(out / "metrics.jsonl", out / "curves.png")
-        reporter.close()
         return final
     except OSError as e:  # --output cannot be written: read-only, a full disk
-        raise TrainError(
-            f"cannot write {e.filename or args.output}: {e.strerror or e}; the checkpoints written "
-            "before are kept"
-        ) from e
+        from trainer.checkpointing import kept_note
+
+        kept = kept_note(Path(args.output) / "checkpoints")
+        raise TrainError(f"cannot write {e.filename or args.output}: {e.strerror or e}; {kept}") from e
     finally:
         reporter.close()  # the progress display lets go of the terminal whatever ended the run
         shutdown(env)
